@@ -1,0 +1,95 @@
+"""The ``teal::sparse_linear`` custom op: y = (x ⊙ 1[|x| > t]) Wᵀ + b.
+
+This is the single op the rewrite pass inserts for every matched block linear. Its semantics:
+
+* A *decode* step (one token per sequence: ``x.shape[-2] == 1``, or a 2-D ``x`` of rows) is always
+  sparsified.
+* A *prefill* step (``x.shape[-2] = S > 1``) sparsifies only the positions ``>= ceil(prefill_sparse_from * S)``:
+  ``1.0`` (the default) keeps prefill dense, ``0.0`` sparsifies every token (what decoding sees; used for
+  perplexity), ``0.5`` is TEAL's evaluation protocol (the later half of each window).
+
+The decision is taken at run time from the shape, so one graph serves any sequence length. On CUDA, a
+decode step with at most ``MAX_GEMV_ROWS`` rows goes to the Triton sparse GEMV (``teal_fx.kernels.sparse_gemv``)
+when it is available; everything else (CPU, prefill, large batches) runs the reference below.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["sparse_linear", "reference_sparse_linear", "sparsify"]
+
+
+def sparsify(x: Tensor, threshold: float) -> Tensor:
+    """Zero the entries of ``x`` whose magnitude is at most ``threshold`` (TEAL's magnitude mask)."""
+    return torch.where(x.abs() > threshold, x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def _sparse_token_mask_start(x: Tensor, prefill_sparse_from: float) -> int:
+    """Index along the token axis from which tokens are sparsified (0 = all, S = none)."""
+    if x.dim() < 3 or x.shape[-2] == 1:
+        return 0
+    seq = x.shape[-2]
+    return min(seq, max(0, math.ceil(prefill_sparse_from * seq)))
+
+
+def reference_sparse_linear(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], threshold: float, prefill_sparse_from: float = 1.0
+) -> Tensor:
+    """Plain PyTorch implementation of the op (any device); the ground truth the kernels are tested against."""
+    start = _sparse_token_mask_start(x, prefill_sparse_from)
+    seq = x.shape[-2] if x.dim() >= 3 else 1
+    if start >= seq and x.dim() >= 3:
+        return F.linear(x, weight, bias)
+    if start == 0:
+        return F.linear(sparsify(x, threshold), weight, bias)
+    x = torch.cat([x[..., :start, :], sparsify(x[..., start:, :], threshold)], dim=-2)
+    return F.linear(x, weight, bias)
+
+
+@torch.library.custom_op("teal::sparse_linear", mutates_args=())
+def sparse_linear(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], threshold: float, prefill_sparse_from: float = 1.0
+) -> Tensor:
+    """y = (x ⊙ 1[|x| > threshold]) weightᵀ + bias, with the decode/prefill rule of the module docstring."""
+    if x.is_cuda and _sparse_token_mask_start(x, prefill_sparse_from) == 0:
+        from teal_fx.kernels import sparse_gemv
+
+        if sparse_gemv.supports(x, weight):
+            return sparse_gemv.sparse_gemv(x, weight, bias, threshold)
+    return reference_sparse_linear(x, weight, bias, threshold, prefill_sparse_from)
+
+
+@sparse_linear.register_fake
+def _(x: Tensor, weight: Tensor, bias: Optional[Tensor], threshold: float, prefill_sparse_from: float = 1.0) -> Tensor:
+    torch._check(x.shape[-1] == weight.shape[1], lambda: "sparse_linear: x and weight disagree on in_features")
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, weight, bias, threshold, prefill_sparse_from = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.threshold = threshold
+    ctx.prefill_sparse_from = prefill_sparse_from
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, grad_out: Tensor):
+    """Straight-through the mask: gradients flow only to the kept inputs (the mask itself is not learned)."""
+    x, weight = ctx.saved_tensors
+    start = _sparse_token_mask_start(x, ctx.prefill_sparse_from)
+    keep = x.abs() > ctx.threshold
+    if x.dim() >= 3 and start > 0:
+        keep[..., :start, :] = True
+    x_used = torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device))
+    grad_x = torch.where(keep, grad_out @ weight, torch.zeros((), dtype=x.dtype, device=x.device))
+    grad_w = grad_out.reshape(-1, grad_out.shape[-1]).t() @ x_used.reshape(-1, x.shape[-1])
+    grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0) if ctx.has_bias else None
+    return grad_x, grad_w, grad_b, None, None
+
+
+sparse_linear.register_autograd(_backward, setup_context=_setup_context)

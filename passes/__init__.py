@@ -1,0 +1,20 @@
+"""Graph passes of the teal backend, in the order they run (``PASSES``), and the pass manager that runs them.
+
+Each pass is a plain function ``(gm, ctx) -> gm`` in a file named by what it does.
+"""
+from teal_fx.passes.label_block_linears import Discovery, MatchedLinear, discover, label_block_linears
+from teal_fx.passes.insert_sparse_linear import insert_sparse_linear
+from teal_fx.passes.select_plan import select_plan
+from teal_fx.passes.pass_manager import PASSES, PassContext, run_passes
+
+__all__ = [
+    "PASSES",
+    "PassContext",
+    "run_passes",
+    "label_block_linears",
+    "select_plan",
+    "insert_sparse_linear",
+    "discover",
+    "Discovery",
+    "MatchedLinear",
+]

@@ -1,0 +1,63 @@
+"""Rewrite: every matched block linear becomes ``teal::sparse_linear`` with its threshold from the plan.
+
+Invariants:
+* Only nodes labelled by ``label_block_linears`` are touched; lm_head and every other op stay as they are.
+* The new node computes the same shape and dtype as the linear it replaces: its ``meta["val"]`` /
+  ``meta["example_value"]`` is the old node's fake tensor.
+* The threshold is read from the plan by the linear's key, nowhere else (the plan is the one source of truth).
+* A graph whose token dimension is statically longer than one (a prefill) keeps its linears dense unless the plan
+  asks for prefill sparsity: the op would take its dense branch anyway, and Inductor keeps cuBLAS and its fusions.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import fx
+
+import teal_fx.kernels  # noqa: F401  (registers torch.ops.teal)
+from teal_fx.passes.dataflow import fake_value, linear_args
+
+log = logging.getLogger("teal_fx.passes")
+
+
+def _static_tokens(x: fx.Node):
+    v = fake_value(x)
+    if v is None or v.dim() < 3:
+        return 1
+    s = v.shape[-2]
+    return int(s) if isinstance(s, int) else None  # None: symbolic, decided at run time by the op
+
+
+def insert_sparse_linear(gm: fx.GraphModule, ctx) -> fx.GraphModule:
+    plan = getattr(ctx, "plan", None)
+    discovery = getattr(ctx, "discovery", None)
+    if plan is None or discovery is None or not discovery.matched:
+        return gm
+    op = torch.ops.teal.sparse_linear.default
+    rewritten = []
+    for m in discovery.matched:
+        node = m.node
+        x, w, b = linear_args(node)
+        tokens = _static_tokens(x)
+        if tokens is not None and tokens > 1 and plan.prefill_sparse_from >= 1.0:
+            continue
+        threshold = float(plan.threshold(m.key))
+        with gm.graph.inserting_after(node):
+            new = gm.graph.call_function(op, (x, w, b, threshold, float(plan.prefill_sparse_from)))
+        new.meta.update(node.meta)
+        new.meta["teal"] = m
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        m.node = new
+        rewritten.append(m)
+        log.debug("teal: rewrote block %d %s (%s) t=%.4g", m.block, m.role, m.key, threshold)
+    gm.graph.lint()
+    gm.recompile()
+    if ctx is not None:
+        ctx.rewritten = rewritten
+    if rewritten:
+        log.info("teal: %d linears -> teal::sparse_linear", len(rewritten))
+    elif discovery.matched:
+        log.info("teal: prefill graph (static length > 1): %d block linears left dense", len(discovery.matched))
+    return gm

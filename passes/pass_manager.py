@@ -1,0 +1,48 @@
+"""The ordered list of passes and the manager that runs them, dumping the graph before and after."""
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+from torch import fx
+
+from teal_fx.passes.insert_sparse_linear import insert_sparse_linear
+from teal_fx.passes.label_block_linears import Discovery, MatchedLinear, label_block_linears
+from teal_fx.passes.select_plan import select_plan
+
+log = logging.getLogger("teal_fx.passes")
+
+Pass = Callable[[fx.GraphModule, "PassContext"], fx.GraphModule]
+
+# The order is the contract: discovery labels the linears, the plan is chosen for (and checked against) what was
+# found, the rewrite reads both.
+PASSES: list[Pass] = [label_block_linears, select_plan, insert_sparse_linear]
+
+_graph_ids = itertools.count()
+
+
+@dataclass
+class PassContext:
+    """What the passes share for one compiled graph."""
+
+    plan: Optional[object] = None  # teal_fx.Plan; None after select_plan: compile dense
+    plan_resolver: Optional[Callable] = None  # (gm, discovery) -> Plan | None, used when no plan was given
+    dump_dir: Optional[Path] = None
+    graph_id: int = field(default_factory=lambda: next(_graph_ids))
+    discovery: Optional[Discovery] = None
+    rewritten: list[MatchedLinear] = field(default_factory=list)
+
+
+def run_passes(gm: fx.GraphModule, ctx: PassContext, passes: Optional[list[Pass]] = None) -> fx.GraphModule:
+    before = gm.code if ctx.dump_dir else None
+    for p in passes if passes is not None else PASSES:
+        gm = p(gm, ctx)
+    if ctx.dump_dir:
+        from teal_fx.inspect import write_dump
+
+        folder = write_dump(Path(ctx.dump_dir) / f"graph_{ctx.graph_id:03d}", before, gm, ctx)
+        log.info("teal: wrote graph dump to %s", folder)
+    return gm

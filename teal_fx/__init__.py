@@ -1,0 +1,29 @@
+"""teal-fx: training-free activation sparsity (TEAL) as a torch.compile backend.
+
+    import teal_fx
+    plan = teal_fx.calibrate(model, data, sparsity=0.5)   # graph-level calibration + greedy allocation
+    fast = torch.compile(model, backend="teal")            # sparse-GEMV custom ops in the decode graph
+
+Importing this package registers the ``"teal"`` Dynamo backend and the ``teal::sparse_linear`` op.
+"""
+from teal_fx import kernels as kernels  # noqa: F401  (registers torch.ops.teal.*)
+from teal_fx.backend import attach_plan, detach_plan, register as _register, teal_backend
+from teal_fx.capture import capture_graphs, find_linears
+from teal_fx.inspect import linear_table
+from teal_fx.plan import LinearPlan, Plan, PlanError
+
+__version__ = "0.1.0"
+
+_register()
+
+__all__ = [
+    "Plan",
+    "LinearPlan",
+    "PlanError",
+    "attach_plan",
+    "detach_plan",
+    "capture_graphs",
+    "find_linears",
+    "linear_table",
+    "teal_backend",
+]

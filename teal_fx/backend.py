@@ -1,0 +1,169 @@
+"""The ``teal`` Dynamo backend: discover the block linears, rewrite them to sparse ops, hand the graph on.
+
+    torch.compile(model, backend="teal")                                   # plan attached by teal_fx.calibrate
+    torch.compile(model, backend="teal", options={"plan": "plan.json", "dump": "dump/"})
+    torch.compile(model, backend="teal", mode="reduce-overhead")          # CUDA graphs through Inductor
+
+Options: ``plan`` (a Plan or a path), ``dump`` (a folder), ``compiler`` (``inductor`` | ``aot_eager`` | ``eager``),
+``mode`` (Inductor's modes, since torch.compile takes either ``mode`` or ``options``, not both); any other key is
+an Inductor config patch (``{"max_autotune": True}``).
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import fx, nn
+from torch.utils.weak import WeakIdKeyDictionary
+
+from teal_fx.passes import PassContext, run_passes
+from teal_fx.plan import Plan, PlanLike, as_plan
+
+log = logging.getLogger("teal_fx")
+
+INNER_COMPILERS = ("inductor", "aot_eager", "eager")
+
+# weight tensor -> the plan attached to the model that owns it. Dynamo hands the backend the parameters
+# themselves as example inputs, which is how a bare torch.compile(model, backend="teal") finds its plan.
+_PLAN_BY_WEIGHT: "WeakIdKeyDictionary" = WeakIdKeyDictionary()
+
+
+def attach_plan(model: nn.Module, plan: PlanLike, *, check: bool = True) -> Plan:
+    """Attach ``plan`` to ``model`` so that ``torch.compile(model, backend="teal")`` uses it.
+
+    With ``check`` the model's graph is captured and the plan must fit it exactly (same keys, same shapes).
+    Compiled code that already exists is not recompiled: call ``torch.compiler.reset()`` to change plans.
+    """
+    plan = as_plan(plan)
+    if check:
+        from teal_fx.capture import find_linears
+
+        plan.check_fits(find_linears(model))
+    for key in plan.linears:
+        try:
+            _PLAN_BY_WEIGHT[model.get_parameter(key)] = plan
+        except AttributeError as e:
+            raise ValueError(f"plan key {key!r} is not a parameter of {type(model).__name__}") from e
+    model._teal_plan = plan
+    return plan
+
+
+def detach_plan(model: nn.Module) -> None:
+    plan = getattr(model, "_teal_plan", None)
+    if plan is None:
+        return
+    for key in plan.linears:
+        try:
+            _PLAN_BY_WEIGHT.pop(model.get_parameter(key), None)
+        except AttributeError:
+            pass
+    del model._teal_plan
+
+
+def plan_for_weights(weights: list[torch.Tensor]) -> Optional[Plan]:
+    plans = {id(p): p for w in weights if (p := _PLAN_BY_WEIGHT.get(w)) is not None}
+    if len(plans) > 1:
+        raise ValueError("the linears of this graph belong to models with different attached plans")
+    return next(iter(plans.values()), None)
+
+
+@dataclass
+class TealOptions:
+    plan: Optional[Plan] = None
+    dump: Optional[Path] = None
+    compiler: str = "inductor"
+    mode: Optional[str] = None
+    inductor: dict = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, options: Optional[dict], mode: Optional[str]) -> "TealOptions":
+        opts = dict(options or {})
+        out = cls()
+        if "plan" in opts and opts["plan"] is not None:
+            out.plan = as_plan(opts.pop("plan"))
+        else:
+            opts.pop("plan", None)
+        if opts.get("dump"):
+            out.dump = Path(opts.pop("dump"))
+        opts.pop("dump", None)
+        out.compiler = opts.pop("compiler", "inductor")
+        if out.compiler not in INNER_COMPILERS:
+            raise ValueError(f"teal: options['compiler'] must be one of {INNER_COMPILERS}, got {out.compiler!r}")
+        out.mode = opts.pop("mode", mode)
+        if opts and out.compiler != "inductor":
+            raise ValueError(f"teal: unknown options {sorted(opts)} (Inductor config patches need compiler='inductor')")
+        out.inductor = opts
+        return out
+
+
+def _placeholder_tensors(gm: fx.GraphModule, example_inputs: list) -> dict[fx.Node, Any]:
+    phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    return dict(zip(phs, example_inputs))
+
+
+def _plan_resolver(example_inputs: list, opts: TealOptions):
+    """Find the plan for a graph: the one in the options, else the one attached to the owner of its weights."""
+
+    def resolve(gm: fx.GraphModule, discovery) -> Optional[Plan]:
+        if opts.plan is not None:
+            return opts.plan
+        tensors = _placeholder_tensors(gm, example_inputs)
+        weights = [tensors.get(m.node.args[1]) for m in discovery.matched]
+        plan = plan_for_weights([w for w in weights if isinstance(w, torch.Tensor)])
+        if plan is None:
+            warnings.warn(
+                "teal: no plan for this model (run teal_fx.calibrate(model, ...) or pass options={'plan': ...}); "
+                "compiling dense",
+                stacklevel=2,
+            )
+        return plan
+
+    return resolve
+
+
+def _inner_compile(gm: fx.GraphModule, example_inputs: list, opts: TealOptions):
+    if opts.compiler == "inductor":
+        from torch._inductor import list_mode_options
+        from torch._inductor.compile_fx import compile_fx
+
+        patches = dict(list_mode_options(opts.mode)) if opts.mode else {}
+        patches.update(opts.inductor)
+        return compile_fx(gm, example_inputs, config_patches=patches)
+    if opts.mode == "reduce-overhead" and any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs):
+        return torch._dynamo.lookup_backend("cudagraphs")(gm, example_inputs)
+    if opts.compiler == "aot_eager":
+        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+    return gm.forward
+
+
+def teal_backend(gm: fx.GraphModule, example_inputs: list, options: Optional[dict] = None, mode: Optional[str] = None):
+    """The Dynamo backend registered as ``"teal"``."""
+    opts = TealOptions.parse(options, mode)
+    ctx = PassContext(plan=opts.plan, plan_resolver=_plan_resolver(example_inputs, opts), dump_dir=opts.dump)
+    gm = run_passes(gm, ctx)
+    summary = ctx.discovery.summary()
+    disc = ctx.discovery
+    unplaced = [k for k, why in disc.unmatched if "output projection" not in why]
+    if disc.problems or (not disc.matched and unplaced):
+        warnings.warn(summary, stacklevel=2)
+    else:
+        log.info(summary)
+    return _inner_compile(gm, example_inputs, opts)
+
+
+def register() -> None:
+    """Register ``"teal"`` with Dynamo unless its entry point is about to do so (no duplicate registration)."""
+    from torch._dynamo.backends import registry
+
+    fns = getattr(registry, "_COMPILER_FNS", {})
+    pending_entry_point = getattr(registry, "_BACKENDS", {}).get("teal") is not None
+    if "teal" in fns or pending_entry_point:
+        return
+    try:
+        registry.register_backend(compiler_fn=teal_backend, name="teal")
+    except AssertionError:  # registered meanwhile
+        pass

@@ -1,0 +1,76 @@
+"""Capture the FX graphs Dynamo makes of a model: the same graphs the ``teal`` backend receives.
+
+Calibration, ``find_linears`` and the inspection table all start here, so the keys and roles they see are the
+ones the backend will see when the model is compiled.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+from torch import fx, nn
+
+from teal_fx.passes.label_block_linears import Discovery, MatchedLinear, discover
+
+
+@dataclass
+class CapturedGraph:
+    gm: fx.GraphModule
+    example_inputs: list
+    discovery: Discovery
+
+
+def example_inputs_for(model: nn.Module, tokens: int = 8, batch: int = 1) -> dict:
+    """Keyword inputs for a causal LM: random token ids on the model's device, no KV cache."""
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if vocab is None:
+        raise TypeError(
+            f"{type(model).__name__} has no config.vocab_size: teal_fx expects a Hugging Face causal LM "
+            "(or pass example inputs explicitly)"
+        )
+    device = next(model.parameters()).device
+    return {"input_ids": torch.randint(0, vocab, (batch, tokens), device=device), "use_cache": False}
+
+
+def capture_graphs(
+    model: nn.Module,
+    inputs: Optional[dict] = None,
+    *,
+    runner: Optional[Callable[[fx.GraphModule], Callable]] = None,
+) -> tuple[list[CapturedGraph], Any]:
+    """Run ``model(**inputs)`` under Dynamo and return every graph it made with its discovery, and the output.
+
+    ``runner(gm)`` chooses what executes each graph (default: the graph itself); calibration passes an FX
+    interpreter here.
+    """
+    inputs = example_inputs_for(model) if inputs is None else inputs
+    graphs: list[CapturedGraph] = []
+
+    def backend(gm: fx.GraphModule, example_inputs):
+        graphs.append(CapturedGraph(gm, list(example_inputs), discover(gm.graph)))
+        return runner(gm) if runner is not None else gm.forward
+
+    compiled = torch.compile(model, backend=backend, dynamic=False)
+    # A capture is one more compile of the model's (shared) forward code: do not let earlier ones push it past
+    # Dynamo's recompile limit, which would silently run it uncaptured.
+    with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=1024, accumulated_recompile_limit=4096):
+        out = compiled(**inputs)
+    if not graphs:
+        raise RuntimeError(f"Dynamo produced no graph for {type(model).__name__}; it cannot be analysed")
+    return graphs, out
+
+
+def find_linears(model: nn.Module, inputs: Optional[dict] = None) -> list[MatchedLinear]:
+    """The block linears teal would sparsify in ``model``, found by structure on its captured graph(s)."""
+    graphs, _ = capture_graphs(model, inputs)
+    found: dict[str, MatchedLinear] = {}
+    for cg in graphs:
+        for m in cg.discovery.matched:
+            found.setdefault(m.key, m)
+    return sorted(found.values(), key=lambda m: (m.block, m.node.name))
+
+
+def discovery_summary(model: nn.Module, inputs: Optional[dict] = None) -> str:
+    graphs, _ = capture_graphs(model, inputs)
+    return "\n".join(cg.discovery.summary() for cg in graphs)

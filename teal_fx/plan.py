@@ -1,0 +1,285 @@
+"""The plan: one object that says, for every matched block linear, how sparse its input is made.
+
+It is the single source of truth for thresholds. The backend reads it, calibration writes it, and it is saved as
+versioned JSON (no pickle). A calibrated plan also keeps what is needed to re-derive itself at another sparsity
+without touching the model again (the |x| histograms and the greedy paths), so ``plan.at(0.4)`` is instant.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterable, Mapping, Optional, Union
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch.nn as nn
+
+    from teal_fx.histogram import AbsHistogram
+
+PLAN_FORMAT = "teal-fx-plan"
+PLAN_VERSION = 1
+
+ROLES = ("q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down")
+
+
+class PlanError(ValueError):
+    """A plan that cannot be read, or that does not fit the model it is used with."""
+
+
+@dataclass(frozen=True)
+class LinearPlan:
+    """What the plan says about one block linear, keyed by its weight's qualified name."""
+
+    key: str
+    block: int
+    role: str
+    shape: tuple[int, int]  # (out_features, in_features), as the weight is stored in the model
+    sparsity: float
+    threshold: float
+
+    @property
+    def numel(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+
+@dataclass
+class Plan:
+    """Per-linear sparsities and thresholds, plus (after calibration) the data to re-derive them.
+
+    ``prefill_sparse_from`` is the fraction of a prefill's positions from which tokens are sparsified
+    (1.0: prefill stays dense; see ``teal::sparse_linear``).
+    """
+
+    linears: dict[str, LinearPlan]
+    model: str = ""
+    method: str = "manual"
+    target_sparsity: Optional[float] = None
+    prefill_sparse_from: float = 1.0
+    histograms: dict[str, "AbsHistogram"] = field(default_factory=dict, repr=False)
+    # block index -> list of rows; a row maps key -> sparsity along the greedy path (row 0: all dense)
+    greedy_paths: dict[int, list[dict[str, float]]] = field(default_factory=dict, repr=False)
+    notes: dict = field(default_factory=dict)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_thresholds(
+        cls,
+        linears: Iterable["MatchedLinearInfo"],
+        thresholds: Union[float, Mapping[str, float]],
+        *,
+        model: str = "",
+        prefill_sparse_from: float = 1.0,
+    ) -> "Plan":
+        """A plan with explicit thresholds (one for all, or per key), before any calibration exists.
+
+        ``linears`` is what discovery found (``teal_fx.find_linears(model)``); sparsity is unknown (NaN).
+        """
+        entries = {}
+        for m in linears:
+            t = thresholds if isinstance(thresholds, (int, float)) else thresholds.get(m.key)
+            if t is None:
+                raise PlanError(f"no threshold given for {m.key}")
+            if not math.isfinite(float(t)) or float(t) < 0:
+                raise PlanError(f"threshold for {m.key} must be finite and >= 0, got {t}")
+            entries[m.key] = LinearPlan(m.key, m.block, m.role, tuple(m.shape), float("nan"), float(t))
+        if not entries:
+            raise PlanError("no block linears to make a plan for")
+        return cls(entries, model=model, method="manual", prefill_sparse_from=prefill_sparse_from)
+
+    # ------------------------------------------------------------------ queries
+    def __len__(self) -> int:
+        return len(self.linears)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.linears
+
+    def threshold(self, key: str) -> float:
+        return self.linears[key].threshold
+
+    @property
+    def blocks(self) -> list[int]:
+        return sorted({lp.block for lp in self.linears.values()})
+
+    def model_sparsity(self) -> float:
+        """Parameter-weighted sparsity over the planned linears (what the target refers to)."""
+        total = sum(lp.numel for lp in self.linears.values())
+        return sum(lp.numel * lp.sparsity for lp in self.linears.values()) / total
+
+    def table(self) -> str:
+        """A fixed-width table of the plan, one row per linear, in block order."""
+        rows = sorted(self.linears.values(), key=lambda lp: (lp.block, ROLES.index(lp.role) if lp.role in ROLES else 99))
+        return format_linear_table(
+            [(lp.block, lp.role, lp.key, f"{lp.shape[0]}x{lp.shape[1]}", lp.sparsity, lp.threshold) for lp in rows]
+        )
+
+    # ------------------------------------------------------------------ re-derivation
+    def at(self, sparsity: float, method: Optional[str] = None) -> "Plan":
+        """The plan at another model-level sparsity, from the stored histograms and greedy paths (no model run)."""
+        from teal_fx.allocate import sparsities_at
+
+        if not self.histograms:
+            raise PlanError("this plan has no calibration histograms; re-derive it with teal_fx.calibrate")
+        if not 0.0 <= sparsity < 1.0:
+            raise PlanError(f"sparsity must be in [0, 1), got {sparsity}")
+        method = method or ("greedy" if self.greedy_paths else "uniform")
+        if method == "greedy" and not self.greedy_paths:
+            raise PlanError("this plan has no greedy paths (it was calibrated with method='uniform')")
+        per_key = sparsities_at(self, sparsity, method)
+        linears = {
+            k: replace(lp, sparsity=per_key[k], threshold=self.histograms[k].quantile(per_key[k]))
+            for k, lp in self.linears.items()
+        }
+        return replace(self, linears=linears, method=method, target_sparsity=sparsity)
+
+    # ------------------------------------------------------------------ fitting a model
+    def check_fits(self, found: Iterable["MatchedLinearInfo"], *, require_all: bool = True) -> None:
+        """Raise ``PlanError`` unless every found linear is in the plan with the same shape.
+
+        With ``require_all`` the plan may not name linears the model does not have either (a whole-model check);
+        a single compiled graph (after a graph break) only checks its own linears.
+        """
+        found = list(found)
+        missing = [m.key for m in found if m.key not in self.linears]
+        wrong = [
+            f"{m.key}: model {tuple(m.shape)} vs plan {self.linears[m.key].shape}"
+            for m in found
+            if m.key in self.linears and tuple(m.shape) != tuple(self.linears[m.key].shape)
+        ]
+        extra = sorted(set(self.linears) - {m.key for m in found}) if require_all else []
+        if missing or wrong or extra:
+            lines = [f"this plan does not fit the model (plan made for {self.model or 'an unnamed model'!r}):"]
+            if missing:
+                lines.append(f"  {len(missing)} linear(s) of the model are not in the plan, e.g. {missing[:3]}")
+            if wrong:
+                lines.append(f"  {len(wrong)} linear(s) have other shapes, e.g. {wrong[:3]}")
+            if extra:
+                lines.append(f"  {len(extra)} linear(s) of the plan are not in the model, e.g. {extra[:3]}")
+            raise PlanError("\n".join(lines))
+
+    # ------------------------------------------------------------------ JSON
+    def to_json(self) -> dict:
+        return {
+            "format": PLAN_FORMAT,
+            "version": PLAN_VERSION,
+            "model": self.model,
+            "method": self.method,
+            "target_sparsity": self.target_sparsity,
+            "prefill_sparse_from": self.prefill_sparse_from,
+            "linears": [
+                {**asdict(lp), "shape": list(lp.shape), "sparsity": _num(lp.sparsity)} for lp in self.linears.values()
+            ],
+            "histograms": {k: h.to_json() for k, h in self.histograms.items()},
+            "greedy_paths": {str(b): rows for b, rows in self.greedy_paths.items()},
+            "notes": self.notes,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Plan":
+        from teal_fx.histogram import AbsHistogram
+
+        if not isinstance(data, dict) or data.get("format") != PLAN_FORMAT:
+            raise PlanError("not a teal-fx plan (missing or wrong 'format' field)")
+        if data.get("version") != PLAN_VERSION:
+            raise PlanError(f"plan version {data.get('version')!r} is not supported (this teal-fx reads {PLAN_VERSION})")
+        try:
+            linears = {}
+            for e in data["linears"]:
+                lp = LinearPlan(
+                    key=str(e["key"]),
+                    block=int(e["block"]),
+                    role=str(e["role"]),
+                    shape=(int(e["shape"][0]), int(e["shape"][1])),
+                    sparsity=float("nan") if e["sparsity"] is None else float(e["sparsity"]),
+                    threshold=float(e["threshold"]),
+                )
+                if lp.role not in ROLES:
+                    raise PlanError(f"unknown role {lp.role!r} for {lp.key}")
+                if not math.isfinite(lp.threshold) or lp.threshold < 0:
+                    raise PlanError(f"bad threshold {lp.threshold!r} for {lp.key}")
+                linears[lp.key] = lp
+            histograms = {k: AbsHistogram.from_json(h) for k, h in data.get("histograms", {}).items()}
+            paths = {
+                int(b): [{str(k): float(s) for k, s in row.items()} for row in rows]
+                for b, rows in data.get("greedy_paths", {}).items()
+            }
+            return cls(
+                linears,
+                model=str(data.get("model", "")),
+                method=str(data.get("method", "manual")),
+                target_sparsity=data.get("target_sparsity"),
+                prefill_sparse_from=float(data.get("prefill_sparse_from", 1.0)),
+                histograms=histograms,
+                greedy_paths=paths,
+                notes=dict(data.get("notes", {})),
+            )
+        except PlanError:
+            raise
+        except (KeyError, TypeError, ValueError, IndexError) as e:
+            raise PlanError(f"corrupted plan: {type(e).__name__}: {e}") from e
+
+    def save(self, path: Union[str, Path]) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(json.dumps(self.to_json(), separators=(",", ":")))
+        tmp.replace(path)  # never leave a half-written plan behind
+        return path
+
+    @classmethod
+    def load(cls, path: Union[str, Path]) -> "Plan":
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise PlanError(f"{path}: not valid JSON ({e})") from e
+        return cls.from_json(data)
+
+
+def _num(x: float) -> Optional[float]:
+    return None if isinstance(x, float) and math.isnan(x) else x
+
+
+def format_linear_table(rows: list[tuple]) -> str:
+    """rows of (block, role, key, shape, sparsity, threshold) as a fixed-width table."""
+    header = ("block", "role", "key", "shape", "sparsity", "threshold")
+    cells = [
+        (
+            str(b),
+            r,
+            k,
+            s,
+            "-" if sp is None or (isinstance(sp, float) and math.isnan(sp)) else f"{sp:.3f}",
+            "-" if t is None else f"{t:.4g}",
+        )
+        for b, r, k, s, sp, t in rows
+    ]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) if cells else len(h) for i, h in enumerate(header)]
+    line = lambda c: "  ".join(v.ljust(w) for v, w in zip(c, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(header), line(tuple("-" * w for w in widths))] + [line(c) for c in cells])
+
+
+# For type hints only: the fields discovery gives (teal_fx.passes.label_block_linears.MatchedLinear).
+class MatchedLinearInfo:  # pragma: no cover - protocol-like documentation class
+    key: str
+    block: int
+    role: str
+    shape: tuple[int, int]
+
+
+PlanLike = Union[Plan, str, Path]
+
+
+def as_plan(plan: PlanLike) -> Plan:
+    """A Plan from a Plan or a path to a plan file."""
+    if isinstance(plan, Plan):
+        return plan
+    if isinstance(plan, (str, Path)):
+        return Plan.load(plan)
+    raise TypeError(f"plan must be a teal_fx.Plan or a path to a plan file, not {type(plan).__name__}")
+
+
+def attached_plan(model: "nn.Module") -> Optional[Plan]:
+    return getattr(model, "_teal_plan", None)
