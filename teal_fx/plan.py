@@ -35,7 +35,7 @@ class LinearPlan:
     block: int
     role: str
     shape: tuple[int, int]  # (out_features, in_features), as the weight is stored in the model
-    sparsity: float
+    sparsity: Optional[float]  # None: unknown (a plan made from explicit thresholds)
     threshold: float
 
     @property
@@ -82,7 +82,7 @@ class Plan:
                 raise PlanError(f"no threshold given for {m.key}")
             if not math.isfinite(float(t)) or float(t) < 0:
                 raise PlanError(f"threshold for {m.key} must be finite and >= 0, got {t}")
-            entries[m.key] = LinearPlan(m.key, m.block, m.role, tuple(m.shape), float("nan"), float(t))
+            entries[m.key] = LinearPlan(m.key, m.block, m.role, tuple(m.shape), None, float(t))
         if not entries:
             raise PlanError("no block linears to make a plan for")
         return cls(entries, model=model, method="manual", prefill_sparse_from=prefill_sparse_from)
@@ -103,6 +103,8 @@ class Plan:
 
     def model_sparsity(self) -> float:
         """Parameter-weighted sparsity over the planned linears (what the target refers to)."""
+        if any(lp.sparsity is None for lp in self.linears.values()):
+            raise PlanError("this plan has no sparsities (made from explicit thresholds)")
         total = sum(lp.numel for lp in self.linears.values())
         return sum(lp.numel * lp.sparsity for lp in self.linears.values()) / total
 
@@ -167,7 +169,7 @@ class Plan:
             "target_sparsity": self.target_sparsity,
             "prefill_sparse_from": self.prefill_sparse_from,
             "linears": [
-                {**asdict(lp), "shape": list(lp.shape), "sparsity": _num(lp.sparsity)} for lp in self.linears.values()
+                {**asdict(lp), "shape": list(lp.shape)} for lp in self.linears.values()
             ],
             "histograms": {k: h.to_json() for k, h in self.histograms.items()},
             "greedy_paths": {str(b): rows for b, rows in self.greedy_paths.items()},
@@ -190,7 +192,7 @@ class Plan:
                     block=int(e["block"]),
                     role=str(e["role"]),
                     shape=(int(e["shape"][0]), int(e["shape"][1])),
-                    sparsity=float("nan") if e["sparsity"] is None else float(e["sparsity"]),
+                    sparsity=None if e.get("sparsity") is None else float(e["sparsity"]),
                     threshold=float(e["threshold"]),
                 )
                 if lp.role not in ROLES:
@@ -236,10 +238,6 @@ class Plan:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise PlanError(f"{path}: not valid JSON ({e})") from e
         return cls.from_json(data)
-
-
-def _num(x: float) -> Optional[float]:
-    return None if isinstance(x, float) and math.isnan(x) else x
 
 
 def format_linear_table(rows: list[tuple]) -> str:

@@ -1,0 +1,87 @@
+"""Shared fixtures: tiny random decoders of every supported architecture, the real SmolLM2, a hook-based reference."""
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import transformers as T
+
+import teal_fx
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+ARCHS = {
+    "llama": T.LlamaConfig,
+    "mistral": T.MistralConfig,
+    "qwen2": T.Qwen2Config,
+    "qwen3": T.Qwen3Config,
+    "phi3": T.Phi3Config,
+    "gemma": T.GemmaConfig,
+    "gemma2": T.Gemma2Config,
+}
+# roles each architecture has in a block, in discovery order
+EXPECTED_ROLES = {a: ["q", "k", "v", "o", "gate", "up", "down"] for a in ARCHS}
+EXPECTED_ROLES["phi3"] = ["qkv", "o", "gate_up", "down"]
+
+
+def tiny_model(arch: str, *, layers: int = 2, hidden: int = 64, heads: int = 4, kv_heads: int = 2,
+               inter: int = 96, vocab: int = 128, dtype=torch.float32, attn: str = "sdpa", seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = ARCHS[arch](
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=hidden // heads,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2, max_position_embeddings=256,
+    )
+    cfg._attn_implementation = "eager" if arch == "gemma2" else attn
+    model = T.AutoModelForCausalLM.from_config(cfg).eval().to(dtype)
+    with torch.no_grad():  # random init of HF is tiny-std; give activations a realistic spread
+        for n, p in model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0, 1.0 / p.shape[1] ** 0.5)
+    return model
+
+
+@contextlib.contextmanager
+def masked_inputs(model, plan, sparse_from: float = 0.0):
+    """The independent reference: forward pre-hooks that mask each planned nn.Linear's input by its threshold."""
+    handles = []
+    for name, mod in model.named_modules():
+        key = name + ".weight"
+        if isinstance(mod, torch.nn.Linear) and key in plan:
+            t = plan.threshold(key)
+
+            def hook(mod, args, t=t):
+                x = args[0]
+                start = 0 if x.dim() < 3 or x.shape[-2] == 1 else int(-(-sparse_from * x.shape[-2] // 1))
+                keep = x.abs() > t
+                if start:
+                    keep[..., :start, :] = True
+                return (torch.where(keep, x, torch.zeros((), dtype=x.dtype)),) + tuple(args[1:])
+
+            handles.append(mod.register_forward_pre_hook(hook))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    pytest.importorskip("gguf")
+    try:
+        from teal_fx.models import load_model
+
+        return load_model("smollm2")
+    except FileNotFoundError as e:
+        pytest.skip(str(e))

@@ -1,0 +1,55 @@
+"""Backend registration, options, dumps."""
+import importlib.metadata
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import teal_fx
+from teal_fx.plan import Plan
+from tests.conftest import tiny_model
+
+
+def test_registered_by_import_and_entry_point():
+    assert "teal" in torch._dynamo.list_backends(exclude_tags=())
+    eps = importlib.metadata.entry_points(group="torch_dynamo_backends")
+    assert any(ep.name == "teal" and ep.value == "teal_fx.backend:teal_backend" for ep in eps)
+
+
+def test_entry_point_works_without_import(tmp_path):
+    code = textwrap.dedent("""
+        import sys, torch, torch.nn as nn
+        f = torch.compile(lambda x: x * 2, backend="teal", options={"compiler": "eager"})
+        print(f(torch.ones(2)).sum().item())
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().endswith("4.0")
+
+
+def test_dump_writes_code_table_and_dot(tmp_path):
+    model = tiny_model("phi3")
+    plan = Plan.from_thresholds(teal_fx.find_linears(model), 0.25)
+    compiled = torch.compile(model, backend="teal", options={"plan": plan, "compiler": "eager", "dump": str(tmp_path)})
+    with torch.no_grad():
+        compiled(torch.tensor([[3]]), use_cache=False)
+    (g,) = list(tmp_path.iterdir())
+    assert {p.name for p in g.iterdir()} >= {"before.py", "after.py", "linears.txt", "summary.txt", "block_0.dot"}
+    assert "teal.sparse_linear" in (g / "after.py").read_text()
+    assert "teal.sparse_linear" not in (g / "before.py").read_text()
+    table = (g / "linears.txt").read_text()
+    assert "qkv" in table and "gate_up" in table and "0.25" in table
+    dot = (g / "block_0.dot").read_text()
+    assert dot.startswith('digraph "block_0"') and "qkv" in dot and "gate_up" in dot
+
+
+def test_linear_table_without_compiling():
+    model = tiny_model("gemma")
+    table = teal_fx.linear_table(model)
+    lines = table.splitlines()
+    assert lines[0].split()[:4] == ["block", "role", "key", "shape"]
+    assert len(lines) == 2 + 14
+    assert "model.layers.1.mlp.down_proj.weight" in table

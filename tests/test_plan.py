@@ -1,0 +1,87 @@
+"""The plan: JSON round-trip, clear errors for corrupted files and for a plan from another model."""
+import json
+
+import pytest
+import torch
+
+import teal_fx
+from teal_fx.plan import Plan, PlanError
+from tests.conftest import tiny_model
+
+
+@pytest.fixture(scope="module")
+def llama_linears():
+    return teal_fx.find_linears(tiny_model("llama"))
+
+
+def test_round_trip(tmp_path, llama_linears):
+    plan = Plan.from_thresholds(llama_linears, {m.key: 0.1 * i for i, m in enumerate(llama_linears)}, model="tiny")
+    path = plan.save(tmp_path / "p.json")
+    back = Plan.load(path)
+    assert back.linears == plan.linears
+    assert back.model == "tiny" and back.prefill_sparse_from == 1.0
+    assert json.loads(path.read_text())["version"] == 1
+
+
+@pytest.mark.parametrize(
+    "corrupt",
+    [
+        lambda d: "not json{",
+        lambda d: json.dumps({**d, "format": "something-else"}),
+        lambda d: json.dumps({**d, "version": 99}),
+        lambda d: json.dumps({**d, "linears": [{"key": "x"}]}),
+        lambda d: json.dumps({**d, "linears": [{**d["linears"][0], "threshold": -1}]}),
+        lambda d: json.dumps({**d, "linears": [{**d["linears"][0], "role": "mystery"}]}),
+    ],
+)
+def test_corrupted_plan_file(tmp_path, llama_linears, corrupt):
+    d = Plan.from_thresholds(llama_linears, 0.2).to_json()
+    p = tmp_path / "bad.json"
+    p.write_text(corrupt(d))
+    with pytest.raises(PlanError):
+        Plan.load(p)
+
+
+def test_plan_from_another_model_is_refused(llama_linears):
+    plan = Plan.from_thresholds(llama_linears, 0.2, model="llama-64")
+    other = tiny_model("llama", hidden=48, heads=4, kv_heads=2)
+    with pytest.raises(PlanError, match="does not fit"):
+        teal_fx.attach_plan(other, plan)
+    deeper = tiny_model("llama", layers=3)
+    with pytest.raises(PlanError, match="not in the plan"):
+        teal_fx.attach_plan(deeper, plan)
+    compiled = torch.compile(other, backend="teal", options={"plan": plan, "compiler": "eager"})
+    with pytest.raises(Exception, match="other shapes"):
+        compiled(torch.tensor([[3, 4]]), use_cache=False)
+
+
+def test_attached_plan_is_found_by_bare_compile():
+    model = tiny_model("qwen2")
+    plan = Plan.from_thresholds(teal_fx.find_linears(model), 50.0)  # masks everything at decode
+    teal_fx.attach_plan(model, plan)
+    compiled = torch.compile(model, backend="teal", options={"compiler": "eager"})
+    ids = torch.tensor([[5]])
+    with torch.no_grad():
+        out = compiled(ids, use_cache=False).logits
+        dense = model(ids, use_cache=False).logits
+    assert not torch.allclose(out, dense)
+    teal_fx.detach_plan(model)
+    torch._dynamo.reset()
+    with pytest.warns(UserWarning, match="no plan for this model"):
+        out = torch.compile(model, backend="teal", options={"compiler": "eager"})(ids, use_cache=False).logits
+    torch.testing.assert_close(out, dense)
+
+
+def test_bad_options():
+    model = tiny_model("llama")
+    with pytest.raises(Exception, match="compiler"):
+        torch.compile(model, backend="teal", options={"compiler": "tvm"})(torch.tensor([[1]]), use_cache=False)
+    with pytest.raises(TypeError):
+        teal_fx.attach_plan(model, 3.0)
+
+
+def test_bad_thresholds(llama_linears):
+    with pytest.raises(PlanError):
+        Plan.from_thresholds(llama_linears, float("nan"))
+    with pytest.raises(PlanError, match="no threshold"):
+        Plan.from_thresholds(llama_linears, {})
