@@ -8,7 +8,10 @@ Importing this package registers the ``"teal"`` Dynamo backend and the ``teal::s
 """
 from teal_fx import kernels as kernels  # noqa: F401  (registers torch.ops.teal.*)
 from teal_fx.backend import attach_plan, detach_plan, register as _register, teal_backend
+from teal_fx.calibrate import calibrate, realised_sparsity
 from teal_fx.capture import capture_graphs, find_linears
+from teal_fx.evaluate import evaluate_perplexity
+from teal_fx.generate import generate
 from teal_fx.inspect import linear_table
 from teal_fx.plan import LinearPlan, Plan, PlanError
 
@@ -17,6 +20,10 @@ __version__ = "0.1.0"
 _register()
 
 __all__ = [
+    "calibrate",
+    "realised_sparsity",
+    "evaluate_perplexity",
+    "generate",
     "Plan",
     "LinearPlan",
     "PlanError",

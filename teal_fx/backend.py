@@ -45,11 +45,26 @@ def attach_plan(model: nn.Module, plan: PlanLike, *, check: bool = True) -> Plan
         plan.check_fits(find_linears(model))
     for key in plan.linears:
         try:
-            _PLAN_BY_WEIGHT[model.get_parameter(key)] = plan
+            w = model.get_parameter(key)
         except AttributeError as e:
             raise ValueError(f"plan key {key!r} is not a parameter of {type(model).__name__}") from e
+        make_column_major_(w)
+        _PLAN_BY_WEIGHT[w] = plan
     model._teal_plan = plan
     return plan
+
+
+def make_column_major_(weight: torch.Tensor) -> bool:
+    """Store a CUDA weight [N, K] column-major, in place (one matrix at a time, no second copy kept).
+
+    The sparse GEMV skips one contiguous row of W^T per zero input; prefill keeps using cuBLAS, which reads the
+    transposed layout natively. CPU weights are left alone (the CPU path is the dense reference).
+    """
+    if not weight.is_cuda or weight.dim() != 2 or weight.stride() == (1, weight.shape[0]):
+        return False
+    with torch.no_grad():
+        weight.data = weight.data.t().contiguous().t()
+    return True
 
 
 def detach_plan(model: nn.Module) -> None:

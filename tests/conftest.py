@@ -5,8 +5,12 @@ import contextlib
 import os
 from pathlib import Path
 
-import pytest
 import torch
+
+if not torch.cuda.is_available():  # run the Triton kernels on the CPU (must be set before triton is imported)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
 import transformers as T
 
 import teal_fx

@@ -1,0 +1,126 @@
+"""Sparsity allocation across the linears of a block: uniform, or TEAL's greedy search (§4.3).
+
+Greedy, per block: start with every linear dense; at each step try raising each linear's sparsity by a step
+inversely proportional to its weight size (so every candidate removes the same number of weight reads), keep the
+candidate whose block output moves least (L2 against the dense block output, on the later positions of each
+calibration sequence, as TEAL), and record the row. The rows form the block's path; a model-level target picks,
+in every block, the point of the path whose parameter-weighted sparsity equals it.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable, Optional
+
+import torch
+
+from teal_fx.histogram import AbsHistogram
+from teal_fx.plan import PlanError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from teal_fx.passes.extract_blocks import BlockSubgraph
+    from teal_fx.plan import Plan
+
+Row = dict[str, float]
+
+
+def block_sparsity(row: Row, numel: dict[str, int]) -> float:
+    return sum(numel[k] * s for k, s in row.items()) / sum(numel[k] for k in row)
+
+
+def greedy_path(
+    evaluate: Callable[[Row], float],
+    numel: dict[str, int],
+    *,
+    step: float = 0.01,
+    max_sparsity: float = 0.9,
+    cap: float = 0.99,
+) -> list[Row]:
+    """The greedy path of one block.
+
+    ``evaluate(row)`` is the block's output error with the linears at the sparsities of ``row``;
+    ``step`` is the block-level (parameter-weighted) sparsity each greedy step adds; ``cap`` bounds any linear.
+    """
+    if not 0 < step < 1:
+        raise ValueError(f"step must be in (0, 1), got {step}")
+    total = sum(numel.values())
+    inc = {k: min(cap, step * total / n) for k, n in numel.items()}
+    row = {k: 0.0 for k in numel}
+    path = [dict(row)]
+    while block_sparsity(row, numel) < max_sparsity - 1e-9:
+        best, best_err = None, float("inf")
+        for k in numel:
+            if row[k] >= cap:
+                continue
+            cand = dict(row)
+            cand[k] = min(cap, row[k] + inc[k])
+            err = evaluate(cand)
+            if err < best_err:
+                best, best_err = cand, err
+        if best is None:
+            break
+        row = best
+        path.append(dict(row))
+    return path
+
+
+def row_at(path: list[Row], numel: dict[str, int], target: float) -> Row:
+    """The point of a path at block sparsity ``target`` (linear interpolation between its two nearest rows)."""
+    levels = [block_sparsity(r, numel) for r in path]
+    if target > levels[-1] + 1e-9:
+        raise PlanError(
+            f"the greedy path stops at sparsity {levels[-1]:.3f}; re-calibrate with max_sparsity >= {target}"
+        )
+    for (a, la), (b, lb) in zip(zip(path, levels), zip(path[1:], levels[1:])):
+        if la - 1e-12 <= target <= lb + 1e-12:
+            w = 0.0 if lb == la else (target - la) / (lb - la)
+            return {k: a[k] + w * (b[k] - a[k]) for k in a}
+    return dict(path[0])
+
+
+def sparsities_at(plan: "Plan", target: float, method: str) -> dict[str, float]:
+    """Per-key sparsity at a model-level target, from the plan's stored greedy paths (or uniform)."""
+    if method == "uniform":
+        return {k: target for k in plan.linears}
+    if method != "greedy":
+        raise ValueError(f"method must be 'greedy' or 'uniform', got {method!r}")
+    out: dict[str, float] = {}
+    for b, path in plan.greedy_paths.items():
+        numel = {k: plan.linears[k].numel for k in path[0]}
+        out.update(row_at(path, numel, target))
+    missing = set(plan.linears) - set(out)
+    if missing:
+        raise PlanError(f"no greedy path for {sorted(missing)[:3]}")
+    return out
+
+
+def block_error_fn(
+    block: "BlockSubgraph",
+    inputs: list[list],
+    histograms: dict[str, AbsHistogram],
+    error_fraction: float = 0.25,
+) -> Callable[[Row], float]:
+    """``evaluate(row)`` for ``greedy_path``: run the block subgraph on its cached inputs, compare to dense.
+
+    Only the last ``error_fraction`` of positions count (TEAL: early positions, and the first token's outsized
+    activations, would dominate the L2 otherwise).
+    """
+
+    def run(row: Optional[Row]) -> list[torch.Tensor]:
+        block.thresholds.clear()
+        if row:
+            block.thresholds.update({k: histograms[k].quantile(s) for k, s in row.items() if s > 0})
+        with torch.no_grad():
+            return [block.gm(*vals) for vals in inputs]
+
+    def tail(y: torch.Tensor) -> torch.Tensor:
+        if y.dim() < 3:
+            return y.float()
+        start = int(y.shape[-2] * (1 - error_fraction))
+        return y[..., start:, :].float()
+
+    dense = [tail(y) for y in run(None)]
+
+    def evaluate(row: Row) -> float:
+        outs = run(row)
+        return float(sum(((tail(y) - d) ** 2).sum() for y, d in zip(outs, dense)))
+
+    return evaluate

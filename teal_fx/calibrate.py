@@ -1,0 +1,291 @@
+"""Graph-level calibration: record |x| entering every matched linear, then allocate sparsity.
+
+The model is run under Dynamo with a backend whose "compiled" function is an FX interpreter over the captured
+graph, the very graph the ``teal`` backend will rewrite, so keys and roles match by construction. The
+interpreter adds each matched linear's input to a log-binned histogram (bounded memory, any quantile), and keeps
+the values that each block subgraph reads for the first ``greedy_sequences`` sequences (the greedy allocator's
+cached block inputs).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import torch
+from torch import fx, nn
+from tqdm.auto import tqdm
+
+from teal_fx.allocate import block_error_fn, greedy_path
+from teal_fx.histogram import AbsHistogram, CalibrationDataError
+from teal_fx.models import model_name
+from teal_fx.passes.extract_blocks import BlockSubgraph, extract_blocks
+from teal_fx.passes.label_block_linears import Discovery, discover
+from teal_fx.plan import LinearPlan, Plan
+
+log = logging.getLogger("teal_fx")
+
+NEUTRAL_PROMPTS = (
+    "The",
+    "In 1850,",
+    "A recent study of",
+    "The following is an article about",
+    "Once upon a time,",
+    "Here is a list of",
+    "Chapter 1\n\n",
+    "According to the report,",
+)
+
+Data = Union[None, str, Path, Sequence[str], torch.Tensor, Sequence[torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class CalibrationDefaults:
+    """TEAL's 10 x 2048 tokens on a GPU; on a CPU, fewer and shorter sequences, a coarser greedy step and one
+    cached sequence for the greedy search, so that a small model calibrates in a few minutes."""
+
+    num_sequences: int
+    seq_len: int
+    greedy_sequences: int
+    step: float
+
+
+def defaults_for(device: torch.device) -> CalibrationDefaults:
+    if device.type == "cuda":
+        return CalibrationDefaults(num_sequences=10, seq_len=2048, greedy_sequences=4, step=0.01)
+    return CalibrationDefaults(num_sequences=16, seq_len=256, greedy_sequences=1, step=0.025)
+
+
+# ------------------------------------------------------------------------------------------------ data
+def self_generated_tokens(model: nn.Module, tokenizer, num_sequences: int, seq_len: int, seed: int = 0) -> torch.Tensor:
+    """Data-free calibration: text the model samples from short neutral prompts, as token ids [N, seq_len]."""
+    device = next(model.parameters()).device
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    rows = []
+    for i in tqdm(range(num_sequences), desc="teal: generating calibration text", leave=False):
+        prompt = tokenizer(NEUTRAL_PROMPTS[i % len(NEUTRAL_PROMPTS)], return_tensors="pt").input_ids.to(device)
+        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=g)))
+        with torch.no_grad():
+            out = model.generate(
+                prompt,
+                do_sample=True,
+                top_p=0.95,
+                temperature=1.0,
+                max_new_tokens=seq_len,
+                min_new_tokens=seq_len,
+                pad_token_id=tokenizer.eos_token_id,
+            )
+        rows.append(out[0, :seq_len].cpu())
+    return torch.stack(rows)
+
+
+def _read_text(data) -> Optional[str]:
+    if isinstance(data, Path) or (isinstance(data, str) and "\n" not in data and len(data) < 4096 and os.path.isfile(data)):
+        return Path(data).read_text(encoding="utf-8")
+    if isinstance(data, str):
+        return data
+    if isinstance(data, (list, tuple)) and data and all(isinstance(t, str) for t in data):
+        return "\n\n".join(data)
+    return None
+
+
+def token_sequences(
+    data: Data, tokenizer, *, num_sequences: int, seq_len: int, min_tokens: int = 16
+) -> torch.Tensor:
+    """Token ids [N, L] from a text, a text file, a list of texts, or token tensors (1-D or 2-D)."""
+    text = _read_text(data)
+    if text is not None:
+        if not text.strip():
+            raise CalibrationDataError("calibration text is empty")
+        if tokenizer is None:
+            raise ValueError("calibrating on text needs a tokenizer: teal_fx.calibrate(..., tokenizer=tok)")
+        ids = tokenizer(text, return_tensors="pt").input_ids[0]
+    elif isinstance(data, torch.Tensor):
+        ids = data
+    elif isinstance(data, (list, tuple)) and data and all(isinstance(t, torch.Tensor) for t in data):
+        ids = torch.cat([t.reshape(-1) for t in data])
+    else:
+        raise TypeError(f"calibration data must be text, a path, a list of texts or token tensors, not {type(data).__name__}")
+    if ids.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"token tensors must be integer ids, got {ids.dtype}")
+    if ids.dim() == 2 and ids.shape[1] >= min_tokens:
+        return ids[:num_sequences, :seq_len].long()
+    ids = ids.reshape(-1).long()
+    if ids.numel() < min_tokens:
+        raise CalibrationDataError(f"calibration data too short: {ids.numel()} tokens (need at least {min_tokens})")
+    seq_len = min(seq_len, ids.numel())
+    n = min(num_sequences, ids.numel() // seq_len)
+    return ids[: n * seq_len].reshape(n, seq_len)
+
+
+# ------------------------------------------------------------------------------------------------ recording
+@dataclass
+class _GraphState:
+    gm: fx.GraphModule
+    discovery: Discovery
+    record: dict[fx.Node, list[str]]  # input node -> keys of the linears it feeds
+    blocks: list[BlockSubgraph] = field(default_factory=list)
+    keep: set = field(default_factory=set)
+    kept: list[dict[fx.Node, Any]] = field(default_factory=list)  # per recorded sequence
+
+
+class _RecordingInterpreter(fx.Interpreter):
+    def __init__(self, state: _GraphState, histograms: dict[str, AbsHistogram], keep: bool, counts=None) -> None:
+        super().__init__(state.gm, garbage_collect_values=True)
+        self.state, self.histograms = state, histograms
+        self.kept: Optional[dict] = {} if keep else None
+        self.state_counts = counts
+
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        keys = self.state.record.get(n)
+        if keys:
+            h = AbsHistogram()
+            h.add(out, name=keys[0])
+            for k in keys:
+                self.histograms[k] = self.histograms[k].merge(h) if k in self.histograms else h
+        counts = self.state_counts
+        if keys and counts is not None:
+            a = out.detach().abs()
+            for k in keys:
+                if k in counts:
+                    counts[k][0] += int((a <= counts[k][2]).sum())
+                    counts[k][1] += a.numel()
+        if self.kept is not None and n in self.state.keep:
+            self.kept[n] = out.detach() if isinstance(out, torch.Tensor) else out
+        return out
+
+
+class Recorder:
+    """A Dynamo backend that runs each captured graph through ``_RecordingInterpreter``."""
+
+    def __init__(self, greedy: bool, thresholds: Optional[dict[str, float]] = None) -> None:
+        self.greedy = greedy
+        # key -> [at or below threshold, total, threshold]: exact counts of what a plan would zero
+        self.counts = {k: [0, 0, t] for k, t in thresholds.items()} if thresholds else None
+        self.graphs: list[_GraphState] = []
+        self.histograms: dict[str, AbsHistogram] = {}
+        self.keep_next = False
+
+    def __call__(self, gm: fx.GraphModule, example_inputs):
+        disc = discover(gm.graph)
+        record: dict[fx.Node, list[str]] = {}
+        for m in disc.matched:
+            record.setdefault(m.node.args[0], []).append(m.key)
+        state = _GraphState(gm, disc, record)
+        if self.greedy and disc.matched:
+            state.blocks = extract_blocks(gm, disc.matched)
+            state.keep = {a for b in state.blocks for a in b.inputs}
+        self.graphs.append(state)
+
+        def run(*args):
+            interp = _RecordingInterpreter(state, self.histograms, self.keep_next and bool(state.keep), self.counts)
+            out = interp.run(*args)
+            if interp.kept is not None:
+                state.kept.append(interp.kept)
+            return out
+
+        return run
+
+
+# ------------------------------------------------------------------------------------------------ API
+def calibrate(
+    model: nn.Module,
+    data: Data = None,
+    sparsity: float = 0.5,
+    method: str = "greedy",
+    *,
+    tokenizer=None,
+    num_sequences: Optional[int] = None,
+    seq_len: Optional[int] = None,
+    greedy_sequences: Optional[int] = None,
+    step: Optional[float] = None,
+    max_sparsity: Optional[float] = None,
+    error_fraction: float = 0.25,
+    attach: bool = True,
+    progress: bool = True,
+) -> Plan:
+    """Calibrate thresholds for every block linear of ``model`` and allocate ``sparsity`` across them.
+
+    ``data``: a text, a text file, a list of texts, or token ids; ``None`` calibrates data-free on text the model
+    generates itself (needs ``tokenizer``). ``method``: ``"greedy"`` (TEAL's block-wise search) or ``"uniform"``.
+    Sizes default per device (``defaults_for``). The returned plan keeps the histograms and greedy paths (``plan.at(s)`` re-derives it at any sparsity up to
+    ``max_sparsity``, default max(0.9, sparsity)) and, with ``attach``, is attached to the model so that
+    ``torch.compile(model, backend="teal")`` uses it.
+    """
+    if method not in ("greedy", "uniform"):
+        raise ValueError(f"method must be 'greedy' or 'uniform', got {method!r}")
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+    device = next(model.parameters()).device
+    d = defaults_for(device)
+    num_sequences, seq_len = num_sequences or d.num_sequences, seq_len or d.seq_len
+    greedy_sequences, step = greedy_sequences or d.greedy_sequences, step or d.step
+    max_sparsity = max(0.9, sparsity) if max_sparsity is None else max_sparsity
+    if data is None:
+        if tokenizer is None:
+            raise ValueError("data-free calibration needs the tokenizer: teal_fx.calibrate(model, tokenizer=tok)")
+        print(f"teal: no calibration data given: calibrating data-free on {num_sequences} x {seq_len} tokens "
+              "the model generates itself from short neutral prompts")
+        seqs = self_generated_tokens(model, tokenizer, num_sequences, seq_len)
+        source = "self-generated"
+    else:
+        seqs = token_sequences(data, tokenizer, num_sequences=num_sequences, seq_len=seq_len)
+        source = str(data) if isinstance(data, (str, Path)) and len(str(data)) < 200 else type(data).__name__
+
+    recorder = Recorder(greedy=method == "greedy")
+    compiled = torch.compile(model, backend=recorder, dynamic=False)
+    with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=1024, accumulated_recompile_limit=4096):
+        for i in tqdm(range(len(seqs)), desc="teal: calibrating", disable=not progress):
+            recorder.keep_next = i < greedy_sequences
+            compiled(input_ids=seqs[i : i + 1].to(device), use_cache=False)
+    matched = {m.key: m for st in recorder.graphs for m in st.discovery.matched}
+    if not matched:
+        summary = "\n".join(st.discovery.summary() for st in recorder.graphs)
+        raise ValueError(f"nothing to calibrate: no block linear was recognised in {type(model).__name__}\n{summary}")
+    missing = [k for k in matched if k not in recorder.histograms]
+    if missing:
+        raise CalibrationDataError(f"no activations recorded for {missing[:3]}")
+
+    plan = Plan(
+        linears={k: LinearPlan(k, m.block, m.role, m.shape, 0.0, 0.0) for k, m in matched.items()},
+        model=model_name(model),
+        method=method,
+        histograms=dict(recorder.histograms),
+        notes={"calibration": {"source": source, "sequences": len(seqs), "seq_len": int(seqs.shape[1])}},
+    )
+    if method == "greedy":
+        blocks = [(st, b) for st in recorder.graphs for b in st.blocks]
+        for st, b in tqdm(blocks, desc="teal: greedy allocation", disable=not progress):
+            inputs = [[kept[a] for a in b.inputs] for kept in st.kept]
+            evaluate = block_error_fn(b, inputs, plan.histograms, error_fraction)
+            numel = {m.key: m.shape[0] * m.shape[1] for m in b.linears}
+            plan.greedy_paths[b.block] = greedy_path(evaluate, numel, step=step, max_sparsity=max_sparsity)
+            b.thresholds.clear()
+        for st in recorder.graphs:
+            st.kept.clear()
+        plan.notes["greedy"] = {"step": step, "max_sparsity": max_sparsity, "error_fraction": error_fraction,
+                                "sequences": min(greedy_sequences, len(seqs))}
+    plan = plan.at(sparsity, method)
+    if attach:
+        from teal_fx.backend import attach_plan
+
+        attach_plan(model, plan, check=False)
+    return plan
+
+
+def realised_sparsity(model: nn.Module, plan: Plan, data: Data, *, tokenizer=None, num_sequences: int = 4,
+                      seq_len: int = 256) -> dict[str, float]:
+    """The fraction of each matched linear's input at or below its threshold, counted exactly on ``data``."""
+    seqs = token_sequences(data, tokenizer, num_sequences=num_sequences, seq_len=seq_len)
+    recorder = Recorder(greedy=False, thresholds={k: lp.threshold for k, lp in plan.linears.items()})
+    compiled = torch.compile(model, backend=recorder, dynamic=False)
+    device = next(model.parameters()).device
+    with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=1024, accumulated_recompile_limit=4096):
+        for i in range(len(seqs)):
+            compiled(input_ids=seqs[i : i + 1].to(device), use_cache=False)
+    return {k: below / total for k, (below, total, _) in recorder.counts.items() if total}

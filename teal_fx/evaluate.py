@@ -1,0 +1,112 @@
+"""Perplexity through the compiled sparse path, on sliding windows.
+
+Each window of ``window`` tokens advances by half a window and scores its later half (every scored token sees at
+least half a window of context). Two protocols:
+
+* ``"all"`` (default): every token of the window is sparsified, which is exactly what token-by-token decoding
+  sees (TEAL's mask is per token, so a sparse prefill equals sparse decoding step by step);
+* ``"teal"``: TEAL's protocol, only the later half of each window (the scored tokens) is sparsified.
+
+Both are the ``prefill_sparse_from`` of the plan (0.0 and 0.5) given to the ``teal`` backend, so perplexity is
+measured through the same rewritten graph and op that decoding uses.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from teal_fx.histogram import CalibrationDataError
+from teal_fx.plan import Plan, PlanLike, as_plan
+
+PROTOCOLS = {"all": 0.0, "teal": 0.5}
+
+
+@dataclass
+class PerplexityResult:
+    perplexity: float
+    nll: float
+    tokens: int
+    windows: int
+    window: int
+    protocol: str  # "dense", "all" or "teal"
+    sparsity: Optional[float]
+    method: Optional[str]
+
+    def __str__(self) -> str:
+        what = "dense" if self.sparsity is None else f"{self.method} {self.sparsity:.0%}, protocol={self.protocol}"
+        return f"perplexity {self.perplexity:.3f} ({what}; {self.tokens} tokens, {self.windows} windows of {self.window})"
+
+
+def evaluate_perplexity(
+    model: nn.Module,
+    text: Union[str, Path, torch.Tensor],
+    plan: Optional[PlanLike] = None,
+    *,
+    tokenizer=None,
+    protocol: str = "all",
+    window: Optional[int] = None,
+    max_tokens: Optional[int] = None,
+    batch_size: int = 4,
+    compiler: str = "eager",
+    progress: bool = True,
+) -> PerplexityResult:
+    """Perplexity of ``model`` on ``text`` (a string, a file, or token ids) with ``plan`` (None: dense)."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {sorted(PROTOCOLS)}, got {protocol!r}")
+    device = next(model.parameters()).device
+    window = window or (2048 if device.type == "cuda" else 512)
+    if window % 2:
+        raise ValueError("window must be even")
+    ids = _token_ids(text, tokenizer)
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
+    half = window // 2
+    starts = list(range(0, ids.numel() - window + 1, half))
+    if not starts:
+        raise CalibrationDataError(f"text too short for one window of {window} tokens ({ids.numel()} tokens)")
+    windows = torch.stack([ids[s : s + window] for s in starts])
+
+    if plan is not None:
+        plan = replace(as_plan(plan), prefill_sparse_from=PROTOCOLS[protocol])
+        run = torch.compile(model, backend="teal", options={"plan": plan, "compiler": compiler}, dynamic=False)
+    else:
+        run = model
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for i in tqdm(range(0, len(windows), batch_size), desc="teal: perplexity", disable=not progress):
+            batch = windows[i : i + batch_size].to(device)
+            logits = run(input_ids=batch, use_cache=False, logits_to_keep=half + 1).logits[:, :-1]
+            targets = batch[:, half:]
+            loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
+            nll += float(loss)
+            count += targets.numel()
+    mean = nll / count
+    return PerplexityResult(
+        perplexity=math.exp(mean),
+        nll=mean,
+        tokens=count,
+        windows=len(windows),
+        window=window,
+        protocol="dense" if plan is None else protocol,
+        sparsity=None if plan is None else plan.target_sparsity,
+        method=None if plan is None else plan.method,
+    )
+
+
+def _token_ids(text, tokenizer) -> torch.Tensor:
+    if isinstance(text, torch.Tensor):
+        return text.reshape(-1).long()
+    if isinstance(text, Path) or (isinstance(text, str) and "\n" not in text and len(text) < 4096 and Path(text).is_file()):
+        text = Path(text).read_text(encoding="utf-8")
+    if not text.strip():
+        raise CalibrationDataError("evaluation text is empty")
+    if tokenizer is None:
+        raise ValueError("evaluating on text needs a tokenizer")
+    return tokenizer(text, return_tensors="pt").input_ids[0]

@@ -1,0 +1,105 @@
+"""A lean decode loop: static KV cache, one compiled prefill graph, one compiled decode graph.
+
+    out = teal_fx.generate(model, input_ids, max_new_tokens=128)                         # greedy, backend "teal"
+    out = teal_fx.generate(model, ids, 128, do_sample=True, top_p=0.9, mode="reduce-overhead")  # CUDA graphs
+
+The decode step has fixed shapes (the cache is allocated once for prompt + new tokens, the position is a tensor),
+so it compiles once; with ``mode="reduce-overhead"`` on CUDA it is captured once as a CUDA graph and replayed.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor, nn
+
+
+def _compiled(model: nn.Module, backend: str, mode: Optional[str], options: Optional[dict]):
+    """One compiled wrapper per (backend, mode, options), kept on the model so later calls reuse its graphs."""
+    cache = model.__dict__.setdefault("_teal_compiled", {})
+    key = (backend, mode, repr(sorted((options or {}).items())))
+    if key not in cache:
+        kw = {"mode": mode} if mode else {}
+        if options:
+            kw = {"options": {**options, **({"mode": mode} if mode and backend == "teal" else {})}}
+        cache[key] = torch.compile(model, backend=backend, dynamic=False, **kw) if backend != "none" else model
+    return cache[key]
+
+
+def sample_next(logits: Tensor, *, do_sample: bool, temperature: float, top_k: Optional[int], top_p: Optional[float],
+                generator: Optional[torch.Generator] = None) -> Tensor:
+    """Next token per row from last-position logits [B, V]: argmax, or sampling with temperature/top-k/top-p."""
+    if not do_sample:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / max(temperature, 1e-5)
+    if top_k is not None and top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, idx = torch.sort(logits, descending=True, dim=-1)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs > top_p  # keep the smallest prefix whose mass reaches top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, idx, sorted_logits)
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(
+    model: nn.Module,
+    input_ids: Tensor,
+    max_new_tokens: int = 64,
+    *,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: Optional[int] = None,
+    top_p: Optional[float] = None,
+    eos_token_id: Optional[int] = None,
+    streamer: Optional[Callable[[Tensor], None]] = None,
+    backend: str = "teal",
+    mode: Optional[str] = None,
+    options: Optional[dict] = None,
+    generator: Optional[torch.Generator] = None,
+) -> Tensor:
+    """Generate up to ``max_new_tokens`` after ``input_ids`` [B, S] (equal-length prompts, no padding).
+
+    Rows stop independently at ``eos_token_id`` (default: the model's); a stopped row is padded with it.
+    ``streamer(tokens)`` is called with each step's tokens [B]. ``backend="none"`` runs the model uncompiled.
+    Returns [B, S + generated] token ids.
+    """
+    from transformers import StaticCache
+
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+    if max_new_tokens < 1:
+        raise ValueError("max_new_tokens must be >= 1")
+    device = next(model.parameters()).device
+    input_ids = input_ids.to(device)
+    batch, prompt = input_ids.shape
+    if eos_token_id is None:
+        eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        eos_token_id = eos[0] if isinstance(eos, (list, tuple)) else eos
+
+    run = _compiled(model, backend, mode, options)
+    cache = StaticCache(config=model.config, max_cache_len=prompt + max_new_tokens)
+    position = torch.arange(prompt, device=device)
+    logits = run(input_ids=input_ids, past_key_values=cache, cache_position=position, use_cache=True).logits[:, -1]
+    out = [input_ids]
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    for i in range(max_new_tokens):
+        nxt = sample_next(logits, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+                          generator=generator)
+        if eos_token_id is not None:
+            nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
+            done = done | (nxt == eos_token_id)
+        out.append(nxt[:, None])
+        if streamer is not None:
+            streamer(nxt)
+        if (eos_token_id is not None and bool(done.all())) or i == max_new_tokens - 1:
+            break
+        position = torch.tensor([prompt + i], device=device)
+        logits = run(input_ids=nxt[:, None], past_key_values=cache, cache_position=position, use_cache=True).logits[:, -1]
+        if mode == "reduce-overhead":
+            logits = logits.clone()  # the CUDA graph's output buffer is overwritten by the next replay
+    return torch.cat(out, dim=1)

@@ -1,0 +1,80 @@
+"""The Triton sparse GEMV against a float64 reference, on small odd shapes, every dtype, 1-8 rows, random
+thresholds; the output is poisoned first so that every element must be written.
+
+Runs on a GPU when there is one, otherwise under TRITON_INTERPRET=1 on the CPU (set before triton is imported:
+run this file in its own process, as .ci/run and the README's test command do through conftest)."""
+import os
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+triton = pytest.importorskip("triton")
+from teal_fx.kernels import sparse_gemv as sg  # noqa: E402
+
+ON_GPU = torch.cuda.is_available()
+if not ON_GPU and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("no GPU and TRITON_INTERPRET is not set", allow_module_level=True)
+DEVICE = "cuda" if ON_GPU else "cpu"
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def rel_err(y, ref):
+    return float((y.double() - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def run(M, N, K, dtype, t, bias, col_major=True, config=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, K, generator=g).to(dtype).to(DEVICE)
+    w = torch.randn(N, K, generator=g).to(dtype).to(DEVICE) / K**0.5
+    if col_major:
+        w = w.t().contiguous().t()
+    b = torch.randn(N, generator=g).to(dtype).to(DEVICE) if bias else None
+    y = torch.full((M, N), float("nan"), dtype=dtype, device=DEVICE)  # poison
+    sg.sparse_gemv(x, w, b, t, config=config, out=y)
+    ref = sg.reference_sparse_gemv(x.cpu(), w.cpu(), b.cpu() if b is not None else None, t)
+    assert not torch.isnan(y).any(), "unwritten output elements"
+    return rel_err(y.cpu(), ref)
+
+
+@settings(max_examples=25 if ON_GPU else 12, deadline=None)
+@given(
+    M=st.integers(1, 8), N=st.integers(1, 70), K=st.integers(1, 90),
+    dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
+    t=st.floats(0.0, 1.5), bias=st.booleans(), seed=st.integers(0, 1000),
+)
+def test_matches_float64(M, N, K, dtype, t, bias, seed):
+    assert run(M, N, K, dtype, t, bias, seed=seed) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("split", [1, 3])
+@pytest.mark.parametrize("M", [1, 5])
+def test_split_k_paths(split, M):
+    K = 96
+    cfg = dict(BN=32, BK=16, SPLIT_K=split, K_PER_SPLIT=-(-K // split + 15) // 16 * 16)
+    cfg["SPLIT_K"] = -(-K // cfg["K_PER_SPLIT"])
+    for rep in range(2):  # the second launch checks that the arrival counters were reset
+        assert run(M, 40, K, torch.float32, 0.4, True, config=cfg, seed=rep) <= 1e-5
+
+
+def test_row_major_weight_still_correct():
+    assert run(2, 33, 47, torch.float32, 0.3, False, col_major=False) <= 1e-5
+
+
+def test_all_masked_gives_bias_or_zero():
+    x = torch.full((1, 20), 0.1, device=DEVICE)
+    w = torch.randn(12, 20, device=DEVICE)
+    b = torch.randn(12, device=DEVICE)
+    torch.testing.assert_close(sg.sparse_gemv(x, w, b, 0.5), b[None])
+    assert torch.count_nonzero(sg.sparse_gemv(x, w, None, 0.5)) == 0
+
+
+def test_rows_keep_their_own_mask():
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0]], device=DEVICE)
+    w = torch.tensor([[1.0, 10.0]], device=DEVICE)
+    torch.testing.assert_close(sg.sparse_gemv(x, w, None, 0.5), torch.tensor([[1.0], [10.0]], device=DEVICE))
+
+
+def test_rejects_too_many_rows():
+    with pytest.raises(ValueError, match="rows"):
+        sg.sparse_gemv(torch.randn(9, 8, device=DEVICE), torch.randn(4, 8, device=DEVICE), None, 0.1)
