@@ -124,11 +124,13 @@ def _plan_resolver(example_inputs: list, opts: TealOptions):
     """Find the plan for a graph: the one in the options, else the one attached to the owner of its weights."""
 
     def resolve(gm: fx.GraphModule, discovery) -> Optional[Plan]:
-        if opts.plan is not None:
-            return opts.plan
         tensors = _placeholder_tensors(gm, example_inputs)
         weights = [tensors.get(m.node.args[1]) for m in discovery.matched]
-        plan = plan_for_weights([w for w in weights if isinstance(w, torch.Tensor)])
+        weights = [w for w in weights if isinstance(w, torch.Tensor)]
+        plan = plan_for_weights(weights) if opts.plan is None else opts.plan
+        converted = sum(make_column_major_(w) for w in weights) if plan is not None else 0
+        if converted:
+            log.info("teal: stored %d weights column-major in place; Dynamo recompiles once for the new strides", converted)
         if plan is None:
             warnings.warn(
                 "teal: no plan for this model (run teal_fx.calibrate(model, ...) or pass options={'plan': ...}); "
@@ -158,7 +160,7 @@ def _inner_compile(gm: fx.GraphModule, example_inputs: list, opts: TealOptions):
 def teal_backend(gm: fx.GraphModule, example_inputs: list, options: Optional[dict] = None, mode: Optional[str] = None):
     """The Dynamo backend registered as ``"teal"``."""
     opts = TealOptions.parse(options, mode)
-    ctx = PassContext(plan=opts.plan, plan_resolver=_plan_resolver(example_inputs, opts), dump_dir=opts.dump)
+    ctx = PassContext(plan_resolver=_plan_resolver(example_inputs, opts), dump_dir=opts.dump)
     gm = run_passes(gm, ctx)
     summary = ctx.discovery.summary()
     disc = ctx.discovery
