@@ -125,18 +125,14 @@ def bench_block(sparsity: float, dtype, bw: float, l2: int, layers: int = 4) -> 
 
 
 SWEEP = [
-    dict(BN=bn, BK=bk, split_mult=sm, num_warps=nw, num_stages=ns)
-    for bn in (128, 256, 512) for bk in (32, 64) for sm in (2, 4, 8) for nw in (4, 8) for ns in (1, 3)
+    dict(BN=bn, BK=bk, iters=it, use_dot=False, num_warps=nw, num_stages=2)
+    for bn in (128, 256, 512) for bk in (16, 32, 64, 128) for it in (1, 2, 4, 8, 16) for nw in (4, 8)
+    if 2048 <= bn * bk <= 16384
 ]
 
 
 def sweep_config(N, K, M, p) -> dict:
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    n_tiles = -(-N // p["BN"])
-    split = max(1, min(-(-K // p["BK"]), round(p["split_mult"] * sms / n_tiles)))
-    k_per = -(-(-(-K // split)) // p["BK"]) * p["BK"]
-    return dict(BN=p["BN"], BK=p["BK"], SPLIT_K=-(-K // k_per), K_PER_SPLIT=k_per, num_warps=p["num_warps"],
-                num_stages=p["num_stages"])
+    return sg.make_config(N, K, **p)
 
 
 def main() -> int:
@@ -144,6 +140,8 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="bf16 at 0 and 50% only")
     ap.add_argument("--sweep", action="store_true", help="search tile configs on the main shapes at 50%")
     ap.add_argument("--out", default="examples/results/kernels_h100.md")
+    ap.add_argument("--sweep-shapes", default="q/o 4096x4096,gate/up 14336x4096,down 4096x14336")
+    ap.add_argument("--sweep-batch", type=int, default=1)
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("bench_kernels needs a CUDA GPU", file=sys.stderr)
@@ -154,19 +152,22 @@ def main() -> int:
     print(f"{props.name}: read bandwidth {bw / 1e12:.2f} TB/s, L2 {l2 / 2**20:.0f} MiB", flush=True)
 
     if args.sweep:
-        for name in ("q/o 4096x4096", "gate/up 14336x4096", "down 4096x14336"):
+        for name in args.sweep_shapes.split(","):
             N, K = SHAPES[name]
             res = []
             for p in SWEEP:
-                cfg = sweep_config(N, K, 1, p)
+                if args.sweep_batch > 1 and not p["use_dot"]:
+                    continue
+                cfg = sweep_config(N, K, args.sweep_batch, p)
                 try:
-                    r = bench_shape(N, K, 1, 0.5, torch.bfloat16, bw, l2, config=cfg, calls=16)
+                    r = bench_shape(N, K, args.sweep_batch, 0.5, torch.bfloat16, bw, l2, config=cfg, calls=16)
                 except Exception as e:  # a config Triton cannot build
                     continue
                 res.append((r["us"], p, cfg, r["err"]))
             res.sort(key=lambda z: z[0])
-            print(f"sweep {name} @50% bf16, best 5:", flush=True)
-            for us, p, cfg, err in res[:5]:
+            print(f"sweep {name} M={args.sweep_batch} @50% bf16 ({len(res)} configs), best 6:", flush=True)
+            best_dot = [z for z in res if z[1]["use_dot"]][:2]
+            for us, p, cfg, err in res[:6] + best_dot:
                 print(f"   {us:7.2f} us  {p}  split={cfg['SPLIT_K']} err={err:.1e}", flush=True)
 
     dtypes = [torch.bfloat16] if args.quick else [torch.bfloat16, torch.float16]

@@ -6,15 +6,17 @@ benchmark in examples/bench_kernels.py, the performance notes in NOTES.md).
 Layout: with W column-major (strides (1, N)), input k's weights are one contiguous row of N values, so a zero
 x[k] skips one contiguous stretch of memory. The kernel takes W's strides, so a row-major W also works (slowly).
 
-Parallelism (split-K without a memset): the grid is (N tiles) x (K splits). Each program reduces its K range into
-an fp32 partial tile, stores it to a workspace and bumps a per-N-tile counter; the program that arrives last sums
-the partials in a fixed order (deterministic), adds the bias, writes y in its dtype, and resets the counter to 0
-for the next launch. So there is one launch, no output-zeroing memset, and no atomics on the output.
+Parallelism (split-K without a memset): the grid is (N tiles) x (K splits), programs are short (a few [BK, BN]
+tiles each). Each adds its fp32 partial into a workspace with atomics and bumps a per-N-tile counter; the program
+that arrives last reads the sum back and zeroes the workspace, adds the bias, writes y in
+its dtype and resets the counter. So: one launch, no output-zeroing memset, the epilogue cost independent of the
+split (NOTES.md, v3). The fp32 sum order varies between runs (not bit-reproducible).
 Rows: every row keeps its own mask; a weight row is read once if any row needs it.
 """
 from __future__ import annotations
 
 import functools
+import os
 from typing import Optional
 
 import torch
@@ -35,7 +37,7 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 def reference_sparse_gemv(x: Tensor, weight: Tensor, bias: Optional[Tensor], threshold: float) -> Tensor:
     """float64 reference of what the kernel computes (x: [M, K], weight: [N, K])."""
     x64 = x.double()
-    y = torch.where(x64.abs() > threshold, x64, 0.0) @ weight.double().t()
+    y = torch.where(x.abs().float() > threshold, x64, 0.0) @ weight.double().t()
     return y + bias.double() if bias is not None else y
 
 
@@ -48,6 +50,8 @@ if HAS_TRITON:
         stride_xm, stride_wn, stride_wk, stride_ym,
         K_PER_SPLIT,
         SPLIT_K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, HAS_BIAS: tl.constexpr,
+        USE_DOT: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+        EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
     ):
         pn = tl.program_id(0)
         pk = tl.program_id(1)
@@ -57,23 +61,49 @@ if HAS_TRITON:
         m_ok = offs_m < M
         k_lo = pk * K_PER_SPLIT
         k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
-        for k0 in range(k_lo, k_hi, BK):
-            offs_k = k0 + tl.arange(0, BK)
-            k_ok = offs_k < k_hi
-            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-            keep = tl.abs(x.to(tl.float32)) > threshold
-            xs = tl.where(keep, x.to(tl.float32), 0.0)
-            row_needed = tl.max(keep.to(tl.int32), axis=0) > 0  # any row of x needs weight row k
-            w = tl.load(
-                w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
-                mask=row_needed[:, None] & n_ok[None, :],
-                other=0.0,
-            ).to(tl.float32)
-            if BM == 1:
-                acc += tl.sum(tl.reshape(xs, (BK, 1)) * w, axis=0)[None, :]
-            else:
-                acc += tl.sum(xs[:, :, None] * w[None, :, :], axis=1)
+        if USE_DOT:
+            # rows padded to BM >= 16: a skinny matmul on tensor cores, weight rows masked by "any row needs it"
+            acc = tl.zeros((BM, BN), dtype=tl.float32)
+            for k0 in range(k_lo, k_hi, BK):
+                offs_k = k0 + tl.arange(0, BK)
+                k_ok = offs_k < k_hi
+                x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                            mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+                keep = tl.abs(x.to(tl.float32)) > threshold
+                xs = tl.where(keep, x, 0.0)
+                need = tl.max(keep.to(tl.int32), axis=0) > 0
+                if EVEN_N:
+                    w_mask = need[:, None]
+                else:
+                    w_mask = need[:, None] & n_ok[None, :]
+                w = tl.load(w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
+                            mask=w_mask, other=0.0, eviction_policy="evict_first")
+                if UPCAST:  # the CPU interpreter mis-computes bf16 dots; the GPU never takes this branch
+                    acc = tl.dot(xs.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+                elif IEEE:
+                    acc = tl.dot(xs, w, acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(xs, w, acc)
+        else:
+            # one row: FMAs into a [BK, BN] accumulator, a single reduction over K after the loop
+            acc2 = tl.zeros((BK, BN), dtype=tl.float32)
+            for k0 in range(k_lo, k_hi, BK):
+                offs_k = k0 + tl.arange(0, BK)
+                k_ok = offs_k < k_hi
+                if EVEN_K:
+                    x = tl.load(x_ptr + offs_k).to(tl.float32)
+                else:
+                    x = tl.load(x_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+                keep = tl.abs(x) > threshold
+                # the mask must be constant along N for 16-byte loads: no N bound check when tiles divide N
+                if EVEN_N:
+                    w_mask = keep[:, None]
+                else:
+                    w_mask = keep[:, None] & n_ok[None, :]
+                w = tl.load(w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
+                            mask=w_mask, other=0.0, eviction_policy="evict_first")
+                acc2 += tl.where(keep, x, 0.0)[:, None] * w.to(tl.float32)
+            acc = tl.reshape(tl.sum(acc2, axis=0), (1, BN))
 
         y_offs = offs_m[:, None] * stride_ym + offs_n[None, :]
         y_mask = m_ok[:, None] & n_ok[None, :]
@@ -82,15 +112,17 @@ if HAS_TRITON:
                 acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
             tl.store(y_ptr + y_offs, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
         else:
-            ws_offs = (pk * BM + offs_m[:, None]) * N + offs_n[None, :]
-            tl.store(ws_ptr + ws_offs, acc, mask=y_mask)
+            # partials meet in an fp32 workspace (zero between launches); the last program of this N tile to
+            # arrive reads it back (an atomic read, at L2 where the partials landed), zeroes it for the next
+            # launch, adds the bias and writes y.
+            ws_offs = offs_m[:, None] * N + offs_n[None, :]
+            tl.atomic_add(ws_ptr + ws_offs, acc, mask=y_mask, sem="relaxed")
             tl.debug_barrier()
             arrived = tl.atomic_add(cnt_ptr + pn, 1, sem="acq_rel")
             if arrived == SPLIT_K - 1:
-                total = tl.zeros((BM, BN), dtype=tl.float32)
-                for s in range(0, SPLIT_K):
-                    total += tl.load(ws_ptr + (s * BM + offs_m[:, None]) * N + offs_n[None, :], mask=y_mask,
-                                     other=0.0, cache_modifier=".cg")
+                zero = tl.zeros((BM, BN), dtype=tl.float32)
+                total = tl.atomic_add(ws_ptr + ws_offs, zero, mask=y_mask, sem="relaxed")
+                tl.store(ws_ptr + ws_offs, zero, mask=y_mask)
                 if HAS_BIAS:
                     total += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
                 tl.store(y_ptr + y_offs, total.to(y_ptr.dtype.element_ty), mask=y_mask)
@@ -106,20 +138,28 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+def make_config(N: int, K: int, *, BN: int, BK: int, iters: int, use_dot: bool, num_warps: int = 4,
+                num_stages: int = 2) -> dict:
+    """A launch config: [BK, BN] tiles, each program reducing ``iters`` of them along K (so K is split in
+    ceil(K / (BK * iters)) parts)."""
+    BN = min(BN, max(16, _next_pow2(N)))
+    k_per = BK * iters
+    return dict(BN=BN, BK=BK, SPLIT_K=-(-K // k_per), K_PER_SPLIT=k_per, USE_DOT=use_dot,
+                num_warps=num_warps, num_stages=num_stages)
+
+
 def choose_config(M: int, N: int, K: int, device: torch.device) -> dict:
-    """Tile sizes and split-K for a shape: enough programs to fill the GPU several times over."""
-    BN = 256 if N >= 2048 else max(32, _next_pow2(min(N, 256)))
-    BK = 64 if M <= 2 else 32
-    sms = _sm_count(device.index or 0) if device.type == "cuda" else 4
+    """Tile sizes and split-K for a shape (from the sweeps in NOTES.md)."""
+    BN, BK = 128, 64
     n_tiles = -(-N // BN)
-    split = max(1, min(-(-K // BK), round(4 * sms / n_tiles)))
-    k_per = -(-(-(-K // split)) // BK) * BK
-    split = -(-K // k_per)
-    return dict(BN=BN, BK=BK, SPLIT_K=split, K_PER_SPLIT=k_per, num_warps=4)
+    # some 500-900 programs did best in the v3 sweeps (NOTES.md): 4 to 8 tiles per program on the big shapes
+    iters = max(1, min(8, round(K * n_tiles / (BK * 640))))
+    return make_config(N, K, BN=BN, BK=BK, iters=iters, use_dot=M > 1, num_warps=4, num_stages=2 if M == 1 else 3)
 
 
 class _Workspace:
-    """Per-device scratch: fp32 partials and self-resetting arrival counters (zeroed once, at allocation)."""
+    """Per-device scratch: the fp32 accumulator and the arrival counters, zeroed once at allocation and left zero
+    by every launch. Launches on one stream are ordered, so they can share it (not launches on parallel streams)."""
 
     def __init__(self) -> None:
         self.bufs: dict = {}
@@ -128,7 +168,7 @@ class _Workspace:
         key = (device, "ws")
         ws = self.bufs.get(key)
         if ws is None or ws.numel() < partials:
-            ws = torch.empty(max(partials, 1 << 20), dtype=torch.float32, device=device)
+            ws = torch.zeros(max(partials, 1 << 20), dtype=torch.float32, device=device)
             self.bufs[key] = ws
         ckey = (device, "cnt")
         cnt = self.bufs.get(ckey)
@@ -168,10 +208,12 @@ def sparse_gemv(x: Tensor, weight: Tensor, bias: Optional[Tensor], threshold: fl
     if not 1 <= M <= MAX_ROWS:
         raise ValueError(f"sparse_gemv takes 1 to {MAX_ROWS} rows, got {M}")
     cfg = dict(config) if config else choose_config(M, N, K, x.device)
-    BM = _next_pow2(M)
+    BM = max(16, _next_pow2(M)) if cfg["USE_DOT"] else 1
+    if BM == 1 and M != 1:
+        raise ValueError("the vector variant takes one row; use USE_DOT for batches")
     y = out if out is not None else torch.empty((M, N), dtype=x.dtype, device=x.device)
     n_tiles = -(-N // cfg["BN"])
-    ws, cnt = _WORKSPACE.get(x.device, cfg["SPLIT_K"] * BM * N, n_tiles)
+    ws, cnt = _WORKSPACE.get(x.device, BM * N, n_tiles)
     grid = (n_tiles, cfg["SPLIT_K"])
     _sparse_gemv_kernel[grid](
         x2, weight, bias if bias is not None else x2, y, ws, cnt,
@@ -179,6 +221,9 @@ def sparse_gemv(x: Tensor, weight: Tensor, bias: Optional[Tensor], threshold: fl
         x2.stride(0), weight.stride(0), weight.stride(1), y.stride(0),
         cfg["K_PER_SPLIT"],
         SPLIT_K=cfg["SPLIT_K"], BM=BM, BN=cfg["BN"], BK=cfg["BK"], HAS_BIAS=bias is not None,
+        USE_DOT=cfg["USE_DOT"], IEEE=x.dtype == torch.float32,
+        UPCAST=x.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1",
+        EVEN_N=N % cfg["BN"] == 0, EVEN_K=K % cfg["K_PER_SPLIT"] == 0,
         num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2),
     )
     return y.reshape(*x.shape[:-1], N)

@@ -24,9 +24,14 @@ from torch import Tensor
 __all__ = ["sparse_linear", "reference_sparse_linear", "sparsify"]
 
 
+def keep_mask(x: Tensor, threshold: float) -> Tensor:
+    """1[|x| > t], compared in float32 whatever the dtype of x (the kernels compare the same way)."""
+    return x.abs().float() > threshold
+
+
 def sparsify(x: Tensor, threshold: float) -> Tensor:
     """Zero the entries of ``x`` whose magnitude is at most ``threshold`` (TEAL's magnitude mask)."""
-    return torch.where(x.abs() > threshold, x, torch.zeros((), dtype=x.dtype, device=x.device))
+    return torch.where(keep_mask(x, threshold), x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
 def _sparse_token_mask_start(x: Tensor, prefill_sparse_from: float) -> int:
@@ -82,7 +87,7 @@ def _backward(ctx, grad_out: Tensor):
     """Straight-through the mask: gradients flow only to the kept inputs (the mask itself is not learned)."""
     x, weight = ctx.saved_tensors
     start = _sparse_token_mask_start(x, ctx.prefill_sparse_from)
-    keep = x.abs() > ctx.threshold
+    keep = keep_mask(x, ctx.threshold)
     if x.dim() >= 3 and start > 0:
         keep[..., :start, :] = True
     x_used = torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device))

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from teal_fx.kernels.sparse_linear import sparsify
 from teal_fx.passes.dataflow import dataflow_graph, is_linear, linear_args
 from teal_fx.passes.label_block_linears import MatchedLinear
 
@@ -37,7 +38,7 @@ class ThresholdedLinear(nn.Module):
     def forward(self, x, weight, bias=None):
         t = self.thresholds.get(self.key, 0.0)
         if t > 0:
-            x = torch.where(x.abs() > t, x, torch.zeros((), dtype=x.dtype, device=x.device))
+            x = sparsify(x, t)
         return F.linear(x, weight, bias)
 
 

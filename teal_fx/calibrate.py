@@ -150,7 +150,7 @@ class _RecordingInterpreter(fx.Interpreter):
                 self.histograms[k] = self.histograms[k].merge(h) if k in self.histograms else h
         counts = self.state_counts
         if keys and counts is not None:
-            a = out.detach().abs()
+            a = out.detach().abs().float()
             for k in keys:
                 if k in counts:
                     counts[k][0] += int((a <= counts[k][2]).sum())

@@ -60,7 +60,7 @@ def masked_inputs(model, plan, sparse_from: float = 0.0):
             def hook(mod, args, t=t):
                 x = args[0]
                 start = 0 if x.dim() < 3 or x.shape[-2] == 1 else int(-(-sparse_from * x.shape[-2] // 1))
-                keep = x.abs() > t
+                keep = x.abs().float() > t
                 if start:
                     keep[..., :start, :] = True
                 return (torch.where(keep, x, torch.zeros((), dtype=x.dtype)),) + tuple(args[1:])

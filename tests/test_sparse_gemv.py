@@ -47,14 +47,14 @@ def test_matches_float64(M, N, K, dtype, t, bias, seed):
     assert run(M, N, K, dtype, t, bias, seed=seed) <= TOL[dtype]
 
 
-@pytest.mark.parametrize("split", [1, 3])
-@pytest.mark.parametrize("M", [1, 5])
-def test_split_k_paths(split, M):
-    K = 96
-    cfg = dict(BN=32, BK=16, SPLIT_K=split, K_PER_SPLIT=-(-K // split + 15) // 16 * 16)
-    cfg["SPLIT_K"] = -(-K // cfg["K_PER_SPLIT"])
+@pytest.mark.parametrize("N,K", [(40, 96), (64, 96), (64, 100)])  # ragged and even tiles (EVEN_N / EVEN_K paths)
+@pytest.mark.parametrize("iters", [6, 1])
+@pytest.mark.parametrize("M,use_dot", [(1, False), (1, True), (5, True)])
+def test_split_k_and_variants(N, K, iters, M, use_dot):
+    cfg = sg.make_config(N, K, BN=32, BK=16, iters=iters, use_dot=use_dot)
+    assert cfg["SPLIT_K"] == -(-K // (16 * iters))
     for rep in range(2):  # the second launch checks that the arrival counters were reset
-        assert run(M, 40, K, torch.float32, 0.4, True, config=cfg, seed=rep) <= 1e-5
+        assert run(M, N, K, torch.float32, 0.4, True, config=cfg, seed=rep) <= 1e-5
 
 
 def test_row_major_weight_still_correct():

@@ -8,7 +8,7 @@ from teal_fx.kernels import reference_sparse_linear, sparse_linear
 
 def _ref64(x, w, b, t, start):
     x64 = x.double()
-    keep = x64.abs() > t
+    keep = x.abs().float() > t
     if x.dim() >= 3 and start:
         keep[..., :start, :] = True
     y = torch.where(keep, x64, 0.0) @ w.double().t()
