@@ -152,8 +152,9 @@ def choose_config(M: int, N: int, K: int, device: torch.device) -> dict:
     """Tile sizes and split-K for a shape (from the sweeps in NOTES.md)."""
     BN, BK = 128, 64
     n_tiles = -(-N // BN)
-    # some 500-900 programs did best in the v3 sweeps (NOTES.md): 4 to 8 tiles per program on the big shapes
-    iters = max(1, min(8, round(K * n_tiles / (BK * 640))))
+    # about 450-500 programs did best in the v3 sweeps on the H100 (NOTES.md): 16 tiles per program on the MLP
+    # shapes, 4 on 4096x4096, 2 on the small k/v projections
+    iters = max(2, min(16, round(K * n_tiles / (BK * 480))))
     return make_config(N, K, BN=BN, BK=BK, iters=iters, use_dot=M > 1, num_warps=4, num_stages=2 if M == 1 else 3)
 
 
