@@ -125,9 +125,9 @@ def bench_block(sparsity: float, dtype, bw: float, l2: int, layers: int = 4) -> 
 
 
 SWEEP = [
-    dict(BN=bn, BK=bk, iters=it, use_dot=False, num_warps=nw, num_stages=2)
-    for bn in (128, 512, 1024, 2048) for bk in (4, 8, 16, 64) for it in (4, 16, 32) for nw in (4, 8)
-    if 2048 <= bn * bk <= 16384
+    dict(BN=bn, BK=bk, iters=it, use_dot=False, num_warps=nw, num_stages=ns, prefetch=pf)
+    for bn, bk in ((128, 64), (512, 16), (256, 32)) for it in (4, 8, 16) for nw in (4, 8) for ns in (1, 2)
+    for pf in (False, True)
 ]
 
 

@@ -51,7 +51,7 @@ if HAS_TRITON:
         K_PER_SPLIT,
         SPLIT_K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, HAS_BIAS: tl.constexpr,
         USE_DOT: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-        EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
+        EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, PREFETCH: tl.constexpr,
     ):
         pn = tl.program_id(0)
         pk = tl.program_id(1)
@@ -85,15 +85,17 @@ if HAS_TRITON:
                 else:
                     acc = tl.dot(xs, w, acc)
         else:
-            # one row: FMAs into a [BK, BN] accumulator, a single reduction over K after the loop
+            # one row: FMAs into a [BK, BN] accumulator, a single reduction over K after the loop. With PREFETCH the
+            # next chunk of x is requested before this chunk's weights are used, so the x -> mask -> weight-load
+            # latency chain does not serialise the iterations.
             acc2 = tl.zeros((BK, BN), dtype=tl.float32)
+            offs_k = k_lo + tl.arange(0, BK)
+            if EVEN_K:
+                x = tl.load(x_ptr + offs_k).to(tl.float32)
+            else:
+                x = tl.load(x_ptr + offs_k, mask=offs_k < k_hi, other=0.0).to(tl.float32)
             for k0 in range(k_lo, k_hi, BK):
                 offs_k = k0 + tl.arange(0, BK)
-                k_ok = offs_k < k_hi
-                if EVEN_K:
-                    x = tl.load(x_ptr + offs_k).to(tl.float32)
-                else:
-                    x = tl.load(x_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)
                 keep = tl.abs(x) > threshold
                 # the mask must be constant along N for 16-byte loads: no N bound check when tiles divide N
                 if EVEN_N:
@@ -102,7 +104,14 @@ if HAS_TRITON:
                     w_mask = keep[:, None] & n_ok[None, :]
                 w = tl.load(w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
                             mask=w_mask, other=0.0, eviction_policy="evict_first")
+                nxt = offs_k + BK
+                if PREFETCH:
+                    x_next = tl.load(x_ptr + nxt, mask=nxt < k_hi, other=0.0).to(tl.float32)
                 acc2 += tl.where(keep, x, 0.0)[:, None] * w.to(tl.float32)
+                if PREFETCH:
+                    x = x_next
+                else:
+                    x = tl.load(x_ptr + nxt, mask=nxt < k_hi, other=0.0).to(tl.float32)
             acc = tl.reshape(tl.sum(acc2, axis=0), (1, BN))
 
         y_offs = offs_m[:, None] * stride_ym + offs_n[None, :]
@@ -139,13 +148,13 @@ def _sm_count(device_index: int) -> int:
 
 
 def make_config(N: int, K: int, *, BN: int, BK: int, iters: int, use_dot: bool, num_warps: int = 4,
-                num_stages: int = 2) -> dict:
+                num_stages: int = 2, prefetch: bool = True) -> dict:
     """A launch config: [BK, BN] tiles, each program reducing ``iters`` of them along K (so K is split in
     ceil(K / (BK * iters)) parts)."""
     BN = min(BN, max(16, _next_pow2(N)))
     k_per = BK * iters
     return dict(BN=BN, BK=BK, SPLIT_K=-(-K // k_per), K_PER_SPLIT=k_per, USE_DOT=use_dot,
-                num_warps=num_warps, num_stages=num_stages)
+                num_warps=num_warps, num_stages=num_stages, PREFETCH=prefetch)
 
 
 def choose_config(M: int, N: int, K: int, device: torch.device) -> dict:
@@ -160,26 +169,37 @@ def choose_config(M: int, N: int, K: int, device: torch.device) -> dict:
 
 class _Workspace:
     """Per-device scratch: the fp32 accumulator and the arrival counters, zeroed once at allocation and left zero
-    by every launch. Launches on one stream are ordered, so they can share it (not launches on parallel streams)."""
+    by every launch. Launches on one stream are ordered, so they can share it (not launches on parallel streams).
+
+    It must exist before any CUDA graph is captured (a first allocation during a cudagraph-tree warm-up would land
+    in the graph's private pool): the teal backend reserves it at compile time with ``reserve_workspace``.
+    """
 
     def __init__(self) -> None:
         self.bufs: dict = {}
 
-    def get(self, device: torch.device, partials: int, tiles: int) -> tuple[Tensor, Tensor]:
-        key = (device, "ws")
-        ws = self.bufs.get(key)
+    def reserve(self, device: torch.device, partials: int, tiles: int) -> None:
+        ws, cnt = self.bufs.get((device, "ws")), self.bufs.get((device, "cnt"))
         if ws is None or ws.numel() < partials:
-            ws = torch.zeros(max(partials, 1 << 20), dtype=torch.float32, device=device)
-            self.bufs[key] = ws
-        ckey = (device, "cnt")
-        cnt = self.bufs.get(ckey)
+            self.bufs[(device, "ws")] = torch.zeros(max(partials, 1 << 20), dtype=torch.float32, device=device)
         if cnt is None or cnt.numel() < tiles:
-            cnt = torch.zeros(max(tiles, 4096), dtype=torch.int32, device=device)
-            self.bufs[ckey] = cnt
-        return ws, cnt
+            self.bufs[(device, "cnt")] = torch.zeros(max(tiles, 1 << 14), dtype=torch.int32, device=device)
+
+    def get(self, device: torch.device, partials: int, tiles: int) -> tuple[Tensor, Tensor]:
+        ws, cnt = self.bufs.get((device, "ws")), self.bufs.get((device, "cnt"))
+        if ws is None or ws.numel() < partials or cnt is None or cnt.numel() < tiles:
+            if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError("teal sparse GEMV: call reserve_workspace() before capturing a CUDA graph")
+            self.reserve(device, partials, tiles)
+        return self.bufs[(device, "ws")], self.bufs[(device, "cnt")]
 
 
 _WORKSPACE = _Workspace()
+
+
+def reserve_workspace(device: torch.device, max_n: int) -> None:
+    """Allocate the scratch for launches with output width up to ``max_n`` (and up to 16 padded rows)."""
+    _WORKSPACE.reserve(torch.device(device), 16 * max_n, -(-max_n // 16) + 1)
 
 
 def supports(x: Tensor, weight: Tensor) -> bool:
@@ -224,7 +244,7 @@ def sparse_gemv(x: Tensor, weight: Tensor, bias: Optional[Tensor], threshold: fl
         SPLIT_K=cfg["SPLIT_K"], BM=BM, BN=cfg["BN"], BK=cfg["BK"], HAS_BIAS=bias is not None,
         USE_DOT=cfg["USE_DOT"], IEEE=x.dtype == torch.float32,
         UPCAST=x.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1",
-        EVEN_N=N % cfg["BN"] == 0, EVEN_K=K % cfg["K_PER_SPLIT"] == 0,
+        EVEN_N=N % cfg["BN"] == 0, EVEN_K=K % cfg["K_PER_SPLIT"] == 0, PREFETCH=cfg.get("PREFETCH", True),
         num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2),
     )
     return y.reshape(*x.shape[:-1], N)

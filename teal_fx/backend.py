@@ -129,6 +129,11 @@ def _plan_resolver(example_inputs: list, opts: TealOptions):
         weights = [w for w in weights if isinstance(w, torch.Tensor)]
         plan = plan_for_weights(weights) if opts.plan is None else opts.plan
         converted = sum(make_column_major_(w) for w in weights) if plan is not None else 0
+        cuda = [w for w in weights if w.is_cuda]
+        if plan is not None and cuda:
+            from teal_fx.kernels import sparse_gemv
+
+            sparse_gemv.reserve_workspace(cuda[0].device, max(w.shape[0] for w in cuda))
         if converted:
             log.info("teal: stored %d weights column-major in place; Dynamo recompiles once for the new strides", converted)
         if plan is None:
