@@ -15,9 +15,10 @@ from torch import Tensor, nn
 
 
 def _compiled(model: nn.Module, backend: str, mode: Optional[str], options: Optional[dict]):
-    """One compiled wrapper per (backend, mode, options), kept on the model so later calls reuse its graphs."""
+    """One compiled wrapper per (backend, mode, options, attached plan), kept on the model so later calls reuse its
+    graphs; attaching another plan gives a new wrapper, hence a recompile, never the old thresholds."""
     cache = model.__dict__.setdefault("_teal_compiled", {})
-    key = (backend, mode, repr(sorted((options or {}).items())))
+    key = (backend, mode, repr(sorted((options or {}).items())), id(getattr(model, "_teal_plan", None)))
     if key not in cache:
         kw = {"mode": mode} if mode else {}
         if options:
@@ -45,6 +46,21 @@ def sample_next(logits: Tensor, *, do_sample: bool, temperature: float, top_k: O
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def static_cache(model: nn.Module, batch: int, max_len: int):
+    """A StaticCache allocated now, outside any compiled region or CUDA graph pool (transformers otherwise
+    allocates it lazily inside the first compiled step)."""
+    from transformers import StaticCache
+
+    cfg = model.config
+    cache = StaticCache(config=cfg, max_cache_len=max_len)
+    if hasattr(cache, "early_initialization"):
+        heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        p = next(model.parameters())
+        cache.early_initialization(batch, heads, head_dim, p.dtype, p.device)
+    return cache
+
+
 @torch.no_grad()
 def generate(
     model: nn.Module,
@@ -68,8 +84,6 @@ def generate(
     ``streamer(tokens)`` is called with each step's tokens [B]. ``backend="none"`` runs the model uncompiled.
     Returns [B, S + generated] token ids.
     """
-    from transformers import StaticCache
-
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
     if max_new_tokens < 1:
@@ -82,7 +96,7 @@ def generate(
         eos_token_id = eos[0] if isinstance(eos, (list, tuple)) else eos
 
     run = _compiled(model, backend, mode, options)
-    cache = StaticCache(config=model.config, max_cache_len=prompt + max_new_tokens)
+    cache = static_cache(model, batch, prompt + max_new_tokens)
     position = torch.arange(prompt, device=device)
     logits = run(input_ids=input_ids, past_key_values=cache, cache_position=position, use_cache=True).logits[:, -1]
     out = [input_ids]

@@ -6,7 +6,7 @@ import torch
 
 import teal_fx
 from teal_fx.plan import Plan, PlanError
-from tests.conftest import tiny_model
+from tests.conftest import masked_inputs, tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -85,3 +85,20 @@ def test_bad_thresholds(llama_linears):
         Plan.from_thresholds(llama_linears, float("nan"))
     with pytest.raises(PlanError, match="no threshold"):
         Plan.from_thresholds(llama_linears, {})
+
+
+def test_recompiling_with_another_plan_is_not_served_from_the_old_graph():
+    """Two torch.compile calls on one model with different plans: Dynamo must not reuse the first graph."""
+    model = tiny_model("llama")
+    found = teal_fx.find_linears(model)
+    ids = torch.tensor([[7]])
+    outs = []
+    for t in (0.0, 0.8, 0.0):
+        plan = Plan.from_thresholds(found, t)
+        compiled = torch.compile(model, backend="teal", options={"plan": plan, "compiler": "eager"})
+        with torch.no_grad():
+            outs.append(compiled(ids, use_cache=False).logits)
+        with torch.no_grad(), masked_inputs(model, plan):
+            torch.testing.assert_close(outs[-1], model(ids, use_cache=False).logits)
+    assert not torch.allclose(outs[0], outs[1])
+    torch.testing.assert_close(outs[0], outs[2])
