@@ -36,9 +36,15 @@ def attach_plan(model: nn.Module, plan: PlanLike, *, check: bool = True) -> Plan
     """Attach ``plan`` to ``model`` so that ``torch.compile(model, backend="teal")`` uses it.
 
     With ``check`` the model's graph is captured and the plan must fit it exactly (same keys, same shapes).
-    Compiled code that already exists is not recompiled: call ``torch.compiler.reset()`` to change plans.
+    Compiled graphs bake thresholds in, and Dynamo would serve a model's old graphs to a new
+    ``torch.compile(model, backend="teal")`` with the same options; so replacing a plan already attached to this
+    model resets torch.compile's caches (everything recompiles on its next call), never leaving old thresholds.
     """
     plan = as_plan(plan)
+    previous = getattr(model, "_teal_plan", None)
+    if previous is not None and previous is not plan:
+        warnings.warn("teal: replacing the plan attached to this model: resetting torch.compile caches", stacklevel=2)
+        torch.compiler.reset()
     if check:
         from teal_fx.capture import find_linears
 

@@ -15,16 +15,22 @@ from torch import Tensor, nn
 
 
 def _compiled(model: nn.Module, backend: str, mode: Optional[str], options: Optional[dict]):
-    """One compiled wrapper per (backend, mode, options, attached plan), kept on the model so later calls reuse its
-    graphs; attaching another plan gives a new wrapper, hence a recompile, never the old thresholds."""
+    """One compiled wrapper per (backend, mode, options), kept on the model so later calls reuse its graphs.
+
+    The entry remembers the plan attached when it was made (a reference, not an id: ids of freed plans are
+    reused); attaching another plan gives a new wrapper, hence a recompile, never the old thresholds.
+    """
     cache = model.__dict__.setdefault("_teal_compiled", {})
-    key = (backend, mode, repr(sorted((options or {}).items())), id(getattr(model, "_teal_plan", None)))
-    if key not in cache:
+    key = (backend, mode, repr(sorted((options or {}).items())))
+    plan = getattr(model, "_teal_plan", None)
+    entry = cache.get(key)
+    if entry is None or entry[0] is not plan:
         kw = {"mode": mode} if mode else {}
         if options:
             kw = {"options": {**options, **({"mode": mode} if mode and backend == "teal" else {})}}
-        cache[key] = torch.compile(model, backend=backend, dynamic=False, **kw) if backend != "none" else model
-    return cache[key]
+        wrapper = torch.compile(model, backend=backend, dynamic=False, **kw) if backend != "none" else model
+        entry = cache[key] = (plan, wrapper)
+    return entry[1]
 
 
 def sample_next(logits: Tensor, *, do_sample: bool, temperature: float, top_k: Optional[int], top_p: Optional[float],
