@@ -27,6 +27,9 @@ log = logging.getLogger("teal_fx")
 
 INNER_COMPILERS = ("inductor", "aot_eager", "eager")
 
+# how many graphs the backend has rewritten (callers that must not silently run uncompiled check that it moved)
+REWRITTEN_GRAPHS = [0]
+
 # weight tensor -> the plan attached to the model that owns it. Dynamo hands the backend the parameters
 # themselves as example inputs, which is how a bare torch.compile(model, backend="teal") finds its plan.
 _PLAN_BY_WEIGHT: "WeakIdKeyDictionary" = WeakIdKeyDictionary()
@@ -173,6 +176,8 @@ def teal_backend(gm: fx.GraphModule, example_inputs: list, options: Optional[dic
     opts = TealOptions.parse(options, mode)
     ctx = PassContext(plan_resolver=_plan_resolver(example_inputs, opts), dump_dir=opts.dump)
     gm = run_passes(gm, ctx)
+    if ctx.rewritten:
+        REWRITTEN_GRAPHS[0] += 1
     summary = ctx.discovery.summary()
     disc = ctx.discovery
     unplaced = [k for k, why in disc.unmatched if "output projection" not in why]

@@ -78,8 +78,13 @@ def evaluate_perplexity(
         run = torch.compile(model, backend="teal", options={"plan": plan, "compiler": compiler}, dynamic=False)
     else:
         run = model
+    from teal_fx.backend import REWRITTEN_GRAPHS
+
+    rewritten_before = REWRITTEN_GRAPHS[0]
     nll, count = 0.0, 0
-    with torch.no_grad():
+    # every evaluation compiles the model anew (new options): keep Dynamo's recompile limit from silently
+    # running it uncompiled, i.e. dense
+    with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=4096, accumulated_recompile_limit=65536):
         for i in tqdm(range(0, len(windows), batch_size), desc="teal: perplexity", disable=not progress):
             batch = windows[i : i + batch_size].to(device)
             logits = run(input_ids=batch, use_cache=False, logits_to_keep=half + 1).logits[:, :-1]
@@ -87,6 +92,9 @@ def evaluate_perplexity(
             loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
             nll += float(loss)
             count += targets.numel()
+    if plan is not None and REWRITTEN_GRAPHS[0] == rewritten_before:
+        raise RuntimeError("the model was not compiled through the teal backend (Dynamo fell back to eager?): "
+                           "refusing to report a dense perplexity as a sparse one")
     mean = nll / count
     return PerplexityResult(
         perplexity=math.exp(mean),
