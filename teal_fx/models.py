@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 from typing import Optional, Union
 
@@ -25,23 +26,58 @@ def smollm2_gguf_path() -> Path:
 def load_model(
     name_or_path: Union[str, Path] = SMOLLM2, *, dtype: torch.dtype = torch.float32, device: str = "cpu"
 ):
-    """(model, tokenizer) for ``smollm2``, a ``.gguf`` file, or a local Hugging Face model folder."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """(model, tokenizer) for ``smollm2``, a ``.gguf`` file, or a local Hugging Face model folder.
 
+    A GGUF file is de-quantised once and cached as a model folder (``$TEAL_FX_CACHE``, default
+    ``~/.cache/teal_fx``), so later loads take seconds.
+    """
     path = smollm2_gguf_path() if str(name_or_path) == SMOLLM2 else Path(name_or_path)
     if path.suffix == ".gguf":
-        if importlib.util.find_spec("gguf") is None:
-            raise ImportError("loading a GGUF file needs the 'gguf' package: pip install 'teal-fx[gguf]'")
-        kw = dict(gguf_file=path.name)
-        tok = AutoTokenizer.from_pretrained(str(path.parent), **kw)
-        model = AutoModelForCausalLM.from_pretrained(str(path.parent), dtype=dtype, **kw)
+        folder = _gguf_cache_dir(path, dtype)
+        if not (folder / "config.json").is_file():
+            _dequantise_gguf(path, dtype, folder)
     elif path.is_dir():
-        tok = AutoTokenizer.from_pretrained(str(path))
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+        folder = path
     else:
         raise FileNotFoundError(f"{name_or_path}: not 'smollm2', a .gguf file, or a model folder")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
     model.name_or_path = str(name_or_path)
     return model.to(device).eval(), tok
+
+
+def _dequantise_gguf(path: Path, dtype: torch.dtype, folder: Path) -> None:
+    if importlib.util.find_spec("gguf") is None:
+        raise ImportError("loading a GGUF file needs the 'gguf' package: pip install 'teal-fx[gguf]'")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
+    import json
+    import shutil
+
+    from safetensors.torch import save_model
+
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    # save_pretrained refuses GGUF-loaded models: write the de-quantised tensors and a plain config ourselves
+    save_model(model, str(tmp / "model.safetensors"))
+    cfg = model.config.to_dict()
+    cfg.pop("quantization_config", None)
+    (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+    tok.save_pretrained(tmp)
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.replace(folder)  # complete or absent, never half-written
+
+
+def _gguf_cache_dir(path: Path, dtype: torch.dtype) -> Path:
+    root = Path(os.environ.get("TEAL_FX_CACHE", Path.home() / ".cache" / "teal_fx"))
+    root.mkdir(parents=True, exist_ok=True)
+    st = path.stat()
+    return root / f"{path.stem}-{st.st_size}-{str(dtype).split('.')[-1]}"
 
 
 def model_name(model) -> str:

@@ -1,0 +1,123 @@
+"""Calibration: quantiles, the greedy allocator, plan re-derivation, bad data."""
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import teal_fx
+from teal_fx.allocate import block_sparsity, greedy_path, row_at
+from teal_fx.histogram import AbsHistogram, CalibrationDataError
+from teal_fx.plan import Plan, PlanError
+from tests.conftest import tiny_model
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(200, 5000), scale=st.floats(1e-3, 1e3), laplace=st.booleans(), p=st.floats(0.05, 0.95),
+       seed=st.integers(0, 10_000))
+def test_quantile_matches_exact_sorting(n, scale, laplace, p, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, generator=g) * scale
+    if laplace:
+        x = torch.distributions.Laplace(0.0, scale).sample((n,))
+    h = AbsHistogram()
+    for chunk in x.split(97):
+        h.add(chunk)
+    t = h.quantile(p)
+    exact = torch.sort(x.abs()).values
+    # the fraction actually at or below t is within one bin's worth of p (bins are 1.1% wide in value)
+    frac = float((x.abs() <= t).float().mean())
+    lo = float((x.abs() <= t / 1.011).float().mean())
+    hi = float((x.abs() <= t * 1.011).float().mean())
+    assert lo - 1.5 / n <= p <= hi + 1.5 / n, (p, frac)
+    assert abs(h.fraction_at_or_below(t) - p) < 1e-6 + 1.0 / n
+    assert exact[0] <= t <= exact[-1] * 1.02
+
+
+def test_histogram_round_trip_and_errors():
+    h = AbsHistogram()
+    h.add(torch.tensor([0.0, 0.0, 1.0, 2.0, 3.0]))
+    assert h.quantile(0.4) == 0.0  # exact zeros sit in the underflow bin
+    back = AbsHistogram.from_json(h.to_json())
+    assert back.quantile(0.8) == h.quantile(0.8)
+    with pytest.raises(CalibrationDataError, match="NaN"):
+        h.add(torch.tensor([1.0, float("nan")]), name="q_proj")
+    with pytest.raises(CalibrationDataError, match="empty"):
+        AbsHistogram().quantile(0.5)
+
+
+def test_greedy_allocator_takes_the_cheapest_linear_first():
+    """Toy block: error = sum_k c_k * s_k^2 with known costs; equal sizes, so the order is by cost."""
+    cost = {"cheap": 0.1, "mid": 1.0, "dear": 10.0}
+    numel = {k: 100 for k in cost}
+    path = greedy_path(lambda row: sum(cost[k] * row[k] ** 2 for k in row), numel, step=0.05, max_sparsity=0.5)
+    assert path[0] == {k: 0.0 for k in cost}
+    first_moves = [next(k for k in cost if b[k] > a[k]) for a, b in zip(path, path[1:])][:3]
+    assert first_moves[0] == "cheap"
+    final = path[-1]
+    assert final["cheap"] > final["mid"] > final["dear"]
+    assert math.isclose(block_sparsity(final, numel), 0.5, abs_tol=0.06)
+    # steps are inversely proportional to size: a 4x larger linear moves 4x less per step
+    path2 = greedy_path(lambda row: 0.0, {"big": 400, "small": 100}, step=0.04, max_sparsity=0.1)
+    incs = {k: max(r[k] for r in path2[:3]) for k in ("big", "small")}
+    assert any(v > 0 for v in incs.values())
+
+
+def test_row_at_interpolates_and_refuses_beyond_the_path():
+    numel = {"a": 1, "b": 1}
+    path = [{"a": 0.0, "b": 0.0}, {"a": 0.4, "b": 0.0}, {"a": 0.4, "b": 0.4}]
+    assert row_at(path, numel, 0.1) == pytest.approx({"a": 0.2, "b": 0.0})
+    assert row_at(path, numel, 0.3) == pytest.approx({"a": 0.4, "b": 0.2})
+    with pytest.raises(PlanError, match="re-calibrate"):
+        row_at(path, numel, 0.5)
+
+
+@pytest.fixture(scope="module")
+def calibrated():
+    model = tiny_model("llama", layers=2)
+    data = torch.randint(3, 128, (6, 48))
+    plan = teal_fx.calibrate(model, data, sparsity=0.5, num_sequences=6, seq_len=48, step=0.05,
+                             max_sparsity=0.7, progress=False)
+    return model, plan
+
+
+def test_calibrated_plan_hits_its_targets(calibrated):
+    model, plan = calibrated
+    assert plan.method == "greedy" and math.isclose(plan.model_sparsity(), 0.5, abs_tol=1e-6)
+    held_out = torch.randint(3, 128, (4, 48))
+    real = teal_fx.realised_sparsity(model, plan, held_out, num_sequences=4, seq_len=48)
+    assert set(real) == set(plan.linears)
+    for k, v in real.items():
+        assert abs(v - plan.linears[k].sparsity) < 0.05, k  # random tiny model, 200 tokens: loose
+
+
+def test_plan_at_is_instant_and_round_trips(calibrated, tmp_path):
+    model, plan = calibrated
+    back = Plan.load(plan.save(tmp_path / "p.json"))
+    for s in (0.25, 0.4, 0.65):
+        a, b = plan.at(s), back.at(s)
+        assert math.isclose(a.model_sparsity(), s, abs_tol=1e-6)
+        assert {k: v.threshold for k, v in a.linears.items()} == pytest.approx({k: v.threshold for k, v in b.linears.items()})
+    u = plan.at(0.4, "uniform")
+    assert all(math.isclose(lp.sparsity, 0.4) for lp in u.linears.values())
+    with pytest.raises(PlanError, match="re-calibrate"):
+        plan.at(0.9)
+    assert teal_fx.find_linears(model) and model._teal_plan is plan
+
+
+def test_bad_calibration_data():
+    model = tiny_model("llama")
+    with pytest.raises(CalibrationDataError, match="too short"):
+        teal_fx.calibrate(model, torch.randint(3, 128, (5,)), progress=False)
+    with pytest.raises(CalibrationDataError, match="empty"):
+        teal_fx.calibrate(model, "   \n  ", tokenizer=object(), progress=False)
+    with pytest.raises(ValueError, match="tokenizer"):
+        teal_fx.calibrate(model, "some text that needs a tokenizer\nsecond line", progress=False)
+    with pytest.raises(ValueError, match="tokenizer"):
+        teal_fx.calibrate(model, None, progress=False)
+    with pytest.raises(TypeError):
+        teal_fx.calibrate(model, torch.randn(4, 32), progress=False)
+    with torch.no_grad():
+        model.model.layers[0].input_layernorm.weight.fill_(float("nan"))
+    with pytest.raises(CalibrationDataError, match="NaN"):
+        teal_fx.calibrate(model, torch.randint(3, 128, (2, 32)), num_sequences=2, seq_len=32, progress=False)
