@@ -3,9 +3,11 @@
     python examples/bench_decode.py [--new-tokens 256] [--sparsities 0.4,0.5] [--out examples/results/decode_h100.md]
 
 tokens/s of the lean loop (teal_fx.generate, static cache, decode step captured as a CUDA graph through
-mode="reduce-overhead") with Inductor dense and with the teal backend at each sparsity; thresholds are calibrated
-on the model's own activations (uniform). Decode speed = (T(256 new) - T(1 new)) / 255, so the prefill is excluded.
-The roofline is ANCHORS.md's 15.01 GB per token scaled by the read bandwidth measured in this run.
+mode="reduce-overhead") and of Hugging Face generate() (static cache, decode step compiled through the named backend)
+with Inductor dense and with the teal backend at each sparsity, batch 1 and 4; thresholds are calibrated on the
+model's own activations (uniform). Decode speed = (T(256 new) - T(1 new)) / 255, so the prefill is excluded.
+The roofline is ANCHORS.md's 15.01 GB per token scaled by the read bandwidth measured in this run. The table is
+rewritten after every row, so a run cut short keeps what it measured.
 """
 from __future__ import annotations
 
@@ -46,23 +48,45 @@ def build_model(layers: int):
     return model
 
 
-def decode_tok_s(model, ids, new_tokens: int, **kw) -> tuple[float, float]:
-    """(tokens/s of the decode steps, seconds of the first call incl. compilation)."""
-    t0 = time.perf_counter()
-    teal_fx.generate(model, ids, 4, eos_token_id=-1, **kw)  # compile + warm up CUDA graphs
+def timed(fn) -> float:
     torch.cuda.synchronize()
-    compile_s = time.perf_counter() - t0
-    times = {}
-    for n in (1, new_tokens):
-        best = float("inf")
-        for _ in range(2):
-            torch.cuda.synchronize()
-            t = time.perf_counter()
-            teal_fx.generate(model, ids, n, eos_token_id=-1, **kw)
-            torch.cuda.synchronize()
-            best = min(best, time.perf_counter() - t)
-        times[n] = best
-    return (new_tokens - 1) / (times[new_tokens] - times[1]), compile_s
+    t = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
+def decode_speed(run, new_tokens: int) -> tuple[float, float]:
+    """(tokens/s of the decode steps, seconds of the first call incl. compilation and CUDA-graph capture).
+
+    ``run(n)`` generates n tokens; decode speed = (n - 1) / (T(n) - T(1)), best of 2, so the prefill is excluded.
+    """
+    first = timed(lambda: run(4))
+    best = {n: min(timed(lambda: run(n)) for _ in range(2)) for n in (1, new_tokens)}
+    return (new_tokens - 1) / (best[new_tokens] - best[1]), first
+
+
+def lean(model, ids, backend: str, cache_len: int):
+    def run(n):
+        return teal_fx.generate(model, ids, n, eos_token_id=-1, backend=backend, mode="reduce-overhead",
+                                max_cache_len=cache_len)
+    return run
+
+
+def hf(model, ids, backend: str, cache_len: int):
+    """Hugging Face generate() with a static cache, its decode step compiled through ``backend``."""
+    from transformers import CompileConfig
+
+    from teal_fx.generate import static_cache
+
+    cache = static_cache(model, ids.shape[0], cache_len)  # one cache object: the CUDA graph keeps its address
+    cfg = CompileConfig(backend=backend, mode="reduce-overhead")
+
+    def run(n):
+        cache.reset()
+        return model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, past_key_values=cache,
+                              compile_config=cfg, pad_token_id=0)
+    return run
 
 
 def main() -> int:
@@ -70,7 +94,10 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=256)
-    ap.add_argument("--sparsities", default="0.4,0.5")
+    ap.add_argument("--sparsities", default="0.5,0.4,0")
+    ap.add_argument("--extra-sparsities", default="0.25,0.65", help="lean-loop points measured after HF generate()")
+    ap.add_argument("--hf-sparsities", default="0,0.4,0.5")
+    ap.add_argument("--batch4", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--out", default="examples/results/decode_h100.md")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -81,44 +108,106 @@ def main() -> int:
     roof = bw / WEIGHT_BYTES_PER_TOKEN
     print(f"{torch.cuda.get_device_name()}: read bandwidth {bw / 1e12:.2f} TB/s -> dense roofline {roof:.0f} tok/s", flush=True)
     model = build_model(args.layers)
-    ids = torch.randint(0, 128256, (1, args.prompt), device="cuda")
-    rows = []
+    vocab = model.config.vocab_size
+    ids = torch.randint(0, vocab, (1, args.prompt), device="cuda")
+    ids4 = torch.randint(0, vocab, (4, args.prompt), device="cuda")
+    cache_len = args.prompt + args.new_tokens
+    rows, notes = [], []
+    dense = {}
+    out = Path(args.out)
 
-    tok_s, comp = decode_tok_s(model, ids, args.new_tokens, backend="inductor", mode="reduce-overhead")
-    dense = tok_s
-    rows.append(("lean loop, Inductor dense", 1, tok_s, comp))
-    print(rows[-1], flush=True)
+    def add(name, batch, tok_s, first, peak=None):
+        base = dense.get("hf" if name.startswith("HF") else batch)
+        rows.append((name, batch, tok_s, first, peak, tok_s / base if base else 1.0))
+        print(rows[-1], flush=True)
+        write(out, args, bw, roof, rows, notes)
 
-    calib = torch.randint(0, 128256, (2, 256))
+    def peak_gib():
+        return torch.cuda.max_memory_allocated() / 2**30
+
+    torch.cuda.reset_peak_memory_stats()
+    t, first = decode_speed(lean(model, ids, "inductor", cache_len), args.new_tokens)
+    dense[1] = t
+    dense_tokens = teal_fx.generate(model, ids, 64, eos_token_id=-1, backend="inductor", mode="reduce-overhead",
+                                    max_cache_len=cache_len)
+    add("lean loop, Inductor dense", 1, t, first, peak_gib())
+    if args.batch4:
+        t, first = decode_speed(lean(model, ids4, "inductor", cache_len), args.new_tokens)
+        dense[4] = t
+        add("lean loop, Inductor dense", 4, t, first)
+
+    if args.hf_sparsities:  # before any plan is attached: the weights are still row-major, as users have them
+        torch.compiler.reset()
+        t, first = decode_speed(hf(model, ids, "inductor", cache_len), args.new_tokens)
+        dense["hf"] = t
+        add("HF generate(), Inductor dense", 1, t, first)
+
+    calib = torch.randint(0, vocab, (2, 256))
     plan = teal_fx.calibrate(model, calib, sparsity=0.5, method="uniform", num_sequences=2, seq_len=256, progress=False)
-    for s in [float(x) for x in args.sparsities.split(",")]:
-        teal_fx.attach_plan(model, plan.at(s, "uniform"), check=False)
-        tok_s, comp = decode_tok_s(model, ids, args.new_tokens, backend="teal", mode="reduce-overhead")
-        rows.append((f"lean loop, teal {s:.0%}", 1, tok_s, comp))
-        print(rows[-1], f"x{tok_s / dense:.2f} vs dense", flush=True)
-    peak = torch.cuda.max_memory_allocated() / 2**30
+    lean_teal(model, ids, ids4, plan, args.sparsities, args, cache_len, dense_tokens, add, notes, peak_gib)
 
+    if args.hf_sparsities:
+        for s in [float(x) for x in args.hf_sparsities.split(",")]:
+            teal_fx.attach_plan(model, plan.at(s, "uniform"), check=False)
+            torch.compiler.reset()
+            t, first = decode_speed(hf(model, ids, "teal", cache_len), args.new_tokens)
+            add(f"HF generate(), teal {s:.0%}", 1, t, first)
+    if args.extra_sparsities:
+        lean_teal(model, ids, ids4, plan, args.extra_sparsities, args, cache_len, dense_tokens, add, notes, peak_gib)
+    return 0
+
+
+def lean_teal(model, ids, ids4, plan, sparsities: str, args, cache_len, dense_tokens, add, notes, peak_gib) -> None:
+    for s in [float(x) for x in sparsities.split(",")]:
+        teal_fx.attach_plan(model, plan.at(s, "uniform"), check=False)  # resets torch.compile caches
+        torch.cuda.reset_peak_memory_stats()
+        t, first = decode_speed(lean(model, ids, "teal", cache_len), args.new_tokens)
+        add(f"lean loop, teal {s:.0%}", 1, t, first, peak_gib())
+        if s == 0.0:
+            got = teal_fx.generate(model, ids, 64, eos_token_id=-1, backend="teal", mode="reduce-overhead",
+                                   max_cache_len=cache_len)
+            same = (got == dense_tokens).all(dim=0)
+            diverge = int((~same).nonzero()[0]) - args.prompt if not bool(same.all()) else None
+            note = f"teal 0% vs Inductor dense, 64 greedy tokens (lean loop): " + (
+                "identical" if diverge is None else f"first difference at generated token {diverge}")
+            if diverge is not None:  # a tie? the eager bf16 model's logits for the two candidates at that step
+                at = args.prompt + diverge
+                with torch.no_grad():
+                    logits = model(got[:, :at], use_cache=False).logits[0, -1].float()
+                a, b = int(dense_tokens[0, at]), int(got[0, at])
+                top = logits.topk(2).values
+                note += (f"; eager logits there: dense's token {logits[a]:.4f}, teal's {logits[b]:.4f} "
+                         f"(top-2 gap {float(top[0] - top[1]):.4f}; one bf16 ulp at this magnitude "
+                         f"{float(top[0].abs()) * 2**-8:.4f})")
+            notes.append(note)
+        if s == 0.5 and args.batch4:
+            t, first = decode_speed(lean(model, ids4, "teal", cache_len), args.new_tokens)
+            add(f"lean loop, teal {s:.0%}", 4, t, first)
+
+
+def write(out: Path, args, bw: float, roof: float, rows: list, notes: list) -> None:
     lines = [
-        "# End-to-end decode: Llama-3-8B shape (random weights, bf16), batch 1",
+        "# End-to-end decode: Llama-3-8B shape (random weights, bf16)",
         "",
         f"- date {datetime.date.today()}; {torch.cuda.get_device_name()}; torch {torch.__version__}; "
         f"triton {__import__('triton').__version__}; transformers {__import__('transformers').__version__}",
-        f"- prompt {args.prompt} tokens, {args.new_tokens} new tokens; decode tok/s = 255 / (T(256) - T(1)), best of 2",
+        f"- prompt {args.prompt} tokens, {args.new_tokens} new tokens; decode tok/s = (n-1) / (T(n) - T(1)), best of 2 "
+        "(prefill excluded); per sequence: a batch-4 row's tok/s counts each sequence's tokens once",
         f"- read bandwidth in this run {bw / 1e12:.2f} TB/s; dense roofline {roof:.0f} tok/s "
-        f"({WEIGHT_BYTES_PER_TOKEN / 1e9:.2f} GB/token, ANCHORS.md); peak GPU memory {peak:.1f} GiB",
-        "- thresholds: uniform, calibrated on the model's own activations (2 x 256 random-token sequences)",
+        f"({WEIGHT_BYTES_PER_TOKEN / 1e9:.2f} GB/token, ANCHORS.md scaled to this bandwidth)",
+        "- thresholds: uniform, calibrated on the model's own activations (2 x 256 random-token sequences); "
+        "teal = q/k/v and gate/up grouped (4 sparse launches per block)",
+        "- 'vs dense' compares with the dense row of the same path and batch (lean loop or HF generate())",
         "",
-        "| path | batch | tok/s | ms/token | vs lean dense | share of dense roofline | first call incl. compile (s) |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| path | batch | tok/s per sequence | ms/token | vs dense | share of dense roofline | first call incl. compile (s) | peak GPU memory (GiB) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for name, b, t, c in rows:
-        lines.append(f"| {name} | {b} | {t:.1f} | {1000 / t:.2f} | {t / dense:.2f} | {t / roof:.2f} | {c:.0f} |")
-    lines += ["", "Command: `python examples/bench_decode.py`", ""]
-    out = Path(args.out)
+    for name, b, t, first, peak, ratio in rows:
+        lines.append(f"| {name} | {b} | {t:.1f} | {1000 / t:.2f} | {ratio:.2f} | {t / roof:.2f} | {first:.0f} | "
+                     f"{'' if peak is None else f'{peak:.2f}'} |")
+    lines += [""] + [f"- {n}" for n in notes] + ["", "Command: `python examples/bench_decode.py`", ""]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines))
-    print("\n".join(lines))
-    return 0
 
 
 if __name__ == "__main__":

@@ -12,12 +12,14 @@ that arrives last reads the sum back and zeroes the workspace, adds the bias, wr
 its dtype and resets the counter. So: one launch, no output-zeroing memset, the epilogue cost independent of the
 split (NOTES.md, v3). The fp32 sum order varies between runs (not bit-reproducible).
 Rows: every row keeps its own mask; a weight row is read once if any row needs it.
+Groups: up to three linears that share x (q/k/v, gate/up) run as one launch (``sparse_gemv_group``): their N tiles
+form one grid, each segment with its own weight, bias, output and threshold (NOTES.md, v4).
 """
 from __future__ import annotations
 
 import functools
 import os
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -31,6 +33,7 @@ except ImportError:  # pragma: no cover - triton is an optional extra on CPU
     HAS_TRITON = False
 
 MAX_ROWS = 8
+MAX_SEGMENTS = 3  # linears sharing one input in a grouped launch (q, k, v)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -43,6 +46,11 @@ def reference_sparse_gemv(x: Tensor, weight: Tensor, bias: Optional[Tensor], thr
 
 if HAS_TRITON:
 
+    # A grouped launch swaps scalars per segment inside a runtime `if`; both branches must have the same type, so
+    # a swapped value may never be 1 (Triton turns an argument equal to 1 into a compile-time constant). The
+    # launcher groups only column-major weights (stride_wn == 1 in every segment, so it is never swapped) with
+    # N >= 16. Never disable specialisation of the strides: the "divisible by 16" hint on stride_wk is what
+    # makes the weight loads 16 bytes wide (without it the kernel ran 6x slower, NOTES.md).
     @triton.jit
     def _sparse_gemv_kernel(
         x_ptr, w_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
@@ -52,9 +60,30 @@ if HAS_TRITON:
         SPLIT_K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, HAS_BIAS: tl.constexpr,
         USE_DOT: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
         EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, PREFETCH: tl.constexpr,
+        # segments 1 and 2 (a grouped launch: linears sharing the input x, each with its own weight, bias,
+        # output and threshold; N tiles [0, TILES1) are segment 0, [TILES1, TILES2) segment 1, the rest segment 2)
+        w1_ptr=None, b1_ptr=None, y1_ptr=None, N1=0, threshold1=0.0, stride_wk1=0, stride_ym1=0,
+        w2_ptr=None, b2_ptr=None, y2_ptr=None, N2=0, threshold2=0.0, stride_wk2=0, stride_ym2=0,
+        TILES1=0, TILES2=0, N_TOTAL=0, NSEG: tl.constexpr = 1,
     ):
-        pn = tl.program_id(0)
+        pn_all = tl.program_id(0)
         pk = tl.program_id(1)
+        pn = pn_all
+        col0 = pn_all * 0  # this segment's first column in the shared workspace
+        ws_width = N
+        if NSEG > 1:
+            ws_width = N_TOTAL
+            if pn_all >= TILES1:
+                if NSEG > 2 and pn_all >= TILES2:
+                    pn = pn_all - TILES2
+                    col0 = TILES2 * BN
+                    w_ptr, b_ptr, y_ptr, N, threshold = w2_ptr, b2_ptr, y2_ptr, N2, threshold2
+                    stride_wk, stride_ym = stride_wk2, stride_ym2
+                else:
+                    pn = pn_all - TILES1
+                    col0 = TILES1 * BN
+                    w_ptr, b_ptr, y_ptr, N, threshold = w1_ptr, b1_ptr, y1_ptr, N1, threshold1
+                    stride_wk, stride_ym = stride_wk1, stride_ym1
         offs_n = pn * BN + tl.arange(0, BN)
         offs_m = tl.arange(0, BM)
         n_ok = offs_n < N
@@ -124,10 +153,10 @@ if HAS_TRITON:
             # partials meet in an fp32 workspace (zero between launches); the last program of this N tile to
             # arrive reads it back (an atomic read, at L2 where the partials landed), zeroes it for the next
             # launch, adds the bias and writes y.
-            ws_offs = offs_m[:, None] * N + offs_n[None, :]
+            ws_offs = offs_m[:, None] * ws_width + col0 + offs_n[None, :]
             tl.atomic_add(ws_ptr + ws_offs, acc, mask=y_mask, sem="relaxed")
             tl.debug_barrier()
-            arrived = tl.atomic_add(cnt_ptr + pn, 1, sem="acq_rel")
+            arrived = tl.atomic_add(cnt_ptr + pn_all, 1, sem="acq_rel")
             if arrived == SPLIT_K - 1:
                 zero = tl.zeros((BM, BN), dtype=tl.float32)
                 total = tl.atomic_add(ws_ptr + ws_offs, zero, mask=y_mask, sem="relaxed")
@@ -135,7 +164,7 @@ if HAS_TRITON:
                 if HAS_BIAS:
                     total += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
                 tl.store(y_ptr + y_offs, total.to(y_ptr.dtype.element_ty), mask=y_mask)
-                tl.atomic_xchg(cnt_ptr + pn, 0)
+                tl.atomic_xchg(cnt_ptr + pn_all, 0)
 
 
 def _next_pow2(v: int) -> int:
@@ -198,8 +227,10 @@ _WORKSPACE = _Workspace()
 
 
 def reserve_workspace(device: torch.device, max_n: int) -> None:
-    """Allocate the scratch for launches with output width up to ``max_n`` (and up to 16 padded rows)."""
-    _WORKSPACE.reserve(torch.device(device), 16 * max_n, -(-max_n // 16) + 1)
+    """Allocate the scratch for launches with output width up to ``max_n`` (summed over a group's segments,
+    each padded to a tile) and up to 16 padded rows."""
+    width = max_n + MAX_SEGMENTS * 256
+    _WORKSPACE.reserve(torch.device(device), 16 * width, width // 16 + 1)
 
 
 def supports(x: Tensor, weight: Tensor) -> bool:
@@ -218,33 +249,71 @@ def supports(x: Tensor, weight: Tensor) -> bool:
 def sparse_gemv(x: Tensor, weight: Tensor, bias: Optional[Tensor], threshold: float, config: Optional[dict] = None,
                 out: Optional[Tensor] = None) -> Tensor:
     """Launch the kernel. x: [..., K] with at most 8 rows; weight: [N, K], ideally column-major (stride (1, N))."""
+    return sparse_gemv_group(x, [weight], [bias], [threshold], config=config, outs=None if out is None else [out])[0]
+
+
+def sparse_gemv_group(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tensor]],
+                      thresholds: Sequence[float], config: Optional[dict] = None,
+                      outs: Optional[Sequence[Tensor]] = None) -> list[Tensor]:
+    """One launch for up to three linears that share the input ``x`` (q/k/v, gate/up): y_i = (x ⊙ 1[|x| > t_i]) W_iᵀ + b_i.
+
+    The segments' N tiles form one grid, so the small k/v projections ride along with q instead of paying a
+    launch and a ramp each. A weight row of segment i is read when some row of x exceeds t_i at that input.
+    """
     if not HAS_TRITON:
         raise RuntimeError("the Triton sparse GEMV needs triton")
+    nseg = len(weights)
+    if not 1 <= nseg <= MAX_SEGMENTS or len(biases) != nseg or len(thresholds) != nseg:
+        raise ValueError(f"sparse_gemv_group takes 1 to {MAX_SEGMENTS} weights with as many biases and thresholds")
+    if len({b is None for b in biases}) > 1:
+        raise ValueError("sparse_gemv_group: either every segment has a bias or none has")
+    if nseg > 1 and not all(w.stride(0) == 1 and w.shape[0] >= 16 for w in weights):
+        # the kernel swaps only stride_wk per segment, and no swapped scalar may be 1 (see the kernel): launch apart
+        return [sparse_gemv_group(x, [w], [b], [t], config=config, outs=None if outs is None else [o])[0]
+                for w, b, t, o in zip(weights, biases, thresholds, outs if outs is not None else [None] * nseg)]
     K = x.shape[-1]
-    N = weight.shape[0]
+    if any(w.shape[1] != K for w in weights):
+        raise ValueError("sparse_gemv_group: every weight must take the input's width")
     x2 = x.reshape(-1, K)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     M = x2.shape[0]
     if not 1 <= M <= MAX_ROWS:
         raise ValueError(f"sparse_gemv takes 1 to {MAX_ROWS} rows, got {M}")
-    cfg = dict(config) if config else choose_config(M, N, K, x.device)
+    Ns = [w.shape[0] for w in weights]
+    cfg = dict(config) if config else choose_config(M, sum(Ns), K, x.device)
+    BN = cfg["BN"]
     BM = max(16, _next_pow2(M)) if cfg["USE_DOT"] else 1
     if BM == 1 and M != 1:
         raise ValueError("the vector variant takes one row; use USE_DOT for batches")
-    y = out if out is not None else torch.empty((M, N), dtype=x.dtype, device=x.device)
-    n_tiles = -(-N // cfg["BN"])
-    ws, cnt = _WORKSPACE.get(x.device, BM * N, n_tiles)
-    grid = (n_tiles, cfg["SPLIT_K"])
-    _sparse_gemv_kernel[grid](
-        x2, weight, bias if bias is not None else x2, y, ws, cnt,
-        M, N, K, float(threshold),
-        x2.stride(0), weight.stride(0), weight.stride(1), y.stride(0),
+    ys = list(outs) if outs is not None else [torch.empty((M, N), dtype=x.dtype, device=x.device) for N in Ns]
+    tiles = [-(-N // BN) for N in Ns]
+    total_tiles = sum(tiles)
+    ws, cnt = _WORKSPACE.get(x.device, BM * total_tiles * BN, total_tiles)
+    has_bias = biases[0] is not None
+    seg = []
+    for i in range(nseg):
+        w, y = weights[i], ys[i]
+        seg.append(dict(w=w, b=biases[i] if has_bias else x2, y=y, N=Ns[i], t=float(thresholds[i]),
+                        swn=w.stride(0), swk=w.stride(1), sym=y.stride(0)))
+    extra = {}
+    for i in (1, 2):
+        if i < nseg:
+            d = seg[i]
+            extra.update({f"w{i}_ptr": d["w"], f"b{i}_ptr": d["b"], f"y{i}_ptr": d["y"], f"N{i}": d["N"],
+                          f"threshold{i}": d["t"], f"stride_wk{i}": d["swk"], f"stride_ym{i}": d["sym"]})
+    if nseg > 1:
+        extra.update(TILES1=tiles[0], TILES2=tiles[0] + (tiles[1] if nseg > 2 else 0), N_TOTAL=total_tiles * BN)
+    s0 = seg[0]
+    _sparse_gemv_kernel[(total_tiles, cfg["SPLIT_K"])](
+        x2, s0["w"], s0["b"], s0["y"], ws, cnt,
+        M, s0["N"], K, s0["t"],
+        x2.stride(0), s0["swn"], s0["swk"], s0["sym"],
         cfg["K_PER_SPLIT"],
-        SPLIT_K=cfg["SPLIT_K"], BM=BM, BN=cfg["BN"], BK=cfg["BK"], HAS_BIAS=bias is not None,
+        SPLIT_K=cfg["SPLIT_K"], BM=BM, BN=BN, BK=cfg["BK"], HAS_BIAS=has_bias,
         USE_DOT=cfg["USE_DOT"], IEEE=x.dtype == torch.float32,
         UPCAST=x.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1",
-        EVEN_N=N % cfg["BN"] == 0, EVEN_K=K % cfg["K_PER_SPLIT"] == 0, PREFETCH=cfg.get("PREFETCH", True),
-        num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2),
+        EVEN_N=all(N % BN == 0 for N in Ns), EVEN_K=K % cfg["K_PER_SPLIT"] == 0, PREFETCH=cfg.get("PREFETCH", True),
+        NSEG=nseg, num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2), **extra,
     )
-    return y.reshape(*x.shape[:-1], N)
+    return [y.reshape(*x.shape[:-1], N) for y, N in zip(ys, Ns)]

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["sparse_linear", "reference_sparse_linear", "sparsify"]
+__all__ = ["sparse_linear", "sparse_linear_group", "reference_sparse_linear", "sparsify"]
 
 
 def keep_mask(x: Tensor, threshold: float) -> Tensor:
@@ -98,3 +98,63 @@ def _backward(ctx, grad_out: Tensor):
 
 
 sparse_linear.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("teal::sparse_linear_group", mutates_args=())
+def sparse_linear_group(
+    x: Tensor, weights: list[Tensor], biases: list[Optional[Tensor]], thresholds: list[float],
+    prefill_sparse_from: float,
+) -> list[Tensor]:
+    """``sparse_linear`` for linears sharing the input ``x`` (q/k/v, gate/up): one Triton launch on the decode path.
+
+    Same semantics as calling ``sparse_linear(x, weights[i], biases[i], thresholds[i], prefill_sparse_from)`` for
+    each i (that is its reference and its CPU path).
+    """
+    if x.is_cuda and _sparse_token_mask_start(x, prefill_sparse_from) == 0:
+        from teal_fx.kernels import sparse_gemv
+
+        if all(sparse_gemv.supports(x, w) for w in weights) and len({b is None for b in biases}) == 1:
+            return sparse_gemv.sparse_gemv_group(x, weights, biases, thresholds)
+    return [reference_sparse_linear(x, w, b, t, prefill_sparse_from) for w, b, t in zip(weights, biases, thresholds)]
+
+
+@sparse_linear_group.register_fake
+def _(x: Tensor, weights: list[Tensor], biases: list[Optional[Tensor]], thresholds: list[float],
+      prefill_sparse_from: float) -> list[Tensor]:
+    for w in weights:
+        torch._check(x.shape[-1] == w.shape[1], lambda: "sparse_linear_group: x and a weight disagree on in_features")
+    return [x.new_empty((*x.shape[:-1], w.shape[0])) for w in weights]
+
+
+def _group_setup_context(ctx, inputs, output) -> None:
+    x, weights, biases, thresholds, prefill_sparse_from = inputs
+    ctx.save_for_backward(x, *weights)
+    ctx.thresholds = list(thresholds)
+    ctx.prefill_sparse_from = prefill_sparse_from
+    ctx.has_bias = [b is not None for b in biases]
+
+
+def _group_backward(ctx, grad_outs: list[Tensor]):
+    """Each segment's straight-through gradient (as ``_backward``), summed into x. (No default for
+    ``prefill_sparse_from`` in the schema: the dispatcher drops default-valued arguments, and the tensor-list autograd
+    wrapper then expects one gradient fewer.)"""
+    x, *weights = ctx.saved_tensors
+    start = _sparse_token_mask_start(x, ctx.prefill_sparse_from)
+    grad_x = torch.zeros_like(x)
+    grad_ws = []
+    for w, t, g in zip(weights, ctx.thresholds, grad_outs):
+        keep = keep_mask(x, t)
+        if x.dim() >= 3 and start > 0:
+            keep[..., :start, :] = True
+        zero = torch.zeros((), dtype=x.dtype, device=x.device)
+        grad_x = grad_x + torch.where(keep, g @ w, zero)
+        g2 = g.reshape(-1, g.shape[-1])
+        grad_ws.append(g2.t() @ torch.where(keep, x, zero).reshape(-1, x.shape[-1]))
+    if any(ctx.has_bias):
+        # `Tensor?[]` arguments take no gradient through torch.library's autograd: refuse rather than drop them
+        raise RuntimeError("teal::sparse_linear_group: no gradient for biases; compile with "
+                           "options={'group_shared_input': False} to train through biased q/k/v")
+    return grad_x, grad_ws, None, None, None
+
+
+sparse_linear_group.register_autograd(_group_backward, setup_context=_group_setup_context)

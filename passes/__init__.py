@@ -4,6 +4,7 @@ Each pass is a plain function ``(gm, ctx) -> gm`` in a file named by what it doe
 """
 from teal_fx.passes.label_block_linears import Discovery, MatchedLinear, discover, label_block_linears
 from teal_fx.passes.insert_sparse_linear import insert_sparse_linear
+from teal_fx.passes.group_shared_input import group_shared_input
 from teal_fx.passes.select_plan import select_plan
 from teal_fx.passes.pass_manager import PASSES, PassContext, run_passes
 
@@ -14,6 +15,7 @@ __all__ = [
     "label_block_linears",
     "select_plan",
     "insert_sparse_linear",
+    "group_shared_input",
     "discover",
     "Discovery",
     "MatchedLinear",

@@ -5,6 +5,7 @@
     torch.compile(model, backend="teal", mode="reduce-overhead")          # CUDA graphs through Inductor
 
 Options: ``plan`` (a Plan or a path), ``dump`` (a folder), ``compiler`` (``inductor`` | ``aot_eager`` | ``eager``),
+``group_shared_input`` (default True: q/k/v and gate/up each in one launch),
 ``mode`` (Inductor's modes, since torch.compile takes either ``mode`` or ``options``, not both); any other key is
 an Inductor config patch (``{"max_autotune": True}``).
 """
@@ -101,6 +102,7 @@ class TealOptions:
     dump: Optional[Path] = None
     compiler: str = "inductor"
     mode: Optional[str] = None
+    group_shared_input: bool = True
     inductor: dict = field(default_factory=dict)
 
     @classmethod
@@ -118,6 +120,7 @@ class TealOptions:
         if out.compiler not in INNER_COMPILERS:
             raise ValueError(f"teal: options['compiler'] must be one of {INNER_COMPILERS}, got {out.compiler!r}")
         out.mode = opts.pop("mode", mode)
+        out.group_shared_input = bool(opts.pop("group_shared_input", True))
         if opts and out.compiler != "inductor":
             raise ValueError(f"teal: unknown options {sorted(opts)} (Inductor config patches need compiler='inductor')")
         out.inductor = opts
@@ -142,7 +145,8 @@ def _plan_resolver(example_inputs: list, opts: TealOptions):
         if plan is not None and cuda:
             from teal_fx.kernels import sparse_gemv
 
-            sparse_gemv.reserve_workspace(cuda[0].device, max(w.shape[0] for w in cuda))
+            # a grouped launch (q/k/v, gate/up) spans up to MAX_SEGMENTS weights
+            sparse_gemv.reserve_workspace(cuda[0].device, sparse_gemv.MAX_SEGMENTS * max(w.shape[0] for w in cuda))
         if converted:
             log.info("teal: stored %d weights column-major in place; Dynamo recompiles once for the new strides", converted)
         if plan is None:
@@ -174,7 +178,8 @@ def _inner_compile(gm: fx.GraphModule, example_inputs: list, opts: TealOptions):
 def teal_backend(gm: fx.GraphModule, example_inputs: list, options: Optional[dict] = None, mode: Optional[str] = None):
     """The Dynamo backend registered as ``"teal"``."""
     opts = TealOptions.parse(options, mode)
-    ctx = PassContext(plan_resolver=_plan_resolver(example_inputs, opts), dump_dir=opts.dump)
+    ctx = PassContext(plan_resolver=_plan_resolver(example_inputs, opts), dump_dir=opts.dump,
+                      group_shared_input=opts.group_shared_input)
     gm = run_passes(gm, ctx)
     if ctx.rewritten:
         REWRITTEN_GRAPHS[0] += 1

@@ -13,6 +13,18 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
+STOP_CHECK_EVERY = 8  # steps between host reads of "have all rows stopped?"
+CACHE_LEN_BUCKET = 256  # the static cache length is rounded up to this, so calls of other lengths reuse graphs
+
+
+def _dynamo_limits() -> dict:
+    """Fail loudly, never fall back to eager in silence, if Dynamo runs out of recompiles."""
+    cfg = torch._dynamo.config
+    limits = {"recompile_limit": max(64, cfg.recompile_limit)}
+    if hasattr(cfg, "fail_on_recompile_limit_hit"):
+        limits["fail_on_recompile_limit_hit"] = True
+    return limits
+
 
 def _compiled(model: nn.Module, backend: str, mode: Optional[str], options: Optional[dict]):
     """One compiled wrapper per (backend, mode, options), kept on the model so later calls reuse its graphs.
@@ -67,6 +79,24 @@ def static_cache(model: nn.Module, batch: int, max_len: int):
     return cache
 
 
+def _reusable_cache(model: nn.Module, batch: int, max_len: int):
+    """The model's last static cache if it has this size (zeroed), else a new one that replaces it.
+
+    Reusing the tensors keeps their addresses, which the CUDA graphs of the decode step baked in: a new cache
+    per call would make cudagraph trees record the step again on every call.
+    """
+    param = next(model.parameters())
+    key = (batch, max_len, param.dtype, param.device)
+    held = model.__dict__.get("_teal_cache")
+    if held is not None and held[0] == key:
+        held[1].reset()
+        return held[1]
+    model.__dict__["_teal_cache"] = None  # free the old one before allocating
+    cache = static_cache(model, batch, max_len)
+    model.__dict__["_teal_cache"] = (key, cache)
+    return cache
+
+
 @torch.no_grad()
 def generate(
     model: nn.Module,
@@ -83,11 +113,14 @@ def generate(
     mode: Optional[str] = None,
     options: Optional[dict] = None,
     generator: Optional[torch.Generator] = None,
+    max_cache_len: Optional[int] = None,
 ) -> Tensor:
     """Generate up to ``max_new_tokens`` after ``input_ids`` [B, S] (equal-length prompts, no padding).
 
     Rows stop independently at ``eos_token_id`` (default: the model's); a stopped row is padded with it.
     ``streamer(tokens)`` is called with each step's tokens [B]. ``backend="none"`` runs the model uncompiled.
+    The KV cache holds ``max_cache_len`` positions (default: S + max_new_tokens rounded up to a multiple of
+    256): its length is part of the compiled graphs' shapes, so calls that share it share graphs.
     Returns [B, S + generated] token ids.
     """
     if input_ids.dim() != 2:
@@ -101,25 +134,53 @@ def generate(
         eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         eos_token_id = eos[0] if isinstance(eos, (list, tuple)) else eos
 
+    need = prompt + max_new_tokens
+    if max_cache_len is None:
+        max_cache_len = -(-need // CACHE_LEN_BUCKET) * CACHE_LEN_BUCKET
+    elif max_cache_len < need:
+        raise ValueError(f"max_cache_len={max_cache_len} < prompt ({prompt}) + max_new_tokens ({max_new_tokens})")
+    with torch._dynamo.config.patch(**_dynamo_limits()):
+        tokens = _decode_loop(model, input_ids, max_new_tokens, max_cache_len, backend, mode, options, eos_token_id,
+                              streamer, dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+                                             generator=generator))
+    return _trim_after_all_stopped(tokens, prompt, eos_token_id)
+
+
+def _decode_loop(model, input_ids, max_new_tokens, max_cache_len, backend, mode, options, eos_token_id, streamer,
+                 sampling) -> Tensor:
+    device = input_ids.device
+    batch, prompt = input_ids.shape
     run = _compiled(model, backend, mode, options)
-    cache = static_cache(model, batch, prompt + max_new_tokens)
+    cache = _reusable_cache(model, batch, max_cache_len)
     position = torch.arange(prompt, device=device)
     logits = run(input_ids=input_ids, past_key_values=cache, cache_position=position, use_cache=True).logits[:, -1]
+    position = torch.tensor([prompt], device=device)
     out = [input_ids]
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     for i in range(max_new_tokens):
-        nxt = sample_next(logits, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
-                          generator=generator)
+        nxt = sample_next(logits, **sampling)
         if eos_token_id is not None:
             nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
             done = done | (nxt == eos_token_id)
         out.append(nxt[:, None])
         if streamer is not None:
             streamer(nxt)
-        if (eos_token_id is not None and bool(done.all())) or i == max_new_tokens - 1:
+        if i == max_new_tokens - 1:
             break
-        position = torch.tensor([prompt + i], device=device)
+        # reading `done` waits for the GPU; doing it every step would stall the launch queue each token
+        if eos_token_id is not None and (i + 1) % STOP_CHECK_EVERY == 0 and bool(done.all()):
+            break
         logits = run(input_ids=nxt[:, None], past_key_values=cache, cache_position=position, use_cache=True).logits[:, -1]
         if mode == "reduce-overhead":
             logits = logits.clone()  # the CUDA graph's output buffer is overwritten by the next replay
+        position.add_(1)
     return torch.cat(out, dim=1)
+
+
+def _trim_after_all_stopped(tokens: Tensor, prompt: int, eos_token_id: Optional[int]) -> Tensor:
+    """Drop the columns generated after every row had emitted EOS (the loop checks only every few steps)."""
+    if eos_token_id is None:
+        return tokens
+    stopped = (tokens[:, prompt:] == eos_token_id).cummax(dim=1).values.all(dim=0)
+    hit = stopped.nonzero()
+    return tokens if hit.numel() == 0 else tokens[:, : prompt + int(hit[0]) + 1]

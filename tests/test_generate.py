@@ -56,3 +56,49 @@ def test_sampling_is_seeded_and_respects_top_k():
         tok = sample_next(logits, do_sample=True, temperature=1.0, top_k=3, top_p=None)
         top3 = logits.topk(3).indices
         assert all(t in top3[i] for i, t in enumerate(tok))
+
+
+def test_stops_when_every_row_has_stopped_though_checked_every_few_steps():
+    """The host checks "all rows done?" only every STOP_CHECK_EVERY steps; the result is trimmed to the step where
+    the last row stopped, as if it had checked every step."""
+    from teal_fx.generate import _trim_after_all_stopped
+
+    eos = 9
+    tokens = torch.tensor([[1, 2, 5, eos, eos, eos, eos],
+                           [1, 2, eos, 7, eos, eos, eos]])  # prompt of 2; row 0 stops at new token 1, row 1 at 0
+    assert torch.equal(_trim_after_all_stopped(tokens, 2, eos), tokens[:, :4])
+    assert torch.equal(_trim_after_all_stopped(tokens, 2, None), tokens)
+    never = torch.tensor([[1, 2, 3, 4]])
+    assert torch.equal(_trim_after_all_stopped(never, 2, eos), never)
+
+    model = tiny_model("llama")
+    ids = torch.randint(3, 128, (1, 4))
+    greedy = teal_fx.generate(model, ids, 12, backend="none", eos_token_id=-1)
+    stop = int(greedy[0, 6])  # the third new token
+    out = teal_fx.generate(model, ids, 12, backend="none", eos_token_id=stop)
+    first = int((greedy[0, 4:] == stop).nonzero()[0]) + 4
+    assert torch.equal(out, greedy[:, : first + 1])
+
+
+def test_reuses_one_static_cache_per_size():
+    """Same (batch, length): the same cache tensors, zeroed (CUDA graphs keep their addresses); another size
+    replaces it; results do not depend on what the previous call left in the cache."""
+    model = tiny_model("llama")
+    ids = torch.randint(3, 128, (1, 5))
+    a = teal_fx.generate(model, ids, 6, backend="none", eos_token_id=-1)
+    cache = model.__dict__["_teal_cache"][1]
+    keys = cache.layers[0].keys
+    b = teal_fx.generate(model, ids, 6, backend="none", eos_token_id=-1)
+    assert model.__dict__["_teal_cache"][1] is cache and cache.layers[0].keys is keys and torch.equal(a, b)
+    teal_fx.generate(model, torch.randint(3, 128, (2, 5)), 6, backend="none", eos_token_id=-1)
+    assert model.__dict__["_teal_cache"][1] is not cache
+    with torch.no_grad():
+        assert torch.equal(teal_fx.generate(model, ids, 6, backend="none", eos_token_id=-1), a)
+
+
+def test_max_cache_len_too_small_is_refused():
+    model = tiny_model("llama")
+    import pytest
+
+    with pytest.raises(ValueError, match="max_cache_len"):
+        teal_fx.generate(model, torch.randint(3, 128, (1, 5)), 6, backend="none", max_cache_len=8)

@@ -88,8 +88,18 @@ def test_rewritten_nodes_are_exactly_the_block_linears(arch):
     (cg,) = graphs
     ctx = PassContext(plan=plan)
     gm = run_passes(cg.gm, ctx)
-    ops = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is torch.ops.teal.sparse_linear.default]
+    ops = [n for n in gm.graph.nodes if "teal" in n.meta]  # sparse_linear nodes, or getitems of a group
     assert len(ops) == len(EXPECTED_ROLES[arch]) * 3
+    group_op = torch.ops.teal.sparse_linear_group.default
+    singles = [n for n in ops if n.target is torch.ops.teal.sparse_linear.default]
+    groups = [n for n in gm.graph.nodes if n.target is group_op]
+    roles = set(EXPECTED_ROLES[arch])
+    if {"q", "k", "v", "gate", "up"} <= roles:  # separate projections sharing an input: q/k/v and gate/up grouped
+        assert len(groups) == 2 * 3 and {n.meta["teal"].role for n in singles} == {"o", "down"}
+        for g in groups:
+            assert {u.meta["teal"].role for u in g.users} in ({"q", "k", "v"}, {"gate", "up"})
+    else:  # fused qkv / gate_up weights (Phi-3): nothing shares an input
+        assert not groups and len(singles) == len(ops)
     assert sorted(n.meta["teal"].key for n in ops) == sorted(plan.linears)
     remaining = [n for n in gm.graph.nodes if is_linear(n)]
     assert len(remaining) == 1 and "lm_head" in str(remaining[0].meta.get("nn_module_stack"))
@@ -108,3 +118,18 @@ def test_inductor_end_to_end_cpu():
         with masked_inputs(model, plan):
             ref = model(nxt, use_cache=False).logits
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_grouping_off_gives_the_same_logits():
+    """group_shared_input is an optimisation only: with and without it the compiled model agrees exactly (CPU)."""
+    model = tiny_model("llama", layers=2)
+    plan = plan_for(model, [0.1, 0.6, 0.3])
+    ids = torch.randint(3, 128, (2, 1))
+    outs = []
+    for group in (True, False):
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="teal", options={"plan": plan, "compiler": "eager",
+                                                                 "group_shared_input": group})
+        with torch.no_grad():
+            outs.append(compiled(ids, use_cache=False).logits)
+    torch.testing.assert_close(outs[0], outs[1], atol=0, rtol=0)
