@@ -21,21 +21,11 @@ import torch
 
 import teal_fx
 
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from bench_kernels import read_bandwidth  # noqa: E402  (the same measurement as the kernel table's)
+
 WEIGHT_BYTES_PER_TOKEN = 15.01e9  # Llama-3-8B bf16: seven block linears 13.96 GB + lm_head 1.05 GB (ANCHORS.md)
 BLOCK_BYTES = 13.96e9
-
-
-def read_bandwidth() -> float:
-    x = torch.randn(2**31, dtype=torch.bfloat16, device="cuda")
-    x.sum()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(5):
-        x.sum()
-    torch.cuda.synchronize()
-    bw = 5 * x.numel() * 2 / (time.perf_counter() - t)
-    del x
-    return bw
 
 
 def build_model(layers: int):
@@ -168,7 +158,7 @@ def lean_teal(model, ids, ids4, plan, sparsities: str, args, cache_len, dense_to
                                    max_cache_len=cache_len)
             same = (got == dense_tokens).all(dim=0)
             diverge = int((~same).nonzero()[0]) - args.prompt if not bool(same.all()) else None
-            note = f"teal 0% vs Inductor dense, 64 greedy tokens (lean loop): " + (
+            note = "teal 0% vs Inductor dense, 64 greedy tokens (lean loop): " + (
                 "identical" if diverge is None else f"first difference at generated token {diverge}")
             if diverge is not None:  # a tie? the eager bf16 model's logits for the two candidates at that step
                 at = args.prompt + diverge

@@ -168,7 +168,7 @@ def main() -> int:
                 cfg = sweep_config(N, K, args.sweep_batch, p)
                 try:
                     r = bench_shape(N, K, args.sweep_batch, 0.5, torch.bfloat16, bw, l2, config=cfg, calls=16)
-                except Exception as e:  # a config Triton cannot build
+                except Exception:  # a config Triton cannot build
                     continue
                 res.append((r["us"], p, cfg, r["err"]))
             res.sort(key=lambda z: z[0])

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from collections import defaultdict
 
 import torch
@@ -19,48 +18,40 @@ import torch
 import teal_fx
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from bench_decode import build_model  # noqa: E402
+from bench_decode import build_model, decode_speed, hf, lean  # noqa: E402
 
 
-SYNC_DEBUG = False
+def show_syncs(run) -> None:
+    """Run ``run()`` printing the Python stack of every synchronising CUDA call (torch's sync debug mode)."""
+    import traceback
+    import warnings
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"   SYNC: {message}")
+        traceback.print_stack(limit=12)
+
+    with warnings.catch_warnings():  # restores showwarning on exit
+        warnings.simplefilter("always")
+        warnings.showwarning = show
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            run()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
 
 
-def profile_path(name: str, model, ids, steps: int, trace_dir, **kw) -> None:
+def profile_path(name: str, model, ids, steps: int, backend: str, trace_dir=None, sync_debug: bool = False) -> None:
     from torch._dynamo.utils import counters
 
-    kw["max_cache_len"] = ids.shape[1] + steps  # one cache length: every call below reuses the same graphs
-    teal_fx.generate(model, ids, 4, eos_token_id=-1, **kw)  # compile + warm up
-    torch.cuda.synchronize()
-    t = {}
-    for n in (1, steps):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        teal_fx.generate(model, ids, n, eos_token_id=-1, **kw)
-        torch.cuda.synchronize()
-        t[n] = time.perf_counter() - t0
-    wall = (t[steps] - t[1]) / (steps - 1) * 1e3
-
-    if SYNC_DEBUG:
-        import traceback
-        import warnings
-
-        def show(message, category, filename, lineno, file=None, line=None):
-            print(f"   SYNC: {message}")
-            traceback.print_stack(limit=12)
-
-        old, warnings.showwarning = warnings.showwarning, show
-        torch.cuda.set_sync_debug_mode("warn")
-        with warnings.catch_warnings():
-            warnings.simplefilter("always")
-            warnings.showwarning = show
-            teal_fx.generate(model, ids, 3, eos_token_id=-1, **kw)
-        torch.cuda.set_sync_debug_mode(0)
-        warnings.showwarning = old
+    run = lean(model, ids, backend, ids.shape[1] + steps)  # one cache length: every call reuses the same graphs
+    wall = 1e3 / decode_speed(run, steps)[0]
+    if sync_debug:
+        show_syncs(lambda: run(3))
 
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        teal_fx.generate(model, ids, steps, eos_token_id=-1, **kw)
+        run(steps)
         torch.cuda.synchronize()
     kernels = defaultdict(lambda: [0.0, 0])
     cpu = defaultdict(lambda: [0.0, 0])
@@ -96,39 +87,21 @@ def main() -> int:
     ap.add_argument("--hf", action="store_true", help="also time Hugging Face generate() with both backends")
     ap.add_argument("--sync-debug", action="store_true", help="print the Python stack of every host-device sync")
     args = ap.parse_args()
-    global SYNC_DEBUG
-    SYNC_DEBUG = args.sync_debug
     torch._logging.set_logs(perf_hints=True)
     torch.manual_seed(0)
     model = build_model(args.layers)
     ids = torch.randint(0, model.config.vocab_size, (1, args.prompt), device="cuda")
-    profile_path("inductor dense", model, ids, args.steps, args.trace_dir, backend="inductor", mode="reduce-overhead")
+    profile_path("inductor dense", model, ids, args.steps, "inductor", args.trace_dir, args.sync_debug)
     plan = teal_fx.calibrate(model, torch.randint(0, model.config.vocab_size, (2, 256)), sparsity=args.sparsity,
                              method="uniform", num_sequences=2, seq_len=256, progress=False)
     torch.compiler.reset()
     teal_fx.attach_plan(model, plan, check=False)
-    profile_path(f"teal {args.sparsity:.0%}", model, ids, args.steps, args.trace_dir, backend="teal",
-                 mode="reduce-overhead")
+    profile_path(f"teal {args.sparsity:.0%}", model, ids, args.steps, "teal", args.trace_dir, args.sync_debug)
     if args.hf:
-        from transformers import CompileConfig
-
-        from teal_fx.generate import static_cache
-
         for backend in ("teal", "inductor"):
             torch.compiler.reset()
-            cfg = CompileConfig(backend=backend, mode="reduce-overhead")
-            kw = dict(do_sample=False, compile_config=cfg, pad_token_id=0)
-            cache = static_cache(model, 1, ids.shape[1] + args.steps)  # one cache: the CUDA graph keeps its address
-            model.generate(ids, max_new_tokens=4, min_new_tokens=4, past_key_values=cache, **kw)
-            t = {}
-            for n in (1, args.steps):
-                cache.reset()
-                torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                model.generate(ids, max_new_tokens=n, min_new_tokens=n, past_key_values=cache, **kw)
-                torch.cuda.synchronize()
-                t[n] = time.perf_counter() - t0
-            print(f"== HF generate + {backend}: {(t[args.steps] - t[1]) / (args.steps - 1) * 1e3:.3f} ms/step", flush=True)
+            tok_s, _ = decode_speed(hf(model, ids, backend, ids.shape[1] + args.steps), args.steps)
+            print(f"== HF generate + {backend}: {1e3 / tok_s:.3f} ms/step", flush=True)
     return 0
 
 

@@ -17,7 +17,6 @@ form one grid, each segment with its own weight, bias, output and threshold (NOT
 """
 from __future__ import annotations
 
-import functools
 import os
 from typing import Optional, Sequence
 
@@ -45,6 +44,16 @@ def reference_sparse_gemv(x: Tensor, weight: Tensor, bias: Optional[Tensor], thr
 
 
 if HAS_TRITON:
+
+    @triton.jit
+    def _load_needed_rows(w_ptr, offs_k, offs_n, need, n_ok, stride_wk, stride_wn, EVEN_N: tl.constexpr):
+        """The [BK, BN] weight tile with the rows no input needs left unread (zero)."""
+        if EVEN_N:  # the mask must be constant along N for 16-byte loads: no N bound check when tiles divide N
+            mask = need[:, None]
+        else:
+            mask = need[:, None] & n_ok[None, :]
+        return tl.load(w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn, mask=mask, other=0.0,
+                       eviction_policy="evict_first")
 
     # A grouped launch swaps scalars per segment inside a runtime `if`; both branches must have the same type, so
     # a swapped value may never be 1 (Triton turns an argument equal to 1 into a compile-time constant). The
@@ -101,12 +110,7 @@ if HAS_TRITON:
                 keep = tl.abs(x.to(tl.float32)) > threshold
                 xs = tl.where(keep, x, 0.0)
                 need = tl.max(keep.to(tl.int32), axis=0) > 0
-                if EVEN_N:
-                    w_mask = need[:, None]
-                else:
-                    w_mask = need[:, None] & n_ok[None, :]
-                w = tl.load(w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
-                            mask=w_mask, other=0.0, eviction_policy="evict_first")
+                w = _load_needed_rows(w_ptr, offs_k, offs_n, need, n_ok, stride_wk, stride_wn, EVEN_N)
                 if UPCAST:  # the CPU interpreter mis-computes bf16 dots; the GPU never takes this branch
                     acc = tl.dot(xs.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
                 elif IEEE:
@@ -126,13 +130,7 @@ if HAS_TRITON:
             for k0 in range(k_lo, k_hi, BK):
                 offs_k = k0 + tl.arange(0, BK)
                 keep = tl.abs(x) > threshold
-                # the mask must be constant along N for 16-byte loads: no N bound check when tiles divide N
-                if EVEN_N:
-                    w_mask = keep[:, None]
-                else:
-                    w_mask = keep[:, None] & n_ok[None, :]
-                w = tl.load(w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
-                            mask=w_mask, other=0.0, eviction_policy="evict_first")
+                w = _load_needed_rows(w_ptr, offs_k, offs_n, keep, n_ok, stride_wk, stride_wn, EVEN_N)
                 nxt = offs_k + BK
                 if PREFETCH:
                     x_next = tl.load(x_ptr + nxt, mask=nxt < k_hi, other=0.0).to(tl.float32)
@@ -169,11 +167,6 @@ if HAS_TRITON:
 
 def _next_pow2(v: int) -> int:
     return 1 << max(0, (v - 1).bit_length())
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def make_config(N: int, K: int, *, BN: int, BK: int, iters: int, use_dot: bool, num_warps: int = 4,

@@ -14,7 +14,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import networkx as nx
-import torch
 import torch.nn.functional as F
 from torch import fx, nn
 

@@ -20,8 +20,7 @@ from collections import defaultdict
 import torch
 from torch import fx
 
-import teal_fx.kernels  # noqa: F401  (registers torch.ops.teal)
-from teal_fx.kernels.sparse_gemv import MAX_SEGMENTS
+from teal_fx.kernels.sparse_gemv import MAX_SEGMENTS  # importing teal_fx.kernels registers torch.ops.teal
 
 log = logging.getLogger("teal_fx.passes")
 
@@ -36,10 +35,32 @@ def _members_by_input(gm: fx.GraphModule) -> dict:
     return groups
 
 
+def _replace_with_group(gm: fx.GraphModule, chunk: list, x: fx.Node, psf: float) -> None:
+    """One group node before the first member; each member's users read ``getitem(group, i)`` instead."""
+    with gm.graph.inserting_before(chunk[0]):
+        group = gm.graph.call_function(
+            torch.ops.teal.sparse_linear_group.default, (x, [n.args[1] for n in chunk], [n.args[2] for n in chunk], [n.args[3] for n in chunk], psf)
+        )
+        vals = [n.meta.get("val") for n in chunk]
+        if all(v is not None for v in vals):
+            group.meta["val"] = vals
+        items = []
+        for i, n in enumerate(chunk):
+            item = gm.graph.call_function(operator.getitem, (group, i))
+            item.meta.update(n.meta)
+            items.append(item)
+    for n, item in zip(chunk, items):
+        n.replace_all_uses_with(item)
+        label = n.meta.get("teal")
+        if label is not None:
+            label.node = item
+        gm.graph.erase_node(n)
+    log.debug("teal: grouped %s into one launch", [getattr(n.meta.get("teal"), "role", "?") for n in chunk])
+
+
 def group_shared_input(gm: fx.GraphModule, ctx=None) -> fx.GraphModule:
     if ctx is not None and not getattr(ctx, "group_shared_input", True):
         return gm
-    group_op = torch.ops.teal.sparse_linear_group.default
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     made = 0
     for (x, psf, _), members in _members_by_input(gm).items():
@@ -48,32 +69,12 @@ def group_shared_input(gm: fx.GraphModule, ctx=None) -> fx.GraphModule:
             chunk = members[start:start + MAX_SEGMENTS]
             if len(chunk) < 2:
                 continue
-            first = chunk[0]
             args = [a for n in chunk for a in n.args[:3] if isinstance(a, fx.Node)]
-            if any(order[a] >= order[first] for a in args):
+            if any(order.get(a, len(order)) >= order[chunk[0]] for a in args):  # a node made by this pass: later
                 log.debug("teal: not grouping %s: an argument is defined after the first member", [n.name for n in chunk])
                 continue
-            with gm.graph.inserting_before(first):
-                group = gm.graph.call_function(
-                    group_op,
-                    (x, [n.args[1] for n in chunk], [n.args[2] for n in chunk], [n.args[3] for n in chunk], psf),
-                )
-                vals = [n.meta.get("val") for n in chunk]
-                if all(v is not None for v in vals):
-                    group.meta["val"] = vals
-                outs = []
-                for i, n in enumerate(chunk):
-                    item = gm.graph.call_function(operator.getitem, (group, i))
-                    item.meta.update(n.meta)
-                    outs.append(item)
-            for n, item in zip(chunk, outs):
-                n.replace_all_uses_with(item)
-                label = n.meta.get("teal")
-                if label is not None:
-                    label.node = item
-                gm.graph.erase_node(n)
+            _replace_with_group(gm, chunk, x, psf)
             made += 1
-            log.debug("teal: grouped %s into one launch", [n.meta.get("teal").role if n.meta.get("teal") else "?" for n in chunk])
     if made:
         gm.graph.lint()
         gm.recompile()

@@ -9,7 +9,6 @@ cached block inputs).
 from __future__ import annotations
 
 import logging
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ from torch import fx, nn
 from tqdm.auto import tqdm
 
 from teal_fx.allocate import block_error_fn, greedy_path
+from teal_fx.capture import recompile_limits
 from teal_fx.histogram import AbsHistogram, CalibrationDataError
 from teal_fx.models import model_name
 from teal_fx.passes.extract_blocks import BlockSubgraph, extract_blocks
@@ -239,7 +239,7 @@ def calibrate(
 
     recorder = Recorder(greedy=method == "greedy")
     compiled = torch.compile(model, backend=recorder, dynamic=False)
-    with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=1024, accumulated_recompile_limit=4096):
+    with torch.no_grad(), recompile_limits(1024, 4096):
         for i in tqdm(range(len(seqs)), desc="teal: calibrating", disable=not progress):
             recorder.keep_next = i < greedy_sequences
             compiled(input_ids=seqs[i : i + 1].to(device), use_cache=False)
@@ -285,7 +285,7 @@ def realised_sparsity(model: nn.Module, plan: Plan, data: Data, *, tokenizer=Non
     recorder = Recorder(greedy=False, thresholds={k: lp.threshold for k, lp in plan.linears.items()})
     compiled = torch.compile(model, backend=recorder, dynamic=False)
     device = next(model.parameters()).device
-    with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=1024, accumulated_recompile_limit=4096):
+    with torch.no_grad(), recompile_limits(1024, 4096):
         for i in range(len(seqs)):
             compiled(input_ids=seqs[i : i + 1].to(device), use_cache=False)
     return {k: below / total for k, (below, total, _) in recorder.counts.items() if total}

@@ -21,6 +21,19 @@ class CapturedGraph:
     discovery: Discovery
 
 
+def recompile_limits(recompiles: int, accumulated: Optional[int] = None, fail: bool = False):
+    """A ``torch._dynamo.config.patch`` raising Dynamo's recompile limits, for loops that compile the model's
+    (shared) forward code again and again. Past the limit Dynamo would run the code uncompiled, silently;
+    ``fail=True`` makes it raise instead (where this torch has that switch)."""
+    cfg = torch._dynamo.config
+    patch = {"recompile_limit": max(recompiles, cfg.recompile_limit)}
+    if accumulated is not None:
+        patch["accumulated_recompile_limit"] = max(accumulated, cfg.accumulated_recompile_limit)
+    if fail and hasattr(cfg, "fail_on_recompile_limit_hit"):
+        patch["fail_on_recompile_limit_hit"] = True
+    return cfg.patch(**patch)
+
+
 def example_inputs_for(model: nn.Module, tokens: int = 8, batch: int = 1) -> dict:
     """Keyword inputs for a causal LM: random token ids on the model's device, no KV cache."""
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
@@ -54,7 +67,7 @@ def capture_graphs(
     compiled = torch.compile(model, backend=backend, dynamic=False)
     # A capture is one more compile of the model's (shared) forward code: do not let earlier ones push it past
     # Dynamo's recompile limit, which would silently run it uncaptured.
-    with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=1024, accumulated_recompile_limit=4096):
+    with torch.no_grad(), recompile_limits(1024, 4096):
         out = compiled(**inputs)
     if not graphs:
         raise RuntimeError(f"Dynamo produced no graph for {type(model).__name__}; it cannot be analysed")
@@ -70,7 +83,3 @@ def find_linears(model: nn.Module, inputs: Optional[dict] = None) -> list[Matche
             found.setdefault(m.key, m)
     return sorted(found.values(), key=lambda m: (m.block, m.node.name))
 
-
-def discovery_summary(model: nn.Module, inputs: Optional[dict] = None) -> str:
-    graphs, _ = capture_graphs(model, inputs)
-    return "\n".join(cg.discovery.summary() for cg in graphs)

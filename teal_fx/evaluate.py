@@ -22,8 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from teal_fx.capture import recompile_limits
 from teal_fx.histogram import CalibrationDataError
-from teal_fx.plan import Plan, PlanLike, as_plan
+from teal_fx.plan import PlanLike, as_plan
 
 PROTOCOLS = {"all": 0.0, "teal": 0.5}
 
@@ -84,7 +85,7 @@ def evaluate_perplexity(
     nll, count = 0.0, 0
     # every evaluation compiles the model anew (new options): keep Dynamo's recompile limit from silently
     # running it uncompiled, i.e. dense
-    with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=4096, accumulated_recompile_limit=65536):
+    with torch.no_grad(), recompile_limits(4096, 65536):
         for i in tqdm(range(0, len(windows), batch_size), desc="teal: perplexity", disable=not progress):
             batch = windows[i : i + batch_size].to(device)
             logits = run(input_ids=batch, use_cache=False, logits_to_keep=half + 1).logits[:, :-1]

@@ -3,8 +3,9 @@
     out = teal_fx.generate(model, input_ids, max_new_tokens=128)                         # greedy, backend "teal"
     out = teal_fx.generate(model, ids, 128, do_sample=True, top_p=0.9, mode="reduce-overhead")  # CUDA graphs
 
-The decode step has fixed shapes (the cache is allocated once for prompt + new tokens, the position is a tensor),
-so it compiles once; with ``mode="reduce-overhead"`` on CUDA it is captured once as a CUDA graph and replayed.
+The decode step has fixed shapes (the cache length is rounded up to a multiple of 256 and one cache per size is kept
+on the model and reused; the position is a tensor), so it compiles once per cache size; with
+``mode="reduce-overhead"`` on CUDA it is captured once as a CUDA graph and replayed.
 """
 from __future__ import annotations
 
@@ -13,17 +14,10 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
+from teal_fx.capture import recompile_limits
+
 STOP_CHECK_EVERY = 8  # steps between host reads of "have all rows stopped?"
 CACHE_LEN_BUCKET = 256  # the static cache length is rounded up to this, so calls of other lengths reuse graphs
-
-
-def _dynamo_limits() -> dict:
-    """Fail loudly, never fall back to eager in silence, if Dynamo runs out of recompiles."""
-    cfg = torch._dynamo.config
-    limits = {"recompile_limit": max(64, cfg.recompile_limit)}
-    if hasattr(cfg, "fail_on_recompile_limit_hit"):
-        limits["fail_on_recompile_limit_hit"] = True
-    return limits
 
 
 def _compiled(model: nn.Module, backend: str, mode: Optional[str], options: Optional[dict]):
@@ -139,7 +133,7 @@ def generate(
         max_cache_len = -(-need // CACHE_LEN_BUCKET) * CACHE_LEN_BUCKET
     elif max_cache_len < need:
         raise ValueError(f"max_cache_len={max_cache_len} < prompt ({prompt}) + max_new_tokens ({max_new_tokens})")
-    with torch._dynamo.config.patch(**_dynamo_limits()):
+    with recompile_limits(64, fail=True):  # raise, never decode uncompiled in silence
         tokens = _decode_loop(model, input_ids, max_new_tokens, max_cache_len, backend, mode, options, eos_token_id,
                               streamer, dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
                                              generator=generator))
@@ -160,7 +154,7 @@ def _decode_loop(model, input_ids, max_new_tokens, max_cache_len, backend, mode,
     for i in range(max_new_tokens):
         nxt = sample_next(logits, **sampling)
         if eos_token_id is not None:
-            nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
+            nxt = torch.where(done, eos_token_id, nxt)
             done = done | (nxt == eos_token_id)
         out.append(nxt[:, None])
         if streamer is not None:

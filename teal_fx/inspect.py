@@ -6,7 +6,6 @@ from typing import Optional
 
 from torch import fx, nn
 
-from teal_fx.passes.dataflow import is_linear
 from teal_fx.plan import ROLES, Plan, attached_plan, format_linear_table
 
 _ROLE_COLOURS = {
@@ -87,6 +86,3 @@ def write_dump(folder: Path, before_code: Optional[str], gm: fx.GraphModule, ctx
         (folder / f"block_{b}.dot").write_text(block_dot(gm, b))
     return folder
 
-
-def count_linears(gm: fx.GraphModule) -> int:
-    return sum(1 for n in gm.graph.nodes if is_linear(n))

@@ -4,7 +4,7 @@ from __future__ import annotations
 import importlib.util
 import os
 from pathlib import Path
-from typing import Optional, Union
+from typing import Union
 
 import torch
 
