@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -195,7 +196,7 @@ def write(out: Path, args, bw: float, roof: float, rows: list, notes: list) -> N
     for name, b, t, first, peak, ratio in rows:
         lines.append(f"| {name} | {b} | {t:.1f} | {1000 / t:.2f} | {ratio:.2f} | {t / roof:.2f} | {first:.0f} | "
                      f"{'' if peak is None else f'{peak:.2f}'} |")
-    lines += [""] + [f"- {n}" for n in notes] + ["", "Command: `python examples/bench_decode.py`", ""]
+    lines += [""] + [f"- {n}" for n in notes] + ["", f"Command: `{shlex.join(['python', 'examples/bench_decode.py', *sys.argv[1:]])}`", ""]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines))
 

@@ -96,9 +96,10 @@ def check(x, w, t, y) -> float:
 def bench_shape(N, K, M, sparsity, dtype, bw, l2, config=None, calls: int = 32) -> dict:
     ws_row, ws_col, x, t, needed = make_case(N, K, M, sparsity, dtype, l2)
     y = torch.empty(M, N, dtype=dtype, device="cuda")
-    err = check(x, ws_col[0], t, sg.sparse_gemv(x, ws_col[0], None, t, config=config))
-    sparse = graph_time_us([lambda i=i: sg.sparse_gemv(x, ws_col[i % len(ws_col)], None, t, config=config, out=y)
-                            for i in range(calls)])
+    # the expected sparsity picks the launch config, as the plan's sparsity does in the backend
+    err = check(x, ws_col[0], t, sg.sparse_gemv(x, ws_col[0], None, t, config=config, sparsity=sparsity))
+    sparse = graph_time_us([lambda i=i: sg.sparse_gemv(x, ws_col[i % len(ws_col)], None, t, config=config, out=y,
+                                                       sparsity=sparsity) for i in range(calls)])
     dense = graph_time_us([lambda i=i: F.linear(x, ws_row[i % len(ws_row)]) for i in range(calls)])
     roof = needed * N * K * x.element_size() / bw * 1e6
     del ws_row, ws_col
@@ -125,21 +126,43 @@ def bench_block(sparsity: float, dtype, bw: float, l2: int, layers: int = 4, gro
     for ws in layer_ws:
         for group in launches:
             calls.append(lambda ws=ws, g=group: sg.sparse_gemv_group(
-                x_of[g[0]], [ws[j] for j in g], [None] * len(g), [ts[j] for j in g], outs=[outs[j] for j in g]))
+                x_of[g[0]], [ws[j] for j in g], [None] * len(g), [ts[j] for j in g], outs=[outs[j] for j in g],
+                sparsity=sparsity))
     us = graph_time_us(calls) * len(launches)
     roof = sum((1 - sparsity) * N * K * 2 for N, K in shapes) / bw * 1e6
     return dict(us=us, roof_us=roof)
 
 
-SWEEP = [
-    dict(BN=bn, BK=bk, iters=it, use_dot=False, num_warps=nw, num_stages=ns, prefetch=pf)
-    for bn, bk in ((128, 64), (512, 16), (256, 32)) for it in (4, 8, 16) for nw in (4, 8) for ns in (1, 2)
-    for pf in (False, True)
-]
+SWEEP = (  # loop over every input, [BK, BN] FMAs reduced after the loop ...
+    [dict(BN=128, BK=64, iters=it, use_dot=False, num_warps=4, num_stages=1) for it in (4, 8, 16)]
+    # ... the same with BN = 256 * num_warps, so the sum over BK stays in-thread, over every input or (compact)
+    # over the packed surviving inputs only
+    + [dict(BN=256 * nw, BK=bk, iters=kps // bk, use_dot=False, num_warps=nw, num_stages=1, compact=c, in_thread=True)
+       for c in (False, True) for nw in (1, 2, 4) for bk in (16,) for kps in (64, 128, 256)]
+    # ... and the tensor-core path (rows padded to 16), whose weight tiles Triton stages through shared memory
+    + [dict(BN=128, BK=32, iters=it, use_dot=True, num_warps=4, num_stages=3) for it in (8, 16)]
+)
 
 
-def sweep_config(N, K, M, p) -> dict:
-    return sg.make_config(N, K, **p)
+def sweep_shape(N: int, K: int, M: int, sparsity: float, bw: float, l2: int, configs: list) -> list:
+    """µs of each launch config on one shape (one weight set for all configs; configs Triton cannot build are
+    left out), fastest first."""
+    ws_row, ws_col, x, t, needed = make_case(N, K, M, sparsity, torch.bfloat16, l2)
+    y = torch.empty(M, N, dtype=torch.bfloat16, device="cuda")
+    roof = needed * N * K * 2 / bw * 1e6
+    res = []
+    for p in configs:
+        cfg = sg.make_config(N, K, **p) if p else None  # None: the launcher's own choice
+        try:
+            err = check(x, ws_col[0], t, sg.sparse_gemv(x, ws_col[0], None, t, config=cfg))
+            us = graph_time_us([lambda i=i: sg.sparse_gemv(x, ws_col[i % len(ws_col)], None, t, config=cfg, out=y)
+                                for i in range(16)])
+        except Exception as e:  # a config Triton cannot build (e.g. out of shared memory)
+            print(f"   skipped {p}: {type(e).__name__}", flush=True)
+            continue
+        res.append((us, p, cfg, err, roof / us))
+    res.sort(key=lambda z: z[0])
+    return res
 
 
 def main() -> int:
@@ -149,6 +172,8 @@ def main() -> int:
     ap.add_argument("--out", default="examples/results/kernels_h100.md")
     ap.add_argument("--sweep-shapes", default="q/o 4096x4096,gate/up 14336x4096,down 4096x14336")
     ap.add_argument("--sweep-batch", type=int, default=1)
+    ap.add_argument("--sweep-sparsity", default="0.5", help="comma-separated sparsities")
+    ap.add_argument("--sweep-only", action="store_true", help="stop after the sweep")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("bench_kernels needs a CUDA GPU", file=sys.stderr)
@@ -159,23 +184,20 @@ def main() -> int:
     print(f"{props.name}: read bandwidth {bw / 1e12:.2f} TB/s, L2 {l2 / 2**20:.0f} MiB", flush=True)
 
     if args.sweep:
-        for name in args.sweep_shapes.split(","):
+        for name, sp in [(n, float(v)) for v in args.sweep_sparsity.split(",") for n in args.sweep_shapes.split(",")]:
             N, K = SHAPES[name]
-            res = []
-            for p in SWEEP:
-                if args.sweep_batch > 1 and not p["use_dot"]:
-                    continue
-                cfg = sweep_config(N, K, args.sweep_batch, p)
-                try:
-                    r = bench_shape(N, K, args.sweep_batch, 0.5, torch.bfloat16, bw, l2, config=cfg, calls=16)
-                except Exception:  # a config Triton cannot build
-                    continue
-                res.append((r["us"], p, cfg, r["err"]))
-            res.sort(key=lambda z: z[0])
-            print(f"sweep {name} M={args.sweep_batch} @50% bf16 ({len(res)} configs), best 6:", flush=True)
-            best_dot = [z for z in res if z[1]["use_dot"]][:2]
-            for us, p, cfg, err in res[:6] + best_dot:
-                print(f"   {us:7.2f} us  {p}  split={cfg['SPLIT_K']} err={err:.1e}", flush=True)
+            configs = [p for p in SWEEP if args.sweep_batch == 1 or p["use_dot"]]
+            res = sweep_shape(N, K, args.sweep_batch, sp, bw, l2, configs)
+            print(f"sweep {name} M={args.sweep_batch} @{sp:.0%} bf16 ({len(res)} configs), "
+                  f"default {sweep_shape(N, K, args.sweep_batch, sp, bw, l2, [None])[0][0]:.2f} us; best:",
+                  flush=True)
+            for kind in (lambda p: not p["use_dot"] and not p.get("in_thread"),
+                         lambda p: p.get("in_thread") and not p.get("compact"), lambda p: p.get("compact"),
+                         lambda p: p["use_dot"]):
+                for us, p, cfg, err, frac in [z for z in res if kind(z[1])][:3]:
+                    print(f"   {us:7.2f} us  frac {frac:.2f}  {p}  split={cfg['SPLIT_K']} err={err:.1e}", flush=True)
+        if args.sweep_only:
+            return 0
 
     dtypes = [torch.bfloat16] if args.quick else [torch.bfloat16, torch.float16]
     sparsities = (0.0, 0.5) if args.quick else SPARSITIES

@@ -12,6 +12,10 @@ that arrives last reads the sum back and zeroes the workspace, adds the bias, wr
 its dtype and resets the counter. So: one launch, no output-zeroing memset, the epilogue cost independent of the
 split (NOTES.md, v3). The fp32 sum order varies between runs (not bit-reproducible).
 Rows: every row keeps its own mask; a weight row is read once if any row needs it.
+Loops (one row, ``_in_thread_partial``): each thread owns whole columns of a tile, so a tile's sum stays in the
+thread; the loop walks every input of the split, masking the rows not needed, or, when the plan expects >= 60%
+sparsity, only the surviving inputs, packed first: a loop over every input pays a memory round trip per tile however
+few rows it keeps, so at 90% it cost 4x its data (NOTES.md, v5). Small N and batches use [BK, BN] tiles.
 Groups: up to three linears that share x (q/k/v, gate/up) run as one launch (``sparse_gemv_group``): their N tiles
 form one grid, each segment with its own weight, bias, output and threshold (NOTES.md, v4).
 """
@@ -55,6 +59,57 @@ if HAS_TRITON:
         return tl.load(w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn, mask=mask, other=0.0,
                        eviction_policy="evict_first")
 
+    @triton.jit
+    def _in_thread_partial(x_ptr, w_ptr, idx_ptr, xv_ptr, k_lo, k_hi, threshold, offs_n, n_ok, stride_wk, stride_wn,
+                           BK: tl.constexpr, BN: tl.constexpr, CHUNK: tl.constexpr, EVEN_N: tl.constexpr,
+                           PACK: tl.constexpr):
+        """Σ_k x_k W[k, offs_n] over the inputs of [k_lo, k_hi) that survive the threshold (one row of x).
+
+        With BN = 256 * num_warps every thread holds whole columns of a [BK, BN] tile (8 columns x BK rows), so the
+        sum over the tile's rows stays inside the thread: the accumulator is 8 registers and the rest can hold a
+        whole tile's loads in flight (the [BK, BN] accumulator of the other loop leaves ptxas room for half a tile).
+
+        PACK: the survivors' indices and values are packed first (a prefix sum over the chunk, stored to a scratch
+        slot that every program of this K split and segment shares: they all write the same values), then the loop
+        runs over full tiles of needed weight rows only: at 90% a tenth of the iterations, where a loop over all
+        rows pays a memory round trip per tile however few rows it keeps (NOTES.md, v5). Without PACK the loop
+        walks every input and masks the rows not needed.
+        """
+        acc = tl.zeros((BN,), dtype=tl.float32)
+        if PACK:
+            offs = k_lo + tl.arange(0, CHUNK)
+            x = tl.load(x_ptr + offs, mask=offs < k_hi, other=0.0).to(tl.float32)
+            keep = tl.abs(x) > threshold
+            slot = tl.cumsum(keep.to(tl.int32), axis=0) - 1
+            n_keep = tl.sum(keep.to(tl.int32), axis=0)
+            tl.store(idx_ptr + slot, offs, mask=keep)
+            tl.store(xv_ptr + slot, x, mask=keep)
+            tl.debug_barrier()  # the CTA's global stores are visible to all its threads after the barrier
+            j = tl.arange(0, BK)
+            ok = j < n_keep
+            k = tl.load(idx_ptr + j, mask=ok, other=0)
+            xv = tl.load(xv_ptr + j, mask=ok, other=0.0)
+            for j0 in range(0, n_keep, BK):
+                w = _load_needed_rows(w_ptr, k, offs_n, ok, n_ok, stride_wk, stride_wn, EVEN_N)
+                jn = j0 + BK + tl.arange(0, BK)  # the next tile's indices are requested before this tile's FMAs
+                ok_next = jn < n_keep
+                k_next = tl.load(idx_ptr + jn, mask=ok_next, other=0)
+                xv_next = tl.load(xv_ptr + jn, mask=ok_next, other=0.0)
+                acc += tl.sum(xv[:, None] * w.to(tl.float32), axis=0)
+                k, xv, ok = k_next, xv_next, ok_next
+        else:
+            offs_k = k_lo + tl.arange(0, BK)
+            x = tl.load(x_ptr + offs_k, mask=offs_k < k_hi, other=0.0).to(tl.float32)
+            for k0 in range(k_lo, k_hi, BK):
+                offs_k = k0 + tl.arange(0, BK)
+                keep = tl.abs(x) > threshold  # x past k_hi is 0: never kept (t >= 0)
+                w = _load_needed_rows(w_ptr, offs_k, offs_n, keep, n_ok, stride_wk, stride_wn, EVEN_N)
+                nxt = offs_k + BK
+                x_next = tl.load(x_ptr + nxt, mask=nxt < k_hi, other=0.0).to(tl.float32)
+                acc += tl.sum(tl.where(keep, x, 0.0)[:, None] * w.to(tl.float32), axis=0)
+                x = x_next
+        return acc
+
     # A grouped launch swaps scalars per segment inside a runtime `if`; both branches must have the same type, so
     # a swapped value may never be 1 (Triton turns an argument equal to 1 into a compile-time constant). The
     # launcher groups only column-major weights (stride_wn == 1 in every segment, so it is never swapped) with
@@ -62,13 +117,14 @@ if HAS_TRITON:
     # makes the weight loads 16 bytes wide (without it the kernel ran 6x slower, NOTES.md).
     @triton.jit
     def _sparse_gemv_kernel(
-        x_ptr, w_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
+        x_ptr, w_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, idx_ptr, xv_ptr,
         M, N, K, threshold,
         stride_xm, stride_wn, stride_wk, stride_ym,
         K_PER_SPLIT,
         SPLIT_K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, HAS_BIAS: tl.constexpr,
         USE_DOT: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-        EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, PREFETCH: tl.constexpr,
+        EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, IN_THREAD: tl.constexpr, COMPACT: tl.constexpr,
+        CHUNK: tl.constexpr,
         # segments 1 and 2 (a grouped launch: linears sharing the input x, each with its own weight, bias,
         # output and threshold; N tiles [0, TILES1) are segment 0, [TILES1, TILES2) segment 1, the rest segment 2)
         w1_ptr=None, b1_ptr=None, y1_ptr=None, N1=0, threshold1=0.0, stride_wk1=0, stride_ym1=0,
@@ -79,6 +135,7 @@ if HAS_TRITON:
         pk = tl.program_id(1)
         pn = pn_all
         col0 = pn_all * 0  # this segment's first column in the shared workspace
+        seg = pn_all * 0
         ws_width = N
         if NSEG > 1:
             ws_width = N_TOTAL
@@ -86,11 +143,13 @@ if HAS_TRITON:
                 if NSEG > 2 and pn_all >= TILES2:
                     pn = pn_all - TILES2
                     col0 = TILES2 * BN
+                    seg = 2
                     w_ptr, b_ptr, y_ptr, N, threshold = w2_ptr, b2_ptr, y2_ptr, N2, threshold2
                     stride_wk, stride_ym = stride_wk2, stride_ym2
                 else:
                     pn = pn_all - TILES1
                     col0 = TILES1 * BN
+                    seg = 1
                     w_ptr, b_ptr, y_ptr, N, threshold = w1_ptr, b1_ptr, y1_ptr, N1, threshold1
                     stride_wk, stride_ym = stride_wk1, stride_ym1
         offs_n = pn * BN + tl.arange(0, BN)
@@ -117,10 +176,14 @@ if HAS_TRITON:
                     acc = tl.dot(xs, w, acc, input_precision="ieee")
                 else:
                     acc = tl.dot(xs, w, acc)
+        elif IN_THREAD:
+            slot = (seg * SPLIT_K + pk) * CHUNK
+            acc = tl.reshape(_in_thread_partial(x_ptr, w_ptr, idx_ptr + slot, xv_ptr + slot, k_lo, k_hi, threshold,
+                                                offs_n, n_ok, stride_wk, stride_wn, BK, BN, CHUNK, EVEN_N, COMPACT),
+                             (1, BN))
         else:
-            # one row: FMAs into a [BK, BN] accumulator, a single reduction over K after the loop. With PREFETCH the
-            # next chunk of x is requested before this chunk's weights are used, so the x -> mask -> weight-load
-            # latency chain does not serialise the iterations.
+            # one row: FMAs into a [BK, BN] accumulator, a single reduction over K after the loop; the next chunk
+            # of x is requested before this chunk's weights are used
             acc2 = tl.zeros((BK, BN), dtype=tl.float32)
             offs_k = k_lo + tl.arange(0, BK)
             if EVEN_K:
@@ -132,13 +195,9 @@ if HAS_TRITON:
                 keep = tl.abs(x) > threshold
                 w = _load_needed_rows(w_ptr, offs_k, offs_n, keep, n_ok, stride_wk, stride_wn, EVEN_N)
                 nxt = offs_k + BK
-                if PREFETCH:
-                    x_next = tl.load(x_ptr + nxt, mask=nxt < k_hi, other=0.0).to(tl.float32)
+                x_next = tl.load(x_ptr + nxt, mask=nxt < k_hi, other=0.0).to(tl.float32)
                 acc2 += tl.where(keep, x, 0.0)[:, None] * w.to(tl.float32)
-                if PREFETCH:
-                    x = x_next
-                else:
-                    x = tl.load(x_ptr + nxt, mask=nxt < k_hi, other=0.0).to(tl.float32)
+                x = x_next
             acc = tl.reshape(tl.sum(acc2, axis=0), (1, BN))
 
         y_offs = offs_m[:, None] * stride_ym + offs_n[None, :]
@@ -170,17 +229,33 @@ def _next_pow2(v: int) -> int:
 
 
 def make_config(N: int, K: int, *, BN: int, BK: int, iters: int, use_dot: bool, num_warps: int = 4,
-                num_stages: int = 2, prefetch: bool = True) -> dict:
-    """A launch config: [BK, BN] tiles, each program reducing ``iters`` of them along K (so K is split in
-    ceil(K / (BK * iters)) parts)."""
+                num_stages: int = 2, compact: bool = False, in_thread: bool = False) -> dict:
+    """A launch config: [BK, BN] tiles, each program covering ``iters`` of them along K (so K is split in
+    ceil(K / (BK * iters)) parts). One row only: ``in_thread`` sums each tile inside the threads (BN should be
+    256 * num_warps), ``compact`` (implies it) loops over the packed surviving inputs only."""
     BN = min(BN, max(16, _next_pow2(N)))
     k_per = BK * iters
     return dict(BN=BN, BK=BK, SPLIT_K=-(-K // k_per), K_PER_SPLIT=k_per, USE_DOT=use_dot,
-                num_warps=num_warps, num_stages=num_stages, PREFETCH=prefetch)
+                num_warps=num_warps, num_stages=num_stages, IN_THREAD=(in_thread or compact) and not use_dot,
+                COMPACT=compact and not use_dot, CHUNK=_next_pow2(k_per))
 
 
-def choose_config(M: int, N: int, K: int, device: torch.device) -> dict:
-    """Tile sizes and split-K for a shape (from the sweeps in NOTES.md)."""
+COMPACT_FROM = 0.6  # expected sparsity from which one row loops over the packed survivors only (NOTES.md, v5)
+
+
+def choose_config(M: int, N: int, K: int, device: torch.device, sparsity: Optional[float] = None) -> dict:
+    """Tile sizes, loop and split-K for a shape (from the sweeps in NOTES.md). ``sparsity``: the fraction of inputs
+    the threshold is expected to drop (None or < 0: unknown)."""
+    if M == 1 and N >= 2048:  # below that (a lone k/v projection, small models) the in-thread loops had too few programs
+        if sparsity is not None and sparsity >= COMPACT_FROM:
+            # packed survivors: 4 warps, ~450 programs each packing 64-256 inputs
+            BN = min(1024, _next_pow2(N))
+            k_per = min(256, max(64, _next_pow2(K * (-(-N // BN)) // 448)))
+            return make_config(N, K, BN=BN, BK=16, iters=k_per // 16, use_dot=False, num_warps=BN // 256,
+                               num_stages=1, compact=True)
+        # every input, masked: one warp per 256 columns, 16-row tiles, 4-8 tiles per program (~1000-3600 programs)
+        iters = 8 if (N // 256) * (K // 16) >= 8000 else 4
+        return make_config(N, K, BN=256, BK=16, iters=iters, use_dot=False, num_warps=1, num_stages=1, in_thread=True)
     BN, BK = 128, 64
     n_tiles = -(-N // BN)
     # about 450-500 programs did best in the v3 sweeps on the H100 (NOTES.md): 16 tiles per program on the MLP
@@ -190,40 +265,50 @@ def choose_config(M: int, N: int, K: int, device: torch.device) -> dict:
 
 
 class _Workspace:
-    """Per-device scratch: the fp32 accumulator and the arrival counters, zeroed once at allocation and left zero
-    by every launch. Launches on one stream are ordered, so they can share it (not launches on parallel streams).
+    """Per-device scratch, allocated once and grown only outside CUDA graph capture:
+    ``ws`` the fp32 split-K accumulator and ``cnt`` the arrival counters (zeroed once, left zero by every launch),
+    ``idx``/``xv`` the packed indices and values of the surviving inputs (compacted path; written before read).
+    Launches on one stream are ordered, so they can share it (not launches on parallel streams).
 
     It must exist before any CUDA graph is captured (a first allocation during a cudagraph-tree warm-up would land
     in the graph's private pool): the teal backend reserves it at compile time with ``reserve_workspace``.
     """
 
+    DTYPES = {"ws": torch.float32, "cnt": torch.int32, "idx": torch.int32, "xv": torch.float32}
+    MIN_SIZE = {"ws": 1 << 20, "cnt": 1 << 14, "idx": 1 << 16, "xv": 1 << 16}
+
     def __init__(self) -> None:
         self.bufs: dict = {}
 
-    def reserve(self, device: torch.device, partials: int, tiles: int) -> None:
-        ws, cnt = self.bufs.get((device, "ws")), self.bufs.get((device, "cnt"))
-        if ws is None or ws.numel() < partials:
-            self.bufs[(device, "ws")] = torch.zeros(max(partials, 1 << 20), dtype=torch.float32, device=device)
-        if cnt is None or cnt.numel() < tiles:
-            self.bufs[(device, "cnt")] = torch.zeros(max(tiles, 1 << 14), dtype=torch.int32, device=device)
+    def reserve(self, device: torch.device, **sizes: int) -> None:
+        for name, size in sizes.items():
+            buf = self.bufs.get((device, name))
+            if buf is None or buf.numel() < size:
+                self.bufs[(device, name)] = torch.zeros(max(size, self.MIN_SIZE[name]), dtype=self.DTYPES[name],
+                                                        device=device)
 
-    def get(self, device: torch.device, partials: int, tiles: int) -> tuple[Tensor, Tensor]:
-        ws, cnt = self.bufs.get((device, "ws")), self.bufs.get((device, "cnt"))
-        if ws is None or ws.numel() < partials or cnt is None or cnt.numel() < tiles:
+    def get(self, device: torch.device, **sizes: int) -> list[Tensor]:
+        if any((device, n) not in self.bufs or self.bufs[(device, n)].numel() < size for n, size in sizes.items()):
             if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
                 raise RuntimeError("teal sparse GEMV: call reserve_workspace() before capturing a CUDA graph")
-            self.reserve(device, partials, tiles)
-        return self.bufs[(device, "ws")], self.bufs[(device, "cnt")]
+            self.reserve(device, **sizes)
+        return [self.bufs[(device, n)] for n in sizes]
 
 
 _WORKSPACE = _Workspace()
 
 
-def reserve_workspace(device: torch.device, max_n: int) -> None:
+def _packed_inputs(cfg: dict) -> int:
+    """Scratch entries of one segment in the compacted path: a slot of CHUNK per K split."""
+    return cfg["SPLIT_K"] * cfg["CHUNK"] if cfg.get("COMPACT") else 1
+
+
+def reserve_workspace(device: torch.device, max_n: int, max_k: int = 16384) -> None:
     """Allocate the scratch for launches with output width up to ``max_n`` (summed over a group's segments,
-    each padded to a tile) and up to 16 padded rows."""
+    each padded to a tile), input width up to ``max_k`` and up to 16 padded rows."""
     width = max_n + MAX_SEGMENTS * 256
-    _WORKSPACE.reserve(torch.device(device), 16 * width, width // 16 + 1)
+    packed = MAX_SEGMENTS * 2 * (max_k + 4096)  # SPLIT_K * CHUNK < 2 * (K + K_PER_SPLIT); choose_config: K_PER_SPLIT <= 1024
+    _WORKSPACE.reserve(torch.device(device), ws=16 * width, cnt=width // 16 + 1, idx=packed, xv=packed)
 
 
 def supports(x: Tensor, weight: Tensor) -> bool:
@@ -240,14 +325,16 @@ def supports(x: Tensor, weight: Tensor) -> bool:
 
 
 def sparse_gemv(x: Tensor, weight: Tensor, bias: Optional[Tensor], threshold: float, config: Optional[dict] = None,
-                out: Optional[Tensor] = None) -> Tensor:
-    """Launch the kernel. x: [..., K] with at most 8 rows; weight: [N, K], ideally column-major (stride (1, N))."""
-    return sparse_gemv_group(x, [weight], [bias], [threshold], config=config, outs=None if out is None else [out])[0]
+                out: Optional[Tensor] = None, sparsity: Optional[float] = None) -> Tensor:
+    """Launch the kernel. x: [..., K] with at most 8 rows; weight: [N, K], ideally column-major (stride (1, N)).
+    ``sparsity`` (expected fraction of inputs dropped, or None) only picks the launch config."""
+    return sparse_gemv_group(x, [weight], [bias], [threshold], config=config, outs=None if out is None else [out],
+                             sparsity=sparsity)[0]
 
 
 def sparse_gemv_group(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tensor]],
                       thresholds: Sequence[float], config: Optional[dict] = None,
-                      outs: Optional[Sequence[Tensor]] = None) -> list[Tensor]:
+                      outs: Optional[Sequence[Tensor]] = None, sparsity: Optional[float] = None) -> list[Tensor]:
     """One launch for up to three linears that share the input ``x`` (q/k/v, gate/up): y_i = (x ⊙ 1[|x| > t_i]) W_iᵀ + b_i.
 
     The segments' N tiles form one grid, so the small k/v projections ride along with q instead of paying a
@@ -274,7 +361,7 @@ def sparse_gemv_group(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Opt
     if not 1 <= M <= MAX_ROWS:
         raise ValueError(f"sparse_gemv takes 1 to {MAX_ROWS} rows, got {M}")
     Ns = [w.shape[0] for w in weights]
-    cfg = dict(config) if config else choose_config(M, sum(Ns), K, x.device)
+    cfg = dict(config) if config else choose_config(M, sum(Ns), K, x.device, sparsity)
     BN = cfg["BN"]
     BM = max(16, _next_pow2(M)) if cfg["USE_DOT"] else 1
     if BM == 1 and M != 1:
@@ -282,12 +369,15 @@ def sparse_gemv_group(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Opt
     ys = list(outs) if outs is not None else [torch.empty((M, N), dtype=x.dtype, device=x.device) for N in Ns]
     tiles = [-(-N // BN) for N in Ns]
     total_tiles = sum(tiles)
-    ws, cnt = _WORKSPACE.get(x.device, BM * total_tiles * BN, total_tiles)
+    packed = nseg * _packed_inputs(cfg)
+    ws, cnt, idx, xv = _WORKSPACE.get(x.device, ws=BM * total_tiles * BN, cnt=total_tiles, idx=packed, xv=packed)
     has_bias = biases[0] is not None
     seg = []
     for i in range(nseg):
         w, y = weights[i], ys[i]
-        seg.append(dict(w=w, b=biases[i] if has_bias else x2, y=y, N=Ns[i], t=float(thresholds[i]),
+        # t < 0 keeps every input, as t = 0 does up to exact zeros (which add nothing); the kernel relies on t >= 0
+        # to never keep the zero-padded inputs past the end of a split, so clamp
+        seg.append(dict(w=w, b=biases[i] if has_bias else x2, y=y, N=Ns[i], t=max(float(thresholds[i]), 0.0),
                         swn=w.stride(0), swk=w.stride(1), sym=y.stride(0)))
     extra = {}
     for i in (1, 2):
@@ -299,14 +389,15 @@ def sparse_gemv_group(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Opt
         extra.update(TILES1=tiles[0], TILES2=tiles[0] + (tiles[1] if nseg > 2 else 0), N_TOTAL=total_tiles * BN)
     s0 = seg[0]
     _sparse_gemv_kernel[(total_tiles, cfg["SPLIT_K"])](
-        x2, s0["w"], s0["b"], s0["y"], ws, cnt,
+        x2, s0["w"], s0["b"], s0["y"], ws, cnt, idx, xv,
         M, s0["N"], K, s0["t"],
         x2.stride(0), s0["swn"], s0["swk"], s0["sym"],
         cfg["K_PER_SPLIT"],
         SPLIT_K=cfg["SPLIT_K"], BM=BM, BN=BN, BK=cfg["BK"], HAS_BIAS=has_bias,
         USE_DOT=cfg["USE_DOT"], IEEE=x.dtype == torch.float32,
         UPCAST=x.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1",
-        EVEN_N=all(N % BN == 0 for N in Ns), EVEN_K=K % cfg["K_PER_SPLIT"] == 0, PREFETCH=cfg.get("PREFETCH", True),
+        EVEN_N=all(N % BN == 0 for N in Ns), EVEN_K=K % cfg["K_PER_SPLIT"] == 0,
+        IN_THREAD=cfg.get("IN_THREAD", False), COMPACT=cfg.get("COMPACT", False), CHUNK=cfg.get("CHUNK", 1),
         NSEG=nseg, num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2), **extra,
     )
     return [y.reshape(*x.shape[:-1], N) for y, N in zip(ys, Ns)]

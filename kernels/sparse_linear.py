@@ -58,25 +58,30 @@ def reference_sparse_linear(
 
 @torch.library.custom_op("teal::sparse_linear", mutates_args=())
 def sparse_linear(
-    x: Tensor, weight: Tensor, bias: Optional[Tensor], threshold: float, prefill_sparse_from: float = 1.0
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], threshold: float, prefill_sparse_from: float = 1.0,
+    sparsity: float = -1.0,
 ) -> Tensor:
-    """y = (x ⊙ 1[|x| > threshold]) weightᵀ + bias, with the decode/prefill rule of the module docstring."""
+    """y = (x ⊙ 1[|x| > threshold]) weightᵀ + bias, with the decode/prefill rule of the module docstring.
+
+    ``sparsity``: the fraction of inputs the threshold is expected to drop (from the plan; -1: unknown). It only
+    picks the GPU kernel's variant, never the result."""
     if x.is_cuda and _sparse_token_mask_start(x, prefill_sparse_from) == 0:
         from teal_fx.kernels import sparse_gemv
 
         if sparse_gemv.supports(x, weight):
-            return sparse_gemv.sparse_gemv(x, weight, bias, threshold)
+            return sparse_gemv.sparse_gemv(x, weight, bias, threshold, sparsity=sparsity)
     return reference_sparse_linear(x, weight, bias, threshold, prefill_sparse_from)
 
 
 @sparse_linear.register_fake
-def _(x: Tensor, weight: Tensor, bias: Optional[Tensor], threshold: float, prefill_sparse_from: float = 1.0) -> Tensor:
+def _(x: Tensor, weight: Tensor, bias: Optional[Tensor], threshold: float, prefill_sparse_from: float = 1.0,
+      sparsity: float = -1.0) -> Tensor:
     torch._check(x.shape[-1] == weight.shape[1], lambda: "sparse_linear: x and weight disagree on in_features")
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, weight, bias, threshold, prefill_sparse_from = inputs
+    x, weight, bias, threshold, prefill_sparse_from, _ = inputs
     ctx.save_for_backward(x, weight)
     ctx.threshold = threshold
     ctx.prefill_sparse_from = prefill_sparse_from
@@ -94,7 +99,7 @@ def _backward(ctx, grad_out: Tensor):
     grad_x = torch.where(keep, grad_out @ weight, torch.zeros((), dtype=x.dtype, device=x.device))
     grad_w = grad_out.reshape(-1, grad_out.shape[-1]).t() @ x_used.reshape(-1, x.shape[-1])
     grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0) if ctx.has_bias else None
-    return grad_x, grad_w, grad_b, None, None
+    return grad_x, grad_w, grad_b, None, None, None
 
 
 sparse_linear.register_autograd(_backward, setup_context=_setup_context)
@@ -103,31 +108,32 @@ sparse_linear.register_autograd(_backward, setup_context=_setup_context)
 @torch.library.custom_op("teal::sparse_linear_group", mutates_args=())
 def sparse_linear_group(
     x: Tensor, weights: list[Tensor], biases: list[Optional[Tensor]], thresholds: list[float],
-    prefill_sparse_from: float,
+    prefill_sparse_from: float, sparsities: list[float],
 ) -> list[Tensor]:
     """``sparse_linear`` for linears sharing the input ``x`` (q/k/v, gate/up): one Triton launch on the decode path.
 
-    Same semantics as calling ``sparse_linear(x, weights[i], biases[i], thresholds[i], prefill_sparse_from)`` for
-    each i (that is its reference and its CPU path).
+    Same semantics as calling ``sparse_linear(x, weights[i], biases[i], thresholds[i], prefill_sparse_from,
+    sparsities[i])`` for each i (that is its reference and its CPU path). (No defaults here: the dispatcher drops
+    default-valued arguments, and the tensor-list autograd wrapper then expects one gradient fewer.)
     """
     if x.is_cuda and _sparse_token_mask_start(x, prefill_sparse_from) == 0:
         from teal_fx.kernels import sparse_gemv
 
         if all(sparse_gemv.supports(x, w) for w in weights) and len({b is None for b in biases}) == 1:
-            return sparse_gemv.sparse_gemv_group(x, weights, biases, thresholds)
+            return sparse_gemv.sparse_gemv_group(x, weights, biases, thresholds, sparsity=min(sparsities, default=-1.0))
     return [reference_sparse_linear(x, w, b, t, prefill_sparse_from) for w, b, t in zip(weights, biases, thresholds)]
 
 
 @sparse_linear_group.register_fake
 def _(x: Tensor, weights: list[Tensor], biases: list[Optional[Tensor]], thresholds: list[float],
-      prefill_sparse_from: float) -> list[Tensor]:
+      prefill_sparse_from: float, sparsities: list[float]) -> list[Tensor]:
     for w in weights:
         torch._check(x.shape[-1] == w.shape[1], lambda: "sparse_linear_group: x and a weight disagree on in_features")
     return [x.new_empty((*x.shape[:-1], w.shape[0])) for w in weights]
 
 
 def _group_setup_context(ctx, inputs, output) -> None:
-    x, weights, biases, thresholds, prefill_sparse_from = inputs
+    x, weights, biases, thresholds, prefill_sparse_from, _ = inputs
     ctx.save_for_backward(x, *weights)
     ctx.thresholds = list(thresholds)
     ctx.prefill_sparse_from = prefill_sparse_from
@@ -135,9 +141,7 @@ def _group_setup_context(ctx, inputs, output) -> None:
 
 
 def _group_backward(ctx, grad_outs: list[Tensor]):
-    """Each segment's straight-through gradient (as ``_backward``), summed into x. (No default for
-    ``prefill_sparse_from`` in the schema: the dispatcher drops default-valued arguments, and the tensor-list autograd
-    wrapper then expects one gradient fewer.)"""
+    """Each segment's straight-through gradient (as ``_backward``), summed into x."""
     x, *weights = ctx.saved_tensors
     start = _sparse_token_mask_start(x, ctx.prefill_sparse_from)
     grad_x = torch.zeros_like(x)
@@ -154,7 +158,7 @@ def _group_backward(ctx, grad_outs: list[Tensor]):
         # `Tensor?[]` arguments take no gradient through torch.library's autograd: refuse rather than drop them
         raise RuntimeError("teal::sparse_linear_group: no gradient for biases; compile with "
                            "options={'group_shared_input': False} to train through biased q/k/v")
-    return grad_x, grad_ws, None, None, None
+    return grad_x, grad_ws, None, None, None, None
 
 
 sparse_linear_group.register_autograd(_group_backward, setup_context=_group_setup_context)

@@ -30,7 +30,7 @@ def _members_by_input(gm: fx.GraphModule) -> dict:
     groups: dict = defaultdict(list)
     for n in gm.graph.nodes:
         if n.op == "call_function" and n.target is op:
-            x, w, b, t, psf = n.args
+            x, w, b, t, psf = n.args[:5]
             groups[(x, psf, b is None)].append(n)
     return groups
 
@@ -38,8 +38,10 @@ def _members_by_input(gm: fx.GraphModule) -> dict:
 def _replace_with_group(gm: fx.GraphModule, chunk: list, x: fx.Node, psf: float) -> None:
     """One group node before the first member; each member's users read ``getitem(group, i)`` instead."""
     with gm.graph.inserting_before(chunk[0]):
+        weights, biases, thresholds = ([n.args[i] for n in chunk] for i in (1, 2, 3))
+        sparsities = [n.args[5] if len(n.args) > 5 else -1.0 for n in chunk]
         group = gm.graph.call_function(
-            torch.ops.teal.sparse_linear_group.default, (x, [n.args[1] for n in chunk], [n.args[2] for n in chunk], [n.args[3] for n in chunk], psf)
+            torch.ops.teal.sparse_linear_group.default, (x, weights, biases, thresholds, psf, sparsities)
         )
         vals = [n.meta.get("val") for n in chunk]
         if all(v is not None for v in vals):

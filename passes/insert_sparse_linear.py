@@ -43,8 +43,10 @@ def insert_sparse_linear(gm: fx.GraphModule, ctx) -> fx.GraphModule:
         if tokens is not None and tokens > 1 and plan.prefill_sparse_from >= 1.0:
             continue
         threshold = float(plan.threshold(m.key))
+        sparsity = plan.linears[m.key].sparsity  # picks the kernel variant only; None (unknown) -> -1
         with gm.graph.inserting_after(node):
-            new = gm.graph.call_function(op, (x, w, b, threshold, float(plan.prefill_sparse_from)))
+            new = gm.graph.call_function(
+                op, (x, w, b, threshold, float(plan.prefill_sparse_from), -1.0 if sparsity is None else float(sparsity)))
         new.meta.update(node.meta)
         new.meta["teal"] = m
         node.replace_all_uses_with(new)

@@ -1,11 +1,9 @@
 """Backend registration, options, dumps."""
 import importlib.metadata
-import os
 import subprocess
 import sys
 import textwrap
 
-import pytest
 import torch
 
 import teal_fx

@@ -121,3 +121,19 @@ def test_bad_calibration_data():
         model.model.layers[0].input_layernorm.weight.fill_(float("nan"))
     with pytest.raises(CalibrationDataError, match="NaN"):
         teal_fx.calibrate(model, torch.randint(3, 128, (2, 32)), num_sequences=2, seq_len=32, progress=False)
+
+
+@settings(max_examples=30, deadline=None)
+@given(total=st.integers(16, 3000), n=st.integers(1, 40), L=st.integers(16, 300))
+def test_token_windows_spread_over_the_whole_text(total, n, L):
+    from teal_fx.calibrate import token_sequences
+
+    ids = torch.arange(total)
+    seqs = token_sequences(ids, None, num_sequences=n, seq_len=L)
+    L = min(L, total)
+    assert seqs.shape == (min(n, total // L), L)
+    starts = seqs[:, 0].tolist()
+    assert all(torch.equal(row, torch.arange(s, s + L)) for row, s in zip(seqs, starts))  # contiguous windows
+    assert starts[0] == 0 and all(b - a >= L for a, b in zip(starts, starts[1:]))  # in order, no overlap
+    if len(starts) > 1:
+        assert starts[-1] + L == total  # the last window reaches the end of the text

@@ -1,12 +1,9 @@
 """Discovery labels the block linears of every supported architecture by structure, and nothing else."""
-import warnings
-
 import pytest
 import torch
 import transformers as T
 
 import teal_fx
-from teal_fx.passes import discover
 from tests.conftest import ARCHS, EXPECTED_ROLES, tiny_model
 
 

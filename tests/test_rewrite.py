@@ -1,10 +1,7 @@
 """The rewrite preserves meaning: the compiled model equals an independent reference (hooks masking each block
 linear's input by its threshold), for drawn architectures, sizes, dtypes, batch/sequence lengths and thresholds."""
-import warnings
-
 import pytest
 import torch
-import transformers as T
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import teal_fx
@@ -106,6 +103,27 @@ def test_rewritten_nodes_are_exactly_the_block_linears(arch):
     for n in ops:  # the fake value is still the right one
         v = n.meta["example_value"]
         assert v.shape[-1] == n.meta["teal"].shape[0]
+
+
+def test_plan_sparsity_reaches_the_ops():
+    """The plan's sparsity per linear rides along as the ops' variant hint (-1 where the plan has none)."""
+    import dataclasses
+
+    model = tiny_model("llama", layers=2)
+    plan = plan_for(model, [0.3])
+    keys = sorted(plan.linears)
+    hints = {k: (None if i % 3 == 0 else 0.1 * (i % 9)) for i, k in enumerate(keys)}
+    plan.linears = {k: dataclasses.replace(lp, sparsity=hints[k]) for k, lp in plan.linears.items()}
+    graphs, _ = teal_fx.capture_graphs(model, dict(input_ids=torch.tensor([[4]]), use_cache=False))
+    gm = run_passes(graphs[0].gm, PassContext(plan=plan))
+    seen = {}
+    for n in gm.graph.nodes:
+        if n.target is torch.ops.teal.sparse_linear.default:
+            seen[n.meta["teal"].key] = n.args[5]
+        elif n.target is torch.ops.teal.sparse_linear_group.default:
+            for item in n.users:
+                seen[item.meta["teal"].key] = n.args[5][item.args[1]]
+    assert seen == {k: -1.0 if h is None else h for k, h in hints.items()}
 
 
 def test_inductor_end_to_end_cpu():

@@ -23,7 +23,7 @@ def rel_err(y, ref):
     return float((y.double() - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
-def run(M, N, K, dtype, t, bias, col_major=True, config=None, seed=0):
+def run(M, N, K, dtype, t, bias, col_major=True, config=None, seed=0, sparsity=None):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(M, K, generator=g).to(dtype).to(DEVICE)
     w = torch.randn(N, K, generator=g).to(dtype).to(DEVICE) / K**0.5
@@ -31,7 +31,7 @@ def run(M, N, K, dtype, t, bias, col_major=True, config=None, seed=0):
         w = w.t().contiguous().t()
     b = torch.randn(N, generator=g).to(dtype).to(DEVICE) if bias else None
     y = torch.full((M, N), float("nan"), dtype=dtype, device=DEVICE)  # poison
-    sg.sparse_gemv(x, w, b, t, config=config, out=y)
+    sg.sparse_gemv(x, w, b, t, config=config, out=y, sparsity=sparsity)
     ref = sg.reference_sparse_gemv(x.cpu(), w.cpu(), b.cpu() if b is not None else None, t)
     assert not torch.isnan(y).any(), "unwritten output elements"
     return rel_err(y.cpu(), ref)
@@ -42,19 +42,47 @@ def run(M, N, K, dtype, t, bias, col_major=True, config=None, seed=0):
     M=st.integers(1, 8), N=st.integers(1, 70), K=st.integers(1, 90),
     dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
     t=st.floats(0.0, 1.5), bias=st.booleans(), seed=st.integers(0, 1000),
+    hint=st.sampled_from([None, 0.3, 0.9]),  # the expected sparsity picks the variant (0.9: compacted for one row)
 )
-def test_matches_float64(M, N, K, dtype, t, bias, seed):
-    assert run(M, N, K, dtype, t, bias, seed=seed) <= TOL[dtype]
+def test_matches_float64(M, N, K, dtype, t, bias, seed, hint):
+    assert run(M, N, K, dtype, t, bias, seed=seed, sparsity=hint) <= TOL[dtype]
+
+
+def test_config_follows_expected_sparsity():
+    unknown, half = sg.choose_config(1, 4096, 4096, "cuda"), sg.choose_config(1, 4096, 4096, "cuda", sparsity=0.5)
+    assert unknown["IN_THREAD"] and not unknown["COMPACT"] and half == unknown
+    dense_ish, sparse = sg.choose_config(1, 14336, 4096, "cuda", 0.4), sg.choose_config(1, 14336, 4096, "cuda", 0.9)
+    assert sparse["COMPACT"] and not dense_ish["COMPACT"]
+    for cfg in (unknown, dense_ish, sparse):  # the in-thread sum needs whole columns per thread
+        assert cfg["BN"] == 256 * cfg["num_warps"] and cfg["IN_THREAD"]
+    assert not sg.choose_config(1, 1024, 4096, "cuda", 0.9)["IN_THREAD"]  # a lone k/v: [BK, BN] tiles
+    assert sg.choose_config(4, 14336, 4096, "cuda", 0.9)["USE_DOT"]  # batches keep the tensor-core path
 
 
 @pytest.mark.parametrize("N,K", [(40, 96), (64, 96), (64, 100)])  # ragged and even tiles (EVEN_N / EVEN_K paths)
 @pytest.mark.parametrize("iters", [6, 1])
-@pytest.mark.parametrize("M,use_dot", [(1, False), (1, True), (5, True)])
-def test_split_k_and_variants(N, K, iters, M, use_dot):
-    cfg = sg.make_config(N, K, BN=32, BK=16, iters=iters, use_dot=use_dot)
+@pytest.mark.parametrize("M,use_dot,loop", [(1, False, "tile"), (1, False, "in_thread"), (1, False, "compact"),
+                                            (1, True, "tile"), (5, True, "tile")])
+def test_split_k_and_variants(N, K, iters, M, use_dot, loop):
+    cfg = sg.make_config(N, K, BN=32, BK=16, iters=iters, use_dot=use_dot, compact=loop == "compact",
+                         in_thread=loop == "in_thread")
     assert cfg["SPLIT_K"] == -(-K // (16 * iters))
     for rep in range(2):  # the second launch checks that the arrival counters were reset
         assert run(M, N, K, torch.float32, 0.4, True, config=cfg, seed=rep) <= 1e-5
+
+
+@pytest.mark.parametrize("loop", ["tile", "in_thread", "compact"])
+def test_negative_threshold_keeps_every_input(loop):
+    cfg = sg.make_config(40, 70, BN=32, BK=16, iters=2, use_dot=False, compact=loop == "compact",
+                         in_thread=loop == "in_thread")  # ragged last split
+    assert run(1, 40, 70, torch.float32, -0.5, True, config=cfg) <= 1e-5
+
+
+@pytest.mark.parametrize("hint", [None, 0.9])
+def test_default_configs_of_wide_outputs(hint):
+    """N >= 2048 takes the in-thread loops by default (ragged N: masked last tile); 0.9 packs the survivors."""
+    assert sg.choose_config(1, 2100, 80, DEVICE, hint)["IN_THREAD"]
+    assert run(1, 2100, 80, torch.bfloat16, 0.8, True, sparsity=hint) <= TOL[torch.bfloat16]
 
 
 def test_row_major_weight_still_correct():
@@ -85,9 +113,9 @@ def test_rejects_too_many_rows():
     M=st.integers(1, 8), Ns=st.lists(st.integers(1, 70), min_size=1, max_size=3), K=st.integers(1, 90),
     dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
     ts=st.lists(st.floats(0.0, 1.5), min_size=3, max_size=3), bias=st.booleans(), seed=st.integers(0, 1000),
-    split=st.booleans(),
+    split=st.booleans(), loop=st.sampled_from(["tile", "in_thread", "compact"]),
 )
-def test_grouped_launch_matches_each_linear(M, Ns, K, dtype, ts, bias, seed, split):
+def test_grouped_launch_matches_each_linear(M, Ns, K, dtype, ts, bias, seed, split, loop):
     """q/k/v-style group: one launch, each segment its own weight, bias, output and threshold."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(M, K, generator=g).to(dtype).to(DEVICE)
@@ -95,7 +123,8 @@ def test_grouped_launch_matches_each_linear(M, Ns, K, dtype, ts, bias, seed, spl
     bs = [torch.randn(N, generator=g).to(dtype).to(DEVICE) if bias else None for N in Ns]
     ys = [torch.full((M, N), float("nan"), dtype=dtype, device=DEVICE) for N in Ns]
     # small tiles split K (workspace + last-arriver path); the default config does not split such small K
-    cfg = sg.make_config(sum(Ns), K, BN=16, BK=16, iters=2, use_dot=M > 1) if split else None
+    cfg = sg.make_config(sum(Ns), K, BN=16, BK=16, iters=2, use_dot=M > 1, compact=loop == "compact",
+                         in_thread=loop == "in_thread") if split else None
     for _ in range(2):  # twice: the arrival counters and the workspace must be left clean
         sg.sparse_gemv_group(x, ws, bs, ts[: len(Ns)], config=cfg, outs=ys)
         for w, b, t, y in zip(ws, bs, ts, ys):
