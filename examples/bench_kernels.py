@@ -137,8 +137,8 @@ SWEEP = (  # loop over every input, [BK, BN] FMAs reduced after the loop ...
     [dict(BN=128, BK=64, iters=it, use_dot=False, num_warps=4, num_stages=1) for it in (4, 8, 16)]
     # ... the same with BN = 256 * num_warps, so the sum over BK stays in-thread, over every input or (compact)
     # over the packed surviving inputs only
-    + [dict(BN=256 * nw, BK=bk, iters=kps // bk, use_dot=False, num_warps=nw, num_stages=1, compact=c, in_thread=True)
-       for c in (False, True) for nw in (1, 2, 4) for bk in (16,) for kps in (64, 128, 256)]
+    + [dict(BN=256 * nw, BK=16, iters=kps // 16, use_dot=False, num_warps=nw, num_stages=1, compact=c, in_thread=True)
+       for c in (False, True) for nw in (1, 2, 4) for kps in (64, 128, 256)]
     # ... and the tensor-core path (rows padded to 16), whose weight tiles Triton stages through shared memory
     + [dict(BN=128, BK=32, iters=it, use_dot=True, num_warps=4, num_stages=3) for it in (8, 16)]
 )
@@ -152,11 +152,11 @@ def sweep_shape(N: int, K: int, M: int, sparsity: float, bw: float, l2: int, con
     roof = needed * N * K * 2 / bw * 1e6
     res = []
     for p in configs:
-        cfg = sg.make_config(N, K, **p) if p else None  # None: the launcher's own choice
+        cfg = sg.make_config(N, K, **p) if p else None  # None: the launcher's own choice for this sparsity
         try:
-            err = check(x, ws_col[0], t, sg.sparse_gemv(x, ws_col[0], None, t, config=cfg))
-            us = graph_time_us([lambda i=i: sg.sparse_gemv(x, ws_col[i % len(ws_col)], None, t, config=cfg, out=y)
-                                for i in range(16)])
+            err = check(x, ws_col[0], t, sg.sparse_gemv(x, ws_col[0], None, t, config=cfg, sparsity=sparsity))
+            us = graph_time_us([lambda i=i: sg.sparse_gemv(x, ws_col[i % len(ws_col)], None, t, config=cfg, out=y,
+                                                           sparsity=sparsity) for i in range(16)])
         except Exception as e:  # a config Triton cannot build (e.g. out of shared memory)
             print(f"   skipped {p}: {type(e).__name__}", flush=True)
             continue
