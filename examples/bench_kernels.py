@@ -93,16 +93,21 @@ def check(x, w, t, y) -> float:
     return float((y.double() - ref).norm() / ref.norm())
 
 
+def time_sparse(x, ws_col, t, config, sparsity, calls: int) -> tuple[float, float]:
+    """(µs per call, relative error) of the sparse GEMV over the rotating weights. The expected sparsity picks
+    the launch config when ``config`` is None, as the plan's sparsity does in the backend."""
+    y = torch.empty(x.shape[0], ws_col[0].shape[0], dtype=x.dtype, device="cuda")
+    err = check(x, ws_col[0], t, sg.sparse_gemv(x, ws_col[0], None, t, config=config, sparsity=sparsity))
+    us = graph_time_us([lambda i=i: sg.sparse_gemv(x, ws_col[i % len(ws_col)], None, t, config=config, out=y,
+                                                   sparsity=sparsity) for i in range(calls)])
+    return us, err
+
+
 def bench_shape(N, K, M, sparsity, dtype, bw, l2, config=None, calls: int = 32) -> dict:
     ws_row, ws_col, x, t, needed = make_case(N, K, M, sparsity, dtype, l2)
-    y = torch.empty(M, N, dtype=dtype, device="cuda")
-    # the expected sparsity picks the launch config, as the plan's sparsity does in the backend
-    err = check(x, ws_col[0], t, sg.sparse_gemv(x, ws_col[0], None, t, config=config, sparsity=sparsity))
-    sparse = graph_time_us([lambda i=i: sg.sparse_gemv(x, ws_col[i % len(ws_col)], None, t, config=config, out=y,
-                                                       sparsity=sparsity) for i in range(calls)])
+    sparse, err = time_sparse(x, ws_col, t, config, sparsity, calls)
     dense = graph_time_us([lambda i=i: F.linear(x, ws_row[i % len(ws_row)]) for i in range(calls)])
     roof = needed * N * K * x.element_size() / bw * 1e6
-    del ws_row, ws_col
     return dict(us=sparse, dense_us=dense, roof_us=roof, frac=roof / sparse, speedup=dense / sparse, err=err)
 
 
@@ -147,16 +152,13 @@ SWEEP = (  # loop over every input, [BK, BN] FMAs reduced after the loop ...
 def sweep_shape(N: int, K: int, M: int, sparsity: float, bw: float, l2: int, configs: list) -> list:
     """µs of each launch config on one shape (one weight set for all configs; configs Triton cannot build are
     left out), fastest first."""
-    ws_row, ws_col, x, t, needed = make_case(N, K, M, sparsity, torch.bfloat16, l2)
-    y = torch.empty(M, N, dtype=torch.bfloat16, device="cuda")
+    _, ws_col, x, t, needed = make_case(N, K, M, sparsity, torch.bfloat16, l2)
     roof = needed * N * K * 2 / bw * 1e6
     res = []
     for p in configs:
         cfg = sg.make_config(N, K, **p) if p else None  # None: the launcher's own choice for this sparsity
         try:
-            err = check(x, ws_col[0], t, sg.sparse_gemv(x, ws_col[0], None, t, config=cfg, sparsity=sparsity))
-            us = graph_time_us([lambda i=i: sg.sparse_gemv(x, ws_col[i % len(ws_col)], None, t, config=cfg, out=y,
-                                                           sparsity=sparsity) for i in range(16)])
+            us, err = time_sparse(x, ws_col, t, cfg, sparsity, calls=16)
         except Exception as e:  # a config Triton cannot build (e.g. out of shared memory)
             print(f"   skipped {p}: {type(e).__name__}", flush=True)
             continue

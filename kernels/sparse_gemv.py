@@ -298,15 +298,10 @@ class _Workspace:
 _WORKSPACE = _Workspace()
 
 
-def _packed_inputs(cfg: dict) -> int:
-    """Scratch entries of one segment in the compacted path: a slot of CHUNK per K split."""
-    return cfg["SPLIT_K"] * cfg["CHUNK"] if cfg.get("COMPACT") else 1
-
-
-def reserve_workspace(device: torch.device, max_n: int, max_k: int = 16384) -> None:
-    """Allocate the scratch for launches with output width up to ``max_n`` (summed over a group's segments,
-    each padded to a tile), input width up to ``max_k`` and up to 16 padded rows."""
-    width = max_n + MAX_SEGMENTS * 256
+def reserve_workspace(device: torch.device, max_n: int, max_k: int) -> None:
+    """Allocate the scratch for launches over weights of up to ``max_n`` outputs and ``max_k`` inputs (a grouped
+    launch spans up to MAX_SEGMENTS of them, each padded to a tile) and up to 16 padded rows."""
+    width = MAX_SEGMENTS * (max_n + 256)
     packed = MAX_SEGMENTS * 2 * (max_k + 4096)  # SPLIT_K * CHUNK < 2 * (K + K_PER_SPLIT); choose_config: K_PER_SPLIT <= 1024
     _WORKSPACE.reserve(torch.device(device), ws=16 * width, cnt=width // 16 + 1, idx=packed, xv=packed)
 
@@ -349,7 +344,7 @@ def sparse_gemv_group(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Opt
         raise ValueError("sparse_gemv_group: either every segment has a bias or none has")
     if nseg > 1 and not all(w.stride(0) == 1 and w.shape[0] >= 16 for w in weights):
         # the kernel swaps only stride_wk per segment, and no swapped scalar may be 1 (see the kernel): launch apart
-        return [sparse_gemv_group(x, [w], [b], [t], config=config, outs=None if outs is None else [o])[0]
+        return [sparse_gemv_group(x, [w], [b], [t], config=config, outs=None if o is None else [o], sparsity=sparsity)[0]
                 for w, b, t, o in zip(weights, biases, thresholds, outs if outs is not None else [None] * nseg)]
     K = x.shape[-1]
     if any(w.shape[1] != K for w in weights):
@@ -369,7 +364,7 @@ def sparse_gemv_group(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Opt
     ys = list(outs) if outs is not None else [torch.empty((M, N), dtype=x.dtype, device=x.device) for N in Ns]
     tiles = [-(-N // BN) for N in Ns]
     total_tiles = sum(tiles)
-    packed = nseg * _packed_inputs(cfg)
+    packed = nseg * cfg["SPLIT_K"] * cfg["CHUNK"] if cfg.get("COMPACT") else 1  # a CHUNK slot per K split and segment
     ws, cnt, idx, xv = _WORKSPACE.get(x.device, ws=BM * total_tiles * BN, cnt=total_tiles, idx=packed, xv=packed)
     has_bias = biases[0] is not None
     seg = []

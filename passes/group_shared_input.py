@@ -38,8 +38,7 @@ def _members_by_input(gm: fx.GraphModule) -> dict:
 def _replace_with_group(gm: fx.GraphModule, chunk: list, x: fx.Node, psf: float) -> None:
     """One group node before the first member; each member's users read ``getitem(group, i)`` instead."""
     with gm.graph.inserting_before(chunk[0]):
-        weights, biases, thresholds = ([n.args[i] for n in chunk] for i in (1, 2, 3))
-        sparsities = [n.args[5] if len(n.args) > 5 else -1.0 for n in chunk]
+        weights, biases, thresholds, sparsities = ([n.args[i] for n in chunk] for i in (1, 2, 3, 5))
         group = gm.graph.call_function(
             torch.ops.teal.sparse_linear_group.default, (x, weights, biases, thresholds, psf, sparsities)
         )

@@ -145,9 +145,7 @@ def _plan_resolver(example_inputs: list, opts: TealOptions):
         if plan is not None and cuda:
             from teal_fx.kernels import sparse_gemv
 
-            # a grouped launch (q/k/v, gate/up) spans up to MAX_SEGMENTS weights
-            sparse_gemv.reserve_workspace(cuda[0].device, sparse_gemv.MAX_SEGMENTS * max(w.shape[0] for w in cuda),
-                                          max(w.shape[1] for w in cuda))
+            sparse_gemv.reserve_workspace(cuda[0].device, max(w.shape[0] for w in cuda), max(w.shape[1] for w in cuda))
         if converted:
             log.info("teal: stored %d weights column-major in place; Dynamo recompiles once for the new strides", converted)
         if plan is None:

@@ -120,8 +120,8 @@ def token_sequences(
     n = min(num_sequences, ids.numel() // seq_len)
     # windows spread evenly over the whole text, not its first n * seq_len tokens: thresholds that see one or two
     # articles missed other text by several points of realised sparsity (NOTES.md, calibration)
-    starts = torch.linspace(0, ids.numel() - seq_len, n).round().long() if n > 1 else torch.zeros(1, dtype=torch.long)
-    return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
+    starts = torch.linspace(0, ids.numel() - seq_len, n).round().long().tolist()
+    return torch.stack([ids[s : s + seq_len] for s in starts])
 
 
 # ------------------------------------------------------------------------------------------------ recording
