@@ -144,6 +144,8 @@ SWEEP = (  # loop over every input, [BK, BN] FMAs reduced after the loop ...
     # over the packed surviving inputs only
     + [dict(BN=256 * nw, BK=16, iters=kps // 16, use_dot=False, num_warps=nw, num_stages=1, compact=c, in_thread=True)
        for c in (False, True) for nw in (1, 2, 4) for kps in (64, 128, 256)]
+    # ... 8-row tiles, for batches (a thread sums rows x 8 inputs x 8 columns: half the registers of 16 inputs)
+    + [dict(BN=256, BK=8, iters=it, use_dot=False, num_warps=1, num_stages=1, in_thread=True) for it in (8, 16)]
     # ... and the tensor-core path (rows padded to 16), whose weight tiles Triton stages through shared memory
     + [dict(BN=128, BK=32, iters=it, use_dot=True, num_warps=4, num_stages=3) for it in (8, 16)]
 )
@@ -188,7 +190,8 @@ def main() -> int:
     if args.sweep:
         for name, sp in [(n, float(v)) for v in args.sweep_sparsity.split(",") for n in args.sweep_shapes.split(",")]:
             N, K = SHAPES[name]
-            configs = [p for p in SWEEP if args.sweep_batch == 1 or p["use_dot"]]
+            configs = [p for p in SWEEP if args.sweep_batch == 1 or p["use_dot"] or
+                       (p.get("in_thread") and not p.get("compact") and p["num_warps"] == 1)]
             res = sweep_shape(N, K, args.sweep_batch, sp, bw, l2, configs)
             print(f"sweep {name} M={args.sweep_batch} @{sp:.0%} bf16 ({len(res)} configs), "
                   f"default {sweep_shape(N, K, args.sweep_batch, sp, bw, l2, [None])[0][0]:.2f} us; best:",

@@ -15,7 +15,8 @@ Rows: every row keeps its own mask; a weight row is read once if any row needs i
 Loops (one row, ``_in_thread_partial``): each thread owns whole columns of a tile, so a tile's sum stays in the
 thread; the loop walks every input of the split, masking the rows not needed, or, when the plan expects >= 60%
 sparsity, only the surviving inputs, packed first: a loop over every input pays a memory round trip per tile however
-few rows it keeps, so at 90% it cost 4x its data (NOTES.md, v5). Small N and batches use [BK, BN] tiles.
+few rows it keeps, so at 90% it cost 4x its data (NOTES.md, v5). 2-4 rows use the in-thread layout too
+(``_in_thread_rows_partial``), 5-8 rows the tensor cores (rows padded to 16), small N the [BK, BN] tiles.
 Groups: up to three linears that share x (q/k/v, gate/up) run as one launch (``sparse_gemv_group``): their N tiles
 form one grid, each segment with its own weight, bias, output and threshold (NOTES.md, v4).
 """
@@ -110,6 +111,30 @@ if HAS_TRITON:
                 x = x_next
         return acc
 
+    @triton.jit
+    def _in_thread_rows_partial(x_ptr, w_ptr, k_lo, k_hi, threshold, offs_m, m_ok, stride_xm, offs_n, n_ok,
+                                stride_wk, stride_wn, BM: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr,
+                                EVEN_N: tl.constexpr):
+        """[BM, BN] partial sums for 2-8 rows in the in-thread layout: each row keeps its own mask, a weight row is
+        read when some row needs it, and the [BM, BK] x [BK, BN] product is summed over K inside each thread (CUDA
+        cores; the tensor-core path pads the rows to 16 and stages the tiles through shared memory)."""
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        offs_k = k_lo + tl.arange(0, BK)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                    mask=m_ok[:, None] & (offs_k < k_hi)[None, :], other=0.0).to(tl.float32)
+        for k0 in range(k_lo, k_hi, BK):
+            offs_k = k0 + tl.arange(0, BK)
+            keep = tl.abs(x) > threshold  # padded rows and inputs past k_hi are 0: never kept (t >= 0)
+            need = tl.max(keep.to(tl.int32), axis=0) > 0
+            w = _load_needed_rows(w_ptr, offs_k, offs_n, need, n_ok, stride_wk, stride_wn, EVEN_N)
+            nxt = offs_k + BK
+            x_next = tl.load(x_ptr + offs_m[:, None] * stride_xm + nxt[None, :],
+                             mask=m_ok[:, None] & (nxt < k_hi)[None, :], other=0.0).to(tl.float32)
+            xs = tl.where(keep, x, 0.0)
+            acc += tl.sum(xs[:, :, None] * w.to(tl.float32)[None, :, :], axis=1)
+            x = x_next
+        return acc
+
     # A grouped launch swaps scalars per segment inside a runtime `if`; both branches must have the same type, so
     # a swapped value may never be 1 (Triton turns an argument equal to 1 into a compile-time constant). The
     # launcher groups only column-major weights (stride_wn == 1 in every segment, so it is never swapped) with
@@ -176,6 +201,9 @@ if HAS_TRITON:
                     acc = tl.dot(xs, w, acc, input_precision="ieee")
                 else:
                     acc = tl.dot(xs, w, acc)
+        elif IN_THREAD and BM > 1:
+            acc = _in_thread_rows_partial(x_ptr, w_ptr, k_lo, k_hi, threshold, offs_m, m_ok, stride_xm, offs_n, n_ok,
+                                          stride_wk, stride_wn, BM, BK, BN, EVEN_N)
         elif IN_THREAD:
             slot = (seg * SPLIT_K + pk) * CHUNK
             acc = tl.reshape(_in_thread_partial(x_ptr, w_ptr, idx_ptr + slot, xv_ptr + slot, k_lo, k_hi, threshold,
@@ -231,8 +259,8 @@ def _next_pow2(v: int) -> int:
 def make_config(N: int, K: int, *, BN: int, BK: int, iters: int, use_dot: bool, num_warps: int = 4,
                 num_stages: int = 2, compact: bool = False, in_thread: bool = False) -> dict:
     """A launch config: [BK, BN] tiles, each program covering ``iters`` of them along K (so K is split in
-    ceil(K / (BK * iters)) parts). One row only: ``in_thread`` sums each tile inside the threads (BN should be
-    256 * num_warps), ``compact`` (implies it) loops over the packed surviving inputs only."""
+    ceil(K / (BK * iters)) parts). ``in_thread`` sums each tile inside the threads (BN should be 256 * num_warps;
+    up to 8 rows, 2-4 in practice), ``compact`` (one row; implies it) loops over the packed surviving inputs only."""
     BN = min(BN, max(16, _next_pow2(N)))
     k_per = BK * iters
     return dict(BN=BN, BK=BK, SPLIT_K=-(-K // k_per), K_PER_SPLIT=k_per, USE_DOT=use_dot,
@@ -255,6 +283,11 @@ def choose_config(M: int, N: int, K: int, device: torch.device, sparsity: Option
                                num_stages=1, compact=True)
         # every input, masked: one warp per 256 columns, 16-row tiles, 4-8 tiles per program (~1000-3600 programs)
         iters = 8 if (N // 256) * (K // 16) >= 8000 else 4
+        return make_config(N, K, BN=256, BK=16, iters=iters, use_dot=False, num_warps=1, num_stages=1, in_thread=True)
+    if M <= 4 and N >= 2048:
+        # 2-4 rows in the same layout, summed on CUDA cores: 16 tiles per program on the MLP shapes, 4 on 4096²
+        # (sweeps at 50%: 0.85-0.87 of roofline on the MLP shapes vs 0.79-0.83 for the tensor-core path; NOTES v7)
+        iters = 16 if (N // 256) * (K // 16) >= 8000 else 4
         return make_config(N, K, BN=256, BK=16, iters=iters, use_dot=False, num_warps=1, num_stages=1, in_thread=True)
     BN, BK = 128, 64
     n_tiles = -(-N // BN)
@@ -358,9 +391,14 @@ def sparse_gemv_group(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Opt
     Ns = [w.shape[0] for w in weights]
     cfg = dict(config) if config else choose_config(M, sum(Ns), K, x.device, sparsity)
     BN = cfg["BN"]
-    BM = max(16, _next_pow2(M)) if cfg["USE_DOT"] else 1
-    if BM == 1 and M != 1:
-        raise ValueError("the vector variant takes one row; use USE_DOT for batches")
+    if cfg["USE_DOT"]:
+        BM = max(16, _next_pow2(M))
+    elif cfg.get("IN_THREAD") and not cfg.get("COMPACT"):
+        BM = _next_pow2(M)
+    elif M == 1:
+        BM = 1
+    else:
+        raise ValueError("the [BK, BN] tile loop and the packed loop take one row; batches take USE_DOT or IN_THREAD")
     ys = list(outs) if outs is not None else [torch.empty((M, N), dtype=x.dtype, device=x.device) for N in Ns]
     tiles = [-(-N // BN) for N in Ns]
     total_tiles = sum(tiles)

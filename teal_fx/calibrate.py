@@ -44,19 +44,24 @@ Data = Union[None, str, Path, Sequence[str], torch.Tensor, Sequence[torch.Tensor
 
 @dataclass(frozen=True)
 class CalibrationDefaults:
-    """TEAL's 10 x 2048 tokens on a GPU; on a CPU, fewer and shorter sequences, a coarser greedy step and one
-    cached sequence for the greedy search, so that a small model calibrates in a few minutes."""
+    """TEAL's 10 x 2048 tokens on a GPU; on a CPU, shorter sequences (96 x 256: fewer left some o_proj thresholds
+    more than a point off on held-out text, NOTES.md), a coarser greedy step and one cached sequence for the greedy
+    search, so that a small model calibrates in a few minutes. Data-free calibration generates its text with the
+    model, so it defaults to fewer sequences."""
 
     num_sequences: int
     seq_len: int
     greedy_sequences: int
     step: float
+    self_generated_sequences: int
 
 
 def defaults_for(device: torch.device) -> CalibrationDefaults:
     if device.type == "cuda":
-        return CalibrationDefaults(num_sequences=10, seq_len=2048, greedy_sequences=4, step=0.01)
-    return CalibrationDefaults(num_sequences=16, seq_len=256, greedy_sequences=1, step=0.025)
+        return CalibrationDefaults(num_sequences=10, seq_len=2048, greedy_sequences=4, step=0.01,
+                                   self_generated_sequences=10)
+    return CalibrationDefaults(num_sequences=96, seq_len=256, greedy_sequences=1, step=0.025,
+                               self_generated_sequences=16)
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -226,7 +231,8 @@ def calibrate(
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
     device = next(model.parameters()).device
     d = defaults_for(device)
-    num_sequences, seq_len = num_sequences or d.num_sequences, seq_len or d.seq_len
+    num_sequences = num_sequences or (d.num_sequences if data is not None else d.self_generated_sequences)
+    seq_len = seq_len or d.seq_len
     greedy_sequences, step = greedy_sequences or d.greedy_sequences, step or d.step
     max_sparsity = max(0.9, sparsity) if max_sparsity is None else max_sparsity
     if data is None:

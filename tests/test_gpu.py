@@ -52,3 +52,36 @@ def test_generate_reduce_overhead_equals_reference():
     with masked_inputs(model, plan, sparse_from=1.0):
         ref = teal_fx.generate(model, ids, 12, backend="none", eos_token_id=-1)
     assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("sparsity_hint", [None, 0.7])  # the masked and the packed loop
+def test_dependent_launches_in_a_cuda_graph(sparsity_hint):
+    """Inside one CUDA graph, each launch reads what the previous one wrote: its input, and the shared workspace and
+    counters, which the previous launch must leave zero. Values are small integers, exact in fp16 whatever the order
+    of the sums, so the graph must match the reference exactly."""
+    from teal_fx.kernels import sparse_gemv as sg
+
+    g = torch.Generator(device="cpu").manual_seed(0)
+    n = 4096  # 16 x 64 programs per launch; 8 launches
+    weights = []
+    for _ in range(8):
+        w = (torch.rand(n, n, generator=g) < 2e-3).half() * (torch.randint(0, 2, (n, n), generator=g).half() * 2 - 1)
+        weights.append(w.cuda().t().contiguous().t())  # column-major
+    x_static = torch.zeros(1, n, dtype=torch.half, device="cuda")
+
+    def chain(x, launch):
+        for w in weights:
+            x = launch(x, w).clamp(-8, 8)
+        return x
+
+    kernel = lambda x, w: sg.sparse_gemv(x, w, None, 0.5, sparsity=sparsity_hint)  # noqa: E731
+    reference = lambda x, w: (torch.where(x.abs() > 0.5, x, 0).double() @ w.double().t()).half()  # noqa: E731
+    chain(x_static, kernel)  # compile and reserve the workspace outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y_static = chain(x_static, kernel)
+    for seed in range(3):
+        x_static.copy_(torch.randint(-3, 4, (1, n), generator=g.manual_seed(seed)).half())
+        graph.replay()
+        assert torch.equal(y_static, chain(x_static.clone(), reference))
+        assert y_static.abs().sum() > 0  # the chain did not die out

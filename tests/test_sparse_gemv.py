@@ -56,13 +56,15 @@ def test_config_follows_expected_sparsity():
     for cfg in (unknown, dense_ish, sparse):  # the in-thread sum needs whole columns per thread
         assert cfg["BN"] == 256 * cfg["num_warps"] and cfg["IN_THREAD"]
     assert not sg.choose_config(1, 1024, 4096, "cuda", 0.9)["IN_THREAD"]  # a lone k/v: [BK, BN] tiles
-    assert sg.choose_config(4, 14336, 4096, "cuda", 0.9)["USE_DOT"]  # batches keep the tensor-core path
+    rows4 = sg.choose_config(4, 14336, 4096, "cuda", 0.9)  # 2-4 rows: the in-thread layout, never packed
+    assert rows4["IN_THREAD"] and not rows4["COMPACT"] and not rows4["USE_DOT"]
+    assert sg.choose_config(5, 14336, 4096, "cuda", 0.5)["USE_DOT"]  # more rows: the tensor-core path
 
 
 @pytest.mark.parametrize("N,K", [(40, 96), (64, 96), (64, 100)])  # ragged and even tiles (EVEN_N / EVEN_K paths)
 @pytest.mark.parametrize("iters", [6, 1])
 @pytest.mark.parametrize("M,use_dot,loop", [(1, False, "tile"), (1, False, "in_thread"), (1, False, "compact"),
-                                            (1, True, "tile"), (5, True, "tile")])
+                                            (1, True, "tile"), (5, True, "tile"), (5, False, "in_thread")])
 def test_split_k_and_variants(N, K, iters, M, use_dot, loop):
     cfg = sg.make_config(N, K, BN=32, BK=16, iters=iters, use_dot=use_dot, compact=loop == "compact",
                          in_thread=loop == "in_thread")
@@ -78,11 +80,12 @@ def test_negative_threshold_keeps_every_input(loop):
     assert run(1, 40, 70, torch.float32, -0.5, True, config=cfg) <= 1e-5
 
 
-@pytest.mark.parametrize("hint", [None, 0.9])
-def test_default_configs_of_wide_outputs(hint):
-    """N >= 2048 takes the in-thread loops by default (ragged N: masked last tile); 0.9 packs the survivors."""
-    assert sg.choose_config(1, 2100, 80, DEVICE, hint)["IN_THREAD"]
-    assert run(1, 2100, 80, torch.bfloat16, 0.8, True, sparsity=hint) <= TOL[torch.bfloat16]
+@pytest.mark.parametrize("M,hint", [(1, None), (1, 0.9), (3, 0.5)])
+def test_default_configs_of_wide_outputs(M, hint):
+    """N >= 2048 takes the in-thread loops by default (ragged N: masked last tile); 0.9 packs the survivors of one
+    row; 2-4 rows each keep their mask in the in-thread layout."""
+    assert sg.choose_config(M, 2100, 80, DEVICE, hint)["IN_THREAD"]
+    assert run(M, 2100, 80, torch.bfloat16, 0.8, True, sparsity=hint) <= TOL[torch.bfloat16]
 
 
 def test_row_major_weight_still_correct():
@@ -123,8 +126,8 @@ def test_grouped_launch_matches_each_linear(M, Ns, K, dtype, ts, bias, seed, spl
     bs = [torch.randn(N, generator=g).to(dtype).to(DEVICE) if bias else None for N in Ns]
     ys = [torch.full((M, N), float("nan"), dtype=dtype, device=DEVICE) for N in Ns]
     # small tiles split K (workspace + last-arriver path); the default config does not split such small K
-    cfg = sg.make_config(sum(Ns), K, BN=16, BK=16, iters=2, use_dot=M > 1, compact=loop == "compact",
-                         in_thread=loop == "in_thread") if split else None
+    cfg = sg.make_config(sum(Ns), K, BN=16, BK=16, iters=2, use_dot=M > 1 and loop != "in_thread",
+                         compact=loop == "compact", in_thread=loop == "in_thread") if split else None
     for _ in range(2):  # twice: the arrival counters and the workspace must be left clean
         sg.sparse_gemv_group(x, ws, bs, ts[: len(Ns)], config=cfg, outs=ys)
         for w, b, t, y in zip(ws, bs, ts, ys):
