@@ -36,11 +36,10 @@ def main() -> None:
     plan = teal_fx.calibrate(model, Path(args.data) / "valid.txt", sparsity=0.5, tokenizer=tok, max_sparsity=0.7)
     calib_s = time.time() - t0
     plan.save(args.plan_out)
-    # held out: the last 200k characters of valid.txt, which calibration also sampled from (its windows are spread
-    # over the whole file), so read 16 windows there of the calibration's length; a linear's error is
-    # |realised - planned| sparsity
-    held_out = teal_fx.realised_sparsity(model, plan, (Path(args.data) / "valid.txt").read_text()[-200_000:],
-                                         tokenizer=tok, num_sequences=16, seq_len=plan.notes["calibration"]["seq_len"])
+    # held out: test.txt, never seen by calibration; 64 windows of the calibration's length spread over it; a
+    # linear's error is |realised - planned| sparsity
+    held_out = teal_fx.realised_sparsity(model, plan, test, tokenizer=tok, num_sequences=64,
+                                         seq_len=plan.notes["calibration"]["seq_len"])
     errs = {k: abs(v - plan.linears[k].sparsity) for k, v in held_out.items()}
     worst = max(errs.values())
     worst_role = plan.linears[max(errs, key=errs.get)].role
@@ -65,7 +64,7 @@ def main() -> None:
         f"- calibration: `valid.txt`, {plan.notes['calibration']['sequences']} x {plan.notes['calibration']['seq_len']} "
         f"tokens (windows spread evenly over the file); greedy step {plan.notes['greedy']['step']}, {plan.notes['greedy']['sequences']} cached sequence(s); "
         f"calibration + greedy took {calib_s:.0f} s on this 2-core CPU",
-        f"- realised sparsity on held-out text (16 windows of the last 200k characters of valid.txt, plan at 50%): "
+        f"- realised sparsity on held-out text (64 windows of `test.txt` spread over the file, plan at 50%): "
         f"{within} of {len(errs)} linears within 1 percentage point of their target; mean error "
         f"{100 * sum(errs.values()) / len(errs):.2f} points, worst {worst * 100:.2f} ({worst_role})",
         f"- evaluation: first {dense.tokens + args.window // 2} tokens of `test.txt`, windows of {args.window} advancing by "

@@ -144,6 +144,8 @@ SWEEP = (  # loop over every input, [BK, BN] FMAs reduced after the loop ...
     # over the packed surviving inputs only
     + [dict(BN=256 * nw, BK=16, iters=kps // 16, use_dot=False, num_warps=nw, num_stages=1, compact=c, in_thread=True)
        for c in (False, True) for nw in (1, 2, 4) for kps in (64, 128, 256)]
+    # ... shorter programs (more of them) for the small shapes
+    + [dict(BN=256, BK=16, iters=it, use_dot=False, num_warps=1, num_stages=1, in_thread=True) for it in (1, 2)]
     # ... 8-row tiles, for batches (a thread sums rows x 8 inputs x 8 columns: half the registers of 16 inputs)
     + [dict(BN=256, BK=8, iters=it, use_dot=False, num_warps=1, num_stages=1, in_thread=True) for it in (8, 16)]
     # ... and the tensor-core path (rows padded to 16), whose weight tiles Triton stages through shared memory
