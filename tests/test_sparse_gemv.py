@@ -80,11 +80,11 @@ def test_negative_threshold_keeps_every_input(loop):
     assert run(1, 40, 70, torch.float32, -0.5, True, config=cfg) <= 1e-5
 
 
-@pytest.mark.parametrize("M,hint", [(1, None), (1, 0.9), (3, 0.5)])
+@pytest.mark.parametrize("M,hint", [(1, None), (1, 0.9), (3, 0.5), (6, 0.5)])
 def test_default_configs_of_wide_outputs(M, hint):
-    """N >= 2048 takes the in-thread loops by default (ragged N: masked last tile); 0.9 packs the survivors of one
-    row; 2-4 rows each keep their mask in the in-thread layout."""
-    assert sg.choose_config(M, 2100, 80, DEVICE, hint)["IN_THREAD"]
+    """N >= 2048 (ragged N: masked last tile): one row takes the in-thread loops (0.9 packs the survivors), 2-4 rows
+    each keep their mask in the in-thread layout, 5-8 rows take the tensor cores."""
+    assert sg.choose_config(M, 2100, 80, DEVICE, hint)["IN_THREAD"] == (M <= 4)
     assert run(M, 2100, 80, torch.bfloat16, 0.8, True, sparsity=hint) <= TOL[torch.bfloat16]
 
 
