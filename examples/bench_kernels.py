@@ -151,6 +151,13 @@ SWEEP = (  # loop over every input, [BK, BN] FMAs reduced after the loop ...
     # ... and the tensor-core path (rows padded to 16), whose weight tiles Triton stages through shared memory
     + [dict(BN=128, BK=32, iters=it, use_dot=True, num_warps=4, num_stages=3) for it in (8, 16)]
 )
+# batches (--sweep-batch > 1): the one-warp in-thread loops above, and a grid of tensor-core tiles (NOTES v7)
+SWEEP_BATCH = (
+    [p for p in SWEEP if p.get("in_thread") and not p.get("compact") and p["num_warps"] == 1]
+    + [dict(BN=bn, BK=bk, iters=it, use_dot=True, num_warps=nw, num_stages=st)
+       for bn in (64, 128, 256) for bk in (32, 64) for it in (4, 8, 16) for nw in (4, 8) for st in (3, 4)
+       if not (bn == 256 and bk == 64 and st == 4)]  # out of shared memory
+)
 
 
 def sweep_shape(N: int, K: int, M: int, sparsity: float, bw: float, l2: int, configs: list) -> list:
@@ -192,9 +199,7 @@ def main() -> int:
     if args.sweep:
         for name, sp in [(n, float(v)) for v in args.sweep_sparsity.split(",") for n in args.sweep_shapes.split(",")]:
             N, K = SHAPES[name]
-            configs = [p for p in SWEEP if args.sweep_batch == 1 or p["use_dot"] or
-                       (p.get("in_thread") and not p.get("compact") and p["num_warps"] == 1)]
-            res = sweep_shape(N, K, args.sweep_batch, sp, bw, l2, configs)
+            res = sweep_shape(N, K, args.sweep_batch, sp, bw, l2, SWEEP if args.sweep_batch == 1 else SWEEP_BATCH)
             print(f"sweep {name} M={args.sweep_batch} @{sp:.0%} bf16 ({len(res)} configs), "
                   f"default {sweep_shape(N, K, args.sweep_batch, sp, bw, l2, [None])[0][0]:.2f} us; best:",
                   flush=True)
