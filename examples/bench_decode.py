@@ -57,10 +57,10 @@ def decode_speed(run, new_tokens: int) -> tuple[float, float]:
     return (new_tokens - 1) / (best[new_tokens] - best[1]), first
 
 
-def lean(model, ids, backend: str, cache_len: int):
+def lean(model, ids, backend: str, cache_len: int, options=None):
     def run(n):
         return teal_fx.generate(model, ids, n, eos_token_id=-1, backend=backend, mode="reduce-overhead",
-                                max_cache_len=cache_len)
+                                max_cache_len=cache_len, options=options)
     return run
 
 
@@ -88,6 +88,8 @@ def main() -> int:
     ap.add_argument("--sparsities", default="0.5,0.4,0")
     ap.add_argument("--extra-sparsities", default="0.25,0.65", help="lean-loop points measured after HF generate()")
     ap.add_argument("--hf-sparsities", default="0,0.4,0.5")
+    ap.add_argument("--sdpa-sparsities", default="0.5",
+                    help="lean-loop points with the backend's decode attention off (sdpa, as Inductor dense has it)")
     ap.add_argument("--batch4", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--out", default="examples/results/decode_h100.md")
     args = ap.parse_args()
@@ -145,6 +147,10 @@ def main() -> int:
             add(f"HF generate(), teal {s:.0%}", 1, t, first)
     if args.extra_sparsities:
         lean_teal(model, ids, ids4, plan, args.extra_sparsities, args, cache_len, dense_tokens, add, notes, peak_gib)
+    for s in [float(x) for x in args.sdpa_sparsities.split(",") if x]:
+        teal_fx.attach_plan(model, plan.at(s, "uniform"), check=False)
+        t, first = decode_speed(lean(model, ids, "teal", cache_len, {"decode_attention": False}), args.new_tokens)
+        add(f"lean loop, teal {s:.0%}, sdpa attention", 1, t, first)
     return 0
 
 
@@ -187,7 +193,8 @@ def write(out: Path, args, bw: float, roof: float, rows: list, notes: list) -> N
         f"- read bandwidth in this run {bw / 1e12:.2f} TB/s; dense roofline {roof:.0f} tok/s "
         f"({WEIGHT_BYTES_PER_TOKEN / 1e9:.2f} GB/token, ANCHORS.md scaled to this bandwidth)",
         "- thresholds: uniform, calibrated on the model's own activations (2 x 256 random-token sequences); "
-        "teal = q/k/v and gate/up grouped (4 sparse launches per block)",
+        "teal = q/k/v and gate/up grouped (4 sparse launches per block) and the decode step's attention as "
+        "teal::decode_attention (rows marked 'sdpa attention' keep sdpa, as Inductor dense does)",
         "- 'vs dense' compares with the dense row of the same path and batch (lean loop or HF generate())",
         "",
         "| path | batch | tok/s per sequence | ms/token | vs dense | share of dense roofline | first call incl. compile (s) | peak GPU memory (GiB) |",

@@ -40,7 +40,8 @@ def show_syncs(run) -> None:
             torch.cuda.set_sync_debug_mode(0)
 
 
-def profile_path(name: str, model, ids, steps: int, backend: str, trace_dir=None, sync_debug: bool = False) -> None:
+def profile_path(name: str, model, ids, steps: int, backend: str, trace_dir=None, sync_debug: bool = False,
+                 top: int = 14) -> None:
     from torch._dynamo.utils import counters
 
     run = lean(model, ids, backend, ids.shape[1] + steps)  # one cache length: every call reuses the same graphs
@@ -65,8 +66,8 @@ def profile_path(name: str, model, ids, steps: int, backend: str, trace_dir=None
             k[1] += 1
     gpu_ms = sum(v[0] for v in kernels.values()) / 1e3 / steps  # includes the prefill: an upper bound
     print(f"\n== {name}: wall {wall:.3f} ms/step; GPU kernels {gpu_ms:.3f} ms/step (incl. prefill / {steps}); "
-          f"{len(kernels)} distinct kernels", flush=True)
-    for kname, (us, cnt) in sorted(kernels.items(), key=lambda kv: -kv[1][0])[:14]:
+          f"{len(kernels)} distinct kernels, {sum(v[1] for v in kernels.values()) / steps:.0f} launches/step", flush=True)
+    for kname, (us, cnt) in sorted(kernels.items(), key=lambda kv: -kv[1][0])[:top]:
         print(f"   {us / steps:9.1f} us/step  {cnt / steps:6.1f} calls/step  {kname}")
     print("   host side (self CPU time, us/step, calls/step):")
     for kname, (us, cnt) in sorted(cpu.items(), key=lambda kv: -kv[1][0])[:16]:
@@ -84,6 +85,8 @@ def main() -> int:
     ap.add_argument("--sparsity", type=float, default=0.5)
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--trace-dir", default=None)
+    ap.add_argument("--top", type=int, default=14, help="how many kernels to list")
+    ap.add_argument("--dense", action=argparse.BooleanOptionalAction, default=True, help="also profile Inductor dense")
     ap.add_argument("--hf", action="store_true", help="also time Hugging Face generate() with both backends")
     ap.add_argument("--sync-debug", action="store_true", help="print the Python stack of every host-device sync")
     args = ap.parse_args()
@@ -91,12 +94,13 @@ def main() -> int:
     torch.manual_seed(0)
     model = build_model(args.layers)
     ids = torch.randint(0, model.config.vocab_size, (1, args.prompt), device="cuda")
-    profile_path("inductor dense", model, ids, args.steps, "inductor", args.trace_dir, args.sync_debug)
+    if args.dense:
+        profile_path("inductor dense", model, ids, args.steps, "inductor", args.trace_dir, args.sync_debug, args.top)
     plan = teal_fx.calibrate(model, torch.randint(0, model.config.vocab_size, (2, 256)), sparsity=args.sparsity,
                              method="uniform", num_sequences=2, seq_len=256, progress=False)
     torch.compiler.reset()
     teal_fx.attach_plan(model, plan, check=False)
-    profile_path(f"teal {args.sparsity:.0%}", model, ids, args.steps, "teal", args.trace_dir, args.sync_debug)
+    profile_path(f"teal {args.sparsity:.0%}", model, ids, args.steps, "teal", args.trace_dir, args.sync_debug, args.top)
     if args.hf:
         for backend in ("teal", "inductor"):
             torch.compiler.reset()

@@ -28,6 +28,8 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from teal_fx.kernels.workspace import Workspace
+
 try:
     import triton
     import triton.language as tl
@@ -303,38 +305,12 @@ def choose_config(M: int, N: int, K: int, device: torch.device, sparsity: Option
     return make_config(N, K, BN=BN, BK=BK, iters=iters, use_dot=M > 1, num_warps=4, num_stages=2 if M == 1 else 3)
 
 
-class _Workspace:
-    """Per-device scratch, allocated once and grown only outside CUDA graph capture:
-    ``ws`` the fp32 split-K accumulator and ``cnt`` the arrival counters (zeroed once, left zero by every launch),
-    ``idx``/``xv`` the packed indices and values of the surviving inputs (compacted path; written before read).
-    Launches on one stream are ordered, so they can share it (not launches on parallel streams).
-
-    It must exist before any CUDA graph is captured (a first allocation during a cudagraph-tree warm-up would land
-    in the graph's private pool): the teal backend reserves it at compile time with ``reserve_workspace``.
-    """
-
-    DTYPES = {"ws": torch.float32, "cnt": torch.int32, "idx": torch.int32, "xv": torch.float32}
-    MIN_SIZE = {"ws": 1 << 20, "cnt": 1 << 14, "idx": 1 << 16, "xv": 1 << 16}
-
-    def __init__(self) -> None:
-        self.bufs: dict = {}
-
-    def reserve(self, device: torch.device, **sizes: int) -> None:
-        for name, size in sizes.items():
-            buf = self.bufs.get((device, name))
-            if buf is None or buf.numel() < size:
-                self.bufs[(device, name)] = torch.zeros(max(size, self.MIN_SIZE[name]), dtype=self.DTYPES[name],
-                                                        device=device)
-
-    def get(self, device: torch.device, **sizes: int) -> list[Tensor]:
-        if any((device, n) not in self.bufs or self.bufs[(device, n)].numel() < size for n, size in sizes.items()):
-            if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-                raise RuntimeError("teal sparse GEMV: call reserve_workspace() before capturing a CUDA graph")
-            self.reserve(device, **sizes)
-        return [self.bufs[(device, n)] for n in sizes]
-
-
-_WORKSPACE = _Workspace()
+# ``ws`` the fp32 split-K accumulator and ``cnt`` the arrival counters (zero between launches), ``idx``/``xv`` the
+# packed indices and values of the surviving inputs (compacted loop; written before read). The teal backend reserves
+# it at compile time (``reserve_workspace``), before any CUDA graph is captured.
+_WORKSPACE = Workspace("teal sparse GEMV (reserve_workspace)",
+                       dtypes={"ws": torch.float32, "cnt": torch.int32, "idx": torch.int32, "xv": torch.float32},
+                       min_sizes={"ws": 1 << 20, "cnt": 1 << 14, "idx": 1 << 16, "xv": 1 << 16})
 
 
 def reserve_workspace(device: torch.device, max_n: int, max_k: int) -> None:

@@ -6,6 +6,7 @@ from teal_fx.passes.label_block_linears import Discovery, MatchedLinear, discove
 from teal_fx.passes.insert_sparse_linear import insert_sparse_linear
 from teal_fx.passes.group_shared_input import group_shared_input
 from teal_fx.passes.select_plan import select_plan
+from teal_fx.passes.replace_decode_attention import replace_decode_attention
 from teal_fx.passes.pass_manager import PASSES, PassContext, run_passes
 
 __all__ = [
@@ -16,6 +17,7 @@ __all__ = [
     "select_plan",
     "insert_sparse_linear",
     "group_shared_input",
+    "replace_decode_attention",
     "discover",
     "Discovery",
     "MatchedLinear",

@@ -12,6 +12,7 @@ from torch import fx
 from teal_fx.passes.group_shared_input import group_shared_input
 from teal_fx.passes.insert_sparse_linear import insert_sparse_linear
 from teal_fx.passes.label_block_linears import Discovery, MatchedLinear, label_block_linears
+from teal_fx.passes.replace_decode_attention import replace_decode_attention
 from teal_fx.passes.select_plan import select_plan
 
 log = logging.getLogger("teal_fx.passes")
@@ -19,8 +20,10 @@ log = logging.getLogger("teal_fx.passes")
 Pass = Callable[[fx.GraphModule, "PassContext"], fx.GraphModule]
 
 # The order is the contract: discovery labels the linears, the plan is chosen for (and checked against) what was
-# found, the rewrite reads both, and the grouping works on the rewritten ops only.
-PASSES: list[Pass] = [label_block_linears, select_plan, insert_sparse_linear, group_shared_input]
+# found, the rewrite reads both, and the grouping works on the rewritten ops only. The attention rewrite is
+# independent of the plan (it runs in dense compiles too) and last, so discovery sees the graph as traced.
+PASSES: list[Pass] = [label_block_linears, select_plan, insert_sparse_linear, group_shared_input,
+                      replace_decode_attention]
 
 _graph_ids = itertools.count()
 
@@ -33,6 +36,7 @@ class PassContext:
     plan_resolver: Optional[Callable] = None  # (gm, discovery) -> Plan | None, used when no plan was given
     dump_dir: Optional[Path] = None
     group_shared_input: bool = True  # one launch for q/k/v and one for gate/up (options["group_shared_input"])
+    decode_attention: bool = True  # decode-step sdpa -> teal::decode_attention (options["decode_attention"])
     graph_id: int = field(default_factory=lambda: next(_graph_ids))
     discovery: Optional[Discovery] = None
     rewritten: list[MatchedLinear] = field(default_factory=list)

@@ -5,7 +5,8 @@
     torch.compile(model, backend="teal", mode="reduce-overhead")          # CUDA graphs through Inductor
 
 Options: ``plan`` (a Plan or a path), ``dump`` (a folder), ``compiler`` (``inductor`` | ``aot_eager`` | ``eager``),
-``group_shared_input`` (default True: q/k/v and gate/up each in one launch),
+``group_shared_input`` (default True: q/k/v and gate/up each in one launch), ``decode_attention`` (default True:
+the attention of a decode step runs ``teal::decode_attention``, with or without a plan),
 ``mode`` (Inductor's modes, since torch.compile takes either ``mode`` or ``options``, not both); any other key is
 an Inductor config patch (``{"max_autotune": True}``).
 """
@@ -103,6 +104,7 @@ class TealOptions:
     compiler: str = "inductor"
     mode: Optional[str] = None
     group_shared_input: bool = True
+    decode_attention: bool = True
     inductor: dict = field(default_factory=dict)
 
     @classmethod
@@ -121,6 +123,7 @@ class TealOptions:
             raise ValueError(f"teal: options['compiler'] must be one of {INNER_COMPILERS}, got {out.compiler!r}")
         out.mode = opts.pop("mode", mode)
         out.group_shared_input = bool(opts.pop("group_shared_input", True))
+        out.decode_attention = bool(opts.pop("decode_attention", True))
         if opts and out.compiler != "inductor":
             raise ValueError(f"teal: unknown options {sorted(opts)} (Inductor config patches need compiler='inductor')")
         out.inductor = opts
@@ -178,7 +181,7 @@ def teal_backend(gm: fx.GraphModule, example_inputs: list, options: Optional[dic
     """The Dynamo backend registered as ``"teal"``."""
     opts = TealOptions.parse(options, mode)
     ctx = PassContext(plan_resolver=_plan_resolver(example_inputs, opts), dump_dir=opts.dump,
-                      group_shared_input=opts.group_shared_input)
+                      group_shared_input=opts.group_shared_input, decode_attention=opts.decode_attention)
     gm = run_passes(gm, ctx)
     if ctx.rewritten:
         REWRITTEN_GRAPHS[0] += 1

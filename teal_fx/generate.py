@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from teal_fx.capture import recompile_limits
 
-STOP_CHECK_EVERY = 8  # steps between host reads of "have all rows stopped?"
+STOP_CHECK_EVERY = 8  # steps between looks at "have all rows stopped?"
 CACHE_LEN_BUCKET = 256  # the static cache length is rounded up to this, so calls of other lengths reuse graphs
 
 
@@ -39,11 +39,25 @@ def _compiled(model: nn.Module, backend: str, mode: Optional[str], options: Opti
     return entry[1]
 
 
+def two_stage_argmax(logits: Tensor, chunks: int = 256) -> Tensor:
+    """``logits.argmax(-1)`` for [B, V] in two reductions: the maxima of ``chunks`` slices, then the best slice.
+
+    ATen's argmax reduces a row within one block: 28 µs per decode step for a 128k vocabulary on an H100 (NOTES.md,
+    v8); the slices spread it over the GPU. Same result, the first index of the maximum (padding is -inf)."""
+    batch, vocab = logits.shape
+    width = -(-vocab // chunks)
+    if width * chunks != vocab:
+        logits = torch.nn.functional.pad(logits, (0, width * chunks - vocab), value=float("-inf"))
+    values, index = logits.reshape(batch, chunks, width).max(dim=-1)
+    best = values.argmax(dim=-1)
+    return best * width + index.gather(-1, best[:, None]).squeeze(-1)
+
+
 def sample_next(logits: Tensor, *, do_sample: bool, temperature: float, top_k: Optional[int], top_p: Optional[float],
                 generator: Optional[torch.Generator] = None) -> Tensor:
     """Next token per row from last-position logits [B, V]: argmax, or sampling with temperature/top-k/top-p."""
     if not do_sample:
-        return logits.argmax(dim=-1)
+        return two_stage_argmax(logits) if logits.is_cuda and logits.shape[-1] >= 16384 else logits.argmax(dim=-1)
     logits = logits.float() / max(temperature, 1e-5)
     if top_k is not None and top_k > 0:
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
@@ -71,6 +85,32 @@ def static_cache(model: nn.Module, batch: int, max_len: int):
         p = next(model.parameters())
         cache.early_initialization(batch, heads, head_dim, p.dtype, p.device)
     return cache
+
+
+class _AllStopped:
+    """"Has every row stopped?" for the host, without waiting for the GPU.
+
+    Reading ``done`` on the host waits for the step that computed it, and the GPU then idles while the host prepares
+    the next launch (~0.2-0.3 ms per step on average with a check every 8 steps, NOTES.md v8). On CUDA the flag is
+    copied to pinned memory behind an event and read once the event has passed, at a later check: the loop may run a
+    few steps past the last EOS, which the result trims. On CPU it is read at once.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.host = torch.zeros((), dtype=torch.bool, pin_memory=self.cuda)
+        self.event: Optional[torch.cuda.Event] = None
+
+    def check(self, done: Tensor) -> bool:
+        if not self.cuda:
+            return bool(done.all())
+        ready = self.event is None or self.event.query()
+        stopped = self.event is not None and ready and bool(self.host)
+        if ready:  # the last copy has landed (and was read): post this step's flag
+            self.host.copy_(done.all(), non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        return stopped
 
 
 def _reusable_cache(model: nn.Module, batch: int, max_len: int):
@@ -151,6 +191,7 @@ def _decode_loop(model, input_ids, max_new_tokens, max_cache_len, backend, mode,
     position = torch.tensor([prompt], device=device)
     out = [input_ids]
     done = torch.zeros(batch, dtype=torch.bool, device=device)
+    all_stopped = _AllStopped(device)
     for i in range(max_new_tokens):
         nxt = sample_next(logits, **sampling)
         if eos_token_id is not None:
@@ -161,8 +202,7 @@ def _decode_loop(model, input_ids, max_new_tokens, max_cache_len, backend, mode,
             streamer(nxt)
         if i == max_new_tokens - 1:
             break
-        # reading `done` waits for the GPU; doing it every step would stall the launch queue each token
-        if eos_token_id is not None and (i + 1) % STOP_CHECK_EVERY == 0 and bool(done.all()):
+        if eos_token_id is not None and (i + 1) % STOP_CHECK_EVERY == 0 and all_stopped.check(done):
             break
         logits = run(input_ids=nxt[:, None], past_key_values=cache, cache_position=position, use_cache=True).logits[:, -1]
         if mode == "reduce-overhead":

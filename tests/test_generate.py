@@ -102,3 +102,15 @@ def test_max_cache_len_too_small_is_refused():
 
     with pytest.raises(ValueError, match="max_cache_len"):
         teal_fx.generate(model, torch.randint(3, 128, (1, 5)), 6, backend="none", max_cache_len=8)
+
+
+def test_two_stage_argmax_is_argmax():
+    """The greedy pick on large vocabularies (GPU): the first index of the maximum, ties and ragged widths included."""
+    from teal_fx.generate import two_stage_argmax
+
+    g = torch.Generator().manual_seed(0)
+    for vocab in (1000, 4096, 32003):
+        x = torch.randn(3, vocab, generator=g).to(torch.bfloat16)  # bf16: ties happen
+        x[1, vocab // 3] = x[1, vocab - 1] = 10.0  # a tie across slices: the earlier index wins
+        assert torch.equal(two_stage_argmax(x), x.argmax(-1))
+        assert torch.equal(two_stage_argmax(x, chunks=7), x.argmax(-1))

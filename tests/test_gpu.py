@@ -85,3 +85,44 @@ def test_dependent_launches_in_a_cuda_graph(sparsity_hint):
         graph.replay()
         assert torch.equal(y_static, chain(x_static.clone(), reference))
         assert y_static.abs().sum() > 0  # the chain did not die out
+
+
+def test_decode_attention_in_a_cuda_graph():
+    """Replays of one captured launch follow a mask that changes between replays (the cache fills up); the split
+    merge's counters are left zero by each replay."""
+    from teal_fx.kernels import decode_attention as da
+
+    B, H, HKV, L, D = 1, 32, 8, 512, 128
+    q = torch.randn(B, H, 1, D, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(B, HKV, L, D, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    mask = torch.zeros(B, 1, 1, L, dtype=torch.bool, device="cuda")
+    da.reserve_workspace("cuda", B, H, HKV, L, D)
+    assert da.launch_config(B, H, HKV, L, D, q.device)["NSPLIT"] > 1
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        mask[..., 0] = True
+        torch.ops.teal.decode_attention(q, k, v, mask, 0.1)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = torch.ops.teal.decode_attention(q, k, v, mask, 0.1)
+    for fill in (1, 63, 64, 300, 512):
+        mask.copy_((torch.arange(L, device="cuda") < fill)[None, None, None, :])
+        g.replay()
+        ref = da.reference_decode_attention(q.double(), k.double(), v.double(), mask, 0.1)
+        assert float((out.double() - ref).norm() / ref.norm()) < 1e-2
+    assert int(da._WORKSPACE.bufs[(q.device, "cnt")].abs().sum()) == 0
+
+
+def test_generate_stops_on_gpu_without_waiting_each_check():
+    """On CUDA the "all rows stopped?" flag is read after an event (no wait); the result is the same as stopping at
+    the first EOS: the extra steps are trimmed."""
+    model = tiny_model("llama", hidden=128, inter=256).cuda()
+    ids = torch.randint(3, 128, (1, 4), device="cuda")
+    greedy = teal_fx.generate(model, ids, 40, backend="none", eos_token_id=-1)
+    stop = int(greedy[0, 6])  # the third new token
+    out = teal_fx.generate(model, ids, 40, backend="none", eos_token_id=stop)
+    first = int((greedy[0, 4:] == stop).nonzero()[0]) + 4
+    assert torch.equal(out, greedy[:, : first + 1])
