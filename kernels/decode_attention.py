@@ -14,7 +14,6 @@ arrive combines the partial softmax states (an arrival counter, as the sparse GE
 """
 from __future__ import annotations
 
-import math
 import os
 from typing import Optional
 
@@ -267,7 +266,3 @@ def _(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: float) -> 
     torch._check(q.dim() == 4 and k.dim() == 4 and v.dim() == 4, lambda: "decode_attention: 4-D q, k, v")
     torch._check(q.shape[1] % k.shape[1] == 0, lambda: "decode_attention: query heads must be a multiple of kv heads")
     return q.new_empty(q.shape)
-
-
-def default_scale(head_dim: int) -> float:
-    return 1.0 / math.sqrt(head_dim)
