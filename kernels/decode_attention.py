@@ -14,13 +14,13 @@ arrive combines the partial softmax states (an arrival counter, as the sparse GE
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from teal_fx.kernels.sparse_gemv import _next_pow2, interpreter_upcasts
 from teal_fx.kernels.workspace import Workspace
 
 try:
@@ -155,10 +155,6 @@ if HAS_TRITON:
                 tl.atomic_xchg(cnt_ptr + bh, 0)
 
 
-def _next_pow2(v: int) -> int:
-    return 1 << max(0, (v - 1).bit_length())
-
-
 # ``acc``/``ml`` the partial softmax states of the splits (written before read), ``cnt`` the arrival counters
 _WORKSPACE = Workspace("teal decode attention (reserve_workspace)",
                        dtypes={"acc": torch.float32, "ml": torch.float32, "cnt": torch.int32},
@@ -243,7 +239,7 @@ def decode_attention_gpu(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]
         out.stride(0), out.stride(1), out.stride(3),
         G=cfg["G"], GP=cfg["GP"], D=D, DP=cfg["DP"], BLOCK_L=cfg["BLOCK_L"], NSPLIT=cfg["NSPLIT"], MASK=kind,
         IEEE=q.dtype == torch.float32,
-        UPCAST=q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1",
+        UPCAST=interpreter_upcasts(q.dtype),
         num_warps=4, num_stages=2,
     )
     return out

@@ -254,6 +254,11 @@ if HAS_TRITON:
                 tl.atomic_xchg(cnt_ptr + pn_all, 0)
 
 
+def interpreter_upcasts(dtype: torch.dtype) -> bool:
+    """Whether a kernel should upcast bf16 operands of ``tl.dot``: the CPU interpreter mis-computes bf16 dots."""
+    return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def _next_pow2(v: int) -> int:
     return 1 << max(0, (v - 1).bit_length())
 
@@ -410,7 +415,7 @@ def sparse_gemv_group(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Opt
         cfg["K_PER_SPLIT"],
         SPLIT_K=cfg["SPLIT_K"], BM=BM, BN=BN, BK=cfg["BK"], HAS_BIAS=has_bias,
         USE_DOT=cfg["USE_DOT"], IEEE=x.dtype == torch.float32,
-        UPCAST=x.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1",
+        UPCAST=interpreter_upcasts(x.dtype),
         EVEN_N=all(N % BN == 0 for N in Ns), EVEN_K=K % cfg["K_PER_SPLIT"] == 0,
         IN_THREAD=cfg.get("IN_THREAD", False), COMPACT=cfg.get("COMPACT", False), CHUNK=cfg.get("CHUNK", 1),
         NSEG=nseg, num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2), **extra,

@@ -152,3 +152,11 @@ def downstream_until(
 def fake_value(n: fx.Node):
     """The fake tensor a node carries: Dynamo graphs keep it in ``example_value``, AOT graphs in ``val``."""
     return n.meta.get("val", n.meta.get("example_value"))
+
+
+def static_shape(n) -> Optional[tuple[int, ...]]:
+    """The shape of a node's fake tensor when every dimension is a plain int (None: no tensor, or symbolic)."""
+    v = fake_value(n) if isinstance(n, fx.Node) else None
+    if not isinstance(v, torch.Tensor) or not all(isinstance(s, int) for s in v.shape):
+        return None
+    return tuple(v.shape)

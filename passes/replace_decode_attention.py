@@ -26,7 +26,7 @@ from torch import fx
 
 import teal_fx.kernels  # noqa: F401  (registers torch.ops.teal)
 from teal_fx.kernels import decode_attention as kernel
-from teal_fx.passes.dataflow import fake_value, is_sdpa
+from teal_fx.passes.dataflow import fake_value, is_sdpa, static_shape
 
 log = logging.getLogger("teal_fx.passes")
 
@@ -40,13 +40,6 @@ def _sdpa_args(node: fx.Node) -> dict:
     args.update(zip(_SDPA_PARAMS, node.args))
     args.update(node.kwargs)
     return args
-
-
-def _static_shape(n) -> Optional[tuple[int, ...]]:
-    v = fake_value(n) if isinstance(n, fx.Node) else None
-    if not isinstance(v, torch.Tensor) or not all(isinstance(s, int) for s in v.shape):
-        return None
-    return tuple(v.shape)
 
 
 def _before_repeat_kv(rep: fx.Node) -> Optional[fx.Node]:
@@ -63,7 +56,7 @@ def _before_repeat_kv(rep: fx.Node) -> Optional[fx.Node]:
         src = ins.args[0]
     else:
         return None
-    shapes = [_static_shape(n) for n in (src, ins, exp, rep)]
+    shapes = [static_shape(n) for n in (src, ins, exp, rep)]
     if any(s is None for s in shapes) or len(shapes[0]) != 4:
         return None
     (b, hkv, length, d), unsq, expd, out = shapes
@@ -90,7 +83,7 @@ def replace_decode_attention(gm: fx.GraphModule, ctx) -> fx.GraphModule:
         if not is_sdpa(node):
             continue
         a = _sdpa_args(node)
-        q_shape = _static_shape(a["query"])
+        q_shape = static_shape(a["query"])
         if q_shape is None or len(q_shape) != 4 or q_shape[2] != 1:
             continue  # a prefill (or a symbolic length): sdpa's flash kernels are the right tool
         if a["dropout_p"] != 0.0 or a["is_causal"] is not False or isinstance(a["scale"], fx.Node):
@@ -98,7 +91,7 @@ def replace_decode_attention(gm: fx.GraphModule, ctx) -> fx.GraphModule:
         k, v = a["key"], a["value"]
         if not a["enable_gqa"]:
             k, v = _before_repeat_kv(k) or k, _before_repeat_kv(v) or v
-        k_shape, v_shape = _static_shape(k), _static_shape(v)
+        k_shape, v_shape = static_shape(k), static_shape(v)
         b, h, _, d = q_shape
         if k_shape is None or k_shape != v_shape or len(k_shape) != 4 or k_shape[0] != b or k_shape[3] != d:
             continue
@@ -107,7 +100,7 @@ def replace_decode_attention(gm: fx.GraphModule, ctx) -> fx.GraphModule:
         length = k_shape[2]
         mask = a["attn_mask"]
         if mask is not None:
-            m_shape = _static_shape(mask)
+            m_shape = static_shape(mask)
             try:
                 fits = m_shape is not None and torch.broadcast_shapes(m_shape, (b, h, 1, length)) == (b, h, 1, length)
             except RuntimeError:
