@@ -91,6 +91,9 @@ def main() -> int:
     ap.add_argument("--sdpa-sparsities", default="0.5",
                     help="lean-loop points with the backend's decode attention off (sdpa, as Inductor dense has it)")
     ap.add_argument("--batch4", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--dense-combo", action=argparse.BooleanOptionalAction, default=True,
+                    help="also Inductor dense with combo_kernels, which the teal backend turns on: how much of "
+                         "the gain that setting alone gives")
     ap.add_argument("--out", default="examples/results/decode_h100.md")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -124,6 +127,10 @@ def main() -> int:
     dense_tokens = teal_fx.generate(model, ids, 64, eos_token_id=-1, backend="inductor", mode="reduce-overhead",
                                     max_cache_len=cache_len)
     add("lean loop, Inductor dense", 1, t, first, peak_gib())
+    if args.dense_combo:
+        combo = {"triton.cudagraphs": True, "combo_kernels": True}  # mode="reduce-overhead" + combo kernels
+        t, first = decode_speed(lean(model, ids, "inductor", cache_len, combo), args.new_tokens)
+        add("lean loop, Inductor dense + combo_kernels", 1, t, first)
     if args.batch4:
         t, first = decode_speed(lean(model, ids4, "inductor", cache_len), args.new_tokens)
         dense[4] = t
@@ -151,6 +158,7 @@ def main() -> int:
         teal_fx.attach_plan(model, plan.at(s, "uniform"), check=False)
         t, first = decode_speed(lean(model, ids, "teal", cache_len, {"decode_attention": False}), args.new_tokens)
         add(f"lean loop, teal {s:.0%}, sdpa attention", 1, t, first)
+    write(out, args, bw, roof, rows, notes)  # notes added after the last row
     return 0
 
 
@@ -193,8 +201,10 @@ def write(out: Path, args, bw: float, roof: float, rows: list, notes: list) -> N
         f"- read bandwidth in this run {bw / 1e12:.2f} TB/s; dense roofline {roof:.0f} tok/s "
         f"({WEIGHT_BYTES_PER_TOKEN / 1e9:.2f} GB/token, ANCHORS.md scaled to this bandwidth)",
         "- thresholds: uniform, calibrated on the model's own activations (2 x 256 random-token sequences); "
-        "teal = q/k/v and gate/up grouped (4 sparse launches per block) and the decode step's attention as "
-        "teal::decode_attention (rows marked 'sdpa attention' keep sdpa, as Inductor dense does)",
+        "teal = q/k/v and gate/up grouped (4 sparse launches per block, silu(gate) * up formed by the gate/up "
+        "launch), the decode step's attention as teal::decode_attention (rows marked 'sdpa attention' keep sdpa, as "
+        "Inductor dense does), the cache counters' increments as one launch, and Inductor's combo_kernels (a dense "
+        "row shows that setting alone)",
         "- 'vs dense' compares with the dense row of the same path and batch (lean loop or HF generate())",
         "",
         "| path | batch | tok/s per sequence | ms/token | vs dense | share of dense roofline | first call incl. compile (s) | peak GPU memory (GiB) |",

@@ -10,6 +10,7 @@ time, and Inductor's cudagraph counters (a skipped CUDA graph shows up here and 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections import defaultdict
 
@@ -41,10 +42,10 @@ def show_syncs(run) -> None:
 
 
 def profile_path(name: str, model, ids, steps: int, backend: str, trace_dir=None, sync_debug: bool = False,
-                 top: int = 14) -> None:
+                 top: int = 14, options: dict | None = None) -> None:
     from torch._dynamo.utils import counters
 
-    run = lean(model, ids, backend, ids.shape[1] + steps)  # one cache length: every call reuses the same graphs
+    run = lean(model, ids, backend, ids.shape[1] + steps, options)  # one cache length: every call reuses the same graphs
     wall = 1e3 / decode_speed(run, steps)[0]
     if sync_debug:
         show_syncs(lambda: run(3))
@@ -89,6 +90,9 @@ def main() -> int:
     ap.add_argument("--dense", action=argparse.BooleanOptionalAction, default=True, help="also profile Inductor dense")
     ap.add_argument("--hf", action="store_true", help="also time Hugging Face generate() with both backends")
     ap.add_argument("--sync-debug", action="store_true", help="print the Python stack of every host-device sync")
+    ap.add_argument("--variant", action="append", default=[], metavar="LABEL=JSON",
+                    help="profile the teal path with these backend options (Inductor config patches included), "
+                         "e.g. 'combo={\"combo_kernels\": true}'; repeatable; default: one run with no options")
     args = ap.parse_args()
     torch._logging.set_logs(perf_hints=True)
     torch.manual_seed(0)
@@ -100,7 +104,11 @@ def main() -> int:
                              method="uniform", num_sequences=2, seq_len=256, progress=False)
     torch.compiler.reset()
     teal_fx.attach_plan(model, plan, check=False)
-    profile_path(f"teal {args.sparsity:.0%}", model, ids, args.steps, "teal", args.trace_dir, args.sync_debug, args.top)
+    for label, options in [v.split("=", 1) for v in args.variant] or [("", "{}")]:
+        torch.compiler.reset()
+        name = f"teal {args.sparsity:.0%}" + (f" {label}" if label else "")
+        profile_path(name, model, ids, args.steps, "teal", args.trace_dir, args.sync_debug, args.top,
+                     json.loads(options) or None)
     if args.hf:
         for backend in ("teal", "inductor"):
             torch.compiler.reset()

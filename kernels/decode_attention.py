@@ -245,7 +245,9 @@ def decode_attention_gpu(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]
     return out
 
 
-@torch.library.custom_op("teal::decode_attention", mutates_args=())
+# flexible_layout: the launcher takes any strides. Without the tag Inductor gives each call its own copy of an input
+# that is not yet a buffer, so the mask every layer shares was recomputed by one kernel per layer.
+@torch.library.custom_op("teal::decode_attention", mutates_args=(), tags=(torch.Tag.flexible_layout,))
 def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: float) -> Tensor:
     """softmax(q Kᵀ · scale + mask) V for one query position, K/V with ``H / Hkv`` query heads per KV head.
 

@@ -157,6 +157,9 @@ if HAS_TRITON:
         w1_ptr=None, b1_ptr=None, y1_ptr=None, N1=0, threshold1=0.0, stride_wk1=0, stride_ym1=0,
         w2_ptr=None, b2_ptr=None, y2_ptr=None, N2=0, threshold2=0.0, stride_wk2=0, stride_ym2=0,
         TILES1=0, TILES2=0, N_TOTAL=0, NSEG: tl.constexpr = 1,
+        # SwiGLU epilogue (two segments, gate then up, of equal N, no bias): the last program to arrive at column
+        # tile j of either segment writes silu(gate) * up for it, rounded as eager rounds (after each op)
+        GATED: tl.constexpr = False,
     ):
         pn_all = tl.program_id(0)
         pk = tl.program_id(1)
@@ -232,7 +235,7 @@ if HAS_TRITON:
 
         y_offs = offs_m[:, None] * stride_ym + offs_n[None, :]
         y_mask = m_ok[:, None] & n_ok[None, :]
-        if SPLIT_K == 1:
+        if SPLIT_K == 1 and not GATED:
             if HAS_BIAS:
                 acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
             tl.store(y_ptr + y_offs, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
@@ -243,15 +246,33 @@ if HAS_TRITON:
             ws_offs = offs_m[:, None] * ws_width + col0 + offs_n[None, :]
             tl.atomic_add(ws_ptr + ws_offs, acc, mask=y_mask, sem="relaxed")
             tl.debug_barrier()
-            arrived = tl.atomic_add(cnt_ptr + pn_all, 1, sem="acq_rel")
-            if arrived == SPLIT_K - 1:
+            if GATED:  # one counter per column tile, shared by the gate and up programs of that tile
+                counter = cnt_ptr + pn
+                arrivals = 2 * SPLIT_K
+            else:
+                counter = cnt_ptr + pn_all
+                arrivals = SPLIT_K
+            arrived = tl.atomic_add(counter, 1, sem="acq_rel")
+            if arrived == arrivals - 1:
                 zero = tl.zeros((BM, BN), dtype=tl.float32)
-                total = tl.atomic_add(ws_ptr + ws_offs, zero, mask=y_mask, sem="relaxed")
-                tl.store(ws_ptr + ws_offs, zero, mask=y_mask)
-                if HAS_BIAS:
-                    total += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+                if GATED:
+                    out_ty = y_ptr.dtype.element_ty
+                    g_offs = offs_m[:, None] * ws_width + offs_n[None, :]
+                    u_offs = g_offs + TILES1 * BN
+                    gate = tl.atomic_add(ws_ptr + g_offs, zero, mask=y_mask, sem="relaxed")
+                    tl.store(ws_ptr + g_offs, zero, mask=y_mask)
+                    up = tl.atomic_add(ws_ptr + u_offs, zero, mask=y_mask, sem="relaxed")
+                    tl.store(ws_ptr + u_offs, zero, mask=y_mask)
+                    gate = gate.to(out_ty).to(tl.float32)
+                    act = (gate / (1.0 + tl.exp(-gate))).to(out_ty).to(tl.float32)
+                    total = act * up.to(out_ty).to(tl.float32)
+                else:
+                    total = tl.atomic_add(ws_ptr + ws_offs, zero, mask=y_mask, sem="relaxed")
+                    tl.store(ws_ptr + ws_offs, zero, mask=y_mask)
+                    if HAS_BIAS:
+                        total += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
                 tl.store(y_ptr + y_offs, total.to(y_ptr.dtype.element_ty), mask=y_mask)
-                tl.atomic_xchg(cnt_ptr + pn_all, 0)
+                tl.atomic_xchg(counter, 0)
 
 
 def interpreter_upcasts(dtype: torch.dtype) -> bool:
@@ -347,13 +368,46 @@ def sparse_gemv(x: Tensor, weight: Tensor, bias: Optional[Tensor], threshold: fl
                              sparsity=sparsity)[0]
 
 
+def _groupable(w: Tensor) -> bool:
+    """A weight a grouped launch takes: the kernel swaps stride_wk (and N) per segment inside a runtime ``if``, and
+    Triton makes an argument equal to 1 a constant, which the other branch cannot redefine. Column-major
+    (stride_wn == 1, never swapped) with N >= 16 and stride_wk != 1 (a [N, 1] weight can have stride (1, 1))."""
+    return w.stride(0) == 1 and w.stride(1) != 1 and w.shape[0] >= 16
+
+
+def can_fuse_swiglu(x: Tensor, w_gate: Tensor, w_up: Tensor) -> bool:
+    """Whether ``sparse_gemv_swiglu`` takes these (one grouped launch: column-major weights of one shape and dtype,
+    the input's; the device is the caller's check, ``supports``)."""
+    return (w_gate.shape == w_up.shape and w_gate.dim() == 2 and w_gate.shape[1] == x.shape[-1]
+            and w_gate.dtype == w_up.dtype == x.dtype and x.dtype in DTYPES
+            and _groupable(w_gate) and _groupable(w_up)
+            and 1 <= x.numel() // max(1, x.shape[-1]) <= MAX_ROWS)
+
+
+def sparse_gemv_swiglu(x: Tensor, w_gate: Tensor, w_up: Tensor, t_gate: float, t_up: float,
+                       config: Optional[dict] = None, out: Optional[Tensor] = None,
+                       sparsity: Optional[float] = None) -> Tensor:
+    """silu(x_g W_gateᵀ) * (x_u W_upᵀ), x_g/x_u = x masked by t_gate/t_up, in one launch (see ``can_fuse_swiglu``).
+
+    The gate/up group launch whose last program per column tile forms the product from the two fp32 sums, rounding
+    after each op as eager ``F.silu(gate) * up`` does: the SiLU kernel between the MLP's launches goes away."""
+    if not can_fuse_swiglu(x, w_gate, w_up):
+        raise ValueError("sparse_gemv_swiglu: needs column-major gate and up weights of one shape (see can_fuse_swiglu)")
+    if out is None:
+        out = torch.empty((x.reshape(-1, x.shape[-1]).shape[0], w_gate.shape[0]), dtype=x.dtype, device=x.device)
+    return sparse_gemv_group(x, [w_gate, w_up], [None, None], [t_gate, t_up], config=config, outs=[out, out],
+                             sparsity=sparsity, _gated=True)[0]
+
+
 def sparse_gemv_group(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tensor]],
                       thresholds: Sequence[float], config: Optional[dict] = None,
-                      outs: Optional[Sequence[Tensor]] = None, sparsity: Optional[float] = None) -> list[Tensor]:
+                      outs: Optional[Sequence[Tensor]] = None, sparsity: Optional[float] = None,
+                      _gated: bool = False) -> list[Tensor]:
     """One launch for up to three linears that share the input ``x`` (q/k/v, gate/up): y_i = (x ⊙ 1[|x| > t_i]) W_iᵀ + b_i.
 
     The segments' N tiles form one grid, so the small k/v projections ride along with q instead of paying a
     launch and a ramp each. A weight row of segment i is read when some row of x exceeds t_i at that input.
+    (``_gated``: the SwiGLU epilogue of ``sparse_gemv_swiglu``, which checks its arguments.)
     """
     if not HAS_TRITON:
         raise RuntimeError("the Triton sparse GEMV needs triton")
@@ -362,7 +416,7 @@ def sparse_gemv_group(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Opt
         raise ValueError(f"sparse_gemv_group takes 1 to {MAX_SEGMENTS} weights with as many biases and thresholds")
     if len({b is None for b in biases}) > 1:
         raise ValueError("sparse_gemv_group: either every segment has a bias or none has")
-    if nseg > 1 and not all(w.stride(0) == 1 and w.shape[0] >= 16 for w in weights):
+    if nseg > 1 and not all(_groupable(w) for w in weights):
         # the kernel swaps only stride_wk per segment, and no swapped scalar may be 1 (see the kernel): launch apart
         return [sparse_gemv_group(x, [w], [b], [t], config=config, outs=None if o is None else [o], sparsity=sparsity)[0]
                 for w, b, t, o in zip(weights, biases, thresholds, outs if outs is not None else [None] * nseg)]
@@ -418,6 +472,6 @@ def sparse_gemv_group(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Opt
         UPCAST=interpreter_upcasts(x.dtype),
         EVEN_N=all(N % BN == 0 for N in Ns), EVEN_K=K % cfg["K_PER_SPLIT"] == 0,
         IN_THREAD=cfg.get("IN_THREAD", False), COMPACT=cfg.get("COMPACT", False), CHUNK=cfg.get("CHUNK", 1),
-        NSEG=nseg, num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2), **extra,
+        NSEG=nseg, GATED=_gated, num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2), **extra,
     )
     return [y.reshape(*x.shape[:-1], N) for y, N in zip(ys, Ns)]

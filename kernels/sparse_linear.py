@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["sparse_linear", "sparse_linear_group", "reference_sparse_linear", "sparsify"]
+__all__ = ["sparse_linear", "sparse_linear_group", "sparse_swiglu", "reference_sparse_linear", "sparsify"]
 
 
 def keep_mask(x: Tensor, threshold: float) -> Tensor:
@@ -162,3 +162,33 @@ def _group_backward(ctx, grad_outs: list[Tensor]):
 
 
 sparse_linear_group.register_autograd(_group_backward, setup_context=_group_setup_context)
+
+
+@torch.library.custom_op("teal::sparse_swiglu", mutates_args=())
+def sparse_swiglu(
+    x: Tensor, w_gate: Tensor, w_up: Tensor, t_gate: float, t_up: float, prefill_sparse_from: float,
+    sparsities: list[float],
+) -> Tensor:
+    """``silu(gate) * up`` of a gated MLP, gate and up being ``sparse_linear`` of ``x`` (no biases).
+
+    Its reference and CPU path is that expression, rounded as eager rounds it; on the decode path with column-major
+    weights it is one Triton launch whose epilogue forms the product, so no kernel runs between the MLP's launches.
+    No autograd: the pass that inserts it leaves graphs that need gradients alone."""
+    if x.is_cuda and _sparse_token_mask_start(x, prefill_sparse_from) == 0:
+        from teal_fx.kernels import sparse_gemv
+
+        if sparse_gemv.supports(x, w_gate) and sparse_gemv.supports(x, w_up) and \
+                sparse_gemv.can_fuse_swiglu(x, w_gate, w_up):
+            return sparse_gemv.sparse_gemv_swiglu(x, w_gate, w_up, t_gate, t_up, sparsity=min(sparsities, default=-1.0))
+        gate, up = sparse_linear_group(x, [w_gate, w_up], [None, None], [t_gate, t_up], prefill_sparse_from, sparsities)
+        return F.silu(gate) * up
+    gate = reference_sparse_linear(x, w_gate, None, t_gate, prefill_sparse_from)
+    return F.silu(gate) * reference_sparse_linear(x, w_up, None, t_up, prefill_sparse_from)
+
+
+@sparse_swiglu.register_fake
+def _(x: Tensor, w_gate: Tensor, w_up: Tensor, t_gate: float, t_up: float, prefill_sparse_from: float,
+      sparsities: list[float]) -> Tensor:
+    torch._check(w_gate.shape == w_up.shape, lambda: "sparse_swiglu: gate and up weights differ in shape")
+    torch._check(x.shape[-1] == w_gate.shape[1], lambda: "sparse_swiglu: x and the weights disagree on in_features")
+    return x.new_empty((*x.shape[:-1], w_gate.shape[0]))

@@ -5,8 +5,10 @@ Each pass is a plain function ``(gm, ctx) -> gm`` in a file named by what it doe
 from teal_fx.passes.label_block_linears import Discovery, MatchedLinear, discover, label_block_linears
 from teal_fx.passes.insert_sparse_linear import insert_sparse_linear
 from teal_fx.passes.group_shared_input import group_shared_input
+from teal_fx.passes.fuse_swiglu import fuse_swiglu
 from teal_fx.passes.select_plan import select_plan
 from teal_fx.passes.replace_decode_attention import replace_decode_attention
+from teal_fx.passes.batch_input_increments import batch_input_increments
 from teal_fx.passes.pass_manager import PASSES, PassContext, run_passes
 
 __all__ = [
@@ -17,7 +19,9 @@ __all__ = [
     "select_plan",
     "insert_sparse_linear",
     "group_shared_input",
+    "fuse_swiglu",
     "replace_decode_attention",
+    "batch_input_increments",
     "discover",
     "Discovery",
     "MatchedLinear",

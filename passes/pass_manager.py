@@ -9,6 +9,8 @@ from typing import Callable, Optional
 
 from torch import fx
 
+from teal_fx.passes.batch_input_increments import batch_input_increments
+from teal_fx.passes.fuse_swiglu import fuse_swiglu
 from teal_fx.passes.group_shared_input import group_shared_input
 from teal_fx.passes.insert_sparse_linear import insert_sparse_linear
 from teal_fx.passes.label_block_linears import Discovery, MatchedLinear, label_block_linears
@@ -20,10 +22,11 @@ log = logging.getLogger("teal_fx.passes")
 Pass = Callable[[fx.GraphModule, "PassContext"], fx.GraphModule]
 
 # The order is the contract: discovery labels the linears, the plan is chosen for (and checked against) what was
-# found, the rewrite reads both, and the grouping works on the rewritten ops only. The attention rewrite is
-# independent of the plan (it runs in dense compiles too) and last, so discovery sees the graph as traced.
-PASSES: list[Pass] = [label_block_linears, select_plan, insert_sparse_linear, group_shared_input,
-                      replace_decode_attention]
+# found, the rewrite reads both, the grouping works on the rewritten ops only, and the SwiGLU fusion on the gate/up
+# groups. The attention rewrite is independent of the plan (it runs in dense compiles too) and after them, so
+# discovery sees the graph as traced; batching the cache counters' increments is independent of everything else.
+PASSES: list[Pass] = [label_block_linears, select_plan, insert_sparse_linear, group_shared_input, fuse_swiglu,
+                      replace_decode_attention, batch_input_increments]
 
 _graph_ids = itertools.count()
 
@@ -36,6 +39,7 @@ class PassContext:
     plan_resolver: Optional[Callable] = None  # (gm, discovery) -> Plan | None, used when no plan was given
     dump_dir: Optional[Path] = None
     group_shared_input: bool = True  # one launch for q/k/v and one for gate/up (options["group_shared_input"])
+    fuse_swiglu: bool = True  # silu(gate) * up formed by the gate/up launch (options["fuse_swiglu"])
     decode_attention: bool = True  # decode-step sdpa -> teal::decode_attention (options["decode_attention"])
     graph_id: int = field(default_factory=lambda: next(_graph_ids))
     discovery: Optional[Discovery] = None

@@ -5,10 +5,11 @@
     torch.compile(model, backend="teal", mode="reduce-overhead")          # CUDA graphs through Inductor
 
 Options: ``plan`` (a Plan or a path), ``dump`` (a folder), ``compiler`` (``inductor`` | ``aot_eager`` | ``eager``),
-``group_shared_input`` (default True: q/k/v and gate/up each in one launch), ``decode_attention`` (default True:
+``group_shared_input`` (default True: q/k/v and gate/up each in one launch), ``fuse_swiglu`` (default True: the
+gate/up launch also forms ``silu(gate) * up``), ``decode_attention`` (default True:
 the attention of a decode step runs ``teal::decode_attention``, with or without a plan),
 ``mode`` (Inductor's modes, since torch.compile takes either ``mode`` or ``options``, not both); any other key is
-an Inductor config patch (``{"max_autotune": True}``).
+an Inductor config patch (``{"max_autotune": True}``; on CUDA ``CUDA_INDUCTOR_DEFAULTS`` apply unless overridden).
 """
 from __future__ import annotations
 
@@ -28,6 +29,11 @@ from teal_fx.plan import Plan, PlanLike, as_plan
 log = logging.getLogger("teal_fx")
 
 INNER_COMPILERS = ("inductor", "aot_eager", "eager")
+
+# Inductor settings the backend turns on for graphs on CUDA (an option of the same name overrides). combo_kernels: one
+# launch for the independent pointwise kernels between two extern calls; in a decode step that is q's RoPE, k's RoPE
+# and the K/V cache writes, three launches of ~1.2 us per layer becoming one (NOTES.md v9).
+CUDA_INDUCTOR_DEFAULTS = {"combo_kernels": True}
 
 # how many graphs the backend has rewritten (callers that must not silently run uncompiled check that it moved)
 REWRITTEN_GRAPHS = [0]
@@ -104,6 +110,7 @@ class TealOptions:
     compiler: str = "inductor"
     mode: Optional[str] = None
     group_shared_input: bool = True
+    fuse_swiglu: bool = True
     decode_attention: bool = True
     inductor: dict = field(default_factory=dict)
 
@@ -123,6 +130,7 @@ class TealOptions:
             raise ValueError(f"teal: options['compiler'] must be one of {INNER_COMPILERS}, got {out.compiler!r}")
         out.mode = opts.pop("mode", mode)
         out.group_shared_input = bool(opts.pop("group_shared_input", True))
+        out.fuse_swiglu = bool(opts.pop("fuse_swiglu", True))
         out.decode_attention = bool(opts.pop("decode_attention", True))
         if opts and out.compiler != "inductor":
             raise ValueError(f"teal: unknown options {sorted(opts)} (Inductor config patches need compiler='inductor')")
@@ -168,6 +176,8 @@ def _inner_compile(gm: fx.GraphModule, example_inputs: list, opts: TealOptions):
         from torch._inductor.compile_fx import compile_fx
 
         patches = dict(list_mode_options(opts.mode)) if opts.mode else {}
+        if any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs):
+            patches.update(CUDA_INDUCTOR_DEFAULTS)
         patches.update(opts.inductor)
         return compile_fx(gm, example_inputs, config_patches=patches)
     if opts.mode == "reduce-overhead" and any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs):
@@ -181,7 +191,8 @@ def teal_backend(gm: fx.GraphModule, example_inputs: list, options: Optional[dic
     """The Dynamo backend registered as ``"teal"``."""
     opts = TealOptions.parse(options, mode)
     ctx = PassContext(plan_resolver=_plan_resolver(example_inputs, opts), dump_dir=opts.dump,
-                      group_shared_input=opts.group_shared_input, decode_attention=opts.decode_attention)
+                      group_shared_input=opts.group_shared_input, fuse_swiglu=opts.fuse_swiglu,
+                      decode_attention=opts.decode_attention)
     gm = run_passes(gm, ctx)
     if ctx.rewritten:
         REWRITTEN_GRAPHS[0] += 1

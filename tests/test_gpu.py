@@ -126,3 +126,17 @@ def test_generate_stops_on_gpu_without_waiting_each_check():
     out = teal_fx.generate(model, ids, 40, backend="none", eos_token_id=stop)
     first = int((greedy[0, 4:] == stop).nonzero()[0]) + 4
     assert torch.equal(out, greedy[:, : first + 1])
+
+
+@pytest.mark.parametrize("rows", [1, 3, 6])
+def test_swiglu_op_runs_the_fused_launch_and_matches_its_expression(rows):
+    from teal_fx.kernels import sparse_gemv as sg
+
+    x = torch.randn(rows, 1, 512, device="cuda", dtype=torch.bfloat16)
+    wg, wu = ((torch.randn(1024, 512, device="cuda") / 512**0.5).bfloat16().t().contiguous().t() for _ in range(2))
+    assert sg.can_fuse_swiglu(x, wg, wu)
+    got = torch.ops.teal.sparse_swiglu(x, wg, wu, 0.6, 0.4, 1.0, [0.5, 0.4])
+    gate = sg.reference_sparse_gemv(x.reshape(rows, -1).cpu(), wg.cpu(), None, 0.6)
+    want = torch.nn.functional.silu(gate) * sg.reference_sparse_gemv(x.reshape(rows, -1).cpu(), wu.cpu(), None, 0.4)
+    err = (got.reshape(rows, -1).cpu().double() - want).norm() / want.norm()
+    assert err < 1e-2

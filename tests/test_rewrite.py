@@ -85,19 +85,25 @@ def test_rewritten_nodes_are_exactly_the_block_linears(arch):
     (cg,) = graphs
     ctx = PassContext(plan=plan)
     gm = run_passes(cg.gm, ctx)
-    ops = [n for n in gm.graph.nodes if "teal" in n.meta]  # sparse_linear nodes, or getitems of a group
-    assert len(ops) == len(EXPECTED_ROLES[arch]) * 3
+    ops = [n for n in gm.graph.nodes if "teal" in n.meta]  # sparse_linear, getitems of a group, sparse_swiglu
+    swiglus = [n for n in ops if n.target is torch.ops.teal.sparse_swiglu.default]  # each stands for gate and up
+    assert len(ops) + len(swiglus) == len(EXPECTED_ROLES[arch]) * 3
     group_op = torch.ops.teal.sparse_linear_group.default
     singles = [n for n in ops if n.target is torch.ops.teal.sparse_linear.default]
     groups = [n for n in gm.graph.nodes if n.target is group_op]
     roles = set(EXPECTED_ROLES[arch])
     if {"q", "k", "v", "gate", "up"} <= roles:  # separate projections sharing an input: q/k/v and gate/up grouped
-        assert len(groups) == 2 * 3 and {n.meta["teal"].role for n in singles} == {"o", "down"}
+        # silu(gate) * up is fused into one op; Gemma's gelu MLP is left as a gate/up group
+        silu = "silu" in (getattr(model.config, "hidden_act", None), getattr(model.config, "hidden_activation", None))
+        assert len(groups) == (1 if silu else 2) * 3 and len(swiglus) == (3 if silu else 0)
+        assert {n.meta["teal"].role for n in singles} == {"o", "down"}
         for g in groups:
             assert {u.meta["teal"].role for u in g.users} in ({"q", "k", "v"}, {"gate", "up"})
+        assert all((n.meta["teal"].role, n.meta["teal_up"].role) == ("gate", "up") for n in swiglus)
     else:  # fused qkv / gate_up weights (Phi-3): nothing shares an input
-        assert not groups and len(singles) == len(ops)
-    assert sorted(n.meta["teal"].key for n in ops) == sorted(plan.linears)
+        assert not groups and not swiglus and len(singles) == len(ops)
+    keys = [n.meta["teal"].key for n in ops] + [n.meta["teal_up"].key for n in swiglus]
+    assert sorted(keys) == sorted(plan.linears)
     remaining = [n for n in gm.graph.nodes if is_linear(n)]
     assert len(remaining) == 1 and "lm_head" in str(remaining[0].meta.get("nn_module_stack"))
     for n in ops:  # the fake value is still the right one
@@ -123,6 +129,8 @@ def test_plan_sparsity_reaches_the_ops():
         elif n.target is torch.ops.teal.sparse_linear_group.default:
             for item in n.users:
                 seen[item.meta["teal"].key] = n.args[5][item.args[1]]
+        elif n.target is torch.ops.teal.sparse_swiglu.default:  # (gate, up)
+            seen[n.meta["teal"].key], seen[n.meta["teal_up"].key] = n.args[6]
     assert seen == {k: -1.0 if h is None else h for k, h in hints.items()}
 
 

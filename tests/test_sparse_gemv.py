@@ -17,6 +17,9 @@ if not ON_GPU and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("no GPU and TRITON_INTERPRET is not set", allow_module_level=True)
 DEVICE = "cuda" if ON_GPU else "cpu"
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+# the SwiGLU epilogue rounds three times, as eager silu(gate) * up does (gate, silu, product): up to 3 bf16 ulps
+# against the exact product (the CPU interpreter truncates to bf16, so each rounding can cost a whole ulp there)
+SWIGLU_TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 
 
 def rel_err(y, ref):
@@ -141,3 +144,48 @@ def test_grouped_launch_rejects_mixed_bias():
     w = torch.randn(4, 8, device=DEVICE)
     with pytest.raises(ValueError, match="bias"):
         sg.sparse_gemv_group(x, [w, w], [None, torch.zeros(4, device=DEVICE)], [0.1, 0.1])
+
+
+@settings(max_examples=20 if ON_GPU else 10, deadline=None)
+@given(
+    M=st.integers(1, 8), N=st.integers(16, 70), K=st.integers(2, 90),  # (K = 1: not groupable, see below)
+    dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
+    ts=st.tuples(st.floats(0.0, 1.5), st.floats(0.0, 1.5)), seed=st.integers(0, 1000),
+    split=st.booleans(), loop=st.sampled_from(["tile", "in_thread", "compact"]),
+)
+def test_swiglu_launch_matches_float64(M, N, K, dtype, ts, seed, split, loop):
+    """gate/up in one launch whose epilogue forms silu(gate) * up: against the float64 product of the references."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, K, generator=g).to(dtype).to(DEVICE)
+    wg, wu = [(torch.randn(N, K, generator=g) / K**0.5).to(dtype).to(DEVICE).t().contiguous().t() for _ in range(2)]
+    h = torch.full((M, N), float("nan"), dtype=dtype, device=DEVICE)
+    cfg = sg.make_config(2 * N, K, BN=16, BK=16, iters=2, use_dot=M > 1 and loop != "in_thread",
+                         compact=loop == "compact", in_thread=loop == "in_thread") if split else None
+    gate = sg.reference_sparse_gemv(x.cpu(), wg.cpu(), None, ts[0])
+    ref = torch.nn.functional.silu(gate) * sg.reference_sparse_gemv(x.cpu(), wu.cpu(), None, ts[1])
+    for _ in range(2):  # twice: the shared arrival counters and the workspace must be left clean
+        h.fill_(float("nan"))
+        sg.sparse_gemv_swiglu(x, wg, wu, ts[0], ts[1], config=cfg, out=h)
+        assert not torch.isnan(h).any(), "unwritten output elements"
+        assert rel_err(h.cpu(), ref) <= SWIGLU_TOL[dtype]
+
+
+def test_swiglu_launch_refuses_what_it_cannot_group():
+    x = torch.randn(1, 32, device=DEVICE)
+    w = torch.randn(32, 32, device=DEVICE).t().contiguous().t()
+    with pytest.raises(ValueError, match="column-major"):
+        sg.sparse_gemv_swiglu(x, w, w.contiguous(), 0.1, 0.1)  # up stored row-major
+    with pytest.raises(ValueError, match="column-major"):
+        sg.sparse_gemv_swiglu(x, w, w[:16], 0.1, 0.1)  # shapes differ
+    one = torch.randn(32, 1, device=DEVICE)  # column-major and row-major at once: stride (1, 1)
+    with pytest.raises(ValueError, match="column-major"):
+        sg.sparse_gemv_swiglu(x[:, :1], one, one, 0.1, 0.1)
+
+
+def test_weights_with_unit_k_stride_launch_apart():
+    """[N, 1] weights have stride (1, 1): a grouped launch would swap a stride Triton turned into the constant 1."""
+    x = torch.randn(1, 1, device=DEVICE)
+    ws = [torch.randn(n, 1, device=DEVICE) for n in (16, 32)]
+    ys = sg.sparse_gemv_group(x, ws, [None, None], [0.0, 0.0])
+    for w, y in zip(ws, ys):
+        assert torch.allclose(y, x @ w.t(), atol=1e-5)

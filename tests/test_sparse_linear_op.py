@@ -79,3 +79,14 @@ def test_group_equals_one_op_per_weight_and_its_gradients():
         torch.testing.assert_close(y, sparse_linear(x, w, None, t, 1.0))
     torch.autograd.gradcheck(lambda x, a, b: torch.ops.teal.sparse_linear_group(x, [a, b], [None, None], ts, 1.0, [0.4, 0.7]),
                              (x, *ws))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("seq,psf", [(1, 1.0), (4, 1.0), (4, 0.5)])
+def test_swiglu_is_silu_gate_times_up_and_opchecks(dtype, seq, psf):
+    x = torch.randn(2, seq, 16, dtype=dtype)
+    wg, wu = (torch.randn(24, 16, dtype=dtype) for _ in range(2))
+    got = torch.ops.teal.sparse_swiglu(x, wg, wu, 0.5, 0.8, psf, [0.5, -1.0])
+    want = torch.nn.functional.silu(sparse_linear(x, wg, None, 0.5, psf)) * sparse_linear(x, wu, None, 0.8, psf)
+    assert torch.equal(got, want)
+    torch.library.opcheck(torch.ops.teal.sparse_swiglu.default, (x, wg, wu, 0.5, 0.8, psf, [0.5, -1.0]))
