@@ -70,7 +70,8 @@ def batch_input_increments(gm: fx.GraphModule, ctx=None) -> fx.GraphModule:
         if any(order[u] > order[inc] for a in aliases for u in a.users if u is not inc):
             continue  # something reads the counter after its increment: leave it
         v = fake_value(x)
-        groups[(inc.args[1], type(inc.args[1]), v.dtype, v.device)].append(inc)
+        amount = inc.args[1]  # its type is part of the key: 1 and 1.0 hash alike but are different increments
+        groups[(amount, type(amount), v.dtype, v.device)].append(inc)
 
     output = next(n for n in reversed(graph.nodes) if n.op == "output")
     moved = 0

@@ -47,15 +47,13 @@ def _match(group: fx.Node) -> Optional[tuple[fx.Node, fx.Node, fx.Node, fx.Node,
     weights, biases = group.args[1:3]
     if len(weights) != 2 or any(b is not None for b in biases) or len(group.users) != 2:
         return None
-    items = {}
-    for u in group.users:
-        if u.op != "call_function" or u.target is not operator.getitem or u.args[1] in items:
-            return None
-        items[u.args[1]] = u
+    if any(u.op != "call_function" or u.target is not operator.getitem for u in group.users):
+        return None
+    items = {u.args[1]: u for u in group.users}
+    if set(items) != {0, 1}:
+        return None
     for gate_i in (0, 1):
-        gate, up = items.get(gate_i), items.get(1 - gate_i)
-        if gate is None or up is None:
-            return None
+        gate, up = items[gate_i], items[1 - gate_i]
         act = _only_user(gate)
         if act is None or not _is_silu(act):
             continue
