@@ -9,8 +9,10 @@ x needs / read bandwidth measured in this same run. The table is written as mark
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import math
+import os
 import platform
 import statistics
 import sys
@@ -78,6 +80,21 @@ def graph_time_us(calls: list, replays: int = 20) -> float:
     return statistics.median(times)
 
 
+@contextlib.contextmanager
+def dependent_launches(on: bool):
+    """Launch the teal kernels with programmatic dependent launch or not (kernels/pdl.py reads TEAL_PDL at each
+    launch; a CUDA graph keeps what its capture saw)."""
+    before = os.environ.get("TEAL_PDL")
+    os.environ["TEAL_PDL"] = "1" if on else "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["TEAL_PDL"]
+        else:
+            os.environ["TEAL_PDL"] = before
+
+
 def make_case(N: int, K: int, M: int, sparsity: float, dtype, l2_bytes: int):
     copies = max(2, math.ceil(3 * l2_bytes / (N * K * 2)))
     ws_row = [torch.randn(N, K, dtype=dtype, device="cuda") / K**0.5 for _ in range(copies)]
@@ -104,16 +121,22 @@ def time_sparse(x, ws_col, t, config, sparsity, calls: int) -> tuple[float, floa
 
 
 def bench_shape(N, K, M, sparsity, dtype, bw, l2, config=None, calls: int = 32) -> dict:
+    """µs of the sparse GEMV (with dependent launches, as the backend runs it on Hopper, and without), cuBLAS
+    dense, the roofline."""
     ws_row, ws_col, x, t, needed = make_case(N, K, M, sparsity, dtype, l2)
     sparse, err = time_sparse(x, ws_col, t, config, sparsity, calls)
+    with dependent_launches(False):
+        plain, _ = time_sparse(x, ws_col, t, config, sparsity, calls)
     dense = graph_time_us([lambda i=i: F.linear(x, ws_row[i % len(ws_row)]) for i in range(calls)])
     roof = needed * N * K * x.element_size() / bw * 1e6
-    return dict(us=sparse, dense_us=dense, roof_us=roof, frac=roof / sparse, speedup=dense / sparse, err=err)
+    return dict(us=sparse, plain_us=plain, dense_us=dense, roof_us=roof, frac=roof / sparse, speedup=dense / sparse,
+                err=err)
 
 
 def bench_block(sparsity: float, dtype, bw: float, l2: int, layers: int = 4, grouped: bool = True) -> dict:
-    """One Llama-3-8B block at ``sparsity`` as the backend issues it: grouped, 4 launches (q+k+v, o, gate+up,
-    down; passes/group_shared_input.py), or one launch per linear (7). Each input has its own threshold."""
+    """One Llama-3-8B block at ``sparsity`` as the backend issues it: grouped, 4 launches (q+k+v, o, gate+up with
+    silu(gate) * up formed in the launch, down; passes/group_shared_input.py, passes/fuse_swiglu.py), or one launch
+    per linear (7). Each input has its own threshold."""
     shapes = [(4096, 4096), (1024, 4096), (1024, 4096), (4096, 4096), (14336, 4096), (14336, 4096), (4096, 14336)]
     launches = [[0, 1, 2], [3], [4, 5], [6]] if grouped else [[j] for j in range(len(shapes))]
     layer_ws = []
@@ -130,6 +153,10 @@ def bench_block(sparsity: float, dtype, bw: float, l2: int, layers: int = 4, gro
     calls = []
     for ws in layer_ws:
         for group in launches:
+            if group == [4, 5]:  # gate, up: the SwiGLU launch
+                calls.append(lambda ws=ws: sg.sparse_gemv_swiglu(x_of[4], ws[4], ws[5], ts[4], ts[5], out=outs[4],
+                                                                 sparsity=sparsity))
+                continue
             calls.append(lambda ws=ws, g=group: sg.sparse_gemv_group(
                 x_of[g[0]], [ws[j] for j in g], [None] * len(g), [ts[j] for j in g], outs=[outs[j] for j in g],
                 sparsity=sparsity))
@@ -146,8 +173,10 @@ SWEEP = (  # loop over every input, [BK, BN] FMAs reduced after the loop ...
        for c in (False, True) for nw in (1, 2, 4) for kps in (64, 128, 256)]
     # ... shorter programs (more of them) for the small shapes
     + [dict(BN=256, BK=16, iters=it, use_dot=False, num_warps=1, num_stages=1, in_thread=True) for it in (1, 2)]
-    # ... 8-row tiles, for batches (a thread sums rows x 8 inputs x 8 columns: half the registers of 16 inputs)
-    + [dict(BN=256, BK=8, iters=it, use_dot=False, num_warps=1, num_stages=1, in_thread=True) for it in (8, 16)]
+    # ... 32-row tiles (a thread issues a tile's 32 loads at once; 162 registers; NOTES v10), and 8-row tiles for
+    # batches (a thread sums rows x 8 inputs x 8 columns: half the registers of 16 inputs)
+    + [dict(BN=256, BK=bk, iters=it, use_dot=False, num_warps=1, num_stages=1, in_thread=True)
+       for bk, its in ((32, (2, 4, 8)), (8, (8, 16))) for it in its]
     # ... and the tensor-core path (rows padded to 16), whose weight tiles Triton stages through shared memory
     + [dict(BN=128, BK=32, iters=it, use_dot=True, num_warps=4, num_stages=3) for it in (8, 16)]
 )
@@ -187,6 +216,8 @@ def main() -> int:
     ap.add_argument("--sweep-batch", type=int, default=1)
     ap.add_argument("--sweep-sparsity", default="0.5", help="comma-separated sparsities")
     ap.add_argument("--sweep-only", action="store_true", help="stop after the sweep")
+    ap.add_argument("--sweep-kind", choices=("all", "in-thread", "compact"), default="all",
+                    help="sweep only the one-warp loops over every input, or only the packed loops")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("bench_kernels needs a CUDA GPU", file=sys.stderr)
@@ -199,14 +230,19 @@ def main() -> int:
     if args.sweep:
         for name, sp in [(n, float(v)) for v in args.sweep_sparsity.split(",") for n in args.sweep_shapes.split(",")]:
             N, K = SHAPES[name]
-            res = sweep_shape(N, K, args.sweep_batch, sp, bw, l2, SWEEP if args.sweep_batch == 1 else SWEEP_BATCH)
+            configs = SWEEP if args.sweep_batch == 1 else SWEEP_BATCH
+            if args.sweep_kind == "in-thread":
+                configs = [p for p in configs if p.get("in_thread") and not p.get("compact") and p["num_warps"] == 1]
+            elif args.sweep_kind == "compact":
+                configs = [p for p in configs if p.get("compact")]
+            res = sweep_shape(N, K, args.sweep_batch, sp, bw, l2, configs)
             print(f"sweep {name} M={args.sweep_batch} @{sp:.0%} bf16 ({len(res)} configs), "
                   f"default {sweep_shape(N, K, args.sweep_batch, sp, bw, l2, [None])[0][0]:.2f} us; best:",
                   flush=True)
             for kind in (lambda p: not p["use_dot"] and not p.get("in_thread"),
                          lambda p: p.get("in_thread") and not p.get("compact"), lambda p: p.get("compact"),
                          lambda p: p["use_dot"]):
-                for us, p, cfg, err, frac in [z for z in res if kind(z[1])][:3]:
+                for us, p, cfg, err, frac in [z for z in res if kind(z[1])][:3 if args.sweep_kind == "all" else None]:
                     print(f"   {us:7.2f} us  frac {frac:.2f}  {p}  split={cfg['SPLIT_K']} err={err:.1e}", flush=True)
         if args.sweep_only:
             return 0
@@ -219,7 +255,8 @@ def main() -> int:
             for s in sparsities:
                 r = bench_shape(N, K, 1, s, dtype, bw, l2)
                 rows.append((str(dtype).split(".")[-1], name, 1, s, r))
-                print(f"{rows[-1][0]:8s} {name:20s} M=1 s={s:.2f}  {r['us']:7.2f} us  dense {r['dense_us']:7.2f}  "
+                print(f"{rows[-1][0]:8s} {name:20s} M=1 s={s:.2f}  {r['us']:7.2f} us (no PDL {r['plain_us']:7.2f})  "
+                      f"dense {r['dense_us']:7.2f}  "
                       f"roof {r['roof_us']:6.2f}  frac {r['frac']:.2f}  x{r['speedup']:.2f}  err {r['err']:.1e}", flush=True)
         if dtype == torch.bfloat16:
             for name in ("q/o 4096x4096", "gate/up 14336x4096", "down 4096x14336"):
@@ -227,12 +264,15 @@ def main() -> int:
                 for M in (2, 4, 8):
                     r = bench_shape(N, K, M, 0.5, dtype, bw, l2)
                     rows.append(("bfloat16", name, M, 0.5, r))
-                    print(f"bfloat16 {name:20s} M={M} s=0.50  {r['us']:7.2f} us  dense {r['dense_us']:7.2f}  "
+                    print(f"bfloat16 {name:20s} M={M} s=0.50  {r['us']:7.2f} us (no PDL {r['plain_us']:7.2f})  "
+                          f"dense {r['dense_us']:7.2f}  "
                           f"roof {r['roof_us']:6.2f}  frac {r['frac']:.2f}  x{r['speedup']:.2f}  err {r['err']:.1e}", flush=True)
     block = bench_block(0.5, torch.bfloat16, bw, l2, grouped=True)
     block7 = bench_block(0.5, torch.bfloat16, bw, l2, grouped=False)
-    print(f"Llama-3-8B block @50% bf16: grouped (4 launches) {block['us']:.1f} us, 7 launches {block7['us']:.1f} us, "
-          f"roofline {block['roof_us']:.1f} us", flush=True)
+    with dependent_launches(False):
+        block_plain = bench_block(0.5, torch.bfloat16, bw, l2, grouped=True)
+    print(f"Llama-3-8B block @50% bf16: grouped (4 launches) {block['us']:.1f} us ({block_plain['us']:.1f} without "
+          f"PDL), 7 launches {block7['us']:.1f} us, roofline {block['roof_us']:.1f} us", flush=True)
 
     lines = [
         "# Sparse GEMV kernel benchmark",
@@ -242,16 +282,20 @@ def main() -> int:
         f"- read bandwidth measured in this run: {bw / 1e12:.2f} TB/s (bf16 sum over 4 GiB)",
         "- µs per call in a CUDA graph of 32 calls over rotating weights (> L2); roofline = bytes of the weight rows "
         "some row of x needs / that bandwidth; dense = F.linear (cuBLAS) on a row-major weight.",
+        "- teal µs: launched as the backend launches on Hopper, with programmatic dependent launch (a call's launch "
+        "and ramp overlap the previous call's tail; kernels/pdl.py); 'no PDL': the same kernel launched plainly, "
+        "as cuBLAS is. Share of roofline and speedup use the first.",
         "",
-        "| dtype | shape (N x K) | batch | sparsity | teal µs | cuBLAS dense µs | roofline µs | share of roofline | speedup vs dense | rel. error vs fp64 |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| dtype | shape (N x K) | batch | sparsity | teal µs | teal µs, no PDL | cuBLAS dense µs | roofline µs | share of roofline | speedup vs dense | rel. error vs fp64 |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for dt, name, M, s, r in rows:
-        lines.append(f"| {dt} | {name} | {M} | {s:.2f} | {r['us']:.1f} | {r['dense_us']:.1f} | {r['roof_us']:.1f} | "
-                     f"{r['frac']:.2f} | {r['speedup']:.2f} | {r['err']:.1e} |")
-    lines += ["", f"One Llama-3-8B block at 50%, bf16, grouped as the backend issues it (q+k+v, o, gate+up, down: "
-                  f"4 launches): **{block['us']:.1f} µs**; as 7 launches: {block7['us']:.1f} µs "
-                  f"(roofline {block['roof_us']:.1f} µs; reference TEAL 100.9 µs).", ""]
+        lines.append(f"| {dt} | {name} | {M} | {s:.2f} | {r['us']:.1f} | {r['plain_us']:.1f} | {r['dense_us']:.1f} | "
+                     f"{r['roof_us']:.1f} | {r['frac']:.2f} | {r['speedup']:.2f} | {r['err']:.1e} |")
+    lines += ["", f"One Llama-3-8B block at 50%, bf16, grouped as the backend issues it (q+k+v, o, gate+up with "
+                  f"silu(gate) * up, down: 4 launches): **{block['us']:.1f} µs** ({block_plain['us']:.1f} µs without "
+                  f"PDL); as 7 launches: {block7['us']:.1f} µs (roofline {block['roof_us']:.1f} µs; reference TEAL "
+                  f"100.9 µs).", ""]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines))

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from teal_fx.kernels import pdl
 from teal_fx.kernels.sparse_gemv import _next_pow2, interpreter_upcasts
 from teal_fx.kernels.workspace import Workspace
 
@@ -57,9 +58,12 @@ if HAS_TRITON:
         stride_ob, stride_oh, stride_od,
         G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, BLOCK_L: tl.constexpr,
         NSPLIT: tl.constexpr, MASK: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+        PDL: tl.constexpr = False,  # programmatic dependent launch (kernels/pdl.py)
     ):
         """Program (b·HKV + kv head, split): the G query heads of one KV head over L_PER_SPLIT positions.
         MASK: 0 none, 1 boolean (attend where true), 2 additive (float). Softmax in base 2 (qk_scale has log2 e)."""
+        if PDL:
+            tl.extra.cuda.gdc_wait()
         bh = tl.program_id(0)
         split = tl.program_id(1)
         b = bh // HKV
@@ -119,6 +123,8 @@ if HAS_TRITON:
                     pv = tl.dot(p.to(vt.dtype), vt)
                 acc = acc * alpha[:, None] + pv
                 m_i = m_new
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
         o_offs = b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :] * stride_od
         if NSPLIT == 1:
             l_i = tl.where(g_ok, l_i, 1.0)  # the padding heads (never stored) divide by 1, not 0
@@ -229,6 +235,7 @@ def decode_attention_gpu(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]
         m_strides = (mask.stride(0), mask.stride(1), mask.stride(3))
     else:
         mask, kind, m_strides = q, 0, (0, 0, 0)
+    use_pdl = pdl.enabled(q.device)
     _decode_attention_kernel[(B * HKV, cfg["NSPLIT"])](
         q, k, v, mask, out, acc, ml, cnt,
         L, cfg["L_PER_SPLIT"], HKV, scale * LOG2E,
@@ -240,7 +247,7 @@ def decode_attention_gpu(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]
         G=cfg["G"], GP=cfg["GP"], D=D, DP=cfg["DP"], BLOCK_L=cfg["BLOCK_L"], NSPLIT=cfg["NSPLIT"], MASK=kind,
         IEEE=q.dtype == torch.float32,
         UPCAST=interpreter_upcasts(q.dtype),
-        num_warps=4, num_stages=2,
+        PDL=use_pdl, num_warps=4, num_stages=2, **({"launch_pdl": True} if use_pdl else {}),
     )
     return out
 

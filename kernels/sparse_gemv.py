@@ -19,6 +19,8 @@ few rows it keeps, so at 90% it cost 4x its data (NOTES.md, v5). 2-4 rows use th
 (``_in_thread_rows_partial``), 5-8 rows the tensor cores (rows padded to 16), small N the [BK, BN] tiles.
 Groups: up to three linears that share x (q/k/v, gate/up) run as one launch (``sparse_gemv_group``): their N tiles
 form one grid, each segment with its own weight, bias, output and threshold (NOTES.md, v4).
+On Hopper and newer, launches use programmatic dependent launch (``pdl.py``), so each overlaps the tail of the kernel
+before it.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from teal_fx.kernels import pdl
 from teal_fx.kernels.workspace import Workspace
 
 try:
@@ -160,7 +163,12 @@ if HAS_TRITON:
         # SwiGLU epilogue (two segments, gate then up, of equal N, no bias): the last program to arrive at column
         # tile j of either segment writes silu(gate) * up for it, rounded as eager rounds (after each op)
         GATED: tl.constexpr = False,
+        # programmatic dependent launch (kernels/pdl.py): wait for the previous kernel before reading x or the
+        # workspace; let the next kernel launch once the main loop's loads are issued
+        PDL: tl.constexpr = False,
     ):
+        if PDL:
+            tl.extra.cuda.gdc_wait()
         pn_all = tl.program_id(0)
         pk = tl.program_id(1)
         pn = pn_all
@@ -233,6 +241,8 @@ if HAS_TRITON:
                 x = x_next
             acc = tl.reshape(tl.sum(acc2, axis=0), (1, BN))
 
+        if PDL and not USE_DOT:  # the tensor-core path ran 1.5 µs slower at 8 rows with the next grid resident early
+            tl.extra.cuda.gdc_launch_dependents()
         y_offs = offs_m[:, None] * stride_ym + offs_n[None, :]
         y_mask = m_ok[:, None] & n_ok[None, :]
         if SPLIT_K == 1 and not GATED:
@@ -309,9 +319,12 @@ def choose_config(M: int, N: int, K: int, device: torch.device, sparsity: Option
             k_per = min(256, max(64, _next_pow2(K * (-(-N // BN)) // 448)))
             return make_config(N, K, BN=BN, BK=16, iters=k_per // 16, use_dot=False, num_warps=BN // 256,
                                num_stages=1, compact=True)
-        # every input, masked: one warp per 256 columns, 16-row tiles, 4-8 tiles per program (~1000-3600 programs)
-        iters = 8 if (N // 256) * (K // 16) >= 8000 else 4
-        return make_config(N, K, BN=256, BK=16, iters=iters, use_dot=False, num_warps=1, num_stages=1, in_thread=True)
+        # every input, masked: one warp per 256 columns (~1000-1800 programs). The MLP shapes: 8 tiles of 16 rows a
+        # program; the attention shapes (4096x4096, q+k+v): 2 tiles of 32 rows, 3-8% faster there at 0-50% and no
+        # gain on the MLP shapes (sweep, NOTES v10)
+        if (N // 256) * (K // 16) >= 8000:
+            return make_config(N, K, BN=256, BK=16, iters=8, use_dot=False, num_warps=1, num_stages=1, in_thread=True)
+        return make_config(N, K, BN=256, BK=32, iters=2, use_dot=False, num_warps=1, num_stages=1, in_thread=True)
     if M <= 4 and N >= 2048:
         # 2-4 rows in the same layout, summed on CUDA cores: 16 tiles per program on the MLP shapes, 4 on 4096²
         # (sweeps at 50%: 0.85-0.87 of roofline on the MLP shapes vs 0.79-0.83 for the tensor-core path; NOTES v7)
@@ -462,6 +475,7 @@ def sparse_gemv_group(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Opt
     if nseg > 1:
         extra.update(TILES1=tiles[0], TILES2=tiles[0] + (tiles[1] if nseg > 2 else 0), N_TOTAL=total_tiles * BN)
     s0 = seg[0]
+    use_pdl = pdl.enabled(x.device)
     _sparse_gemv_kernel[(total_tiles, cfg["SPLIT_K"])](
         x2, s0["w"], s0["b"], s0["y"], ws, cnt, idx, xv,
         M, s0["N"], K, s0["t"],
@@ -472,6 +486,7 @@ def sparse_gemv_group(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Opt
         UPCAST=interpreter_upcasts(x.dtype),
         EVEN_N=all(N % BN == 0 for N in Ns), EVEN_K=K % cfg["K_PER_SPLIT"] == 0,
         IN_THREAD=cfg.get("IN_THREAD", False), COMPACT=cfg.get("COMPACT", False), CHUNK=cfg.get("CHUNK", 1),
-        NSEG=nseg, GATED=_gated, num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2), **extra,
+        NSEG=nseg, GATED=_gated, PDL=use_pdl, num_warps=cfg.get("num_warps", 4),
+        num_stages=cfg.get("num_stages", 2), **extra, **({"launch_pdl": True} if use_pdl else {}),
     )
     return [y.reshape(*x.shape[:-1], N) for y, N in zip(ys, Ns)]

@@ -11,6 +11,12 @@ This is the single op the rewrite pass inserts for every matched block linear. I
 The decision is taken at run time from the shape, so one graph serves any sequence length. On CUDA, a
 decode step with at most ``MAX_GEMV_ROWS`` rows goes to the Triton sparse GEMV (``teal_fx.kernels.sparse_gemv``)
 when it is available; everything else (CPU, prefill, large batches) runs the reference below.
+
+Why ``torch.library.custom_op`` and not ``triton_op``: the kernel keeps state between launches, a workspace and arrival
+counters that every launch leaves zero (no memset launch). A ``triton_op`` body is traced and functionalized, so those
+buffers would have to become graph inputs marked mutated, which functionalization turns into clones or copy-backs
+around each call: the launches the workspace exists to avoid. The ops therefore stay opaque to Inductor (registered
+fakes, ``opcheck`` in the tests); in CUDA graphs, where the decode step runs, the Python launch path is not replayed.
 """
 from __future__ import annotations
 

@@ -23,6 +23,7 @@ import torch
 from torch import fx, nn
 from torch.utils.weak import WeakIdKeyDictionary
 
+from teal_fx.kernels import pdl
 from teal_fx.passes import PassContext, run_passes
 from teal_fx.plan import Plan, PlanLike, as_plan
 
@@ -176,8 +177,10 @@ def _inner_compile(gm: fx.GraphModule, example_inputs: list, opts: TealOptions):
         from torch._inductor.compile_fx import compile_fx
 
         patches = dict(list_mode_options(opts.mode)) if opts.mode else {}
-        if any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs):
+        cuda = [t.device for t in example_inputs if isinstance(t, torch.Tensor) and t.is_cuda]
+        if cuda:
             patches.update(CUDA_INDUCTOR_DEFAULTS)
+            patches.update(pdl.inductor_patch(cuda[0]))
         patches.update(opts.inductor)
         return compile_fx(gm, example_inputs, config_patches=patches)
     if opts.mode == "reduce-overhead" and any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs):

@@ -54,37 +54,59 @@ def test_generate_reduce_overhead_equals_reference():
     assert torch.equal(out, ref)
 
 
+@pytest.mark.parametrize("pdl", [True, False])  # programmatic dependent launch (kernels/pdl.py) or plain launches
+@pytest.mark.parametrize("back_to_back", [False, True])  # an eager clamp between the launches, or none
 @pytest.mark.parametrize("sparsity_hint", [None, 0.7])  # the masked and the packed loop
-def test_dependent_launches_in_a_cuda_graph(sparsity_hint):
+def test_dependent_launches_in_a_cuda_graph(sparsity_hint, back_to_back, pdl, monkeypatch):
     """Inside one CUDA graph, each launch reads what the previous one wrote: its input, and the shared workspace and
-    counters, which the previous launch must leave zero. Values are small integers, exact in fp16 whatever the order
-    of the sums, so the graph must match the reference exactly."""
+    counters, which the previous launch must leave zero. Back to back, with PDL, a launch starts while the one before
+    finishes, so its reads must wait. Values are small integers, exact whatever the order of the sums (fp16 clamped,
+    fp32 unclamped), so the graph must match the reference exactly."""
+    from teal_fx.kernels import pdl as pdl_mod
     from teal_fx.kernels import sparse_gemv as sg
 
+    monkeypatch.setenv("TEAL_PDL", "1" if pdl else "0")
+    assert pdl_mod.enabled(torch.device("cuda")) == (pdl and torch.cuda.get_device_capability()[0] >= 9)
+    dtype = torch.float32 if back_to_back else torch.half
     g = torch.Generator(device="cpu").manual_seed(0)
     n = 4096  # 16 x 64 programs per launch; 8 launches
     weights = []
     for _ in range(8):
-        w = (torch.rand(n, n, generator=g) < 2e-3).half() * (torch.randint(0, 2, (n, n), generator=g).half() * 2 - 1)
+        w = (torch.rand(n, n, generator=g) < 2e-3).to(dtype) * (torch.randint(0, 2, (n, n), generator=g).to(dtype) * 2 - 1)
         weights.append(w.cuda().t().contiguous().t())  # column-major
-    x_static = torch.zeros(1, n, dtype=torch.half, device="cuda")
+    x_static = torch.zeros(1, n, dtype=dtype, device="cuda")
 
     def chain(x, launch):
         for w in weights:
-            x = launch(x, w).clamp(-8, 8)
+            x = launch(x, w) if back_to_back else launch(x, w).clamp(-8, 8)
         return x
 
     kernel = lambda x, w: sg.sparse_gemv(x, w, None, 0.5, sparsity=sparsity_hint)  # noqa: E731
-    reference = lambda x, w: (torch.where(x.abs() > 0.5, x, 0).double() @ w.double().t()).half()  # noqa: E731
+    reference = lambda x, w: (torch.where(x.abs() > 0.5, x, 0).double() @ w.double().t()).to(dtype)  # noqa: E731
     chain(x_static, kernel)  # compile and reserve the workspace outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         y_static = chain(x_static, kernel)
     for seed in range(3):
-        x_static.copy_(torch.randint(-3, 4, (1, n), generator=g.manual_seed(seed)).half())
+        x_static.copy_(torch.randint(-3, 4, (1, n), generator=g.manual_seed(seed)).to(dtype))
         graph.replay()
-        assert torch.equal(y_static, chain(x_static.clone(), reference))
+        expected = chain(x_static.clone(), reference)
+        assert expected.abs().max() < 2**24  # still exact in fp32
+        assert torch.equal(y_static, expected)
         assert y_static.abs().sum() > 0  # the chain did not die out
+
+
+def test_backend_asks_inductor_for_dependent_launches_on_hopper(monkeypatch):
+    """On sm_90+ the backend's Inductor patch turns on Inductor's PDL (where this torch has it); TEAL_PDL=0 drops it."""
+    from torch._inductor import config
+
+    from teal_fx.kernels import pdl
+
+    cuda = torch.device("cuda")
+    has = "triton.enable_pdl" in config._config and torch.cuda.get_device_capability()[0] >= 9
+    assert pdl.inductor_patch(cuda) == ({"triton.enable_pdl": True} if has else {})
+    monkeypatch.setenv("TEAL_PDL", "0")
+    assert pdl.inductor_patch(cuda) == {} and not pdl.enabled(cuda)
 
 
 def test_decode_attention_in_a_cuda_graph():

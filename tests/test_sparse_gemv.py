@@ -119,9 +119,9 @@ def test_rejects_too_many_rows():
     M=st.integers(1, 8), Ns=st.lists(st.integers(1, 70), min_size=1, max_size=3), K=st.integers(1, 90),
     dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
     ts=st.lists(st.floats(0.0, 1.5), min_size=3, max_size=3), bias=st.booleans(), seed=st.integers(0, 1000),
-    split=st.booleans(), loop=st.sampled_from(["tile", "in_thread", "compact"]),
+    split=st.booleans(), loop=st.sampled_from(["tile", "in_thread", "compact"]), BK=st.sampled_from([16, 32]),
 )
-def test_grouped_launch_matches_each_linear(M, Ns, K, dtype, ts, bias, seed, split, loop):
+def test_grouped_launch_matches_each_linear(M, Ns, K, dtype, ts, bias, seed, split, loop, BK):
     """q/k/v-style group: one launch, each segment its own weight, bias, output and threshold."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(M, K, generator=g).to(dtype).to(DEVICE)
@@ -129,7 +129,7 @@ def test_grouped_launch_matches_each_linear(M, Ns, K, dtype, ts, bias, seed, spl
     bs = [torch.randn(N, generator=g).to(dtype).to(DEVICE) if bias else None for N in Ns]
     ys = [torch.full((M, N), float("nan"), dtype=dtype, device=DEVICE) for N in Ns]
     # small tiles split K (workspace + last-arriver path); the default config does not split such small K
-    cfg = sg.make_config(sum(Ns), K, BN=16, BK=16, iters=2, use_dot=M > 1 and loop != "in_thread",
+    cfg = sg.make_config(sum(Ns), K, BN=16, BK=BK, iters=2, use_dot=M > 1 and loop != "in_thread",
                          compact=loop == "compact", in_thread=loop == "in_thread") if split else None
     for _ in range(2):  # twice: the arrival counters and the workspace must be left clean
         sg.sparse_gemv_group(x, ws, bs, ts[: len(Ns)], config=cfg, outs=ys)
