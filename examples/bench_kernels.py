@@ -14,6 +14,7 @@ import datetime
 import math
 import os
 import platform
+import shlex
 import statistics
 import sys
 from pathlib import Path
@@ -295,7 +296,8 @@ def main() -> int:
     lines += ["", f"One Llama-3-8B block at 50%, bf16, grouped as the backend issues it (q+k+v, o, gate+up with "
                   f"silu(gate) * up, down: 4 launches): **{block['us']:.1f} µs** ({block_plain['us']:.1f} µs without "
                   f"PDL); as 7 launches: {block7['us']:.1f} µs (roofline {block['roof_us']:.1f} µs; reference TEAL "
-                  f"100.9 µs).", ""]
+                  f"100.9 µs).", "",
+              f"Command: `{shlex.join(['python', 'examples/bench_kernels.py', *sys.argv[1:]])}`", ""]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines))
