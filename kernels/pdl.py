@@ -34,6 +34,6 @@ def inductor_patch(device: torch.device) -> dict:
     PDL is off), so that a teal kernel and the Inductor kernels around it overlap in both directions."""
     from torch._inductor import config
 
-    if not enabled(device) or "triton.enable_pdl" not in config._config:
+    if not enabled(device) or not hasattr(config.triton, "enable_pdl"):
         return {}
     return {"triton.enable_pdl": True}

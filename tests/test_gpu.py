@@ -103,7 +103,7 @@ def test_backend_asks_inductor_for_dependent_launches_on_hopper(monkeypatch):
     from teal_fx.kernels import pdl
 
     cuda = torch.device("cuda")
-    has = "triton.enable_pdl" in config._config and torch.cuda.get_device_capability()[0] >= 9
+    has = hasattr(config.triton, "enable_pdl") and torch.cuda.get_device_capability()[0] >= 9
     assert pdl.inductor_patch(cuda) == ({"triton.enable_pdl": True} if has else {})
     monkeypatch.setenv("TEAL_PDL", "0")
     assert pdl.inductor_patch(cuda) == {} and not pdl.enabled(cuda)
