@@ -4,7 +4,7 @@ A kernel launched with PDL may start while the kernel before it finishes: its pr
 to ``gdc_wait``, which returns once the previous grid has completed and its writes are visible. A kernel lets the
 next one start early with ``gdc_launch_dependents``. The teal kernels follow the protocol of Inductor's own PDL code
 (``torch._inductor.config.triton.enable_pdl``): wait before the first read of anything an earlier kernel wrote (the
-input, the workspace), let dependents launch once the main loop's loads are done. The launch cost and ramp of each
+input, the workspace), let dependents launch once the main loop's loads are issued. The launch cost and ramp of each
 kernel then overlap the tail of the one before (NOTES.md, v10). Kernels that do not take part (cuBLAS) wait as usual.
 
 ``TEAL_PDL=0`` in the environment turns it off for the teal kernels; the backend then also leaves Inductor's off.
