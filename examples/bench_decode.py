@@ -93,7 +93,7 @@ def main() -> int:
     ap.add_argument("--batch4", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--dense-combo", action=argparse.BooleanOptionalAction, default=True,
                     help="also Inductor dense with the Inductor settings the teal backend turns on: how much of "
-                         "the gain that setting alone gives")
+                         "the gain those settings alone give")
     ap.add_argument("--out", default="examples/results/decode_h100.md")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -130,10 +130,9 @@ def main() -> int:
     if args.dense_combo:
         from torch._inductor import list_mode_options  # torch.compile takes mode or options: spell the mode out
 
-        from teal_fx.backend import CUDA_INDUCTOR_DEFAULTS
-        from teal_fx.kernels import pdl
+        from teal_fx.backend import cuda_inductor_settings
 
-        settings = {**CUDA_INDUCTOR_DEFAULTS, **pdl.inductor_patch(ids.device)}
+        settings = cuda_inductor_settings(ids.device)
         combo = {**list_mode_options("reduce-overhead"), **settings}
         t, first = decode_speed(lean(model, ids, "inductor", cache_len, combo), args.new_tokens)
         add(f"lean loop, Inductor dense + teal's Inductor settings ({', '.join(settings)})", 1, t, first)

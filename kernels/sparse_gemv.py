@@ -306,6 +306,12 @@ def make_config(N: int, K: int, *, BN: int, BK: int, iters: int, use_dot: bool, 
                 COMPACT=compact and not use_dot, CHUNK=_next_pow2(k_per))
 
 
+def _mlp_sized(N: int, K: int) -> bool:
+    """Whether a one-warp grid of 256 x 16 tiles has >= 8000 of them: the MLP shapes (gate/up, down, gate+up) but
+    not the attention ones (4096x4096, q+k+v), which the sweeps tile differently."""
+    return (N // 256) * (K // 16) >= 8000
+
+
 COMPACT_FROM = 0.6  # expected sparsity from which one row loops over the packed survivors only (NOTES.md, v5)
 
 
@@ -322,13 +328,13 @@ def choose_config(M: int, N: int, K: int, device: torch.device, sparsity: Option
         # every input, masked: one warp per 256 columns (~1000-1800 programs). The MLP shapes: 8 tiles of 16 rows a
         # program; the attention shapes (4096x4096, q+k+v): 2 tiles of 32 rows, 3-8% faster there at 0-50% and no
         # gain on the MLP shapes (sweep, NOTES v10)
-        if (N // 256) * (K // 16) >= 8000:
+        if _mlp_sized(N, K):
             return make_config(N, K, BN=256, BK=16, iters=8, use_dot=False, num_warps=1, num_stages=1, in_thread=True)
         return make_config(N, K, BN=256, BK=32, iters=2, use_dot=False, num_warps=1, num_stages=1, in_thread=True)
     if M <= 4 and N >= 2048:
         # 2-4 rows in the same layout, summed on CUDA cores: 16 tiles per program on the MLP shapes, 4 on 4096²
         # (sweeps at 50%: 0.85-0.87 of roofline on the MLP shapes vs 0.79-0.83 for the tensor-core path; NOTES v7)
-        iters = 16 if (N // 256) * (K // 16) >= 8000 else 4
+        iters = 16 if _mlp_sized(N, K) else 4
         return make_config(N, K, BN=256, BK=16, iters=iters, use_dot=False, num_warps=1, num_stages=1, in_thread=True)
     if N >= 2048:
         # 5-8 rows: tensor cores, 32-row tiles, 16 per program; 256 columns and a 4-stage pipeline on 4096² (sweep

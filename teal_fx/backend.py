@@ -36,6 +36,12 @@ INNER_COMPILERS = ("inductor", "aot_eager", "eager")
 # and the K/V cache writes, three launches of ~1.2 us per layer becoming one (NOTES.md v9).
 CUDA_INDUCTOR_DEFAULTS = {"combo_kernels": True}
 
+
+def cuda_inductor_settings(device: torch.device) -> dict:
+    """The Inductor config patch the backend adds for graphs on CUDA ``device``: ``CUDA_INDUCTOR_DEFAULTS`` and, on
+    Hopper or newer, Inductor's programmatic dependent launch (``kernels/pdl.py``)."""
+    return {**CUDA_INDUCTOR_DEFAULTS, **pdl.inductor_patch(device)}
+
 # how many graphs the backend has rewritten (callers that must not silently run uncompiled check that it moved)
 REWRITTEN_GRAPHS = [0]
 
@@ -179,8 +185,7 @@ def _inner_compile(gm: fx.GraphModule, example_inputs: list, opts: TealOptions):
         patches = dict(list_mode_options(opts.mode)) if opts.mode else {}
         cuda = [t.device for t in example_inputs if isinstance(t, torch.Tensor) and t.is_cuda]
         if cuda:
-            patches.update(CUDA_INDUCTOR_DEFAULTS)
-            patches.update(pdl.inductor_patch(cuda[0]))
+            patches.update(cuda_inductor_settings(cuda[0]))
         patches.update(opts.inductor)
         return compile_fx(gm, example_inputs, config_patches=patches)
     if opts.mode == "reduce-overhead" and any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs):
