@@ -10,7 +10,10 @@ Parallelism (split-K without a memset): the grid is (N tiles) x (K splits), prog
 tiles each). Each adds its fp32 partial into a workspace with atomics and bumps a per-N-tile counter; the program
 that arrives last reads the sum back and zeroes the workspace, adds the bias, writes y in
 its dtype and resets the counter. So: one launch, no output-zeroing memset, the epilogue cost independent of the
-split (NOTES.md, v3). The fp32 sum order varies between runs (not bit-reproducible).
+split (NOTES.md, v3). Where launches overlap (programmatic dependent launch, below), that epilogue runs as a second,
+tiny launch instead (``_finish_kernel``): the kernel boundary orders the partials, which saves the fence, counter and
+read-back round trips at the end of the grid, about 1 µs per GEMV (NOTES.md, v11). The fp32 sum order varies
+between runs (not bit-reproducible).
 Rows: every row keeps its own mask; a weight row is read once if any row needs it.
 Loops (one row, ``_in_thread_partial``): each thread owns whole columns of a tile, so a tile's sum stays in the
 thread; the loop walks every input of the split, masking the rows not needed, or, when the plan expects >= 60%
@@ -166,6 +169,8 @@ if HAS_TRITON:
         # programmatic dependent launch (kernels/pdl.py): wait for the previous kernel before reading x or the
         # workspace; let the next kernel launch once the main loop's loads are issued
         PDL: tl.constexpr = False,
+        # split-K sums finished by a second launch (``_finish_kernel``) instead of this grid's last arriver
+        APART: tl.constexpr = False,
     ):
         if PDL:
             tl.extra.cuda.gdc_wait()
@@ -255,34 +260,85 @@ if HAS_TRITON:
             # launch, adds the bias and writes y.
             ws_offs = offs_m[:, None] * ws_width + col0 + offs_n[None, :]
             tl.atomic_add(ws_ptr + ws_offs, acc, mask=y_mask, sem="relaxed")
-            tl.debug_barrier()
-            if GATED:  # one counter per column tile, shared by the gate and up programs of that tile
-                counter = cnt_ptr + pn
-                arrivals = 2 * SPLIT_K
-            else:
-                counter = cnt_ptr + pn_all
-                arrivals = SPLIT_K
-            arrived = tl.atomic_add(counter, 1, sem="acq_rel")
-            if arrived == arrivals - 1:
-                zero = tl.zeros((BM, BN), dtype=tl.float32)
-                if GATED:
-                    out_ty = y_ptr.dtype.element_ty
-                    g_offs = offs_m[:, None] * ws_width + offs_n[None, :]
-                    u_offs = g_offs + TILES1 * BN
-                    gate = tl.atomic_add(ws_ptr + g_offs, zero, mask=y_mask, sem="relaxed")
-                    tl.store(ws_ptr + g_offs, zero, mask=y_mask)
-                    up = tl.atomic_add(ws_ptr + u_offs, zero, mask=y_mask, sem="relaxed")
-                    tl.store(ws_ptr + u_offs, zero, mask=y_mask)
-                    gate = gate.to(out_ty).to(tl.float32)
-                    act = (gate / (1.0 + tl.exp(-gate))).to(out_ty).to(tl.float32)
-                    total = act * up.to(out_ty).to(tl.float32)
+            # APART: _finish_kernel, launched next, reads the sums back once this grid has completed
+            if not APART:
+                tl.debug_barrier()
+                if GATED:  # one counter per column tile, shared by the gate and up programs of that tile
+                    counter = cnt_ptr + pn
+                    arrivals = 2 * SPLIT_K
                 else:
-                    total = tl.atomic_add(ws_ptr + ws_offs, zero, mask=y_mask, sem="relaxed")
-                    tl.store(ws_ptr + ws_offs, zero, mask=y_mask)
-                    if HAS_BIAS:
-                        total += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-                tl.store(y_ptr + y_offs, total.to(y_ptr.dtype.element_ty), mask=y_mask)
-                tl.atomic_xchg(counter, 0)
+                    counter = cnt_ptr + pn_all
+                    arrivals = SPLIT_K
+                arrived = tl.atomic_add(counter, 1, sem="acq_rel")
+                if arrived == arrivals - 1:
+                    zero = tl.zeros((BM, BN), dtype=tl.float32)
+                    if GATED:
+                        out_ty = y_ptr.dtype.element_ty
+                        g_offs = offs_m[:, None] * ws_width + offs_n[None, :]
+                        u_offs = g_offs + TILES1 * BN
+                        gate = tl.atomic_add(ws_ptr + g_offs, zero, mask=y_mask, sem="relaxed")
+                        tl.store(ws_ptr + g_offs, zero, mask=y_mask)
+                        up = tl.atomic_add(ws_ptr + u_offs, zero, mask=y_mask, sem="relaxed")
+                        tl.store(ws_ptr + u_offs, zero, mask=y_mask)
+                        gate = gate.to(out_ty).to(tl.float32)
+                        act = (gate / (1.0 + tl.exp(-gate))).to(out_ty).to(tl.float32)
+                        total = act * up.to(out_ty).to(tl.float32)
+                    else:
+                        total = tl.atomic_add(ws_ptr + ws_offs, zero, mask=y_mask, sem="relaxed")
+                        tl.store(ws_ptr + ws_offs, zero, mask=y_mask)
+                        if HAS_BIAS:
+                            total += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+                    tl.store(y_ptr + y_offs, total.to(y_ptr.dtype.element_ty), mask=y_mask)
+                    tl.atomic_xchg(counter, 0)
+
+    @triton.jit
+    def _finish_kernel(
+        ws_ptr, y_ptr, b_ptr, M, N, ws_width, stride_ym,
+        y1_ptr=None, b1_ptr=None, N1=0, stride_ym1=0, y2_ptr=None, b2_ptr=None, N2=0, stride_ym2=0,
+        TILES1=0, TILES2=0, NSEG: tl.constexpr = 1,
+        BM: tl.constexpr = 1, BN: tl.constexpr = 256, HAS_BIAS: tl.constexpr = False, GATED: tl.constexpr = False,
+        PDL: tl.constexpr = False,
+    ):
+        """The split-K epilogue as its own launch (``APART``): one program per column tile of the workspace reads
+        the sums, zeroes them for the next launch, adds the bias (or forms silu(gate) * up) and writes y.
+
+        Stream order (or, with PDL, ``gdc_wait``) guarantees that the partials of the GEMV grid before it have all
+        landed, which the in-kernel protocol has to establish itself: a fence, an arrival counter and a read-back
+        per N tile, about 1 µs more per launch on the H100 (NOTES.md, v11)."""
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+        pn_all = tl.program_id(0)
+        pn = pn_all
+        col0 = pn_all * 0
+        if NSEG > 1 and not GATED:
+            if pn_all >= TILES1:
+                if NSEG > 2 and pn_all >= TILES2:
+                    pn = pn_all - TILES2
+                    col0 = TILES2 * BN
+                    y_ptr, b_ptr, N, stride_ym = y2_ptr, b2_ptr, N2, stride_ym2
+                else:
+                    pn = pn_all - TILES1
+                    col0 = TILES1 * BN
+                    y_ptr, b_ptr, N, stride_ym = y1_ptr, b1_ptr, N1, stride_ym1
+        offs_n = pn * BN + tl.arange(0, BN)
+        offs_m = tl.arange(0, BM)
+        mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+        ws_offs = offs_m[:, None] * ws_width + col0 + offs_n[None, :]
+        zero = tl.zeros((BM, BN), dtype=tl.float32)
+        total = tl.load(ws_ptr + ws_offs, mask=mask, other=0.0, cache_modifier=".cg")
+        tl.store(ws_ptr + ws_offs, zero, mask=mask)
+        if GATED:  # gate in the first TILES1 tiles, up in the next TILES1, as the GEMV grid lays them out
+            out_ty = y_ptr.dtype.element_ty
+            up = tl.load(ws_ptr + ws_offs + TILES1 * BN, mask=mask, other=0.0, cache_modifier=".cg")
+            tl.store(ws_ptr + ws_offs + TILES1 * BN, zero, mask=mask)
+            gate = total.to(out_ty).to(tl.float32)
+            act = (gate / (1.0 + tl.exp(-gate))).to(out_ty).to(tl.float32)
+            total = act * up.to(out_ty).to(tl.float32)
+        elif HAS_BIAS:
+            total += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+        tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], total.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 def interpreter_upcasts(dtype: torch.dtype) -> bool:
@@ -482,6 +538,9 @@ def sparse_gemv_group(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Opt
         extra.update(TILES1=tiles[0], TILES2=tiles[0] + (tiles[1] if nseg > 2 else 0), N_TOTAL=total_tiles * BN)
     s0 = seg[0]
     use_pdl = pdl.enabled(x.device)
+    # the split-K epilogue as a second launch where launches overlap (PDL): ~1 µs less per GEMV than the grid's own
+    # last arriver (NOTES.md, v11). Not for the tensor-core path, which does not let the next launch start early.
+    apart = bool(cfg.get("APART", use_pdl)) and (cfg["SPLIT_K"] > 1 or _gated) and not cfg["USE_DOT"]
     _sparse_gemv_kernel[(total_tiles, cfg["SPLIT_K"])](
         x2, s0["w"], s0["b"], s0["y"], ws, cnt, idx, xv,
         M, s0["N"], K, s0["t"],
@@ -492,7 +551,17 @@ def sparse_gemv_group(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Opt
         UPCAST=interpreter_upcasts(x.dtype),
         EVEN_N=all(N % BN == 0 for N in Ns), EVEN_K=K % cfg["K_PER_SPLIT"] == 0,
         IN_THREAD=cfg.get("IN_THREAD", False), COMPACT=cfg.get("COMPACT", False), CHUNK=cfg.get("CHUNK", 1),
-        NSEG=nseg, GATED=_gated, PDL=use_pdl, num_warps=cfg.get("num_warps", 4),
+        NSEG=nseg, GATED=_gated, PDL=use_pdl, APART=apart, num_warps=cfg.get("num_warps", 4),
         num_stages=cfg.get("num_stages", 2), **extra, **({"launch_pdl": True} if use_pdl else {}),
     )
+    if apart:
+        finish = {k: extra[k] for k in ("y1_ptr", "b1_ptr", "N1", "stride_ym1", "y2_ptr", "b2_ptr", "N2", "stride_ym2",
+                                        "TILES1", "TILES2") if k in extra}
+        _finish_kernel[(tiles[0] if _gated else total_tiles,)](
+            ws, s0["y"], s0["b"], M, s0["N"], total_tiles * BN if nseg > 1 else s0["N"], s0["sym"], **finish,
+            # one warp whatever BN: with 4 warps, [1, 1024] tiles stored as bf16 came out wrong on the H100 (Triton
+            # 3.6; 1 warp exact at every BN tried, tests/test_gpu.py)
+            NSEG=nseg, BM=BM, BN=BN, HAS_BIAS=has_bias, GATED=_gated, PDL=use_pdl, num_warps=1,
+            **({"launch_pdl": True} if use_pdl else {}),
+        )
     return [y.reshape(*x.shape[:-1], N) for y, N in zip(ys, Ns)]

@@ -162,3 +162,26 @@ def test_swiglu_op_runs_the_fused_launch_and_matches_its_expression(rows):
     want = torch.nn.functional.silu(gate) * sg.reference_sparse_gemv(x.reshape(rows, -1).cpu(), wu.cpu(), None, 0.4)
     err = (got.reshape(rows, -1).cpu().double() - want).norm() / want.norm()
     assert err < 1e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("N,K,hint", [(14336, 4096, 0.5), (14336, 4096, 0.7), (4096, 4096, 0.5), (1024, 4096, 0.5)])
+@pytest.mark.parametrize("apart", [False, True])
+def test_both_split_k_epilogues_on_the_default_configs(N, K, hint, dtype, apart):
+    """The 8B shapes' one-row configs (masked 256-column, packed 1024-column, [BK, BN] tiles) with the split-K sums
+    finished in the grid or by the second launch: a miscompile of the second launch's 4-warp bf16 tiles (Triton 3.6)
+    only showed on the GPU, never in the interpreter."""
+    from teal_fx.kernels import sparse_gemv as sg
+
+    g = torch.Generator(device="cpu").manual_seed(N + K)
+    x = torch.randn(1, K, generator=g).to(dtype).cuda()
+    w = (torch.randn(N, K, generator=g) / K**0.5).to(dtype).cuda().t().contiguous().t()
+    t = float(torch.quantile(x.float().abs().flatten().cpu(), hint))
+    cfg = dict(sg.choose_config(1, N, K, x.device, hint), APART=apart)
+    assert cfg["SPLIT_K"] > 1
+    ref = sg.reference_sparse_gemv(x.cpu(), w.cpu(), None, t)
+    for _ in range(2):  # the workspace must be left zero
+        y = torch.full((1, N), float("nan"), dtype=dtype, device="cuda")
+        sg.sparse_gemv(x, w, None, t, config=cfg, out=y)
+        assert not torch.isnan(y).any()
+        assert float((y.cpu().double() - ref).norm() / ref.norm()) < 1e-2

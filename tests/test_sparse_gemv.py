@@ -72,8 +72,10 @@ def test_split_k_and_variants(N, K, iters, M, use_dot, loop):
     cfg = sg.make_config(N, K, BN=32, BK=16, iters=iters, use_dot=use_dot, compact=loop == "compact",
                          in_thread=loop == "in_thread")
     assert cfg["SPLIT_K"] == -(-K // (16 * iters))
-    for rep in range(2):  # the second launch checks that the arrival counters were reset
-        assert run(M, N, K, torch.float32, 0.4, True, config=cfg, seed=rep) <= 1e-5
+    # both split-K epilogues: the grid's last arriver, and a second launch (APART, the default where launches overlap)
+    for apart in (False, True):
+        for rep in range(2):  # the second launch checks that the arrival counters and the workspace were reset
+            assert run(M, N, K, torch.float32, 0.4, True, config=dict(cfg, APART=apart), seed=rep) <= 1e-5
 
 
 @pytest.mark.parametrize("loop", ["tile", "in_thread", "compact"])
@@ -120,8 +122,9 @@ def test_rejects_too_many_rows():
     dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
     ts=st.lists(st.floats(0.0, 1.5), min_size=3, max_size=3), bias=st.booleans(), seed=st.integers(0, 1000),
     split=st.booleans(), loop=st.sampled_from(["tile", "in_thread", "compact"]), BK=st.sampled_from([16, 32]),
+    apart=st.booleans(),
 )
-def test_grouped_launch_matches_each_linear(M, Ns, K, dtype, ts, bias, seed, split, loop, BK):
+def test_grouped_launch_matches_each_linear(M, Ns, K, dtype, ts, bias, seed, split, loop, BK, apart):
     """q/k/v-style group: one launch, each segment its own weight, bias, output and threshold."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(M, K, generator=g).to(dtype).to(DEVICE)
@@ -129,8 +132,8 @@ def test_grouped_launch_matches_each_linear(M, Ns, K, dtype, ts, bias, seed, spl
     bs = [torch.randn(N, generator=g).to(dtype).to(DEVICE) if bias else None for N in Ns]
     ys = [torch.full((M, N), float("nan"), dtype=dtype, device=DEVICE) for N in Ns]
     # small tiles split K (workspace + last-arriver path); the default config does not split such small K
-    cfg = sg.make_config(sum(Ns), K, BN=16, BK=BK, iters=2, use_dot=M > 1 and loop != "in_thread",
-                         compact=loop == "compact", in_thread=loop == "in_thread") if split else None
+    cfg = dict(sg.make_config(sum(Ns), K, BN=16, BK=BK, iters=2, use_dot=M > 1 and loop != "in_thread",
+                              compact=loop == "compact", in_thread=loop == "in_thread"), APART=apart) if split else None
     for _ in range(2):  # twice: the arrival counters and the workspace must be left clean
         sg.sparse_gemv_group(x, ws, bs, ts[: len(Ns)], config=cfg, outs=ys)
         for w, b, t, y in zip(ws, bs, ts, ys):
@@ -151,16 +154,16 @@ def test_grouped_launch_rejects_mixed_bias():
     M=st.integers(1, 8), N=st.integers(16, 70), K=st.integers(2, 90),  # (K = 1: not groupable, see below)
     dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
     ts=st.tuples(st.floats(0.0, 1.5), st.floats(0.0, 1.5)), seed=st.integers(0, 1000),
-    split=st.booleans(), loop=st.sampled_from(["tile", "in_thread", "compact"]),
+    split=st.booleans(), loop=st.sampled_from(["tile", "in_thread", "compact"]), apart=st.booleans(),
 )
-def test_swiglu_launch_matches_float64(M, N, K, dtype, ts, seed, split, loop):
+def test_swiglu_launch_matches_float64(M, N, K, dtype, ts, seed, split, loop, apart):
     """gate/up in one launch whose epilogue forms silu(gate) * up: against the float64 product of the references."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(M, K, generator=g).to(dtype).to(DEVICE)
     wg, wu = [(torch.randn(N, K, generator=g) / K**0.5).to(dtype).to(DEVICE).t().contiguous().t() for _ in range(2)]
     h = torch.full((M, N), float("nan"), dtype=dtype, device=DEVICE)
-    cfg = sg.make_config(2 * N, K, BN=16, BK=16, iters=2, use_dot=M > 1 and loop != "in_thread",
-                         compact=loop == "compact", in_thread=loop == "in_thread") if split else None
+    cfg = dict(sg.make_config(2 * N, K, BN=16, BK=16, iters=2, use_dot=M > 1 and loop != "in_thread",
+                              compact=loop == "compact", in_thread=loop == "in_thread"), APART=apart) if split else None
     gate = sg.reference_sparse_gemv(x.cpu(), wg.cpu(), None, ts[0])
     ref = torch.nn.functional.silu(gate) * sg.reference_sparse_gemv(x.cpu(), wu.cpu(), None, ts[1])
     for _ in range(2):  # twice: the shared arrival counters and the workspace must be left clean
