@@ -56,6 +56,15 @@ def x_bytes(gib: int) -> int:
     return gib * 2**30
 
 
+def probe_setup(script: str) -> tuple[float, int]:
+    """The GPU probes' common start: exit without a CUDA GPU, else (read bandwidth in bytes/s, L2 bytes), printed."""
+    if not torch.cuda.is_available():
+        sys.exit(f"{script} needs a CUDA GPU")
+    bw = read_bandwidth()
+    print(f"read bandwidth {bw / 1e12:.2f} TB/s", flush=True)
+    return bw, torch.cuda.get_device_properties(0).L2_cache_size
+
+
 def graph_time_us(calls: list, replays: int = 20) -> float:
     """Median µs per call of ``calls`` captured once in a CUDA graph and replayed."""
     s = torch.cuda.Stream()

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_kernels import dependent_launches, graph_time_us, make_case, read_bandwidth  # noqa: E402
+from bench_kernels import dependent_launches, graph_time_us, make_case, probe_setup  # noqa: E402
 
 from teal_fx.kernels import sparse_gemv as sg  # noqa: E402
 
@@ -101,11 +101,7 @@ def two_launch(mods: dict):
 
 
 if __name__ == "__main__":
-    if not torch.cuda.is_available():
-        sys.exit("probe_epilogue needs a CUDA GPU")
-    bw = read_bandwidth()
-    l2 = torch.cuda.get_device_properties(0).L2_cache_size
-    print(f"read bandwidth {bw / 1e12:.2f} TB/s")
+    bw, l2 = probe_setup("probe_epilogue")
     mods = load_variants()
     mods["two_launch"] = type("TwoLaunch", (), {"sparse_gemv": staticmethod(two_launch(mods)),
                                                 "reserve_workspace": staticmethod(mods["atomics"].reserve_workspace)})

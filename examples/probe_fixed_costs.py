@@ -12,15 +12,11 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_kernels import graph_time_us, make_case, read_bandwidth  # noqa: E402
+from bench_kernels import graph_time_us, make_case, probe_setup  # noqa: E402
 
 from teal_fx.kernels import sparse_gemv as sg  # noqa: E402
 
-if not torch.cuda.is_available():
-    sys.exit("probe_fixed_costs needs a CUDA GPU")
-bw = read_bandwidth()
-l2 = torch.cuda.get_device_properties(0).L2_cache_size
-print(f"bw {bw/1e12:.2f}")
+bw, l2 = probe_setup("probe_fixed_costs")
 
 
 def cfgs(N, K):

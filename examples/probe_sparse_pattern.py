@@ -13,15 +13,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_kernels import graph_time_us, make_case, read_bandwidth  # noqa: E402
+from bench_kernels import graph_time_us, make_case, probe_setup  # noqa: E402
 
 from teal_fx.kernels import sparse_gemv as sg  # noqa: E402
 
-if not torch.cuda.is_available():
-    sys.exit("probe_sparse_pattern needs a CUDA GPU")
-bw = read_bandwidth()
-l2 = torch.cuda.get_device_properties(0).L2_cache_size
-print(f"read bandwidth {bw / 1e12:.2f} TB/s")
+bw, l2 = probe_setup("probe_sparse_pattern")
 
 
 def masked_x(K: int, chunk: int, sparsity: float, pattern: str, g: torch.Generator) -> torch.Tensor:

@@ -69,6 +69,13 @@ if HAS_TRITON:
                        eviction_policy="evict_first")
 
     @triton.jit
+    def _silu_times_up(gate, up, out_ty: tl.constexpr):
+        """silu(gate) * up from the fp32 sums, rounded to ``out_ty`` after each op as eager ``F.silu(gate) * up`` is."""
+        gate = gate.to(out_ty).to(tl.float32)
+        act = (gate / (1.0 + tl.exp(-gate))).to(out_ty).to(tl.float32)
+        return act * up.to(out_ty).to(tl.float32)
+
+    @triton.jit
     def _in_thread_partial(x_ptr, w_ptr, idx_ptr, xv_ptr, k_lo, k_hi, threshold, offs_n, n_ok, stride_wk, stride_wn,
                            BK: tl.constexpr, BN: tl.constexpr, CHUNK: tl.constexpr, EVEN_N: tl.constexpr,
                            PACK: tl.constexpr):
@@ -280,9 +287,7 @@ if HAS_TRITON:
                         tl.store(ws_ptr + g_offs, zero, mask=y_mask)
                         up = tl.atomic_add(ws_ptr + u_offs, zero, mask=y_mask, sem="relaxed")
                         tl.store(ws_ptr + u_offs, zero, mask=y_mask)
-                        gate = gate.to(out_ty).to(tl.float32)
-                        act = (gate / (1.0 + tl.exp(-gate))).to(out_ty).to(tl.float32)
-                        total = act * up.to(out_ty).to(tl.float32)
+                        total = _silu_times_up(gate, up, out_ty)
                     else:
                         total = tl.atomic_add(ws_ptr + ws_offs, zero, mask=y_mask, sem="relaxed")
                         tl.store(ws_ptr + ws_offs, zero, mask=y_mask)
@@ -331,9 +336,7 @@ if HAS_TRITON:
             out_ty = y_ptr.dtype.element_ty
             up = tl.load(ws_ptr + ws_offs + TILES1 * BN, mask=mask, other=0.0, cache_modifier=".cg")
             tl.store(ws_ptr + ws_offs + TILES1 * BN, zero, mask=mask)
-            gate = total.to(out_ty).to(tl.float32)
-            act = (gate / (1.0 + tl.exp(-gate))).to(out_ty).to(tl.float32)
-            total = act * up.to(out_ty).to(tl.float32)
+            total = _silu_times_up(total, up, out_ty)
         elif HAS_BIAS:
             total += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
         if PDL:
