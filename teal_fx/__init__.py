@@ -11,7 +11,7 @@ from teal_fx.backend import attach_plan, detach_plan, register as _register, tea
 from teal_fx.calibrate import calibrate, realised_sparsity
 from teal_fx.capture import capture_graphs, find_linears
 from teal_fx.evaluate import evaluate_perplexity
-from teal_fx.generate import generate
+from teal_fx.generate import decode_logits, generate
 from teal_fx.inspect import linear_table
 from teal_fx.plan import LinearPlan, Plan, PlanError
 
@@ -24,6 +24,7 @@ __all__ = [
     "realised_sparsity",
     "evaluate_perplexity",
     "generate",
+    "decode_logits",
     "Plan",
     "LinearPlan",
     "PlanError",

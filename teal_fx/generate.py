@@ -211,6 +211,59 @@ def _decode_loop(model, input_ids, max_new_tokens, max_cache_len, backend, mode,
     return torch.cat(out, dim=1)
 
 
+@torch.no_grad()
+def decode_logits(
+    model: nn.Module,
+    tokens: Tensor,
+    prompt: int,
+    *,
+    backend: str = "teal",
+    mode: Optional[str] = None,
+    options: Optional[dict] = None,
+    max_cache_len: Optional[int] = None,
+) -> Tensor:
+    """The logits [B, T - prompt, V] (fp32) with which the lean loop chose each of ``tokens[:, prompt:]``, when it is
+    fed those tokens rather than its own choices (teacher forcing): row 0 from the prefill of ``tokens[:, :prompt]``,
+    row i from the decode step fed ``tokens[:, prompt + i - 1]``.
+
+    Two paths compared on one sequence see the same context at every step, so their logits can be compared step by
+    step (``argmax_disagreements``), past the point where their own greedy outputs would part. Same compiled graphs
+    and cache as ``generate`` with these arguments."""
+    if tokens.dim() != 2 or not 1 <= prompt < tokens.shape[1]:
+        raise ValueError(f"tokens must be [batch, seq] with 1 <= prompt < seq, got {tuple(tokens.shape)}, {prompt}")
+    device = next(model.parameters()).device
+    tokens = tokens.to(device)
+    batch, total = tokens.shape
+    max_cache_len = max_cache_len or -(-total // CACHE_LEN_BUCKET) * CACHE_LEN_BUCKET
+    if max_cache_len < total:
+        raise ValueError(f"max_cache_len={max_cache_len} < {total} tokens")
+    with recompile_limits(64, fail=True):
+        run = _compiled(model, backend, mode, options)
+        cache = _reusable_cache(model, batch, max_cache_len)
+        out = run(input_ids=tokens[:, :prompt], past_key_values=cache, cache_position=torch.arange(prompt, device=device),
+                  use_cache=True).logits[:, -1:].to(torch.float32, copy=True)
+        rows = [out]
+        position = torch.tensor([prompt], device=device)
+        for i in range(prompt, total - 1):
+            step = run(input_ids=tokens[:, i : i + 1], past_key_values=cache, cache_position=position, use_cache=True)
+            rows.append(step.logits[:, -1:].to(torch.float32, copy=True))  # a CUDA graph's output is overwritten
+            position.add_(1)
+    return torch.cat(rows, dim=1)
+
+
+def argmax_disagreements(reference: Tensor, other: Tensor) -> list[tuple[int, int, int, float]]:
+    """Where greedy decoding from ``other`` would pick another token than from ``reference`` (logits [T, V] of the
+    same steps, e.g. from ``decode_logits``): (step, reference's token, other's token, the gap between those two
+    tokens in the reference's logits). A gap within the rounding noise of the computation is a tie."""
+    if reference.shape != other.shape or reference.dim() != 2:
+        raise ValueError(f"need two [steps, vocab] logits of one shape, got {tuple(reference.shape)}, "
+                         f"{tuple(other.shape)}")
+    ref_tok, other_tok = reference.argmax(-1), other.argmax(-1)
+    steps = (ref_tok != other_tok).nonzero().flatten().tolist()
+    return [(i, int(ref_tok[i]), int(other_tok[i]), float(reference[i, ref_tok[i]] - reference[i, other_tok[i]]))
+            for i in steps]
+
+
 def _trim_after_all_stopped(tokens: Tensor, prompt: int, eos_token_id: Optional[int]) -> Tensor:
     """Drop the columns generated after every row had emitted EOS (the loop checks only every few steps)."""
     if eos_token_id is None:

@@ -114,3 +114,49 @@ def test_two_stage_argmax_is_argmax():
         x[1, vocab // 3] = x[1, vocab - 1] = 10.0  # a tie across slices: the earlier index wins
         assert torch.equal(two_stage_argmax(x), x.argmax(-1))
         assert torch.equal(two_stage_argmax(x, chunks=7), x.argmax(-1))
+
+
+def test_decode_logits_are_the_logits_greedy_decoding_chose_by():
+    """Teacher forcing through the lean loop: fed its own greedy tokens, each row's argmax is the token chosen there,
+    and the rows equal the full-sequence forward's logits; fed the sparse path, the rows follow the plan."""
+    from teal_fx.generate import decode_logits
+
+    model = tiny_model("llama")
+    ids = torch.randint(3, 128, (2, 5))
+    greedy = teal_fx.generate(model, ids, 7, backend="none", eos_token_id=-1)
+    rows = decode_logits(model, greedy, 5, backend="none")
+    assert rows.shape == (2, 7, 128) and rows.dtype == torch.float32
+    assert torch.equal(rows.argmax(-1), greedy[:, 5:])
+    forced = torch.cat([ids, torch.randint(3, 128, (2, 7))], dim=1)  # not what greedy decoding would pick
+    with torch.no_grad():
+        full = model(forced, use_cache=False).logits[:, 4:-1].float()
+    torch.testing.assert_close(decode_logits(model, forced, 5, backend="none"), full, rtol=1e-4, atol=1e-4)
+
+    plan = teal_fx.Plan.from_thresholds(teal_fx.find_linears(model), 0.8)
+    teal_fx.attach_plan(model, plan, check=False)
+    sparse = decode_logits(model, greedy, 5, options={"compiler": "eager"})
+    with masked_inputs(model, plan, sparse_from=1.0):
+        ref = decode_logits(model, greedy, 5, backend="none")
+    torch.testing.assert_close(sparse[:, 1:], ref[:, 1:], rtol=1e-4, atol=1e-4)  # row 0: the prefill (dense)
+    assert (sparse[:, 1:] - rows[:, 1:]).abs().max() > 1e-3  # the plan did change the decode steps
+    teal_fx.detach_plan(model)
+
+    import pytest
+
+    with pytest.raises(ValueError, match="prompt"):
+        decode_logits(model, greedy, 12, backend="none")
+
+
+def test_argmax_disagreements_report_the_reference_gap():
+    from teal_fx.generate import argmax_disagreements
+
+    ref = torch.tensor([[0.0, 2.0, 1.0], [3.0, 2.9, 0.0], [0.0, 0.0, 5.0]])
+    other = torch.tensor([[0.0, 2.0, 1.5], [2.8, 2.9, 0.0], [0.0, 0.0, 4.0]])
+    got = argmax_disagreements(ref, other)
+    assert [(s, a, b) for s, a, b, _ in got] == [(1, 0, 1)]
+    assert abs(got[0][3] - 0.1) < 1e-6
+    assert argmax_disagreements(ref, ref) == []
+    import pytest
+
+    with pytest.raises(ValueError):
+        argmax_disagreements(ref, other[:2])

@@ -54,6 +54,20 @@ def test_generate_reduce_overhead_equals_reference():
     assert torch.equal(out, ref)
 
 
+def test_decode_logits_in_cuda_graphs_keep_every_step():
+    """Teacher-forced logits through CUDA graphs: each step's row is copied before the next replay overwrites it."""
+    from teal_fx.generate import decode_logits
+
+    model = tiny_model("llama", hidden=128, inter=256).cuda()
+    teal_fx.attach_plan(model, _plan(model, 0.3))
+    tokens = torch.randint(3, 128, (2, 14), device="cuda")
+    graphs = decode_logits(model, tokens, 5, mode="reduce-overhead")
+    plain = decode_logits(model, tokens, 5)
+    assert graphs.shape == (2, 9, 128)
+    assert (graphs[:, 1:] - graphs[:, :-1]).abs().amax() > 1e-3  # rows differ: not one buffer seen nine times
+    torch.testing.assert_close(graphs, plain, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("pdl", [True, False])  # programmatic dependent launch (kernels/pdl.py) or plain launches
 @pytest.mark.parametrize("back_to_back", [False, True])  # an eager clamp between the launches, or none
 @pytest.mark.parametrize("sparsity_hint", [None, 0.7])  # the masked and the packed loop
