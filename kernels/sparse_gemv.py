@@ -371,13 +371,6 @@ def _mlp_sized(N: int, K: int) -> bool:
     return (N // 256) * (K // 16) >= 8000
 
 
-def _finish_apart(device) -> bool:
-    """Whether a one-row launch on ``device`` finishes its split-K sums in a second launch (``APART``, the launcher's
-    default where launches overlap): the config rule for the MLP shapes depends on it."""
-    device = torch.device(device)
-    return device.type == "cuda" and torch.cuda.is_available() and pdl.enabled(device)
-
-
 COMPACT_FROM = 0.6  # expected sparsity from which one row loops over the packed survivors only (NOTES.md, v5)
 
 
@@ -391,14 +384,10 @@ def choose_config(M: int, N: int, K: int, device: torch.device, sparsity: Option
             k_per = min(256, max(64, _next_pow2(K * (-(-N // BN)) // 448)))
             return make_config(N, K, BN=BN, BK=16, iters=k_per // 16, use_dot=False, num_warps=BN // 256,
                                num_stages=1, compact=True)
-        # every input, masked: one warp per 256 columns. The attention shapes (4096x4096, q+k+v): 2 tiles of 32 rows
-        # a program, 3-8% faster there at 0-50% (sweep, NOTES v10). The MLP shapes: one tile of 32 rows a program
-        # (7000-14000 programs) where a second launch finishes the split-K sums (PDL), else 8 tiles of 16 rows: once
-        # the epilogue left the grid, shorter programs streamed best at every sparsity from 0 to 50% (NOTES v12)
+        # every input, masked: one warp per 256 columns (~1000-1800 programs). The MLP shapes: 8 tiles of 16 rows a
+        # program; the attention shapes (4096x4096, q+k+v): 2 tiles of 32 rows, 3-8% faster there at 0-50% and no
+        # gain on the MLP shapes (sweep, NOTES v10)
         if _mlp_sized(N, K):
-            if _finish_apart(device):
-                return make_config(N, K, BN=256, BK=32, iters=1, use_dot=False, num_warps=1, num_stages=1,
-                                   in_thread=True)
             return make_config(N, K, BN=256, BK=16, iters=8, use_dot=False, num_warps=1, num_stages=1, in_thread=True)
         return make_config(N, K, BN=256, BK=32, iters=2, use_dot=False, num_warps=1, num_stages=1, in_thread=True)
     if M <= 4 and N >= 2048:

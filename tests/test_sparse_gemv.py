@@ -64,17 +64,6 @@ def test_config_follows_expected_sparsity():
     assert sg.choose_config(5, 14336, 4096, "cuda", 0.5)["USE_DOT"]  # more rows: the tensor-core path
 
 
-def test_mlp_shapes_take_short_programs_where_a_second_launch_finishes(monkeypatch):
-    """One 32-row tile a program when the split-K epilogue is its own launch (PDL); without it, longer programs,
-    which arrive at the in-grid counters less often (NOTES v12)."""
-    for apart, (bk, k_per) in ((True, (32, 32)), (False, (16, 128))):
-        monkeypatch.setattr(sg, "_finish_apart", lambda device, apart=apart: apart)
-        for N, K in ((14336, 4096), (4096, 14336), (28672, 4096)):
-            cfg = sg.choose_config(1, N, K, "cuda", 0.5)
-            assert (cfg["BK"], cfg["K_PER_SPLIT"]) == (bk, k_per) and cfg["IN_THREAD"] and not cfg["COMPACT"]
-        assert sg.choose_config(1, 4096, 4096, "cuda", 0.5)["K_PER_SPLIT"] == 64  # attention shapes: either way
-
-
 @pytest.mark.parametrize("N,K", [(40, 96), (64, 96), (64, 100)])  # ragged and even tiles (EVEN_N / EVEN_K paths)
 @pytest.mark.parametrize("iters", [6, 1])
 @pytest.mark.parametrize("M,use_dot,loop", [(1, False, "tile"), (1, False, "in_thread"), (1, False, "compact"),
