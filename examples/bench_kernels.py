@@ -186,7 +186,7 @@ SWEEP = (  # loop over every input, [BK, BN] FMAs reduced after the loop ...
     # ... 32-row tiles (a thread issues a tile's 32 loads at once; 162 registers; NOTES v10), and 8-row tiles for
     # batches (a thread sums rows x 8 inputs x 8 columns: half the registers of 16 inputs)
     + [dict(BN=256, BK=bk, iters=it, use_dot=False, num_warps=1, num_stages=1, in_thread=True)
-       for bk, its in ((32, (2, 4, 8)), (8, (8, 16))) for it in its]
+       for bk, its in ((32, (1, 2, 4, 8)), (8, (8, 16))) for it in its]
     # ... and the tensor-core path (rows padded to 16), whose weight tiles Triton stages through shared memory
     + [dict(BN=128, BK=32, iters=it, use_dot=True, num_warps=4, num_stages=3) for it in (8, 16)]
 )

@@ -2,12 +2,17 @@
 
 A kernel launched with PDL may start while the kernel before it finishes: its programs become resident and run up
 to ``gdc_wait``, which returns once the previous grid has completed and its writes are visible. A kernel lets the
-next one start early with ``gdc_launch_dependents``. The teal kernels follow the protocol of Inductor's own PDL code
-(``torch._inductor.config.triton.enable_pdl``): wait before the first read of anything an earlier kernel wrote (the
-input, the workspace), let dependents launch once the main loop's loads are issued. The launch cost and ramp of each
-kernel then overlap the tail of the one before (NOTES.md, v10). Kernels that do not take part (cuBLAS) wait as usual.
+next one start early with ``gdc_launch_dependents``. Every teal kernel waits before its first read of anything (the
+input, the workspace) and lets dependents launch only after that wait, once its main loop's loads are issued; so
+each waits, transitively, for everything before it, and the launch cost and ramp of each overlap the tail of the one
+before (NOTES.md, v10). Kernels launched without PDL (Inductor's, cuBLAS) start after the previous one completes.
 
-``TEAL_PDL=0`` in the environment turns it off for the teal kernels; the backend then also leaves Inductor's off.
+Inductor's own PDL (``torch._inductor.config.triton.enable_pdl``) is not turned on: its kernels wait only before
+reading what the node just before them wrote, not before reading the outputs of an opaque custom op two launches
+back, nor the outputs a teal kernel stores after letting dependents launch. With it on, the 32-layer 8B decode gave
+tokens that changed between identical calls (NOTES.md, v12).
+
+``TEAL_PDL=0`` in the environment turns it off for the teal kernels.
 """
 from __future__ import annotations
 
@@ -27,13 +32,3 @@ def enabled(device: torch.device) -> bool:
     if index not in _CAPABLE:
         _CAPABLE[index] = torch.cuda.get_device_capability(index)[0] >= 9
     return _CAPABLE[index]
-
-
-def inductor_patch(device: torch.device) -> dict:
-    """The Inductor config patch that makes Inductor's kernels take part (empty where this torch lacks the option or
-    PDL is off), so that a teal kernel and the Inductor kernels around it overlap in both directions."""
-    from torch._inductor import config
-
-    if not enabled(device) or not hasattr(config.triton, "enable_pdl"):
-        return {}
-    return {"triton.enable_pdl": True}

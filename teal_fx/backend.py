@@ -23,7 +23,6 @@ import torch
 from torch import fx, nn
 from torch.utils.weak import WeakIdKeyDictionary
 
-from teal_fx.kernels import pdl
 from teal_fx.passes import PassContext, run_passes
 from teal_fx.plan import Plan, PlanLike, as_plan
 
@@ -38,9 +37,10 @@ CUDA_INDUCTOR_DEFAULTS = {"combo_kernels": True}
 
 
 def cuda_inductor_settings(device: torch.device) -> dict:
-    """The Inductor config patch the backend adds for graphs on CUDA ``device``: ``CUDA_INDUCTOR_DEFAULTS`` and, on
-    Hopper or newer, Inductor's programmatic dependent launch (``kernels/pdl.py``)."""
-    return {**CUDA_INDUCTOR_DEFAULTS, **pdl.inductor_patch(device)}
+    """The Inductor config patch the backend adds for graphs on CUDA ``device``: ``CUDA_INDUCTOR_DEFAULTS``. Not
+    Inductor's programmatic dependent launch, whose kernels can read a custom op's outputs before they are complete
+    (``kernels/pdl.py``)."""
+    return dict(CUDA_INDUCTOR_DEFAULTS)
 
 # how many graphs the backend has rewritten (callers that must not silently run uncompiled check that it moved)
 REWRITTEN_GRAPHS = [0]
