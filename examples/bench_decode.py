@@ -247,7 +247,8 @@ def write(out: Path, args, bw: float, roof: float, rows: list, notes: list) -> N
         "teal = q/k/v and gate/up grouped (4 sparse launches per block, silu(gate) * up formed by the gate/up "
         "launch), the decode step's attention as teal::decode_attention (rows marked 'sdpa attention' keep sdpa, as "
         "Inductor dense does), the cache counters' increments as one launch, programmatic dependent launches "
-        "of teal's kernels (not Inductor's: NOTES v12), and Inductor's combo_kernels (a dense row shows Inductor's settings alone)",
+        "of teal's kernels (not Inductor's: NOTES v12), and Inductor's combo_kernels (a dense row shows Inductor's "
+        "settings alone)",
         "- 'vs dense' compares with the dense row of the same path and batch (lean loop or HF generate())",
         "",
         "| path | batch | tok/s per sequence | ms/token | vs dense | share of dense roofline | first call incl. compile (s) | peak GPU memory (GiB) |",

@@ -16,7 +16,8 @@ cl = 384
 kw = dict(eos_token_id=-1, mode="reduce-overhead", max_cache_len=cl)
 d = teal_fx.generate(m, ids, 12, backend="inductor", **kw)
 print("dense free      ", d[0, 128:].tolist(), flush=True)
-print("dense tf argmax ", decode_logits(m, d, 128, backend="inductor", mode="reduce-overhead", max_cache_len=cl)[0].argmax(-1).tolist())
+dense_tf = decode_logits(m, d, 128, backend="inductor", mode="reduce-overhead", max_cache_len=cl)[0]
+print("dense tf argmax ", dense_tf.argmax(-1).tolist())
 teal_fx.attach_plan(m, teal_fx.Plan.from_thresholds(teal_fx.find_linears(m), 0.0), check=False)
 t = teal_fx.generate(m, ids, 12, backend="teal", **kw)
 print("teal free fresh ", t[0, 128:].tolist(), flush=True)

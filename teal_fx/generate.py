@@ -240,7 +240,8 @@ def decode_logits(
     with recompile_limits(64, fail=True):
         run = _compiled(model, backend, mode, options)
         cache = _reusable_cache(model, batch, max_cache_len)
-        out = run(input_ids=tokens[:, :prompt], past_key_values=cache, cache_position=torch.arange(prompt, device=device),
+        start = torch.arange(prompt, device=device)
+        out = run(input_ids=tokens[:, :prompt], past_key_values=cache, cache_position=start,
                   use_cache=True).logits[:, -1:].to(torch.float32, copy=True)
         rows = [out]
         position = torch.tensor([prompt], device=device)
