@@ -126,8 +126,7 @@ def main() -> int:
     torch.cuda.reset_peak_memory_stats()
     t, first = decode_speed(lean(model, ids, "inductor", cache_len), args.new_tokens)
     dense[1] = t
-    dense_tokens = teal_fx.generate(model, ids, 64, eos_token_id=-1, backend="inductor", mode="reduce-overhead",
-                                    max_cache_len=cache_len)
+    dense_tokens = lean(model, ids, "inductor", cache_len)(64)
     # the 0% check's references, while Inductor dense's graphs are still compiled (attaching a plan recompiles)
     reference = ZeroCheck(dense_tokens, args.prompt,
                           decode_logits(model, dense_tokens, args.prompt, backend="inductor", mode="reduce-overhead",
@@ -204,8 +203,7 @@ class ZeroCheck:
     eager: torch.Tensor  # the same from the eager bf16 model
 
     def report(self, model, ids, cache_len: int) -> str:
-        got = teal_fx.generate(model, ids, 64, eos_token_id=-1, backend="teal", mode="reduce-overhead",
-                               max_cache_len=cache_len)
+        got = lean(model, ids, "teal", cache_len)(64)
         same = (got == self.tokens).all(dim=0)
         teal = decode_logits(model, self.tokens, self.prompt, backend="teal", mode="reduce-overhead",
                              max_cache_len=cache_len)[0]

@@ -10,6 +10,8 @@ side by side on the Llama-3-8B shapes (timing only: the cut variants' results ar
 - fixed64: one 64-bit integer atomic per element that carries an arrival count and a fixed-point sum (2^-24
   units); the element's last arriver sees the count complete in the value it got back, writes y and zeroes the
   word: no fence, no counter, no read-back (a prototype: no range guard);
+- apart: the kernel as shipped, which where launches overlap finishes the sums in a second launch (the idea of
+  two_launch, kept; every other variant is run with its in-grid epilogue);
 - two_launch: "atomics" plus a second, tiny launch (programmatic dependent launch) that reads the sums back,
   zeroes the workspace and writes y: the kernel boundary orders the partials instead of a fence and a counter.
 
@@ -31,6 +33,7 @@ from teal_fx.kernels import sparse_gemv as sg  # noqa: E402
 ARRIVE = 'arrived = tl.atomic_add(counter, 1, sem="acq_rel")'
 PARTIAL = 'tl.atomic_add(ws_ptr + ws_offs, acc, mask=y_mask, sem="relaxed")'
 READBACK = 'total = tl.atomic_add(ws_ptr + ws_offs, zero, mask=y_mask, sem="relaxed")'
+BARRIER = "tl.debug_barrier()\n                if GATED:  # one counter"
 FIXED64 = '''ws64 = ws_ptr.to(tl.pointer_type(tl.int64))
             q = tl.floor(acc * 16777216.0 + 0.5).to(tl.int64) + (1 << 54)
             old = tl.atomic_add(ws64 + ws_offs, q, mask=y_mask, sem="relaxed")
@@ -50,8 +53,11 @@ VARIANTS = {
     "atomics": [(ARRIVE, "arrived = arrivals + 1")],
     "none": [(ARRIVE, "arrived = arrivals + 1"),
              (PARTIAL, "if tl.sum(acc) == 12345.0:\n                tl.store(ws_ptr + ws_offs, acc, mask=y_mask)")],
-    "fixed64": [(PARTIAL + "\n            tl.debug_barrier()", FIXED64), (ARRIVE, "arrived = -5")],
+    "fixed64": [(PARTIAL, FIXED64), (BARRIER, "if GATED:  # one counter"), (ARRIVE, "arrived = -5")],
 }
+# the variants change the in-grid epilogue of v11, so they keep it even where the launcher would now finish the
+# split-K sums in a second launch (APART); "apart" is the kernel as shipped
+IN_GRID = ('cfg.get("APART", use_pdl)', 'cfg.get("APART", False)')
 
 
 def load_variants() -> dict:
@@ -60,7 +66,7 @@ def load_variants() -> dict:
     mods = {}
     for name, subs in VARIANTS.items():
         text = src
-        for old, new in subs:
+        for old, new in [*subs, IN_GRID]:
             assert text.count(old) == 1, (name, old)
             text = text.replace(old, new)
         path = tmp / f"sg_{name}.py"
@@ -103,6 +109,7 @@ def two_launch(mods: dict):
 if __name__ == "__main__":
     bw, l2 = probe_setup("probe_epilogue")
     mods = load_variants()
+    mods["apart"] = sg  # as shipped: the second launch where launches overlap
     mods["two_launch"] = type("TwoLaunch", (), {"sparse_gemv": staticmethod(two_launch(mods)),
                                                 "reserve_workspace": staticmethod(mods["atomics"].reserve_workspace)})
     with dependent_launches(True):

@@ -168,16 +168,27 @@ def generate(
         eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         eos_token_id = eos[0] if isinstance(eos, (list, tuple)) else eos
 
-    need = prompt + max_new_tokens
-    if max_cache_len is None:
-        max_cache_len = -(-need // CACHE_LEN_BUCKET) * CACHE_LEN_BUCKET
-    elif max_cache_len < need:
-        raise ValueError(f"max_cache_len={max_cache_len} < prompt ({prompt}) + max_new_tokens ({max_new_tokens})")
+    max_cache_len = _cache_length(prompt + max_new_tokens, max_cache_len,
+                                  f"prompt ({prompt}) + max_new_tokens ({max_new_tokens})")
     with recompile_limits(64, fail=True):  # raise, never decode uncompiled in silence
         tokens = _decode_loop(model, input_ids, max_new_tokens, max_cache_len, backend, mode, options, eos_token_id,
                               streamer, dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
                                              generator=generator))
     return _trim_after_all_stopped(tokens, prompt, eos_token_id)
+
+
+def _cache_length(need: int, max_cache_len: Optional[int], what: str) -> int:
+    """The static cache's length: ``max_cache_len``, or ``need`` rounded up to a multiple of CACHE_LEN_BUCKET."""
+    if max_cache_len is None:
+        return -(-need // CACHE_LEN_BUCKET) * CACHE_LEN_BUCKET
+    if max_cache_len < need:
+        raise ValueError(f"max_cache_len={max_cache_len} < {what}")
+    return max_cache_len
+
+
+def _last_logits(run, cache, input_ids: Tensor, position: Tensor) -> Tensor:
+    """One compiled call (prefill or decode step) on the static cache: the last position's logits [B, V]."""
+    return run(input_ids=input_ids, past_key_values=cache, cache_position=position, use_cache=True).logits[:, -1]
 
 
 def _decode_loop(model, input_ids, max_new_tokens, max_cache_len, backend, mode, options, eos_token_id, streamer,
@@ -187,7 +198,7 @@ def _decode_loop(model, input_ids, max_new_tokens, max_cache_len, backend, mode,
     run = _compiled(model, backend, mode, options)
     cache = _reusable_cache(model, batch, max_cache_len)
     position = torch.arange(prompt, device=device)
-    logits = run(input_ids=input_ids, past_key_values=cache, cache_position=position, use_cache=True).logits[:, -1]
+    logits = _last_logits(run, cache, input_ids, position)
     position = torch.tensor([prompt], device=device)
     out = [input_ids]
     done = torch.zeros(batch, dtype=torch.bool, device=device)
@@ -204,7 +215,7 @@ def _decode_loop(model, input_ids, max_new_tokens, max_cache_len, backend, mode,
             break
         if eos_token_id is not None and (i + 1) % STOP_CHECK_EVERY == 0 and all_stopped.check(done):
             break
-        logits = run(input_ids=nxt[:, None], past_key_values=cache, cache_position=position, use_cache=True).logits[:, -1]
+        logits = _last_logits(run, cache, nxt[:, None], position)
         if mode == "reduce-overhead":
             logits = logits.clone()  # the CUDA graph's output buffer is overwritten by the next replay
         position.add_(1)
@@ -234,22 +245,18 @@ def decode_logits(
     device = next(model.parameters()).device
     tokens = tokens.to(device)
     batch, total = tokens.shape
-    max_cache_len = max_cache_len or -(-total // CACHE_LEN_BUCKET) * CACHE_LEN_BUCKET
-    if max_cache_len < total:
-        raise ValueError(f"max_cache_len={max_cache_len} < {total} tokens")
+    max_cache_len = _cache_length(total, max_cache_len, f"{total} tokens")
     with recompile_limits(64, fail=True):
         run = _compiled(model, backend, mode, options)
         cache = _reusable_cache(model, batch, max_cache_len)
-        start = torch.arange(prompt, device=device)
-        out = run(input_ids=tokens[:, :prompt], past_key_values=cache, cache_position=start,
-                  use_cache=True).logits[:, -1:].to(torch.float32, copy=True)
-        rows = [out]
+        # each row copied at once: a CUDA graph's output is overwritten by the next replay
+        prefill = _last_logits(run, cache, tokens[:, :prompt], torch.arange(prompt, device=device))
+        rows = [prefill.to(torch.float32, copy=True)]
         position = torch.tensor([prompt], device=device)
         for i in range(prompt, total - 1):
-            step = run(input_ids=tokens[:, i : i + 1], past_key_values=cache, cache_position=position, use_cache=True)
-            rows.append(step.logits[:, -1:].to(torch.float32, copy=True))  # a CUDA graph's output is overwritten
+            rows.append(_last_logits(run, cache, tokens[:, i : i + 1], position).to(torch.float32, copy=True))
             position.add_(1)
-    return torch.cat(rows, dim=1)
+    return torch.stack(rows, dim=1)
 
 
 def argmax_disagreements(reference: Tensor, other: Tensor) -> list[tuple[int, int, int, float]]:
