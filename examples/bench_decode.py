@@ -36,6 +36,7 @@ def build_model(layers: int):
 
     cfg = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers, num_attention_heads=32,
                       num_key_value_heads=8, vocab_size=128256, max_position_embeddings=4096, rope_theta=500000.0)
+    torch.manual_seed(0)  # the same random weights in every run, so runs and diagnoses can be compared
     with torch.device("cuda"):
         model = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
     return model

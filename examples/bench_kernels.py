@@ -143,10 +143,13 @@ def bench_shape(N, K, M, sparsity, dtype, bw, l2, config=None, calls: int = 32) 
                 err=err)
 
 
-def bench_block(sparsity: float, dtype, bw: float, l2: int, layers: int = 4, grouped: bool = True) -> dict:
+def bench_block(sparsity: float, dtype, bw: float, l2: int, layers: int = 4, grouped: bool = True,
+                configs: dict | None = None) -> dict:
     """One Llama-3-8B block at ``sparsity`` as the backend issues it: grouped, 4 launches (q+k+v, o, gate+up with
     silu(gate) * up formed in the launch, down; passes/group_shared_input.py, passes/fuse_swiglu.py), or one launch
-    per linear (7). Each input has its own threshold."""
+    per linear (7). Each input has its own threshold. ``configs``: launch configs by launch index (default: the
+    launcher's choice), to compare tilings in the block rather than alone (examples/probe_block_configs.py)."""
+    configs = configs or {}
     shapes = [(4096, 4096), (1024, 4096), (1024, 4096), (4096, 4096), (14336, 4096), (14336, 4096), (4096, 14336)]
     launches = [[0, 1, 2], [3], [4, 5], [6]] if grouped else [[j] for j in range(len(shapes))]
     layer_ws = []
@@ -162,14 +165,15 @@ def bench_block(sparsity: float, dtype, bw: float, l2: int, layers: int = 4, gro
     outs = [torch.empty(1, N, dtype=dtype, device="cuda") for N, _ in shapes]
     calls = []
     for ws in layer_ws:
-        for group in launches:
+        for i, group in enumerate(launches):
+            cfg = configs.get(i)
             if group == [4, 5]:  # gate, up: the SwiGLU launch
-                calls.append(lambda ws=ws: sg.sparse_gemv_swiglu(x_of[4], ws[4], ws[5], ts[4], ts[5], out=outs[4],
-                                                                 sparsity=sparsity))
+                calls.append(lambda ws=ws, cfg=cfg: sg.sparse_gemv_swiglu(x_of[4], ws[4], ws[5], ts[4], ts[5],
+                                                                          config=cfg, out=outs[4], sparsity=sparsity))
                 continue
-            calls.append(lambda ws=ws, g=group: sg.sparse_gemv_group(
-                x_of[g[0]], [ws[j] for j in g], [None] * len(g), [ts[j] for j in g], outs=[outs[j] for j in g],
-                sparsity=sparsity))
+            calls.append(lambda ws=ws, g=group, cfg=cfg: sg.sparse_gemv_group(
+                x_of[g[0]], [ws[j] for j in g], [None] * len(g), [ts[j] for j in g], config=cfg,
+                outs=[outs[j] for j in g], sparsity=sparsity))
     us = graph_time_us(calls) * len(launches)
     roof = sum((1 - sparsity) * N * K * 2 for N, K in shapes) / bw * 1e6
     return dict(us=us, roof_us=roof)

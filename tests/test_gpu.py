@@ -113,7 +113,8 @@ def test_dependent_launches_in_a_cuda_graph(sparsity_hint, back_to_back, pdl, mo
 def test_decode_is_deterministic_and_self_consistent_through_cuda_graphs():
     """Repeated greedy generations through the backend's CUDA graphs (after warm calls, as a benchmark makes them) give
     the same tokens, and each token is the argmax of the same path's logits fed those tokens. With Inductor's PDL on,
-    the 32-layer 8B shape broke both (tokens changed between identical calls; NOTES.md v12)."""
+    the 32-layer 8B shape broke both (tokens changed between identical calls; NOTES.md v12). The split-K sums' atomic
+    order still varies, so a near-tie could in principle flip a token (NOTES.md v13)."""
     from teal_fx.generate import decode_logits
 
     model = tiny_model("llama", layers=8, hidden=512, heads=8, kv_heads=2, inter=1024, vocab=512).cuda()
