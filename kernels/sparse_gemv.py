@@ -13,7 +13,8 @@ its dtype and resets the counter. So: one launch, no output-zeroing memset, the 
 split (NOTES.md, v3). Where launches overlap (programmatic dependent launch, below), that epilogue runs as a second,
 tiny launch instead (``_finish_kernel``): the kernel boundary orders the partials, which saves the fence, counter and
 read-back round trips at the end of the grid, about 1 µs per GEMV (NOTES.md, v11). The fp32 sum order varies
-between runs (not bit-reproducible).
+between runs (not bit-reproducible); under ``torch.use_deterministic_algorithms(True)`` the ops do not launch it
+(``supports``).
 Rows: every row keeps its own mask; a weight row is read once if any row needs it.
 Loops (one row, ``_in_thread_partial``): each thread owns whole columns of a tile, so a tile's sum stays in the
 thread; the loop walks every input of the split, masking the rows not needed, or, when the plan expects >= 60%
@@ -28,6 +29,7 @@ before it.
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Optional, Sequence
 
 import torch
@@ -426,6 +428,7 @@ def reserve_workspace(device: torch.device, max_n: int, max_k: int) -> None:
 
 
 def supports(x: Tensor, weight: Tensor) -> bool:
+    """Whether the ops may launch the kernel for these operands (else they run their reference)."""
     rows = x.numel() // max(1, x.shape[-1])
     return (
         HAS_TRITON
@@ -435,7 +438,26 @@ def supports(x: Tensor, weight: Tensor) -> bool:
         and weight.dtype == x.dtype
         and weight.dim() == 2
         and 1 <= rows <= MAX_ROWS
+        and not _deterministic_requested()
     )
+
+
+_warned_deterministic = False
+
+
+def _deterministic_requested() -> bool:
+    """``torch.use_deterministic_algorithms(True)``: the kernel's split-K sums meet through fp32 atomics in a varying
+    order, so, as PyTorch's own ops with a deterministic alternative do, the ops then take theirs (the masked
+    input through ``F.linear``: same result up to rounding, no decode speedup), and say so once."""
+    global _warned_deterministic
+    if not torch.are_deterministic_algorithms_enabled():
+        return False
+    if not _warned_deterministic:
+        _warned_deterministic = True
+        warnings.warn("teal: torch.use_deterministic_algorithms is on, so the sparse linears run their deterministic "
+                      "reference (masked input, dense F.linear) instead of the Triton sparse GEMV, whose split-K sums "
+                      "use fp32 atomics: results are reproducible, decoding is not faster", stacklevel=2)
+    return True
 
 
 def sparse_gemv(x: Tensor, weight: Tensor, bias: Optional[Tensor], threshold: float, config: Optional[dict] = None,

@@ -205,3 +205,32 @@ def test_both_split_k_epilogues_on_the_default_configs(N, K, hint, dtype, apart)
         sg.sparse_gemv(x, w, None, t, config=cfg, out=y)
         assert not torch.isnan(y).any()
         assert float((y.cpu().double() - ref).norm() / ref.norm()) < 1e-2
+
+
+def test_deterministic_algorithms_run_the_reference_instead_of_the_kernel(monkeypatch):
+    """Under ``torch.use_deterministic_algorithms(True)`` the ops never launch the sparse GEMV (fp32 atomics in a
+    varying order) and give their reference's result bit for bit, with one warning; turned off, they launch it."""
+    from teal_fx.kernels import sparse_gemv as sg
+    from teal_fx.kernels.sparse_linear import reference_sparse_linear
+
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's own condition for determinism
+    monkeypatch.setattr(sg, "_warned_deterministic", False)
+    launches = []
+    launch = sg.sparse_gemv_group
+    monkeypatch.setattr(sg, "sparse_gemv_group", lambda *a, **k: launches.append(1) or launch(*a, **k))
+    x = torch.randn(1, 1024, device="cuda", dtype=torch.bfloat16)
+    wg, wu = ((torch.randn(2048, 1024, device="cuda") / 32).bfloat16().t().contiguous().t() for _ in range(2))
+    torch.use_deterministic_algorithms(True)
+    try:
+        with pytest.warns(UserWarning, match="deterministic"):
+            y = torch.ops.teal.sparse_linear(x, wg, None, 0.7)
+        assert torch.equal(y, reference_sparse_linear(x, wg, None, 0.7))
+        got = torch.ops.teal.sparse_swiglu(x, wg, wu, 0.7, 0.5, 1.0, [0.5, 0.4])
+        want = torch.nn.functional.silu(reference_sparse_linear(x, wg, None, 0.7)) * \
+            reference_sparse_linear(x, wu, None, 0.5)
+        assert torch.equal(got, want)
+        assert not launches
+    finally:
+        torch.use_deterministic_algorithms(False)
+    torch.ops.teal.sparse_linear(x, wg, None, 0.7)
+    assert launches

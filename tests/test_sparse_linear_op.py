@@ -1,4 +1,6 @@
 """The teal::sparse_linear op: semantics against float64, opcheck, autograd."""
+import warnings
+
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
@@ -90,3 +92,22 @@ def test_swiglu_is_silu_gate_times_up_and_opchecks(dtype, seq, psf):
     want = torch.nn.functional.silu(sparse_linear(x, wg, None, 0.5, psf)) * sparse_linear(x, wu, None, 0.8, psf)
     assert torch.equal(got, want)
     torch.library.opcheck(torch.ops.teal.sparse_swiglu.default, (x, wg, wu, 0.5, 0.8, psf, [0.5, -1.0]))
+
+
+def test_deterministic_algorithms_turn_the_kernel_off_with_one_warning(monkeypatch):
+    """The gate that keeps the ops off the sparse GEMV (fp32 atomics) under torch.use_deterministic_algorithms;
+    that the ops then give their reference on a GPU is tests/test_gpu.py's."""
+    from teal_fx.kernels import sparse_gemv as sg
+
+    monkeypatch.setattr(sg, "_warned_deterministic", False)
+    assert not sg._deterministic_requested()
+    torch.use_deterministic_algorithms(True)
+    try:
+        with pytest.warns(UserWarning, match="reproducible"):
+            assert sg._deterministic_requested()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert sg._deterministic_requested()  # said once
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert not sg._deterministic_requested()
