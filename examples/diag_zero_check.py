@@ -1,4 +1,11 @@
-"""Diagnosis (H100): why teal 0%'s free-running first token differs from Inductor dense's in bench_decode."""
+"""Diagnosis (H100): why teal 0%'s free-running first token differed from Inductor dense's in bench_decode.
+
+Teal 0% generates the same 12 tokens fresh, after warm calls, after teacher forcing and without CUDA graphs, and each
+is compared with its own teacher-forced choice. With Inductor's PDL on the runs disagreed from token 0 (NOTES.md v12,
+diag_zero_check_h100.log); without it they agree up to atomic-order ties (v13, diag_zero_check_h100_v13.log).
+
+    python examples/diag_zero_check.py      (a CUDA GPU, ~8 minutes: the 32-layer 8B shape)
+"""
 import sys
 
 import torch
