@@ -137,12 +137,11 @@ def main() -> int:
     if args.dense_combo:
         from torch._inductor import list_mode_options  # torch.compile takes mode or options: spell the mode out
 
-        from teal_fx.backend import cuda_inductor_settings
+        from teal_fx.backend import CUDA_INDUCTOR_DEFAULTS
 
-        settings = cuda_inductor_settings(ids.device)
-        combo = {**list_mode_options("reduce-overhead"), **settings}
+        combo = {**list_mode_options("reduce-overhead"), **CUDA_INDUCTOR_DEFAULTS}
         t, first = decode_speed(lean(model, ids, "inductor", cache_len, combo), args.new_tokens)
-        add(f"lean loop, Inductor dense + teal's Inductor settings ({', '.join(settings)})", 1, t, first)
+        add(f"lean loop, Inductor dense + teal's Inductor settings ({', '.join(CUDA_INDUCTOR_DEFAULTS)})", 1, t, first)
     if args.batch4:
         t, first = decode_speed(lean(model, ids4, "inductor", cache_len), args.new_tokens)
         dense[4] = t

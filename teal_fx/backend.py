@@ -32,15 +32,10 @@ INNER_COMPILERS = ("inductor", "aot_eager", "eager")
 
 # Inductor settings the backend turns on for graphs on CUDA (an option of the same name overrides). combo_kernels: one
 # launch for the independent pointwise kernels between two extern calls; in a decode step that is q's RoPE, k's RoPE
-# and the K/V cache writes, three launches of ~1.2 us per layer becoming one (NOTES.md v9).
+# and the K/V cache writes, three launches of ~1.2 us per layer becoming one (NOTES.md v9). Not Inductor's programmatic
+# dependent launch (triton.enable_pdl), whose kernels can read a custom op's outputs before they are complete
+# (kernels/pdl.py, NOTES.md v12).
 CUDA_INDUCTOR_DEFAULTS = {"combo_kernels": True}
-
-
-def cuda_inductor_settings(device: torch.device) -> dict:
-    """The Inductor config patch the backend adds for graphs on CUDA ``device``: ``CUDA_INDUCTOR_DEFAULTS``. Not
-    Inductor's programmatic dependent launch, whose kernels can read a custom op's outputs before they are complete
-    (``kernels/pdl.py``)."""
-    return dict(CUDA_INDUCTOR_DEFAULTS)
 
 # how many graphs the backend has rewritten (callers that must not silently run uncompiled check that it moved)
 REWRITTEN_GRAPHS = [0]
@@ -185,7 +180,7 @@ def _inner_compile(gm: fx.GraphModule, example_inputs: list, opts: TealOptions):
         patches = dict(list_mode_options(opts.mode)) if opts.mode else {}
         cuda = [t.device for t in example_inputs if isinstance(t, torch.Tensor) and t.is_cuda]
         if cuda:
-            patches.update(cuda_inductor_settings(cuda[0]))
+            patches.update(CUDA_INDUCTOR_DEFAULTS)
         patches.update(opts.inductor)
         return compile_fx(gm, example_inputs, config_patches=patches)
     if opts.mode == "reduce-overhead" and any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs):
