@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 import teal_fx
+from teal_fx.backend import CUDA_INDUCTOR_DEFAULTS
 from teal_fx.generate import argmax_disagreements, decode_logits
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
@@ -135,13 +136,11 @@ def main() -> int:
                           decode_logits(model, dense_tokens, args.prompt, backend="none", max_cache_len=cache_len)[0])
     add("lean loop, Inductor dense", 1, t, first, peak_gib())
     if args.dense_combo:
-        from torch._inductor import list_mode_options  # torch.compile takes mode or options: spell the mode out
-
-        from teal_fx.backend import CUDA_INDUCTOR_DEFAULTS
-
-        combo = {**list_mode_options("reduce-overhead"), **CUDA_INDUCTOR_DEFAULTS}
-        t, first = decode_speed(lean(model, ids, "inductor", cache_len, combo), args.new_tokens)
-        add(f"lean loop, Inductor dense + teal's Inductor settings ({', '.join(CUDA_INDUCTOR_DEFAULTS)})", 1, t, first)
+        # no plan attached yet: the teal backend compiles dense, with its Inductor settings (combo_kernels, Inductor's
+        # PDL with every kernel waiting first); sdpa kept, as Inductor dense has it
+        t, first = decode_speed(lean(model, ids, "teal", cache_len, {"decode_attention": False}), args.new_tokens)
+        add("lean loop, dense through the teal backend without a plan (its Inductor settings: "
+            f"{', '.join(CUDA_INDUCTOR_DEFAULTS)}, PDL)", 1, t, first)
     if args.batch4:
         t, first = decode_speed(lean(model, ids4, "inductor", cache_len), args.new_tokens)
         dense[4] = t
@@ -245,8 +244,8 @@ def write(out: Path, args, bw: float, roof: float, rows: list, notes: list) -> N
         "teal = q/k/v and gate/up grouped (4 sparse launches per block, silu(gate) * up formed by the gate/up "
         "launch), the decode step's attention as teal::decode_attention (rows marked 'sdpa attention' keep sdpa, as "
         "Inductor dense does), the cache counters' increments as one launch, programmatic dependent launches "
-        "of teal's kernels (not Inductor's: NOTES v12), and Inductor's combo_kernels (a dense row shows Inductor's "
-        "settings alone)",
+        "of teal's kernels and of Inductor's (each Inductor kernel waiting before its first access: NOTES v12, v14), and "
+        "Inductor's combo_kernels (a dense row shows these Inductor settings alone)",
         "- 'vs dense' compares with the dense row of the same path and batch (lean loop or HF generate())",
         "",
         "| path | batch | tok/s per sequence | ms/token | vs dense | share of dense roofline | first call incl. compile (s) | peak GPU memory (GiB) |",

@@ -2,7 +2,8 @@
 
 Teal 0% generates the same 12 tokens fresh, after warm calls, after teacher forcing and without CUDA graphs, and each
 is compared with its own teacher-forced choice. With Inductor's PDL on the runs disagreed from token 0 (NOTES.md v12,
-diag_zero_check_h100.log); without it they agree up to atomic-order ties (v13, diag_zero_check_h100_v13.log).
+diag_zero_check_h100.log); without it they agree up to atomic-order ties (v13, diag_zero_check_h100_v13.log), and
+so they do with Inductor's PDL made to wait before every kernel's first access (v14, diag_zero_check_h100_v14.log).
 
     python examples/diag_zero_check.py      (a CUDA GPU, ~8 minutes: the 32-layer 8B shape)
 """

@@ -8,11 +8,14 @@ Options: ``plan`` (a Plan or a path), ``dump`` (a folder), ``compiler`` (``induc
 ``group_shared_input`` (default True: q/k/v and gate/up each in one launch), ``fuse_swiglu`` (default True: the
 gate/up launch also forms ``silu(gate) * up``), ``decode_attention`` (default True:
 the attention of a decode step runs ``teal::decode_attention``, with or without a plan),
+``inductor_pdl`` (default True: on Hopper and newer, Inductor's kernels too launch early and wait before their first
+access, ``kernels/pdl.py``),
 ``mode`` (Inductor's modes, since torch.compile takes either ``mode`` or ``options``, not both); any other key is
 an Inductor config patch (``{"max_autotune": True}``; on CUDA ``CUDA_INDUCTOR_DEFAULTS`` apply unless overridden).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
 from dataclasses import dataclass, field
@@ -32,9 +35,10 @@ INNER_COMPILERS = ("inductor", "aot_eager", "eager")
 
 # Inductor settings the backend turns on for graphs on CUDA (an option of the same name overrides). combo_kernels: one
 # launch for the independent pointwise kernels between two extern calls; in a decode step that is q's RoPE, k's RoPE
-# and the K/V cache writes, three launches of ~1.2 us per layer becoming one (NOTES.md v9). Not Inductor's programmatic
-# dependent launch (triton.enable_pdl), whose kernels can read a custom op's outputs before they are complete
-# (kernels/pdl.py, NOTES.md v12).
+# and the K/V cache writes, three launches of ~1.2 us per layer becoming one (NOTES.md v9). Inductor's programmatic
+# dependent launch (triton.enable_pdl) is not among them: as it comes, its kernels can read a custom op's outputs
+# before they are complete (NOTES.md v12); the backend turns it on only with its kernels waiting before their first
+# access (option ``inductor_pdl``, ``_inductor_pdl``).
 CUDA_INDUCTOR_DEFAULTS = {"combo_kernels": True}
 
 # how many graphs the backend has rewritten (callers that must not silently run uncompiled check that it moved)
@@ -114,6 +118,7 @@ class TealOptions:
     group_shared_input: bool = True
     fuse_swiglu: bool = True
     decode_attention: bool = True
+    inductor_pdl: bool = True
     inductor: dict = field(default_factory=dict)
 
     @classmethod
@@ -134,6 +139,7 @@ class TealOptions:
         out.group_shared_input = bool(opts.pop("group_shared_input", True))
         out.fuse_swiglu = bool(opts.pop("fuse_swiglu", True))
         out.decode_attention = bool(opts.pop("decode_attention", True))
+        out.inductor_pdl = bool(opts.pop("inductor_pdl", True))
         if opts and out.compiler != "inductor":
             raise ValueError(f"teal: unknown options {sorted(opts)} (Inductor config patches need compiler='inductor')")
         out.inductor = opts
@@ -182,12 +188,47 @@ def _inner_compile(gm: fx.GraphModule, example_inputs: list, opts: TealOptions):
         if cuda:
             patches.update(CUDA_INDUCTOR_DEFAULTS)
         patches.update(opts.inductor)
-        return compile_fx(gm, example_inputs, config_patches=patches)
+        with _inductor_pdl(patches, cuda[0] if cuda and opts.inductor_pdl else None):
+            return compile_fx(gm, example_inputs, config_patches=patches)
     if opts.mode == "reduce-overhead" and any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs):
         return torch._dynamo.lookup_backend("cudagraphs")(gm, example_inputs)
     if opts.compiler == "aot_eager":
         return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
     return gm.forward
+
+
+@contextlib.contextmanager
+def _inductor_pdl(patches: dict, device: Optional[torch.device]):
+    """Inductor's programmatic dependent launch, made safe next to the teal ops: on for ``device`` (a CUDA device
+    where the teal kernels use PDL, ``pdl.enabled``), with every Inductor kernel waiting for the previous kernel
+    before its first memory access (``pdl.inductor_kernels_wait_first``); the same wait whenever the caller turns
+    ``triton.enable_pdl`` on (an option or Inductor's global config). Edits ``patches`` in place. Inductor's kernels
+    then launch during the tail of the kernel before them: ~3% of a decode step (NOTES.md, v14)."""
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+
+    from teal_fx.kernels import pdl
+
+    wanted = (device is not None and pdl.enabled(device) and "triton.enable_pdl" not in patches
+              and pdl.inductor_supports_wait_first())
+    if wanted:
+        patches["triton.enable_pdl"] = True
+    if not patches.get("triton.enable_pdl", getattr(inductor_config.triton, "enable_pdl", False)):  # theirs, or global
+        yield
+        return
+    if not pdl.inductor_supports_wait_first():  # never for our own patch (``wanted`` checked it)
+        raise ValueError("teal: triton.enable_pdl needs Inductor's PDL codegen hook, which this torch lacks, to make "
+                         "its kernels wait before reading the teal ops' outputs")
+    marker = pdl.inductor_cache_marker()
+    taken = patches.get("post_grad_custom_post_pass", inductor_config.post_grad_custom_post_pass) is not None
+    with contextlib.ExitStack() as stack:
+        if marker is None or taken:  # no room for the marker in the cache keys: no caching of these compiles
+            patches["fx_graph_cache"] = False
+            stack.enter_context(functorch_config.patch(enable_autograd_cache=False))
+        else:
+            patches["post_grad_custom_post_pass"] = marker
+        stack.enter_context(pdl.inductor_kernels_wait_first())
+        yield
 
 
 def teal_backend(gm: fx.GraphModule, example_inputs: list, options: Optional[dict] = None, mode: Optional[str] = None):

@@ -112,9 +112,10 @@ def test_dependent_launches_in_a_cuda_graph(sparsity_hint, back_to_back, pdl, mo
 
 def test_decode_is_deterministic_and_self_consistent_through_cuda_graphs():
     """Repeated greedy generations through the backend's CUDA graphs (after warm calls, as a benchmark makes them) give
-    the same tokens, and each token is the argmax of the same path's logits fed those tokens. With Inductor's PDL on,
-    the 32-layer 8B shape broke both (tokens changed between identical calls; NOTES.md v12). The split-K sums' atomic
-    order still varies, so a near-tie could in principle flip a token (NOTES.md v13)."""
+    the same tokens, and each token is the argmax of the same path's logits fed those tokens. With Inductor's PDL as
+    it comes, the 32-layer 8B shape broke both (tokens changed between identical calls; NOTES.md v12); the backend's
+    Inductor PDL (every kernel waiting first, NOTES.md v14) is on here. The split-K sums' atomic order still varies,
+    so a near-tie could in principle flip a token (NOTES.md v13)."""
     from teal_fx.generate import decode_logits
 
     model = tiny_model("llama", layers=8, hidden=512, heads=8, kv_heads=2, inter=1024, vocab=512).cuda()
@@ -234,3 +235,30 @@ def test_deterministic_algorithms_run_the_reference_instead_of_the_kernel(monkey
         torch.use_deterministic_algorithms(False)
     torch.ops.teal.sparse_linear(x, wg, None, 0.7)
     assert launches
+
+
+def test_inductor_kernels_wait_before_their_first_access_next_to_the_teal_ops():
+    """With the backend's Inductor PDL (option inductor_pdl, on by default on sm_90+), every Triton kernel Inductor
+    generates for a decode step launches early (launch_pdl) and waits before its first load or store, so none can
+    read a teal op's output before the op's last kernel has stored it (NOTES.md v12, v14)."""
+    import re
+
+    from torch._inductor.utils import run_and_get_code
+
+    from teal_fx.kernels import pdl
+
+    if not pdl.enabled(torch.device("cuda")):
+        pytest.skip("programmatic dependent launch needs sm_90+")
+    torch.compiler.reset()
+    model = tiny_model("llama", layers=2, hidden=256, heads=4, kv_heads=2, inter=512, vocab=256).cuda()
+    teal_fx.attach_plan(model, _plan(model, 0.4))
+    ids = torch.randint(3, 256, (1, 8), device="cuda")
+    _, codes = run_and_get_code(lambda: teal_fx.generate(model, ids, 4, eos_token_id=-1, max_cache_len=64))
+    kernels = [k for code in codes for k in re.findall(r"async_compile\.triton\((.*?)'''\s*,\s*device_str", code, re.S)]
+    accessing = [k for k in kernels if "tl.load(" in k or "tl.store(" in k]
+    assert accessing, "no Inductor Triton kernel generated"
+    for k in accessing:
+        first = min(i for i in (k.find("tl.load("), k.find("tl.store(")) if i >= 0)
+        assert 0 <= k.find("gdc_wait()") < first, k
+        assert "'launch_pdl': True" in k, k
+    assert any("teal.sparse" in code or "teal::sparse" in code or "sparse_linear" in code for code in codes)

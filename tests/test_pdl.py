@@ -16,9 +16,114 @@ def test_off_switch(monkeypatch):
     assert not pdl.enabled(torch.device("cuda", 0))
 
 
-def test_backend_leaves_inductors_dependent_launches_off():
-    """Inductor's PDL waits only for the node just before each kernel; around the backend's opaque ops that raced
-    (NOTES.md v12), so the backend's Inductor patch for CUDA graphs must not turn it on."""
+def test_backend_defaults_leave_inductors_own_dependent_launches_out():
+    """Inductor's PDL as it comes waits only for the node just before each kernel; around the backend's opaque ops
+    that raced (NOTES.md v12), so it is never in the plain Inductor patch: only through ``_inductor_pdl``."""
     from teal_fx.backend import CUDA_INDUCTOR_DEFAULTS as settings
 
     assert "triton.enable_pdl" not in settings and settings.get("combo_kernels") is True
+
+
+class _Buffer:
+    def __init__(self):
+        self.lines = []
+
+    def writeline(self, line):
+        self.lines.append(line)
+
+
+class _Kernel:
+    """What ``_wait_before_any_access`` touches of an Inductor TritonKernel."""
+    GDC_WAIT = "tl.extra.cuda.gdc_wait()"
+
+    def __init__(self, pdl_on=True, looped_reduction=False):
+        self.pdl_on = pdl_on
+        self.inside_reduction = looped_reduction
+        self.range_trees = [type("Tree", (), {"is_loop": looped_reduction})()]
+        self.body = _Buffer()
+
+    def _enable_pdl_codegen(self):
+        return self.pdl_on
+
+
+def test_inductor_kernels_wait_before_every_access_whatever_it_depends_on():
+    """Inductor's hook waits only before reading what the previous scheduler node wrote; the replacement waits
+    before any access (a dependency Inductor does not see, such as a teal op's output, included)."""
+    k, buf = _Kernel(), _Buffer()
+    pdl._wait_before_any_access(k, buf, "buf_the_previous_node_never_wrote")
+    assert buf.lines == [k.GDC_WAIT]
+    k = _Kernel(looped_reduction=True)
+    pdl._wait_before_any_access(k, buf, "x")
+    assert k.body.lines == [k.GDC_WAIT] and len(buf.lines) == 1  # hoisted before the loop, as Inductor does
+    k = _Kernel(pdl_on=False)
+    pdl._wait_before_any_access(k, buf, "x")
+    assert len(buf.lines) == 1 and not k.body.lines  # no PDL codegen: nothing written
+
+
+def test_wait_first_hook_is_swapped_in_only_inside_the_context():
+    from torch._inductor.codegen.triton import TritonKernel
+
+    assert pdl.inductor_supports_wait_first()
+    original = TritonKernel.__dict__["_handle_pdl_before_access"]
+    with pdl.inductor_kernels_wait_first():
+        assert TritonKernel._handle_pdl_before_access is pdl._wait_before_any_access
+    assert TritonKernel.__dict__["_handle_pdl_before_access"] is original
+
+
+def test_backend_turns_inductors_pdl_on_only_with_waits_first_and_a_cache_marker(monkeypatch):
+    from torch._inductor.codegen.triton import TritonKernel
+
+    from teal_fx.backend import _inductor_pdl
+
+    original = TritonKernel.__dict__["_handle_pdl_before_access"]
+    for device in (None, torch.device("cpu")):  # the option off, or a device without PDL: nothing changes
+        patches = {"combo_kernels": True}
+        with _inductor_pdl(patches, device):
+            assert TritonKernel.__dict__["_handle_pdl_before_access"] is original
+        assert patches == {"combo_kernels": True}
+
+    monkeypatch.setattr(pdl, "enabled", lambda device: True)  # as on an sm_90 GPU
+    patches = {}
+    with _inductor_pdl(patches, torch.device("cuda", 0)):
+        assert TritonKernel._handle_pdl_before_access is pdl._wait_before_any_access
+    assert patches["triton.enable_pdl"] is True
+    assert "wait" in patches["post_grad_custom_post_pass"].uuid()  # cached code never mixes with unpatched code
+    assert TritonKernel.__dict__["_handle_pdl_before_access"] is original
+
+    patches = {"triton.enable_pdl": True}  # the caller's own patch, option off: still made to wait first
+    with _inductor_pdl(patches, None):
+        assert TritonKernel._handle_pdl_before_access is pdl._wait_before_any_access
+
+    taken = {"triton.enable_pdl": True, "post_grad_custom_post_pass": object()}  # no room for the marker
+    with _inductor_pdl(taken, None):
+        import torch._functorch.config as functorch_config
+
+        assert taken["fx_graph_cache"] is False and functorch_config.enable_autograd_cache is False
+
+    patches = {"triton.enable_pdl": False}  # turned off by the caller: left off
+    with _inductor_pdl(patches, torch.device("cuda", 0)):
+        assert TritonKernel.__dict__["_handle_pdl_before_access"] is original
+    assert patches == {"triton.enable_pdl": False}
+
+
+def test_backend_option_inductor_pdl():
+    from teal_fx.backend import TealOptions
+
+    assert TealOptions.parse(None, None).inductor_pdl is True
+    assert TealOptions.parse({"inductor_pdl": False}, None).inductor_pdl is False
+
+
+def test_a_torch_without_the_hook_keeps_inductors_pdl_off_or_refuses_it(monkeypatch):
+    import pytest
+
+    from teal_fx.backend import _inductor_pdl
+
+    monkeypatch.setattr(pdl, "enabled", lambda device: True)
+    monkeypatch.setattr(pdl, "inductor_supports_wait_first", lambda: False)
+    patches = {}
+    with _inductor_pdl(patches, torch.device("cuda", 0)):  # the backend's own default: quietly left off
+        pass
+    assert patches == {}
+    with pytest.raises(ValueError, match="wait before reading"):  # asked for by the caller: refused, not racy
+        with _inductor_pdl({"triton.enable_pdl": True}, None):
+            pass
