@@ -8,8 +8,8 @@ Options: ``plan`` (a Plan or a path), ``dump`` (a folder), ``compiler`` (``induc
 ``group_shared_input`` (default True: q/k/v and gate/up each in one launch), ``fuse_swiglu`` (default True: the
 gate/up launch also forms ``silu(gate) * up``), ``decode_attention`` (default True:
 the attention of a decode step runs ``teal::decode_attention``, with or without a plan),
-``inductor_pdl`` (default True: on Hopper and newer, Inductor's kernels too launch early and wait before their first
-access, ``kernels/pdl.py``),
+``inductor_pdl`` (default True: on Hopper and newer, in graphs compiled without gradients, Inductor's kernels too
+launch early and wait before their first access, ``kernels/pdl.py``),
 ``mode`` (Inductor's modes, since torch.compile takes either ``mode`` or ``options``, not both); any other key is
 an Inductor config patch (``{"max_autotune": True}``; on CUDA ``CUDA_INDUCTOR_DEFAULTS`` apply unless overridden).
 """
@@ -200,7 +200,8 @@ def _inner_compile(gm: fx.GraphModule, example_inputs: list, opts: TealOptions):
 @contextlib.contextmanager
 def _inductor_pdl(patches: dict, device: Optional[torch.device]):
     """Inductor's programmatic dependent launch, made safe next to the teal ops: on for ``device`` (a CUDA device
-    where the teal kernels use PDL, ``pdl.enabled``), with every Inductor kernel waiting for the previous kernel
+    where the teal kernels use PDL, ``pdl.enabled``) in graphs compiled without gradients (decoding runs under
+    ``no_grad``), with every Inductor kernel waiting for the previous kernel
     before its first memory access (``pdl.inductor_kernels_wait_first``); the same wait whenever the caller turns
     ``triton.enable_pdl`` on (an option or Inductor's global config). Edits ``patches`` in place. Inductor's kernels
     then launch during the tail of the kernel before them: ~3% of a decode step (NOTES.md, v14)."""
@@ -209,8 +210,9 @@ def _inductor_pdl(patches: dict, device: Optional[torch.device]):
 
     from teal_fx.kernels import pdl
 
+    # not where gradients are on: AOT autograd would compile the backward later, outside ``inductor_kernels_wait_first``
     wanted = (device is not None and pdl.enabled(device) and "triton.enable_pdl" not in patches
-              and pdl.inductor_supports_wait_first())
+              and not torch.is_grad_enabled() and pdl.inductor_supports_wait_first())
     if wanted:
         patches["triton.enable_pdl"] = True
     if not patches.get("triton.enable_pdl", getattr(inductor_config.triton, "enable_pdl", False)):  # theirs, or global

@@ -84,7 +84,10 @@ def test_backend_turns_inductors_pdl_on_only_with_waits_first_and_a_cache_marker
 
     monkeypatch.setattr(pdl, "enabled", lambda device: True)  # as on an sm_90 GPU
     patches = {}
-    with _inductor_pdl(patches, torch.device("cuda", 0)):
+    with _inductor_pdl(patches, torch.device("cuda", 0)):  # gradients on: a backward would be compiled later
+        assert TritonKernel.__dict__["_handle_pdl_before_access"] is original
+    assert patches == {}
+    with torch.no_grad(), _inductor_pdl(patches, torch.device("cuda", 0)):  # as decoding compiles
         assert TritonKernel._handle_pdl_before_access is pdl._wait_before_any_access
     assert patches["triton.enable_pdl"] is True
     assert "wait" in patches["post_grad_custom_post_pass"].uuid()  # cached code never mixes with unpatched code
@@ -101,7 +104,7 @@ def test_backend_turns_inductors_pdl_on_only_with_waits_first_and_a_cache_marker
         assert taken["fx_graph_cache"] is False and functorch_config.enable_autograd_cache is False
 
     patches = {"triton.enable_pdl": False}  # turned off by the caller: left off
-    with _inductor_pdl(patches, torch.device("cuda", 0)):
+    with torch.no_grad(), _inductor_pdl(patches, torch.device("cuda", 0)):
         assert TritonKernel.__dict__["_handle_pdl_before_access"] is original
     assert patches == {"triton.enable_pdl": False}
 
@@ -121,7 +124,7 @@ def test_a_torch_without_the_hook_keeps_inductors_pdl_off_or_refuses_it(monkeypa
     monkeypatch.setattr(pdl, "enabled", lambda device: True)
     monkeypatch.setattr(pdl, "inductor_supports_wait_first", lambda: False)
     patches = {}
-    with _inductor_pdl(patches, torch.device("cuda", 0)):  # the backend's own default: quietly left off
+    with torch.no_grad(), _inductor_pdl(patches, torch.device("cuda", 0)):  # the backend's default: quietly left off
         pass
     assert patches == {}
     with pytest.raises(ValueError, match="wait before reading"):  # asked for by the caller: refused, not racy
