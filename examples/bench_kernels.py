@@ -65,6 +65,25 @@ def probe_setup(script: str) -> tuple[float, int]:
     return bw, torch.cuda.get_device_properties(0).L2_cache_size
 
 
+def kernel_variant(name: str, substitutions: list):
+    """A copy of kernels/sparse_gemv.py with each (old, new) text substitution made exactly once, imported as its own
+    module ``name``: how the probes time a variant of the kernel without touching the shipped one."""
+    import importlib.util
+    import inspect
+    import tempfile
+
+    text = inspect.getsource(sg)
+    for old, new in substitutions:
+        assert text.count(old) == 1, (name, old)
+        text = text.replace(old, new)
+    path = Path(tempfile.mkdtemp()) / f"{name}.py"
+    path.write_text(text)
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def graph_time_us(calls: list, replays: int = 20) -> float:
     """Median µs per call of ``calls`` captured once in a CUDA graph and replayed."""
     s = torch.cuda.Stream()

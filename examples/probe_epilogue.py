@@ -17,16 +17,13 @@ side by side on the Llama-3-8B shapes (timing only: the cut variants' results ar
 
     python examples/probe_epilogue.py      (a CUDA GPU; log: examples/results/probe_epilogue_h100.log)
 """
-import importlib.util
-import inspect
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_kernels import dependent_launches, graph_time_us, make_case, probe_setup  # noqa: E402
+from bench_kernels import dependent_launches, graph_time_us, kernel_variant, make_case, probe_setup  # noqa: E402
 
 from teal_fx.kernels import sparse_gemv as sg  # noqa: E402
 
@@ -61,20 +58,7 @@ IN_GRID = ('cfg.get("APART", use_pdl)', 'cfg.get("APART", False)')
 
 
 def load_variants() -> dict:
-    src = inspect.getsource(sg)
-    tmp = Path(tempfile.mkdtemp())
-    mods = {}
-    for name, subs in VARIANTS.items():
-        text = src
-        for old, new in [*subs, IN_GRID]:
-            assert text.count(old) == 1, (name, old)
-            text = text.replace(old, new)
-        path = tmp / f"sg_{name}.py"
-        path.write_text(text)
-        spec = importlib.util.spec_from_file_location(f"sg_{name}", path)
-        mods[name] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mods[name])
-    return mods
+    return {name: kernel_variant(f"sg_{name}", [*subs, IN_GRID]) for name, subs in VARIANTS.items()}
 
 
 import triton  # noqa: E402

@@ -14,18 +14,15 @@ interleaved rounds.
 
     python examples/probe_prefetch.py   (an sm_90+ CUDA GPU; log: examples/results/probe_prefetch_h100.log)
 """
-import importlib.util
-import inspect
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import bench_kernels  # noqa: E402
-from bench_kernels import bench_block, bench_shape, probe_setup  # noqa: E402
+from bench_kernels import bench_block, bench_shape, kernel_variant, probe_setup  # noqa: E402
 
 from teal_fx.kernels import sparse_gemv as sg  # noqa: E402
 
@@ -64,15 +61,8 @@ SUBSTITUTIONS = [
 
 
 def prefetching_module():
-    text = inspect.getsource(sg)
-    for old, new in SUBSTITUTIONS:
-        assert text.count(old) == 1, old
-        text = text.replace(old, new)
-    path = Path(tempfile.mkdtemp()) / "sg_prefetch.py"
-    path.write_text(text + "\nPREFETCH_ROWS = 0\n")
-    spec = importlib.util.spec_from_file_location("sg_prefetch", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = kernel_variant("sg_prefetch", SUBSTITUTIONS)
+    mod.PREFETCH_ROWS = 0
     return mod
 
 

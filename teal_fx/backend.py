@@ -211,14 +211,14 @@ def _inductor_pdl(patches: dict, device: Optional[torch.device]):
     from teal_fx.kernels import pdl
 
     # not where gradients are on: AOT autograd would compile the backward later, outside ``inductor_kernels_wait_first``
-    wanted = (device is not None and pdl.enabled(device) and "triton.enable_pdl" not in patches
-              and not torch.is_grad_enabled() and pdl.inductor_supports_wait_first())
-    if wanted:
+    hook = pdl.inductor_supports_wait_first()
+    if (hook and device is not None and pdl.enabled(device) and "triton.enable_pdl" not in patches
+            and not torch.is_grad_enabled()):
         patches["triton.enable_pdl"] = True
     if not patches.get("triton.enable_pdl", getattr(inductor_config.triton, "enable_pdl", False)):  # theirs, or global
         yield
         return
-    if not pdl.inductor_supports_wait_first():  # never for our own patch (``wanted`` checked it)
+    if not hook:  # only the caller's own setting gets here without it
         raise ValueError("teal: triton.enable_pdl needs Inductor's PDL codegen hook, which this torch lacks, to make "
                          "its kernels wait before reading the teal ops' outputs")
     marker = pdl.inductor_cache_marker()
