@@ -72,14 +72,14 @@ def hf(model, ids, backend: str, cache_len: int):
     """Hugging Face generate() with a static cache, its decode step compiled through ``backend``."""
     from transformers import CompileConfig
 
-    from teal_fx.generate import static_cache
+    from teal_fx.generate import cache_kwarg, static_cache
 
     cache = static_cache(model, ids.shape[0], cache_len)  # one cache object: the CUDA graph keeps its address
     cfg = CompileConfig(backend=backend, mode="reduce-overhead")
 
     def run(n):
         cache.reset()
-        return model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, past_key_values=cache,
+        return model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, **{cache_kwarg(model): cache},
                               compile_config=cfg, pad_token_id=0)
     return run
 

@@ -124,16 +124,19 @@ _MODULE_PATH_RE = re.compile(r"\._modules\[['\"]([^'\"]+)['\"]\]|\[['\"]([^'\"]+
 
 
 def _clean_path(path: str) -> str:
-    """Turn a Dynamo source path (``L['self'].model.layers.0.q_proj``, ``L['self']._modules['model']...``) into
-    the module's qualified name relative to the compiled root (``model.layers.0.q_proj``)."""
-    path = re.sub(r"^L\[['\"][^'\"]+['\"]\]\.?", "", path)
+    """Turn a Dynamo source path (``L['self'].model.layers.0.q_proj``, ``L['self']._modules['model']...``, or
+    ``L['args'][0].model...`` when a decorator's ``*args`` wrapper is the traced frame, as transformers >= 5.2x's
+    ``deprecate_kwarg`` on ``forward`` is) into the module's qualified name relative to the compiled root
+    (``model.layers.0.q_proj``)."""
+    path = re.sub(r"^L\[['\"][^'\"]+['\"]\](?:\[\d+\])*", "", path)
     path = _MODULE_PATH_RE.sub(lambda m: "." + (m.group(1) or m.group(2)), path)
     return path.strip(".").replace("..", ".")
 
 
 def _placeholder_path(name: str) -> Optional[str]:
-    """Parse Dynamo's placeholder name for a parameter (``l_self_modules_a_modules_0_parameters_weight_``)."""
-    m = re.match(r"^l_[a-z0-9]+_(.*)_$", name)
+    """Parse Dynamo's placeholder name for a parameter (``l_self_modules_a_modules_0_parameters_weight_``,
+    ``l_args_0_modules_a_...``)."""
+    m = re.match(r"^l_[a-z0-9]+_(?:\d+_)*(.*)_$", name)  # l_self_..., l_args_0_... (see _clean_path)
     if not m or "_parameters_" not in m.group(1):
         return None
     body = m.group(1)

@@ -9,6 +9,8 @@ on the model and reused; the position is a tensor), so it compiles once per cach
 """
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Callable, Optional
 
 import torch
@@ -70,6 +72,18 @@ def sample_next(logits: Tensor, *, do_sample: bool, temperature: float, top_k: O
         logits = torch.full_like(logits, float("-inf")).scatter(-1, idx, sorted_logits)
     probs = logits.softmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def cache_kwarg(model: nn.Module) -> str:
+    """The keyword the model's ``forward`` (and ``generate()``) takes its KV cache by: ``cache`` from transformers
+    5.2x, which deprecates ``past_key_values`` (a warning on every call, removal announced), ``past_key_values``
+    before. ``inspect.signature`` sees through the deprecation decorator to the real ``forward``."""
+    return _cache_kwarg_of(type(getattr(model, "_orig_mod", model)))  # _orig_mod: under a torch.compile wrapper
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_kwarg_of(cls: type) -> str:
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
 
 
 def static_cache(model: nn.Module, batch: int, max_len: int):
@@ -188,7 +202,7 @@ def _cache_length(need: int, max_cache_len: Optional[int], what: str) -> int:
 
 def _last_logits(run, cache, input_ids: Tensor, position: Tensor) -> Tensor:
     """One compiled call (prefill or decode step) on the static cache: the last position's logits [B, V]."""
-    return run(input_ids=input_ids, past_key_values=cache, cache_position=position, use_cache=True).logits[:, -1]
+    return run(input_ids=input_ids, **{cache_kwarg(run): cache}, cache_position=position, use_cache=True).logits[:, -1]
 
 
 def _decode_loop(model, input_ids, max_new_tokens, max_cache_len, backend, mode, options, eos_token_id, streamer,

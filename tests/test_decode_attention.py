@@ -14,6 +14,7 @@ import teal_fx
 from teal_fx.kernels import decode_attention as da
 from teal_fx.passes import replace_decode_attention
 from teal_fx.passes.dataflow import is_sdpa
+from teal_fx.generate import cache_kwarg
 from tests.conftest import ARCHS, tiny_model
 
 ON_GPU = torch.cuda.is_available()
@@ -113,8 +114,8 @@ def decode_graph(model, batch: int = 1, prompt: int = 5):
     run = torch.compile(model, backend=rec, dynamic=False)
     ids = torch.randint(3, 100, (batch, prompt))
     with torch.no_grad():
-        run(input_ids=ids, past_key_values=cache, cache_position=torch.arange(prompt), use_cache=True)
-        run(input_ids=ids[:, :1], past_key_values=cache, cache_position=torch.tensor([prompt]), use_cache=True)
+        run(input_ids=ids, **{cache_kwarg(model): cache}, cache_position=torch.arange(prompt), use_cache=True)
+        run(input_ids=ids[:, :1], **{cache_kwarg(model): cache}, cache_position=torch.tensor([prompt]), use_cache=True)
     decode = [(gm, ins) for gm, ins in rec.graphs if any(is_sdpa(n) for n in gm.graph.nodes)][-1]
     torch._dynamo.reset()
     return decode

@@ -4,6 +4,7 @@ import torch
 import transformers as T
 
 import teal_fx
+from teal_fx.generate import cache_kwarg
 from tests.conftest import ARCHS, EXPECTED_ROLES, tiny_model
 
 
@@ -37,7 +38,7 @@ def test_decode_graph_with_static_cache():
     """The decode step (one token, KV cache written in place) is matched like the prefill graph."""
     model = tiny_model("llama")
     cache = T.StaticCache(config=model.config, max_cache_len=16)
-    inputs = dict(input_ids=torch.tensor([[5]]), past_key_values=cache, cache_position=torch.tensor([0]), use_cache=True)
+    inputs = dict(input_ids=torch.tensor([[5]]), **{cache_kwarg(model): cache}, cache_position=torch.tensor([0]), use_cache=True)
     graphs, _ = teal_fx.capture_graphs(model, inputs)
     roles = [m.role for g in graphs for m in g.discovery.matched]
     assert sorted(roles) == sorted(EXPECTED_ROLES["llama"] * 2)
@@ -89,3 +90,17 @@ def test_gpt2_conv1d_is_not_matched():
         out = compiled(ids, use_cache=False).logits
     with torch.no_grad():
         torch.testing.assert_close(out, model(ids, use_cache=False).logits)
+
+
+@pytest.mark.parametrize("path", ["L['self'].model.layers.3.mlp.up_proj", "L['self']._modules['model']._modules['layers']"
+                                  "._modules['3']._modules['mlp']._modules['up_proj']",
+                                  "L['args'][0].model.layers.3.mlp.up_proj", "L['fn'].model.layers.3.mlp.up_proj"])
+def test_keys_from_every_form_of_dynamo_source(path):
+    """The root of a source is ``L['self']``, or ``L['args'][0]`` when the traced frame is a decorator's ``*args``
+    wrapper of ``forward`` (transformers' ``deprecate_kwarg``): keys are the qualified names either way."""
+    from teal_fx.passes.label_block_linears import _clean_path, _placeholder_path
+
+    assert _clean_path(path) == "model.layers.3.mlp.up_proj"
+    for name in ("l_self_modules_model_modules_layers_modules_3_modules_mlp_modules_up_proj_parameters_weight_",
+                 "l_args_0_modules_model_modules_layers_modules_3_modules_mlp_modules_up_proj_parameters_weight_"):
+        assert _placeholder_path(name) == "model.layers.3.mlp.up_proj.weight"

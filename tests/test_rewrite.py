@@ -7,6 +7,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 import teal_fx
 from teal_fx.passes import PassContext, run_passes
 from teal_fx.passes.dataflow import is_linear
+from teal_fx.generate import cache_kwarg
 from tests.conftest import ARCHS, EXPECTED_ROLES, masked_inputs, tiny_model
 
 TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.bfloat16: dict(atol=3e-2, rtol=3e-2)}
@@ -67,11 +68,11 @@ def test_decode_step_sparse_prefill_dense_with_kv_cache():
     nxt = torch.randint(3, 128, (1, 1))
     with torch.no_grad():
         c_pre = compiled(ids, use_cache=True)
-        c_dec = compiled(nxt, past_key_values=c_pre.past_key_values, use_cache=True).logits
+        c_dec = compiled(nxt, **{cache_kwarg(model): c_pre.past_key_values}, use_cache=True).logits
         r_pre = model(ids, use_cache=True)
         with masked_inputs(model, plan):
-            r_dec = model(nxt, past_key_values=r_pre.past_key_values, use_cache=True).logits
-        dense_dec = model(nxt, past_key_values=model(ids, use_cache=True).past_key_values).logits
+            r_dec = model(nxt, **{cache_kwarg(model): r_pre.past_key_values}, use_cache=True).logits
+        dense_dec = model(nxt, **{cache_kwarg(model): model(ids, use_cache=True).past_key_values}).logits
     torch.testing.assert_close(c_pre.logits, r_pre.logits)
     torch.testing.assert_close(c_dec, r_dec, atol=1e-4, rtol=1e-4)
     assert (c_dec - dense_dec).abs().max() > 1e-3
