@@ -12,8 +12,8 @@ if __name__ != "teal_fx.kernels":
 else:
     # (the submodule stays reachable as ``teal_fx.kernels.decode_attention``; its op is torch.ops.teal.decode_attention)
     from teal_fx.kernels.decode_attention import reference_decode_attention
-    from teal_fx.kernels.sparse_linear import (reference_sparse_linear, sparse_linear, sparse_linear_group,
-                                              sparse_swiglu, sparsify)
+    from teal_fx.kernels.sparse_linear import (reference_rmsnorm, reference_sparse_linear, sparse_linear,
+                                              sparse_linear_add_rmsnorm, sparse_linear_group, sparse_swiglu, sparsify)
 
-    __all__ = ["sparse_linear", "sparse_linear_group", "sparse_swiglu", "reference_sparse_linear", "sparsify",
-               "reference_decode_attention"]
+    __all__ = ["sparse_linear", "sparse_linear_group", "sparse_swiglu", "sparse_linear_add_rmsnorm",
+               "reference_sparse_linear", "reference_rmsnorm", "sparsify", "reference_decode_attention"]

@@ -259,7 +259,7 @@ if HAS_TRITON:
             tl.extra.cuda.gdc_launch_dependents()
         y_offs = offs_m[:, None] * stride_ym + offs_n[None, :]
         y_mask = m_ok[:, None] & n_ok[None, :]
-        if SPLIT_K == 1 and not GATED:
+        if SPLIT_K == 1 and not GATED and not APART:
             if HAS_BIAS:
                 acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
             tl.store(y_ptr + y_offs, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
@@ -344,6 +344,36 @@ if HAS_TRITON:
         if PDL:
             tl.extra.cuda.gdc_launch_dependents()
         tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], total.to(y_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _finish_add_rmsnorm_kernel(ws_ptr, b_ptr, res_ptr, nw_ptr, h_ptr, out_ptr, N, ws_width, stride_res, stride_h,
+                                   stride_out, eps, BN: tl.constexpr, HAS_BIAS: tl.constexpr, PDL: tl.constexpr):
+        """The split-K epilogue of a linear followed by a residual add and an RMSNorm (Llama's), one program per row
+        holding all N columns: y = sums (+ bias), h = residual + y, out = norm_weight * (h * rsqrt(mean(h²) + eps)).
+
+        Rounds where eager rounds (``LlamaRMSNorm`` in the model's dtype): y and h to the output dtype, the norm in
+        fp32, its result to the dtype before the weight's product. Replaces the Inductor reduction kernel that
+        otherwise runs after every o and down projection (NOTES.md, v15)."""
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+        row = tl.program_id(0)
+        offs = tl.arange(0, BN)
+        ok = offs < N
+        out_ty = h_ptr.dtype.element_ty
+        ws = ws_ptr + row * ws_width + offs
+        y = tl.load(ws, mask=ok, other=0.0, cache_modifier=".cg")
+        tl.store(ws, tl.zeros((BN,), dtype=tl.float32), mask=ok)
+        if HAS_BIAS:
+            y += tl.load(b_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        res = tl.load(res_ptr + row * stride_res + offs, mask=ok, other=0.0).to(tl.float32)
+        h = (res + y.to(out_ty).to(tl.float32)).to(out_ty)
+        hf = h.to(tl.float32)  # 0 past N
+        r = 1.0 / tl.sqrt_rn(tl.sum(hf * hf, axis=0) / N + eps)
+        nw = tl.load(nw_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+        tl.store(h_ptr + row * stride_h + offs, h, mask=ok)
+        tl.store(out_ptr + row * stride_out + offs, (nw * (hf * r).to(out_ty).to(tl.float32)).to(out_ty), mask=ok)
 
 
 def interpreter_upcasts(dtype: torch.dtype) -> bool:
@@ -499,15 +529,47 @@ def sparse_gemv_swiglu(x: Tensor, w_gate: Tensor, w_up: Tensor, t_gate: float, t
                              sparsity=sparsity, _gated=True)[0]
 
 
+MAX_NORM_WIDTH = 16384  # the add + RMSNorm finish holds a row's N columns in one program
+
+
+def can_fuse_add_rmsnorm(x: Tensor, weight: Tensor, residual: Tensor, norm_weight: Tensor) -> bool:
+    """Whether ``sparse_gemv_add_rmsnorm`` takes these: the residual has the linear's output shape, the norm weight
+    is [N], both in the input's dtype, N at most ``MAX_NORM_WIDTH`` (the device is the caller's check, ``supports``)."""
+    N = weight.shape[0]
+    return (weight.dim() == 2 and N <= MAX_NORM_WIDTH and residual.shape == (*x.shape[:-1], N)
+            and norm_weight.shape == (N,) and residual.dtype == norm_weight.dtype == x.dtype
+            and residual.device == x.device == norm_weight.device)
+
+
+def sparse_gemv_add_rmsnorm(x: Tensor, weight: Tensor, bias: Optional[Tensor], threshold: float, residual: Tensor,
+                            norm_weight: Tensor, eps: float, config: Optional[dict] = None,
+                            sparsity: Optional[float] = None,
+                            outs: Optional[tuple[Tensor, Tensor]] = None) -> tuple[Tensor, Tensor]:
+    """h = residual + (x ⊙ 1[|x| > t]) Wᵀ (+ b) and out = RMSNorm(h) · norm_weight (Llama's, eager rounding), in two
+    launches: the GEMV grid, then one program per row that finishes the split-K sums, adds, normalises and writes
+    both (see ``can_fuse_add_rmsnorm``). Returns (h, out), written into ``outs`` ([rows, N] each) if given."""
+    if not can_fuse_add_rmsnorm(x, weight, residual, norm_weight):
+        raise ValueError("sparse_gemv_add_rmsnorm: needs a residual of the output's shape and a [N] norm weight, in "
+                         f"the input's dtype, N <= {MAX_NORM_WIDTH} (see can_fuse_add_rmsnorm)")
+    rows = x.numel() // x.shape[-1]
+    h, out = outs if outs is not None else [torch.empty((rows, weight.shape[0]), dtype=x.dtype, device=x.device)
+                                            for _ in range(2)]
+    sparse_gemv_group(x, [weight], [bias], [threshold], config=config, outs=[h], sparsity=sparsity,
+                      _norm=(residual.reshape(rows, -1).contiguous(), norm_weight.contiguous(), float(eps), out))
+    shape = residual.shape
+    return h.reshape(shape), out.reshape(shape)
+
+
 def sparse_gemv_group(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tensor]],
                       thresholds: Sequence[float], config: Optional[dict] = None,
                       outs: Optional[Sequence[Tensor]] = None, sparsity: Optional[float] = None,
-                      _gated: bool = False) -> list[Tensor]:
+                      _gated: bool = False, _norm: Optional[tuple] = None) -> list[Tensor]:
     """One launch for up to three linears that share the input ``x`` (q/k/v, gate/up): y_i = (x ⊙ 1[|x| > t_i]) W_iᵀ + b_i.
 
     The segments' N tiles form one grid, so the small k/v projections ride along with q instead of paying a
     launch and a ramp each. A weight row of segment i is read when some row of x exceeds t_i at that input.
-    (``_gated``: the SwiGLU epilogue of ``sparse_gemv_swiglu``, which checks its arguments.)
+    (``_gated``: the SwiGLU epilogue of ``sparse_gemv_swiglu``; ``_norm``: (residual, norm weight, eps, out), the
+    add + RMSNorm finish of ``sparse_gemv_add_rmsnorm``, ``outs`` then holding h. Both check their arguments.)
     """
     if not HAS_TRITON:
         raise RuntimeError("the Triton sparse GEMV needs triton")
@@ -566,6 +628,7 @@ def sparse_gemv_group(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Opt
     # the split-K epilogue as a second launch where launches overlap (PDL): ~1 µs less per GEMV than the grid's own
     # last arriver (NOTES.md, v11). Not for the tensor-core path, which does not let the next launch start early.
     apart = bool(cfg.get("APART", use_pdl)) and (cfg["SPLIT_K"] > 1 or _gated) and not cfg["USE_DOT"]
+    apart = apart or _norm is not None  # the norm needs every column's sum: only a launch after the grid has them
     _sparse_gemv_kernel[(total_tiles, cfg["SPLIT_K"])](
         x2, s0["w"], s0["b"], s0["y"], ws, cnt, idx, xv,
         M, s0["N"], K, s0["t"],
@@ -579,7 +642,15 @@ def sparse_gemv_group(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Opt
         NSEG=nseg, GATED=_gated, PDL=use_pdl, APART=apart, num_warps=cfg.get("num_warps", 4),
         num_stages=cfg.get("num_stages", 2), **extra, **({"launch_pdl": True} if use_pdl else {}),
     )
-    if apart:
+    if _norm is not None:
+        residual, norm_weight, eps, out = _norm
+        BN_ROW = _next_pow2(s0["N"])
+        _finish_add_rmsnorm_kernel[(M,)](
+            ws, s0["b"], residual, norm_weight, s0["y"], out, s0["N"], s0["N"], residual.stride(0), s0["sym"],
+            out.stride(0), eps, BN=BN_ROW, HAS_BIAS=has_bias, PDL=use_pdl, num_warps=min(8, max(1, BN_ROW // 1024)),
+            **({"launch_pdl": True} if use_pdl else {}),
+        )
+    elif apart:
         finish = {k: extra[k] for k in ("y1_ptr", "b1_ptr", "N1", "stride_ym1", "y2_ptr", "b2_ptr", "N2", "stride_ym2",
                                         "TILES1", "TILES2") if k in extra}
         _finish_kernel[(tiles[0] if _gated else total_tiles,)](

@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["sparse_linear", "sparse_linear_group", "sparse_swiglu", "reference_sparse_linear", "sparsify"]
+__all__ = ["sparse_linear", "sparse_linear_group", "sparse_swiglu", "sparse_linear_add_rmsnorm", "reference_sparse_linear",
+           "reference_rmsnorm", "sparsify"]
 
 
 def keep_mask(x: Tensor, threshold: float) -> Tensor:
@@ -198,3 +199,45 @@ def _(x: Tensor, w_gate: Tensor, w_up: Tensor, t_gate: float, t_up: float, prefi
     torch._check(w_gate.shape == w_up.shape, lambda: "sparse_swiglu: gate and up weights differ in shape")
     torch._check(x.shape[-1] == w_gate.shape[1], lambda: "sparse_swiglu: x and the weights disagree on in_features")
     return x.new_empty((*x.shape[:-1], w_gate.shape[0]))
+
+
+def reference_rmsnorm(h: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """Llama's RMSNorm as eager computes it (``LlamaRMSNorm.forward``): fp32 statistics, the normalised value rounded
+    to h's dtype before the weight's product."""
+    hf = h.to(torch.float32)
+    return weight * (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)).to(h.dtype)
+
+
+@torch.library.custom_op("teal::sparse_linear_add_rmsnorm", mutates_args=())
+def sparse_linear_add_rmsnorm(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], threshold: float, prefill_sparse_from: float, sparsity: float,
+    residual: Tensor, norm_weight: Tensor, eps: float,
+) -> tuple[Tensor, Tensor]:
+    """(h, RMSNorm(h)) with h = residual + ``sparse_linear(x, weight, bias, threshold, ...)``: a block's o or down
+    projection, its residual add and the next RMSNorm (Llama's: ``reference_rmsnorm``).
+
+    On the decode path the linear's finishing launch does the add and the norm (one program per row holds all the
+    columns), so no Inductor reduction kernel runs between it and the next linear. Elsewhere (CPU, prefill) it is
+    that expression, rounded as eager rounds it. No autograd: the pass that inserts it leaves graphs that need
+    gradients alone."""
+    if x.is_cuda and _sparse_token_mask_start(x, prefill_sparse_from) == 0:
+        from teal_fx.kernels import sparse_gemv
+
+        if sparse_gemv.supports(x, weight) and sparse_gemv.can_fuse_add_rmsnorm(x, weight, residual, norm_weight):
+            return sparse_gemv.sparse_gemv_add_rmsnorm(x, weight, bias, threshold, residual, norm_weight, eps,
+                                                       sparsity=sparsity)
+        h = residual + sparse_linear(x, weight, bias, threshold, prefill_sparse_from, sparsity)
+        return h, reference_rmsnorm(h, norm_weight, eps)
+    h = residual + reference_sparse_linear(x, weight, bias, threshold, prefill_sparse_from)
+    return h, reference_rmsnorm(h, norm_weight, eps)
+
+
+@sparse_linear_add_rmsnorm.register_fake
+def _(x: Tensor, weight: Tensor, bias: Optional[Tensor], threshold: float, prefill_sparse_from: float, sparsity: float,
+      residual: Tensor, norm_weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    torch._check(x.shape[-1] == weight.shape[1], lambda: "sparse_linear_add_rmsnorm: x and weight disagree on in_features")
+    torch._check(residual.shape[-1] == weight.shape[0], lambda: "sparse_linear_add_rmsnorm: residual and weight differ")
+    shape = torch.broadcast_shapes(residual.shape, (*x.shape[:-1], weight.shape[0]))
+    dtype = torch.promote_types(residual.dtype, x.dtype)
+    h = residual.new_empty(shape, dtype=dtype)
+    return h, h.new_empty(shape, dtype=torch.promote_types(dtype, norm_weight.dtype))

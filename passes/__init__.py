@@ -6,6 +6,7 @@ from teal_fx.passes.label_block_linears import Discovery, MatchedLinear, discove
 from teal_fx.passes.insert_sparse_linear import insert_sparse_linear
 from teal_fx.passes.group_shared_input import group_shared_input
 from teal_fx.passes.fuse_swiglu import fuse_swiglu
+from teal_fx.passes.fuse_add_rmsnorm import fuse_add_rmsnorm
 from teal_fx.passes.select_plan import select_plan
 from teal_fx.passes.replace_decode_attention import replace_decode_attention
 from teal_fx.passes.batch_input_increments import batch_input_increments
@@ -20,6 +21,7 @@ __all__ = [
     "insert_sparse_linear",
     "group_shared_input",
     "fuse_swiglu",
+    "fuse_add_rmsnorm",
     "replace_decode_attention",
     "batch_input_increments",
     "discover",

@@ -6,7 +6,8 @@
 
 Options: ``plan`` (a Plan or a path), ``dump`` (a folder), ``compiler`` (``inductor`` | ``aot_eager`` | ``eager``),
 ``group_shared_input`` (default True: q/k/v and gate/up each in one launch), ``fuse_swiglu`` (default True: the
-gate/up launch also forms ``silu(gate) * up``), ``decode_attention`` (default True:
+gate/up launch also forms ``silu(gate) * up``), ``fuse_add_rmsnorm`` (default True: in decode graphs the o and down
+launches also add the residual and apply the RMSNorm after them), ``decode_attention`` (default True:
 the attention of a decode step runs ``teal::decode_attention``, with or without a plan),
 ``inductor_pdl`` (default True: on Hopper and newer, in graphs compiled without gradients, Inductor's kernels too
 launch early and wait before their first access, ``kernels/pdl.py``),
@@ -117,6 +118,7 @@ class TealOptions:
     mode: Optional[str] = None
     group_shared_input: bool = True
     fuse_swiglu: bool = True
+    fuse_add_rmsnorm: bool = True
     decode_attention: bool = True
     inductor_pdl: bool = True
     inductor: dict = field(default_factory=dict)
@@ -138,6 +140,7 @@ class TealOptions:
         out.mode = opts.pop("mode", mode)
         out.group_shared_input = bool(opts.pop("group_shared_input", True))
         out.fuse_swiglu = bool(opts.pop("fuse_swiglu", True))
+        out.fuse_add_rmsnorm = bool(opts.pop("fuse_add_rmsnorm", True))
         out.decode_attention = bool(opts.pop("decode_attention", True))
         out.inductor_pdl = bool(opts.pop("inductor_pdl", True))
         if opts and out.compiler != "inductor":
@@ -238,7 +241,7 @@ def teal_backend(gm: fx.GraphModule, example_inputs: list, options: Optional[dic
     opts = TealOptions.parse(options, mode)
     ctx = PassContext(plan_resolver=_plan_resolver(example_inputs, opts), dump_dir=opts.dump,
                       group_shared_input=opts.group_shared_input, fuse_swiglu=opts.fuse_swiglu,
-                      decode_attention=opts.decode_attention)
+                      fuse_add_rmsnorm=opts.fuse_add_rmsnorm, decode_attention=opts.decode_attention)
     gm = run_passes(gm, ctx)
     if ctx.rewritten:
         REWRITTEN_GRAPHS[0] += 1

@@ -208,6 +208,32 @@ def test_both_split_k_epilogues_on_the_default_configs(N, K, hint, dtype, apart)
         assert float((y.cpu().double() - ref).norm() / ref.norm()) < 1e-2
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("N,K,rows", [(4096, 4096, 1), (4096, 14336, 1), (4096, 14336, 4), (4096, 4096, 6),
+                                      (3000, 1000, 1)])
+def test_add_rmsnorm_op_on_the_8b_shapes(N, K, rows, dtype):
+    """The o / down shapes with their add + RMSNorm finish (one program of 4096 columns, 4 warps: the width where
+    the plain finishing launch's 4-warp tiles once miscompiled) against the eager expression on float64 sums."""
+    from teal_fx.kernels import sparse_gemv as sg
+    from teal_fx.kernels.sparse_linear import reference_rmsnorm
+
+    g = torch.Generator(device="cpu").manual_seed(N + K + rows)
+    x = torch.randn(rows, 1, K, generator=g).to(dtype).cuda()
+    w = (torch.randn(N, K, generator=g) / K**0.5).to(dtype).cuda().t().contiguous().t()
+    res = torch.randn(rows, 1, N, generator=g).to(dtype).cuda()
+    nw = (1 + torch.randn(N, generator=g) / 4).to(dtype).cuda()
+    t = float(torch.quantile(x.float().abs().flatten().cpu(), 0.5))
+    assert sg.supports(x, w) and sg.can_fuse_add_rmsnorm(x, w, res, nw)
+    y = sg.reference_sparse_gemv(x.reshape(rows, K).cpu(), w.cpu(), None, t).to(dtype).reshape(rows, 1, N)
+    h_ref = res.cpu() + y
+    out_ref = reference_rmsnorm(h_ref, nw.cpu(), 1e-5)
+    for _ in range(2):  # the workspace must be left zero
+        h, out = torch.ops.teal.sparse_linear_add_rmsnorm(x, w, None, t, 1.0, 0.5, res, nw, 1e-5)
+        for got, want in ((h, h_ref), (out, out_ref)):
+            assert got.shape == want.shape and not torch.isnan(got).any()
+            assert float((got.cpu().double() - want.double()).norm() / want.double().norm()) < 1e-2
+
+
 def test_deterministic_algorithms_run_the_reference_instead_of_the_kernel(monkeypatch):
     """Under ``torch.use_deterministic_algorithms(True)`` the ops never launch the sparse GEMV (fp32 atomics in a
     varying order) and give their reference's result bit for bit, with one warning; turned off, they launch it."""

@@ -86,11 +86,16 @@ def test_rewritten_nodes_are_exactly_the_block_linears(arch):
     (cg,) = graphs
     ctx = PassContext(plan=plan)
     gm = run_passes(cg.gm, ctx)
-    ops = [n for n in gm.graph.nodes if "teal" in n.meta]  # sparse_linear, getitems of a group, sparse_swiglu
+    # sparse_linear, sparse_linear_add_rmsnorm, getitems of a group, sparse_swiglu
+    ops = [n for n in gm.graph.nodes if "teal" in n.meta]
     swiglus = [n for n in ops if n.target is torch.ops.teal.sparse_swiglu.default]  # each stands for gate and up
     assert len(ops) + len(swiglus) == len(EXPECTED_ROLES[arch]) * 3
     group_op = torch.ops.teal.sparse_linear_group.default
-    singles = [n for n in ops if n.target is torch.ops.teal.sparse_linear.default]
+    fused_norm = torch.ops.teal.sparse_linear_add_rmsnorm.default
+    singles = [n for n in ops if n.target in (torch.ops.teal.sparse_linear.default, fused_norm)]
+    # a decode graph: o and down take their residual add and the next RMSNorm where it is Llama's (not Gemma's 1 + w)
+    llama_norm = not arch.startswith("gemma")
+    assert sum(n.target is fused_norm for n in singles) == (2 * 3 if llama_norm else 0)
     groups = [n for n in gm.graph.nodes if n.target is group_op]
     roles = set(EXPECTED_ROLES[arch])
     if {"q", "k", "v", "gate", "up"} <= roles:  # separate projections sharing an input: q/k/v and gate/up grouped
@@ -109,6 +114,7 @@ def test_rewritten_nodes_are_exactly_the_block_linears(arch):
     assert len(remaining) == 1 and "lm_head" in str(remaining[0].meta.get("nn_module_stack"))
     for n in ops:  # the fake value is still the right one
         v = n.meta["example_value"]
+        v = v[0] if n.target is fused_norm else v  # (h, norm(h))
         assert v.shape[-1] == n.meta["teal"].shape[0]
 
 
@@ -125,7 +131,7 @@ def test_plan_sparsity_reaches_the_ops():
     gm = run_passes(graphs[0].gm, PassContext(plan=plan))
     seen = {}
     for n in gm.graph.nodes:
-        if n.target is torch.ops.teal.sparse_linear.default:
+        if n.target in (torch.ops.teal.sparse_linear.default, torch.ops.teal.sparse_linear_add_rmsnorm.default):
             seen[n.meta["teal"].key] = n.args[5]
         elif n.target is torch.ops.teal.sparse_linear_group.default:
             for item in n.users:

@@ -192,3 +192,48 @@ def test_weights_with_unit_k_stride_launch_apart():
     ys = sg.sparse_gemv_group(x, ws, [None, None], [0.0, 0.0])
     for w, y in zip(ws, ys):
         assert torch.allclose(y, x @ w.t(), atol=1e-5)
+
+
+@settings(max_examples=20 if ON_GPU else 10, deadline=None)
+@given(
+    M=st.integers(1, 8), N=st.integers(1, 70), K=st.integers(1, 90),
+    dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
+    t=st.floats(0.0, 1.5), bias=st.booleans(), seed=st.integers(0, 1000), split=st.sampled_from([None, 1, 3]),
+)
+def test_add_rmsnorm_launch_matches_float64(M, N, K, dtype, t, bias, seed, split):
+    """The linear, the residual add and Llama's RMSNorm: against the float64 linear rounded and normalised as eager
+    rounds (so up to a few ulps apart, as the SwiGLU epilogue); both outputs poisoned first, the workspace left clean
+    (run twice). ``split``: K split in that many parts where the default config would not split it."""
+    from teal_fx.kernels.sparse_linear import reference_rmsnorm
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, K, generator=g).to(dtype).to(DEVICE)
+    w = (torch.randn(N, K, generator=g) / K**0.5).to(dtype).to(DEVICE).t().contiguous().t()
+    b = torch.randn(N, generator=g).to(dtype).to(DEVICE) if bias else None
+    res = torch.randn(M, N, generator=g).to(dtype).to(DEVICE)
+    nw = (1 + torch.randn(N, generator=g) / 4).to(dtype).to(DEVICE)
+    cfg = None
+    if split is not None:
+        cfg = sg.make_config(N, K, BN=16, BK=16, iters=max(1, -(-K // (16 * split))), use_dot=M > 4,
+                             in_thread=M <= 4)
+    y = sg.reference_sparse_gemv(x.cpu(), w.cpu(), b.cpu() if b is not None else None, t).to(dtype)
+    h_ref = res.cpu() + y
+    out_ref = reference_rmsnorm(h_ref, nw.cpu(), 1e-5)
+    h, out = (torch.full((M, N), float("nan"), dtype=dtype, device=DEVICE) for _ in range(2))
+    for _ in range(2):
+        h.fill_(float("nan")), out.fill_(float("nan"))
+        sg.sparse_gemv_add_rmsnorm(x, w, b, t, res, nw, 1e-5, config=cfg, outs=(h, out))
+        assert not (torch.isnan(h).any() or torch.isnan(out).any()), "unwritten output elements"
+        assert rel_err(h.cpu(), h_ref.double()) <= SWIGLU_TOL[dtype]
+        assert rel_err(out.cpu(), out_ref.double()) <= SWIGLU_TOL[dtype]
+
+
+def test_add_rmsnorm_launch_refuses_what_it_cannot_fuse():
+    x = torch.randn(1, 32, device=DEVICE)
+    w = torch.randn(32, 32, device=DEVICE).t().contiguous().t()
+    with pytest.raises(ValueError, match="residual"):
+        sg.sparse_gemv_add_rmsnorm(x, w, None, 0.1, torch.randn(1, 16, device=DEVICE), torch.ones(32, device=DEVICE),
+                                   1e-6)
+    with pytest.raises(ValueError, match="residual"):
+        sg.sparse_gemv_add_rmsnorm(x, w, None, 0.1, torch.randn(1, 32, device=DEVICE),
+                                   torch.ones(32, device=DEVICE, dtype=torch.float16), 1e-6)

@@ -111,3 +111,22 @@ def test_deterministic_algorithms_turn_the_kernel_off_with_one_warning(monkeypat
     finally:
         torch.use_deterministic_algorithms(False)
     assert not sg._deterministic_requested()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_add_rmsnorm_opcheck_and_expression(dtype):
+    """teal::sparse_linear_add_rmsnorm: opcheck (fake, schema), and on CPU exactly the eager expression it replaces."""
+    from teal_fx.kernels import reference_rmsnorm
+
+    op = torch.ops.teal.sparse_linear_add_rmsnorm.default
+    x, w, b = torch.randn(2, 1, 16, dtype=dtype), torch.randn(8, 16, dtype=dtype), torch.randn(8, dtype=dtype)
+    r, nw = torch.randn(2, 1, 8, dtype=dtype), torch.randn(8, dtype=dtype)
+    torch.library.opcheck(op, (x, w, b, 0.5, 1.0, 0.5, r, nw, 1e-6))
+    torch.library.opcheck(op, (torch.randn(3, 4, 16, dtype=dtype), w, None, 0.2, 0.5, -1.0, torch.randn(3, 4, 8, dtype=dtype),
+                               nw, 1e-5))
+    h, out = op(x, w, b, 0.5, 1.0, 0.5, r, nw, 1e-6)
+    h_want = r + sparse_linear(x, w, b, 0.5, 1.0)
+    hf = h_want.float()
+    out_want = nw * (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(dtype)
+    assert torch.equal(h, h_want) and torch.equal(out, out_want)
+    assert torch.equal(reference_rmsnorm(h_want, nw, 1e-6), out_want)

@@ -1,0 +1,186 @@
+"""Fuse a block's residual add and the RMSNorm after it into the linear before them: ``h = r + sparse_linear(x)``
+followed by Llama's ``w * (h.float() * rsqrt(h.float().pow(2).mean(-1, keepdim=True) + eps)).to(h.dtype)`` becomes
+one ``teal::sparse_linear_add_rmsnorm`` returning (h, norm).
+
+Why: after every o and down projection a decode step ran an Inductor reduction kernel for the add and the norm
+(~2.5 µs a layer with its launch boundary) between two sparse launches; the linear's finishing launch already holds
+the sums, and one program per row can add, normalise and write both (NOTES.md v15).
+
+Invariants:
+* Matches only decode graphs (the linear's input has one token per sequence, static shapes): prefill keeps
+  Inductor's fused norm, the op's reference path there would run it eagerly.
+* Matches only the exact eager chain of ``LlamaRMSNorm`` (Llama, Mistral, Qwen2/3, Phi-3; not Gemma's ``1 + w``):
+  to float32, pow 2, mean over the last dim keeping it, + a constant eps, rsqrt, multiply, back to h's dtype,
+  multiply by a [N] weight of h's dtype. The linear feeds only the add (through an eval-mode dropout at most); each link of the chain feeds only the
+  next (h's float32 copy feeds the pow and the multiply); the residual has the linear's output shape and dtype.
+  No output requires grad (the fused op has no autograd).
+* The new node computes what the chain computed (its reference is that expression, rounded as eager rounds it);
+  its two getitems take over the add's and the last multiply's ``meta`` (so ``meta["val"]`` stays right), the node
+  the linear's ``meta["teal"]`` label. The linear, the add and the chain are erased.
+"""
+from __future__ import annotations
+
+import logging
+import operator
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+
+import teal_fx.kernels  # noqa: F401  (registers torch.ops.teal)
+from teal_fx.passes.dataflow import MUL_TARGETS, fake_value, is_call
+
+log = logging.getLogger("teal_fx.passes")
+
+aten = torch.ops.aten
+_ADD = {operator.add, torch.add, aten.add.Tensor}
+_POW = {operator.pow, torch.pow, aten.pow.Tensor_Scalar}
+_MEAN = {torch.mean, aten.mean.dim}
+_RSQRT = {torch.rsqrt, aten.rsqrt.default}
+
+
+def _only_user(n: fx.Node) -> Optional[fx.Node]:
+    return next(iter(n.users)) if len(n.users) == 1 else None
+
+
+def _other(n: fx.Node, one) -> Optional[object]:
+    """The operand of a binary node ``n`` that is not ``one`` (None unless ``n`` has exactly two, one of them ``one``)."""
+    if len(n.args) != 2 or n.kwargs or one not in n.args or n.args[0] is n.args[1]:
+        return None
+    return n.args[1] if n.args[0] is one else n.args[0]
+
+
+def _dtype_cast(n: fx.Node, src: fx.Node) -> Optional[torch.dtype]:
+    """The dtype ``n`` casts ``src`` to (``src.to(dtype)``, ``src.float()``, ``aten._to_copy``), else None."""
+    if n.op == "call_method" and n.target == "float" and n.args == (src,) and not n.kwargs:
+        return torch.float32
+    if n.op == "call_method" and n.target == "to" and n.args[:1] == (src,):
+        rest = list(n.args[1:]) + [v for k, v in n.kwargs.items() if k == "dtype"]
+        if len(rest) == 1 and isinstance(rest[0], torch.dtype) and set(n.kwargs) <= {"dtype"}:
+            return rest[0]
+    if n.op == "call_function" and n.target is aten._to_copy.default and n.args == (src,):
+        if set(n.kwargs) == {"dtype"}:
+            return n.kwargs["dtype"]
+    return None
+
+
+def _is_square(n: fx.Node, src: fx.Node) -> bool:
+    if is_call(n, _POW, ("pow", "__pow__")):
+        return n.args == (src, 2) and not n.kwargs
+    return False
+
+
+def _is_last_dim_mean(n: fx.Node, src: fx.Node, ndim: int) -> bool:
+    if not is_call(n, _MEAN, ("mean",)) or not n.args or n.args[0] is not src:
+        return False
+    dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
+    keep = n.args[2] if len(n.args) > 2 else n.kwargs.get("keepdim", False)
+    if isinstance(dim, (list, tuple)):
+        dim = dim[0] if len(dim) == 1 else None
+    return isinstance(dim, int) and dim % ndim == ndim - 1 and keep is True and set(n.kwargs) <= {"dim", "keepdim"}
+
+
+def _eval_dropout(n: fx.Node) -> bool:
+    """``F.dropout(x, p, training=False)``: the identity (Phi-3 has one between each linear and its residual add)."""
+    if not is_call(n, {F.dropout, aten.dropout.default}):
+        return False
+    args = list(n.args) + [None] * 4
+    training = n.kwargs.get("training", args[2] if args[2] is not None else True)
+    return training is False and not n.kwargs.get("inplace", args[3] or False)
+
+
+def _match(lin: fx.Node) -> Optional[dict]:
+    """The pieces of ``h = residual + lin; norm = w * rms(h)`` after a sparse linear, or None."""
+    add = _only_user(lin)
+    dropout = None
+    if add is not None and _eval_dropout(add):
+        dropout, add = add, _only_user(add)
+    if add is None or not is_call(add, _ADD, ("add", "__add__")):
+        return None
+    src = dropout if dropout is not None else lin
+    residual = _other(add, src)
+    h, r = fake_value(add), fake_value(residual) if isinstance(residual, fx.Node) else None
+    x = fake_value(lin.args[0])
+    if not all(isinstance(v, torch.Tensor) for v in (h, r, x)) or r.shape != h.shape or r.dtype != h.dtype:
+        return None
+    if not all(isinstance(s, int) for s in x.shape) or not (x.dim() == 2 or x.shape[-2] == 1):
+        return None  # decode steps only (see the module docstring)
+    # h.float() feeds the pow (-> mean -> + eps -> rsqrt) and the multiply by its rsqrt
+    casts = [u for u in add.users if _dtype_cast(u, add) == torch.float32]
+    for hf in casts:
+        users = list(hf.users)
+        sq = next((u for u in users if _is_square(u, hf)), None)
+        mul1 = next((u for u in users if u is not sq), None)
+        if len(users) != 2 or sq is None or not is_call(mul1, MUL_TARGETS, ("mul", "__mul__")):
+            continue
+        mean = _only_user(sq)
+        if mean is None or not _is_last_dim_mean(mean, sq, h.dim()):
+            continue
+        add_eps = _only_user(mean)
+        eps = _other(add_eps, mean) if add_eps is not None and is_call(add_eps, _ADD, ("add", "__add__")) else None
+        if not isinstance(eps, float):
+            continue
+        rsqrt = _only_user(add_eps)
+        if rsqrt is None or not is_call(rsqrt, _RSQRT, ("rsqrt",)) or rsqrt.args != (add_eps,) or rsqrt.kwargs:
+            continue
+        if _only_user(rsqrt) is not mul1 or _other(mul1, rsqrt) is not hf:
+            continue
+        back = _only_user(mul1)
+        if back is None or _dtype_cast(back, mul1) != h.dtype:
+            continue
+        mul2 = _only_user(back)
+        if mul2 is None or not is_call(mul2, MUL_TARGETS, ("mul", "__mul__")):
+            continue
+        weight = _other(mul2, back)
+        w, out = fake_value(weight) if isinstance(weight, fx.Node) else None, fake_value(mul2)
+        if not isinstance(w, torch.Tensor) or w.shape != (h.shape[-1],) or w.dtype != h.dtype:
+            continue
+        if any(getattr(fake_value(n), "requires_grad", False) for n in (lin, add, hf, mul1, back, mul2)):
+            return None
+        chain = [mul2, back, mul1, rsqrt, add_eps, mean, sq, hf]
+        tail = [dropout] if dropout is not None else []
+        return dict(add=add, residual=residual, weight=weight, eps=eps, out=mul2, chain=chain, tail=tail, h=h,
+                    norm=out)
+    return None
+
+
+def fuse_add_rmsnorm(gm: fx.GraphModule, ctx=None) -> fx.GraphModule:
+    if ctx is not None and not getattr(ctx, "fuse_add_rmsnorm", True):
+        return gm
+    op = torch.ops.teal.sparse_linear_add_rmsnorm.default
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    fused = 0
+    for lin in list(gm.graph.nodes):
+        if lin.op != "call_function" or lin.target is not torch.ops.teal.sparse_linear.default:
+            continue
+        m = _match(lin)
+        if m is None or order[m["weight"]] > order[m["add"]]:
+            continue
+        x, w, b, t, psf, sparsity = (list(lin.args) + [None] * 6)[:6]
+        psf = lin.kwargs.get("prefill_sparse_from", 1.0 if psf is None else psf)
+        sparsity = lin.kwargs.get("sparsity", -1.0 if sparsity is None else sparsity)
+        add = m["add"]
+        with gm.graph.inserting_before(add):
+            new = gm.graph.call_function(op, (x, w, b, t, psf, sparsity, m["residual"], m["weight"], m["eps"]))
+            h_new = gm.graph.call_function(operator.getitem, (new, 0))
+            out_new = gm.graph.call_function(operator.getitem, (new, 1))
+        key = "val" if "val" in add.meta else "example_value"
+        new.meta[key] = (m["h"], m["norm"])
+        if lin.meta.get("teal") is not None:
+            new.meta["teal"] = lin.meta["teal"]
+        h_new.meta.update(add.meta)
+        out_new.meta.update(m["out"].meta)
+        m["out"].replace_all_uses_with(out_new)
+        for n in m["chain"]:
+            gm.graph.erase_node(n)
+        add.replace_all_uses_with(h_new)
+        for n in [add, *m["tail"], lin]:
+            gm.graph.erase_node(n)
+        fused += 1
+    if fused:
+        gm.graph.lint()
+        gm.recompile()
+        log.info("teal: %d linears with a residual add and an RMSNorm after them -> teal::sparse_linear_add_rmsnorm",
+                 fused)
+    return gm
