@@ -362,6 +362,9 @@ if HAS_TRITON:
         out_ty = h_ptr.dtype.element_ty
         ws = ws_ptr + row * ws_width + offs
         y = tl.load(ws, mask=ok, other=0.0, cache_modifier=".cg")
+        # every warp has read its sums before any zeroes them: the store's layout need not be the load's, so another
+        # warp may own an element's store (without the barrier, 4 warps lost some sums on the H100)
+        tl.debug_barrier()
         tl.store(ws, tl.zeros((BN,), dtype=tl.float32), mask=ok)
         if HAS_BIAS:
             y += tl.load(b_ptr + offs, mask=ok, other=0.0).to(tl.float32)
