@@ -242,7 +242,7 @@ def write(out: Path, args, bw: float, roof: float, rows: list, notes: list) -> N
         f"({WEIGHT_BYTES_PER_TOKEN / 1e9:.2f} GB/token, ANCHORS.md scaled to this bandwidth)",
         "- thresholds: uniform, calibrated on the model's own activations (2 x 256 random-token sequences); "
         "teal = q/k/v and gate/up grouped (4 sparse launches per block, silu(gate) * up formed by the gate/up "
-        "launch), the decode step's attention as teal::decode_attention (rows marked 'sdpa attention' keep sdpa, as "
+        "launch, the residual add and the next RMSNorm by the o and down launches), the decode step's attention as teal::decode_attention (rows marked 'sdpa attention' keep sdpa, as "
         "Inductor dense does), the cache counters' increments as one launch, programmatic dependent launches "
         "of teal's kernels and of Inductor's (each Inductor kernel waiting before its first access: NOTES v12, v14), and "
         "Inductor's combo_kernels (a dense row shows these Inductor settings alone)",
