@@ -12,7 +12,9 @@ that arrives last reads the sum back and zeroes the workspace, adds the bias, wr
 its dtype and resets the counter. So: one launch, no output-zeroing memset, the epilogue cost independent of the
 split (NOTES.md, v3). Where launches overlap (programmatic dependent launch, below), that epilogue runs as a second,
 tiny launch instead (``_finish_kernel``): the kernel boundary orders the partials, which saves the fence, counter and
-read-back round trips at the end of the grid, about 1 µs per GEMV (NOTES.md, v11). The fp32 sum order varies
+read-back round trips at the end of the grid, about 1 µs per GEMV (NOTES.md, v11). For a block's o and down projections
+that launch also adds the residual and applies the RMSNorm after them (``_finish_add_rmsnorm_kernel``, one program per
+row holding every column; NOTES.md, v15). The fp32 sum order varies
 between runs (not bit-reproducible); under ``torch.use_deterministic_algorithms(True)`` the ops do not launch it
 (``supports``).
 Rows: every row keeps its own mask; a weight row is read once if any row needs it.
@@ -659,7 +661,8 @@ def sparse_gemv_group(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Opt
         _finish_kernel[(tiles[0] if _gated else total_tiles,)](
             ws, s0["y"], s0["b"], M, s0["N"], total_tiles * BN if nseg > 1 else s0["N"], s0["sym"], **finish,
             # one warp whatever BN: with 4 warps, [1, 1024] tiles stored as bf16 came out wrong on the H100 (Triton
-            # 3.6; 1 warp exact at every BN tried, tests/test_gpu.py)
+            # 3.6; 1 warp exact at every BN tried, tests/test_gpu.py); most likely the read-then-zero race between
+            # warps that _finish_add_rmsnorm_kernel closes with a barrier (NOTES.md v15)
             NSEG=nseg, BM=BM, BN=BN, HAS_BIAS=has_bias, GATED=_gated, PDL=use_pdl, num_warps=1,
             **({"launch_pdl": True} if use_pdl else {}),
         )
