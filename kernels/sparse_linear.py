@@ -226,9 +226,7 @@ def sparse_linear_add_rmsnorm(
         if sparse_gemv.supports(x, weight) and sparse_gemv.can_fuse_add_rmsnorm(x, weight, residual, norm_weight):
             return sparse_gemv.sparse_gemv_add_rmsnorm(x, weight, bias, threshold, residual, norm_weight, eps,
                                                        sparsity=sparsity)
-        h = residual + sparse_linear(x, weight, bias, threshold, prefill_sparse_from, sparsity)
-        return h, reference_rmsnorm(h, norm_weight, eps)
-    h = residual + reference_sparse_linear(x, weight, bias, threshold, prefill_sparse_from)
+    h = residual + sparse_linear(x, weight, bias, threshold, prefill_sparse_from, sparsity)  # kernel or reference
     return h, reference_rmsnorm(h, norm_weight, eps)
 
 

@@ -149,6 +149,11 @@ def downstream_until(
     return found, seen
 
 
+def only_user(n: fx.Node) -> Optional[fx.Node]:
+    """The single node that reads ``n``, or None when none or several do (a fusion may then erase ``n``)."""
+    return next(iter(n.users)) if len(n.users) == 1 else None
+
+
 def fake_value(n: fx.Node):
     """The fake tensor a node carries: Dynamo graphs keep it in ``example_value``, AOT graphs in ``val``."""
     return n.meta.get("val", n.meta.get("example_value"))

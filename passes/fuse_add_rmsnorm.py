@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import fx
 
 import teal_fx.kernels  # noqa: F401  (registers torch.ops.teal)
-from teal_fx.passes.dataflow import MUL_TARGETS, fake_value, is_call
+from teal_fx.passes.dataflow import MUL_TARGETS, fake_value, is_call, only_user
 
 log = logging.getLogger("teal_fx.passes")
 
@@ -38,10 +38,6 @@ _ADD = {operator.add, torch.add, aten.add.Tensor}
 _POW = {operator.pow, torch.pow, aten.pow.Tensor_Scalar}
 _MEAN = {torch.mean, aten.mean.dim}
 _RSQRT = {torch.rsqrt, aten.rsqrt.default}
-
-
-def _only_user(n: fx.Node) -> Optional[fx.Node]:
-    return next(iter(n.users)) if len(n.users) == 1 else None
 
 
 def _other(n: fx.Node, one) -> Optional[object]:
@@ -92,10 +88,10 @@ def _eval_dropout(n: fx.Node) -> bool:
 
 def _match(lin: fx.Node) -> Optional[dict]:
     """The pieces of ``h = residual + lin; norm = w * rms(h)`` after a sparse linear, or None."""
-    add = _only_user(lin)
+    add = only_user(lin)
     dropout = None
     if add is not None and _eval_dropout(add):
-        dropout, add = add, _only_user(add)
+        dropout, add = add, only_user(add)
     if add is None or not is_call(add, _ADD, ("add", "__add__")):
         return None
     src = dropout if dropout is not None else lin
@@ -114,22 +110,22 @@ def _match(lin: fx.Node) -> Optional[dict]:
         mul1 = next((u for u in users if u is not sq), None)
         if len(users) != 2 or sq is None or not is_call(mul1, MUL_TARGETS, ("mul", "__mul__")):
             continue
-        mean = _only_user(sq)
+        mean = only_user(sq)
         if mean is None or not _is_last_dim_mean(mean, sq, h.dim()):
             continue
-        add_eps = _only_user(mean)
+        add_eps = only_user(mean)
         eps = _other(add_eps, mean) if add_eps is not None and is_call(add_eps, _ADD, ("add", "__add__")) else None
         if not isinstance(eps, float):
             continue
-        rsqrt = _only_user(add_eps)
+        rsqrt = only_user(add_eps)
         if rsqrt is None or not is_call(rsqrt, _RSQRT, ("rsqrt",)) or rsqrt.args != (add_eps,) or rsqrt.kwargs:
             continue
-        if _only_user(rsqrt) is not mul1 or _other(mul1, rsqrt) is not hf:
+        if only_user(rsqrt) is not mul1 or _other(mul1, rsqrt) is not hf:
             continue
-        back = _only_user(mul1)
+        back = only_user(mul1)
         if back is None or _dtype_cast(back, mul1) != h.dtype:
             continue
-        mul2 = _only_user(back)
+        mul2 = only_user(back)
         if mul2 is None or not is_call(mul2, MUL_TARGETS, ("mul", "__mul__")):
             continue
         weight = _other(mul2, back)

@@ -25,15 +25,11 @@ import torch.nn.functional as F
 from torch import fx
 
 import teal_fx.kernels  # noqa: F401  (registers torch.ops.teal)
-from teal_fx.passes.dataflow import MUL_TARGETS, fake_value, is_call
+from teal_fx.passes.dataflow import MUL_TARGETS, fake_value, is_call, only_user
 
 log = logging.getLogger("teal_fx.passes")
 
 _SILU = {F.silu, torch.ops.aten.silu.default}
-
-
-def _only_user(n: fx.Node) -> Optional[fx.Node]:
-    return next(iter(n.users)) if len(n.users) == 1 else None
 
 
 def _is_silu(n: fx.Node) -> bool:
@@ -54,11 +50,11 @@ def _match(group: fx.Node) -> Optional[tuple[fx.Node, fx.Node, fx.Node, fx.Node,
         return None
     for gate_i in (0, 1):
         gate, up = items[gate_i], items[1 - gate_i]
-        act = _only_user(gate)
+        act = only_user(gate)
         if act is None or not _is_silu(act):
             continue
-        mul = _only_user(act)
-        if mul is None or _only_user(up) is not mul or not is_call(mul, MUL_TARGETS, ("mul",)) or mul.kwargs:
+        mul = only_user(act)
+        if mul is None or only_user(up) is not mul or not is_call(mul, MUL_TARGETS, ("mul",)) or mul.kwargs:
             continue
         if set(mul.args) != {act, up} or len(mul.args) != 2:
             continue

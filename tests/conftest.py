@@ -48,6 +48,18 @@ def tiny_model(arch: str, *, layers: int = 2, hidden: int = 64, heads: int = 4, 
     return model
 
 
+def logits_per_option(model, plan, ids, option: str, values=(True, False)) -> list:
+    """The logits of ``model(ids)`` compiled through the teal backend (eager inner compiler) once per value of a
+    backend option, for tests that an optimisation leaves results unchanged."""
+    outs = []
+    for value in values:
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="teal", options={"plan": plan, "compiler": "eager", option: value})
+        with torch.no_grad():
+            outs.append(compiled(ids, use_cache=False).logits)
+    return outs
+
+
 @contextlib.contextmanager
 def masked_inputs(model, plan, sparse_from: float = 0.0):
     """The independent reference: forward pre-hooks that mask each planned nn.Linear's input by its threshold."""

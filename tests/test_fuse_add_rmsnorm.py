@@ -6,7 +6,7 @@ import torch
 
 import teal_fx
 from teal_fx.passes import PassContext, run_passes
-from tests.conftest import tiny_model
+from tests.conftest import logits_per_option, tiny_model
 
 FUSED = torch.ops.teal.sparse_linear_add_rmsnorm.default
 LINEAR = torch.ops.teal.sparse_linear.default
@@ -77,14 +77,7 @@ def test_compiled_decode_step_is_unchanged_by_the_fusion(dtype):
     the eager expression it replaced)."""
     model = tiny_model("llama", layers=2, dtype=dtype)
     plan = teal_fx.Plan.from_thresholds(teal_fx.find_linears(model), 0.4)
-    ids = torch.randint(3, 128, (3, 1))
-    outs = []
-    for fuse in (True, False):
-        torch._dynamo.reset()
-        compiled = torch.compile(model, backend="teal", options={"plan": plan, "compiler": "eager",
-                                                                 "fuse_add_rmsnorm": fuse})
-        with torch.no_grad():
-            outs.append(compiled(ids, use_cache=False).logits)
+    outs = logits_per_option(model, plan, torch.randint(3, 128, (3, 1)), "fuse_add_rmsnorm")
     torch.testing.assert_close(outs[0], outs[1], atol=0, rtol=0)
 
 

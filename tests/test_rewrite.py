@@ -8,7 +8,7 @@ import teal_fx
 from teal_fx.passes import PassContext, run_passes
 from teal_fx.passes.dataflow import is_linear
 from teal_fx.generate import cache_kwarg
-from tests.conftest import ARCHS, EXPECTED_ROLES, masked_inputs, tiny_model
+from tests.conftest import ARCHS, EXPECTED_ROLES, logits_per_option, masked_inputs, tiny_model
 
 TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.bfloat16: dict(atol=3e-2, rtol=3e-2)}
 
@@ -157,12 +157,5 @@ def test_grouping_off_gives_the_same_logits():
     """group_shared_input is an optimisation only: with and without it the compiled model agrees exactly (CPU)."""
     model = tiny_model("llama", layers=2)
     plan = plan_for(model, [0.1, 0.6, 0.3])
-    ids = torch.randint(3, 128, (2, 1))
-    outs = []
-    for group in (True, False):
-        torch._dynamo.reset()
-        compiled = torch.compile(model, backend="teal", options={"plan": plan, "compiler": "eager",
-                                                                 "group_shared_input": group})
-        with torch.no_grad():
-            outs.append(compiled(ids, use_cache=False).logits)
+    outs = logits_per_option(model, plan, torch.randint(3, 128, (2, 1)), "group_shared_input")
     torch.testing.assert_close(outs[0], outs[1], atol=0, rtol=0)
