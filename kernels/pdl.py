@@ -2,10 +2,13 @@
 
 A kernel launched with PDL may start while the kernel before it finishes: its programs become resident and run up
 to ``gdc_wait``, which returns once the previous grid has completed and its writes are visible. A kernel lets the
-next one start early with ``gdc_launch_dependents``. Every teal kernel waits before its first read of anything (the
-input, the workspace) and lets dependents launch only after that wait, once its main loop's loads are issued; so
-each waits, transitively, for everything before it, and the launch cost and ramp of each overlap the tail of the one
-before (NOTES.md, v10). Kernels launched without PDL (cuBLAS, cuDNN) start after the previous one completes.
+next one start early with ``gdc_launch_dependents``. Every teal kernel waits before its first read of what the kernel
+before it may write (the input, the workspace) and lets dependents launch only after that wait, once its main loop's
+loads are issued; so each waits, transitively, for everything before it, and the launch cost and ramp of each overlap
+the tail of the one before (NOTES.md, v10). Kernels launched without PDL (cuBLAS, cuDNN) start after the previous one
+completes. It follows that when a kernel starts, every kernel two launches back or earlier has completed: the
+finishing launch of an op reads the op's own inputs (a residual, a norm weight, a bias; all written before the op's
+first kernel passed its wait) before it waits, through L2 (``.cg``), off the critical path (NOTES.md, v16).
 
 Inductor's own PDL (``torch._inductor.config.triton.enable_pdl``) is not used as it comes: its kernels wait only
 before reading what the node just before them wrote, not before reading the outputs of an opaque custom op two

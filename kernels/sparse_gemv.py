@@ -314,8 +314,6 @@ if HAS_TRITON:
         Stream order (or, with PDL, ``gdc_wait``) guarantees that the partials of the GEMV grid before it have all
         landed, which the in-kernel protocol has to establish itself: a fence, an arrival counter and a read-back
         per N tile, about 1 µs more per launch on the H100 (NOTES.md, v11)."""
-        if PDL:
-            tl.extra.cuda.gdc_wait()
         pn_all = tl.program_id(0)
         pn = pn_all
         col0 = pn_all * 0
@@ -334,15 +332,23 @@ if HAS_TRITON:
         mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
         ws_offs = offs_m[:, None] * ws_width + col0 + offs_n[None, :]
         zero = tl.zeros((BM, BN), dtype=tl.float32)
+        if HAS_BIAS and not GATED:
+            # an input of the op, complete before its GEMV grid passed its wait: read before this launch's (pdl.py)
+            bias = tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0, cache_modifier=".cg").to(tl.float32)
+        if PDL:
+            tl.extra.cuda.gdc_wait()
         total = tl.load(ws_ptr + ws_offs, mask=mask, other=0.0, cache_modifier=".cg")
-        tl.store(ws_ptr + ws_offs, zero, mask=mask)
         if GATED:  # gate in the first TILES1 tiles, up in the next TILES1, as the GEMV grid lays them out
-            out_ty = y_ptr.dtype.element_ty
+            # both sums requested before either is zeroed: a load after a store to the same buffer would wait for
+            # the first round trip
             up = tl.load(ws_ptr + ws_offs + TILES1 * BN, mask=mask, other=0.0, cache_modifier=".cg")
+            tl.store(ws_ptr + ws_offs, zero, mask=mask)
             tl.store(ws_ptr + ws_offs + TILES1 * BN, zero, mask=mask)
-            total = _silu_times_up(total, up, out_ty)
-        elif HAS_BIAS:
-            total += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+            total = _silu_times_up(total, up, y_ptr.dtype.element_ty)
+        else:
+            tl.store(ws_ptr + ws_offs, zero, mask=mask)
+            if HAS_BIAS:
+                total += bias[None, :]
         if PDL:
             tl.extra.cuda.gdc_launch_dependents()
         tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], total.to(y_ptr.dtype.element_ty), mask=mask)
@@ -356,12 +362,18 @@ if HAS_TRITON:
         Rounds where eager rounds (``LlamaRMSNorm`` in the model's dtype): y and h to the output dtype, the norm in
         fp32, its result to the dtype before the weight's product. Replaces the Inductor reduction kernel that
         otherwise runs after every o and down projection (NOTES.md, v15)."""
-        if PDL:
-            tl.extra.cuda.gdc_wait()
         row = tl.program_id(0)
         offs = tl.arange(0, BN)
         ok = offs < N
         out_ty = h_ptr.dtype.element_ty
+        # the op's inputs (residual, norm weight, bias) were written before its GEMV grid waited, so they are
+        # complete when this launch starts (``pdl.py``): requested before the wait, off the critical path
+        res = tl.load(res_ptr + row * stride_res + offs, mask=ok, other=0.0, cache_modifier=".cg").to(tl.float32)
+        nw = tl.load(nw_ptr + offs, mask=ok, other=0.0, cache_modifier=".cg").to(tl.float32)
+        if HAS_BIAS:
+            bias = tl.load(b_ptr + offs, mask=ok, other=0.0, cache_modifier=".cg").to(tl.float32)
+        if PDL:
+            tl.extra.cuda.gdc_wait()
         ws = ws_ptr + row * ws_width + offs
         y = tl.load(ws, mask=ok, other=0.0, cache_modifier=".cg")
         # every warp has read its sums before any zeroes them: the store's layout need not be the load's, so another
@@ -369,12 +381,10 @@ if HAS_TRITON:
         tl.debug_barrier()
         tl.store(ws, tl.zeros((BN,), dtype=tl.float32), mask=ok)
         if HAS_BIAS:
-            y += tl.load(b_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-        res = tl.load(res_ptr + row * stride_res + offs, mask=ok, other=0.0).to(tl.float32)
+            y += bias
         h = (res + y.to(out_ty).to(tl.float32)).to(out_ty)
         hf = h.to(tl.float32)  # 0 past N
         r = 1.0 / tl.sqrt_rn(tl.sum(hf * hf, axis=0) / N + eps)
-        nw = tl.load(nw_ptr + offs, mask=ok, other=0.0).to(tl.float32)
         if PDL:
             tl.extra.cuda.gdc_launch_dependents()
         tl.store(h_ptr + row * stride_h + offs, h, mask=ok)

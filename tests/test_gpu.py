@@ -110,6 +110,44 @@ def test_dependent_launches_in_a_cuda_graph(sparsity_hint, back_to_back, pdl, mo
         assert y_static.abs().sum() > 0  # the chain did not die out
 
 
+@pytest.mark.parametrize("pdl", [True, False])
+def test_add_rmsnorm_finish_reads_a_residual_from_two_launches_back(pdl, monkeypatch):
+    """The add + RMSNorm finish reads its residual before its PDL wait (kernels/pdl.py: two launches back has completed
+    when a kernel starts). In a decode step that residual is the previous finish's h, written two launches earlier, as
+    here: h_{i+1} = h_i + W_i x_i in one CUDA graph, 8 times over, back to back. Small integers keep every sum exact
+    (fp32), so h must match exactly and the normalised rows closely, replay after replay."""
+    from teal_fx.kernels import sparse_gemv as sg
+
+    monkeypatch.setenv("TEAL_PDL", "1" if pdl else "0")
+    g = torch.Generator(device="cpu").manual_seed(0)
+    n = 4096
+    weights = [((torch.rand(n, n, generator=g) < 2e-3).float() * (torch.randint(0, 2, (n, n), generator=g) * 2 - 1))
+               .cuda().t().contiguous().t() for _ in range(8)]
+    xs = [torch.randint(-3, 4, (1, n), generator=g).float().cuda() for _ in weights]
+    norm_w = torch.rand(n, generator=g).cuda() + 0.5
+    h_static = torch.zeros(1, n, device="cuda")
+
+    def chain(h):
+        out = None
+        for w, x in zip(weights, xs):
+            h, out = sg.sparse_gemv_add_rmsnorm(x, w, None, 0.5, h, norm_w, 1e-6)
+        return h, out
+
+    chain(h_static)  # compile and reserve the workspace outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        h_out, n_out = chain(h_static)
+    for seed in range(3):
+        h_static.copy_(torch.randint(-50, 50, (1, n), generator=g.manual_seed(seed)).float())
+        graph.replay()
+        h = h_static.double()
+        for w, x in zip(weights, xs):
+            h = h + torch.where(x.abs() > 0.5, x, 0).double() @ w.double().t()
+        expected = norm_w.double() * h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+        assert torch.equal(h_out.double(), h)
+        torch.testing.assert_close(n_out.double(), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_decode_is_deterministic_and_self_consistent_through_cuda_graphs():
     """Repeated greedy generations through the backend's CUDA graphs (after warm calls, as a benchmark makes them) give
     the same tokens, and each token is the argmax of the same path's logits fed those tokens. With Inductor's PDL as
