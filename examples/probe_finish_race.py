@@ -4,8 +4,10 @@ some columns came out with y = 0 (their sums zeroed by another warp before they 
 
     python examples/probe_finish_race.py            # TEAL_PDL=0 to launch without programmatic dependent launch
 """
-import os, sys
+import os
+
 import torch
+
 from teal_fx.kernels import sparse_gemv as sg
 torch.manual_seed(0)
 dtype = torch.float16

@@ -129,15 +129,14 @@ def _match(lin: fx.Node) -> Optional[dict]:
         if mul2 is None or not is_call(mul2, MUL_TARGETS, ("mul", "__mul__")):
             continue
         weight = _other(mul2, back)
-        w, out = fake_value(weight) if isinstance(weight, fx.Node) else None, fake_value(mul2)
+        w = fake_value(weight) if isinstance(weight, fx.Node) else None
         if not isinstance(w, torch.Tensor) or w.shape != (h.shape[-1],) or w.dtype != h.dtype:
             continue
         if any(getattr(fake_value(n), "requires_grad", False) for n in (lin, add, hf, mul1, back, mul2)):
             return None
         chain = [mul2, back, mul1, rsqrt, add_eps, mean, sq, hf]
         tail = [dropout] if dropout is not None else []
-        return dict(add=add, residual=residual, weight=weight, eps=eps, out=mul2, chain=chain, tail=tail, h=h,
-                    norm=out)
+        return dict(add=add, residual=residual, weight=weight, eps=eps, out=mul2, chain=chain, tail=tail)
     return None
 
 
@@ -153,16 +152,13 @@ def fuse_add_rmsnorm(gm: fx.GraphModule, ctx=None) -> fx.GraphModule:
         m = _match(lin)
         if m is None or order[m["weight"]] > order[m["add"]]:
             continue
-        x, w, b, t, psf, sparsity = (list(lin.args) + [None] * 6)[:6]
-        psf = lin.kwargs.get("prefill_sparse_from", 1.0 if psf is None else psf)
-        sparsity = lin.kwargs.get("sparsity", -1.0 if sparsity is None else sparsity)
         add = m["add"]
-        with gm.graph.inserting_before(add):
-            new = gm.graph.call_function(op, (x, w, b, t, psf, sparsity, m["residual"], m["weight"], m["eps"]))
+        with gm.graph.inserting_before(add):  # insert_sparse_linear writes the linear's six arguments positionally
+            new = gm.graph.call_function(op, (*lin.args, m["residual"], m["weight"], m["eps"]))
             h_new = gm.graph.call_function(operator.getitem, (new, 0))
             out_new = gm.graph.call_function(operator.getitem, (new, 1))
         key = "val" if "val" in add.meta else "example_value"
-        new.meta[key] = (m["h"], m["norm"])
+        new.meta[key] = (fake_value(add), fake_value(m["out"]))
         if lin.meta.get("teal") is not None:
             new.meta["teal"] = lin.meta["teal"]
         h_new.meta.update(add.meta)

@@ -200,9 +200,10 @@ def _cache_length(need: int, max_cache_len: Optional[int], what: str) -> int:
     return max_cache_len
 
 
-def _last_logits(run, cache, input_ids: Tensor, position: Tensor) -> Tensor:
-    """One compiled call (prefill or decode step) on the static cache: the last position's logits [B, V]."""
-    return run(input_ids=input_ids, **{cache_kwarg(run): cache}, cache_position=position, use_cache=True).logits[:, -1]
+def _last_logits(run, cache: dict, input_ids: Tensor, position: Tensor) -> Tensor:
+    """One compiled call (prefill or decode step) on the static cache, passed as ``{cache_kwarg(model): cache}``
+    (built once per loop): the last position's logits [B, V]."""
+    return run(input_ids=input_ids, **cache, cache_position=position, use_cache=True).logits[:, -1]
 
 
 def _decode_loop(model, input_ids, max_new_tokens, max_cache_len, backend, mode, options, eos_token_id, streamer,
@@ -210,7 +211,7 @@ def _decode_loop(model, input_ids, max_new_tokens, max_cache_len, backend, mode,
     device = input_ids.device
     batch, prompt = input_ids.shape
     run = _compiled(model, backend, mode, options)
-    cache = _reusable_cache(model, batch, max_cache_len)
+    cache = {cache_kwarg(model): _reusable_cache(model, batch, max_cache_len)}
     position = torch.arange(prompt, device=device)
     logits = _last_logits(run, cache, input_ids, position)
     position = torch.tensor([prompt], device=device)
@@ -262,7 +263,7 @@ def decode_logits(
     max_cache_len = _cache_length(total, max_cache_len, f"{total} tokens")
     with recompile_limits(64, fail=True):
         run = _compiled(model, backend, mode, options)
-        cache = _reusable_cache(model, batch, max_cache_len)
+        cache = {cache_kwarg(model): _reusable_cache(model, batch, max_cache_len)}
         # each row copied at once: a CUDA graph's output is overwritten by the next replay
         prefill = _last_logits(run, cache, tokens[:, :prompt], torch.arange(prompt, device=device))
         rows = [prefill.to(torch.float32, copy=True)]
