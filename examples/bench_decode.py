@@ -30,6 +30,9 @@ from bench_kernels import read_bandwidth  # noqa: E402  (the same measurement as
 
 WEIGHT_BYTES_PER_TOKEN = 15.01e9  # Llama-3-8B bf16: seven block linears 13.96 GB + lm_head 1.05 GB (ANCHORS.md)
 BLOCK_BYTES = 13.96e9
+# gpt-fast's Inductor setting for decoding: with it Inductor writes a one-row matmul as a Triton reduction and tunes
+# its tiles (torch/_inductor/decomposition.py, mm), instead of calling cuBLAS's GEMV
+DENSE_TUNED = {"coordinate_descent_tuning": True}
 
 
 def build_model(layers: int):
@@ -98,6 +101,9 @@ def main() -> int:
     ap.add_argument("--dense-combo", action=argparse.BooleanOptionalAction, default=True,
                     help="also Inductor dense with the Inductor settings the teal backend turns on: how much of "
                          "the gain those settings alone give")
+    ap.add_argument("--dense-tuned", action=argparse.BooleanOptionalAction, default=True,
+                    help="also Inductor dense with coordinate-descent tuning, gpt-fast's setting: Inductor then "
+                         "writes one-row matmuls as Triton reductions and tunes them, instead of calling cuBLAS")
     ap.add_argument("--out", default="examples/results/decode_h100.md")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -114,13 +120,17 @@ def main() -> int:
     cache_len = args.prompt + args.new_tokens
     rows, notes = [], []
     dense = {}
+    fastest = {}  # (path, batch) -> the fastest dense row's tok/s
     out = Path(args.out)
 
-    def add(name, batch, tok_s, first, peak=None):
-        base = dense.get("hf" if name.startswith("HF") else batch)
-        rows.append((name, batch, tok_s, first, peak, tok_s / base if base else 1.0))
+    def add(name, batch, tok_s, first, peak=None, is_dense=False):
+        path = "hf" if name.startswith("HF") else "lean"
+        base = dense.get("hf" if path == "hf" else batch)
+        if is_dense:
+            fastest[path, batch] = max(fastest.get((path, batch), 0.0), tok_s)
+        rows.append((name, batch, tok_s, first, peak, tok_s / base if base else 1.0, (path, batch)))
         print(rows[-1], flush=True)
-        write(out, args, bw, roof, rows, notes)
+        write(out, args, bw, roof, rows, notes, fastest)
 
     def peak_gib():
         return torch.cuda.max_memory_allocated() / 2**30
@@ -134,23 +144,28 @@ def main() -> int:
                           decode_logits(model, dense_tokens, args.prompt, backend="inductor", mode="reduce-overhead",
                                         max_cache_len=cache_len)[0],
                           decode_logits(model, dense_tokens, args.prompt, backend="none", max_cache_len=cache_len)[0])
-    add("lean loop, Inductor dense", 1, t, first, peak_gib())
+    add("lean loop, Inductor dense", 1, t, first, peak_gib(), is_dense=True)
+    if args.dense_tuned:
+        torch.cuda.reset_peak_memory_stats()
+        t, first = decode_speed(lean(model, ids, "inductor", cache_len, DENSE_TUNED), args.new_tokens)
+        add("lean loop, Inductor dense, coordinate-descent tuning (gpt-fast's setting: one-row matmuls as tuned "
+            "Triton reductions)", 1, t, first, peak_gib(), is_dense=True)
     if args.dense_combo:
         # no plan attached yet: the teal backend compiles dense, with its Inductor settings (combo_kernels, Inductor's
         # PDL with every kernel waiting first); sdpa kept, as Inductor dense has it
         t, first = decode_speed(lean(model, ids, "teal", cache_len, {"decode_attention": False}), args.new_tokens)
         add("lean loop, dense through the teal backend without a plan (its Inductor settings: "
-            f"{', '.join(CUDA_INDUCTOR_DEFAULTS)}, PDL)", 1, t, first)
+            f"{', '.join(CUDA_INDUCTOR_DEFAULTS)}, PDL)", 1, t, first, is_dense=True)
     if args.batch4:
         t, first = decode_speed(lean(model, ids4, "inductor", cache_len), args.new_tokens)
         dense[4] = t
-        add("lean loop, Inductor dense", 4, t, first)
+        add("lean loop, Inductor dense", 4, t, first, is_dense=True)
 
     if args.hf_sparsities:  # before any plan is attached: the weights are still row-major, as users have them
         torch.compiler.reset()
         t, first = decode_speed(hf(model, ids, "inductor", cache_len), args.new_tokens)
         dense["hf"] = t
-        add("HF generate(), Inductor dense", 1, t, first)
+        add("HF generate(), Inductor dense", 1, t, first, is_dense=True)
 
     calib = torch.randint(0, vocab, (2, 256))
     plan = teal_fx.calibrate(model, calib, sparsity=0.5, method="uniform", num_sequences=2, seq_len=256, progress=False)
@@ -168,7 +183,7 @@ def main() -> int:
         teal_fx.attach_plan(model, plan.at(s, "uniform"), check=False)
         t, first = decode_speed(lean(model, ids, "teal", cache_len, {"decode_attention": False}), args.new_tokens)
         add(f"lean loop, teal {s:.0%}, sdpa attention", 1, t, first)
-    write(out, args, bw, roof, rows, notes)  # notes added after the last row
+    write(out, args, bw, roof, rows, notes, fastest)  # notes added after the last row
     return 0
 
 
@@ -230,7 +245,7 @@ class ZeroCheck:
                 f"{float(noise.median()):.4f}); {verdict}")
 
 
-def write(out: Path, args, bw: float, roof: float, rows: list, notes: list) -> None:
+def write(out: Path, args, bw: float, roof: float, rows: list, notes: list, fastest: dict) -> None:
     lines = [
         "# End-to-end decode: Llama-3-8B shape (random weights, bf16)",
         "",
@@ -246,14 +261,16 @@ def write(out: Path, args, bw: float, roof: float, rows: list, notes: list) -> N
         "Inductor dense does), the cache counters' increments as one launch, programmatic dependent launches "
         "of teal's kernels and of Inductor's (each Inductor kernel waiting before its first access: NOTES v12, v14), and "
         "Inductor's combo_kernels (a dense row shows these Inductor settings alone)",
-        "- 'vs dense' compares with the dense row of the same path and batch (lean loop or HF generate())",
+        "- 'vs dense' compares with the Inductor dense row (default settings) of the same path and batch (lean loop or "
+        "HF generate()); 'vs fastest dense' with the fastest dense row of the same path and batch measured in this run",
         "",
-        "| path | batch | tok/s per sequence | ms/token | vs dense | share of dense roofline | first call incl. compile (s) | peak GPU memory (GiB) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| path | batch | tok/s per sequence | ms/token | vs dense | vs fastest dense | share of dense roofline | first call incl. compile (s) | peak GPU memory (GiB) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for name, b, t, first, peak, ratio in rows:
-        lines.append(f"| {name} | {b} | {t:.1f} | {1000 / t:.2f} | {ratio:.2f} | {t / roof:.2f} | {first:.0f} | "
-                     f"{'' if peak is None else f'{peak:.2f}'} |")
+    for name, b, t, first, peak, ratio, key in rows:
+        best = fastest.get(key)
+        lines.append(f"| {name} | {b} | {t:.1f} | {1000 / t:.2f} | {ratio:.2f} | {t / best if best else 1.0:.2f} | "
+                     f"{t / roof:.2f} | {first:.0f} | {'' if peak is None else f'{peak:.2f}'} |")
     lines += [""] + [f"- {n}" for n in notes] + ["", f"Command: `{shlex.join(['python', 'examples/bench_decode.py', *sys.argv[1:]])}`", ""]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines))

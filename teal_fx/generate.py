@@ -34,8 +34,15 @@ def _compiled(model: nn.Module, backend: str, mode: Optional[str], options: Opti
     entry = cache.get(key)
     if entry is None or entry[0] is not plan:
         kw = {"mode": mode} if mode else {}
-        if options:
-            kw = {"options": {**options, **({"mode": mode} if mode and backend == "teal" else {})}}
+        if options:  # torch.compile takes a mode or options, not both: fold the mode into the options
+            if backend == "teal":
+                kw = {"options": {**options, **({"mode": mode} if mode else {})}}
+            elif backend == "inductor":
+                from torch._inductor import list_mode_options
+
+                kw = {"options": {**(list_mode_options(mode) if mode else {}), **options}}
+            else:
+                kw = {"options": options}
         wrapper = torch.compile(model, backend=backend, dynamic=False, **kw) if backend != "none" else model
         entry = cache[key] = (plan, wrapper)
     return entry[1]

@@ -160,3 +160,20 @@ def test_argmax_disagreements_report_the_reference_gap():
 
     with pytest.raises(ValueError):
         argmax_disagreements(ref, other[:2])
+
+
+def test_a_mode_and_inductor_options_reach_torch_compile_together(monkeypatch):
+    """torch.compile takes a mode or options, not both: the loop folds mode="reduce-overhead" into Inductor's options
+    (CUDA graphs) instead of dropping it, and into the teal backend's options as its ``mode`` key."""
+    from teal_fx.generate import _compiled
+
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: seen.append(kw) or model)
+    model = tiny_model("llama")
+    _compiled(model, "inductor", "reduce-overhead", {"coordinate_descent_tuning": True})
+    _compiled(model, "teal", "reduce-overhead", {"decode_attention": False})
+    _compiled(model, "inductor", "reduce-overhead", None)
+    assert seen[0]["options"] == {"triton.cudagraphs": True, "coordinate_descent_tuning": True}
+    assert "mode" not in seen[0]
+    assert seen[1]["options"] == {"decode_attention": False, "mode": "reduce-overhead"}
+    assert seen[2]["mode"] == "reduce-overhead" and "options" not in seen[2]
