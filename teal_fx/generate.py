@@ -41,6 +41,8 @@ def _compiled(model: nn.Module, backend: str, mode: Optional[str], options: Opti
                 from torch._inductor import list_mode_options
 
                 kw = {"options": {**(list_mode_options(mode) if mode else {}), **options}}
+            elif mode:
+                raise ValueError(f"mode and options together need backend 'teal' or 'inductor', got {backend!r}")
             else:
                 kw = {"options": options}
         wrapper = torch.compile(model, backend=backend, dynamic=False, **kw) if backend != "none" else model
