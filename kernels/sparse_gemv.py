@@ -418,14 +418,19 @@ def _mlp_sized(N: int, K: int) -> bool:
     return (N // 256) * (K // 16) >= 8000
 
 
-COMPACT_FROM = 0.6  # expected sparsity from which one row loops over the packed survivors only (NOTES.md, v5)
+def compact_from(N: int, K: int) -> float:
+    """The expected sparsity from which one row loops over the packed survivors only: where the rows it skips repay
+    the packing's fixed cost (x, a scan, a scratch round trip). Timed both loops per shape with dependent launches
+    (examples/probe_compact_crossover.py, NOTES v17): on the MLP shapes the masked loop is faster up to 0.65 and even
+    at 0.7; on the attention shapes (fewer programs) up to 0.8, the packed loop ahead only at 0.9."""
+    return 0.7 if _mlp_sized(N, K) else 0.85
 
 
 def choose_config(M: int, N: int, K: int, device: torch.device, sparsity: Optional[float] = None) -> dict:
     """Tile sizes, loop and split-K for a shape (from the sweeps in NOTES.md). ``sparsity``: the fraction of inputs
     the threshold is expected to drop (None or < 0: unknown)."""
     if M == 1 and N >= 2048:  # below that (a lone k/v projection, small models) the in-thread loops had too few programs
-        if sparsity is not None and sparsity >= COMPACT_FROM:
+        if sparsity is not None and sparsity >= compact_from(N, K):
             # packed survivors: 4 warps, ~450 programs each packing 64-256 inputs
             BN = min(1024, _next_pow2(N))
             k_per = min(256, max(64, _next_pow2(K * (-(-N // BN)) // 448)))

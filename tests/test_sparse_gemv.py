@@ -237,3 +237,14 @@ def test_add_rmsnorm_launch_refuses_what_it_cannot_fuse():
     with pytest.raises(ValueError, match="residual"):
         sg.sparse_gemv_add_rmsnorm(x, w, None, 0.1, torch.randn(1, 32, device=DEVICE),
                                    torch.ones(32, device=DEVICE, dtype=torch.float16), 1e-6)
+
+
+def test_one_row_switches_to_the_packed_loop_where_it_was_measured_faster():
+    """The masked loop over every input stays faster than the packed one up to 0.65 on the MLP shapes and up to 0.8
+    on the attention shapes (examples/probe_compact_crossover.py on the H100, NOTES v17)."""
+    cpu = torch.device("cpu")
+    for (N, K), masked_at, packed_at in (((14336, 4096), 0.65, 0.7), ((4096, 14336), 0.65, 0.7),
+                                         ((4096, 4096), 0.8, 0.9), ((6144, 4096), 0.8, 0.9)):
+        assert not sg.choose_config(1, N, K, cpu, sparsity=masked_at)["COMPACT"]
+        assert sg.choose_config(1, N, K, cpu, sparsity=packed_at)["COMPACT"]
+    assert not sg.choose_config(2, 14336, 4096, cpu, sparsity=0.9)["COMPACT"]  # batches never pack
