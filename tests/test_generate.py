@@ -99,7 +99,6 @@ def test_reuses_one_static_cache_per_size():
 
 def test_max_cache_len_too_small_is_refused():
     model = tiny_model("llama")
-
     with pytest.raises(ValueError, match="max_cache_len"):
         teal_fx.generate(model, torch.randint(3, 128, (1, 5)), 6, backend="none", max_cache_len=8)
 
@@ -141,7 +140,6 @@ def test_decode_logits_are_the_logits_greedy_decoding_chose_by():
     assert (sparse[:, 1:] - rows[:, 1:]).abs().max() > 1e-3  # the plan did change the decode steps
     teal_fx.detach_plan(model)
 
-
     with pytest.raises(ValueError, match="prompt"):
         decode_logits(model, greedy, 12, backend="none")
 
@@ -155,7 +153,6 @@ def test_argmax_disagreements_report_the_reference_gap():
     assert [(s, a, b) for s, a, b, _ in got] == [(1, 0, 1)]
     assert abs(got[0][3] - 0.1) < 1e-6
     assert argmax_disagreements(ref, ref) == []
-
     with pytest.raises(ValueError):
         argmax_disagreements(ref, other[:2])
 
