@@ -24,8 +24,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 import bench_kernels  # noqa: E402
 from bench_kernels import bench_block, bench_shape, kernel_variant, probe_setup  # noqa: E402
 
-from teal_fx.kernels import sparse_gemv as sg  # noqa: E402
-
 WAIT_AT_TOP = """        if PDL:
             tl.extra.cuda.gdc_wait()
         pn_all = tl.program_id(0)
