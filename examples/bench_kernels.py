@@ -84,6 +84,15 @@ def kernel_variant(name: str, substitutions: list):
     return mod
 
 
+def compiled_kernels(kernel) -> dict:
+    """Every compiled variant of a Triton kernel so far, cache key -> CompiledKernel (``n_regs``: its registers a
+    thread), so a probe can tell which compile a config got by the keys that are new after it."""
+    out = {}
+    for caches in kernel.device_caches.values():
+        out.update(caches[0])
+    return out
+
+
 def graph_time_us(calls: list, replays: int = 20) -> float:
     """Median µs per call of ``calls`` captured once in a CUDA graph and replayed."""
     s = torch.cuda.Stream()

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_kernels import SHAPES, bench_block, make_case, probe_setup, time_sparse  # noqa: E402
+from bench_kernels import SHAPES, bench_block, compiled_kernels, make_case, probe_setup, time_sparse  # noqa: E402
 
 from teal_fx.kernels import sparse_gemv as sg  # noqa: E402
 
@@ -38,11 +38,7 @@ def config(N: int, K: int, bk: int, iters: int) -> dict:
 
 
 def compiled() -> dict:
-    """Every compiled variant of the GEMV kernel so far: cache key -> CompiledKernel."""
-    out = {}
-    for caches in sg._sparse_gemv_kernel.device_caches.values():
-        out.update(caches[0])
-    return out
+    return compiled_kernels(sg._sparse_gemv_kernel)
 
 
 def regs_of(before: dict) -> int:

@@ -23,7 +23,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import bench_kernels  # noqa: E402
-from bench_kernels import SHAPES, bench_block, kernel_variant, make_case, probe_setup, time_sparse  # noqa: E402
+from bench_kernels import (SHAPES, bench_block, compiled_kernels, kernel_variant, make_case, probe_setup,  # noqa: E402
+                           time_sparse)
 
 SIGNATURE = "                           PACK: tl.constexpr):"
 MASKED = """            for k0 in range(k_lo, k_hi, BK):
@@ -77,10 +78,7 @@ def config(N: int, K: int, bk: int, iters: int) -> dict:
 
 
 def compiled() -> dict:
-    out = {}
-    for caches in sg._sparse_gemv_kernel.device_caches.values():
-        out.update(caches[0])
-    return out
+    return compiled_kernels(sg._sparse_gemv_kernel)
 
 
 def timed(ahead: bool, fn, *args, **kw):

@@ -22,8 +22,9 @@ Loops (one row, ``_in_thread_partial``): each thread owns whole columns of a til
 thread; the loop walks every input of the split, masking the rows not needed, or, where the plan's sparsity is high
 enough for it to be faster (``compact_from``: 70% on the MLP shapes, 85% on the attention ones), only the surviving
 inputs, packed first: a loop over every input pays a memory round trip per tile however few rows it keeps, so at 90%
-it cost 4x its data (NOTES.md, v5, v17). Below that the masked loop is faster, even with the packing free (v18). 2-4 rows use the in-thread layout too
-(``_in_thread_rows_partial``), 5-8 rows the tensor cores (rows padded to 16), small N the [BK, BN] tiles.
+it cost 4x its data (NOTES.md, v5, v17). Below that the masked loop is faster, even with the packing free (v18).
+2-4 rows use the in-thread layout too (``_in_thread_rows_partial``), 5-8 rows the tensor cores (rows padded to 16),
+small N the [BK, BN] tiles.
 Groups: up to three linears that share x (q/k/v, gate/up) run as one launch (``sparse_gemv_group``): their N tiles
 form one grid, each segment with its own weight, bias, output and threshold (NOTES.md, v4).
 On Hopper and newer, launches use programmatic dependent launch (``pdl.py``), so each overlaps the tail of the kernel
