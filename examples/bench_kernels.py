@@ -171,6 +171,20 @@ def bench_shape(N, K, M, sparsity, dtype, bw, l2, config=None, calls: int = 32) 
                 err=err)
 
 
+# one Llama-3-8B block: its seven linears (N, K) in the order q, k, v, o, gate, up, down, the backend's four launches
+# (q+k+v, o, gate+up, down) and each launch's (N, K) as one grid
+BLOCK_LINEARS = [(4096, 4096), (1024, 4096), (1024, 4096), (4096, 4096), (14336, 4096), (14336, 4096), (4096, 14336)]
+BLOCK_GROUPS = [[0, 1, 2], [3], [4, 5], [6]]
+BLOCK_LAUNCHES = {i: (sum(BLOCK_LINEARS[j][0] for j in g), BLOCK_LINEARS[g[0]][1]) for i, g in enumerate(BLOCK_GROUPS)}
+
+
+def one_row_config(N: int, K: int, BK: int, iters: int, warps: int = 1, compact: bool = False) -> dict:
+    """A one-row launch config in the in-thread layout (256 columns a warp, ``iters`` tiles of ``BK`` rows a
+    program), masked or, with ``compact``, the packed loop: the candidates the probes time against the default."""
+    return sg.make_config(N, K, BN=256 * warps, BK=BK, iters=iters, use_dot=False, num_warps=warps, num_stages=1,
+                          in_thread=True, compact=compact)
+
+
 def bench_block(sparsity: float, dtype, bw: float, l2: int, layers: int = 4, grouped: bool = True,
                 configs: dict | None = None) -> dict:
     """One Llama-3-8B block at ``sparsity`` as the backend issues it: grouped, 4 launches (q+k+v, o, gate+up with
@@ -178,8 +192,8 @@ def bench_block(sparsity: float, dtype, bw: float, l2: int, layers: int = 4, gro
     per linear (7). Each input has its own threshold. ``configs``: launch configs by launch index (default: the
     launcher's choice), to compare tilings in the block rather than alone (examples/probe_block_configs.py)."""
     configs = configs or {}
-    shapes = [(4096, 4096), (1024, 4096), (1024, 4096), (4096, 4096), (14336, 4096), (14336, 4096), (4096, 14336)]
-    launches = [[0, 1, 2], [3], [4, 5], [6]] if grouped else [[j] for j in range(len(shapes))]
+    shapes = BLOCK_LINEARS
+    launches = BLOCK_GROUPS if grouped else [[j] for j in range(len(shapes))]
     layer_ws = []
     for _ in range(layers):
         layer_ws.append([(torch.randn(N, K, dtype=dtype, device="cuda") / K**0.5).t().contiguous().t() for N, K in shapes])

@@ -15,12 +15,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_kernels import bench_block, probe_setup  # noqa: E402
+from bench_kernels import BLOCK_LAUNCHES, bench_block, one_row_config, probe_setup  # noqa: E402
 
 from teal_fx.kernels import sparse_gemv as sg  # noqa: E402
 
 bw, l2 = probe_setup("probe_block_configs")
-LAUNCHES = {0: ("q+k+v", 6144, 4096), 1: ("o", 4096, 4096), 2: ("gate+up", 28672, 4096), 3: ("down", 4096, 14336)}
+LAUNCHES = {i: (name, *BLOCK_LAUNCHES[i]) for i, name in enumerate(("q+k+v", "o", "gate+up", "down"))}
 CANDIDATES = (  # one-row loops over every input (the only kind used at 50%): (warps, rows per tile, tiles a program)
     [(1, 16, it) for it in (2, 4, 8, 16)] + [(1, 32, it) for it in (1, 2, 4)] + [(1, 8, it) for it in (8, 16)]
     + [(2, 16, it) for it in (4, 8)]
@@ -28,9 +28,7 @@ CANDIDATES = (  # one-row loops over every input (the only kind used at 50%): (w
 
 
 def config(i: int, nw: int, bk: int, iters: int) -> dict:
-    _, N, K = LAUNCHES[i]
-    return sg.make_config(N, K, BN=256 * nw, BK=bk, iters=iters, use_dot=False, num_warps=nw, num_stages=1,
-                          in_thread=True)
+    return one_row_config(*BLOCK_LAUNCHES[i], bk, iters, warps=nw)
 
 
 def block_us(configs: dict, repeats: int = 3) -> float:

@@ -21,7 +21,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import bench_kernels  # noqa: E402
-from bench_kernels import SHAPES, bench_block, kernel_variant, make_case, probe_setup, time_sparse  # noqa: E402
+from bench_kernels import (BLOCK_LAUNCHES, SHAPES, bench_block, kernel_variant, make_case, one_row_config,  # noqa: E402
+                           probe_setup, time_sparse)
 
 PACK_START = """        if PACK:
             offs = k_lo + tl.arange(0, CHUNK)
@@ -37,15 +38,7 @@ PRE_PACK_START = """        if PACK:
             if PRE:
                 n_keep = tl.load(count_ptr)
             else:
-                offs = k_lo + tl.arange(0, CHUNK)
-                x = tl.load(x_ptr + offs, mask=offs < k_hi, other=0.0).to(tl.float32)
-                keep = tl.abs(x) > threshold
-                slot = tl.cumsum(keep.to(tl.int32), axis=0) - 1
-                n_keep = tl.sum(keep.to(tl.int32), axis=0)
-                tl.store(idx_ptr + slot, offs, mask=keep)
-                tl.store(xv_ptr + slot, x, mask=keep)
-                tl.debug_barrier()
-"""
+""" + "".join("    " + line for line in PACK_START.splitlines(keepends=True)[1:])
 SIGNATURE = "                           PACK: tl.constexpr):"
 CALL = "offs_n, n_ok, stride_wk, stride_wn, BK, BN, CHUNK, EVEN_N, COMPACT),"
 KERNEL_ARGS = "        x_ptr, w_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, idx_ptr, xv_ptr,\n        M, N, K, threshold,"
@@ -113,8 +106,7 @@ if __name__ == "__main__":
     S = 0.5
 
     def packed(N: int, K: int, BN: int, k_per: int) -> dict:
-        return sg.make_config(N, K, BN=BN, BK=16, iters=k_per // 16, use_dot=False, num_warps=BN // 256,
-                              num_stages=1, compact=True)
+        return one_row_config(N, K, 16, k_per // 16, warps=BN // 256, compact=True)
 
     def run(pre: bool, fn, *args, **kw):
         sg.PRE_ON = pre
@@ -142,7 +134,6 @@ if __name__ == "__main__":
             print(f"   packed BN {BN:4d} ({BN // 256} warps), {k_per:3d} inputs a program ({programs:5d} programs): "
                   + " | ".join(cells), flush=True)
 
-    LAUNCH_SHAPES = {0: (6144, 4096), 1: (4096, 4096), 2: (28672, 4096), 3: (4096, 14336)}
     VARIANTS = {"shipped": (False, None)}
     for BN, k_per in PACKED:
         VARIANTS[f"pre-packed BN {BN}, {k_per} inputs"] = (True, (BN, k_per))
@@ -150,7 +141,7 @@ if __name__ == "__main__":
     res = {k: [] for k in VARIANTS}
     for rnd in range(2):
         for k, (pre, p) in VARIANTS.items():
-            cfgs = {i: packed(*LAUNCH_SHAPES[i], *p) for i in LAUNCH_SHAPES} if p else {}
+            cfgs = {i: packed(*BLOCK_LAUNCHES[i], *p) for i in BLOCK_LAUNCHES} if p else {}
             sg.PRE_ON = pre
             res[k].append(statistics.median(bench_block(S, torch.bfloat16, bw, l2, configs=cfgs)["us"]
                                             for _ in range(3)))

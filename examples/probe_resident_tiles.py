@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_kernels import SHAPES, bench_block, compiled_kernels, make_case, probe_setup, time_sparse  # noqa: E402
+from bench_kernels import (BLOCK_LAUNCHES, SHAPES, bench_block, compiled_kernels, make_case,  # noqa: E402
+                           one_row_config, probe_setup, time_sparse)
 
 from teal_fx.kernels import sparse_gemv as sg  # noqa: E402
 
@@ -31,10 +32,6 @@ S = 0.5
 
 MLP = [(16, it) for it in (4, 5, 6, 7, 8)] + [(32, it) for it in (3, 4)] + [(8, 12)]
 ATTENTION = [(32, it) for it in (1, 2, 3)] + [(16, it) for it in (2, 3, 4, 5)]
-
-
-def config(N: int, K: int, bk: int, iters: int) -> dict:
-    return sg.make_config(N, K, BN=256, BK=bk, iters=iters, use_dot=False, num_warps=1, num_stages=1, in_thread=True)
 
 
 def compiled() -> dict:
@@ -58,7 +55,7 @@ for name, cands in (("gate/up 14336x4096", MLP), ("down 4096x14336", MLP), ("q/o
           flush=True)
     rows = []
     for bk, it in cands:
-        cfg = config(N, K, bk, it)
+        cfg = one_row_config(N, K, bk, it)
         before = compiled()
         us0, err = time_sparse(x, ws_col, t, cfg, S, calls=32)
         regs = regs_of(before)
@@ -74,7 +71,6 @@ for name, cands in (("gate/up 14336x4096", MLP), ("down 4096x14336", MLP), ("q/o
 
 # in the block (4 launches, 4 layers): one candidate for both MLP launches (gate+up, down), or for both attention
 # launches (q+k+v, o), the others as chosen; median of 3, rounds interleaved with the default
-LAUNCH_SHAPES = {0: (6144, 4096), 1: (4096, 4096), 2: (28672, 4096), 3: (4096, 14336)}
 
 
 def block_us(configs: dict) -> float:
@@ -83,9 +79,9 @@ def block_us(configs: dict) -> float:
 
 variants = {"default": {}}
 for bk, it in MLP:
-    variants[f"MLP BK{bk} x {it}"] = {i: config(*LAUNCH_SHAPES[i], bk, it) for i in (2, 3)}
+    variants[f"MLP BK{bk} x {it}"] = {i: one_row_config(*BLOCK_LAUNCHES[i], bk, it) for i in (2, 3)}
 for bk, it in ATTENTION:
-    variants[f"attention BK{bk} x {it}"] = {i: config(*LAUNCH_SHAPES[i], bk, it) for i in (0, 1)}
+    variants[f"attention BK{bk} x {it}"] = {i: one_row_config(*BLOCK_LAUNCHES[i], bk, it) for i in (0, 1)}
 results = {k: [] for k in variants}
 for rnd in range(2):
     for k, cfgs in variants.items():

@@ -23,8 +23,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import bench_kernels  # noqa: E402
-from bench_kernels import (SHAPES, bench_block, compiled_kernels, kernel_variant, make_case, probe_setup,  # noqa: E402
-                           time_sparse)
+from bench_kernels import (BLOCK_LAUNCHES, SHAPES, bench_block, compiled_kernels, kernel_variant,  # noqa: E402
+                           make_case, one_row_config, probe_setup, time_sparse)
 
 SIGNATURE = "                           PACK: tl.constexpr):"
 MASKED = """            for k0 in range(k_lo, k_hi, BK):
@@ -73,10 +73,6 @@ S = 0.5
 SMS = torch.cuda.get_device_properties(0).multi_processor_count
 
 
-def config(N: int, K: int, bk: int, iters: int) -> dict:
-    return sg.make_config(N, K, BN=256, BK=bk, iters=iters, use_dot=False, num_warps=1, num_stages=1, in_thread=True)
-
-
 def compiled() -> dict:
     return compiled_kernels(sg._sparse_gemv_kernel)
 
@@ -100,7 +96,7 @@ if sys.argv[1:] == ["--fit"]:
         for ahead, bk, it, cap in ((False, 16, 8, None), (True, 8, 10, None), (True, 8, 12, None), (True, 8, 16, None),
                                    (True, 16, 10, None), (True, 16, 12, None), (True, 16, 8, 128), (True, 16, 6, 96)):
             sg.MAXNREG = cap
-            cfg = config(N, K, bk, it)
+            cfg = one_row_config(N, K, bk, it)
             programs = -(-N // 256) * cfg["SPLIT_K"]
             (r0, err), regs = timed(ahead, time_sparse, x, ws_col, t, cfg, S, 32)
             (r1, _), _ = timed(ahead, time_sparse, x, ws_col, t, cfg, S, 32)
@@ -122,7 +118,7 @@ for name, cands in (("gate/up 14336x4096", [(16, 8), (16, 16), (32, 4)]),
     roof = needed * N * K * 2 / bw * 1e6
     print(f"{name}: roofline {roof:.2f} µs", flush=True)
     for bk, it in cands:
-        cfg = config(N, K, bk, it)
+        cfg = one_row_config(N, K, bk, it)
         programs = -(-N // 256) * cfg["SPLIT_K"]
         cells = []
         for ahead in (False, True):
@@ -134,7 +130,6 @@ for name, cands in (("gate/up 14336x4096", [(16, 8), (16, 16), (32, 4)]),
         print(f"   BK{bk:2d} x {it:2d} ({programs:5d} programs, {programs / SMS:4.1f}/SM): " + " | ".join(cells),
               flush=True)
 
-LAUNCH_SHAPES = {0: (6144, 4096), 1: (4096, 4096), 2: (28672, 4096), 3: (4096, 14336)}
 VARIANTS = {  # name: (ahead, {launch: (BK, iters)})
     "default": (False, {}),
     "ahead, default tiles": (True, {}),
@@ -145,7 +140,7 @@ VARIANTS = {  # name: (ahead, {launch: (BK, iters)})
 res = {k: [] for k in VARIANTS}
 for rnd in range(2):
     for k, (ahead, tiles) in VARIANTS.items():
-        cfgs = {i: config(*LAUNCH_SHAPES[i], *p) for i, p in tiles.items()}
+        cfgs = {i: one_row_config(*BLOCK_LAUNCHES[i], *p) for i, p in tiles.items()}
         sg.AHEAD_ON = ahead
         res[k].append(statistics.median(bench_block(S, torch.bfloat16, bw, l2, configs=cfgs)["us"] for _ in range(3)))
 print("== one block at 50% (4 launches, 4 layers), µs, median of 3 per round", flush=True)
