@@ -48,6 +48,34 @@ def reference_decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[T
 if HAS_TRITON:
 
     @triton.jit
+    def _scores(q, kt, qk_scale, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+        """q Kᵀ · scale (log2 e folded in) for one block of positions, fp32."""
+        if UPCAST:  # the CPU interpreter mis-computes bf16 dots; the GPU never takes this branch
+            kt = kt.to(tl.float32)
+        if IEEE or UPCAST:
+            s = tl.dot(q, tl.trans(kt), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(kt))
+        return s * qk_scale
+
+    @triton.jit
+    def _online_softmax_step(s, vt, m_i, l_i, acc, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+        """Fold one block's masked scores ``s`` (-inf where not attended) and values into the running max, sum and
+        unnormalised output."""
+        if UPCAST:
+            vt = vt.to(tl.float32)
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a head with nothing kept yet: no NaN
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if IEEE or UPCAST:
+            pv = tl.dot(p.to(vt.dtype), vt, input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(vt.dtype), vt)
+        return m_new, l_i, acc * alpha[:, None] + pv
+
+    @triton.jit
     def _decode_attention_kernel(
         q_ptr, k_ptr, v_ptr, mask_ptr, o_ptr, acc_ptr, ml_ptr, cnt_ptr,
         L, L_PER_SPLIT, HKV, qk_scale,
@@ -58,6 +86,7 @@ if HAS_TRITON:
         stride_ob, stride_oh, stride_od,
         G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, BLOCK_L: tl.constexpr,
         NSPLIT: tl.constexpr, MASK: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+        MASK_ROW: tl.constexpr = True,  # the mask is the same for every head (or there is none)
         PDL: tl.constexpr = False,  # programmatic dependent launch (kernels/pdl.py)
     ):
         """Program (b·HKV + kv head, split): the G query heads of one KV head over L_PER_SPLIT positions.
@@ -85,44 +114,48 @@ if HAS_TRITON:
         hi = tl.minimum(lo + L_PER_SPLIT, L)
         for start in range(lo, hi, BLOCK_L):
             offs_l = start + tl.arange(0, BLOCK_L)
-            valid = g_ok[:, None] & (offs_l < hi)[None, :]
-            m_offs = b * stride_mb + heads[:, None] * stride_mh + offs_l[None, :] * stride_ml
-            if MASK == 1:
-                keep = valid & (tl.load(mask_ptr + m_offs, mask=valid, other=0) != 0)
-            elif MASK == 2:
-                bias = tl.load(mask_ptr + m_offs, mask=valid, other=float("-inf")).to(tl.float32)
-                keep = valid & (bias != float("-inf"))
-            else:
-                keep = valid
-            if tl.max(tl.max(keep.to(tl.int32), axis=1), axis=0) > 0:  # else: every head masks the block, skip it
-                needed = tl.max(keep.to(tl.int32), axis=0) > 0  # positions some head attends to
-                kv_mask = needed[:, None] & d_ok[None, :]
+            if MASK_ROW:
+                # one mask row for every head: the K/V loads are masked by it directly (masked rows are not read), with
+                # no test for a wholly masked block first, which cost a dependent reduction (NOTES.md, v19)
+                l_ok = offs_l < hi
+                l_offs = b * stride_mb + offs_l * stride_ml
+                if MASK == 1:
+                    keep_l = l_ok & (tl.load(mask_ptr + l_offs, mask=l_ok, other=0) != 0)
+                elif MASK == 2:
+                    bias_l = tl.load(mask_ptr + l_offs, mask=l_ok, other=float("-inf")).to(tl.float32)
+                    keep_l = l_ok & (bias_l != float("-inf"))
+                else:
+                    keep_l = l_ok
+                kv_mask = keep_l[:, None] & d_ok[None, :]
                 kt = tl.load(k_ptr + b * stride_kb + hk * stride_kh + offs_l[:, None] * stride_kl
                              + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
                 vt = tl.load(v_ptr + b * stride_vb + hk * stride_vh + offs_l[:, None] * stride_vl
                              + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
-                if UPCAST:
-                    kt = kt.to(tl.float32)
-                    vt = vt.to(tl.float32)
-                if IEEE or UPCAST:
-                    s = tl.dot(q, tl.trans(kt), input_precision="ieee")
-                else:
-                    s = tl.dot(q, tl.trans(kt))
-                s = s * qk_scale
+                s = _scores(q, kt, qk_scale, IEEE, UPCAST)
                 if MASK == 2:
-                    s = s + bias * 1.4426950408889634
-                s = tl.where(keep, s, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, axis=1))
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a head with nothing kept yet: no NaN
-                alpha = tl.exp2(m_i - m_safe)
-                p = tl.exp2(s - m_safe[:, None])
-                l_i = l_i * alpha + tl.sum(p, axis=1)
-                if IEEE or UPCAST:
-                    pv = tl.dot(p.to(vt.dtype), vt, input_precision="ieee")
-                else:
-                    pv = tl.dot(p.to(vt.dtype), vt)
-                acc = acc * alpha[:, None] + pv
-                m_i = m_new
+                    s = s + bias_l[None, :] * 1.4426950408889634
+                s = tl.where(g_ok[:, None] & keep_l[None, :], s, float("-inf"))
+                m_i, l_i, acc = _online_softmax_step(s, vt, m_i, l_i, acc, IEEE, UPCAST)
+            else:
+                valid = g_ok[:, None] & (offs_l < hi)[None, :]
+                m_offs = b * stride_mb + heads[:, None] * stride_mh + offs_l[None, :] * stride_ml
+                if MASK == 1:
+                    keep = valid & (tl.load(mask_ptr + m_offs, mask=valid, other=0) != 0)
+                else:  # MASK == 2 (no mask is a mask row)
+                    bias = tl.load(mask_ptr + m_offs, mask=valid, other=float("-inf")).to(tl.float32)
+                    keep = valid & (bias != float("-inf"))
+                if tl.max(tl.max(keep.to(tl.int32), axis=1), axis=0) > 0:  # else: every head masks the block, skip it
+                    needed = tl.max(keep.to(tl.int32), axis=0) > 0  # positions some head attends to
+                    kv_mask = needed[:, None] & d_ok[None, :]
+                    kt = tl.load(k_ptr + b * stride_kb + hk * stride_kh + offs_l[:, None] * stride_kl
+                                 + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
+                    vt = tl.load(v_ptr + b * stride_vb + hk * stride_vh + offs_l[:, None] * stride_vl
+                                 + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+                    s = _scores(q, kt, qk_scale, IEEE, UPCAST)
+                    if MASK == 2:
+                        s = s + bias * 1.4426950408889634
+                    s = tl.where(keep, s, float("-inf"))
+                    m_i, l_i, acc = _online_softmax_step(s, vt, m_i, l_i, acc, IEEE, UPCAST)
         if PDL:
             tl.extra.cuda.gdc_launch_dependents()
         o_offs = b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :] * stride_od
@@ -245,7 +278,7 @@ def decode_attention_gpu(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]
         *m_strides,
         out.stride(0), out.stride(1), out.stride(3),
         G=cfg["G"], GP=cfg["GP"], D=D, DP=cfg["DP"], BLOCK_L=cfg["BLOCK_L"], NSPLIT=cfg["NSPLIT"], MASK=kind,
-        IEEE=q.dtype == torch.float32,
+        MASK_ROW=m_strides[1] == 0 or H == 1, IEEE=q.dtype == torch.float32,
         UPCAST=interpreter_upcasts(q.dtype),
         PDL=use_pdl, num_warps=4, num_stages=2, **({"launch_pdl": True} if use_pdl else {}),
     )
