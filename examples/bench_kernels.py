@@ -65,14 +65,14 @@ def probe_setup(script: str) -> tuple[float, int]:
     return bw, torch.cuda.get_device_properties(0).L2_cache_size
 
 
-def kernel_variant(name: str, substitutions: list):
-    """A copy of kernels/sparse_gemv.py with each (old, new) text substitution made exactly once, imported as its own
-    module ``name``: how the probes time a variant of the kernel without touching the shipped one."""
+def kernel_variant(name: str, substitutions: list, module=None):
+    """A copy of kernels/sparse_gemv.py (or of ``module``) with each (old, new) text substitution made exactly once,
+    imported as its own module ``name``: how the probes time a variant of a kernel without touching the shipped one."""
     import importlib.util
     import inspect
     import tempfile
 
-    text = inspect.getsource(sg)
+    text = inspect.getsource(module or sg)
     for old, new in substitutions:
         assert text.count(old) == 1, (name, old)
         text = text.replace(old, new)

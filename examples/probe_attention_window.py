@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_kernels import compiled_kernels, graph_time_us, probe_setup  # noqa: E402
+from bench_kernels import compiled_kernels, graph_time_us, kernel_variant, probe_setup  # noqa: E402
 
 from teal_fx.kernels import decode_attention as da  # noqa: E402
 from teal_fx.kernels import sparse_gemv as sg  # noqa: E402
@@ -127,8 +127,8 @@ def _attention_one_block_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, o_ptr, acc_ptr, m
             out = out * w_old[:, None] + a_s * w_s[:, None]
             m_tot = m_new
         l_tot = tl.where(g_ok, l_tot, 1.0)
-        tl.store(o_ptr + heads[:, None] * stride_oh + offs_d[None, :], (out / l_tot[:, None]).to(o_ptr.dtype.element_ty),
-                 mask=g_ok[:, None])
+        out = (out / l_tot[:, None]).to(o_ptr.dtype.element_ty)
+        tl.store(o_ptr + heads[:, None] * stride_oh + offs_d[None, :], out, mask=g_ok[:, None])
         tl.atomic_xchg(cnt_ptr + hk, 0)
 
 
@@ -232,21 +232,8 @@ cnt_1b = torch.zeros(HKV, dtype=torch.int32, device=dev)
 
 
 def attention_variant(name: str, substitutions: list):
-    """A copy of kernels/decode_attention.py with each (old, new) substitution made once (as bench_kernels.kernel_variant
-    does for the GEMV)."""
-    import importlib.util
-    import inspect
-    import tempfile
-
-    text = inspect.getsource(da)
-    for old, new in substitutions:
-        assert text.count(old) == 1, (name, old)
-        text = text.replace(old, new)
-    path = Path(tempfile.mkdtemp()) / f"{name}.py"
-    path.write_text(text)
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    """A copy of kernels/decode_attention.py with each substitution made once, its workspace reserved."""
+    mod = kernel_variant(name, substitutions, module=da)
     mod.reserve_workspace(torch.device(dev), 1, H, HKV, L, HD)
     return mod
 

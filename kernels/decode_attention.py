@@ -10,8 +10,9 @@ and Inductor lowers the call to cuDNN behind four copy kernels: ~15 µs per laye
 (NOTES.md, v8). Here one program reads a slice of one KV head's cache once for the G query heads that share it
 (tensor cores, G padded to 16 rows); a position that every head masks (the unused tail of a static cache) is not
 read at all: a mask shared by the heads, as Hugging Face passes it, is loaded as one row that masks the K/V loads
-directly (a per-head mask first tests whether some head attends to the block; NOTES.md, v19); the cache length is split over programs (flash-decoding) and the last program of a KV head to
-arrive combines the partial softmax states (an arrival counter, as the sparse GEMV's split-K): one launch.
+directly (a per-head mask first tests whether some head attends to the block; NOTES.md, v19); the cache length is
+split over programs (flash-decoding) and the last program of a KV head to arrive combines the partial softmax states
+(an arrival counter, as the sparse GEMV's split-K): one launch.
 """
 from __future__ import annotations
 
