@@ -66,6 +66,33 @@ def _prefetch_l2_kernel(ptr, n_lines, LINE: tl.constexpr, PER_PROGRAM: tl.conste
 
 
 @triton.jit
+def _mask_row_and_kv(k_ptr, v_ptr, mask_ptr, hk, offs_l, offs_d, L, stride_kh, stride_kl, stride_vh, stride_vl):
+    """A block's [1, 1, 1, L] boolean mask row and its K/V rows where it keeps them (batch 1)."""
+    in_l = offs_l < L
+    keep_l = in_l & (tl.load(mask_ptr + offs_l, mask=in_l, other=0) != 0)
+    kt = tl.load(k_ptr + hk * stride_kh + offs_l[:, None] * stride_kl + offs_d[None, :], mask=keep_l[:, None],
+                 other=0.0)
+    vt = tl.load(v_ptr + hk * stride_vh + offs_l[:, None] * stride_vl + offs_d[None, :], mask=keep_l[:, None],
+                 other=0.0)
+    return keep_l, kt, vt
+
+
+@triton.jit
+def _attend_one_tile(q_ptr, kt, vt, keep_l, hk, qk_scale, stride_qh, G: tl.constexpr, GP: tl.constexpr,
+                     D: tl.constexpr):
+    """The G query heads of KV head ``hk`` against one tile of positions: (max, sum, unnormalised output), with the
+    shipped kernel's score and softmax steps."""
+    offs_g = tl.arange(0, GP)
+    g_ok = offs_g < G
+    q = tl.load(q_ptr + (hk * G + offs_g)[:, None] * stride_qh + tl.arange(0, D)[None, :], mask=g_ok[:, None],
+                other=0.0)
+    s = da._scores(q, kt, qk_scale, False, False)
+    s = tl.where(g_ok[:, None] & keep_l[None, :], s, float("-inf"))
+    return da._online_softmax_step(s, vt, tl.full((GP,), float("-inf"), tl.float32), tl.zeros((GP,), tl.float32),
+                                   tl.zeros((GP, D), tl.float32), False, False)
+
+
+@triton.jit
 def _attention_one_block_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, o_ptr, acc_ptr, ml_ptr, cnt_ptr, L, qk_scale,
                                 stride_qh, stride_kh, stride_kl, stride_vh, stride_vl, stride_oh,
                                 G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_L: tl.constexpr,
@@ -77,32 +104,16 @@ def _attention_one_block_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, o_ptr, acc_ptr, m
     split = tl.program_id(1)
     offs_g = tl.arange(0, GP)
     offs_d = tl.arange(0, D)
-    g_ok = offs_g < G
-    heads = hk * G + offs_g
     offs_l = split * BLOCK_L + tl.arange(0, BLOCK_L)
-    in_l = offs_l < L
     if KV_FIRST:
-        keep_l = in_l & (tl.load(mask_ptr + offs_l, mask=in_l, other=0) != 0)
-        kt = tl.load(k_ptr + hk * stride_kh + offs_l[:, None] * stride_kl + offs_d[None, :], mask=keep_l[:, None],
-                     other=0.0)
-        vt = tl.load(v_ptr + hk * stride_vh + offs_l[:, None] * stride_vl + offs_d[None, :], mask=keep_l[:, None],
-                     other=0.0)
+        keep_l, kt, vt = _mask_row_and_kv(k_ptr, v_ptr, mask_ptr, hk, offs_l, offs_d, L, stride_kh, stride_kl,
+                                          stride_vh, stride_vl)
         tl.extra.cuda.gdc_wait()
     else:
         tl.extra.cuda.gdc_wait()
-        keep_l = in_l & (tl.load(mask_ptr + offs_l, mask=in_l, other=0) != 0)
-        kt = tl.load(k_ptr + hk * stride_kh + offs_l[:, None] * stride_kl + offs_d[None, :], mask=keep_l[:, None],
-                     other=0.0)
-        vt = tl.load(v_ptr + hk * stride_vh + offs_l[:, None] * stride_vl + offs_d[None, :], mask=keep_l[:, None],
-                     other=0.0)
-    q = tl.load(q_ptr + heads[:, None] * stride_qh + offs_d[None, :], mask=g_ok[:, None], other=0.0)
-    s = tl.dot(q, tl.trans(kt)) * qk_scale
-    s = tl.where(g_ok[:, None] & keep_l[None, :], s, float("-inf"))
-    m_i = tl.max(s, axis=1)
-    m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
-    p = tl.exp2(s - m_safe[:, None])
-    l_i = tl.sum(p, axis=1)
-    acc = tl.dot(p.to(vt.dtype), vt)
+        keep_l, kt, vt = _mask_row_and_kv(k_ptr, v_ptr, mask_ptr, hk, offs_l, offs_d, L, stride_kh, stride_kl,
+                                          stride_vh, stride_vl)
+    m_i, l_i, acc = _attend_one_tile(q_ptr, kt, vt, keep_l, hk, qk_scale, stride_qh, G, GP, D)
     tl.extra.cuda.gdc_launch_dependents()
     slot = hk * NSPLIT + split
     tl.store(acc_ptr + slot * GP * D + offs_g[:, None] * D + offs_d[None, :], acc)
@@ -111,24 +122,10 @@ def _attention_one_block_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, o_ptr, acc_ptr, m
     tl.debug_barrier()
     arrived = tl.atomic_add(cnt_ptr + hk, 1, sem="acq_rel")
     if arrived == NSPLIT - 1:
-        m_tot = tl.full((GP,), float("-inf"), tl.float32)
-        l_tot = tl.zeros((GP,), tl.float32)
-        out = tl.zeros((GP, D), tl.float32)
-        for s_idx in range(0, NSPLIT):
-            other = hk * NSPLIT + s_idx
-            m_s = tl.load(ml_ptr + other * 2 * GP + offs_g, cache_modifier=".cg")
-            l_s = tl.load(ml_ptr + other * 2 * GP + GP + offs_g, cache_modifier=".cg")
-            a_s = tl.load(acc_ptr + other * GP * D + offs_g[:, None] * D + offs_d[None, :], cache_modifier=".cg")
-            m_new = tl.maximum(m_tot, m_s)
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            w_old = tl.exp2(m_tot - m_safe)
-            w_s = tl.exp2(m_s - m_safe)
-            l_tot = l_tot * w_old + l_s * w_s
-            out = out * w_old[:, None] + a_s * w_s[:, None]
-            m_tot = m_new
-        l_tot = tl.where(g_ok, l_tot, 1.0)
-        out = (out / l_tot[:, None]).to(o_ptr.dtype.element_ty)
-        tl.store(o_ptr + heads[:, None] * stride_oh + offs_d[None, :], out, mask=g_ok[:, None])
+        out, l_tot = da._merge_splits(acc_ptr, ml_ptr, hk * NSPLIT, offs_g, offs_d, GP, D, NSPLIT)
+        g_ok = offs_g < G
+        out = (out / tl.where(g_ok, l_tot, 1.0)[:, None]).to(o_ptr.dtype.element_ty)
+        tl.store(o_ptr + (hk * G + offs_g)[:, None] * stride_oh + offs_d[None, :], out, mask=g_ok[:, None])
         tl.atomic_xchg(cnt_ptr + hk, 0)
 
 
@@ -141,27 +138,14 @@ def _attention_whole_cache_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, o_ptr, L, qk_sc
     hk = tl.program_id(0)
     offs_g = tl.arange(0, GP)
     offs_d = tl.arange(0, D)
-    g_ok = offs_g < G
-    heads = hk * G + offs_g
-    offs_l = tl.arange(0, BLOCK_L)
-    in_l = offs_l < L
     tl.extra.cuda.gdc_wait()
-    keep_l = in_l & (tl.load(mask_ptr + offs_l, mask=in_l, other=0) != 0)
-    kt = tl.load(k_ptr + hk * stride_kh + offs_l[:, None] * stride_kl + offs_d[None, :], mask=keep_l[:, None],
-                 other=0.0)
-    vt = tl.load(v_ptr + hk * stride_vh + offs_l[:, None] * stride_vl + offs_d[None, :], mask=keep_l[:, None],
-                 other=0.0)
-    q = tl.load(q_ptr + heads[:, None] * stride_qh + offs_d[None, :], mask=g_ok[:, None], other=0.0)
-    s = tl.dot(q, tl.trans(kt)) * qk_scale
-    s = tl.where(g_ok[:, None] & keep_l[None, :], s, float("-inf"))
-    m_i = tl.max(s, axis=1)
-    m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
-    p = tl.exp2(s - m_safe[:, None])
-    l_i = tl.where(g_ok, tl.sum(p, axis=1), 1.0)
-    acc = tl.dot(p.to(vt.dtype), vt)
+    keep_l, kt, vt = _mask_row_and_kv(k_ptr, v_ptr, mask_ptr, hk, tl.arange(0, BLOCK_L), offs_d, L, stride_kh,
+                                      stride_kl, stride_vh, stride_vl)
+    m_i, l_i, acc = _attend_one_tile(q_ptr, kt, vt, keep_l, hk, qk_scale, stride_qh, G, GP, D)
     tl.extra.cuda.gdc_launch_dependents()
-    tl.store(o_ptr + heads[:, None] * stride_oh + offs_d[None, :], (acc / l_i[:, None]).to(o_ptr.dtype.element_ty),
-             mask=g_ok[:, None])
+    g_ok = offs_g < G
+    out = (acc / tl.where(g_ok, l_i, 1.0)[:, None]).to(o_ptr.dtype.element_ty)
+    tl.store(o_ptr + (hk * G + offs_g)[:, None] * stride_oh + offs_d[None, :], out, mask=g_ok[:, None])
 
 
 def prefetch_l2(t: torch.Tensor, nbytes: int, evict_last: bool = False, per_program: int = 1024) -> None:

@@ -65,9 +65,8 @@ def _down_from_sums_kernel(ws_ptr, cnt_ptr, rd_ptr, w_ptr, out_ptr, UP_OFF, t, s
     offs = k_lo + tl.arange(0, K_PER)
     g = tl.load(ws_ptr + offs, cache_modifier=".cg")
     u = tl.load(ws_ptr + UP_OFF + offs, cache_modifier=".cg")
-    g = g.to(tl.bfloat16).to(tl.float32)
-    a = (g / (1.0 + tl.exp(-g))).to(tl.bfloat16).to(tl.float32)
-    x_all = tl.reshape((a * u.to(tl.bfloat16).to(tl.float32)).to(tl.bfloat16).to(tl.float32), (K_PER // BK, BK))
+    act = variant._silu_times_up(g, u, tl.bfloat16).to(tl.bfloat16).to(tl.float32)  # as the SwiGLU finish stores it
+    x_all = tl.reshape(act, (K_PER // BK, BK))
     rows = tl.arange(0, K_PER // BK)
     acc = tl.zeros((BN,), dtype=tl.float32)
     for i in range(K_PER // BK):  # not unrolled: a static range hoists every tile's loads (~300 µs a call)

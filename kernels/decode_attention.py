@@ -78,6 +78,42 @@ if HAS_TRITON:
         return m_new, l_i, acc * alpha[:, None] + pv
 
     @triton.jit
+    def _attend_block(q, k_blk, v_blk, kv_mask, attend, bias, m_i, l_i, acc, qk_scale, MASK: tl.constexpr,
+                      IEEE: tl.constexpr, UPCAST: tl.constexpr):
+        """One block of positions: its K/V rows where ``kv_mask`` (the rest not read), the scores (+ the additive
+        mask ``bias`` when MASK == 2) where ``attend`` ([heads, positions]), folded into the running softmax state."""
+        kt = tl.load(k_blk, mask=kv_mask, other=0.0)
+        vt = tl.load(v_blk, mask=kv_mask, other=0.0)
+        s = _scores(q, kt, qk_scale, IEEE, UPCAST)
+        if MASK == 2:
+            s = s + bias * 1.4426950408889634
+        s = tl.where(attend, s, float("-inf"))
+        return _online_softmax_step(s, vt, m_i, l_i, acc, IEEE, UPCAST)
+
+    @triton.jit
+    def _merge_splits(acc_ptr, ml_ptr, first_slot, offs_g, offs_d, GP: tl.constexpr, DP: tl.constexpr,
+                      NSPLIT: tl.constexpr):
+        """The softmax states of a KV head's NSPLIT splits (slots from ``first_slot``, read at L2: .cg) combined:
+        (unnormalised output, sum). (Loading every split at once, one [splits, D] tile per head, was slower: NOTES.md,
+        v8.)"""
+        m_tot = tl.full((GP,), float("-inf"), tl.float32)
+        l_tot = tl.zeros((GP,), tl.float32)
+        out = tl.zeros((GP, DP), tl.float32)
+        for s_idx in range(0, NSPLIT):
+            other = first_slot + s_idx
+            m_s = tl.load(ml_ptr + other * 2 * GP + offs_g, cache_modifier=".cg")
+            l_s = tl.load(ml_ptr + other * 2 * GP + GP + offs_g, cache_modifier=".cg")
+            a_s = tl.load(acc_ptr + other * GP * DP + offs_g[:, None] * DP + offs_d[None, :], cache_modifier=".cg")
+            m_new = tl.maximum(m_tot, m_s)
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            w_old = tl.exp2(m_tot - m_safe)
+            w_s = tl.exp2(m_s - m_safe)
+            l_tot = l_tot * w_old + l_s * w_s
+            out = out * w_old[:, None] + a_s * w_s[:, None]
+            m_tot = m_new
+        return out, l_tot
+
+    @triton.jit
     def _decode_attention_kernel(
         q_ptr, k_ptr, v_ptr, mask_ptr, o_ptr, acc_ptr, ml_ptr, cnt_ptr,
         L, L_PER_SPLIT, HKV, qk_scale,
@@ -116,6 +152,9 @@ if HAS_TRITON:
         hi = tl.minimum(lo + L_PER_SPLIT, L)
         for start in range(lo, hi, BLOCK_L):
             offs_l = start + tl.arange(0, BLOCK_L)
+            k_blk = k_ptr + b * stride_kb + hk * stride_kh + offs_l[:, None] * stride_kl + offs_d[None, :] * stride_kd
+            v_blk = v_ptr + b * stride_vb + hk * stride_vh + offs_l[:, None] * stride_vl + offs_d[None, :] * stride_vd
+            bias = 0.0
             if MASK_ROW:
                 # one mask row for every head: the K/V loads are masked by it directly (masked rows are not read), with
                 # no test for a wholly masked block first, which cost a dependent reduction (NOTES.md, v19)
@@ -126,18 +165,12 @@ if HAS_TRITON:
                 elif MASK == 2:
                     bias_l = tl.load(mask_ptr + l_offs, mask=l_ok, other=float("-inf")).to(tl.float32)
                     keep_l = l_ok & (bias_l != float("-inf"))
+                    bias = bias_l[None, :]
                 else:
                     keep_l = l_ok
-                kv_mask = keep_l[:, None] & d_ok[None, :]
-                kt = tl.load(k_ptr + b * stride_kb + hk * stride_kh + offs_l[:, None] * stride_kl
-                             + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
-                vt = tl.load(v_ptr + b * stride_vb + hk * stride_vh + offs_l[:, None] * stride_vl
-                             + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
-                s = _scores(q, kt, qk_scale, IEEE, UPCAST)
-                if MASK == 2:
-                    s = s + bias_l[None, :] * 1.4426950408889634
-                s = tl.where(g_ok[:, None] & keep_l[None, :], s, float("-inf"))
-                m_i, l_i, acc = _online_softmax_step(s, vt, m_i, l_i, acc, IEEE, UPCAST)
+                m_i, l_i, acc = _attend_block(q, k_blk, v_blk, keep_l[:, None] & d_ok[None, :],
+                                              g_ok[:, None] & keep_l[None, :], bias, m_i, l_i, acc, qk_scale, MASK,
+                                              IEEE, UPCAST)
             else:
                 valid = g_ok[:, None] & (offs_l < hi)[None, :]
                 m_offs = b * stride_mb + heads[:, None] * stride_mh + offs_l[None, :] * stride_ml
@@ -148,16 +181,8 @@ if HAS_TRITON:
                     keep = valid & (bias != float("-inf"))
                 if tl.max(tl.max(keep.to(tl.int32), axis=1), axis=0) > 0:  # else: every head masks the block, skip it
                     needed = tl.max(keep.to(tl.int32), axis=0) > 0  # positions some head attends to
-                    kv_mask = needed[:, None] & d_ok[None, :]
-                    kt = tl.load(k_ptr + b * stride_kb + hk * stride_kh + offs_l[:, None] * stride_kl
-                                 + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
-                    vt = tl.load(v_ptr + b * stride_vb + hk * stride_vh + offs_l[:, None] * stride_vl
-                                 + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
-                    s = _scores(q, kt, qk_scale, IEEE, UPCAST)
-                    if MASK == 2:
-                        s = s + bias * 1.4426950408889634
-                    s = tl.where(keep, s, float("-inf"))
-                    m_i, l_i, acc = _online_softmax_step(s, vt, m_i, l_i, acc, IEEE, UPCAST)
+                    m_i, l_i, acc = _attend_block(q, k_blk, v_blk, needed[:, None] & d_ok[None, :], keep, bias, m_i,
+                                                  l_i, acc, qk_scale, MASK, IEEE, UPCAST)
         if PDL:
             tl.extra.cuda.gdc_launch_dependents()
         o_offs = b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :] * stride_od
@@ -166,8 +191,7 @@ if HAS_TRITON:
             tl.store(o_ptr + o_offs, (acc / l_i[:, None]).to(o_ptr.dtype.element_ty), mask=gd_mask)
         else:
             # this split's softmax state (running max, sum, unnormalised output) to the workspace; the last split of
-            # this KV head to arrive merges all of them (read at L2: .cg) and resets the counter for the next launch.
-            # (Loading every split at once, one [splits, D] tile per head, was slower: NOTES.md, v8.)
+            # this KV head to arrive merges all of them and resets the counter for the next launch
             slot = bh * NSPLIT + split
             tl.store(acc_ptr + slot * GP * DP + offs_g[:, None] * DP + offs_d[None, :], acc)
             tl.store(ml_ptr + slot * 2 * GP + offs_g, m_i)
@@ -175,22 +199,7 @@ if HAS_TRITON:
             tl.debug_barrier()
             arrived = tl.atomic_add(cnt_ptr + bh, 1, sem="acq_rel")
             if arrived == NSPLIT - 1:
-                m_tot = tl.full((GP,), float("-inf"), tl.float32)
-                l_tot = tl.zeros((GP,), tl.float32)
-                out = tl.zeros((GP, DP), tl.float32)
-                for s_idx in range(0, NSPLIT):
-                    other = bh * NSPLIT + s_idx
-                    m_s = tl.load(ml_ptr + other * 2 * GP + offs_g, cache_modifier=".cg")
-                    l_s = tl.load(ml_ptr + other * 2 * GP + GP + offs_g, cache_modifier=".cg")
-                    a_s = tl.load(acc_ptr + other * GP * DP + offs_g[:, None] * DP + offs_d[None, :],
-                                  cache_modifier=".cg")
-                    m_new = tl.maximum(m_tot, m_s)
-                    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                    w_old = tl.exp2(m_tot - m_safe)
-                    w_s = tl.exp2(m_s - m_safe)
-                    l_tot = l_tot * w_old + l_s * w_s
-                    out = out * w_old[:, None] + a_s * w_s[:, None]
-                    m_tot = m_new
+                out, l_tot = _merge_splits(acc_ptr, ml_ptr, bh * NSPLIT, offs_g, offs_d, GP, DP, NSPLIT)
                 l_tot = tl.where(g_ok, l_tot, 1.0)
                 tl.store(o_ptr + o_offs, (out / l_tot[:, None]).to(o_ptr.dtype.element_ty), mask=gd_mask)
                 tl.atomic_xchg(cnt_ptr + bh, 0)
