@@ -1,6 +1,6 @@
 """Decode attention on the GPU: ``teal::decode_attention`` against what a decode step runs without it.
 
-    python examples/bench_attention.py [--out examples/results/attention_h100.md]
+    python examples/bench_attention.py [--out examples/results/attention_<gpu>.md]
 
 Llama-3-8B heads (32 query heads on 8 KV heads, head dim 128), bf16, static caches of 512 to 8192 positions filled
 to half (the rest masked, as in a decode step), batch 1 and 4. µs per call in a CUDA graph over 32 layers' caches
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from bench_kernels import graph_time_us, read_bandwidth  # noqa: E402
+from bench_kernels import default_out, graph_time_us, read_bandwidth  # noqa: E402
 
 from teal_fx.kernels import decode_attention as da  # noqa: E402
 
@@ -63,12 +63,13 @@ def case(batch: int, length: int, fill: int, inductor) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default="examples/results/attention_h100.md")
+    ap.add_argument("--out", help="default: examples/results/attention_<gpu>.md (attention_h100.md on an H100)")
     ap.add_argument("--lengths", default="512,2048,8192")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("bench_attention needs a CUDA GPU", file=sys.stderr)
         return 1
+    args.out = args.out or default_out("attention")
     torch.manual_seed(0)
     bw = read_bandwidth()
     inductor = torch.compile(hf_sdpa, dynamic=False)

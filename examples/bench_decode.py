@@ -1,6 +1,6 @@
 """End-to-end decode benchmark on a Llama-3-8B-shaped model (random weights, bf16), one command, one run:
 
-    python examples/bench_decode.py [--new-tokens 256] [--sparsities 0.4,0.5] [--out examples/results/decode_h100.md]
+    python examples/bench_decode.py [--new-tokens 256] [--sparsities 0.4,0.5] [--out examples/results/decode_<gpu>.md]
 
 tokens/s of the lean loop (teal_fx.generate, static cache, decode step captured as a CUDA graph through
 mode="reduce-overhead") and of Hugging Face generate() (static cache, decode step compiled through the named backend)
@@ -26,7 +26,7 @@ from teal_fx.backend import CUDA_INDUCTOR_DEFAULTS
 from teal_fx.generate import argmax_disagreements, decode_logits
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from bench_kernels import read_bandwidth  # noqa: E402  (the same measurement as the kernel table's)
+from bench_kernels import default_out, read_bandwidth  # noqa: E402  (the same measurement as the kernel table's)
 
 WEIGHT_BYTES_PER_TOKEN = 15.01e9  # Llama-3-8B bf16: seven block linears 13.96 GB + lm_head 1.05 GB (ANCHORS.md)
 BLOCK_BYTES = 13.96e9
@@ -104,11 +104,12 @@ def main() -> int:
     ap.add_argument("--dense-tuned", action=argparse.BooleanOptionalAction, default=True,
                     help="also Inductor dense with coordinate-descent tuning, gpt-fast's setting: Inductor then "
                          "writes one-row matmuls as Triton reductions and tunes them, instead of calling cuBLAS")
-    ap.add_argument("--out", default="examples/results/decode_h100.md")
+    ap.add_argument("--out", help="default: examples/results/decode_<gpu>.md (decode_h100.md on an H100)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("bench_decode needs a CUDA GPU", file=sys.stderr)
         return 1
+    args.out = args.out or default_out("decode")
     torch.manual_seed(0)
     bw = read_bandwidth()
     roof = bw / WEIGHT_BYTES_PER_TOKEN

@@ -1,6 +1,6 @@
 """Benchmark of the Triton sparse GEMV on Llama-3-8B shapes, against cuBLAS dense and the bandwidth roofline.
 
-    python examples/bench_kernels.py [--quick] [--sweep] [--out examples/results/kernels.md]
+    python examples/bench_kernels.py [--quick] [--sweep] [--out examples/results/kernels_<gpu>.md]
 
 Each figure is µs per call inside a CUDA graph of many calls over rotating weight copies (together larger than
 L2), so neither launch overhead nor cache hits flatter it. roofline = bytes of the weight rows that some row of
@@ -14,6 +14,7 @@ import datetime
 import math
 import os
 import platform
+import re
 import shlex
 import statistics
 import sys
@@ -54,6 +55,17 @@ def read_bandwidth(gib: int = 4) -> float:
 
 def x_bytes(gib: int) -> int:
     return gib * 2**30
+
+
+def gpu_tag(name: str) -> str:
+    """A short name for a GPU model, for result files: 'NVIDIA H100 80GB HBM3' -> 'h100', 'NVIDIA H200' -> 'h200'."""
+    m = re.search(r"\b([A-Z]{1,2}\d{2,4}[A-Z]?)\b", name)
+    return m.group(1).lower() if m else re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_") or "gpu"
+
+
+def default_out(kind: str) -> str:
+    """examples/results/<kind>_<gpu>.md for the GPU this runs on, so a run on another GPU never overwrites a table."""
+    return f"examples/results/{kind}_{gpu_tag(torch.cuda.get_device_name())}.md"
 
 
 def probe_setup(script: str) -> tuple[float, int]:
@@ -267,7 +279,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="bf16 at 0 and 50% only")
     ap.add_argument("--sweep", action="store_true", help="search tile configs on the main shapes at 50%")
-    ap.add_argument("--out", default="examples/results/kernels_h100.md")
+    ap.add_argument("--out", help="default: examples/results/kernels_<gpu>.md (kernels_h100.md on an H100)")
     ap.add_argument("--sweep-shapes", default="q/o 4096x4096,gate/up 14336x4096,down 4096x14336")
     ap.add_argument("--sweep-batch", type=int, default=1)
     ap.add_argument("--sweep-sparsity", default="0.5", help="comma-separated sparsities")
@@ -278,6 +290,7 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("bench_kernels needs a CUDA GPU", file=sys.stderr)
         return 1
+    args.out = args.out or default_out("kernels")
     props = torch.cuda.get_device_properties(0)
     l2 = props.L2_cache_size
     bw = read_bandwidth()
@@ -351,7 +364,7 @@ def main() -> int:
     lines += ["", f"One Llama-3-8B block at 50%, bf16, grouped as the backend issues it (q+k+v, o, gate+up with "
                   f"silu(gate) * up, down: 4 launches): **{block['us']:.1f} µs** ({block_plain['us']:.1f} µs without "
                   f"PDL); as 7 launches: {block7['us']:.1f} µs (roofline {block['roof_us']:.1f} µs; reference TEAL "
-                  f"100.9 µs).", "",
+                  f"100.9 µs on the H100 of ANCHORS.md).", "",
               f"Command: `{shlex.join(['python', 'examples/bench_kernels.py', *sys.argv[1:]])}`", ""]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
