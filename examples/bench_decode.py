@@ -22,11 +22,9 @@ from pathlib import Path
 import torch
 
 import teal_fx
-from teal_fx.backend import CUDA_INDUCTOR_DEFAULTS
+from bench_common import default_out, read_bandwidth  # the same measurement as the kernel table's
 from teal_fx.generate import argmax_disagreements, decode_logits
-
-sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from bench_kernels import default_out, read_bandwidth  # noqa: E402  (the same measurement as the kernel table's)
+from teal_fx.inductor import CUDA_INDUCTOR_DEFAULTS
 
 WEIGHT_BYTES_PER_TOKEN = 15.01e9  # Llama-3-8B bf16: seven block linears 13.96 GB + lm_head 1.05 GB (ANCHORS.md)
 BLOCK_BYTES = 13.96e9
@@ -60,7 +58,7 @@ def decode_speed(run, new_tokens: int) -> tuple[float, float]:
     ``run(n)`` generates n tokens; decode speed = (n - 1) / (T(n) - T(1)), best of 2, so the prefill is excluded.
     """
     first = timed(lambda: run(4))
-    best = {n: min(timed(lambda: run(n)) for _ in range(2)) for n in (1, new_tokens)}
+    best = {n: min(timed(lambda n=n: run(n)) for _ in range(2)) for n in (1, new_tokens)}
     return (new_tokens - 1) / (best[new_tokens] - best[1]), first
 
 
@@ -258,14 +256,17 @@ def write(out: Path, args, bw: float, roof: float, rows: list, notes: list, fast
         f"({WEIGHT_BYTES_PER_TOKEN / 1e9:.2f} GB/token, ANCHORS.md scaled to this bandwidth)",
         "- thresholds: uniform, calibrated on the model's own activations (2 x 256 random-token sequences); "
         "teal = q/k/v and gate/up grouped (4 sparse launches per block, silu(gate) * up formed by the gate/up "
-        "launch, the residual add and the next RMSNorm by the o and down launches), the decode step's attention as teal::decode_attention (rows marked 'sdpa attention' keep sdpa, as "
+        "launch, the residual add and the next RMSNorm by the o and down launches), the decode step's attention as "
+        "teal::decode_attention (rows marked 'sdpa attention' keep sdpa, as "
         "Inductor dense does), the cache counters' increments as one launch, programmatic dependent launches "
-        "of teal's kernels and of Inductor's (each Inductor kernel waiting before its first access: NOTES v12, v14), and "
+        "of teal's kernels and of Inductor's (each Inductor kernel waiting before its first access: docs/design.md, "
+        "'Launch boundaries'), and "
         "Inductor's combo_kernels (a dense row shows these Inductor settings alone)",
         "- 'vs dense' compares with the Inductor dense row (default settings) of the same path and batch (lean loop or "
         "HF generate()); 'vs fastest dense' with the fastest dense row of the same path and batch measured in this run",
         "",
-        "| path | batch | tok/s per sequence | ms/token | vs dense | vs fastest dense | share of dense roofline | first call incl. compile (s) | peak GPU memory (GiB) |",
+        "| path | batch | tok/s per sequence | ms/token | vs dense | vs fastest dense | share of dense roofline | "
+        "first call incl. compile (s) | peak GPU memory (GiB) |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, b, t, first, peak, ratio, key in rows:

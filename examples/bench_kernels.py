@@ -9,21 +9,20 @@ x needs / read bandwidth measured in this same run. The table is written as mark
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import math
-import os
 import platform
-import re
 import shlex
-import statistics
 import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from bench_common import default_out, dependent_launches, graph_time_us, read_bandwidth
 from teal_fx.kernels import sparse_gemv as sg
+from teal_fx.kernels.reference import reference_sparse_linear
+from teal_fx.kernels.sparse_gemv_config import make_config
 
 SHAPES = {  # name: (N, K)
     "q/o 4096x4096": (4096, 4096),
@@ -34,115 +33,6 @@ SHAPES = {  # name: (N, K)
     "down 4096x14336": (4096, 14336),
 }
 SPARSITIES = (0.0, 0.25, 0.4, 0.5, 0.65, 0.9)
-
-
-def read_bandwidth(gib: int = 4) -> float:
-    """Bytes/s of a bf16 sum over ``gib`` GiB (read only), median of 10."""
-    x = torch.randn(gib * 2**29, dtype=torch.bfloat16, device="cuda")
-    for _ in range(3):
-        x.sum()
-    times = []
-    for _ in range(10):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        x.sum()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / 1e3)
-    del x
-    return x_bytes(gib) / statistics.median(times)
-
-
-def x_bytes(gib: int) -> int:
-    return gib * 2**30
-
-
-def gpu_tag(name: str) -> str:
-    """A short name for a GPU model, for result files: 'NVIDIA H100 80GB HBM3' -> 'h100', 'NVIDIA H200' -> 'h200'."""
-    m = re.search(r"\b([A-Z]{1,2}\d{2,4}[A-Z]?)\b", name)
-    return m.group(1).lower() if m else re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_") or "gpu"
-
-
-def default_out(kind: str) -> str:
-    """examples/results/<kind>_<gpu>.md for the GPU this runs on, so a run on another GPU never overwrites a table."""
-    return f"examples/results/{kind}_{gpu_tag(torch.cuda.get_device_name())}.md"
-
-
-def probe_setup(script: str) -> tuple[float, int]:
-    """The GPU probes' common start: exit without a CUDA GPU, else (read bandwidth in bytes/s, L2 bytes), printed."""
-    if not torch.cuda.is_available():
-        sys.exit(f"{script} needs a CUDA GPU")
-    bw = read_bandwidth()
-    print(f"read bandwidth {bw / 1e12:.2f} TB/s", flush=True)
-    return bw, torch.cuda.get_device_properties(0).L2_cache_size
-
-
-def kernel_variant(name: str, substitutions: list, module=None):
-    """A copy of kernels/sparse_gemv.py (or of ``module``) with each (old, new) text substitution made exactly once,
-    imported as its own module ``name``: how the probes time a variant of a kernel without touching the shipped one."""
-    import importlib.util
-    import inspect
-    import tempfile
-
-    text = inspect.getsource(module or sg)
-    for old, new in substitutions:
-        assert text.count(old) == 1, (name, old)
-        text = text.replace(old, new)
-    path = Path(tempfile.mkdtemp()) / f"{name}.py"
-    path.write_text(text)
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def compiled_kernels(kernel) -> dict:
-    """Every compiled variant of a Triton kernel so far, cache key -> CompiledKernel (``n_regs``: its registers a
-    thread), so a probe can tell which compile a config got by the keys that are new after it."""
-    out = {}
-    for caches in kernel.device_caches.values():
-        out.update(caches[0])
-    return out
-
-
-def graph_time_us(calls: list, replays: int = 20) -> float:
-    """Median µs per call of ``calls`` captured once in a CUDA graph and replayed."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for f in calls:
-            f()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for f in calls:
-            f()
-    for _ in range(3):
-        g.replay()
-    times = []
-    for _ in range(replays):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3 / len(calls))
-    return statistics.median(times)
-
-
-@contextlib.contextmanager
-def dependent_launches(on: bool):
-    """Launch the teal kernels with programmatic dependent launch or not (kernels/pdl.py reads TEAL_PDL at each
-    launch; a CUDA graph keeps what its capture saw)."""
-    before = os.environ.get("TEAL_PDL")
-    os.environ["TEAL_PDL"] = "1" if on else "0"
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ["TEAL_PDL"]
-        else:
-            os.environ["TEAL_PDL"] = before
 
 
 def make_case(N: int, K: int, M: int, sparsity: float, dtype, l2_bytes: int):
@@ -156,7 +46,7 @@ def make_case(N: int, K: int, M: int, sparsity: float, dtype, l2_bytes: int):
 
 
 def check(x, w, t, y) -> float:
-    ref = sg.reference_sparse_gemv(x, w, None, t)
+    ref = reference_sparse_linear(x.double(), w.double(), None, t)
     return float((y.double() - ref).norm() / ref.norm())
 
 
@@ -183,27 +73,14 @@ def bench_shape(N, K, M, sparsity, dtype, bw, l2, config=None, calls: int = 32) 
                 err=err)
 
 
-# one Llama-3-8B block: its seven linears (N, K) in the order q, k, v, o, gate, up, down, the backend's four launches
-# (q+k+v, o, gate+up, down) and each launch's (N, K) as one grid
+# one Llama-3-8B block: its seven linears (N, K) in the order q, k, v, o, gate, up, down, and the backend's four
+# launches (q+k+v, o, gate+up, down)
 BLOCK_LINEARS = [(4096, 4096), (1024, 4096), (1024, 4096), (4096, 4096), (14336, 4096), (14336, 4096), (4096, 14336)]
 BLOCK_GROUPS = [[0, 1, 2], [3], [4, 5], [6]]
-BLOCK_LAUNCHES = {i: (sum(BLOCK_LINEARS[j][0] for j in g), BLOCK_LINEARS[g[0]][1]) for i, g in enumerate(BLOCK_GROUPS)}
-
-
-def one_row_config(N: int, K: int, BK: int, iters: int, warps: int = 1, compact: bool = False) -> dict:
-    """A one-row launch config in the in-thread layout (256 columns a warp, ``iters`` tiles of ``BK`` rows a
-    program), masked or, with ``compact``, the packed loop: the candidates the probes time against the default."""
-    return sg.make_config(N, K, BN=256 * warps, BK=BK, iters=iters, use_dot=False, num_warps=warps, num_stages=1,
-                          in_thread=True, compact=compact)
-
-
-def bench_block(sparsity: float, dtype, bw: float, l2: int, layers: int = 4, grouped: bool = True,
-                configs: dict | None = None) -> dict:
+def bench_block(sparsity: float, dtype, bw: float, l2: int, layers: int = 4, grouped: bool = True) -> dict:
     """One Llama-3-8B block at ``sparsity`` as the backend issues it: grouped, 4 launches (q+k+v, o, gate+up with
     silu(gate) * up formed in the launch, down; passes/group_shared_input.py, passes/fuse_swiglu.py), or one launch
-    per linear (7). Each input has its own threshold. ``configs``: launch configs by launch index (default: the
-    launcher's choice), to compare tilings in the block rather than alone (examples/probe_block_configs.py)."""
-    configs = configs or {}
+    per linear (7). Each input has its own threshold; each launch takes the launcher's config."""
     shapes = BLOCK_LINEARS
     launches = BLOCK_GROUPS if grouped else [[j] for j in range(len(shapes))]
     layer_ws = []
@@ -219,15 +96,14 @@ def bench_block(sparsity: float, dtype, bw: float, l2: int, layers: int = 4, gro
     outs = [torch.empty(1, N, dtype=dtype, device="cuda") for N, _ in shapes]
     calls = []
     for ws in layer_ws:
-        for i, group in enumerate(launches):
-            cfg = configs.get(i)
+        for group in launches:
             if group == [4, 5]:  # gate, up: the SwiGLU launch
-                calls.append(lambda ws=ws, cfg=cfg: sg.sparse_gemv_swiglu(x_of[4], ws[4], ws[5], ts[4], ts[5],
-                                                                          config=cfg, out=outs[4], sparsity=sparsity))
+                calls.append(lambda ws=ws: sg.sparse_gemv_swiglu(x_of[4], ws[4], ws[5], ts[4], ts[5], out=outs[4],
+                                                                 sparsity=sparsity))
                 continue
-            calls.append(lambda ws=ws, g=group, cfg=cfg: sg.sparse_gemv_group(
-                x_of[g[0]], [ws[j] for j in g], [None] * len(g), [ts[j] for j in g], config=cfg,
-                outs=[outs[j] for j in g], sparsity=sparsity))
+            calls.append(lambda ws=ws, g=group: sg.sparse_gemv_group(
+                x_of[g[0]], [ws[j] for j in g], [None] * len(g), [ts[j] for j in g], outs=[outs[j] for j in g],
+                sparsity=sparsity))
     us = graph_time_us(calls) * len(launches)
     roof = sum((1 - sparsity) * N * K * 2 for N, K in shapes) / bw * 1e6
     return dict(us=us, roof_us=roof)
@@ -241,14 +117,14 @@ SWEEP = (  # loop over every input, [BK, BN] FMAs reduced after the loop ...
        for c in (False, True) for nw in (1, 2, 4) for kps in (64, 128, 256)]
     # ... shorter programs (more of them) for the small shapes
     + [dict(BN=256, BK=16, iters=it, use_dot=False, num_warps=1, num_stages=1, in_thread=True) for it in (1, 2)]
-    # ... 32-row tiles (a thread issues a tile's 32 loads at once; 162 registers; NOTES v10), and 8-row tiles for
+    # ... 32-row tiles (a thread issues a tile's 32 loads at once; 162 registers), and 8-row tiles for
     # batches (a thread sums rows x 8 inputs x 8 columns: half the registers of 16 inputs)
     + [dict(BN=256, BK=bk, iters=it, use_dot=False, num_warps=1, num_stages=1, in_thread=True)
        for bk, its in ((32, (1, 2, 4, 8)), (8, (8, 16))) for it in its]
     # ... and the tensor-core path (rows padded to 16), whose weight tiles Triton stages through shared memory
     + [dict(BN=128, BK=32, iters=it, use_dot=True, num_warps=4, num_stages=3) for it in (8, 16)]
 )
-# batches (--sweep-batch > 1): the one-warp in-thread loops above, and a grid of tensor-core tiles (NOTES v7)
+# batches (--sweep-batch > 1): the one-warp in-thread loops above, and a grid of tensor-core tiles
 SWEEP_BATCH = (
     [p for p in SWEEP if p.get("in_thread") and not p.get("compact") and p["num_warps"] == 1]
     + [dict(BN=bn, BK=bk, iters=it, use_dot=True, num_warps=nw, num_stages=st)
@@ -264,7 +140,7 @@ def sweep_shape(N: int, K: int, M: int, sparsity: float, bw: float, l2: int, con
     roof = needed * N * K * 2 / bw * 1e6
     res = []
     for p in configs:
-        cfg = sg.make_config(N, K, **p) if p else None  # None: the launcher's own choice for this sparsity
+        cfg = make_config(N, K, **p) if p else None  # None: the launcher's own choice for this sparsity
         try:
             us, err = time_sparse(x, ws_col, t, cfg, sparsity, calls=16)
         except Exception as e:  # a config Triton cannot build (e.g. out of shared memory)
@@ -312,7 +188,7 @@ def main() -> int:
                          lambda p: p.get("in_thread") and not p.get("compact"), lambda p: p.get("compact"),
                          lambda p: p["use_dot"]):
                 for us, p, cfg, err, frac in [z for z in res if kind(z[1])][:3 if args.sweep_kind == "all" else None]:
-                    print(f"   {us:7.2f} us  frac {frac:.2f}  {p}  split={cfg['SPLIT_K']} err={err:.1e}", flush=True)
+                    print(f"   {us:7.2f} us  frac {frac:.2f}  {p}  split={cfg.split_k} err={err:.1e}", flush=True)
         if args.sweep_only:
             return 0
 
@@ -355,7 +231,8 @@ def main() -> int:
         "and ramp overlap the previous call's tail; kernels/pdl.py); 'no PDL': the same kernel launched plainly, "
         "as cuBLAS is. Share of roofline and speedup use the first.",
         "",
-        "| dtype | shape (N x K) | batch | sparsity | teal µs | teal µs, no PDL | cuBLAS dense µs | roofline µs | share of roofline | speedup vs dense | rel. error vs fp64 |",
+        "| dtype | shape (N x K) | batch | sparsity | teal µs | teal µs, no PDL | cuBLAS dense µs | roofline µs | "
+        "share of roofline | speedup vs dense | rel. error vs fp64 |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for dt, name, M, s, r in rows:

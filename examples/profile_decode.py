@@ -17,9 +17,7 @@ from collections import defaultdict
 import torch
 
 import teal_fx
-
-sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from bench_decode import build_model, decode_speed, hf, lean  # noqa: E402
+from bench_decode import build_model, decode_speed, hf, lean
 
 
 def show_syncs(run) -> None:

@@ -15,10 +15,8 @@ import time
 import torch
 
 import teal_fx
+from bench_decode import build_model
 from teal_fx.calibrate import defaults_for
-
-sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from bench_decode import build_model  # noqa: E402
 
 
 def main() -> int:

@@ -1,8 +1,15 @@
-"""Kernels and the custom ops the rewrite pass inserts.
+"""Kernels and the custom ops the rewrite passes insert, by layer:
 
-``teal::sparse_linear`` (``sparse_linear.py``) is the op; ``sparse_gemv.py`` holds the Triton kernel it dispatches
-to on CUDA, with its launcher and its reference side by side. ``teal::decode_attention`` (``decode_attention.py``:
-op, kernel, launcher, reference) replaces sdpa in decode steps.
+    ops.py                     torch.library registrations of teal::* (fakes, autograd), dispatching to:
+    sparse_gemv.py             launchers of the sparse GEMV (one, grouped, SwiGLU, add + RMSNorm)
+      sparse_gemv_config.py    its launch config, a typed value, and the rule that picks it
+      sparse_gemv_triton.py    its jitted Triton kernels
+    decode_attention.py        launcher (and config) of the decode attention
+      decode_attention_triton.py   its jitted Triton kernel
+    reference.py               the one reference implementation of every op (CPU, prefill, tests)
+    pdl.py, workspace.py, triton_support.py   what the launchers share
+
+Importing ``teal_fx.kernels`` registers ``torch.ops.teal.*``.
 """
 if __name__ != "teal_fx.kernels":
     # Imported as a top-level ``kernels`` because the repository root is on sys.path (``python -c`` there):
@@ -10,10 +17,17 @@ if __name__ != "teal_fx.kernels":
     # (no __file__), which the probe reads as "not installed", instead of importing teal_fx half-way.
     del globals()["__file__"]
 else:
-    # (the submodule stays reachable as ``teal_fx.kernels.decode_attention``; its op is torch.ops.teal.decode_attention)
-    from teal_fx.kernels.decode_attention import reference_decode_attention
-    from teal_fx.kernels.sparse_linear import (reference_rmsnorm, reference_sparse_linear, sparse_linear,
-                                              sparse_linear_add_rmsnorm, sparse_linear_group, sparse_swiglu, sparsify)
+    # (the decode attention op is torch.ops.teal.decode_attention: ``teal_fx.kernels.decode_attention`` stays the
+    # launcher's module)
+    from teal_fx.kernels.ops import sparse_linear, sparse_linear_add_rmsnorm, sparse_linear_group, sparse_swiglu
+    from teal_fx.kernels.reference import (
+        reference_decode_attention,
+        reference_rmsnorm,
+        reference_sparse_linear,
+        reference_swiglu,
+        sparsify,
+    )
 
     __all__ = ["sparse_linear", "sparse_linear_group", "sparse_swiglu", "sparse_linear_add_rmsnorm",
-               "reference_sparse_linear", "reference_rmsnorm", "sparsify", "reference_decode_attention"]
+               "reference_sparse_linear", "reference_swiglu", "reference_rmsnorm", "reference_decode_attention",
+               "sparsify"]

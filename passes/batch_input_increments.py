@@ -19,12 +19,15 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from typing import Optional
 
 import torch
 from torch import fx
 from torch.multiprocessing.reductions import StorageWeakRef
 
-from teal_fx.passes.dataflow import fake_value
+from teal_fx.passes.analysis.dataflow import fake_value
+from teal_fx.passes.context import PassContext
+from teal_fx.passes.finish import finish
 
 log = logging.getLogger("teal_fx.passes")
 
@@ -48,7 +51,7 @@ def _storage(n: fx.Node):
         return None
 
 
-def batch_input_increments(gm: fx.GraphModule, ctx=None) -> fx.GraphModule:
+def batch_input_increments(gm: fx.GraphModule, ctx: Optional[PassContext] = None) -> fx.GraphModule:
     graph = gm.graph
     order = {n: i for i, n in enumerate(graph.nodes)}
     candidates = [n for n in graph.nodes if _is_number_increment(n)]
@@ -86,7 +89,4 @@ def batch_input_increments(gm: fx.GraphModule, ctx=None) -> fx.GraphModule:
         moved += len(incs)
         log.info("teal: %d in-place increments by %r of graph inputs -> one torch._foreach_add_ at the end", len(incs),
                  value)
-    if moved:
-        graph.lint()
-        gm.recompile()
-    return gm
+    return finish(gm, "increments_batched", moved)

@@ -4,15 +4,16 @@ one ``teal::sparse_linear_add_rmsnorm`` returning (h, norm).
 
 Why: after every o and down projection a decode step ran an Inductor reduction kernel for the add and the norm
 (~2.5 µs a layer with its launch boundary) between two sparse launches; the linear's finishing launch already holds
-the sums, and one program per row can add, normalise and write both (NOTES.md v15).
+the sums, and one program per row can add, normalise and write both (docs/design.md, "Grouped launches and fusions").
 
 Invariants:
 * Matches only decode graphs (the linear's input has one token per sequence, static shapes): prefill keeps
   Inductor's fused norm, the op's reference path there would run it eagerly.
 * Matches only the exact eager chain of ``LlamaRMSNorm`` (Llama, Mistral, Qwen2/3, Phi-3; not Gemma's ``1 + w``):
   to float32, pow 2, mean over the last dim keeping it, + a constant eps, rsqrt, multiply, back to h's dtype,
-  multiply by a [N] weight of h's dtype. The linear feeds only the add (through an eval-mode dropout at most); each link of the chain feeds only the
-  next (h's float32 copy feeds the pow and the multiply); the residual has the linear's output shape and dtype.
+  multiply by a [N] weight of h's dtype. The linear feeds only the add (through an eval-mode dropout at most); each
+  link of the chain feeds only the next (h's float32 copy feeds the pow and the multiply); the residual has the
+  linear's output shape and dtype.
   No output requires grad (the fused op has no autograd).
 * The new node computes what the chain computed (its reference is that expression, rounded as eager rounds it);
   its two getitems take over the add's and the last multiply's ``meta`` (so ``meta["val"]`` stays right), the node
@@ -29,7 +30,9 @@ import torch.nn.functional as F
 from torch import fx
 
 import teal_fx.kernels  # noqa: F401  (registers torch.ops.teal)
-from teal_fx.passes.dataflow import MUL_TARGETS, fake_value, is_call, only_user
+from teal_fx.passes.analysis.dataflow import MUL_TARGETS, fake_value, is_call, only_user
+from teal_fx.passes.context import PassContext
+from teal_fx.passes.finish import finish
 
 log = logging.getLogger("teal_fx.passes")
 
@@ -140,9 +143,7 @@ def _match(lin: fx.Node) -> Optional[dict]:
     return None
 
 
-def fuse_add_rmsnorm(gm: fx.GraphModule, ctx=None) -> fx.GraphModule:
-    if ctx is not None and not getattr(ctx, "fuse_add_rmsnorm", True):
-        return gm
+def fuse_add_rmsnorm(gm: fx.GraphModule, ctx: Optional[PassContext] = None) -> fx.GraphModule:
     op = torch.ops.teal.sparse_linear_add_rmsnorm.default
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     fused = 0
@@ -170,9 +171,5 @@ def fuse_add_rmsnorm(gm: fx.GraphModule, ctx=None) -> fx.GraphModule:
         for n in [add, *m["tail"], lin]:
             gm.graph.erase_node(n)
         fused += 1
-    if fused:
-        gm.graph.lint()
-        gm.recompile()
-        log.info("teal: %d linears with a residual add and an RMSNorm after them -> teal::sparse_linear_add_rmsnorm",
-                 fused)
-    return gm
+    return finish(gm, "add_rmsnorm_fused", fused,
+                  "%d linears with a residual add and an RMSNorm after them -> teal::sparse_linear_add_rmsnorm", fused)

@@ -3,7 +3,7 @@
 
 Why: between the gate/up launch and the down projection a decode step ran an Inductor kernel for ``silu(gate) * up``
 (~1.3 µs a layer, mostly launch and latency); the grouped kernel's last program per column tile can form the
-product from the two sums it already holds (NOTES.md v9).
+product from the two sums it already holds (docs/design.md, "Grouped launches and fusions").
 
 Invariants:
 * Matches only: the group has exactly two segments, no biases; ``g[0]`` feeds only ``silu`` (``inplace`` false),
@@ -25,7 +25,9 @@ import torch.nn.functional as F
 from torch import fx
 
 import teal_fx.kernels  # noqa: F401  (registers torch.ops.teal)
-from teal_fx.passes.dataflow import MUL_TARGETS, fake_value, is_call, only_user
+from teal_fx.passes.analysis.dataflow import MUL_TARGETS, fake_value, is_call, only_user
+from teal_fx.passes.context import PassContext
+from teal_fx.passes.finish import finish
 
 log = logging.getLogger("teal_fx.passes")
 
@@ -65,9 +67,7 @@ def _match(group: fx.Node) -> Optional[tuple[fx.Node, fx.Node, fx.Node, fx.Node,
     return None
 
 
-def fuse_swiglu(gm: fx.GraphModule, ctx=None) -> fx.GraphModule:
-    if ctx is not None and not getattr(ctx, "fuse_swiglu", True):
-        return gm
+def fuse_swiglu(gm: fx.GraphModule, ctx: Optional[PassContext] = None) -> fx.GraphModule:
     op = torch.ops.teal.sparse_linear_group.default
     fused = 0
     for group in list(gm.graph.nodes):
@@ -91,8 +91,4 @@ def fuse_swiglu(gm: fx.GraphModule, ctx=None) -> fx.GraphModule:
         for n in (mul, act, gate, up, group):
             gm.graph.erase_node(n)
         fused += 1
-    if fused:
-        gm.graph.lint()
-        gm.recompile()
-        log.info("teal: %d gate/up groups with silu(gate) * up -> teal::sparse_swiglu", fused)
-    return gm
+    return finish(gm, "swiglu_fused", fused, "%d gate/up groups with silu(gate) * up -> teal::sparse_swiglu", fused)

@@ -1,7 +1,7 @@
 """Group the sparse linears that read the same input (q/k/v, gate/up) into one ``teal::sparse_linear_group``.
 
 Why: on the decode path each linear is one kernel launch with a fixed cost (ramp-up, tail, epilogue) of a few µs;
-k and v of Llama-3-8B (1024x4096) are mostly that fixed cost. One grouped launch pays it once (NOTES.md).
+k and v of Llama-3-8B (1024x4096) are mostly that fixed cost. One grouped launch pays it once (docs/design.md, "Launch boundaries").
 
 Invariants:
 * Only ``teal::sparse_linear`` nodes written by ``insert_sparse_linear`` are touched, grouped by identical input
@@ -16,11 +16,14 @@ from __future__ import annotations
 import logging
 import operator
 from collections import defaultdict
+from typing import Optional
 
 import torch
 from torch import fx
 
 from teal_fx.kernels.sparse_gemv import MAX_SEGMENTS  # importing teal_fx.kernels registers torch.ops.teal
+from teal_fx.passes.context import PassContext
+from teal_fx.passes.finish import finish
 
 log = logging.getLogger("teal_fx.passes")
 
@@ -59,9 +62,7 @@ def _replace_with_group(gm: fx.GraphModule, chunk: list, x: fx.Node, psf: float)
     log.debug("teal: grouped %s into one launch", [getattr(n.meta.get("teal"), "role", "?") for n in chunk])
 
 
-def group_shared_input(gm: fx.GraphModule, ctx=None) -> fx.GraphModule:
-    if ctx is not None and not getattr(ctx, "group_shared_input", True):
-        return gm
+def group_shared_input(gm: fx.GraphModule, ctx: Optional[PassContext] = None) -> fx.GraphModule:
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     made = 0
     for (x, psf, _), members in _members_by_input(gm).items():
@@ -76,8 +77,4 @@ def group_shared_input(gm: fx.GraphModule, ctx=None) -> fx.GraphModule:
                 continue
             _replace_with_group(gm, chunk, x, psf)
             made += 1
-    if made:
-        gm.graph.lint()
-        gm.recompile()
-        log.info("teal: %d groups of linears sharing an input -> teal::sparse_linear_group", made)
-    return gm
+    return finish(gm, "groups", made, "%d groups of linears sharing an input -> teal::sparse_linear_group", made)

@@ -16,7 +16,9 @@ import torch
 from torch import fx
 
 import teal_fx.kernels  # noqa: F401  (registers torch.ops.teal)
-from teal_fx.passes.dataflow import fake_value, linear_args
+from teal_fx.passes.analysis.dataflow import fake_value, linear_args
+from teal_fx.passes.context import PassContext
+from teal_fx.passes.finish import finish
 
 log = logging.getLogger("teal_fx.passes")
 
@@ -29,9 +31,8 @@ def _static_tokens(x: fx.Node):
     return int(s) if isinstance(s, int) else None  # None: symbolic, decided at run time by the op
 
 
-def insert_sparse_linear(gm: fx.GraphModule, ctx) -> fx.GraphModule:
-    plan = getattr(ctx, "plan", None)
-    discovery = getattr(ctx, "discovery", None)
+def insert_sparse_linear(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+    plan, discovery = ctx.plan, ctx.discovery
     if plan is None or discovery is None or not discovery.matched:
         return gm
     op = torch.ops.teal.sparse_linear.default
@@ -54,12 +55,7 @@ def insert_sparse_linear(gm: fx.GraphModule, ctx) -> fx.GraphModule:
         m.node = new
         rewritten.append(m)
         log.debug("teal: rewrote block %d %s (%s) t=%.4g", m.block, m.role, m.key, threshold)
-    gm.graph.lint()
-    gm.recompile()
-    if ctx is not None:
-        ctx.rewritten = rewritten
-    if rewritten:
-        log.info("teal: %d linears -> teal::sparse_linear", len(rewritten))
-    elif discovery.matched:
+    ctx.rewritten = rewritten
+    if not rewritten:
         log.info("teal: prefill graph (static length > 1): %d block linears left dense", len(discovery.matched))
-    return gm
+    return finish(gm, "linears_rewritten", len(rewritten), "%d linears -> teal::sparse_linear", len(rewritten))

@@ -11,7 +11,7 @@ Invariants:
   reference, and its path on CPU, is sdpa on K/V repeated to the query heads.
 * Prefill graphs (more than one query position), dropout, ``is_causal=True``, a mask that does not broadcast to
   [B, H, 1, L], symbolic shapes: left to sdpa. Nothing else in the graph changes; repeat nodes left without users
-  are erased.
+  are erased (``finish``).
 * On CUDA the kernel's split-K scratch is reserved here, before any CUDA graph is captured.
 """
 from __future__ import annotations
@@ -26,7 +26,9 @@ from torch import fx
 
 import teal_fx.kernels  # noqa: F401  (registers torch.ops.teal)
 from teal_fx.kernels import decode_attention as kernel
-from teal_fx.passes.dataflow import fake_value, is_sdpa, static_shape
+from teal_fx.passes.analysis.dataflow import fake_value, is_sdpa, static_shape
+from teal_fx.passes.context import PassContext
+from teal_fx.passes.finish import finish
 
 log = logging.getLogger("teal_fx.passes")
 
@@ -66,17 +68,7 @@ def _before_repeat_kv(rep: fx.Node) -> Optional[fx.Node]:
     return src
 
 
-def _erase_if_unused(node: fx.Node, graph: fx.Graph) -> None:
-    """Erase ``node`` and then its producers along the repeat chain while nothing else uses them."""
-    while isinstance(node, fx.Node) and not node.users and node.op in ("call_method", "call_function"):
-        producer = node.args[0] if node.args else None
-        graph.erase_node(node)
-        node = producer
-
-
-def replace_decode_attention(gm: fx.GraphModule, ctx) -> fx.GraphModule:
-    if ctx is not None and not getattr(ctx, "decode_attention", True):
-        return gm
+def replace_decode_attention(gm: fx.GraphModule, ctx: Optional[PassContext] = None) -> fx.GraphModule:
     op = torch.ops.teal.decode_attention.default
     replaced = 0
     for node in list(gm.graph.nodes):
@@ -116,14 +108,7 @@ def replace_decode_attention(gm: fx.GraphModule, ctx) -> fx.GraphModule:
         new.meta.update(node.meta)
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
-        for rep in (a["key"], a["value"]):
-            if rep is not k and rep is not v:
-                _erase_if_unused(rep, gm.graph)
         replaced += 1
         log.debug("teal: %s -> teal::decode_attention (%d query heads on %d KV heads, cache %d)", node.name, h,
                   k_shape[1], length)
-    if replaced:
-        gm.graph.lint()
-        gm.recompile()
-        log.info("teal: %d decode attentions -> teal::decode_attention", replaced)
-    return gm
+    return finish(gm, "decode_attentions", replaced, "%d decode attentions -> teal::decode_attention", replaced)

@@ -1,4 +1,4 @@
-"""Pick the plan that applies to this graph and check that it fits what discovery found.
+"""Analysis pass: pick the plan that applies to this graph and check that it fits what discovery found.
 
 Invariants: the graph is not changed. After this pass ``ctx.plan`` is either None (compile dense) or a plan that
 holds every matched linear of this graph with the same weight shape; otherwise ``PlanError`` is raised, never a
@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from torch import fx
 
+from teal_fx.passes.context import PassContext
 
-def select_plan(gm: fx.GraphModule, ctx) -> fx.GraphModule:
+
+def select_plan(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     disc = ctx.discovery
-    if ctx.plan is None and ctx.plan_resolver is not None and disc is not None and disc.matched:
-        ctx.plan = ctx.plan_resolver(gm, disc)
+    if ctx.plan is None and ctx.resolve_plan is not None and disc is not None and disc.matched:
+        ctx.plan = ctx.resolve_plan(gm, disc)
     if ctx.plan is not None and disc is not None and disc.matched:
         ctx.plan.check_fits(disc.matched, require_all=False)
     return gm

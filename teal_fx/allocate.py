@@ -8,16 +8,9 @@ in every block, the point of the path whose parameter-weighted sparsity equals i
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import Callable
 
-import torch
-
-from teal_fx.histogram import AbsHistogram
-from teal_fx.plan import PlanError
-
-if TYPE_CHECKING:  # pragma: no cover
-    from teal_fx.passes.extract_blocks import BlockSubgraph
-    from teal_fx.plan import Plan
+from teal_fx.errors import PlanError
 
 Row = dict[str, float]
 
@@ -76,51 +69,18 @@ def row_at(path: list[Row], numel: dict[str, int], target: float) -> Row:
     return dict(path[0])
 
 
-def sparsities_at(plan: "Plan", target: float, method: str) -> dict[str, float]:
-    """Per-key sparsity at a model-level target, from the plan's stored greedy paths (or uniform)."""
+def sparsities_at(numel: dict[str, int], greedy_paths: dict[int, list[Row]], target: float,
+                  method: str) -> dict[str, float]:
+    """Per-key sparsity at a model-level target for the linears of ``numel`` (key -> weight size), from the greedy
+    paths of their blocks (or uniform)."""
     if method == "uniform":
-        return {k: target for k in plan.linears}
+        return {k: target for k in numel}
     if method != "greedy":
         raise ValueError(f"method must be 'greedy' or 'uniform', got {method!r}")
     out: dict[str, float] = {}
-    for b, path in plan.greedy_paths.items():
-        numel = {k: plan.linears[k].numel for k in path[0]}
-        out.update(row_at(path, numel, target))
-    missing = set(plan.linears) - set(out)
+    for path in greedy_paths.values():
+        out.update(row_at(path, {k: numel[k] for k in path[0]}, target))
+    missing = set(numel) - set(out)
     if missing:
         raise PlanError(f"no greedy path for {sorted(missing)[:3]}")
     return out
-
-
-def block_error_fn(
-    block: "BlockSubgraph",
-    inputs: list[list],
-    histograms: dict[str, AbsHistogram],
-    error_fraction: float = 0.25,
-) -> Callable[[Row], float]:
-    """``evaluate(row)`` for ``greedy_path``: run the block subgraph on its cached inputs, compare to dense.
-
-    Only the last ``error_fraction`` of positions count (TEAL: early positions, and the first token's outsized
-    activations, would dominate the L2 otherwise).
-    """
-
-    def run(row: Optional[Row]) -> list[torch.Tensor]:
-        block.thresholds.clear()
-        if row:
-            block.thresholds.update({k: histograms[k].quantile(s) for k, s in row.items() if s > 0})
-        with torch.no_grad():
-            return [block.gm(*vals) for vals in inputs]
-
-    def tail(y: torch.Tensor) -> torch.Tensor:
-        if y.dim() < 3:
-            return y.float()
-        start = int(y.shape[-2] * (1 - error_fraction))
-        return y[..., start:, :].float()
-
-    dense = [tail(y) for y in run(None)]
-
-    def evaluate(row: Row) -> float:
-        outs = run(row)
-        return float(sum(((tail(y) - d) ** 2).sum() for y, d in zip(outs, dense)))
-
-    return evaluate

@@ -12,19 +12,21 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 from torch import fx, nn
 from tqdm.auto import tqdm
 
-from teal_fx.allocate import block_error_fn, greedy_path
+from teal_fx.allocate import Row, greedy_path
 from teal_fx.capture import recompile_limits
-from teal_fx.histogram import AbsHistogram, CalibrationDataError
+from teal_fx.errors import CalibrationDataError
+from teal_fx.extract_blocks import BlockSubgraph, extract_blocks
+from teal_fx.histogram import AbsHistogram
 from teal_fx.models import model_name
-from teal_fx.passes.extract_blocks import BlockSubgraph, extract_blocks
-from teal_fx.passes.label_block_linears import Discovery, discover
+from teal_fx.passes.analysis.discovery import Discovery, discover
 from teal_fx.plan import LinearPlan, Plan
+from teal_fx.state import attach_plan
 
 log = logging.getLogger("teal_fx")
 
@@ -45,9 +47,9 @@ Data = Union[None, str, Path, Sequence[str], torch.Tensor, Sequence[torch.Tensor
 @dataclass(frozen=True)
 class CalibrationDefaults:
     """TEAL's 10 x 2048 tokens on a GPU; on a CPU, shorter sequences (96 x 256: fewer left some o_proj thresholds
-    more than a point off on held-out text, NOTES.md), a coarser greedy step and one cached sequence for the greedy
-    search, so that a small model calibrates in a few minutes. Data-free calibration generates its text with the
-    model, so it defaults to fewer sequences."""
+    more than a point off on held-out text; docs/design.md, "Calibration and allocation"), a coarser greedy step and
+    one cached sequence for the greedy search, so that a small model calibrates in a few minutes. Data-free
+    calibration generates its text with the model, so it defaults to fewer sequences."""
 
     num_sequences: int
     seq_len: int
@@ -65,7 +67,7 @@ def defaults_for(device: torch.device) -> CalibrationDefaults:
 
 
 # ------------------------------------------------------------------------------------------------ data
-def self_generated_tokens(model: nn.Module, tokenizer, num_sequences: int, seq_len: int, seed: int = 0) -> torch.Tensor:
+def self_generated_tokens(model: nn.Module, tokenizer: Any, num_sequences: int, seq_len: int, seed: int = 0) -> torch.Tensor:
     """Data-free calibration: text the model samples from short neutral prompts, as token ids [N, seq_len]."""
     device = next(model.parameters()).device
     g = torch.Generator(device="cpu").manual_seed(seed)
@@ -98,7 +100,7 @@ def _read_text(data) -> Optional[str]:
 
 
 def token_sequences(
-    data: Data, tokenizer, *, num_sequences: int, seq_len: int, min_tokens: int = 16
+    data: Data, tokenizer: Any, *, num_sequences: int, seq_len: int, min_tokens: int = 16
 ) -> torch.Tensor:
     """Token ids [N, L] from a text, a text file, a list of texts, or token tensors (1-D or 2-D)."""
     text = _read_text(data)
@@ -124,7 +126,7 @@ def token_sequences(
     seq_len = min(seq_len, ids.numel())
     n = min(num_sequences, ids.numel() // seq_len)
     # windows spread evenly over the whole text, not its first n * seq_len tokens: thresholds that see one or two
-    # articles missed other text by several points of realised sparsity (NOTES.md, calibration)
+    # articles missed other text by several points of realised sparsity (docs/design.md, "Calibration and allocation")
     starts = torch.linspace(0, ids.numel() - seq_len, n).round().long().tolist()
     return torch.stack([ids[s : s + seq_len] for s in starts])
 
@@ -200,6 +202,41 @@ class Recorder:
         return run
 
 
+# ------------------------------------------------------------------------------------------------ greedy
+def block_error_fn(
+    block: BlockSubgraph,
+    inputs: list[list],
+    histograms: dict[str, AbsHistogram],
+    error_fraction: float = 0.25,
+) -> Callable[[Row], float]:
+    """``evaluate(row)`` for ``greedy_path``: run the block subgraph on its cached inputs, compare to dense.
+
+    Only the last ``error_fraction`` of positions count (TEAL: early positions, and the first token's outsized
+    activations, would dominate the L2 otherwise).
+    """
+
+    def run(row: Optional[Row]) -> list[torch.Tensor]:
+        block.thresholds.clear()
+        if row:
+            block.thresholds.update({k: histograms[k].quantile(s) for k, s in row.items() if s > 0})
+        with torch.no_grad():
+            return [block.gm(*vals) for vals in inputs]
+
+    def tail(y: torch.Tensor) -> torch.Tensor:
+        if y.dim() < 3:
+            return y.float()
+        start = int(y.shape[-2] * (1 - error_fraction))
+        return y[..., start:, :].float()
+
+    dense = [tail(y) for y in run(None)]
+
+    def evaluate(row: Row) -> float:
+        outs = run(row)
+        return float(sum(((tail(y) - d) ** 2).sum() for y, d in zip(outs, dense)))
+
+    return evaluate
+
+
 # ------------------------------------------------------------------------------------------------ API
 def calibrate(
     model: nn.Module,
@@ -207,7 +244,7 @@ def calibrate(
     sparsity: float = 0.5,
     method: str = "greedy",
     *,
-    tokenizer=None,
+    tokenizer: Any = None,
     num_sequences: Optional[int] = None,
     seq_len: Optional[int] = None,
     greedy_sequences: Optional[int] = None,
@@ -221,8 +258,9 @@ def calibrate(
 
     ``data``: a text, a text file, a list of texts, or token ids; ``None`` calibrates data-free on text the model
     generates itself (needs ``tokenizer``). ``method``: ``"greedy"`` (TEAL's block-wise search) or ``"uniform"``.
-    Sizes default per device (``defaults_for``). The returned plan keeps the histograms and greedy paths (``plan.at(s)`` re-derives it at any sparsity up to
-    ``max_sparsity``, default max(0.9, sparsity)) and, with ``attach``, is attached to the model so that
+    Sizes default per device (``defaults_for``). The returned plan keeps the histograms and greedy paths
+    (``plan.at(s)`` re-derives it at any sparsity up to ``max_sparsity``, default max(0.9, sparsity)) and, with
+    ``attach``, is attached to the model so that
     ``torch.compile(model, backend="teal")`` uses it.
     """
     if method not in ("greedy", "uniform"):
@@ -281,13 +319,11 @@ def calibrate(
                                 "sequences": min(greedy_sequences, len(seqs))}
     plan = plan.at(sparsity, method)
     if attach:
-        from teal_fx.backend import attach_plan
-
         attach_plan(model, plan, check=False)
     return plan
 
 
-def realised_sparsity(model: nn.Module, plan: Plan, data: Data, *, tokenizer=None, num_sequences: int = 4,
+def realised_sparsity(model: nn.Module, plan: Plan, data: Data, *, tokenizer: Any = None, num_sequences: int = 4,
                       seq_len: int = 256) -> dict[str, float]:
     """The fraction of each matched linear's input at or below its threshold, counted exactly on ``data``."""
     seqs = token_sequences(data, tokenizer, num_sequences=num_sequences, seq_len=seq_len)

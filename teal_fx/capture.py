@@ -6,12 +6,12 @@ ones the backend will see when the model is compiled.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, ContextManager, Optional
 
 import torch
 from torch import fx, nn
 
-from teal_fx.passes.label_block_linears import Discovery, MatchedLinear, discover
+from teal_fx.passes.analysis.discovery import Discovery, MatchedLinear, discover
 
 
 @dataclass
@@ -21,7 +21,7 @@ class CapturedGraph:
     discovery: Discovery
 
 
-def recompile_limits(recompiles: int, accumulated: Optional[int] = None, fail: bool = False):
+def recompile_limits(recompiles: int, accumulated: Optional[int] = None, fail: bool = False) -> ContextManager[None]:
     """A ``torch._dynamo.config.patch`` raising Dynamo's recompile limits, for loops that compile the model's
     (shared) forward code again and again. Past the limit Dynamo would run the code uncompiled, silently;
     ``fail=True`` makes it raise instead (where this torch has that switch)."""

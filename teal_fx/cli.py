@@ -7,12 +7,16 @@ from typing import Optional
 
 import torch
 
+import teal_fx
+from teal_fx.evaluate import evaluate_perplexity
+from teal_fx.models import load_model
+from teal_fx.plan import Plan
+from teal_fx.plot import plot_allocation
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _load(args):
-    from teal_fx.models import load_model
-
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     return load_model(args.model, dtype=DTYPES[args.dtype], device=device)
 
@@ -23,9 +27,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
 
 
-def cmd_calibrate(args) -> int:
-    import teal_fx
-
+def cmd_calibrate(args: argparse.Namespace) -> int:
     model, tok = _load(args)
     data = None if args.data in (None, "none") else args.data
     plan = teal_fx.calibrate(
@@ -39,10 +41,7 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
-def cmd_eval(args) -> int:
-    import teal_fx
-    from teal_fx.evaluate import evaluate_perplexity
-
+def cmd_eval(args: argparse.Namespace) -> int:
     model, tok = _load(args)
     plan = None
     if args.plan:
@@ -57,19 +56,14 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def cmd_inspect(args) -> int:
-    import teal_fx
-
+def cmd_inspect(args: argparse.Namespace) -> int:
     model, _ = _load(args)
     plan = teal_fx.Plan.load(args.plan) if args.plan else None
     print(teal_fx.linear_table(model, plan))
     return 0
 
 
-def cmd_plot(args) -> int:
-    from teal_fx.plot import plot_allocation
-    from teal_fx.plan import Plan
-
+def cmd_plot(args: argparse.Namespace) -> int:
     plan = Plan.load(args.plan)
     if args.sparsity is not None:
         plan = plan.at(args.sparsity, args.method)

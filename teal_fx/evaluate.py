@@ -15,15 +15,16 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._dynamo.utils import counters
 from tqdm.auto import tqdm
 
 from teal_fx.capture import recompile_limits
-from teal_fx.histogram import CalibrationDataError
+from teal_fx.errors import CalibrationDataError
 from teal_fx.plan import PlanLike, as_plan
 
 PROTOCOLS = {"all": 0.0, "teal": 0.5}
@@ -50,7 +51,7 @@ def evaluate_perplexity(
     text: Union[str, Path, torch.Tensor],
     plan: Optional[PlanLike] = None,
     *,
-    tokenizer=None,
+    tokenizer: Any = None,
     protocol: str = "all",
     window: Optional[int] = None,
     max_tokens: Optional[int] = None,
@@ -79,9 +80,7 @@ def evaluate_perplexity(
         run = torch.compile(model, backend="teal", options={"plan": plan, "compiler": compiler}, dynamic=False)
     else:
         run = model
-    from teal_fx.backend import REWRITTEN_GRAPHS
-
-    rewritten_before = REWRITTEN_GRAPHS[0]
+    rewritten_before = counters["teal"]["linears_rewritten"]
     nll, count = 0.0, 0
     # every evaluation compiles the model anew (new options): keep Dynamo's recompile limit from silently
     # running it uncompiled, i.e. dense
@@ -93,7 +92,7 @@ def evaluate_perplexity(
             loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
             nll += float(loss)
             count += targets.numel()
-    if plan is not None and REWRITTEN_GRAPHS[0] == rewritten_before:
+    if plan is not None and counters["teal"]["linears_rewritten"] == rewritten_before:
         raise RuntimeError("the model was not compiled through the teal backend (Dynamo fell back to eager?): "
                            "refusing to report a dense perplexity as a sparse one")
     mean = nll / count

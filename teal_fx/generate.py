@@ -4,57 +4,57 @@
     out = teal_fx.generate(model, ids, 128, do_sample=True, top_p=0.9, mode="reduce-overhead")  # CUDA graphs
 
 The decode step has fixed shapes (the cache length is rounded up to a multiple of 256 and one cache per size is kept
-on the model and reused; the position is a tensor), so it compiles once per cache size; with
+by ``teal_fx.state`` and reused; the position is a tensor), so it compiles once per cache size; with
 ``mode="reduce-overhead"`` on CUDA it is captured once as a CUDA graph and replayed.
 """
 from __future__ import annotations
 
 import functools
 import inspect
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor, nn
 
+from teal_fx import state
 from teal_fx.capture import recompile_limits
 
 STOP_CHECK_EVERY = 8  # steps between looks at "have all rows stopped?"
 CACHE_LEN_BUCKET = 256  # the static cache length is rounded up to this, so calls of other lengths reuse graphs
 
 
-def _compiled(model: nn.Module, backend: str, mode: Optional[str], options: Optional[dict]):
-    """One compiled wrapper per (backend, mode, options), kept on the model so later calls reuse its graphs.
+def _compiled(model: nn.Module, backend: str, mode: Optional[str], options: Optional[dict]) -> Callable:
+    """One compiled wrapper per (backend, mode, options), kept by ``teal_fx.state`` so later calls reuse its graphs,
+    and made anew when another plan is attached (a recompile, never the old thresholds). Called as
+    ``wrapper(model, **inputs)``: it compiles ``nn.Module.__call__``, the frame ``torch.compile(model)`` compiles,
+    without holding the model."""
 
-    The entry remembers the plan attached when it was made (a reference, not an id: ids of freed plans are
-    reused); attaching another plan gives a new wrapper, hence a recompile, never the old thresholds.
-    """
-    cache = model.__dict__.setdefault("_teal_compiled", {})
-    key = (backend, mode, repr(sorted((options or {}).items())))
-    plan = getattr(model, "_teal_plan", None)
-    entry = cache.get(key)
-    if entry is None or entry[0] is not plan:
+    def make() -> Callable:
+        if backend == "none":
+            return nn.Module.__call__
         kw = {"mode": mode} if mode else {}
         if options:  # torch.compile takes a mode or options, not both: fold the mode into the options
             if backend == "teal":
                 kw = {"options": {**options, **({"mode": mode} if mode else {})}}
             elif backend == "inductor":
-                from torch._inductor import list_mode_options
+                from torch._inductor import list_mode_options  # Inductor's import costs seconds: on first use
 
                 kw = {"options": {**(list_mode_options(mode) if mode else {}), **options}}
             elif mode:
                 raise ValueError(f"mode and options together need backend 'teal' or 'inductor', got {backend!r}")
             else:
                 kw = {"options": options}
-        wrapper = torch.compile(model, backend=backend, dynamic=False, **kw) if backend != "none" else model
-        entry = cache[key] = (plan, wrapper)
-    return entry[1]
+        return torch.compile(nn.Module.__call__, backend=backend, dynamic=False, **kw)
+
+    return state.compiled_wrapper(model, (backend, mode, repr(sorted((options or {}).items()))), make)
 
 
 def two_stage_argmax(logits: Tensor, chunks: int = 256) -> Tensor:
     """``logits.argmax(-1)`` for [B, V] in two reductions: the maxima of ``chunks`` slices, then the best slice.
 
-    ATen's argmax reduces a row within one block: 28 µs per decode step for a 128k vocabulary on an H100 (NOTES.md,
-    v8); the slices spread it over the GPU. Same result, the first index of the maximum (padding is -inf)."""
+    ATen's argmax reduces a row within one block: 28 µs per decode step for a 128k vocabulary on an H100
+    (docs/design.md, "The decode loop"); the slices spread it over the GPU. Same result, the first index of the
+    maximum (padding is -inf)."""
     batch, vocab = logits.shape
     width = -(-vocab // chunks)
     if width * chunks != vocab:
@@ -95,7 +95,7 @@ def _cache_kwarg_of(cls: type) -> str:
     return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
 
 
-def static_cache(model: nn.Module, batch: int, max_len: int):
+def static_cache(model: nn.Module, batch: int, max_len: int) -> Any:
     """A StaticCache allocated now, outside any compiled region or CUDA graph pool (transformers otherwise
     allocates it lazily inside the first compiled step)."""
     from transformers import StaticCache
@@ -114,7 +114,7 @@ class _AllStopped:
     """"Has every row stopped?" for the host, without waiting for the GPU.
 
     Reading ``done`` on the host waits for the step that computed it, and the GPU then idles while the host prepares
-    the next launch (~0.2-0.3 ms per step on average with a check every 8 steps, NOTES.md v8). On CUDA the flag is
+    the next launch (~0.2-0.3 ms per step on average with a check every 8 steps, docs/design.md, "The decode loop"). On CUDA the flag is
     copied to pinned memory behind an event and read once the event has passed, at a later check: the loop may run a
     few steps past the last EOS, which the result trims. On CPU it is read at once.
     """
@@ -137,21 +137,10 @@ class _AllStopped:
 
 
 def _reusable_cache(model: nn.Module, batch: int, max_len: int):
-    """The model's last static cache if it has this size (zeroed), else a new one that replaces it.
-
-    Reusing the tensors keeps their addresses, which the CUDA graphs of the decode step baked in: a new cache
-    per call would make cudagraph trees record the step again on every call.
-    """
+    """A static cache of this size for ``model``: the one ``teal_fx.state`` holds (zeroed) if it has this size."""
     param = next(model.parameters())
-    key = (batch, max_len, param.dtype, param.device)
-    held = model.__dict__.get("_teal_cache")
-    if held is not None and held[0] == key:
-        held[1].reset()
-        return held[1]
-    model.__dict__["_teal_cache"] = None  # free the old one before allocating
-    cache = static_cache(model, batch, max_len)
-    model.__dict__["_teal_cache"] = (key, cache)
-    return cache
+    return state.static_kv_cache(model, (batch, max_len, param.dtype, param.device),
+                                 lambda: static_cache(model, batch, max_len))
 
 
 @torch.no_grad()
@@ -209,10 +198,10 @@ def _cache_length(need: int, max_cache_len: Optional[int], what: str) -> int:
     return max_cache_len
 
 
-def _last_logits(run, cache: dict, input_ids: Tensor, position: Tensor) -> Tensor:
+def _last_logits(run, model: nn.Module, cache: dict, input_ids: Tensor, position: Tensor) -> Tensor:
     """One compiled call (prefill or decode step) on the static cache, passed as ``{cache_kwarg(model): cache}``
     (built once per loop): the last position's logits [B, V]."""
-    return run(input_ids=input_ids, **cache, cache_position=position, use_cache=True).logits[:, -1]
+    return run(model, input_ids=input_ids, **cache, cache_position=position, use_cache=True).logits[:, -1]
 
 
 def _decode_loop(model, input_ids, max_new_tokens, max_cache_len, backend, mode, options, eos_token_id, streamer,
@@ -222,7 +211,7 @@ def _decode_loop(model, input_ids, max_new_tokens, max_cache_len, backend, mode,
     run = _compiled(model, backend, mode, options)
     cache = {cache_kwarg(model): _reusable_cache(model, batch, max_cache_len)}
     position = torch.arange(prompt, device=device)
-    logits = _last_logits(run, cache, input_ids, position)
+    logits = _last_logits(run, model, cache, input_ids, position)
     position = torch.tensor([prompt], device=device)
     out = [input_ids]
     done = torch.zeros(batch, dtype=torch.bool, device=device)
@@ -239,7 +228,7 @@ def _decode_loop(model, input_ids, max_new_tokens, max_cache_len, backend, mode,
             break
         if eos_token_id is not None and (i + 1) % STOP_CHECK_EVERY == 0 and all_stopped.check(done):
             break
-        logits = _last_logits(run, cache, nxt[:, None], position)
+        logits = _last_logits(run, model, cache, nxt[:, None], position)
         if mode == "reduce-overhead":
             logits = logits.clone()  # the CUDA graph's output buffer is overwritten by the next replay
         position.add_(1)
@@ -274,11 +263,11 @@ def decode_logits(
         run = _compiled(model, backend, mode, options)
         cache = {cache_kwarg(model): _reusable_cache(model, batch, max_cache_len)}
         # each row copied at once: a CUDA graph's output is overwritten by the next replay
-        prefill = _last_logits(run, cache, tokens[:, :prompt], torch.arange(prompt, device=device))
+        prefill = _last_logits(run, model, cache, tokens[:, :prompt], torch.arange(prompt, device=device))
         rows = [prefill.to(torch.float32, copy=True)]
         position = torch.tensor([prompt], device=device)
         for i in range(prompt, total - 1):
-            rows.append(_last_logits(run, cache, tokens[:, i : i + 1], position).to(torch.float32, copy=True))
+            rows.append(_last_logits(run, model, cache, tokens[:, i : i + 1], position).to(torch.float32, copy=True))
             position.add_(1)
     return torch.stack(rows, dim=1)
 

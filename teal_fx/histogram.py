@@ -12,14 +12,12 @@ import math
 import torch
 from torch import Tensor
 
+from teal_fx.errors import CalibrationDataError
+
 LOG2_LO = -24.0
 LOG2_HI = 16.0
 BINS_PER_OCTAVE = 64
 NUM_BINS = int((LOG2_HI - LOG2_LO) * BINS_PER_OCTAVE)
-
-
-class CalibrationDataError(ValueError):
-    """Activations or data that calibration cannot use (NaN/inf, nothing recorded, too little text)."""
 
 
 class AbsHistogram:

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import shutil
 from pathlib import Path
-from typing import Union
+from typing import Any, Union
 
 import torch
 
@@ -25,7 +27,7 @@ def smollm2_gguf_path() -> Path:
 
 def load_model(
     name_or_path: Union[str, Path] = SMOLLM2, *, dtype: torch.dtype = torch.float32, device: str = "cpu"
-):
+) -> tuple[Any, Any]:
     """(model, tokenizer) for ``smollm2``, a ``.gguf`` file, or a local Hugging Face model folder.
 
     A GGUF file is de-quantised once and cached as a model folder (``$TEAL_FX_CACHE``, default
@@ -55,9 +57,6 @@ def _dequantise_gguf(path: Path, dtype: torch.dtype, folder: Path) -> None:
 
     tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
-    import json
-    import shutil
-
     from safetensors.torch import save_model
 
     tmp = folder.with_name(folder.name + ".tmp")
@@ -80,5 +79,5 @@ def _gguf_cache_dir(path: Path, dtype: torch.dtype) -> Path:
     return root / f"{path.stem}-{st.st_size}-{str(dtype).split('.')[-1]}"
 
 
-def model_name(model) -> str:
+def model_name(model: object) -> str:
     return str(getattr(model, "name_or_path", "") or getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__)

@@ -10,21 +10,16 @@ import json
 import math
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Mapping, Optional, Union
+from typing import Iterable, Mapping, Optional, Union
 
-if TYPE_CHECKING:  # pragma: no cover
-    import torch.nn as nn
-
-    from teal_fx.histogram import AbsHistogram
+from teal_fx.allocate import sparsities_at
+from teal_fx.errors import PlanError
+from teal_fx.histogram import AbsHistogram
 
 PLAN_FORMAT = "teal-fx-plan"
 PLAN_VERSION = 1
 
 ROLES = ("q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down")
-
-
-class PlanError(ValueError):
-    """A plan that cannot be read, or that does not fit the model it is used with."""
 
 
 @dataclass(frozen=True)
@@ -56,7 +51,7 @@ class Plan:
     method: str = "manual"
     target_sparsity: Optional[float] = None
     prefill_sparse_from: float = 1.0
-    histograms: dict[str, "AbsHistogram"] = field(default_factory=dict, repr=False)
+    histograms: dict[str, AbsHistogram] = field(default_factory=dict, repr=False)
     # block index -> list of rows; a row maps key -> sparsity along the greedy path (row 0: all dense)
     greedy_paths: dict[int, list[dict[str, float]]] = field(default_factory=dict, repr=False)
     notes: dict = field(default_factory=dict)
@@ -118,8 +113,6 @@ class Plan:
     # ------------------------------------------------------------------ re-derivation
     def at(self, sparsity: float, method: Optional[str] = None) -> "Plan":
         """The plan at another model-level sparsity, from the stored histograms and greedy paths (no model run)."""
-        from teal_fx.allocate import sparsities_at
-
         if not self.histograms:
             raise PlanError("this plan has no calibration histograms; re-derive it with teal_fx.calibrate")
         if not 0.0 <= sparsity < 1.0:
@@ -127,7 +120,7 @@ class Plan:
         method = method or ("greedy" if self.greedy_paths else "uniform")
         if method == "greedy" and not self.greedy_paths:
             raise PlanError("this plan has no greedy paths (it was calibrated with method='uniform')")
-        per_key = sparsities_at(self, sparsity, method)
+        per_key = sparsities_at({k: lp.numel for k, lp in self.linears.items()}, self.greedy_paths, sparsity, method)
         linears = {
             k: replace(lp, sparsity=per_key[k], threshold=self.histograms[k].quantile(per_key[k]))
             for k, lp in self.linears.items()
@@ -178,8 +171,6 @@ class Plan:
 
     @classmethod
     def from_json(cls, data: dict) -> "Plan":
-        from teal_fx.histogram import AbsHistogram
-
         if not isinstance(data, dict) or data.get("format") != PLAN_FORMAT:
             raise PlanError("not a teal-fx plan (missing or wrong 'format' field)")
         if data.get("version") != PLAN_VERSION:
@@ -277,7 +268,3 @@ def as_plan(plan: PlanLike) -> Plan:
     if isinstance(plan, (str, Path)):
         return Plan.load(plan)
     raise TypeError(f"plan must be a teal_fx.Plan or a path to a plan file, not {type(plan).__name__}")
-
-
-def attached_plan(model: "nn.Module") -> Optional[Plan]:
-    return getattr(model, "_teal_plan", None)

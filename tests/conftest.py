@@ -13,8 +13,6 @@ if not torch.cuda.is_available():  # run the Triton kernels on the CPU (must be 
 import pytest
 import transformers as T
 
-import teal_fx
-
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
 ARCHS = {
@@ -42,7 +40,7 @@ def tiny_model(arch: str, *, layers: int = 2, hidden: int = 64, heads: int = 4, 
     cfg._attn_implementation = "eager" if arch == "gemma2" else attn
     model = T.AutoModelForCausalLM.from_config(cfg).eval().to(dtype)
     with torch.no_grad():  # random init of HF is tiny-std; give activations a realistic spread
-        for n, p in model.named_parameters():
+        for p in model.parameters():
             if p.dim() == 2:
                 p.normal_(0, 1.0 / p.shape[1] ** 0.5)
     return model

@@ -1,7 +1,8 @@
 """batch_input_increments: the graph computes the same outputs and leaves the inputs with the same values, for drawn
 programs of reads, increments and aliases of counter inputs; the decode step's counters end in one foreach call."""
 import torch
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from teal_fx.passes import batch_input_increments
 

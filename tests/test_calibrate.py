@@ -3,11 +3,13 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import teal_fx
 from teal_fx.allocate import block_sparsity, greedy_path, row_at
-from teal_fx.histogram import AbsHistogram, CalibrationDataError
+from teal_fx.errors import CalibrationDataError
+from teal_fx.histogram import AbsHistogram
 from teal_fx.plan import Plan, PlanError
 from tests.conftest import tiny_model
 
@@ -102,7 +104,7 @@ def test_plan_at_is_instant_and_round_trips(calibrated, tmp_path):
     assert all(math.isclose(lp.sparsity, 0.4) for lp in u.linears.values())
     with pytest.raises(PlanError, match="re-calibrate"):
         plan.at(0.9)
-    assert teal_fx.find_linears(model) and model._teal_plan is plan
+    assert teal_fx.find_linears(model) and teal_fx.attached_plan(model) is plan
 
 
 def test_bad_calibration_data():

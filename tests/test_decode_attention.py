@@ -8,13 +8,16 @@ import os
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import teal_fx
-from teal_fx.kernels import decode_attention as da
-from teal_fx.passes import replace_decode_attention
-from teal_fx.passes.dataflow import is_sdpa
 from teal_fx.generate import cache_kwarg
+from teal_fx.kernels import decode_attention as da
+from teal_fx.kernels.reference import reference_decode_attention
+from teal_fx.options import TealOptions
+from teal_fx.passes import PassContext, replace_decode_attention, run_passes
+from teal_fx.passes.analysis.dataflow import is_sdpa
 from tests.conftest import ARCHS, tiny_model
 
 ON_GPU = torch.cuda.is_available()
@@ -46,7 +49,7 @@ def make_inputs(B, H, HKV, L, D, dtype, mask_kind, seed):
 
 def rel_err(out, q, k, v, mask, scale):
     m64 = mask if mask is None or mask.dtype == torch.bool else mask.double()
-    ref = da.reference_decode_attention(q.double(), k.double(), v.double(), m64, scale)
+    ref = reference_decode_attention(q.double(), k.double(), v.double(), m64, scale)
     assert not torch.isnan(out).any(), "unwritten output elements"
     return float((out.double() - ref).norm() / ref.norm())
 
@@ -63,10 +66,7 @@ def test_kernel_matches_float64(B, HKV, G, L, D, dtype, mask_kind, seed, block_l
     q, k, v, mask = make_inputs(B, HKV * G, HKV, L, D, dtype, mask_kind, seed)
     cfg = None
     if block_l:  # force small blocks and a given number of splits, so merges and wholly masked splits happen
-        cfg = da.launch_config(B, HKV * G, HKV, L, D, q.device)
-        blocks = -(-L // block_l)
-        per = -(-blocks // min(splits, blocks)) * block_l
-        cfg.update(BLOCK_L=block_l, L_PER_SPLIT=per, NSPLIT=-(-L // per))
+        cfg = da.split_cache(da.launch_config(B, HKV * G, HKV, L, D, q.device), L, splits, block_l)
     out = torch.full((B, HKV * G, 1, D), float("nan"), dtype=dtype, device=DEVICE)  # poison
     scale = 1.0 / math.sqrt(D)
     da.decode_attention_gpu(q, k, v, mask, scale, config=cfg, out=out)
@@ -77,7 +77,8 @@ def test_kernel_matches_float64(B, HKV, G, L, D, dtype, mask_kind, seed, block_l
 def test_counters_are_left_zero_and_launches_repeat():
     q, k, v, mask = make_inputs(2, 8, 2, 96, 32, torch.float32, "bool", 0)
     cfg = da.launch_config(2, 8, 2, 96, 32, q.device)
-    cfg.update(BLOCK_L=16, L_PER_SPLIT=32, NSPLIT=3)
+    cfg = da.split_cache(cfg, 96, 3, block_l=16)  # 3 splits of 32 positions
+    assert (cfg.block_l, cfg.l_per_split, cfg.nsplit) == (16, 32, 3)
     first = da.decode_attention_gpu(q, k, v, mask, 0.2, config=cfg)
     second = da.decode_attention_gpu(q, k, v, mask, 0.2, config=cfg)
     torch.testing.assert_close(first, second)
@@ -90,7 +91,7 @@ def test_op_registration_opcheck():
     torch.library.opcheck(torch.ops.teal.decode_attention.default, (q, k, v, mask, 0.25),
                           test_utils=("test_schema", "test_faketensor"))
     out = torch.ops.teal.decode_attention(q, k, v, None, 0.25)
-    ref = da.reference_decode_attention(q, k, v, None, 0.25)
+    ref = reference_decode_attention(q, k, v, None, 0.25)
     torch.testing.assert_close(out, ref)
 
 
@@ -166,12 +167,10 @@ def test_prefill_and_option_off_leave_sdpa():
     torch._dynamo.reset()
     n_sdpa = sum(1 for n in gm.graph.nodes if is_sdpa(n))
     assert n_sdpa == 2 and _count(replace_decode_attention(gm, None), torch.ops.teal.decode_attention.default) == 0
-    gm, _ = decode_graph(model)
-
-    class Off:
-        decode_attention = False
-
-    assert _count(replace_decode_attention(gm, Off()), torch.ops.teal.decode_attention.default) == 0
+    # the pass manager runs it only with the option on
+    off = run_passes(decode_graph(model)[0], PassContext(options=TealOptions(decode_attention=False)))
+    assert _count(off, torch.ops.teal.decode_attention.default) == 0
+    assert _count(run_passes(decode_graph(model)[0], PassContext()), torch.ops.teal.decode_attention.default) == 2
 
 
 def test_backend_generates_the_same_tokens_with_and_without_it():

@@ -98,7 +98,7 @@ def test_gpt2_conv1d_is_not_matched():
 def test_keys_from_every_form_of_dynamo_source(path):
     """The root of a source is ``L['self']``, or ``L['args'][0]`` when the traced frame is a decorator's ``*args``
     wrapper of ``forward`` (transformers' ``deprecate_kwarg``): keys are the qualified names either way."""
-    from teal_fx.passes.label_block_linears import _clean_path, _placeholder_path
+    from teal_fx.passes.analysis.discovery import _clean_path, _placeholder_path
 
     assert _clean_path(path) == "model.layers.3.mlp.up_proj"
     for name in ("l_self_modules_model_modules_layers_modules_3_modules_mlp_modules_up_proj_parameters_weight_",

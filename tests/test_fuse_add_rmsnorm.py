@@ -12,10 +12,10 @@ FUSED = torch.ops.teal.sparse_linear_add_rmsnorm.default
 LINEAR = torch.ops.teal.sparse_linear.default
 
 
-def _passes(model, ids, **ctx):
+def _passes(model, ids, **options):
     plan = teal_fx.Plan.from_thresholds(teal_fx.find_linears(model), 0.3)
     (cg,) = teal_fx.capture_graphs(model, dict(input_ids=ids, use_cache=False))[0]
-    return run_passes(cg.gm, PassContext(plan=plan, **ctx))
+    return run_passes(cg.gm, PassContext(options=teal_fx.TealOptions(**options), plan=plan))
 
 
 def _count(gm, target):

@@ -4,6 +4,7 @@ import torch
 
 import teal_fx
 from teal_fx.generate import sample_next
+from teal_fx.state import held_kv_cache
 from tests.conftest import masked_inputs, tiny_model
 
 
@@ -87,12 +88,12 @@ def test_reuses_one_static_cache_per_size():
     model = tiny_model("llama")
     ids = torch.randint(3, 128, (1, 5))
     a = teal_fx.generate(model, ids, 6, backend="none", eos_token_id=-1)
-    cache = model.__dict__["_teal_cache"][1]
+    cache = held_kv_cache(model)
     keys = cache.layers[0].keys
     b = teal_fx.generate(model, ids, 6, backend="none", eos_token_id=-1)
-    assert model.__dict__["_teal_cache"][1] is cache and cache.layers[0].keys is keys and torch.equal(a, b)
+    assert held_kv_cache(model) is cache and cache.layers[0].keys is keys and torch.equal(a, b)
     teal_fx.generate(model, torch.randint(3, 128, (2, 5)), 6, backend="none", eos_token_id=-1)
-    assert model.__dict__["_teal_cache"][1] is not cache
+    assert held_kv_cache(model) is not cache
     with torch.no_grad():
         assert torch.equal(teal_fx.generate(model, ids, 6, backend="none", eos_token_id=-1), a)
 
@@ -163,7 +164,7 @@ def test_a_mode_and_inductor_options_reach_torch_compile_together(monkeypatch):
     from teal_fx.generate import _compiled
 
     seen = []
-    monkeypatch.setattr(torch, "compile", lambda model, **kw: seen.append(kw) or model)
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: seen.append(kw) or fn)
     model = tiny_model("llama")
     _compiled(model, "inductor", "reduce-overhead", {"coordinate_descent_tuning": True})
     _compiled(model, "teal", "reduce-overhead", {"decode_attention": False})

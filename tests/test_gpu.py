@@ -1,12 +1,21 @@
 """GPU-only checks (skipped on CPU): the op runs the Triton kernel inside compiled graphs and CUDA graphs, weights
 become column-major in place, the lean loop works with mode="reduce-overhead"."""
+from dataclasses import replace
+
 import pytest
 import torch
 
 import teal_fx
+from teal_fx.kernels.reference import reference_decode_attention, reference_sparse_linear
+from teal_fx.kernels.sparse_gemv_config import choose_config
 from tests.conftest import masked_inputs, tiny_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _reference(x, w, b, t):
+    """The op's reference in float64."""
+    return reference_sparse_linear(x.double(), w.double(), None if b is None else b.double(), t)
 
 
 def _plan(model, t=0.4):
@@ -151,9 +160,9 @@ def test_add_rmsnorm_finish_reads_a_residual_from_two_launches_back(pdl, monkeyp
 def test_decode_is_deterministic_and_self_consistent_through_cuda_graphs():
     """Repeated greedy generations through the backend's CUDA graphs (after warm calls, as a benchmark makes them) give
     the same tokens, and each token is the argmax of the same path's logits fed those tokens. With Inductor's PDL as
-    it comes, the 32-layer 8B shape broke both (tokens changed between identical calls; NOTES.md v12); the backend's
-    Inductor PDL (every kernel waiting first, NOTES.md v14) is on here. The split-K sums' atomic order still varies,
-    so a near-tie could in principle flip a token (NOTES.md v13)."""
+    it comes, the 32-layer 8B shape broke both (tokens changed between identical calls; docs/design.md, "Launch boundaries"); the backend's
+    Inductor PDL (every kernel waiting first) is on here. The split-K sums' atomic order still varies,
+    so a near-tie could in principle flip a token (docs/design.md, "Determinism")."""
     from teal_fx.generate import decode_logits
 
     model = tiny_model("llama", layers=8, hidden=512, heads=8, kv_heads=2, inter=1024, vocab=512).cuda()
@@ -179,7 +188,7 @@ def test_decode_attention_in_a_cuda_graph():
     v = torch.randn_like(k)
     mask = torch.zeros(B, 1, 1, L, dtype=torch.bool, device="cuda")
     da.reserve_workspace("cuda", B, H, HKV, L, D)
-    assert da.launch_config(B, H, HKV, L, D, q.device)["NSPLIT"] > 1
+    assert da.launch_config(B, H, HKV, L, D, q.device).nsplit > 1
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -192,7 +201,7 @@ def test_decode_attention_in_a_cuda_graph():
     for fill in (1, 63, 64, 300, 512):
         mask.copy_((torch.arange(L, device="cuda") < fill)[None, None, None, :])
         g.replay()
-        ref = da.reference_decode_attention(q.double(), k.double(), v.double(), mask, 0.1)
+        ref = reference_decode_attention(q.double(), k.double(), v.double(), mask, 0.1)
         assert float((out.double() - ref).norm() / ref.norm()) < 1e-2
     assert int(da._WORKSPACE.bufs[(q.device, "cnt")].abs().sum()) == 0
 
@@ -217,8 +226,8 @@ def test_swiglu_op_runs_the_fused_launch_and_matches_its_expression(rows):
     wg, wu = ((torch.randn(1024, 512, device="cuda") / 512**0.5).bfloat16().t().contiguous().t() for _ in range(2))
     assert sg.can_fuse_swiglu(x, wg, wu)
     got = torch.ops.teal.sparse_swiglu(x, wg, wu, 0.6, 0.4, 1.0, [0.5, 0.4])
-    gate = sg.reference_sparse_gemv(x.reshape(rows, -1).cpu(), wg.cpu(), None, 0.6)
-    want = torch.nn.functional.silu(gate) * sg.reference_sparse_gemv(x.reshape(rows, -1).cpu(), wu.cpu(), None, 0.4)
+    gate = _reference(x.reshape(rows, -1).cpu(), wg.cpu(), None, 0.6)
+    want = torch.nn.functional.silu(gate) * _reference(x.reshape(rows, -1).cpu(), wu.cpu(), None, 0.4)
     err = (got.reshape(rows, -1).cpu().double() - want).norm() / want.norm()
     assert err < 1e-2
 
@@ -236,9 +245,9 @@ def test_both_split_k_epilogues_on_the_default_configs(N, K, hint, dtype, apart)
     x = torch.randn(1, K, generator=g).to(dtype).cuda()
     w = (torch.randn(N, K, generator=g) / K**0.5).to(dtype).cuda().t().contiguous().t()
     t = float(torch.quantile(x.float().abs().flatten().cpu(), hint))
-    cfg = dict(sg.choose_config(1, N, K, x.device, hint), APART=apart)
-    assert cfg["SPLIT_K"] > 1
-    ref = sg.reference_sparse_gemv(x.cpu(), w.cpu(), None, t)
+    cfg = replace(choose_config(1, N, K, hint), apart=apart)
+    assert cfg.split_k > 1
+    ref = _reference(x.cpu(), w.cpu(), None, t)
     for _ in range(2):  # the workspace must be left zero
         y = torch.full((1, N), float("nan"), dtype=dtype, device="cuda")
         sg.sparse_gemv(x, w, None, t, config=cfg, out=y)
@@ -253,7 +262,7 @@ def test_add_rmsnorm_op_on_the_8b_shapes(N, K, rows, dtype):
     """The o / down shapes with their add + RMSNorm finish (one program of 4096 columns, 4 warps: the width where
     the plain finishing launch's 4-warp tiles once miscompiled) against the eager expression on float64 sums."""
     from teal_fx.kernels import sparse_gemv as sg
-    from teal_fx.kernels.sparse_linear import reference_rmsnorm
+    from teal_fx.kernels.reference import reference_rmsnorm
 
     g = torch.Generator(device="cpu").manual_seed(N + K + rows)
     x = torch.randn(rows, 1, K, generator=g).to(dtype).cuda()
@@ -262,7 +271,7 @@ def test_add_rmsnorm_op_on_the_8b_shapes(N, K, rows, dtype):
     nw = (1 + torch.randn(N, generator=g) / 4).to(dtype).cuda()
     t = float(torch.quantile(x.float().abs().flatten().cpu(), 0.5))
     assert sg.supports(x, w) and sg.can_fuse_add_rmsnorm(x, w, res, nw)
-    y = sg.reference_sparse_gemv(x.reshape(rows, K).cpu(), w.cpu(), None, t).to(dtype).reshape(rows, 1, N)
+    y = _reference(x.reshape(rows, K).cpu(), w.cpu(), None, t).to(dtype).reshape(rows, 1, N)
     h_ref = res.cpu() + y
     out_ref = reference_rmsnorm(h_ref, nw.cpu(), 1e-5)
     for _ in range(2):  # the workspace must be left zero
@@ -276,7 +285,6 @@ def test_deterministic_algorithms_run_the_reference_instead_of_the_kernel(monkey
     """Under ``torch.use_deterministic_algorithms(True)`` the ops never launch the sparse GEMV (fp32 atomics in a
     varying order) and give their reference's result bit for bit, with one warning; turned off, they launch it."""
     from teal_fx.kernels import sparse_gemv as sg
-    from teal_fx.kernels.sparse_linear import reference_sparse_linear
 
     monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's own condition for determinism
     monkeypatch.setattr(sg, "_warned_deterministic", False)
@@ -304,7 +312,7 @@ def test_deterministic_algorithms_run_the_reference_instead_of_the_kernel(monkey
 def test_inductor_kernels_wait_before_their_first_access_next_to_the_teal_ops():
     """With the backend's Inductor PDL (option inductor_pdl, on by default on sm_90+), every Triton kernel Inductor
     generates for a decode step launches early (launch_pdl) and waits before its first load or store, so none can
-    read a teal op's output before the op's last kernel has stored it (NOTES.md v12, v14)."""
+    read a teal op's output before the op's last kernel has stored it (docs/design.md, "Launch boundaries")."""
     import re
 
     from torch._inductor.utils import run_and_get_code

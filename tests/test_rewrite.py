@@ -2,12 +2,13 @@
 linear's input by its threshold), for drawn architectures, sizes, dtypes, batch/sequence lengths and thresholds."""
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import teal_fx
-from teal_fx.passes import PassContext, run_passes
-from teal_fx.passes.dataflow import is_linear
 from teal_fx.generate import cache_kwarg
+from teal_fx.passes import PassContext, run_passes
+from teal_fx.passes.analysis.dataflow import is_linear
 from tests.conftest import ARCHS, EXPECTED_ROLES, logits_per_option, masked_inputs, tiny_model
 
 TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.bfloat16: dict(atol=3e-2, rtol=3e-2)}

@@ -7,10 +7,15 @@ import os
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 triton = pytest.importorskip("triton")
+from dataclasses import replace  # noqa: E402
+
 from teal_fx.kernels import sparse_gemv as sg  # noqa: E402
+from teal_fx.kernels.reference import reference_rmsnorm, reference_sparse_linear  # noqa: E402
+from teal_fx.kernels.sparse_gemv_config import choose_config, make_config  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
 if not ON_GPU and os.environ.get("TRITON_INTERPRET") != "1":
@@ -20,6 +25,11 @@ TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 # the SwiGLU epilogue rounds three times, as eager silu(gate) * up does (gate, silu, product): up to 3 bf16 ulps
 # against the exact product (the CPU interpreter truncates to bf16, so each rounding can cost a whole ulp there)
 SWIGLU_TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+
+
+def reference(x, w, b, t):
+    """The op's reference in float64 (the mask compared in float32 as the kernel compares)."""
+    return reference_sparse_linear(x.double(), w.double(), None if b is None else b.double(), t)
 
 
 def rel_err(y, ref):
@@ -35,7 +45,7 @@ def run(M, N, K, dtype, t, bias, col_major=True, config=None, seed=0, sparsity=N
     b = torch.randn(N, generator=g).to(dtype).to(DEVICE) if bias else None
     y = torch.full((M, N), float("nan"), dtype=dtype, device=DEVICE)  # poison
     sg.sparse_gemv(x, w, b, t, config=config, out=y, sparsity=sparsity)
-    ref = sg.reference_sparse_gemv(x.cpu(), w.cpu(), b.cpu() if b is not None else None, t)
+    ref = reference(x.cpu(), w.cpu(), b.cpu() if b is not None else None, t)
     assert not torch.isnan(y).any(), "unwritten output elements"
     return rel_err(y.cpu(), ref)
 
@@ -52,16 +62,16 @@ def test_matches_float64(M, N, K, dtype, t, bias, seed, hint):
 
 
 def test_config_follows_expected_sparsity():
-    unknown, half = sg.choose_config(1, 4096, 4096, "cuda"), sg.choose_config(1, 4096, 4096, "cuda", sparsity=0.5)
-    assert unknown["IN_THREAD"] and not unknown["COMPACT"] and half == unknown
-    dense_ish, sparse = sg.choose_config(1, 14336, 4096, "cuda", 0.4), sg.choose_config(1, 14336, 4096, "cuda", 0.9)
-    assert sparse["COMPACT"] and not dense_ish["COMPACT"]
+    unknown, half = choose_config(1, 4096, 4096), choose_config(1, 4096, 4096, sparsity=0.5)
+    assert unknown.in_thread and not unknown.compact and half == unknown
+    dense_ish, sparse = choose_config(1, 14336, 4096, 0.4), choose_config(1, 14336, 4096, 0.9)
+    assert sparse.compact and not dense_ish.compact
     for cfg in (unknown, dense_ish, sparse):  # the in-thread sum needs whole columns per thread
-        assert cfg["BN"] == 256 * cfg["num_warps"] and cfg["IN_THREAD"]
-    assert not sg.choose_config(1, 1024, 4096, "cuda", 0.9)["IN_THREAD"]  # a lone k/v: [BK, BN] tiles
-    rows4 = sg.choose_config(4, 14336, 4096, "cuda", 0.9)  # 2-4 rows: the in-thread layout, never packed
-    assert rows4["IN_THREAD"] and not rows4["COMPACT"] and not rows4["USE_DOT"]
-    assert sg.choose_config(5, 14336, 4096, "cuda", 0.5)["USE_DOT"]  # more rows: the tensor-core path
+        assert cfg.block_n == 256 * cfg.num_warps and cfg.in_thread
+    assert not choose_config(1, 1024, 4096, 0.9).in_thread  # a lone k/v: [BK, BN] tiles
+    rows4 = choose_config(4, 14336, 4096, 0.9)  # 2-4 rows: the in-thread layout, never packed
+    assert rows4.in_thread and not rows4.compact and not rows4.use_dot
+    assert choose_config(5, 14336, 4096, 0.5).use_dot  # more rows: the tensor-core path
 
 
 @pytest.mark.parametrize("N,K", [(40, 96), (64, 96), (64, 100)])  # ragged and even tiles (EVEN_N / EVEN_K paths)
@@ -69,18 +79,18 @@ def test_config_follows_expected_sparsity():
 @pytest.mark.parametrize("M,use_dot,loop", [(1, False, "tile"), (1, False, "in_thread"), (1, False, "compact"),
                                             (1, True, "tile"), (5, True, "tile"), (5, False, "in_thread")])
 def test_split_k_and_variants(N, K, iters, M, use_dot, loop):
-    cfg = sg.make_config(N, K, BN=32, BK=16, iters=iters, use_dot=use_dot, compact=loop == "compact",
+    cfg = make_config(N, K, BN=32, BK=16, iters=iters, use_dot=use_dot, compact=loop == "compact",
                          in_thread=loop == "in_thread")
-    assert cfg["SPLIT_K"] == -(-K // (16 * iters))
+    assert cfg.split_k == -(-K // (16 * iters))
     # both split-K epilogues: the grid's last arriver, and a second launch (APART, the default where launches overlap)
     for apart in (False, True):
         for rep in range(2):  # the second launch checks that the arrival counters and the workspace were reset
-            assert run(M, N, K, torch.float32, 0.4, True, config=dict(cfg, APART=apart), seed=rep) <= 1e-5
+            assert run(M, N, K, torch.float32, 0.4, True, config=replace(cfg, apart=apart), seed=rep) <= 1e-5
 
 
 @pytest.mark.parametrize("loop", ["tile", "in_thread", "compact"])
 def test_negative_threshold_keeps_every_input(loop):
-    cfg = sg.make_config(40, 70, BN=32, BK=16, iters=2, use_dot=False, compact=loop == "compact",
+    cfg = make_config(40, 70, BN=32, BK=16, iters=2, use_dot=False, compact=loop == "compact",
                          in_thread=loop == "in_thread")  # ragged last split
     assert run(1, 40, 70, torch.float32, -0.5, True, config=cfg) <= 1e-5
 
@@ -89,7 +99,7 @@ def test_negative_threshold_keeps_every_input(loop):
 def test_default_configs_of_wide_outputs(M, hint):
     """N >= 2048 (ragged N: masked last tile): one row takes the in-thread loops (0.9 packs the survivors), 2-4 rows
     each keep their mask in the in-thread layout, 5-8 rows take the tensor cores."""
-    assert sg.choose_config(M, 2100, 80, DEVICE, hint)["IN_THREAD"] == (M <= 4)
+    assert choose_config(M, 2100, 80, hint).in_thread == (M <= 4)
     assert run(M, 2100, 80, torch.bfloat16, 0.8, True, sparsity=hint) <= TOL[torch.bfloat16]
 
 
@@ -132,12 +142,12 @@ def test_grouped_launch_matches_each_linear(M, Ns, K, dtype, ts, bias, seed, spl
     bs = [torch.randn(N, generator=g).to(dtype).to(DEVICE) if bias else None for N in Ns]
     ys = [torch.full((M, N), float("nan"), dtype=dtype, device=DEVICE) for N in Ns]
     # small tiles split K (workspace + last-arriver path); the default config does not split such small K
-    cfg = dict(sg.make_config(sum(Ns), K, BN=16, BK=BK, iters=2, use_dot=M > 1 and loop != "in_thread",
-                              compact=loop == "compact", in_thread=loop == "in_thread"), APART=apart) if split else None
+    cfg = replace(make_config(sum(Ns), K, BN=16, BK=BK, iters=2, use_dot=M > 1 and loop != "in_thread",
+                                 compact=loop == "compact", in_thread=loop == "in_thread"), apart=apart) if split else None
     for _ in range(2):  # twice: the arrival counters and the workspace must be left clean
         sg.sparse_gemv_group(x, ws, bs, ts[: len(Ns)], config=cfg, outs=ys)
         for w, b, t, y in zip(ws, bs, ts, ys):
-            ref = sg.reference_sparse_gemv(x.cpu(), w.cpu(), None if b is None else b.cpu(), t)
+            ref = reference(x.cpu(), w.cpu(), None if b is None else b.cpu(), t)
             assert not torch.isnan(y).any(), "unwritten output elements"
             assert rel_err(y.cpu(), ref) <= TOL[dtype]
 
@@ -162,10 +172,10 @@ def test_swiglu_launch_matches_float64(M, N, K, dtype, ts, seed, split, loop, ap
     x = torch.randn(M, K, generator=g).to(dtype).to(DEVICE)
     wg, wu = [(torch.randn(N, K, generator=g) / K**0.5).to(dtype).to(DEVICE).t().contiguous().t() for _ in range(2)]
     h = torch.full((M, N), float("nan"), dtype=dtype, device=DEVICE)
-    cfg = dict(sg.make_config(2 * N, K, BN=16, BK=16, iters=2, use_dot=M > 1 and loop != "in_thread",
-                              compact=loop == "compact", in_thread=loop == "in_thread"), APART=apart) if split else None
-    gate = sg.reference_sparse_gemv(x.cpu(), wg.cpu(), None, ts[0])
-    ref = torch.nn.functional.silu(gate) * sg.reference_sparse_gemv(x.cpu(), wu.cpu(), None, ts[1])
+    cfg = replace(make_config(2 * N, K, BN=16, BK=16, iters=2, use_dot=M > 1 and loop != "in_thread",
+                                 compact=loop == "compact", in_thread=loop == "in_thread"), apart=apart) if split else None
+    gate = reference(x.cpu(), wg.cpu(), None, ts[0])
+    ref = torch.nn.functional.silu(gate) * reference(x.cpu(), wu.cpu(), None, ts[1])
     for _ in range(2):  # twice: the shared arrival counters and the workspace must be left clean
         h.fill_(float("nan"))
         sg.sparse_gemv_swiglu(x, wg, wu, ts[0], ts[1], config=cfg, out=h)
@@ -204,7 +214,6 @@ def test_add_rmsnorm_launch_matches_float64(M, N, K, dtype, t, bias, seed, split
     """The linear, the residual add and Llama's RMSNorm: against the float64 linear rounded and normalised as eager
     rounds (so up to a few ulps apart, as the SwiGLU epilogue); both outputs poisoned first, the workspace left clean
     (run twice). ``split``: K split in that many parts where the default config would not split it."""
-    from teal_fx.kernels.sparse_linear import reference_rmsnorm
 
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(M, K, generator=g).to(dtype).to(DEVICE)
@@ -214,9 +223,9 @@ def test_add_rmsnorm_launch_matches_float64(M, N, K, dtype, t, bias, seed, split
     nw = (1 + torch.randn(N, generator=g) / 4).to(dtype).to(DEVICE)
     cfg = None
     if split is not None:
-        cfg = sg.make_config(N, K, BN=16, BK=16, iters=max(1, -(-K // (16 * split))), use_dot=M > 4,
+        cfg = make_config(N, K, BN=16, BK=16, iters=max(1, -(-K // (16 * split))), use_dot=M > 4,
                              in_thread=M <= 4)
-    y = sg.reference_sparse_gemv(x.cpu(), w.cpu(), b.cpu() if b is not None else None, t).to(dtype)
+    y = reference(x.cpu(), w.cpu(), b.cpu() if b is not None else None, t).to(dtype)
     h_ref = res.cpu() + y
     out_ref = reference_rmsnorm(h_ref, nw.cpu(), 1e-5)
     h, out = (torch.full((M, N), float("nan"), dtype=dtype, device=DEVICE) for _ in range(2))
@@ -241,10 +250,9 @@ def test_add_rmsnorm_launch_refuses_what_it_cannot_fuse():
 
 def test_one_row_switches_to_the_packed_loop_where_it_was_measured_faster():
     """The masked loop over every input stays faster than the packed one up to 0.65 on the MLP shapes and up to 0.8
-    on the attention shapes (examples/probe_compact_crossover.py on the H100, NOTES v17)."""
-    cpu = torch.device("cpu")
+    on the attention shapes (docs/design.md, "Sparse GEMV: tiles and loops")."""
     for (N, K), masked_at, packed_at in (((14336, 4096), 0.65, 0.7), ((4096, 14336), 0.65, 0.7),
                                          ((4096, 4096), 0.8, 0.9), ((6144, 4096), 0.8, 0.9)):
-        assert not sg.choose_config(1, N, K, cpu, sparsity=masked_at)["COMPACT"]
-        assert sg.choose_config(1, N, K, cpu, sparsity=packed_at)["COMPACT"]
-    assert not sg.choose_config(2, 14336, 4096, cpu, sparsity=0.9)["COMPACT"]  # batches never pack
+        assert not choose_config(1, N, K, sparsity=masked_at).compact
+        assert choose_config(1, N, K, sparsity=packed_at).compact
+    assert not choose_config(2, 14336, 4096, sparsity=0.9).compact  # batches never pack

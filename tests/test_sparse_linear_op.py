@@ -3,7 +3,8 @@ import warnings
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from teal_fx.kernels import reference_sparse_linear, sparse_linear
 

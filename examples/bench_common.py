@@ -1,0 +1,85 @@
+"""What the benchmarks share: the read bandwidth they measure the roofline with, CUDA-graph timing, result names.
+
+The benchmarks run as scripts (``python examples/bench_kernels.py``), so this module is importable from them as
+``bench_common`` with no path set up.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import statistics
+
+import torch
+
+
+def read_bandwidth(gib: int = 4) -> float:
+    """Bytes/s of a bf16 sum over ``gib`` GiB (read only), median of 10."""
+    x = torch.randn(gib * 2**29, dtype=torch.bfloat16, device="cuda")
+    for _ in range(3):
+        x.sum()
+    times = []
+    for _ in range(10):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        x.sum()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+    del x
+    return x_bytes(gib) / statistics.median(times)
+
+
+def x_bytes(gib: int) -> int:
+    return gib * 2**30
+
+
+def gpu_tag(name: str) -> str:
+    """A short name for a GPU model, for result files: 'NVIDIA H100 80GB HBM3' -> 'h100', 'NVIDIA H200' -> 'h200'."""
+    m = re.search(r"\b([A-Z]{1,2}\d{2,4}[A-Z]?)\b", name)
+    return m.group(1).lower() if m else re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_") or "gpu"
+
+
+def default_out(kind: str) -> str:
+    """examples/results/<kind>_<gpu>.md for the GPU this runs on, so a run on another GPU never overwrites a table."""
+    return f"examples/results/{kind}_{gpu_tag(torch.cuda.get_device_name())}.md"
+
+
+def graph_time_us(calls: list, replays: int = 20) -> float:
+    """Median µs per call of ``calls`` captured once in a CUDA graph and replayed."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for f in calls:
+            f()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for f in calls:
+            f()
+    for _ in range(3):
+        g.replay()
+    times = []
+    for _ in range(replays):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1e3 / len(calls))
+    return statistics.median(times)
+
+
+@contextlib.contextmanager
+def dependent_launches(on: bool):
+    """Launch the teal kernels with programmatic dependent launch or not (kernels/pdl.py reads TEAL_PDL at each
+    launch; a CUDA graph keeps what its capture saw)."""
+    before = os.environ.get("TEAL_PDL")
+    os.environ["TEAL_PDL"] = "1" if on else "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["TEAL_PDL"]
+        else:
+            os.environ["TEAL_PDL"] = before

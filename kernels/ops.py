@@ -1,0 +1,222 @@
+"""The ``teal::*`` custom ops: their registration with ``torch.library``, fake (meta) functions and autograd.
+
+Each op dispatches to its Triton launcher where the kernel takes the operands (CUDA, a decode step, supported
+dtypes and row counts) and runs ``reference.py`` everywhere else, so one graph serves CPU, prefill and decode.
+
+    teal::sparse_linear(x, W, b, t, prefill_sparse_from, sparsity)     y = (x ⊙ 1[|x| > t]) Wᵀ + b
+    teal::sparse_linear_group(x, [W], [b], [t], ...)                    linears sharing x (q/k/v, gate/up)
+    teal::sparse_swiglu(x, W_gate, W_up, t_gate, t_up, ...)             silu(gate) * up
+    teal::sparse_linear_add_rmsnorm(x, W, b, t, ..., residual, w, eps)   (h = residual + y, RMSNorm(h))
+    teal::decode_attention(q, k, v, mask, scale)                        one query position, GQA heads read once
+
+A decode step (one token per sequence, or a 2-D ``x`` of rows) is always sparsified; a prefill of S tokens from
+position ``ceil(prefill_sparse_from * S)`` on (``reference.sparse_token_start``), decided at run time from the shape.
+``sparsity`` (the plan's expected fraction of dropped inputs, -1: unknown) only picks the kernel's variant.
+
+Why ``torch.library.custom_op`` and not ``triton_op``: the kernels keep state between launches, a workspace and
+arrival counters that every launch leaves zero (no memset launch). A ``triton_op`` body is traced and functionalized,
+so those buffers would become graph inputs marked mutated, which functionalization turns into clones or copy-backs
+around each call: the launches the workspace exists to avoid. The ops therefore stay opaque to Inductor (registered
+fakes, ``opcheck`` in the tests); in CUDA graphs, where the decode step runs, the Python launch path is not replayed.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from teal_fx.kernels import decode_attention as attention_launcher
+from teal_fx.kernels import sparse_gemv
+from teal_fx.kernels.reference import (
+    keep_mask,
+    reference_decode_attention,
+    reference_rmsnorm,
+    reference_sparse_linear,
+    reference_swiglu,
+    sparse_token_start,
+)
+
+
+@torch.library.custom_op("teal::sparse_linear", mutates_args=())
+def sparse_linear(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], threshold: float, prefill_sparse_from: float = 1.0,
+    sparsity: float = -1.0,
+) -> Tensor:
+    """y = (x ⊙ 1[|x| > threshold]) weightᵀ + bias, with the decode/prefill rule of the module docstring.
+
+    ``sparsity``: the fraction of inputs the threshold is expected to drop (from the plan; -1: unknown). It only
+    picks the GPU kernel's variant, never the result."""
+    if x.is_cuda and sparse_token_start(x, prefill_sparse_from) == 0:
+        if sparse_gemv.supports(x, weight):
+            return sparse_gemv.sparse_gemv(x, weight, bias, threshold, sparsity=sparsity)
+    return reference_sparse_linear(x, weight, bias, threshold, prefill_sparse_from)
+
+
+@sparse_linear.register_fake
+def _(x: Tensor, weight: Tensor, bias: Optional[Tensor], threshold: float, prefill_sparse_from: float = 1.0,
+      sparsity: float = -1.0) -> Tensor:
+    torch._check(x.shape[-1] == weight.shape[1], lambda: "sparse_linear: x and weight disagree on in_features")
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, weight, bias, threshold, prefill_sparse_from, _ = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.threshold = threshold
+    ctx.prefill_sparse_from = prefill_sparse_from
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, grad_out: Tensor):
+    """Straight-through the mask: gradients flow only to the kept inputs (the mask itself is not learned)."""
+    x, weight = ctx.saved_tensors
+    start = sparse_token_start(x, ctx.prefill_sparse_from)
+    keep = keep_mask(x, ctx.threshold)
+    if x.dim() >= 3 and start > 0:
+        keep[..., :start, :] = True
+    x_used = torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device))
+    grad_x = torch.where(keep, grad_out @ weight, torch.zeros((), dtype=x.dtype, device=x.device))
+    grad_w = grad_out.reshape(-1, grad_out.shape[-1]).t() @ x_used.reshape(-1, x.shape[-1])
+    grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0) if ctx.has_bias else None
+    return grad_x, grad_w, grad_b, None, None, None
+
+
+sparse_linear.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("teal::sparse_linear_group", mutates_args=())
+def sparse_linear_group(
+    x: Tensor, weights: list[Tensor], biases: list[Optional[Tensor]], thresholds: list[float],
+    prefill_sparse_from: float, sparsities: list[float],
+) -> list[Tensor]:
+    """``sparse_linear`` for linears sharing the input ``x`` (q/k/v, gate/up): one Triton launch on the decode path.
+
+    Same semantics as calling ``sparse_linear(x, weights[i], biases[i], thresholds[i], prefill_sparse_from,
+    sparsities[i])`` for each i (that is its reference and its CPU path). (No defaults here: the dispatcher drops
+    default-valued arguments, and the tensor-list autograd wrapper then expects one gradient fewer.)
+    """
+    if x.is_cuda and sparse_token_start(x, prefill_sparse_from) == 0:
+        if all(sparse_gemv.supports(x, w) for w in weights) and len({b is None for b in biases}) == 1:
+            return sparse_gemv.sparse_gemv_group(x, weights, biases, thresholds, sparsity=min(sparsities, default=-1.0))
+    return [reference_sparse_linear(x, w, b, t, prefill_sparse_from) for w, b, t in zip(weights, biases, thresholds)]
+
+
+@sparse_linear_group.register_fake
+def _(x: Tensor, weights: list[Tensor], biases: list[Optional[Tensor]], thresholds: list[float],
+      prefill_sparse_from: float, sparsities: list[float]) -> list[Tensor]:
+    for w in weights:
+        torch._check(x.shape[-1] == w.shape[1], lambda: "sparse_linear_group: x and a weight disagree on in_features")
+    return [x.new_empty((*x.shape[:-1], w.shape[0])) for w in weights]
+
+
+def _group_setup_context(ctx, inputs, output) -> None:
+    x, weights, biases, thresholds, prefill_sparse_from, _ = inputs
+    ctx.save_for_backward(x, *weights)
+    ctx.thresholds = list(thresholds)
+    ctx.prefill_sparse_from = prefill_sparse_from
+    ctx.has_bias = [b is not None for b in biases]
+
+
+def _group_backward(ctx, grad_outs: list[Tensor]):
+    """Each segment's straight-through gradient (as ``_backward``), summed into x."""
+    x, *weights = ctx.saved_tensors
+    start = sparse_token_start(x, ctx.prefill_sparse_from)
+    grad_x = torch.zeros_like(x)
+    grad_ws = []
+    for w, t, g in zip(weights, ctx.thresholds, grad_outs):
+        keep = keep_mask(x, t)
+        if x.dim() >= 3 and start > 0:
+            keep[..., :start, :] = True
+        zero = torch.zeros((), dtype=x.dtype, device=x.device)
+        grad_x = grad_x + torch.where(keep, g @ w, zero)
+        g2 = g.reshape(-1, g.shape[-1])
+        grad_ws.append(g2.t() @ torch.where(keep, x, zero).reshape(-1, x.shape[-1]))
+    if any(ctx.has_bias):
+        # `Tensor?[]` arguments take no gradient through torch.library's autograd: refuse rather than drop them
+        raise RuntimeError("teal::sparse_linear_group: no gradient for biases; compile with "
+                           "options={'group_shared_input': False} to train through biased q/k/v")
+    return grad_x, grad_ws, None, None, None, None
+
+
+sparse_linear_group.register_autograd(_group_backward, setup_context=_group_setup_context)
+
+
+@torch.library.custom_op("teal::sparse_swiglu", mutates_args=())
+def sparse_swiglu(
+    x: Tensor, w_gate: Tensor, w_up: Tensor, t_gate: float, t_up: float, prefill_sparse_from: float,
+    sparsities: list[float],
+) -> Tensor:
+    """``silu(gate) * up`` of a gated MLP, gate and up being ``sparse_linear`` of ``x`` (no biases).
+
+    Its reference and CPU path is that expression, rounded as eager rounds it; on the decode path with column-major
+    weights it is one Triton launch whose epilogue forms the product, so no kernel runs between the MLP's launches.
+    No autograd: the pass that inserts it leaves graphs that need gradients alone."""
+    if x.is_cuda and sparse_token_start(x, prefill_sparse_from) == 0:
+        if sparse_gemv.supports(x, w_gate) and sparse_gemv.supports(x, w_up) and \
+                sparse_gemv.can_fuse_swiglu(x, w_gate, w_up):
+            return sparse_gemv.sparse_gemv_swiglu(x, w_gate, w_up, t_gate, t_up, sparsity=min(sparsities, default=-1.0))
+        gate, up = sparse_linear_group(x, [w_gate, w_up], [None, None], [t_gate, t_up], prefill_sparse_from, sparsities)
+        return F.silu(gate) * up
+    return reference_swiglu(x, w_gate, w_up, t_gate, t_up, prefill_sparse_from)
+
+
+@sparse_swiglu.register_fake
+def _(x: Tensor, w_gate: Tensor, w_up: Tensor, t_gate: float, t_up: float, prefill_sparse_from: float,
+      sparsities: list[float]) -> Tensor:
+    torch._check(w_gate.shape == w_up.shape, lambda: "sparse_swiglu: gate and up weights differ in shape")
+    torch._check(x.shape[-1] == w_gate.shape[1], lambda: "sparse_swiglu: x and the weights disagree on in_features")
+    return x.new_empty((*x.shape[:-1], w_gate.shape[0]))
+
+
+@torch.library.custom_op("teal::sparse_linear_add_rmsnorm", mutates_args=())
+def sparse_linear_add_rmsnorm(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], threshold: float, prefill_sparse_from: float, sparsity: float,
+    residual: Tensor, norm_weight: Tensor, eps: float,
+) -> tuple[Tensor, Tensor]:
+    """(h, RMSNorm(h)) with h = residual + ``sparse_linear(x, weight, bias, threshold, ...)``: a block's o or down
+    projection, its residual add and the next RMSNorm (Llama's: ``reference_rmsnorm``).
+
+    On the decode path the linear's finishing launch does the add and the norm (one program per row holds all the
+    columns), so no Inductor reduction kernel runs between it and the next linear. Elsewhere (CPU, prefill) it is
+    that expression, rounded as eager rounds it. No autograd: the pass that inserts it leaves graphs that need
+    gradients alone."""
+    if x.is_cuda and sparse_token_start(x, prefill_sparse_from) == 0:
+        if sparse_gemv.supports(x, weight) and sparse_gemv.can_fuse_add_rmsnorm(x, weight, residual, norm_weight):
+            return sparse_gemv.sparse_gemv_add_rmsnorm(x, weight, bias, threshold, residual, norm_weight, eps,
+                                                       sparsity=sparsity)
+    h = residual + sparse_linear(x, weight, bias, threshold, prefill_sparse_from, sparsity)  # kernel or reference
+    return h, reference_rmsnorm(h, norm_weight, eps)
+
+
+@sparse_linear_add_rmsnorm.register_fake
+def _(x: Tensor, weight: Tensor, bias: Optional[Tensor], threshold: float, prefill_sparse_from: float, sparsity: float,
+      residual: Tensor, norm_weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    torch._check(x.shape[-1] == weight.shape[1], lambda: "sparse_linear_add_rmsnorm: x and weight disagree on in_features")
+    torch._check(residual.shape[-1] == weight.shape[0], lambda: "sparse_linear_add_rmsnorm: residual and weight differ")
+    shape = torch.broadcast_shapes(residual.shape, (*x.shape[:-1], weight.shape[0]))
+    dtype = torch.promote_types(residual.dtype, x.dtype)
+    h = residual.new_empty(shape, dtype=dtype)
+    return h, h.new_empty(shape, dtype=torch.promote_types(dtype, norm_weight.dtype))
+
+
+# flexible_layout: the launcher takes any strides. Without the tag Inductor gives each call its own copy of an input
+# that is not yet a buffer, so the mask every layer shares was recomputed by one kernel per layer.
+@torch.library.custom_op("teal::decode_attention", mutates_args=(), tags=(torch.Tag.flexible_layout,))
+def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: float) -> Tensor:
+    """softmax(q Kᵀ · scale + mask) V for one query position, K/V with ``H / Hkv`` query heads per KV head.
+
+    q [B, H, 1, D], k/v [B, Hkv, L, D], mask (bool: attend where true; float: added) broadcastable to [B, H, 1, L].
+    The same result as ``scaled_dot_product_attention`` on K/V repeated to H heads (the reference, and the path
+    on CPU and for shapes the kernel does not take)."""
+    if attention_launcher.supports(q, k, v, mask):
+        return attention_launcher.decode_attention_gpu(q, k, v, mask, scale)
+    return reference_decode_attention(q, k, v, mask, scale)
+
+
+@decode_attention.register_fake
+def _(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: float) -> Tensor:
+    torch._check(q.dim() == 4 and k.dim() == 4 and v.dim() == 4, lambda: "decode_attention: 4-D q, k, v")
+    torch._check(q.shape[1] % k.shape[1] == 0, lambda: "decode_attention: query heads must be a multiple of kv heads")
+    return q.new_empty(q.shape)

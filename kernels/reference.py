@@ -1,0 +1,71 @@
+"""The one reference implementation of every teal op, in plain PyTorch (any device, any dtype).
+
+The ops run it on CPU, for prefill and for shapes the kernels do not take; the tests hold the kernels to it (in
+float64, by passing float64 operands). Rounding follows eager PyTorch, so a fused kernel can be compared with the
+unfused graph it replaced.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def keep_mask(x: Tensor, threshold: float) -> Tensor:
+    """1[|x| > t], compared in float32 whatever the dtype of x (the kernels compare the same way)."""
+    return x.abs().float() > threshold
+
+
+def sparsify(x: Tensor, threshold: float) -> Tensor:
+    """Zero the entries of ``x`` whose magnitude is at most ``threshold`` (TEAL's magnitude mask)."""
+    return torch.where(keep_mask(x, threshold), x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def sparse_token_start(x: Tensor, prefill_sparse_from: float) -> int:
+    """Index along the token axis from which tokens are sparsified (0 = all, S = none).
+
+    A decode step (one token per sequence, or a 2-D ``x`` of rows) is always sparsified; a prefill of S tokens from
+    ``ceil(prefill_sparse_from * S)`` on (1.0: dense, 0.0: every token, 0.5: TEAL's later half)."""
+    if x.dim() < 3 or x.shape[-2] == 1:
+        return 0
+    seq = x.shape[-2]
+    return min(seq, max(0, math.ceil(prefill_sparse_from * seq)))
+
+
+def reference_sparse_linear(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], threshold: float, prefill_sparse_from: float = 1.0
+) -> Tensor:
+    """y = (x ⊙ 1[|x| > t]) Wᵀ + b, with the decode/prefill rule of ``sparse_token_start``."""
+    start = sparse_token_start(x, prefill_sparse_from)
+    seq = x.shape[-2] if x.dim() >= 3 else 1
+    if start >= seq and x.dim() >= 3:
+        return F.linear(x, weight, bias)
+    if start == 0:
+        return F.linear(sparsify(x, threshold), weight, bias)
+    x = torch.cat([x[..., :start, :], sparsify(x[..., start:, :], threshold)], dim=-2)
+    return F.linear(x, weight, bias)
+
+
+def reference_swiglu(x: Tensor, w_gate: Tensor, w_up: Tensor, t_gate: float, t_up: float,
+                     prefill_sparse_from: float = 1.0) -> Tensor:
+    """silu(gate) * up with gate and up sparse linears of ``x`` (no biases), rounded as eager rounds."""
+    gate = reference_sparse_linear(x, w_gate, None, t_gate, prefill_sparse_from)
+    return F.silu(gate) * reference_sparse_linear(x, w_up, None, t_up, prefill_sparse_from)
+
+
+def reference_rmsnorm(h: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """Llama's RMSNorm as eager computes it (``LlamaRMSNorm.forward``): fp32 statistics, the normalised value rounded
+    to h's dtype before the weight's product."""
+    hf = h.to(torch.float32)
+    return weight * (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)).to(h.dtype)
+
+
+def reference_decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: float) -> Tensor:
+    """softmax(q Kᵀ · scale + mask) V for one query position: sdpa over K/V repeated to the query heads."""
+    rep = q.shape[1] // k.shape[1]
+    if rep > 1:
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)

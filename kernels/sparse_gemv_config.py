@@ -1,0 +1,88 @@
+"""The sparse GEMV's launch configuration: a typed value, and the rule that picks it per shape and sparsity.
+
+The rule comes from sweeps on the H100 (docs/design.md, "Sparse GEMV: tiles and loops"); ``make_config`` builds any
+other candidate, which the benchmark's sweep and the tests use.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from teal_fx.kernels.triton_support import next_pow2
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    """How one sparse GEMV launch is tiled: a (N / block_n) x split_k grid, each program ``k_per_split`` inputs."""
+
+    block_n: int  # columns of W per program (BN)
+    block_k: int  # inputs per tile (BK)
+    split_k: int  # programs along K; their fp32 partials meet in the workspace
+    k_per_split: int  # inputs per program: block_k x tiles per program
+    use_dot: bool  # tensor cores, rows padded to 16 (5-8 rows)
+    num_warps: int
+    num_stages: int
+    in_thread: bool  # each thread owns whole columns of a tile, so a tile's sum stays in the thread
+    compact: bool  # one row: loop over the packed surviving inputs only (implies in_thread)
+    chunk: int  # the packed loop's scan width, next_pow2(k_per_split)
+    apart: Optional[bool] = None  # split-K sums finished by a second launch; None: where launches overlap (PDL)
+
+
+def make_config(N: int, K: int, *, BN: int, BK: int, iters: int, use_dot: bool, num_warps: int = 4,
+                num_stages: int = 2, compact: bool = False, in_thread: bool = False) -> GemvConfig:
+    """[BK, BN] tiles, each program covering ``iters`` of them along K (so K is split in ceil(K / (BK * iters))
+    parts). ``in_thread`` sums each tile inside the threads (BN should be 256 * num_warps; up to 8 rows, 2-4 in
+    practice), ``compact`` (one row; implies it) loops over the packed surviving inputs only."""
+    k_per = BK * iters
+    return GemvConfig(block_n=min(BN, max(16, next_pow2(N))), block_k=BK, split_k=-(-K // k_per), k_per_split=k_per,
+                      use_dot=use_dot, num_warps=num_warps, num_stages=num_stages,
+                      in_thread=(in_thread or compact) and not use_dot, compact=compact and not use_dot,
+                      chunk=next_pow2(k_per))
+
+
+def _mlp_sized(N: int, K: int) -> bool:
+    """Whether a one-warp grid of 256 x 16 tiles has >= 8000 of them: the MLP shapes (gate/up, down, gate+up) but
+    not the attention ones (4096x4096, q+k+v), which the sweeps tile differently."""
+    return (N // 256) * (K // 16) >= 8000
+
+
+def compact_from(N: int, K: int) -> float:
+    """The expected sparsity from which one row loops over the packed survivors only: where the rows it skips repay
+    the packing's fixed cost (x, a scan, a scratch round trip). Timed per shape with dependent launches: on the MLP
+    shapes the masked loop is faster up to 0.65 and even at 0.7; on the attention shapes (fewer programs) up to
+    0.8, the packed loop ahead only at 0.9 (docs/design.md, "Sparse GEMV: tiles and loops")."""
+    return 0.7 if _mlp_sized(N, K) else 0.85
+
+
+def choose_config(M: int, N: int, K: int, sparsity: Optional[float] = None) -> GemvConfig:
+    """The launch config for M rows of x against a [N, K] weight (N summed over a grouped launch's segments).
+    ``sparsity``: the fraction of inputs the threshold is expected to drop (None or < 0: unknown)."""
+    if M == 1 and N >= 2048:  # below that (a lone k/v projection, small models) the in-thread loops had too few programs
+        if sparsity is not None and sparsity >= compact_from(N, K):
+            # packed survivors: 4 warps, ~450 programs each packing 64-256 inputs
+            BN = min(1024, next_pow2(N))
+            k_per = min(256, max(64, next_pow2(K * (-(-N // BN)) // 448)))
+            return make_config(N, K, BN=BN, BK=16, iters=k_per // 16, use_dot=False, num_warps=BN // 256,
+                               num_stages=1, compact=True)
+        # every input, masked: one warp per 256 columns (~1000-1800 programs). The MLP shapes: 8 tiles of 16 rows a
+        # program; the attention shapes (4096x4096, q+k+v): 2 tiles of 32 rows, 3-8% faster there at 0-50% and no
+        # gain on the MLP shapes
+        if _mlp_sized(N, K):
+            return make_config(N, K, BN=256, BK=16, iters=8, use_dot=False, num_warps=1, num_stages=1, in_thread=True)
+        return make_config(N, K, BN=256, BK=32, iters=2, use_dot=False, num_warps=1, num_stages=1, in_thread=True)
+    if M <= 4 and N >= 2048:
+        # 2-4 rows in the same layout, summed on CUDA cores: 16 tiles per program on the MLP shapes, 4 on 4096²
+        # (at 50%: 0.85-0.87 of roofline on the MLP shapes vs 0.79-0.83 for the tensor-core path)
+        iters = 16 if _mlp_sized(N, K) else 4
+        return make_config(N, K, BN=256, BK=16, iters=iters, use_dot=False, num_warps=1, num_stages=1, in_thread=True)
+    if N >= 2048:
+        # 5-8 rows: tensor cores, 32-row tiles, 16 per program; 256 columns and a 4-stage pipeline on 4096² (at 8 and
+        # 6 rows, 50%: 7-13% faster than the small-shape rule below)
+        small = N * K <= 4096 * 4096
+        return make_config(N, K, BN=256 if small else 128, BK=32, iters=16, use_dot=True, num_warps=4,
+                           num_stages=4 if small else 3)
+    BN, BK = 128, 64
+    n_tiles = -(-N // BN)
+    # about 450-500 programs did best: 16 tiles per program on the MLP shapes, 4 on 4096x4096, 2 on the small k/v
+    iters = max(2, min(16, round(K * n_tiles / (BK * 480))))
+    return make_config(N, K, BN=BN, BK=BK, iters=iters, use_dot=M > 1, num_warps=4, num_stages=2 if M == 1 else 3)

@@ -1,0 +1,360 @@
+"""The sparse GEMV's Triton kernels: y = (x ⊙ 1[|x| > t]) Wᵀ + b for 1 to 8 rows, W stored column-major.
+
+Only the jitted code lives here; the launchers, which pick a config and hold the scratch, are in ``sparse_gemv.py``
+(docs/design.md, "Sparse GEMV" says why each choice was made).
+
+Layout: with W column-major (strides (1, N)), input k's weights are one contiguous row of N values, so a zero x[k]
+skips one contiguous stretch of memory. The kernel takes W's strides, so a row-major W also works (slowly).
+
+Split-K without a memset: the grid is (N tiles) x (K splits) of short programs. Each adds its fp32 partial into a
+workspace with atomics; then either the last program of an N tile to arrive (an arrival counter) reads the sums
+back, zeroes the workspace and writes y, or, where launches overlap (PDL), a second tiny launch does that
+(``finish_kernel``; ``finish_add_rmsnorm_kernel`` also adds the residual and applies the RMSNorm after o and down).
+Either way every launch leaves the workspace and counters zero.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def load_needed_rows(w_ptr, offs_k, offs_n, need, n_ok, stride_wk, stride_wn, EVEN_N: tl.constexpr):
+    """The [BK, BN] weight tile with the rows no input needs left unread (zero)."""
+    if EVEN_N:  # the mask must be constant along N for 16-byte loads: no N bound check when tiles divide N
+        mask = need[:, None]
+    else:
+        mask = need[:, None] & n_ok[None, :]
+    return tl.load(w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn, mask=mask, other=0.0,
+                   eviction_policy="evict_first")
+
+@triton.jit
+def silu_times_up(gate, up, out_ty: tl.constexpr):
+    """silu(gate) * up from the fp32 sums, rounded to ``out_ty`` after each op as eager ``F.silu(gate) * up`` is."""
+    gate = gate.to(out_ty).to(tl.float32)
+    act = (gate / (1.0 + tl.exp(-gate))).to(out_ty).to(tl.float32)
+    return act * up.to(out_ty).to(tl.float32)
+
+@triton.jit
+def in_thread_partial(x_ptr, w_ptr, idx_ptr, xv_ptr, k_lo, k_hi, threshold, offs_n, n_ok, stride_wk, stride_wn,
+                       BK: tl.constexpr, BN: tl.constexpr, CHUNK: tl.constexpr, EVEN_N: tl.constexpr,
+                       PACK: tl.constexpr):
+    """Σ_k x_k W[k, offs_n] over the inputs of [k_lo, k_hi) that survive the threshold (one row of x).
+
+    With BN = 256 * num_warps every thread holds whole columns of a [BK, BN] tile (8 columns x BK rows), so the
+    sum over the tile's rows stays inside the thread: the accumulator is 8 registers and the rest can hold a
+    whole tile's loads in flight (the [BK, BN] accumulator of the other loop leaves ptxas room for half a tile).
+
+    PACK: the survivors' indices and values are packed first (a prefix sum over the chunk, stored to a scratch
+    slot that every program of this K split and segment shares: they all write the same values), then the loop
+    runs over full tiles of needed weight rows only: at 90% a tenth of the iterations, where a loop over all
+    rows pays a memory round trip per tile however few rows it keeps (docs/design.md, "Sparse GEMV: tiles and loops"). Without PACK the loop
+    walks every input and masks the rows not needed.
+    """
+    acc = tl.zeros((BN,), dtype=tl.float32)
+    if PACK:
+        offs = k_lo + tl.arange(0, CHUNK)
+        x = tl.load(x_ptr + offs, mask=offs < k_hi, other=0.0).to(tl.float32)
+        keep = tl.abs(x) > threshold
+        slot = tl.cumsum(keep.to(tl.int32), axis=0) - 1
+        n_keep = tl.sum(keep.to(tl.int32), axis=0)
+        tl.store(idx_ptr + slot, offs, mask=keep)
+        tl.store(xv_ptr + slot, x, mask=keep)
+        tl.debug_barrier()  # the CTA's global stores are visible to all its threads after the barrier
+        j = tl.arange(0, BK)
+        ok = j < n_keep
+        k = tl.load(idx_ptr + j, mask=ok, other=0)
+        xv = tl.load(xv_ptr + j, mask=ok, other=0.0)
+        for j0 in range(0, n_keep, BK):
+            w = load_needed_rows(w_ptr, k, offs_n, ok, n_ok, stride_wk, stride_wn, EVEN_N)
+            jn = j0 + BK + tl.arange(0, BK)  # the next tile's indices are requested before this tile's FMAs
+            ok_next = jn < n_keep
+            k_next = tl.load(idx_ptr + jn, mask=ok_next, other=0)
+            xv_next = tl.load(xv_ptr + jn, mask=ok_next, other=0.0)
+            acc += tl.sum(xv[:, None] * w.to(tl.float32), axis=0)
+            k, xv, ok = k_next, xv_next, ok_next
+    else:
+        offs_k = k_lo + tl.arange(0, BK)
+        x = tl.load(x_ptr + offs_k, mask=offs_k < k_hi, other=0.0).to(tl.float32)
+        for k0 in range(k_lo, k_hi, BK):
+            offs_k = k0 + tl.arange(0, BK)
+            keep = tl.abs(x) > threshold  # x past k_hi is 0: never kept (t >= 0)
+            w = load_needed_rows(w_ptr, offs_k, offs_n, keep, n_ok, stride_wk, stride_wn, EVEN_N)
+            nxt = offs_k + BK
+            x_next = tl.load(x_ptr + nxt, mask=nxt < k_hi, other=0.0).to(tl.float32)
+            acc += tl.sum(tl.where(keep, x, 0.0)[:, None] * w.to(tl.float32), axis=0)
+            x = x_next
+    return acc
+
+@triton.jit
+def in_thread_rows_partial(x_ptr, w_ptr, k_lo, k_hi, threshold, offs_m, m_ok, stride_xm, offs_n, n_ok,
+                            stride_wk, stride_wn, BM: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr,
+                            EVEN_N: tl.constexpr):
+    """[BM, BN] partial sums for 2-8 rows in the in-thread layout: each row keeps its own mask, a weight row is
+    read when some row needs it, and the [BM, BK] x [BK, BN] product is summed over K inside each thread (CUDA
+    cores; the tensor-core path pads the rows to 16 and stages the tiles through shared memory)."""
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    offs_k = k_lo + tl.arange(0, BK)
+    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                mask=m_ok[:, None] & (offs_k < k_hi)[None, :], other=0.0).to(tl.float32)
+    for k0 in range(k_lo, k_hi, BK):
+        offs_k = k0 + tl.arange(0, BK)
+        keep = tl.abs(x) > threshold  # padded rows and inputs past k_hi are 0: never kept (t >= 0)
+        need = tl.max(keep.to(tl.int32), axis=0) > 0
+        w = load_needed_rows(w_ptr, offs_k, offs_n, need, n_ok, stride_wk, stride_wn, EVEN_N)
+        nxt = offs_k + BK
+        x_next = tl.load(x_ptr + offs_m[:, None] * stride_xm + nxt[None, :],
+                         mask=m_ok[:, None] & (nxt < k_hi)[None, :], other=0.0).to(tl.float32)
+        xs = tl.where(keep, x, 0.0)
+        acc += tl.sum(xs[:, :, None] * w.to(tl.float32)[None, :, :], axis=1)
+        x = x_next
+    return acc
+
+# A grouped launch swaps scalars per segment inside a runtime `if`; both branches must have the same type, so
+# a swapped value may never be 1 (Triton turns an argument equal to 1 into a compile-time constant). The
+# launcher groups only column-major weights (stride_wn == 1 in every segment, so it is never swapped) with
+# N >= 16. Never disable specialisation of the strides: the "divisible by 16" hint on stride_wk is what
+# makes the weight loads 16 bytes wide (without it the kernel ran 6x slower; docs/design.md, "Sparse GEMV: layout and split-K").
+@triton.jit
+def sparse_gemv_kernel(
+    x_ptr, w_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, idx_ptr, xv_ptr,
+    M, N, K, threshold,
+    stride_xm, stride_wn, stride_wk, stride_ym,
+    K_PER_SPLIT,
+    SPLIT_K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, HAS_BIAS: tl.constexpr,
+    USE_DOT: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, IN_THREAD: tl.constexpr, COMPACT: tl.constexpr,
+    CHUNK: tl.constexpr,
+    # segments 1 and 2 (a grouped launch: linears sharing the input x, each with its own weight, bias,
+    # output and threshold; N tiles [0, TILES1) are segment 0, [TILES1, TILES2) segment 1, the rest segment 2)
+    w1_ptr=None, b1_ptr=None, y1_ptr=None, N1=0, threshold1=0.0, stride_wk1=0, stride_ym1=0,
+    w2_ptr=None, b2_ptr=None, y2_ptr=None, N2=0, threshold2=0.0, stride_wk2=0, stride_ym2=0,
+    TILES1=0, TILES2=0, N_TOTAL=0, NSEG: tl.constexpr = 1,
+    # SwiGLU epilogue (two segments, gate then up, of equal N, no bias): the last program to arrive at column
+    # tile j of either segment writes silu(gate) * up for it, rounded as eager rounds (after each op)
+    GATED: tl.constexpr = False,
+    # programmatic dependent launch (kernels/pdl.py): wait for the previous kernel before reading x or the
+    # workspace; let the next kernel launch once the main loop's loads are issued
+    PDL: tl.constexpr = False,
+    # split-K sums finished by a second launch (``finish_kernel``) instead of this grid's last arriver
+    APART: tl.constexpr = False,
+):
+    """Program (N tile, K split) of y = (x ⊙ 1[|x| > t]) Wᵀ + b; segments 1 and 2 as segment 0, other pointers.
+
+    x_ptr [M, K] (rows stride_xm, inputs contiguous); w_ptr [N, K] at (stride_wn, stride_wk), column-major for
+    speed; b_ptr [N] (read when HAS_BIAS); y_ptr [M, N] (rows stride_ym). ws_ptr: fp32 split-K sums, one row of
+    ws_width columns per padded row of x; cnt_ptr: one arrival counter per N tile; idx_ptr / xv_ptr: the packed
+    survivors' indices and values (COMPACT), one CHUNK slot per (segment, K split). All scratch is zero, or
+    written before read, between launches.
+    M rows (at most BM), N outputs, K inputs; threshold t >= 0 (so zero padding is never kept). A program covers
+    inputs [pid(1) * K_PER_SPLIT, + K_PER_SPLIT), SPLIT_K of them along K, in tiles of BK inputs by BN outputs.
+    Loops: USE_DOT (tensor cores, rows padded to BM >= 16), IN_THREAD (a tile's sum stays in each thread; with
+    COMPACT over the packed survivors only), else [BK, BN] FMAs reduced after the loop (one row).
+    IEEE: fp32 dots in full precision; UPCAST: the CPU interpreter's bf16 dots, computed in fp32; EVEN_N / EVEN_K:
+    the tiles divide N / K (no bounds masks).
+    """
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+    pn_all = tl.program_id(0)
+    pk = tl.program_id(1)
+    pn = pn_all
+    col0 = pn_all * 0  # this segment's first column in the shared workspace
+    seg = pn_all * 0
+    ws_width = N
+    if NSEG > 1:
+        ws_width = N_TOTAL
+        if pn_all >= TILES1:
+            if NSEG > 2 and pn_all >= TILES2:
+                pn = pn_all - TILES2
+                col0 = TILES2 * BN
+                seg = 2
+                w_ptr, b_ptr, y_ptr, N, threshold = w2_ptr, b2_ptr, y2_ptr, N2, threshold2
+                stride_wk, stride_ym = stride_wk2, stride_ym2
+            else:
+                pn = pn_all - TILES1
+                col0 = TILES1 * BN
+                seg = 1
+                w_ptr, b_ptr, y_ptr, N, threshold = w1_ptr, b1_ptr, y1_ptr, N1, threshold1
+                stride_wk, stride_ym = stride_wk1, stride_ym1
+    offs_n = pn * BN + tl.arange(0, BN)
+    offs_m = tl.arange(0, BM)
+    n_ok = offs_n < N
+    m_ok = offs_m < M
+    k_lo = pk * K_PER_SPLIT
+    k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
+    if USE_DOT:
+        # rows padded to BM >= 16: a skinny matmul on tensor cores, weight rows masked by "any row needs it"
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for k0 in range(k_lo, k_hi, BK):
+            offs_k = k0 + tl.arange(0, BK)
+            k_ok = offs_k < k_hi
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                        mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            keep = tl.abs(x.to(tl.float32)) > threshold
+            xs = tl.where(keep, x, 0.0)
+            need = tl.max(keep.to(tl.int32), axis=0) > 0
+            w = load_needed_rows(w_ptr, offs_k, offs_n, need, n_ok, stride_wk, stride_wn, EVEN_N)
+            if UPCAST:  # the CPU interpreter mis-computes bf16 dots; the GPU never takes this branch
+                acc = tl.dot(xs.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+            elif IEEE:
+                acc = tl.dot(xs, w, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(xs, w, acc)
+    elif IN_THREAD and BM > 1:
+        acc = in_thread_rows_partial(x_ptr, w_ptr, k_lo, k_hi, threshold, offs_m, m_ok, stride_xm, offs_n, n_ok,
+                                      stride_wk, stride_wn, BM, BK, BN, EVEN_N)
+    elif IN_THREAD:
+        slot = (seg * SPLIT_K + pk) * CHUNK
+        acc = tl.reshape(in_thread_partial(x_ptr, w_ptr, idx_ptr + slot, xv_ptr + slot, k_lo, k_hi, threshold,
+                                            offs_n, n_ok, stride_wk, stride_wn, BK, BN, CHUNK, EVEN_N, COMPACT),
+                         (1, BN))
+    else:
+        # one row: FMAs into a [BK, BN] accumulator, a single reduction over K after the loop; the next chunk
+        # of x is requested before this chunk's weights are used
+        acc2 = tl.zeros((BK, BN), dtype=tl.float32)
+        offs_k = k_lo + tl.arange(0, BK)
+        if EVEN_K:
+            x = tl.load(x_ptr + offs_k).to(tl.float32)
+        else:
+            x = tl.load(x_ptr + offs_k, mask=offs_k < k_hi, other=0.0).to(tl.float32)
+        for k0 in range(k_lo, k_hi, BK):
+            offs_k = k0 + tl.arange(0, BK)
+            keep = tl.abs(x) > threshold
+            w = load_needed_rows(w_ptr, offs_k, offs_n, keep, n_ok, stride_wk, stride_wn, EVEN_N)
+            nxt = offs_k + BK
+            x_next = tl.load(x_ptr + nxt, mask=nxt < k_hi, other=0.0).to(tl.float32)
+            acc2 += tl.where(keep, x, 0.0)[:, None] * w.to(tl.float32)
+            x = x_next
+        acc = tl.reshape(tl.sum(acc2, axis=0), (1, BN))
+
+    if PDL and not USE_DOT:  # the tensor-core path ran 1.5 µs slower at 8 rows with the next grid resident early
+        tl.extra.cuda.gdc_launch_dependents()
+    y_offs = offs_m[:, None] * stride_ym + offs_n[None, :]
+    y_mask = m_ok[:, None] & n_ok[None, :]
+    if SPLIT_K == 1 and not GATED and not APART:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + y_offs, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
+    else:
+        # partials meet in an fp32 workspace (zero between launches); the last program of this N tile to
+        # arrive reads it back (an atomic read, at L2 where the partials landed), zeroes it for the next
+        # launch, adds the bias and writes y.
+        ws_offs = offs_m[:, None] * ws_width + col0 + offs_n[None, :]
+        tl.atomic_add(ws_ptr + ws_offs, acc, mask=y_mask, sem="relaxed")
+        # APART: _finish_kernel, launched next, reads the sums back once this grid has completed
+        if not APART:
+            tl.debug_barrier()
+            if GATED:  # one counter per column tile, shared by the gate and up programs of that tile
+                counter = cnt_ptr + pn
+                arrivals = 2 * SPLIT_K
+            else:
+                counter = cnt_ptr + pn_all
+                arrivals = SPLIT_K
+            arrived = tl.atomic_add(counter, 1, sem="acq_rel")
+            if arrived == arrivals - 1:
+                zero = tl.zeros((BM, BN), dtype=tl.float32)
+                if GATED:
+                    out_ty = y_ptr.dtype.element_ty
+                    g_offs = offs_m[:, None] * ws_width + offs_n[None, :]
+                    u_offs = g_offs + TILES1 * BN
+                    gate = tl.atomic_add(ws_ptr + g_offs, zero, mask=y_mask, sem="relaxed")
+                    tl.store(ws_ptr + g_offs, zero, mask=y_mask)
+                    up = tl.atomic_add(ws_ptr + u_offs, zero, mask=y_mask, sem="relaxed")
+                    tl.store(ws_ptr + u_offs, zero, mask=y_mask)
+                    total = silu_times_up(gate, up, out_ty)
+                else:
+                    total = tl.atomic_add(ws_ptr + ws_offs, zero, mask=y_mask, sem="relaxed")
+                    tl.store(ws_ptr + ws_offs, zero, mask=y_mask)
+                    if HAS_BIAS:
+                        total += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+                tl.store(y_ptr + y_offs, total.to(y_ptr.dtype.element_ty), mask=y_mask)
+                tl.atomic_xchg(counter, 0)
+
+@triton.jit
+def finish_kernel(
+    ws_ptr, y_ptr, b_ptr, M, N, ws_width, stride_ym,
+    y1_ptr=None, b1_ptr=None, N1=0, stride_ym1=0, y2_ptr=None, b2_ptr=None, N2=0, stride_ym2=0,
+    TILES1=0, TILES2=0, NSEG: tl.constexpr = 1,
+    BM: tl.constexpr = 1, BN: tl.constexpr = 256, HAS_BIAS: tl.constexpr = False, GATED: tl.constexpr = False,
+    PDL: tl.constexpr = False,
+):
+    """The split-K epilogue as its own launch (``APART``): one program per column tile of the workspace reads
+    the sums, zeroes them for the next launch, adds the bias (or forms silu(gate) * up) and writes y.
+
+    Stream order (or, with PDL, ``gdc_wait``) guarantees that the partials of the GEMV grid before it have all
+    landed, which the in-kernel protocol has to establish itself: a fence, an arrival counter and a read-back
+    per N tile, about 1 µs more per launch on the H100 (docs/design.md, "Launch boundaries")."""
+    pn_all = tl.program_id(0)
+    pn = pn_all
+    col0 = pn_all * 0
+    if NSEG > 1 and not GATED:
+        if pn_all >= TILES1:
+            if NSEG > 2 and pn_all >= TILES2:
+                pn = pn_all - TILES2
+                col0 = TILES2 * BN
+                y_ptr, b_ptr, N, stride_ym = y2_ptr, b2_ptr, N2, stride_ym2
+            else:
+                pn = pn_all - TILES1
+                col0 = TILES1 * BN
+                y_ptr, b_ptr, N, stride_ym = y1_ptr, b1_ptr, N1, stride_ym1
+    offs_n = pn * BN + tl.arange(0, BN)
+    offs_m = tl.arange(0, BM)
+    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    ws_offs = offs_m[:, None] * ws_width + col0 + offs_n[None, :]
+    zero = tl.zeros((BM, BN), dtype=tl.float32)
+    if HAS_BIAS and not GATED:
+        # an input of the op, complete before its GEMV grid passed its wait: read before this launch's (pdl.py)
+        bias = tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0, cache_modifier=".cg").to(tl.float32)
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+    total = tl.load(ws_ptr + ws_offs, mask=mask, other=0.0, cache_modifier=".cg")
+    if GATED:  # gate in the first TILES1 tiles, up in the next TILES1, as the GEMV grid lays them out
+        # both sums requested before either is zeroed: a load after a store to the same buffer would wait for
+        # the first round trip
+        up = tl.load(ws_ptr + ws_offs + TILES1 * BN, mask=mask, other=0.0, cache_modifier=".cg")
+        tl.store(ws_ptr + ws_offs, zero, mask=mask)
+        tl.store(ws_ptr + ws_offs + TILES1 * BN, zero, mask=mask)
+        total = silu_times_up(total, up, y_ptr.dtype.element_ty)
+    else:
+        tl.store(ws_ptr + ws_offs, zero, mask=mask)
+        if HAS_BIAS:
+            total += bias[None, :]
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], total.to(y_ptr.dtype.element_ty), mask=mask)
+
+@triton.jit
+def finish_add_rmsnorm_kernel(ws_ptr, b_ptr, res_ptr, nw_ptr, h_ptr, out_ptr, N, ws_width, stride_res, stride_h,
+                               stride_out, eps, BN: tl.constexpr, HAS_BIAS: tl.constexpr, PDL: tl.constexpr):
+    """The split-K epilogue of a linear followed by a residual add and an RMSNorm (Llama's), one program per row
+    holding all N columns: y = sums (+ bias), h = residual + y, out = norm_weight * (h * rsqrt(mean(h²) + eps)).
+
+    Rounds where eager rounds (``LlamaRMSNorm`` in the model's dtype): y and h to the output dtype, the norm in
+    fp32, its result to the dtype before the weight's product. Replaces the Inductor reduction kernel that
+    otherwise runs after every o and down projection (docs/design.md, "Grouped launches and fusions")."""
+    row = tl.program_id(0)
+    offs = tl.arange(0, BN)
+    ok = offs < N
+    out_ty = h_ptr.dtype.element_ty
+    # the op's inputs (residual, norm weight, bias) were written before its GEMV grid waited, so they are
+    # complete when this launch starts (``pdl.py``): requested before the wait, off the critical path
+    res = tl.load(res_ptr + row * stride_res + offs, mask=ok, other=0.0, cache_modifier=".cg").to(tl.float32)
+    nw = tl.load(nw_ptr + offs, mask=ok, other=0.0, cache_modifier=".cg").to(tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + offs, mask=ok, other=0.0, cache_modifier=".cg").to(tl.float32)
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+    ws = ws_ptr + row * ws_width + offs
+    y = tl.load(ws, mask=ok, other=0.0, cache_modifier=".cg")
+    # every warp has read its sums before any zeroes them: the store's layout need not be the load's, so another
+    # warp may own an element's store (without the barrier, 4 warps lost some sums on the H100)
+    tl.debug_barrier()
+    tl.store(ws, tl.zeros((BN,), dtype=tl.float32), mask=ok)
+    if HAS_BIAS:
+        y += bias
+    h = (res + y.to(out_ty).to(tl.float32)).to(out_ty)
+    hf = h.to(tl.float32)  # 0 past N
+    r = 1.0 / tl.sqrt_rn(tl.sum(hf * hf, axis=0) / N + eps)
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+    tl.store(h_ptr + row * stride_h + offs, h, mask=ok)
+    tl.store(out_ptr + row * stride_out + offs, (nw * (hf * r).to(out_ty).to(tl.float32)).to(out_ty), mask=ok)
+

@@ -1,0 +1,161 @@
+"""What the passes need to know about FX nodes: which are linears, attentions, activations, in-place writes,
+and the networkx data-flow graph of a GraphModule (with the edges that in-place writes add).
+
+Works on Dynamo-level graphs (torch functions, ``call_method`` on tensors) and on ATen-level graphs alike.
+"""
+from __future__ import annotations
+
+import operator
+from typing import Any, Callable, Iterable, Optional
+
+import networkx as nx
+import torch
+import torch.nn.functional as F
+from torch import fx
+
+aten = torch.ops.aten
+
+LINEAR_TARGETS = {torch._C._nn.linear, F.linear, aten.linear.default}
+SDPA_TARGETS = {F.scaled_dot_product_attention, aten.scaled_dot_product_attention.default}
+SOFTMAX_TARGETS = {torch.softmax, F.softmax, torch.Tensor.softmax, aten._softmax.default, aten.softmax.int}
+MATMUL_TARGETS = {torch.matmul, operator.matmul, torch.bmm, aten.bmm.default, aten.matmul.default, torch.einsum}
+ACTIVATION_TARGETS = {
+    F.silu, F.gelu, F.relu, F.mish, F.elu, F.leaky_relu, F.hardswish, F.softplus, F.sigmoid, F.tanh,
+    torch.sigmoid, torch.tanh, torch.relu, torch.nn.functional.relu6,
+    aten.silu.default, aten.gelu.default, aten.relu.default, aten.sigmoid.default, aten.tanh.default,
+}
+ACTIVATION_METHODS = {"sigmoid", "tanh", "relu", "silu", "gelu"}
+MUL_TARGETS = {operator.mul, torch.mul, aten.mul.Tensor}
+
+
+def is_linear(n: fx.Node) -> bool:
+    return n.op == "call_function" and n.target in LINEAR_TARGETS
+
+
+def linear_args(n: fx.Node) -> tuple[fx.Node, fx.Node, Optional[fx.Node]]:
+    """(input, weight, bias) of a linear node, whether given positionally or by keyword."""
+    args = list(n.args) + [None] * (3 - len(n.args))
+    x = args[0] if args[0] is not None else n.kwargs.get("input")
+    w = args[1] if args[1] is not None else n.kwargs.get("weight")
+    b = args[2] if args[2] is not None else n.kwargs.get("bias")
+    return x, w, b
+
+
+def is_call(n: fx.Node, targets: set, methods: Iterable[str] = ()) -> bool:
+    if n.op == "call_function":
+        return n.target in targets
+    if n.op == "call_method":
+        return n.target in set(methods)
+    return False
+
+
+def is_sdpa(n: fx.Node) -> bool:
+    return is_call(n, SDPA_TARGETS)
+
+
+def is_softmax(n: fx.Node) -> bool:
+    return is_call(n, SOFTMAX_TARGETS, ("softmax",))
+
+
+def is_matmul(n: fx.Node) -> bool:
+    return is_call(n, MATMUL_TARGETS, ("matmul", "bmm", "__matmul__"))
+
+
+def is_activation(n: fx.Node) -> bool:
+    if n.op == "call_function":
+        return n.target in ACTIVATION_TARGETS
+    if n.op == "call_method":
+        return n.target in ACTIVATION_METHODS
+    if n.op == "call_module":
+        return True  # a submodule Dynamo did not inline between two linears is an activation in practice
+    return False
+
+
+def is_mul(n: fx.Node) -> bool:
+    return is_call(n, MUL_TARGETS, ("mul", "__mul__"))
+
+
+def mutated_arg(n: fx.Node) -> Optional[fx.Node]:
+    """The tensor an in-place op writes into (``x.index_copy_(...)``, ``x.copy_(...)``, ``aten.index_put_``...)."""
+    name = None
+    if n.op == "call_method":
+        name = n.target
+    elif n.op == "call_function":
+        name = getattr(n.target, "__name__", "") or ""
+        if isinstance(n.target, torch._ops.OpOverload):
+            name = n.target._schema.name.split("::")[-1]
+    if not name or not name.endswith("_") or name.endswith("__"):
+        return None
+    if n.args and isinstance(n.args[0], fx.Node):
+        return n.args[0]
+    return None
+
+
+def dataflow_graph(graph: fx.Graph) -> nx.DiGraph:
+    """A DiGraph over the nodes of ``graph``: an edge a -> b when b reads a, plus an edge w -> b when an in-place
+    op w writes into a tensor that b reads later (a KV-cache update and the attention that reads the cache)."""
+    g = nx.DiGraph()
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    for n in graph.nodes:
+        g.add_node(n)
+        for a in n.all_input_nodes:
+            g.add_edge(a, n)
+    for w in graph.nodes:
+        m = mutated_arg(w)
+        if m is None:
+            continue
+        for u in m.users:
+            if u is not w and order[u] > order[w]:
+                g.add_edge(w, u)
+    return g
+
+
+def upstream_until(
+    g: nx.DiGraph, start: Iterable[fx.Node], stop: Callable[[fx.Node], bool]
+) -> tuple[set[fx.Node], set[fx.Node]]:
+    """Walk the data flow backwards from ``start``; return (nodes where ``stop`` held, all nodes visited).
+
+    The walk does not go past a stop node: it finds the *nearest* producers of a kind (e.g. the nearest linears).
+    """
+    return _walk(start, stop, g.predecessors)
+
+
+def downstream_until(
+    g: nx.DiGraph, start: Iterable[fx.Node], stop: Callable[[fx.Node], bool]
+) -> tuple[set[fx.Node], set[fx.Node]]:
+    """Like ``upstream_until``, forwards."""
+    return _walk(start, stop, g.successors)
+
+
+def _walk(start: Iterable[fx.Node], stop: Callable[[fx.Node], bool],
+          step: Callable[[fx.Node], Iterable[fx.Node]]) -> tuple[set[fx.Node], set[fx.Node]]:
+    found, seen = set(), set()
+    todo = list(start)
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if stop(n):
+            found.add(n)
+            continue
+        todo.extend(step(n))
+    return found, seen
+
+
+def only_user(n: fx.Node) -> Optional[fx.Node]:
+    """The single node that reads ``n``, or None when none or several do (a fusion may then erase ``n``)."""
+    return next(iter(n.users)) if len(n.users) == 1 else None
+
+
+def fake_value(n: fx.Node) -> Any:
+    """The fake tensor a node carries: Dynamo graphs keep it in ``example_value``, AOT graphs in ``val``."""
+    return n.meta.get("val", n.meta.get("example_value"))
+
+
+def static_shape(n: object) -> Optional[tuple[int, ...]]:
+    """The shape of a node's fake tensor when every dimension is a plain int (None: no tensor, or symbolic)."""
+    v = fake_value(n) if isinstance(n, fx.Node) else None
+    if not isinstance(v, torch.Tensor) or not all(isinstance(s, int) for s in v.shape):
+        return None
+    return tuple(v.shape)

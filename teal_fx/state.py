@@ -1,0 +1,114 @@
+"""The one owner of what teal-fx remembers about a user's model between calls.
+
+* the plan attached to a model (``attach_plan`` / ``detach_plan`` / ``attached_plan``), and which plan each of its
+  weights belongs to: Dynamo hands the backend the parameters themselves as example inputs, which is how a bare
+  ``torch.compile(model, backend="teal")`` finds its plan (``plan_for_weights``);
+* the lean decode loop's compiled wrappers and static KV caches (``compiled_wrapper``, ``static_kv_cache``).
+
+Everything is keyed weakly by the model (or weight): nothing is written onto the user's model, and nothing here keeps
+a deleted model alive (the values never refer to their model: a wrapper is compiled around ``nn.Module.__call__`` and
+takes the model as its first argument).
+"""
+from __future__ import annotations
+
+import warnings
+import weakref
+from typing import Any, Callable, Hashable, Iterable, Optional
+
+import torch
+from torch import Tensor, nn
+from torch.utils.weak import WeakIdKeyDictionary
+
+from teal_fx.capture import find_linears
+from teal_fx.kernels.sparse_gemv import to_column_major_
+from teal_fx.plan import Plan, PlanLike, as_plan
+
+_PLAN_OF_MODEL: "weakref.WeakKeyDictionary[nn.Module, Plan]" = weakref.WeakKeyDictionary()
+_PLAN_OF_WEIGHT: WeakIdKeyDictionary = WeakIdKeyDictionary()  # weight tensor -> the plan of the model it belongs to
+_WRAPPERS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()  # key -> (plan, wrapper)
+_KV_CACHES: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()  # (key, cache)
+
+
+def attach_plan(model: nn.Module, plan: PlanLike, *, check: bool = True) -> Plan:
+    """Attach ``plan`` to ``model`` so that ``torch.compile(model, backend="teal")`` uses it.
+
+    With ``check`` the model's graph is captured and the plan must fit it exactly (same keys, same shapes). The
+    matched weights are stored column-major on CUDA (``to_column_major_``). Compiled graphs bake thresholds in, and
+    Dynamo would serve a model's old graphs to a new ``torch.compile(model, backend="teal")`` with the same options;
+    so replacing a plan already attached to this model resets torch.compile's caches (everything recompiles on its
+    next call), never leaving old thresholds.
+    """
+    plan = as_plan(plan)
+    previous = _PLAN_OF_MODEL.get(model)
+    if previous is not None and previous is not plan:
+        warnings.warn("teal: replacing the plan attached to this model: resetting torch.compile caches", stacklevel=2)
+        torch.compiler.reset()
+    if check:
+        plan.check_fits(find_linears(model))
+    for key in plan.linears:
+        try:
+            w = model.get_parameter(key)
+        except AttributeError as e:
+            raise ValueError(f"plan key {key!r} is not a parameter of {type(model).__name__}") from e
+        to_column_major_(w)
+        _PLAN_OF_WEIGHT[w] = plan
+    _PLAN_OF_MODEL[model] = plan
+    return plan
+
+
+def detach_plan(model: nn.Module) -> None:
+    """Forget the plan attached to ``model`` (a new compile then runs dense)."""
+    plan = _PLAN_OF_MODEL.pop(model, None)
+    if plan is None:
+        return
+    for key in plan.linears:
+        try:
+            _PLAN_OF_WEIGHT.pop(model.get_parameter(key), None)
+        except AttributeError:
+            pass
+
+
+def attached_plan(model: nn.Module) -> Optional[Plan]:
+    """The plan attached to ``model`` by ``calibrate`` or ``attach_plan``, if any."""
+    return _PLAN_OF_MODEL.get(model)
+
+
+def plan_for_weights(weights: Iterable[Tensor]) -> Optional[Plan]:
+    """The plan attached to the model owning these weights (None: none; an error if they belong to several)."""
+    plans = {id(p): p for w in weights if (p := _PLAN_OF_WEIGHT.get(w)) is not None}
+    if len(plans) > 1:
+        raise ValueError("the linears of this graph belong to models with different attached plans")
+    return next(iter(plans.values()), None)
+
+
+def compiled_wrapper(model: nn.Module, key: Hashable, make: Callable[[], Callable]) -> Callable:
+    """The compiled wrapper ``make()`` gave for (``model``, ``key``), made anew when the plan attached to the model
+    has changed since (a reference, not an id: ids of freed plans are reused), so it never runs old thresholds.
+    ``make()`` must not refer to the model: the wrapper is called as ``wrapper(model, **inputs)``."""
+    wrappers = _WRAPPERS.setdefault(model, {})
+    plan = _PLAN_OF_MODEL.get(model)
+    entry = wrappers.get(key)
+    if entry is None or entry[0] is not plan:
+        entry = wrappers[key] = (plan, make())
+    return entry[1]
+
+
+def static_kv_cache(model: nn.Module, key: Hashable, make: Callable[[], Any]) -> Any:
+    """The model's last static KV cache if it was made for ``key`` (reset), else ``make()``'s, which replaces it.
+
+    Reusing the tensors keeps their addresses, which the CUDA graphs of the decode step baked in: a new cache per
+    call would make cudagraph trees record the step again on every call."""
+    held = _KV_CACHES.get(model)
+    if held is not None and held[0] == key:
+        held[1].reset()
+        return held[1]
+    _KV_CACHES.pop(model, None)  # free the old one before allocating
+    cache = make()
+    _KV_CACHES[model] = (key, cache)
+    return cache
+
+
+def held_kv_cache(model: nn.Module) -> Optional[Any]:
+    """The static KV cache ``static_kv_cache`` holds for ``model`` (None: none)."""
+    held = _KV_CACHES.get(model)
+    return None if held is None else held[1]
