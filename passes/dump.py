@@ -8,7 +8,7 @@ from typing import Optional
 from torch import fx
 
 from teal_fx.passes.context import PassContext
-from teal_fx.plan import format_linear_table
+from teal_fx.plan import found_table
 
 _ROLE_COLOURS = {
     "q": "#8ecae6", "k": "#219ebc", "v": "#5fa8d3", "qkv": "#8ecae6", "o": "#023047",
@@ -53,14 +53,7 @@ def write_dump(folder: Path, before_code: Optional[str], gm: fx.GraphModule, ctx
     disc = ctx.discovery
     plan = ctx.plan
     rewritten = {m.key for m in ctx.rewritten}
-    rows = []
-    for m in disc.matched if disc else []:
-        lp = plan.linears.get(m.key) if plan is not None else None
-        rows.append(
-            (m.block, m.role, m.key, f"{m.shape[0]}x{m.shape[1]}", lp.sparsity if lp else None, lp.threshold if lp else None)
-        )
-    table = format_linear_table(rows)
-    (folder / "linears.txt").write_text(table + "\n")
+    (folder / "linears.txt").write_text(found_table(disc.matched if disc else [], plan) + "\n")
     summary = disc.summary() if disc else "no discovery"
     summary += f"\nrewritten to teal::sparse_linear: {len(rewritten)}"
     summary += "" if plan is not None else "\nno plan: compiled dense"

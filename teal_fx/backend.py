@@ -55,13 +55,13 @@ def _plan_resolver(example_inputs: list, given: Optional[Plan]) -> Callable[[fx.
             warnings.warn("teal: no plan for this model (run teal_fx.calibrate(model, ...) or pass options={'plan': "
                           "...}); compiling dense", stacklevel=2)
             return None
-        prepare_weights(weights)
+        _prepare_weights(weights)
         return plan
 
     return resolve
 
 
-def prepare_weights(weights: list[torch.Tensor]) -> None:
+def _prepare_weights(weights: list[torch.Tensor]) -> None:
     """Store the matched CUDA weights column-major in place and reserve the sparse GEMV's scratch for them."""
     converted = sum(sparse_gemv.to_column_major_(w) for w in weights)
     if converted:

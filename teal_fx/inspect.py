@@ -6,7 +6,7 @@ from typing import Optional
 from torch import nn
 
 from teal_fx.capture import find_linears
-from teal_fx.plan import ROLES, Plan, format_linear_table
+from teal_fx.plan import Plan, found_table
 from teal_fx.state import attached_plan
 
 
@@ -15,12 +15,4 @@ def linear_table(model: nn.Module, plan: Optional[Plan] = None, inputs: Optional
 
     Needs no compilation of the model: the graph is captured and analysed, nothing is rewritten.
     """
-    plan = plan if plan is not None else attached_plan(model)
-    rows = []
-    for m in find_linears(model, inputs):
-        lp = plan.linears.get(m.key) if plan is not None else None
-        rows.append(
-            (m.block, m.role, m.key, f"{m.shape[0]}x{m.shape[1]}", lp.sparsity if lp else None, lp.threshold if lp else None)
-        )
-    rows.sort(key=lambda r: (r[0], ROLES.index(r[1])))
-    return format_linear_table(rows)
+    return found_table(find_linears(model, inputs), plan if plan is not None else attached_plan(model))

@@ -105,7 +105,7 @@ class Plan:
 
     def table(self) -> str:
         """A fixed-width table of the plan, one row per linear, in block order."""
-        rows = sorted(self.linears.values(), key=lambda lp: (lp.block, ROLES.index(lp.role) if lp.role in ROLES else 99))
+        rows = sorted(self.linears.values(), key=_table_order)
         return format_linear_table(
             [(lp.block, lp.role, lp.key, f"{lp.shape[0]}x{lp.shape[1]}", lp.sparsity, lp.threshold) for lp in rows]
         )
@@ -229,6 +229,21 @@ class Plan:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise PlanError(f"{path}: not valid JSON ({e})") from e
         return cls.from_json(data)
+
+
+def _table_order(m: "MatchedLinearInfo") -> tuple[int, int]:
+    return m.block, ROLES.index(m.role) if m.role in ROLES else len(ROLES)
+
+
+def found_table(found: Iterable["MatchedLinearInfo"], plan: Optional[Plan]) -> str:
+    """The linears discovery found (block, role, key, shape), in block and role order, with ``plan``'s sparsity and
+    threshold where it has them."""
+    rows = []
+    for m in sorted(found, key=_table_order):
+        lp = plan.linears.get(m.key) if plan is not None else None
+        rows.append((m.block, m.role, m.key, f"{m.shape[0]}x{m.shape[1]}", lp.sparsity if lp else None,
+                     lp.threshold if lp else None))
+    return format_linear_table(rows)
 
 
 def format_linear_table(rows: list[tuple]) -> str:
