@@ -10,7 +10,9 @@ compile and its Inductor settings ``teal_fx/inductor.py``.
 from __future__ import annotations
 
 import logging
+import os
 import warnings
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
@@ -29,36 +31,103 @@ log = logging.getLogger("teal_fx")
 def teal_backend(gm: fx.GraphModule, example_inputs: list, options: Optional[dict] = None,
                  mode: Optional[str] = None) -> Callable:
     """The Dynamo backend registered as ``"teal"``."""
-    opts = TealOptions.parse(options, mode)
-    ctx = PassContext(options=opts, resolve_plan=_plan_resolver(example_inputs, opts.plan))
-    gm = run_passes(gm, ctx)
-    disc = ctx.discovery
-    unplaced = [k for k, why in disc.unmatched if "output projection" not in why]
-    if disc.problems or (not disc.matched and unplaced):
-        warnings.warn(disc.summary(), stacklevel=2)
-    else:
-        log.info(disc.summary())
-    return compile_graph(gm, example_inputs, opts)
+    return _PlanKeyedGraph(gm, TealOptions.parse(options, mode)).compile_first(example_inputs)
 
 
-def _plan_resolver(example_inputs: list, given: Optional[Plan]) -> Callable[[fx.GraphModule, Discovery], Optional[Plan]]:
-    """The plan of a graph: ``given`` (``options["plan"]``), else the one attached to the owner of its weights
-    (``teal_fx.state``); with the weights made column-major and the kernels' scratch reserved before any CUDA graph
-    is captured. None, with a warning, where there is none."""
+class _PlanKeyedGraph:
+    """One captured graph, compiled once per plan. At each call the plan that applies is looked up (the plan of the
+    model owning the weights it is called with, or ``options["plan"]``, read again if its file changed) and the
+    variant compiled for exactly that plan runs; another plan compiles another variant from the graph as captured.
 
-    def resolve(gm: fx.GraphModule, discovery: Discovery) -> Optional[Plan]:
-        tensors = _placeholder_tensors(gm, example_inputs)
-        weights = [tensors.get(m.node.args[1]) for m in discovery.matched]
-        weights = [w for w in weights if isinstance(w, torch.Tensor)]
-        plan = given if given is not None else state.plan_for_weights(weights)
-        if plan is None:
-            warnings.warn("teal: no plan for this model (run teal_fx.calibrate(model, ...) or pass options={'plan': "
-                          "...}); compiling dense", stacklevel=2)
-            return None
-        _prepare_weights(weights)
-        return plan
+    Why: Dynamo serves one compiled graph to every model of a class whose tensors pass its guards (parameters are
+    graph inputs, not constants), and goes on serving it after a plan is attached, replaced or detached; the
+    thresholds a variant bakes in are its own plan's, so the plan has to be part of the key (docs/design.md,
+    "Plans and compiled graphs"). The lookup costs one weak-dictionary read per call.
+    """
 
-    return resolve
+    def __init__(self, gm: fx.GraphModule, opts: TealOptions) -> None:
+        self.opts = opts
+        self.captured = gm
+        self.pristine = _copy_graph(gm)  # the passes rewrite in place
+        self.given = opts.plan
+        self.stamp = _file_stamp(opts.plan_path)
+        self.weight_index: Optional[int] = None  # the placeholder of a matched weight: whose plan applies
+        self.variants: dict[int, tuple[Optional[Plan], Callable]] = {}  # id(plan) -> (plan, compiled)
+
+    def compile_first(self, example_inputs: list) -> Callable:
+        plan, compiled = self._compile(self.captured, example_inputs, first=True)
+        if self.weight_index is None:  # no block linear: no plan changes what this graph computes
+            return compiled
+        self.variants[id(plan)] = (plan, compiled)
+
+        def run(*args: Any) -> Any:
+            return self(*args)
+
+        return run
+
+    def __call__(self, *args: Any) -> Any:
+        plan = self._plan_now(args)
+        entry = self.variants.get(id(plan))
+        if entry is None or entry[0] is not plan:
+            log.info("teal: compiling a graph again for the plan that now applies to it")
+            entry = self.variants[id(plan)] = (plan, self._compile(_copy_graph(self.pristine), list(args), plan)[1])
+        return entry[1](*args)
+
+    def _plan_now(self, args: tuple) -> Optional[Plan]:
+        if self.opts.plan_path is not None:
+            stamp = _file_stamp(self.opts.plan_path)
+            if stamp != self.stamp:
+                self.given, self.stamp = Plan.load(self.opts.plan_path), stamp
+                log.info("teal: %s changed on disk: using the plan it holds now", self.opts.plan_path)
+        return self.given if self.given is not None else state.plan_of_weight(args[self.weight_index])
+
+    def _compile(self, gm: fx.GraphModule, example_inputs: list, plan: Optional[Plan] = None,
+                 first: bool = False) -> tuple[Optional[Plan], Callable]:
+        """Rewrite ``gm`` for ``plan`` (the first time: the plan resolved from its weights) and compile it."""
+
+        def resolve(g: fx.GraphModule, discovery: Discovery) -> Optional[Plan]:
+            placeholders = [n for n in g.graph.nodes if n.op == "placeholder"]
+            tensors = dict(zip(placeholders, example_inputs))
+            weights = [w for m in discovery.matched if isinstance(w := tensors.get(m.node.args[1]), torch.Tensor)]
+            chosen = plan
+            if first:
+                w0 = discovery.matched[0].node.args[1]
+                self.weight_index = placeholders.index(w0) if w0 in tensors else None
+                chosen = self.given if self.given is not None else state.plan_for_weights(weights)
+            if chosen is None:
+                warnings.warn("teal: no plan for this model (run teal_fx.calibrate(model, ...) or pass options={'plan': "
+                              "...}); compiling dense", stacklevel=2)
+                return None
+            _prepare_weights(weights)
+            return chosen
+
+        ctx = PassContext(options=self.opts, resolve_plan=resolve)
+        gm = run_passes(gm, ctx)
+        if first:
+            disc = ctx.discovery
+            unplaced = [k for k, why in disc.unmatched if "output projection" not in why]
+            if disc.problems or (not disc.matched and unplaced):
+                warnings.warn(disc.summary(), stacklevel=2)
+            else:
+                log.info(disc.summary())
+        return ctx.plan, compile_graph(gm, example_inputs, self.opts)
+
+
+def _copy_graph(gm: fx.GraphModule) -> fx.GraphModule:
+    """A new GraphModule over a copy of ``gm``'s graph (node metadata copied shallowly, submodules shared)."""
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))
+    out = fx.GraphModule(gm, graph)
+    out.meta.update(gm.meta)
+    return out
+
+
+def _file_stamp(path: Optional[Path]) -> Optional[tuple]:
+    """What says a file changed: its inode, size and modification time (None: no file given)."""
+    if path is None:
+        return None
+    st = os.stat(path)
+    return st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def _prepare_weights(weights: list[torch.Tensor]) -> None:
@@ -69,11 +138,6 @@ def _prepare_weights(weights: list[torch.Tensor]) -> None:
     cuda = [w for w in weights if w.is_cuda]
     if cuda:
         sparse_gemv.reserve_workspace(cuda[0].device, max(w.shape[0] for w in cuda), max(w.shape[1] for w in cuda))
-
-
-def _placeholder_tensors(gm: fx.GraphModule, example_inputs: list) -> dict[fx.Node, Any]:
-    phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    return dict(zip(phs, example_inputs))
 
 
 def register() -> None:

@@ -18,6 +18,7 @@ INNER_COMPILERS = ("inductor", "aot_eager", "eager")
 @dataclass(frozen=True)
 class TealOptions:
     plan: Optional[Plan] = None  # a plan, or a path to one; None: the plan attached to the model (teal_fx.state)
+    plan_path: Optional[Path] = None  # where ``plan`` was read from, if a path was given: read again when it changes
     dump: Optional[Path] = None  # per compiled graph: before.py, after.py, linears.txt, summary.txt, block_<n>.dot
     compiler: str = "inductor"  # the inner compiler: one of INNER_COMPILERS
     mode: Optional[str] = None  # Inductor's mode ("reduce-overhead": CUDA graphs)
@@ -41,5 +42,7 @@ class TealOptions:
         mode = opts.pop("mode", mode)
         if opts and compiler != "inductor":
             raise ValueError(f"teal: unknown options {sorted(opts)} (Inductor config patches need compiler='inductor')")
-        return cls(plan=None if plan is None else as_plan(plan), dump=Path(dump) if dump else None, compiler=compiler,
+        plan_path = Path(plan) if isinstance(plan, (str, Path)) else None
+        return cls(plan=None if plan is None else as_plan(plan), plan_path=plan_path, dump=Path(dump) if dump else None,
+                   compiler=compiler,
                    mode=mode, inductor=MappingProxyType(opts), **flags)

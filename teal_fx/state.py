@@ -11,11 +11,9 @@ takes the model as its first argument).
 """
 from __future__ import annotations
 
-import warnings
 import weakref
 from typing import Any, Callable, Hashable, Iterable, Optional
 
-import torch
 from torch import Tensor, nn
 from torch.utils.weak import WeakIdKeyDictionary
 
@@ -33,16 +31,10 @@ def attach_plan(model: nn.Module, plan: PlanLike, *, check: bool = True) -> Plan
     """Attach ``plan`` to ``model`` so that ``torch.compile(model, backend="teal")`` uses it.
 
     With ``check`` the model's graph is captured and the plan must fit it exactly (same keys, same shapes). The
-    matched weights are stored column-major on CUDA (``to_column_major_``). Compiled graphs bake thresholds in, and
-    Dynamo would serve a model's old graphs to a new ``torch.compile(model, backend="teal")`` with the same options;
-    so replacing a plan already attached to this model resets torch.compile's caches (everything recompiles on its
-    next call), never leaving old thresholds.
+    matched weights are stored column-major on CUDA (``to_column_major_``). A graph compiled before runs with the plan
+    attached now at its next call (the backend keys its compiled variants on the plan).
     """
     plan = as_plan(plan)
-    previous = _PLAN_OF_MODEL.get(model)
-    if previous is not None and previous is not plan:
-        warnings.warn("teal: replacing the plan attached to this model: resetting torch.compile caches", stacklevel=2)
-        torch.compiler.reset()
     if check:
         plan.check_fits(find_linears(model))
     for key in plan.linears:
@@ -71,6 +63,12 @@ def detach_plan(model: nn.Module) -> None:
 def attached_plan(model: nn.Module) -> Optional[Plan]:
     """The plan attached to ``model`` by ``calibrate`` or ``attach_plan``, if any."""
     return _PLAN_OF_MODEL.get(model)
+
+
+def plan_of_weight(weight: Tensor) -> Optional[Plan]:
+    """The plan attached to the model owning ``weight`` (None: none). One weak-dictionary read: a compiled graph asks
+    this at every call."""
+    return _PLAN_OF_WEIGHT.get(weight)
 
 
 def plan_for_weights(weights: Iterable[Tensor]) -> Optional[Plan]:
