@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
@@ -89,21 +90,40 @@ def self_generated_tokens(model: nn.Module, tokenizer: Any, num_sequences: int, 
     return torch.stack(rows)
 
 
-def _read_text(data) -> Optional[str]:
-    if isinstance(data, Path) or (isinstance(data, str) and "\n" not in data and len(data) < 4096 and os.path.isfile(data)):
-        return Path(data).read_text(encoding="utf-8")
+_FILE_SUFFIX = re.compile(r"\.(txt|text|md|json|jsonl|csv|tsv|raw|tokens)$", re.IGNORECASE)
+
+
+def read_text(data: object) -> Optional[str]:
+    """The text of a calibration or evaluation argument: a ``Path``'s contents; a str that names an existing file,
+    that file's contents, else the str itself; texts in a list, joined; None for anything else (token ids).
+
+    A one-line str that looks like a file path (a text-file suffix, or a separator and no spaces) but names no file
+    is an error: calibrating on the characters of a mistyped path would give a plan that looks fine and is not."""
+    if isinstance(data, Path):
+        return data.read_text(encoding="utf-8")
     if isinstance(data, str):
+        one_line = "\n" not in data and len(data) < 4096
+        if one_line and os.path.isfile(data):
+            return Path(data).read_text(encoding="utf-8")
+        if one_line and _looks_like_path(data):
+            raise FileNotFoundError(f"{data!r} looks like a file path, but there is no such file (pass a pathlib.Path "
+                                    "for a file; a str is read as the text itself unless it names an existing file)")
         return data
     if isinstance(data, (list, tuple)) and data and all(isinstance(t, str) for t in data):
         return "\n\n".join(data)
     return None
 
 
+def _looks_like_path(s: str) -> bool:
+    s = s.strip()
+    return bool(_FILE_SUFFIX.search(s)) or (("/" in s or "\\" in s) and not any(c.isspace() for c in s))
+
+
 def token_sequences(
     data: Data, tokenizer: Any, *, num_sequences: int, seq_len: int, min_tokens: int = 16
 ) -> torch.Tensor:
     """Token ids [N, L] from a text, a text file, a list of texts, or token tensors (1-D or 2-D)."""
-    text = _read_text(data)
+    text = read_text(data)
     if text is not None:
         if not text.strip():
             raise CalibrationDataError("calibration text is empty")

@@ -23,6 +23,7 @@ from torch import nn
 from torch._dynamo.utils import counters
 from tqdm.auto import tqdm
 
+from teal_fx.calibrate import read_text
 from teal_fx.capture import recompile_limits
 from teal_fx.errors import CalibrationDataError
 from teal_fx.plan import PlanLike, as_plan
@@ -111,9 +112,8 @@ def evaluate_perplexity(
 def _token_ids(text, tokenizer) -> torch.Tensor:
     if isinstance(text, torch.Tensor):
         return text.reshape(-1).long()
-    if isinstance(text, Path) or (isinstance(text, str) and "\n" not in text and len(text) < 4096 and Path(text).is_file()):
-        text = Path(text).read_text(encoding="utf-8")
-    if not text.strip():
+    text = read_text(text)
+    if text is None or not text.strip():
         raise CalibrationDataError("evaluation text is empty")
     if tokenizer is None:
         raise ValueError("evaluating on text needs a tokenizer")

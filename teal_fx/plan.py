@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import tempfile
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Iterable, Mapping, Optional, Union
@@ -190,18 +192,28 @@ class Plan:
                     raise PlanError(f"unknown role {lp.role!r} for {lp.key}")
                 if not math.isfinite(lp.threshold) or lp.threshold < 0:
                     raise PlanError(f"bad threshold {lp.threshold!r} for {lp.key}")
+                if lp.sparsity is not None:
+                    _check_fraction(lp.sparsity, f"sparsity of {lp.key}")
+                if min(lp.shape) < 1:
+                    raise PlanError(f"bad shape {lp.shape} for {lp.key}")
+                if lp.key in linears:
+                    raise PlanError(f"the plan names {lp.key} twice")
                 linears[lp.key] = lp
+            if not linears:
+                raise PlanError("the plan has no linears")
             histograms = {k: AbsHistogram.from_json(h) for k, h in data.get("histograms", {}).items()}
             paths = {
-                int(b): [{str(k): float(s) for k, s in row.items()} for row in rows]
+                int(b): [{str(k): _check_fraction(float(s), f"greedy path of block {b}") for k, s in row.items()}
+                         for row in rows]
                 for b, rows in data.get("greedy_paths", {}).items()
             }
+            target = data.get("target_sparsity")
             return cls(
                 linears,
                 model=str(data.get("model", "")),
                 method=str(data.get("method", "manual")),
-                target_sparsity=data.get("target_sparsity"),
-                prefill_sparse_from=float(data.get("prefill_sparse_from", 1.0)),
+                target_sparsity=None if target is None else _check_fraction(float(target), "target_sparsity"),
+                prefill_sparse_from=_check_fraction(float(data.get("prefill_sparse_from", 1.0)), "prefill_sparse_from"),
                 histograms=histograms,
                 greedy_paths=paths,
                 notes=dict(data.get("notes", {})),
@@ -212,11 +224,22 @@ class Plan:
             raise PlanError(f"corrupted plan: {type(e).__name__}: {e}") from e
 
     def save(self, path: Union[str, Path]) -> Path:
+        """Write the plan as JSON, atomically: into a new temporary file of the same folder (never a path someone else
+        could have placed, such as a symlink), flushed to disk, then renamed over ``path``. A reader sees the old
+        plan or the new one, never half of one; of two writers, the last rename wins whole."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(self.to_json(), separators=(",", ":")))
-        tmp.replace(path)  # never leave a half-written plan behind
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(self.to_json(), separators=(",", ":")))
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
         return path
 
     @classmethod
@@ -229,6 +252,12 @@ class Plan:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise PlanError(f"{path}: not valid JSON ({e})") from e
         return cls.from_json(data)
+
+
+def _check_fraction(value: float, what: str) -> float:
+    if not 0.0 <= value <= 1.0:  # NaN fails too
+        raise PlanError(f"{what} must be in [0, 1], got {value!r}")
+    return value
 
 
 def _table_order(m: "MatchedLinearInfo") -> tuple[int, int]:

@@ -125,6 +125,23 @@ def test_bad_calibration_data():
         teal_fx.calibrate(model, torch.randint(3, 128, (2, 32)), num_sequences=2, seq_len=32, progress=False)
 
 
+def test_a_path_that_is_not_there_is_an_error_not_the_text(tmp_path):
+    """``calibrate(model, "typo.txt")`` used to calibrate on the eight characters of the path (issue 24, item 3)."""
+    from teal_fx.calibrate import read_text
+
+    model = tiny_model("llama")
+    for typo in ("typo.txt", str(tmp_path / "missing.json"), "data/wiki/valid"):
+        with pytest.raises(FileNotFoundError, match="pathlib.Path"):
+            teal_fx.calibrate(model, typo, tokenizer=object(), progress=False)
+    with pytest.raises(FileNotFoundError):
+        read_text(tmp_path / "missing")
+    real = tmp_path / "real.txt"
+    real.write_text("some text")
+    assert read_text(str(real)) == read_text(real) == "some text"
+    assert read_text("a sentence, and/or another one.") == "a sentence, and/or another one."
+    assert read_text("one line of plain text") == "one line of plain text"
+
+
 @settings(max_examples=30, deadline=None)
 @given(total=st.integers(16, 3000), n=st.integers(1, 40), L=st.integers(16, 300))
 def test_token_windows_spread_over_the_whole_text(total, n, L):

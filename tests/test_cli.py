@@ -1,10 +1,13 @@
 """The teal-fx command line, on SmolLM2 with tiny settings."""
+import argparse
 import json
 
 import pytest
+import torch
 
-from teal_fx.cli import main
-from tests.conftest import SHARED
+import teal_fx
+from teal_fx.cli import build_parser, main
+from tests.conftest import SHARED, tiny_model
 
 VALID = SHARED / "data" / "wikitext-2" / "valid.txt"
 
@@ -43,3 +46,39 @@ def test_cli_errors_are_clear(tmp_path, capsys):
     assert main(["plot", "--plan", str(bad)]) == 2
     assert "not a teal-fx plan" in capsys.readouterr().err
     assert main(["inspect", "--model", str(tmp_path / "nope.gguf")]) == 2
+
+
+def test_user_errors_exit_2_with_one_line_and_before_any_long_work(tmp_path, capsys):
+    """Issue 24, item 10: no traceback for an unwritable --out, a folder as --plan, --device cuda without CUDA; the
+    output path is checked before the model is loaded or calibrated (these all return at once)."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    assert main(["calibrate", "--model", str(tmp_path / "never_loaded.gguf"), "--out", str(blocker / "plan.json")]) == 2
+    assert main(["calibrate", "--out", str(tmp_path)]) == 2
+    assert "a folder" in capsys.readouterr().err
+    for cmd in (["inspect", "--plan", str(tmp_path)], ["eval", "--plan", str(tmp_path), "--text", "t.txt"],
+                ["plot", "--plan", str(tmp_path)]):
+        assert main(cmd) == 2
+        err = capsys.readouterr().err
+        assert "a folder" in err and "Traceback" not in err
+    if not torch.cuda.is_available():
+        assert main(["inspect", "--device", "cuda"]) == 2
+        assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_every_option_says_what_it_does_and_its_default():
+    parser = build_parser()
+    subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, sub in subs.choices.items():
+        for action in sub._actions:
+            if action.dest != "help":
+                assert action.help, (name, action.dest)
+        assert "(default:" in sub.format_help(), name
+
+
+def test_inspect_with_another_models_plan_says_so(small_text, tmp_path, capsys):
+    """Issue 24, item 6: it printed a table of dashes and exited 0."""
+    plan = teal_fx.Plan.from_thresholds(teal_fx.find_linears(tiny_model("llama")), 0.2, model="tiny llama")
+    path = plan.save(tmp_path / "other.json")
+    assert main(["inspect", "--plan", str(path)]) == 2
+    assert "does not fit" in capsys.readouterr().err

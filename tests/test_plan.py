@@ -23,6 +23,10 @@ def test_round_trip(tmp_path, llama_linears):
     assert json.loads(path.read_text())["version"] == 1
 
 
+HIST = {"log2_lo": -24.0, "log2_hi": 16.0, "bins_per_octave": 64, "underflow": 0.0, "overflow": 0.0, "offset": 100,
+        "counts": [1, 2]}
+
+
 @pytest.mark.parametrize(
     "corrupt",
     [
@@ -32,6 +36,19 @@ def test_round_trip(tmp_path, llama_linears):
         lambda d: json.dumps({**d, "linears": [{"key": "x"}]}),
         lambda d: json.dumps({**d, "linears": [{**d["linears"][0], "threshold": -1}]}),
         lambda d: json.dumps({**d, "linears": [{**d["linears"][0], "role": "mystery"}]}),
+        # issue 24, item 5: each of these loaded silently before
+        lambda d: json.dumps({**d, "linears": []}),
+        lambda d: json.dumps({**d, "linears": [d["linears"][0], d["linears"][0]]}),
+        lambda d: json.dumps({**d, "linears": [{**d["linears"][0], "sparsity": 1.5}]}),
+        lambda d: json.dumps({**d, "linears": [{**d["linears"][0], "sparsity": -0.1}]}),
+        lambda d: json.dumps({**d, "linears": [{**d["linears"][0], "sparsity": float("nan")}]}),
+        lambda d: json.dumps({**d, "prefill_sparse_from": float("nan")}),
+        lambda d: json.dumps({**d, "prefill_sparse_from": 2.0}),
+        lambda d: json.dumps({**d, "target_sparsity": -1}),
+        lambda d: json.dumps({**d, "greedy_paths": {"0": [{"x": 1.2}]}}),
+        lambda d: json.dumps({**d, "histograms": {"x": {**HIST, "counts": [1, -2]}}}),
+        lambda d: json.dumps({**d, "histograms": {"x": {**HIST, "counts": [1, float("nan")]}}}),
+        lambda d: json.dumps({**d, "histograms": {"x": {**HIST, "underflow": float("nan")}}}),
     ],
 )
 def test_corrupted_plan_file(tmp_path, llama_linears, corrupt):
@@ -42,6 +59,19 @@ def test_corrupted_plan_file(tmp_path, llama_linears, corrupt):
         Plan.load(p)
 
 
+def test_save_writes_a_new_file_and_never_through_a_planted_tmp(tmp_path, llama_linears):
+    """save wrote ``<path>.tmp`` and renamed it: a symlink planted there redirected the write (issue 24, item 5)."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    path = tmp_path / "p.json"
+    (tmp_path / "p.json.tmp").symlink_to(victim)
+    plan = Plan.from_thresholds(llama_linears, 0.2)
+    plan.save(path)
+    assert victim.read_text() == "keep me" and not path.is_symlink()
+    assert Plan.load(path).linears == plan.linears
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.json", "p.json.tmp", "victim.txt"]  # no temp left
+
+
 def test_plan_from_another_model_is_refused(llama_linears):
     plan = Plan.from_thresholds(llama_linears, 0.2, model="llama-64")
     other = tiny_model("llama", hidden=48, heads=4, kv_heads=2)
@@ -50,6 +80,8 @@ def test_plan_from_another_model_is_refused(llama_linears):
     deeper = tiny_model("llama", layers=3)
     with pytest.raises(PlanError, match="not in the plan"):
         teal_fx.attach_plan(deeper, plan)
+    with pytest.raises(PlanError, match="does not fit"):  # the inspection table too, not a table of dashes
+        teal_fx.linear_table(other, plan)
     compiled = torch.compile(other, backend="teal", options={"plan": plan, "compiler": "eager"})
     with pytest.raises(Exception, match="other shapes"):
         compiled(torch.tensor([[3, 4]]), use_cache=False)
