@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from teal_fx.allocate import Row, greedy_path
 from teal_fx.capture import recompile_limits
+from teal_fx.choose_allocation import choose_allocation
 from teal_fx.errors import CalibrationDataError
 from teal_fx.extract_blocks import BlockSubgraph, extract_blocks
 from teal_fx.histogram import AbsHistogram
@@ -293,16 +294,19 @@ def calibrate(
     seq_len = seq_len or d.seq_len
     greedy_sequences, step = greedy_sequences or d.greedy_sequences, step or d.step
     max_sparsity = max(0.9, sparsity) if max_sparsity is None else max_sparsity
+    # the greedy plan is checked against uniform on text neither the histograms nor the search saw (choose_allocation)
+    held_back = max(1, num_sequences // 12) if method == "greedy" else 0
     if data is None:
         if tokenizer is None:
             raise ValueError("data-free calibration needs the tokenizer: teal_fx.calibrate(model, tokenizer=tok)")
         print(f"teal: no calibration data given: calibrating data-free on {num_sequences} x {seq_len} tokens "
               "the model generates itself from short neutral prompts")
-        seqs = self_generated_tokens(model, tokenizer, num_sequences, seq_len)
+        seqs = self_generated_tokens(model, tokenizer, num_sequences + held_back, seq_len)
         source = "self-generated"
     else:
-        seqs = token_sequences(data, tokenizer, num_sequences=num_sequences, seq_len=seq_len)
+        seqs = token_sequences(data, tokenizer, num_sequences=num_sequences + held_back, seq_len=seq_len)
         source = str(data) if isinstance(data, (str, Path)) and len(str(data)) < 200 else type(data).__name__
+    seqs, held = _hold_back(seqs, held_back)
 
     recorder = Recorder(greedy=method == "greedy")
     compiled = torch.compile(model, backend=recorder, dynamic=False)
@@ -337,10 +341,22 @@ def calibrate(
             st.kept.clear()
         plan.notes["greedy"] = {"step": step, "max_sparsity": max_sparsity, "error_fraction": error_fraction,
                                 "sequences": min(greedy_sequences, len(seqs))}
-    plan = plan.at(sparsity, method)
+    plan = plan.at(sparsity, method) if held is None else choose_allocation(model, plan, sparsity, held)
     if attach:
         attach_plan(model, plan, check=False)
     return plan
+
+
+def _hold_back(seqs: torch.Tensor, count: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(calibration windows, ``count`` windows set aside, spread evenly over the data); no set-aside where fewer
+    than four windows exist."""
+    if count == 0 or len(seqs) < 4:
+        return seqs, None
+    count = min(count, len(seqs) // 4)
+    held = torch.linspace(0, len(seqs) - 1, count + 2).round().long()[1:-1].unique()
+    keep = torch.ones(len(seqs), dtype=torch.bool)
+    keep[held] = False
+    return seqs[keep], seqs[held]
 
 
 def realised_sparsity(model: nn.Module, plan: Plan, data: Data, *, tokenizer: Any = None, num_sequences: int = 4,

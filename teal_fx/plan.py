@@ -119,7 +119,9 @@ class Plan:
             raise PlanError("this plan has no calibration histograms; re-derive it with teal_fx.calibrate")
         if not 0.0 <= sparsity < 1.0:
             raise PlanError(f"sparsity must be in [0, 1), got {sparsity}")
-        method = method or ("greedy" if self.greedy_paths else "uniform")
+        if method is None:  # the plan's own allocation (calibration may have kept uniform over greedy)
+            method = self.method if self.method in ("greedy", "uniform") else "uniform"
+            method = method if self.greedy_paths or method == "uniform" else "uniform"
         if method == "greedy" and not self.greedy_paths:
             raise PlanError("this plan has no greedy paths (it was calibrated with method='uniform')")
         per_key = sparsities_at({k: lp.numel for k, lp in self.linears.items()}, self.greedy_paths, sparsity, method)

@@ -65,6 +65,20 @@ def test_greedy_allocator_takes_the_cheapest_linear_first():
     assert any(v > 0 for v in incs.values())
 
 
+def test_a_small_linear_moves_in_capped_steps_compared_per_weight_removed():
+    """Issue 24, item 11: with TEAL's proportional step a linear 1/100 of the block's size jumped from dense to the
+    cap in one step; now no linear moves by more than max_step (4 x step) at once, so the path visits the points
+    between, and a cheap small linear is still taken first (its error per weight removed is lowest)."""
+    numel = {"big": 1000, "tiny": 10}
+    cost = {"big": 1.0, "tiny": 0.01}
+    path = greedy_path(lambda row: sum(cost[k] * numel[k] * row[k] ** 2 for k in row), numel, step=0.05,
+                       max_sparsity=0.6)
+    steps = [b["tiny"] - a["tiny"] for a, b in zip(path, path[1:])]
+    assert max(steps) <= 0.2 + 1e-9 and path[1]["tiny"] > 0  # capped, and taken first
+    assert len({round(r["tiny"], 6) for r in path}) > 3  # the points between were visited
+    assert math.isclose(block_sparsity(path[-1], numel), 0.6, abs_tol=0.06)
+
+
 def test_row_at_interpolates_and_refuses_beyond_the_path():
     numel = {"a": 1, "b": 1}
     path = [{"a": 0.0, "b": 0.0}, {"a": 0.4, "b": 0.0}, {"a": 0.4, "b": 0.4}]
@@ -85,12 +99,36 @@ def calibrated():
 
 def test_calibrated_plan_hits_its_targets(calibrated):
     model, plan = calibrated
-    assert plan.method == "greedy" and math.isclose(plan.model_sparsity(), 0.5, abs_tol=1e-6)
+    assert plan.method in ("greedy", "uniform") and math.isclose(plan.model_sparsity(), 0.5, abs_tol=1e-6)
     held_out = torch.randint(3, 128, (4, 48))
     real = teal_fx.realised_sparsity(model, plan, held_out, num_sequences=4, seq_len=48)
     assert set(real) == set(plan.linears)
     for k, v in real.items():
         assert abs(v - plan.linears[k].sparsity) < 0.05, k  # random tiny model, 200 tokens: loose
+
+
+def test_greedy_is_kept_only_where_it_predicts_held_back_text_at_least_as_well(calibrated):
+    """Issue 24, item 11: greedy must never be worse than uniform on the calibration data. The plan says which it
+    kept, with both NLLs on windows the histograms and the search never saw."""
+    model, plan = calibrated
+    note = plan.notes["allocation"]
+    nll = note["nll"]
+    assert note["kept"] == plan.method == min(nll, key=nll.get) and note["held_out_sequences"] == 1
+    assert plan.notes["calibration"]["sequences"] == 5  # 6 windows given, one set aside
+    assert plan.at(0.4).method == plan.method  # re-derived with the allocation that was kept
+
+
+def test_a_worse_greedy_plan_gives_way_to_uniform(calibrated, monkeypatch):
+    import teal_fx.choose_allocation as choose
+
+    model, plan = calibrated
+    held = torch.randint(3, 128, (2, 32))
+    monkeypatch.setattr(choose, "held_out_nll", lambda m, p, seqs: {"greedy": 3.2, "uniform": 3.1}[p.method])
+    chosen = choose.choose_allocation(model, plan, 0.5, held)
+    assert chosen.method == "uniform" and chosen.notes["allocation"]["kept"] == "uniform"
+    assert chosen.linears == plan.at(0.5, "uniform").linears
+    monkeypatch.setattr(choose, "held_out_nll", lambda m, p, seqs: {"greedy": 3.0, "uniform": 3.1}[p.method])
+    assert choose.choose_allocation(model, plan, 0.5, held).method == "greedy"
 
 
 def test_plan_at_is_instant_and_round_trips(calibrated, tmp_path):
