@@ -71,7 +71,7 @@ def main() -> None:
 
     t = time.time()
     plan = teal_fx.calibrate(model, None, sparsity=args.sparsity, method=args.method, tokenizer=tok,
-                             num_sequences=8, seq_len=128, max_sparsity=max(0.7, args.sparsity))
+                             num_sequences=8, seq_len=128, step=0.05, max_sparsity=max(0.6, args.sparsity))
     print(f"calibrated in {time.time() - t:.0f}s: {len(plan)} linears, {plan.method} allocation, model-level "
           f"sparsity {plan.model_sparsity():.2f}")
     if args.plan_out:
