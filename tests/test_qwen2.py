@@ -6,20 +6,14 @@ import pytest
 import torch
 
 import teal_fx
-from tests.conftest import SHARED
+from tests.conftest import SHARED, real_model
 
 VALID = SHARED / "data" / "wikitext-2" / "valid.txt"
 
 
 @pytest.fixture(scope="module")
 def qwen():
-    pytest.importorskip("gguf")
-    from teal_fx.models import load_model
-
-    try:
-        return load_model("qwen2.5-coder")
-    except FileNotFoundError as e:
-        pytest.skip(str(e))
+    return real_model("qwen2.5-coder")
 
 
 def test_discovery_finds_every_block_with_its_biases(qwen):
