@@ -56,6 +56,7 @@ class _PlanKeyedGraph:
 
     def compile_first(self, example_inputs: list) -> Callable:
         plan, compiled = self._compile(self.captured, example_inputs, first=True)
+        self.captured = None  # rewritten and compiled: only the pristine copy serves later plans
         if self.weight_index is None:  # no block linear: no plan changes what this graph computes
             return compiled
         self.variants[id(plan)] = (plan, compiled)
