@@ -5,7 +5,8 @@
 
 No dataset is needed: the model calibrates on text it generates itself. It prints what is true of the result: the
 continuation dense and sparse, the perplexity of both on a paragraph the calibration never saw, and the sparsity
-the plan realises on it. The default sparsity, 35%, is where SmolLM2's text stays fluent: it is a 135M model, whose
+the plan realises on it. The default sparsity, 25%, is where SmolLM2's text stays fluent (measured on this CPU: the
+continuation follows dense's, perplexity +1.1%; at 35% it turns repetitive, +9.1%): it is a 135M model, whose
 activations are less sparse than an 8B model's (TEAL reports 40-50% on 7-8B models with little loss); try --sparsity.
 On a CPU the sparse op runs its reference (a masked dense matmul): the speed-up needs a CUDA GPU.
 """
@@ -50,7 +51,7 @@ def tokens_per_second(model, ids, n: int, **kw) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sparsity", type=float, default=0.35, help="model-level sparsity (default 0.35)")
+    ap.add_argument("--sparsity", type=float, default=0.25, help="model-level sparsity (default 0.25)")
     ap.add_argument("--method", default="greedy", choices=["greedy", "uniform"], help="allocation (default greedy)")
     ap.add_argument("--tokens", type=int, default=48, help="tokens to generate (default 48)")
     ap.add_argument("--prompt", default="The three most important inventions of the nineteenth century were")
