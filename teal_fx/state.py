@@ -81,7 +81,9 @@ def plan_for_weights(weights: Iterable[Tensor]) -> Optional[Plan]:
 
 def compiled_wrapper(model: nn.Module, key: Hashable, make: Callable[[], Callable]) -> Callable:
     """The compiled wrapper ``make()`` gave for (``model``, ``key``), made anew when the plan attached to the model
-    has changed since (a reference, not an id: ids of freed plans are reused), so it never runs old thresholds.
+    has changed since (a reference, not an id: ids of freed plans are reused). Correctness does not rest on this (the
+    backend keys every compiled graph on its plan); a new wrapper makes the lean loop recompile through Dynamo,
+    where its CUDA-graph capture is set up, rather than compile a variant inside a call.
     ``make()`` must not refer to the model: the wrapper is called as ``wrapper(model, **inputs)``."""
     wrappers = _WRAPPERS.setdefault(model, {})
     plan = _PLAN_OF_MODEL.get(model)
