@@ -8,6 +8,8 @@ One calibration (greedy paths to 70%) serves every row through plan.at(s, method
 """
 import argparse
 import datetime
+import shlex
+import sys
 import time
 from pathlib import Path
 
@@ -94,8 +96,7 @@ def main() -> None:
         lines.append(f"| {s:.0%} | {method} | {a:.3f} | {a / dense.perplexity - 1:+.1%} | {t:.3f} | "
                      f"{t / dense.perplexity - 1:+.1%} |")
     lines.append("")
-    lines.append("Command: `python examples/accuracy_table.py" + ("" if args.model == "smollm2" else f" --model {args.model}")
-                 + "`")
+    lines.append(f"Command: `{shlex.join(['python', 'examples/accuracy_table.py', *sys.argv[1:]])}`")
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 import teal_fx
 from bench_common import default_out, read_bandwidth  # the same measurement as the kernel table's
@@ -42,6 +44,68 @@ def build_model(layers: int):
     with torch.device("cuda"):
         model = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
     return model
+
+
+BLOCK_LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class WeightOnlyInt8(nn.Module):
+    """PyTorch's own int8 weight-only linear as gpt-fast and torchao write it: per-channel scales, the product
+    ``F.linear(x, w.to(x.dtype)) * scales`` left to Inductor to fuse into one kernel."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        w = linear.weight.detach()
+        scales = w.abs().amax(dim=1).float().clamp_min(1e-12) / 127
+        self.register_buffer("weight", (w.float() / scales[:, None]).round().clamp(-127, 127).to(torch.int8))
+        self.register_buffer("scales", scales.to(w.dtype))
+
+    def forward(self, x):
+        return F.linear(x, self.weight.to(x.dtype)) * self.scales
+
+
+class WeightOnlyInt4(nn.Module):
+    """PyTorch's int4 weight-only linear: tinygemm (``aten._weight_int4pack_mm``), asymmetric in groups of 128 along
+    K as torchao quantizes for it (w = (q - 8) * scale + zero)."""
+
+    def __init__(self, linear: nn.Linear, group: int = 128, inner_k_tiles: int = 8) -> None:
+        super().__init__()
+        w = linear.weight.detach()
+        N, K = w.shape
+        wg = w.float().reshape(N, K // group, group)
+        lo, hi = wg.amin(-1), wg.amax(-1)
+        scale = ((hi - lo) / 15).clamp_min(1e-6)
+        q = ((wg - lo[..., None]) / scale[..., None]).round().clamp(0, 15).to(torch.int32).reshape(N, K)
+        packed = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)
+        self.register_buffer("weight", torch.ops.aten._convert_weight_to_int4pack(packed, inner_k_tiles))
+        zero = lo + 8 * scale
+        self.register_buffer("scales_and_zeros", torch.stack([scale, zero], -1).transpose(0, 1).contiguous()
+                             .to(torch.bfloat16))
+        self.group = group
+
+    def forward(self, x):
+        y = torch.ops.aten._weight_int4pack_mm(x.reshape(-1, x.shape[-1]), self.weight, self.group,
+                                               self.scales_and_zeros)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def pytorch_weight_only_(model, fmt: str) -> float:
+    """Replace the block linears by PyTorch's own weight-only modules, in place; the first one's relative error
+    against its bf16 linear on a random input (a check that the baseline computes the right thing)."""
+    cls = WeightOnlyInt8 if fmt == "int8" else WeightOnlyInt4
+    err = None
+    for mod in list(model.modules()):
+        for child in BLOCK_LINEAR_NAMES:
+            lin = getattr(mod, child, None)
+            if isinstance(lin, nn.Linear):
+                new = cls(lin)
+                if err is None:
+                    x = torch.randn(3, lin.in_features, dtype=lin.weight.dtype, device=lin.weight.device)
+                    ref = F.linear(x, lin.weight).float()
+                    err = float((new(x).float() - ref).norm() / ref.norm())
+                setattr(mod, child, new)
+    torch.cuda.empty_cache()
+    return err
 
 
 def timed(fn) -> float:
@@ -102,6 +166,9 @@ def main() -> int:
     ap.add_argument("--dense-tuned", action=argparse.BooleanOptionalAction, default=True,
                     help="also Inductor dense with coordinate-descent tuning, gpt-fast's setting: Inductor then "
                          "writes one-row matmuls as Triton reductions and tunes them, instead of calling cuBLAS")
+    ap.add_argument("--weights", default="int8,int4",
+                    help="quantized formats: PyTorch's own weight-only decoding and teal's at --weight-sparsities")
+    ap.add_argument("--weight-sparsities", default="0,0.4,0.5")
     ap.add_argument("--out", help="default: examples/results/decode_<gpu>.md (decode_h100.md on an H100)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -182,8 +249,43 @@ def main() -> int:
         teal_fx.attach_plan(model, plan.at(s, "uniform"), check=False)
         t, first = decode_speed(lean(model, ids, "teal", cache_len, {"decode_attention": False}), args.new_tokens)
         add(f"lean loop, teal {s:.0%}, sdpa attention", 1, t, first)
+    del model  # the quantized rows each build their own copy
+    for fmt in [f for f in args.weights.split(",") if f]:
+        quantized_rows(fmt, args, ids, calib, cache_len, add, notes, peak_gib)
     write(out, args, bw, roof, rows, notes, fastest)  # notes added after the last row
     return 0
+
+
+def quantized_rows(fmt: str, args, ids, calib, cache_len, add, notes, peak_gib):
+    """PyTorch's own ``fmt`` weight-only decoding, then teal's (``calibrate(weights=fmt)``, quantized in place) at
+    each of --weight-sparsities, each on a fresh copy of the model."""
+    import gc
+
+    gc.collect()
+    torch.cuda.empty_cache()
+    model = build_model(args.layers)
+    err = pytorch_weight_only_(model, fmt)
+    torch.cuda.reset_peak_memory_stats()
+    t, first = decode_speed(lean(model, ids, "inductor", cache_len, DENSE_TUNED), args.new_tokens)
+    what = "gpt-fast/torchao style, per channel" if fmt == "int8" else "tinygemm _weight_int4pack_mm, group 128"
+    add(f"lean loop, PyTorch {fmt} weight-only ({what}; Inductor, coordinate-descent tuning)", 1, t, first, peak_gib())
+    notes.append(f"PyTorch {fmt} weight-only: relative error of its first linear vs bf16 {err:.1e} (a sanity check)")
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    model = build_model(args.layers)
+    before = torch.cuda.memory_allocated()
+    plan = teal_fx.calibrate(model, calib, sparsity=0.5, method="uniform", num_sequences=2, seq_len=256,
+                             progress=False, weights=fmt)
+    torch.cuda.empty_cache()
+    after = torch.cuda.memory_allocated()
+    notes.append(f"teal {fmt}: quantizing in place took the model's GPU memory from {before / 2**30:.2f} GiB to "
+                 f"{after / 2**30:.2f} GiB (block linears {fmt}, embeddings and lm_head bf16)")
+    for s in [float(x) for x in args.weight_sparsities.split(",")]:
+        teal_fx.attach_plan(model, plan.at(s, "uniform"), check=False)
+        torch.cuda.reset_peak_memory_stats()
+        t, first = decode_speed(lean(model, ids, "teal", cache_len), args.new_tokens)
+        add(f"lean loop, teal {fmt} {s:.0%}", 1, t, first, peak_gib())
 
 
 def lean_teal(model, ids, ids4, plan, sparsities: str, args, cache_len, reference, add, notes, peak_gib) -> None:

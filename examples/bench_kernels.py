@@ -21,8 +21,11 @@ import torch.nn.functional as F
 
 from bench_common import default_out, dependent_launches, graph_time_us, read_bandwidth
 from teal_fx.kernels import sparse_gemv as sg
+from teal_fx.kernels.quantize import INT4_GROUP, dequantize, quantize_int4, quantize_int8
 from teal_fx.kernels.reference import reference_sparse_linear
 from teal_fx.kernels.sparse_gemv_config import make_config
+
+QUANTIZE = {"int8": quantize_int8, "int4": quantize_int4}
 
 SHAPES = {  # name: (N, K)
     "q/o 4096x4096": (4096, 4096),
@@ -77,15 +80,20 @@ def bench_shape(N, K, M, sparsity, dtype, bw, l2, config=None, calls: int = 32) 
 # launches (q+k+v, o, gate+up, down)
 BLOCK_LINEARS = [(4096, 4096), (1024, 4096), (1024, 4096), (4096, 4096), (14336, 4096), (14336, 4096), (4096, 14336)]
 BLOCK_GROUPS = [[0, 1, 2], [3], [4, 5], [6]]
-def bench_block(sparsity: float, dtype, bw: float, l2: int, layers: int = 4, grouped: bool = True) -> dict:
+def bench_block(sparsity: float, dtype, bw: float, l2: int, layers: int = 4, grouped: bool = True,
+                fmt=None) -> dict:
     """One Llama-3-8B block at ``sparsity`` as the backend issues it: grouped, 4 launches (q+k+v, o, gate+up with
     silu(gate) * up formed in the launch, down; passes/group_shared_input.py, passes/fuse_swiglu.py), or one launch
-    per linear (7). Each input has its own threshold; each launch takes the launcher's config."""
+    per linear (7). Each input has its own threshold; each launch takes the launcher's config. ``fmt``: int8/int4
+    weights (kernels/quantize.py)."""
     shapes = BLOCK_LINEARS
     launches = BLOCK_GROUPS if grouped else [[j] for j in range(len(shapes))]
-    layer_ws = []
+    layer_ws, layer_ss = [], []
     for _ in range(layers):
-        layer_ws.append([(torch.randn(N, K, dtype=dtype, device="cuda") / K**0.5).t().contiguous().t() for N, K in shapes])
+        ws = [(torch.randn(N, K, dtype=dtype, device="cuda") / K**0.5).t().contiguous().t() for N, K in shapes]
+        pairs = [QUANTIZE[fmt](w) for w in ws] if fmt else [(w, None) for w in ws]
+        layer_ws.append([q for q, _ in pairs])
+        layer_ss.append([sc for _, sc in pairs])
     # one input per launch (members of a group share it), a threshold per linear
     x_of = {}
     for group in launches:
@@ -95,18 +103,56 @@ def bench_block(sparsity: float, dtype, bw: float, l2: int, layers: int = 4, gro
     ts = [float(torch.quantile(x_of[j].float().abs().flatten(), sparsity)) for j in range(len(shapes))]
     outs = [torch.empty(1, N, dtype=dtype, device="cuda") for N, _ in shapes]
     calls = []
-    for ws in layer_ws:
+    for ws, ss in zip(layer_ws, layer_ss):
         for group in launches:
             if group == [4, 5]:  # gate, up: the SwiGLU launch
-                calls.append(lambda ws=ws: sg.sparse_gemv_swiglu(x_of[4], ws[4], ws[5], ts[4], ts[5], out=outs[4],
-                                                                 sparsity=sparsity))
+                calls.append(lambda ws=ws, ss=ss: sg.sparse_gemv_swiglu(
+                    x_of[4], ws[4], ws[5], ts[4], ts[5], out=outs[4], sparsity=sparsity, scales_gate=ss[4],
+                    scales_up=ss[5]))
                 continue
-            calls.append(lambda ws=ws, g=group: sg.sparse_gemv_group(
+            calls.append(lambda ws=ws, ss=ss, g=group: sg.sparse_gemv_group(
                 x_of[g[0]], [ws[j] for j in g], [None] * len(g), [ts[j] for j in g], outs=[outs[j] for j in g],
-                sparsity=sparsity))
+                sparsity=sparsity, scales=[ss[j] for j in g]))
     us = graph_time_us(calls) * len(launches)
-    roof = sum((1 - sparsity) * N * K * 2 for N, K in shapes) / bw * 1e6
+    per_weight = {None: 2, "int8": 1, "int4": 0.5}[fmt]
+    roof = sum((1 - sparsity) * N * K * per_weight for N, K in shapes) / bw * 1e6
     return dict(us=us, roof_us=roof)
+
+
+def bench_quantized(N: int, K: int, M: int, sparsity: float, fmt: str, bw: float, l2: int, config=None,
+                    calls: int = 32) -> dict:
+    """µs of the sparse GEMV over ``fmt`` weights (bf16 x), cuBLAS bf16 dense on the same shape, and the format's
+    roofline: the needed weight rows' bytes (1 or 1/2 byte a weight) plus the scales."""
+    w = (torch.randn(N, K, dtype=torch.bfloat16, device="cuda") / K**0.5)
+    q, sc = QUANTIZE[fmt](w)
+    copies = max(2, math.ceil(3 * l2 / (q.numel() * q.element_size())))
+    qs = [q] + [q.clone() for _ in range(copies - 1)]  # clone keeps the column-major strides
+    dense_copies = max(2, math.ceil(3 * l2 / (N * K * 2)))
+    ws_row = [w] + [torch.randn_like(w) for _ in range(dense_copies - 1)]
+    x = torch.randn(M, K, dtype=torch.bfloat16, device="cuda")
+    t = float(torch.quantile(x.float().abs().flatten(), sparsity)) if sparsity > 0 else 0.0
+    needed = float((x.abs() > t).any(0).float().mean())
+    y = torch.empty(M, N, dtype=x.dtype, device="cuda")
+    got = sg.sparse_gemv(x, q, None, t, config=config, sparsity=sparsity, scales=sc)
+    ref = reference_sparse_linear(x.double(), dequantize(q, sc, torch.float64), None, t)
+    err = float((got.double() - ref).norm() / ref.norm())
+    us = graph_time_us([lambda i=i: sg.sparse_gemv(x, qs[i % len(qs)], None, t, config=config, out=y,
+                                                   sparsity=sparsity, scales=sc) for i in range(calls)])
+    dense = graph_time_us([lambda i=i: F.linear(x, ws_row[i % len(ws_row)]) for i in range(calls)])
+    scale_bytes = N * 2 if fmt == "int8" else -(-K // INT4_GROUP) * N * 2
+    roof = (needed * q.numel() * q.element_size() + scale_bytes) / bw * 1e6
+    return dict(us=us, dense_us=dense, roof_us=roof, frac=roof / us, speedup=dense / us, err=err)
+
+
+# int8/int4 weights (--sweep-weights): the in-thread loops with 16 bytes of a row per thread, over every input
+SWEEP_QUANTIZED = {
+    fmt: [dict(BN=cols * nw, BK=bk, iters=kps // bk, use_dot=False, num_warps=nw, num_stages=1, in_thread=True)
+          for nw in (1, 2) for bk in (16, 32) for kps in (64, 128, 256)]
+    for fmt, cols in (("int8", 512), ("int4", 1024))
+}
+# int8 may also loop over the packed survivors only (int4 never: its sums are scaled per group)
+SWEEP_QUANTIZED["int8"] += [dict(BN=bn, BK=16, iters=kps // 16, use_dot=False, num_warps=bn // 512, num_stages=1,
+                                 compact=True) for bn in (1024, 2048) for kps in (64, 128, 256)]
 
 
 SWEEP = (  # loop over every input, [BK, BN] FMAs reduced after the loop ...
@@ -162,6 +208,10 @@ def main() -> int:
     ap.add_argument("--sweep-only", action="store_true", help="stop after the sweep")
     ap.add_argument("--sweep-kind", choices=("all", "in-thread", "compact"), default="all",
                     help="sweep only the one-warp loops over every input, or only the packed loops")
+    ap.add_argument("--weights", default="int8,int4", help="quantized formats measured at 0 and 50% ('' for none)")
+    ap.add_argument("--sweep-weights", action="store_true", help="sweep tile configs of the quantized formats")
+    ap.add_argument("--sweep-weights-sparsity", type=float, default=0.5)
+    ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True, help="the bf16/fp16 rows")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("bench_kernels needs a CUDA GPU", file=sys.stderr)
@@ -192,7 +242,37 @@ def main() -> int:
         if args.sweep_only:
             return 0
 
-    dtypes = [torch.bfloat16] if args.quick else [torch.bfloat16, torch.float16]
+    formats = [f for f in args.weights.split(",") if f]
+    if args.sweep_weights:
+        for fmt in formats:
+            for name in args.sweep_shapes.split(","):
+                N, K = SHAPES[name]
+                res = []
+                for p in [None, *SWEEP_QUANTIZED[fmt]]:
+                    cfg = make_config(N, K, **p) if p else None
+                    try:
+                        r = bench_quantized(N, K, 1, args.sweep_weights_sparsity, fmt, bw, l2, config=cfg, calls=16)
+                    except Exception as e:  # a config Triton cannot build
+                        print(f"   skipped {p}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+                        continue
+                    res.append((r["us"], p, r["frac"], r["err"]))
+                res.sort(key=lambda z: z[0])
+                print(f"sweep {fmt} {name} M=1 @{args.sweep_weights_sparsity:.0%}:", flush=True)
+                for us, p, frac, err in res[:6] + [z for z in res[6:] if z[1] is None]:
+                    print(f"   {us:7.2f} us  frac {frac:.2f}  {p or 'default'}  err={err:.1e}", flush=True)
+    qrows = []
+    for fmt in formats:
+        for name, (N, K) in SHAPES.items():
+            for s in (0.0, 0.5):
+                r = bench_quantized(N, K, 1, s, fmt, bw, l2)
+                qrows.append((fmt, name, 1, s, r))
+                print(f"{fmt} {name:20s} M=1 s={s:.2f}  {r['us']:7.2f} us  bf16 dense {r['dense_us']:7.2f}  roof "
+                      f"{r['roof_us']:6.2f}  frac {r['frac']:.2f}  x{r['speedup']:.2f}  err {r['err']:.1e}", flush=True)
+    qblocks = {(fmt, s): bench_block(s, torch.bfloat16, bw, l2, fmt=fmt) for fmt in formats for s in (0.0, 0.5)}
+    for (fmt, s), b in qblocks.items():
+        print(f"Llama-3-8B block @{s:.0%} {fmt}: {b['us']:.1f} us, roofline {b['roof_us']:.1f} us", flush=True)
+
+    dtypes = ([torch.bfloat16] if args.quick else [torch.bfloat16, torch.float16]) if args.bf16 else []
     sparsities = (0.0, 0.5) if args.quick else SPARSITIES
     rows = []
     for dtype in dtypes:
@@ -218,6 +298,8 @@ def main() -> int:
         block_plain = bench_block(0.5, torch.bfloat16, bw, l2, grouped=True)
     print(f"Llama-3-8B block @50% bf16: grouped (4 launches) {block['us']:.1f} us ({block_plain['us']:.1f} without "
           f"PDL), 7 launches {block7['us']:.1f} us, roofline {block['roof_us']:.1f} us", flush=True)
+    if qrows:
+        bf16_block = {s: bench_block(s, torch.bfloat16, bw, l2)["us"] for s in (0.0, 0.5)}
 
     lines = [
         "# Sparse GEMV kernel benchmark",
@@ -241,8 +323,27 @@ def main() -> int:
     lines += ["", f"One Llama-3-8B block at 50%, bf16, grouped as the backend issues it (q+k+v, o, gate+up with "
                   f"silu(gate) * up, down: 4 launches): **{block['us']:.1f} µs** ({block_plain['us']:.1f} µs without "
                   f"PDL); as 7 launches: {block7['us']:.1f} µs (roofline {block['roof_us']:.1f} µs; reference TEAL "
-                  f"100.9 µs on the H100 of ANCHORS.md).", "",
-              f"Command: `{shlex.join(['python', 'examples/bench_kernels.py', *sys.argv[1:]])}`", ""]
+                  f"100.9 µs on the H100 of ANCHORS.md).", ""]
+    if qrows:
+        lines += ["## Quantized weights (bf16 x; kernels/quantize.py: int8 per output channel, int4 symmetric in "
+                  f"groups of {INT4_GROUP} along K)", "",
+                  "- roofline: the needed rows' bytes (1 byte a weight for int8, 1/2 for int4) plus the scales, at the "
+                  "bandwidth above; 'vs bf16 dense': cuBLAS on the bf16 weight of the same shape",
+                  "",
+                  "| format | shape (N x K) | batch | sparsity | teal µs | bf16 cuBLAS dense µs | roofline µs | "
+                  "share of roofline | speedup vs bf16 dense | rel. error vs fp64 of the dequantized weight |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for fmt, name, M, s, r in qrows:
+            lines.append(f"| {fmt} | {name} | {M} | {s:.2f} | {r['us']:.1f} | {r['dense_us']:.1f} | {r['roof_us']:.1f} | "
+                         f"{r['frac']:.2f} | {r['speedup']:.2f} | {r['err']:.1e} |")
+        lines += ["", "One Llama-3-8B block, grouped as the backend issues it (4 launches):", "",
+                  "| weights | sparsity | µs | roofline µs | share of roofline | vs bf16 block at that sparsity |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        for (fmt, s), b in qblocks.items():
+            lines.append(f"| {fmt} | {s:.2f} | {b['us']:.1f} | {b['roof_us']:.1f} | {b['roof_us'] / b['us']:.2f} | "
+                         f"{bf16_block[s] / b['us']:.2f}x |")
+        lines.append("")
+    lines += [f"Command: `{shlex.join(['python', 'examples/bench_kernels.py', *sys.argv[1:]])}`", ""]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines))

@@ -6,6 +6,9 @@
       sparse_gemv_triton.py    its jitted Triton kernels
     decode_attention.py        launcher (and config) of the decode attention
       decode_attention_triton.py   its jitted Triton kernel
+    quantize.py                int8 / int4 weight formats and the QuantizedLinear module that holds them
+    dequant_matmul.py          launcher of the prefill GEMM on quantized weights
+      dequant_matmul_triton.py     its jitted Triton kernel
     reference.py               the one reference implementation of every op (CPU, prefill, tests)
     pdl.py, workspace.py, triton_support.py   what the launchers share
 

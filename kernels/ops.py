@@ -8,6 +8,9 @@ dtypes and row counts) and runs ``reference.py`` everywhere else, so one graph s
     teal::sparse_swiglu(x, W_gate, W_up, t_gate, t_up, ...)             silu(gate) * up
     teal::sparse_linear_add_rmsnorm(x, W, b, t, ..., residual, w, eps)   (h = residual + y, RMSNorm(h))
     teal::decode_attention(q, k, v, mask, scale)                        one query position, GQA heads read once
+    teal::quantized_linear(x, W_q, scales, b)                           x Wᵀ + b, W int8/int4 (kernels/quantize.py)
+
+The sparse ops take int8/int4 weights too, with their ``scales`` as a last argument (None: a float weight).
 
 A decode step (one token per sequence, or a 2-D ``x`` of rows) is always sparsified; a prefill of S tokens from
 position ``ceil(prefill_sparse_from * S)`` on (``reference.sparse_token_start``), decided at run time from the shape.
@@ -28,9 +31,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from teal_fx.kernels import decode_attention as attention_launcher
-from teal_fx.kernels import sparse_gemv
+from teal_fx.kernels import dequant_matmul, sparse_gemv
+from teal_fx.kernels.quantize import dequantize, logical_shape
 from teal_fx.kernels.reference import (
     keep_mask,
+    masked_input,
     reference_decode_attention,
     reference_rmsnorm,
     reference_sparse_linear,
@@ -39,30 +44,42 @@ from teal_fx.kernels.reference import (
 )
 
 
+def _not_decoded(x: Tensor, weight: Tensor, bias: Optional[Tensor], threshold: float, prefill_sparse_from: float,
+                 scales: Optional[Tensor]) -> Tensor:
+    """A sparse linear off the GEMV's path (CPU, prefill, shapes it does not take): the reference, except that a
+    quantized weight on a GPU goes through the dequantizing GEMM rather than a float copy of the matrix."""
+    if scales is not None and dequant_matmul.supports(x, weight):
+        return dequant_matmul.dequant_matmul(masked_input(x, threshold, prefill_sparse_from), weight, scales, bias)
+    return reference_sparse_linear(x, weight, bias, threshold, prefill_sparse_from, scales)
+
+
 @torch.library.custom_op("teal::sparse_linear", mutates_args=())
 def sparse_linear(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], threshold: float, prefill_sparse_from: float = 1.0,
-    sparsity: float = -1.0,
+    sparsity: float = -1.0, scales: Optional[Tensor] = None,
 ) -> Tensor:
     """y = (x ⊙ 1[|x| > threshold]) weightᵀ + bias, with the decode/prefill rule of the module docstring.
 
     ``sparsity``: the fraction of inputs the threshold is expected to drop (from the plan; -1: unknown). It only
-    picks the GPU kernel's variant, never the result."""
+    picks the GPU kernel's variant, never the result. ``scales``: those of an int8/int4 ``weight``."""
     if x.is_cuda and sparse_token_start(x, prefill_sparse_from) == 0:
-        if sparse_gemv.supports(x, weight):
-            return sparse_gemv.sparse_gemv(x, weight, bias, threshold, sparsity=sparsity)
-    return reference_sparse_linear(x, weight, bias, threshold, prefill_sparse_from)
+        if sparse_gemv.supports(x, weight, scales):
+            return sparse_gemv.sparse_gemv(x, weight, bias, threshold, sparsity=sparsity, scales=scales)
+    return _not_decoded(x, weight, bias, threshold, prefill_sparse_from, scales)
 
 
 @sparse_linear.register_fake
 def _(x: Tensor, weight: Tensor, bias: Optional[Tensor], threshold: float, prefill_sparse_from: float = 1.0,
-      sparsity: float = -1.0) -> Tensor:
+      sparsity: float = -1.0, scales: Optional[Tensor] = None) -> Tensor:
     torch._check(x.shape[-1] == weight.shape[1], lambda: "sparse_linear: x and weight disagree on in_features")
-    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+    return x.new_empty((*x.shape[:-1], logical_shape(weight)[0]))
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, weight, bias, threshold, prefill_sparse_from, _ = inputs
+    x, weight, bias, threshold, prefill_sparse_from, _, scales = inputs
+    if scales is not None:  # a frozen quantized weight: the input's gradient only, through the dequantized matrix
+        weight = dequantize(weight, scales, x.dtype)
+    ctx.quantized = scales is not None
     ctx.save_for_backward(x, weight)
     ctx.threshold = threshold
     ctx.prefill_sparse_from = prefill_sparse_from
@@ -80,7 +97,7 @@ def _backward(ctx, grad_out: Tensor):
     grad_x = torch.where(keep, grad_out @ weight, torch.zeros((), dtype=x.dtype, device=x.device))
     grad_w = grad_out.reshape(-1, grad_out.shape[-1]).t() @ x_used.reshape(-1, x.shape[-1])
     grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0) if ctx.has_bias else None
-    return grad_x, grad_w, grad_b, None, None, None
+    return grad_x, None if ctx.quantized else grad_w, grad_b, None, None, None, None
 
 
 sparse_linear.register_autograd(_backward, setup_context=_setup_context)
@@ -89,7 +106,7 @@ sparse_linear.register_autograd(_backward, setup_context=_setup_context)
 @torch.library.custom_op("teal::sparse_linear_group", mutates_args=())
 def sparse_linear_group(
     x: Tensor, weights: list[Tensor], biases: list[Optional[Tensor]], thresholds: list[float],
-    prefill_sparse_from: float, sparsities: list[float],
+    prefill_sparse_from: float, sparsities: list[float], scales: list[Optional[Tensor]],
 ) -> list[Tensor]:
     """``sparse_linear`` for linears sharing the input ``x`` (q/k/v, gate/up): one Triton launch on the decode path.
 
@@ -98,21 +115,24 @@ def sparse_linear_group(
     default-valued arguments, and the tensor-list autograd wrapper then expects one gradient fewer.)
     """
     if x.is_cuda and sparse_token_start(x, prefill_sparse_from) == 0:
-        if all(sparse_gemv.supports(x, w) for w in weights) and len({b is None for b in biases}) == 1:
-            return sparse_gemv.sparse_gemv_group(x, weights, biases, thresholds, sparsity=min(sparsities, default=-1.0))
-    return [reference_sparse_linear(x, w, b, t, prefill_sparse_from) for w, b, t in zip(weights, biases, thresholds)]
+        if all(sparse_gemv.supports(x, w, s) for w, s in zip(weights, scales)) and len({b is None for b in biases}) == 1:
+            return sparse_gemv.sparse_gemv_group(x, weights, biases, thresholds, sparsity=min(sparsities, default=-1.0),
+                                                 scales=scales)
+    return [_not_decoded(x, w, b, t, prefill_sparse_from, s) for w, b, t, s in zip(weights, biases, thresholds, scales)]
 
 
 @sparse_linear_group.register_fake
 def _(x: Tensor, weights: list[Tensor], biases: list[Optional[Tensor]], thresholds: list[float],
-      prefill_sparse_from: float, sparsities: list[float]) -> list[Tensor]:
+      prefill_sparse_from: float, sparsities: list[float], scales: list[Optional[Tensor]]) -> list[Tensor]:
     for w in weights:
         torch._check(x.shape[-1] == w.shape[1], lambda: "sparse_linear_group: x and a weight disagree on in_features")
-    return [x.new_empty((*x.shape[:-1], w.shape[0])) for w in weights]
+    return [x.new_empty((*x.shape[:-1], logical_shape(w)[0])) for w in weights]
 
 
 def _group_setup_context(ctx, inputs, output) -> None:
-    x, weights, biases, thresholds, prefill_sparse_from, _ = inputs
+    x, weights, biases, thresholds, prefill_sparse_from, _, scales = inputs
+    ctx.quantized = [s is not None for s in scales]
+    weights = [w if s is None else dequantize(w, s, x.dtype) for w, s in zip(weights, scales)]
     ctx.save_for_backward(x, *weights)
     ctx.thresholds = list(thresholds)
     ctx.prefill_sparse_from = prefill_sparse_from
@@ -125,19 +145,19 @@ def _group_backward(ctx, grad_outs: list[Tensor]):
     start = sparse_token_start(x, ctx.prefill_sparse_from)
     grad_x = torch.zeros_like(x)
     grad_ws = []
-    for w, t, g in zip(weights, ctx.thresholds, grad_outs):
+    for w, t, g, frozen in zip(weights, ctx.thresholds, grad_outs, ctx.quantized):
         keep = keep_mask(x, t)
         if x.dim() >= 3 and start > 0:
             keep[..., :start, :] = True
         zero = torch.zeros((), dtype=x.dtype, device=x.device)
         grad_x = grad_x + torch.where(keep, g @ w, zero)
         g2 = g.reshape(-1, g.shape[-1])
-        grad_ws.append(g2.t() @ torch.where(keep, x, zero).reshape(-1, x.shape[-1]))
+        grad_ws.append(None if frozen else g2.t() @ torch.where(keep, x, zero).reshape(-1, x.shape[-1]))
     if any(ctx.has_bias):
         # `Tensor?[]` arguments take no gradient through torch.library's autograd: refuse rather than drop them
         raise RuntimeError("teal::sparse_linear_group: no gradient for biases; compile with "
                            "options={'group_shared_input': False} to train through biased q/k/v")
-    return grad_x, grad_ws, None, None, None, None
+    return grad_x, grad_ws, None, None, None, None, None
 
 
 sparse_linear_group.register_autograd(_group_backward, setup_context=_group_setup_context)
@@ -146,7 +166,7 @@ sparse_linear_group.register_autograd(_group_backward, setup_context=_group_setu
 @torch.library.custom_op("teal::sparse_swiglu", mutates_args=())
 def sparse_swiglu(
     x: Tensor, w_gate: Tensor, w_up: Tensor, t_gate: float, t_up: float, prefill_sparse_from: float,
-    sparsities: list[float],
+    sparsities: list[float], scales_gate: Optional[Tensor] = None, scales_up: Optional[Tensor] = None,
 ) -> Tensor:
     """``silu(gate) * up`` of a gated MLP, gate and up being ``sparse_linear`` of ``x`` (no biases).
 
@@ -154,26 +174,31 @@ def sparse_swiglu(
     weights it is one Triton launch whose epilogue forms the product, so no kernel runs between the MLP's launches.
     No autograd: the pass that inserts it leaves graphs that need gradients alone."""
     if x.is_cuda and sparse_token_start(x, prefill_sparse_from) == 0:
-        if sparse_gemv.supports(x, w_gate) and sparse_gemv.supports(x, w_up) and \
+        if sparse_gemv.supports(x, w_gate, scales_gate) and sparse_gemv.supports(x, w_up, scales_up) and \
                 sparse_gemv.can_fuse_swiglu(x, w_gate, w_up):
-            return sparse_gemv.sparse_gemv_swiglu(x, w_gate, w_up, t_gate, t_up, sparsity=min(sparsities, default=-1.0))
-        gate, up = sparse_linear_group(x, [w_gate, w_up], [None, None], [t_gate, t_up], prefill_sparse_from, sparsities)
+            return sparse_gemv.sparse_gemv_swiglu(x, w_gate, w_up, t_gate, t_up, sparsity=min(sparsities, default=-1.0),
+                                                  scales_gate=scales_gate, scales_up=scales_up)
+        gate, up = sparse_linear_group(x, [w_gate, w_up], [None, None], [t_gate, t_up], prefill_sparse_from, sparsities,
+                                       [scales_gate, scales_up])
         return F.silu(gate) * up
-    return reference_swiglu(x, w_gate, w_up, t_gate, t_up, prefill_sparse_from)
+    if scales_gate is not None and dequant_matmul.supports(x, w_gate):
+        gate = _not_decoded(x, w_gate, None, t_gate, prefill_sparse_from, scales_gate)
+        return F.silu(gate) * _not_decoded(x, w_up, None, t_up, prefill_sparse_from, scales_up)
+    return reference_swiglu(x, w_gate, w_up, t_gate, t_up, prefill_sparse_from, scales_gate, scales_up)
 
 
 @sparse_swiglu.register_fake
 def _(x: Tensor, w_gate: Tensor, w_up: Tensor, t_gate: float, t_up: float, prefill_sparse_from: float,
-      sparsities: list[float]) -> Tensor:
+      sparsities: list[float], scales_gate: Optional[Tensor] = None, scales_up: Optional[Tensor] = None) -> Tensor:
     torch._check(w_gate.shape == w_up.shape, lambda: "sparse_swiglu: gate and up weights differ in shape")
     torch._check(x.shape[-1] == w_gate.shape[1], lambda: "sparse_swiglu: x and the weights disagree on in_features")
-    return x.new_empty((*x.shape[:-1], w_gate.shape[0]))
+    return x.new_empty((*x.shape[:-1], logical_shape(w_gate)[0]))
 
 
 @torch.library.custom_op("teal::sparse_linear_add_rmsnorm", mutates_args=())
 def sparse_linear_add_rmsnorm(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], threshold: float, prefill_sparse_from: float, sparsity: float,
-    residual: Tensor, norm_weight: Tensor, eps: float,
+    residual: Tensor, norm_weight: Tensor, eps: float, scales: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
     """(h, RMSNorm(h)) with h = residual + ``sparse_linear(x, weight, bias, threshold, ...)``: a block's o or down
     projection, its residual add and the next RMSNorm (Llama's: ``reference_rmsnorm``).
@@ -183,22 +208,40 @@ def sparse_linear_add_rmsnorm(
     that expression, rounded as eager rounds it. No autograd: the pass that inserts it leaves graphs that need
     gradients alone."""
     if x.is_cuda and sparse_token_start(x, prefill_sparse_from) == 0:
-        if sparse_gemv.supports(x, weight) and sparse_gemv.can_fuse_add_rmsnorm(x, weight, residual, norm_weight):
+        if sparse_gemv.supports(x, weight, scales) and \
+                sparse_gemv.can_fuse_add_rmsnorm(x, weight, residual, norm_weight):
             return sparse_gemv.sparse_gemv_add_rmsnorm(x, weight, bias, threshold, residual, norm_weight, eps,
-                                                       sparsity=sparsity)
-    h = residual + sparse_linear(x, weight, bias, threshold, prefill_sparse_from, sparsity)  # kernel or reference
+                                                       sparsity=sparsity, scales=scales)
+    h = residual + sparse_linear(x, weight, bias, threshold, prefill_sparse_from, sparsity, scales)  # kernel or reference
     return h, reference_rmsnorm(h, norm_weight, eps)
 
 
 @sparse_linear_add_rmsnorm.register_fake
 def _(x: Tensor, weight: Tensor, bias: Optional[Tensor], threshold: float, prefill_sparse_from: float, sparsity: float,
-      residual: Tensor, norm_weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+      residual: Tensor, norm_weight: Tensor, eps: float, scales: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    N = logical_shape(weight)[0]
     torch._check(x.shape[-1] == weight.shape[1], lambda: "sparse_linear_add_rmsnorm: x and weight disagree on in_features")
-    torch._check(residual.shape[-1] == weight.shape[0], lambda: "sparse_linear_add_rmsnorm: residual and weight differ")
-    shape = torch.broadcast_shapes(residual.shape, (*x.shape[:-1], weight.shape[0]))
+    torch._check(residual.shape[-1] == N, lambda: "sparse_linear_add_rmsnorm: residual and weight differ")
+    shape = torch.broadcast_shapes(residual.shape, (*x.shape[:-1], N))
     dtype = torch.promote_types(residual.dtype, x.dtype)
     h = residual.new_empty(shape, dtype=dtype)
     return h, h.new_empty(shape, dtype=torch.promote_types(dtype, norm_weight.dtype))
+
+
+@torch.library.custom_op("teal::quantized_linear", mutates_args=())
+def quantized_linear(x: Tensor, weight: Tensor, scales: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """x Wᵀ + b for an int8/int4 ``weight`` (``QuantizedLinear``'s forward; kernels/quantize.py): the dense op the
+    rewrite turns into ``sparse_linear(..., scales)`` where the plan sparsifies it. On a GPU: the GEMV (threshold 0:
+    every nonzero input read) for up to 8 rows, the dequantizing GEMM above; elsewhere the reference."""
+    if x.is_cuda and sparse_gemv.supports(x, weight, scales):
+        return sparse_gemv.sparse_gemv(x, weight, bias, 0.0, sparsity=0.0, scales=scales)
+    return _not_decoded(x, weight, bias, 0.0, 1.0, scales)
+
+
+@quantized_linear.register_fake
+def _(x: Tensor, weight: Tensor, scales: Tensor, bias: Optional[Tensor]) -> Tensor:
+    torch._check(x.shape[-1] == weight.shape[1], lambda: "quantized_linear: x and weight disagree on in_features")
+    return x.new_empty((*x.shape[:-1], logical_shape(weight)[0]))
 
 
 # flexible_layout: the launcher takes any strides. Without the tag Inductor gives each call its own copy of an input

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from teal_fx.kernels.quantize import dequantize
+
 
 def keep_mask(x: Tensor, threshold: float) -> Tensor:
     """1[|x| > t], compared in float32 whatever the dtype of x (the kernels compare the same way)."""
@@ -36,24 +38,33 @@ def sparse_token_start(x: Tensor, prefill_sparse_from: float) -> int:
 
 
 def reference_sparse_linear(
-    x: Tensor, weight: Tensor, bias: Optional[Tensor], threshold: float, prefill_sparse_from: float = 1.0
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], threshold: float, prefill_sparse_from: float = 1.0,
+    scales: Optional[Tensor] = None,
 ) -> Tensor:
-    """y = (x ⊙ 1[|x| > t]) Wᵀ + b, with the decode/prefill rule of ``sparse_token_start``."""
+    """y = (x ⊙ 1[|x| > t]) Wᵀ + b, with the decode/prefill rule of ``sparse_token_start``; an int8/int4 weight
+    (with ``scales``) is dequantized to x's dtype first."""
+    if scales is not None:
+        weight = dequantize(weight, scales, x.dtype)
+    return F.linear(masked_input(x, threshold, prefill_sparse_from), weight, bias)
+
+
+def masked_input(x: Tensor, threshold: float, prefill_sparse_from: float = 1.0) -> Tensor:
+    """x with the rule of ``sparse_token_start`` applied: the input every sparse linear multiplies by Wᵀ."""
     start = sparse_token_start(x, prefill_sparse_from)
     seq = x.shape[-2] if x.dim() >= 3 else 1
     if start >= seq and x.dim() >= 3:
-        return F.linear(x, weight, bias)
+        return x
     if start == 0:
-        return F.linear(sparsify(x, threshold), weight, bias)
-    x = torch.cat([x[..., :start, :], sparsify(x[..., start:, :], threshold)], dim=-2)
-    return F.linear(x, weight, bias)
+        return sparsify(x, threshold)
+    return torch.cat([x[..., :start, :], sparsify(x[..., start:, :], threshold)], dim=-2)
 
 
 def reference_swiglu(x: Tensor, w_gate: Tensor, w_up: Tensor, t_gate: float, t_up: float,
-                     prefill_sparse_from: float = 1.0) -> Tensor:
+                     prefill_sparse_from: float = 1.0, scales_gate: Optional[Tensor] = None,
+                     scales_up: Optional[Tensor] = None) -> Tensor:
     """silu(gate) * up with gate and up sparse linears of ``x`` (no biases), rounded as eager rounds."""
-    gate = reference_sparse_linear(x, w_gate, None, t_gate, prefill_sparse_from)
-    return F.silu(gate) * reference_sparse_linear(x, w_up, None, t_up, prefill_sparse_from)
+    gate = reference_sparse_linear(x, w_gate, None, t_gate, prefill_sparse_from, scales_gate)
+    return F.silu(gate) * reference_sparse_linear(x, w_up, None, t_up, prefill_sparse_from, scales_up)
 
 
 def reference_rmsnorm(h: Tensor, weight: Tensor, eps: float) -> Tensor:

@@ -5,6 +5,7 @@
     sparse_gemv_swiglu(x, w_gate, w_up, ...)      silu(gate) * up formed by the gate/up launch
     sparse_gemv_add_rmsnorm(x, w, b, t, r, nw, eps)   h = r + linear, RMSNorm(h), in the finishing launch
 
+Every launcher takes ``scales`` for int8/int4 weights (kernels/quantize.py: the format follows the weight's dtype).
 The kernels are in ``sparse_gemv_triton.py``, the launch config in ``sparse_gemv_config.py``, the reference in
 ``reference.py``, the tests in tests/test_sparse_gemv.py, the benchmark in examples/bench_kernels.py. Every row of
 x keeps its own mask; a weight row is read once if some row needs it. The fp32 split-K sums meet in an order that
@@ -22,6 +23,7 @@ import torch
 from torch import Tensor
 
 from teal_fx.kernels import pdl
+from teal_fx.kernels.quantize import INT4_GROUP, logical_shape, weight_format
 from teal_fx.kernels.sparse_gemv_config import GemvConfig, choose_config
 from teal_fx.kernels.triton_support import DTYPES, HAS_TRITON, interpreter_upcasts, next_pow2
 from teal_fx.kernels.workspace import Workspace
@@ -62,15 +64,16 @@ def to_column_major_(weight: Tensor) -> bool:
     return True
 
 
-def supports(x: Tensor, weight: Tensor) -> bool:
+def supports(x: Tensor, weight: Tensor, scales: Optional[Tensor] = None) -> bool:
     """Whether the ops may launch the kernel for these operands (else they run their reference)."""
     rows = x.numel() // max(1, x.shape[-1])
+    fmt = weight_format(weight)
     return (
         HAS_TRITON
         and x.is_cuda
         and weight.is_cuda
         and x.dtype in DTYPES
-        and weight.dtype == x.dtype
+        and (weight.dtype == x.dtype if fmt is None else scales is not None and scales.is_cuda)
         and weight.dim() == 2
         and 1 <= rows <= MAX_ROWS
         and not _deterministic_requested()
@@ -104,9 +107,10 @@ def _groupable(w: Tensor) -> bool:
 
 def can_fuse_swiglu(x: Tensor, w_gate: Tensor, w_up: Tensor) -> bool:
     """Whether ``sparse_gemv_swiglu`` takes these (one grouped launch: column-major weights of one shape and dtype,
-    the input's; the device is the caller's check, ``supports``)."""
+    the input's or one quantized format; the device is the caller's check, ``supports``)."""
     return (w_gate.shape == w_up.shape and w_gate.dim() == 2 and w_gate.shape[1] == x.shape[-1]
-            and w_gate.dtype == w_up.dtype == x.dtype and x.dtype in DTYPES
+            and w_gate.dtype == w_up.dtype and (w_gate.dtype == x.dtype or weight_format(w_gate) is not None)
+            and x.dtype in DTYPES
             and _groupable(w_gate) and _groupable(w_up)
             and 1 <= x.numel() // max(1, x.shape[-1]) <= MAX_ROWS)
 
@@ -114,7 +118,7 @@ def can_fuse_swiglu(x: Tensor, w_gate: Tensor, w_up: Tensor) -> bool:
 def can_fuse_add_rmsnorm(x: Tensor, weight: Tensor, residual: Tensor, norm_weight: Tensor) -> bool:
     """Whether ``sparse_gemv_add_rmsnorm`` takes these: the residual has the linear's output shape, the norm weight
     is [N], both in the input's dtype, N at most ``MAX_NORM_WIDTH`` (the device is the caller's check, ``supports``)."""
-    N = weight.shape[0]
+    N = logical_shape(weight)[0]
     return (weight.dim() == 2 and N <= MAX_NORM_WIDTH and residual.shape == (*x.shape[:-1], N)
             and norm_weight.shape == (N,) and residual.dtype == norm_weight.dtype == x.dtype
             and residual.device == x.device == norm_weight.device)
@@ -123,16 +127,18 @@ def can_fuse_add_rmsnorm(x: Tensor, weight: Tensor, residual: Tensor, norm_weigh
 # ------------------------------------------------------------------------------------------------ launchers
 def sparse_gemv(x: Tensor, weight: Tensor, bias: Optional[Tensor], threshold: float, *,
                 config: Optional[GemvConfig] = None, out: Optional[Tensor] = None,
-                sparsity: Optional[float] = None) -> Tensor:
+                sparsity: Optional[float] = None, scales: Optional[Tensor] = None) -> Tensor:
     """y = (x ⊙ 1[|x| > t]) Wᵀ + b. x: [..., K] with at most 8 rows; weight: [N, K], ideally column-major (stride
-    (1, N)). ``sparsity`` (expected fraction of inputs dropped, or None) only picks the launch config."""
+    (1, N)), or int8/int4 with its ``scales``. ``sparsity`` (expected fraction of inputs dropped, or None) only
+    picks the launch config."""
     return sparse_gemv_group(x, [weight], [bias], [threshold], config=config, outs=None if out is None else [out],
-                             sparsity=sparsity)[0]
+                             sparsity=sparsity, scales=[scales])[0]
 
 
 def sparse_gemv_group(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tensor]],
                       thresholds: Sequence[float], *, config: Optional[GemvConfig] = None,
-                      outs: Optional[Sequence[Tensor]] = None, sparsity: Optional[float] = None) -> list[Tensor]:
+                      outs: Optional[Sequence[Tensor]] = None, sparsity: Optional[float] = None,
+                      scales: Optional[Sequence[Optional[Tensor]]] = None) -> list[Tensor]:
     """One launch for up to three linears that share the input ``x`` (q/k/v, gate/up): y_i = (x ⊙ 1[|x| > t_i]) W_iᵀ + b_i.
 
     The segments' N tiles form one grid, so the small k/v projections ride along with q instead of paying a
@@ -143,16 +149,20 @@ def sparse_gemv_group(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Opt
         raise ValueError(f"sparse_gemv_group takes 1 to {MAX_SEGMENTS} weights with as many biases and thresholds")
     if len({b is None for b in biases}) > 1:
         raise ValueError("sparse_gemv_group: either every segment has a bias or none has")
-    if nseg > 1 and not all(_groupable(w) for w in weights):
-        # the kernel swaps only stride_wk per segment, and no swapped scalar may be 1 (see the kernel): launch apart
-        return [sparse_gemv(x, w, b, t, config=config, out=o, sparsity=sparsity)
-                for w, b, t, o in zip(weights, biases, thresholds, outs if outs is not None else [None] * nseg)]
-    return _launch(x, weights, biases, thresholds, config, outs, sparsity, _Epilogue.STORE)
+    scales = list(scales) if scales is not None else [None] * nseg
+    if nseg > 1 and (not all(_groupable(w) for w in weights) or len({w.dtype for w in weights}) > 1):
+        # the kernel swaps only stride_wk per segment, and no swapped scalar may be 1 (see the kernel); one weight
+        # format per launch: launch apart
+        return [sparse_gemv(x, w, b, t, config=config, out=o, sparsity=sparsity, scales=s)
+                for w, b, t, o, s in zip(weights, biases, thresholds, outs if outs is not None else [None] * nseg,
+                                         scales)]
+    return _launch(x, weights, biases, thresholds, config, outs, sparsity, _Epilogue.STORE, scales=scales)
 
 
 def sparse_gemv_swiglu(x: Tensor, w_gate: Tensor, w_up: Tensor, t_gate: float, t_up: float, *,
                        config: Optional[GemvConfig] = None, out: Optional[Tensor] = None,
-                       sparsity: Optional[float] = None) -> Tensor:
+                       sparsity: Optional[float] = None, scales_gate: Optional[Tensor] = None,
+                       scales_up: Optional[Tensor] = None) -> Tensor:
     """silu(x_g W_gateᵀ) * (x_u W_upᵀ), x_g/x_u = x masked by t_gate/t_up, in one launch (see ``can_fuse_swiglu``).
 
     The gate/up group launch whose last program per column tile forms the product from the two fp32 sums, rounding
@@ -160,14 +170,16 @@ def sparse_gemv_swiglu(x: Tensor, w_gate: Tensor, w_up: Tensor, t_gate: float, t
     if not can_fuse_swiglu(x, w_gate, w_up):
         raise ValueError("sparse_gemv_swiglu: needs column-major gate and up weights of one shape (see can_fuse_swiglu)")
     if out is None:
-        out = torch.empty((x.reshape(-1, x.shape[-1]).shape[0], w_gate.shape[0]), dtype=x.dtype, device=x.device)
-    return _launch(x, [w_gate, w_up], [None, None], [t_gate, t_up], config, [out, out], sparsity, _Epilogue.SWIGLU)[0]
+        out = torch.empty((x.reshape(-1, x.shape[-1]).shape[0], logical_shape(w_gate)[0]), dtype=x.dtype,
+                          device=x.device)
+    return _launch(x, [w_gate, w_up], [None, None], [t_gate, t_up], config, [out, out], sparsity, _Epilogue.SWIGLU,
+                   scales=[scales_gate, scales_up])[0]
 
 
 def sparse_gemv_add_rmsnorm(x: Tensor, weight: Tensor, bias: Optional[Tensor], threshold: float, residual: Tensor,
                             norm_weight: Tensor, eps: float, *, config: Optional[GemvConfig] = None,
-                            sparsity: Optional[float] = None,
-                            outs: Optional[tuple[Tensor, Tensor]] = None) -> tuple[Tensor, Tensor]:
+                            sparsity: Optional[float] = None, outs: Optional[tuple[Tensor, Tensor]] = None,
+                            scales: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """h = residual + (x ⊙ 1[|x| > t]) Wᵀ (+ b) and out = RMSNorm(h) · norm_weight (Llama's, eager rounding), in two
     launches: the GEMV grid, then one program per row that finishes the split-K sums, adds, normalises and writes
     both (see ``can_fuse_add_rmsnorm``). Returns (h, out), written into ``outs`` ([rows, N] each) if given."""
@@ -175,10 +187,10 @@ def sparse_gemv_add_rmsnorm(x: Tensor, weight: Tensor, bias: Optional[Tensor], t
         raise ValueError("sparse_gemv_add_rmsnorm: needs a residual of the output's shape and a [N] norm weight, in "
                          f"the input's dtype, N <= {MAX_NORM_WIDTH} (see can_fuse_add_rmsnorm)")
     rows = x.numel() // x.shape[-1]
-    h, out = outs if outs is not None else [torch.empty((rows, weight.shape[0]), dtype=x.dtype, device=x.device)
-                                            for _ in range(2)]
+    N = logical_shape(weight)[0]
+    h, out = outs if outs is not None else [torch.empty((rows, N), dtype=x.dtype, device=x.device) for _ in range(2)]
     norm = _AddRMSNorm(residual.reshape(rows, -1).contiguous(), norm_weight.contiguous(), float(eps), out)
-    _launch(x, [weight], [bias], [threshold], config, [h], sparsity, _Epilogue.ADD_RMSNORM, norm)
+    _launch(x, [weight], [bias], [threshold], config, [h], sparsity, _Epilogue.ADD_RMSNORM, norm, scales=[scales])
     shape = residual.shape
     return h.reshape(shape), out.reshape(shape)
 
@@ -203,7 +215,8 @@ class _AddRMSNorm:
 
 def _launch(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tensor]], thresholds: Sequence[float],
             config: Optional[GemvConfig], outs: Optional[Sequence[Tensor]], sparsity: Optional[float],
-            epilogue: _Epilogue, norm: Optional[_AddRMSNorm] = None) -> list[Tensor]:
+            epilogue: _Epilogue, norm: Optional[_AddRMSNorm] = None,
+            scales: Optional[Sequence[Optional[Tensor]]] = None) -> list[Tensor]:
     """The GEMV grid over the segments' N tiles, then, where the epilogue runs apart, its finishing launch."""
     if not HAS_TRITON:
         raise RuntimeError("the Triton sparse GEMV needs triton")
@@ -217,8 +230,20 @@ def _launch(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tens
     M = x2.shape[0]
     if not 1 <= M <= MAX_ROWS:
         raise ValueError(f"sparse_gemv takes 1 to {MAX_ROWS} rows, got {M}")
-    Ns = [w.shape[0] for w in weights]
-    cfg = config or choose_config(M, sum(Ns), K, sparsity)
+    Ns = [logical_shape(w)[0] for w in weights]
+    fmt = weight_format(weights[0])
+    if any(weight_format(w) != fmt for w in weights):
+        raise ValueError("sparse_gemv: one weight format per launch")
+    scales = list(scales) if scales is not None else [None] * nseg
+    if fmt is not None and any(s is None for s in scales):
+        raise ValueError(f"sparse_gemv: {fmt} weights need their scales")
+    wfmt = {None: 0, "int8": 1, "int4": 2}[fmt]
+    cfg = config or choose_config(M, sum(Ns), K, sparsity, fmt)
+    if wfmt == 2 and (cfg.compact or cfg.use_dot or INT4_GROUP % cfg.block_k):
+        # use_dot: on the H200 (Triton 3.6) the interleaved int4 tile fed to tl.dot came out doubled; the CUDA-core
+        # loops take 2-8 rows instead (docs/perf-log.md, "Quantized weights")
+        raise ValueError(f"int4 weights need a config whose block_k divides {INT4_GROUP}, neither packed nor on "
+                         f"tensor cores: {cfg}")
     BN = cfg.block_n
     if cfg.use_dot:
         BM = max(16, next_pow2(M))
@@ -239,14 +264,18 @@ def _launch(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tens
         w, y = weights[i], ys[i]
         # t < 0 keeps every input, as t = 0 does up to exact zeros (which add nothing); the kernel relies on t >= 0
         # to never keep the zero-padded inputs past the end of a split, so clamp
+        sc = scales[i] if wfmt else x2  # a dummy pointer where the format has no scales
         seg.append(dict(w=w, b=biases[i] if has_bias else x2, y=y, N=Ns[i], t=max(float(thresholds[i]), 0.0),
-                        swn=w.stride(0), swk=w.stride(1), sym=y.stride(0)))
+                        swn=w.stride(0), swk=w.stride(1), sym=y.stride(0), s=sc,
+                        # 16 where no group row is ever stepped over: never 1, which Triton would make a constant
+                        ssg=sc.stride(0) if wfmt == 2 and sc.shape[0] > 1 else 16))
     extra = {}
     for i in (1, 2):
         if i < nseg:
             d = seg[i]
             extra.update({f"w{i}_ptr": d["w"], f"b{i}_ptr": d["b"], f"y{i}_ptr": d["y"], f"N{i}": d["N"],
-                          f"threshold{i}": d["t"], f"stride_wk{i}": d["swk"], f"stride_ym{i}": d["sym"]})
+                          f"threshold{i}": d["t"], f"stride_wk{i}": d["swk"], f"stride_ym{i}": d["sym"],
+                          f"s{i}_ptr": d["s"], f"stride_sg{i}": d["ssg"]})
     if nseg > 1:
         extra.update(TILES1=tiles[0], TILES2=tiles[0] + (tiles[1] if nseg > 2 else 0), N_TOTAL=total_tiles * BN)
     s0 = seg[0]
@@ -269,7 +298,7 @@ def _launch(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tens
         EVEN_N=all(N % BN == 0 for N in Ns), EVEN_K=K % cfg.k_per_split == 0,
         IN_THREAD=cfg.in_thread, COMPACT=cfg.compact, CHUNK=cfg.chunk,
         NSEG=nseg, GATED=gated, PDL=use_pdl, APART=apart, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages, **extra, **launch_pdl,
+        num_stages=cfg.num_stages, WFMT=wfmt, GROUP=INT4_GROUP, s_ptr=s0["s"], stride_sg=s0["ssg"], **extra, **launch_pdl,
     )
     if norm is not None:
         BN_ROW = next_pow2(s0["N"])

@@ -54,9 +54,13 @@ def compact_from(N: int, K: int) -> float:
     return 0.7 if _mlp_sized(N, K) else 0.85
 
 
-def choose_config(M: int, N: int, K: int, sparsity: Optional[float] = None) -> GemvConfig:
+def choose_config(M: int, N: int, K: int, sparsity: Optional[float] = None,
+                  weight_format: Optional[str] = None) -> GemvConfig:
     """The launch config for M rows of x against a [N, K] weight (N summed over a grouped launch's segments).
-    ``sparsity``: the fraction of inputs the threshold is expected to drop (None or < 0: unknown)."""
+    ``sparsity``: the fraction of inputs the threshold is expected to drop (None or < 0: unknown);
+    ``weight_format``: None (float, as x), "int8" or "int4" (kernels/quantize.py)."""
+    if weight_format is not None:
+        return _choose_quantized(M, N, K, sparsity, weight_format)
     if M == 1 and N >= 2048:  # below that (a lone k/v projection, small models) the in-thread loops had too few programs
         if sparsity is not None and sparsity >= compact_from(N, K):
             # packed survivors: 4 warps, ~450 programs each packing 64-256 inputs
@@ -85,4 +89,36 @@ def choose_config(M: int, N: int, K: int, sparsity: Optional[float] = None) -> G
     n_tiles = -(-N // BN)
     # about 450-500 programs did best: 16 tiles per program on the MLP shapes, 4 on 4096x4096, 2 on the small k/v
     iters = max(2, min(16, round(K * n_tiles / (BK * 480))))
+    return make_config(N, K, BN=BN, BK=BK, iters=iters, use_dot=M > 1, num_warps=4, num_stages=2 if M == 1 else 3)
+
+
+# columns per warp for the in-thread loops: each thread loads 16 bytes of a weight row (8 bf16, 16 int8, 32 int4)
+_COLUMNS_PER_WARP = {"int8": 512, "int4": 1024}
+
+
+def _choose_quantized(M: int, N: int, K: int, sparsity: Optional[float], fmt: str) -> GemvConfig:
+    """int8 / int4 weights: the float rule's loops with each thread loading 16 bytes of a row, so 2x (int8) or 4x
+    (int4) the columns per warp. Never the packed loop for int4 (its survivors span groups; the sums are scaled per
+    group); BK always divides the int4 group. Swept on the H200 (docs/perf-log.md, "Quantized weights")."""
+    cols = _COLUMNS_PER_WARP[fmt]
+    if M <= 4 and N >= 2048:
+        mlp = _mlp_sized(N, K)
+        # int8, one row: the packed survivors from 40% on the MLP shapes, where the masked loop's conversions of rows it
+        # does not need cost more than packing (gate/up at 50%: 16.3 µs vs 19.0; on 4096² it lost, 12.9 vs 10.6)
+        if fmt == "int8" and M == 1 and sparsity is not None and sparsity >= (0.4 if mlp else compact_from(N, K)):
+            return make_config(N, K, BN=1024, BK=16, iters=4, use_dot=False, num_warps=2, num_stages=1, compact=True)
+        if M == 1:  # 32-row tiles, 2 a program (the sweep's best on 4096x4096 and 14336x4096 for both formats)
+            return make_config(N, K, BN=cols, BK=32, iters=2, use_dot=False, num_warps=1, num_stages=1,
+                               in_thread=True)
+        return make_config(N, K, BN=256, BK=16, iters=16 if mlp else 4, use_dot=False, num_warps=1, num_stages=1,
+                           in_thread=True)  # 2-4 rows: the bf16 rule's tiles (a thread's registers hold rows x BK x 8)
+    if fmt == "int4" and M > 1:  # never tensor cores for int4 (the launcher says why): the in-thread rows loop
+        return make_config(N, K, BN=256, BK=8, iters=32 if _mlp_sized(N, K) else 8, use_dot=False, num_warps=1,
+                           num_stages=1, in_thread=True)
+    if N >= 2048:
+        small = N * K <= 4096 * 4096
+        return make_config(N, K, BN=256 if small else 128, BK=32, iters=16, use_dot=True, num_warps=4,
+                           num_stages=4 if small else 3)
+    BN, BK = 128, 64
+    iters = max(2, min(16, round(K * -(-N // BN) / (BK * 480))))
     return make_config(N, K, BN=BN, BK=BK, iters=iters, use_dot=M > 1, num_warps=4, num_stages=2 if M == 1 else 3)

@@ -4,7 +4,8 @@ Only the jitted code lives here; the launchers, which pick a config and hold the
 (docs/design.md, "Sparse GEMV" says why each choice was made).
 
 Layout: with W column-major (strides (1, N)), input k's weights are one contiguous row of N values, so a zero x[k]
-skips one contiguous stretch of memory. The kernel takes W's strides, so a row-major W also works (slowly).
+skips one contiguous stretch of memory. The kernel takes W's strides, so a row-major W also works (slowly). int8 and
+packed int4 weights (``WFMT``; kernels/quantize.py) keep that layout; their sums are scaled, never their tiles.
 
 Split-K without a memset: the grid is (N tiles) x (K splits) of short programs. Each adds its fp32 partial into a
 workspace with atomics; then either the last program of an N tile to arrive (an arrival counter) reads the sums
@@ -27,6 +28,37 @@ def load_needed_rows(w_ptr, offs_k, offs_n, need, n_ok, stride_wk, stride_wn, EV
                    eviction_policy="evict_first")
 
 @triton.jit
+def exact_float(v):
+    """int32 v in [-2^22, 2^22) as fp32, exactly, without the integer-to-float conversion unit: v + 2^23 + 2^22 is a
+    float's mantissa under the exponent of 2^23, so the bit pattern (0x4B400000 + v) is the float 2^23 + 2^22 + v;
+    subtracting that constant leaves v. Two full-rate operations where the conversion runs at a quarter of the
+    rate, which made the int8/int4 loops compute-bound (docs/perf-log.md, "Quantized weights")."""
+    return (v + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
+
+
+@triton.jit
+def load_weight_tile(w_ptr, offs_k, offs_n, offs_p, need, n_ok, p_ok, stride_wk, stride_wn, EVEN_N: tl.constexpr,
+                     WFMT: tl.constexpr):
+    """The [BK, BN] tile of W in its stored values, rows no input needs left unread: float W as stored; int8 q and
+    int4 q - 8 as fp32 (the int4 bytes at ``offs_p``, low nibble: even column, high: odd). Scales are not applied
+    here: the callers scale sums (kernels/quantize.py). An unread int4 row comes out as -8, harmless because every
+    caller zeroes x where no row is read."""
+    if WFMT == 2:  # (one return: Triton types every return of a function, constexpr branches or not)
+        p = load_needed_rows(w_ptr, offs_k, offs_p, need, p_ok, stride_wk, stride_wn, EVEN_N).to(tl.int32)
+        w = exact_float(tl.interleave(p & 15, p >> 4) - 8)
+    elif WFMT == 1:
+        w = exact_float(load_needed_rows(w_ptr, offs_k, offs_n, need, n_ok, stride_wk, stride_wn, EVEN_N).to(tl.int32))
+    else:
+        w = load_needed_rows(w_ptr, offs_k, offs_n, need, n_ok, stride_wk, stride_wn, EVEN_N)
+    return w
+
+
+@triton.jit
+def group_scales(s_ptr, k0, offs_n, n_ok, stride_sg, GROUP: tl.constexpr):
+    """int4: the [BN] scales of the group holding inputs [k0, k0 + BK) (BK divides GROUP: one group per tile)."""
+    return tl.load(s_ptr + (k0 // GROUP) * stride_sg + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+
+@triton.jit
 def silu_times_up(gate, up, out_ty: tl.constexpr):
     """silu(gate) * up from the fp32 sums, rounded to ``out_ty`` after each op as eager ``F.silu(gate) * up`` is."""
     gate = gate.to(out_ty).to(tl.float32)
@@ -36,7 +68,7 @@ def silu_times_up(gate, up, out_ty: tl.constexpr):
 @triton.jit
 def in_thread_partial(x_ptr, w_ptr, idx_ptr, xv_ptr, k_lo, k_hi, threshold, offs_n, n_ok, stride_wk, stride_wn,
                        BK: tl.constexpr, BN: tl.constexpr, CHUNK: tl.constexpr, EVEN_N: tl.constexpr,
-                       PACK: tl.constexpr):
+                       PACK: tl.constexpr, offs_p, p_ok, s_ptr, stride_sg, WFMT: tl.constexpr, GROUP: tl.constexpr):
     """Σ_k x_k W[k, offs_n] over the inputs of [k_lo, k_hi) that survive the threshold (one row of x).
 
     With BN = 256 * num_warps every thread holds whole columns of a [BK, BN] tile (8 columns x BK rows), so the
@@ -47,7 +79,8 @@ def in_thread_partial(x_ptr, w_ptr, idx_ptr, xv_ptr, k_lo, k_hi, threshold, offs
     slot that every program of this K split and segment shares: they all write the same values), then the loop
     runs over full tiles of needed weight rows only: at 90% a tenth of the iterations, where a loop over all
     rows pays a memory round trip per tile however few rows it keeps (docs/design.md, "Sparse GEMV: tiles and loops"). Without PACK the loop
-    walks every input and masks the rows not needed.
+    walks every input and masks the rows not needed. WFMT 2 (int4) scales each tile's sum by its group's scales
+    (never packed: packed survivors come from any group).
     """
     acc = tl.zeros((BN,), dtype=tl.float32)
     if PACK:
@@ -64,7 +97,7 @@ def in_thread_partial(x_ptr, w_ptr, idx_ptr, xv_ptr, k_lo, k_hi, threshold, offs
         k = tl.load(idx_ptr + j, mask=ok, other=0)
         xv = tl.load(xv_ptr + j, mask=ok, other=0.0)
         for j0 in range(0, n_keep, BK):
-            w = load_needed_rows(w_ptr, k, offs_n, ok, n_ok, stride_wk, stride_wn, EVEN_N)
+            w = load_weight_tile(w_ptr, k, offs_n, offs_p, ok, n_ok, p_ok, stride_wk, stride_wn, EVEN_N, WFMT)
             jn = j0 + BK + tl.arange(0, BK)  # the next tile's indices are requested before this tile's FMAs
             ok_next = jn < n_keep
             k_next = tl.load(idx_ptr + jn, mask=ok_next, other=0)
@@ -77,17 +110,21 @@ def in_thread_partial(x_ptr, w_ptr, idx_ptr, xv_ptr, k_lo, k_hi, threshold, offs
         for k0 in range(k_lo, k_hi, BK):
             offs_k = k0 + tl.arange(0, BK)
             keep = tl.abs(x) > threshold  # x past k_hi is 0: never kept (t >= 0)
-            w = load_needed_rows(w_ptr, offs_k, offs_n, keep, n_ok, stride_wk, stride_wn, EVEN_N)
+            w = load_weight_tile(w_ptr, offs_k, offs_n, offs_p, keep, n_ok, p_ok, stride_wk, stride_wn, EVEN_N, WFMT)
             nxt = offs_k + BK
             x_next = tl.load(x_ptr + nxt, mask=nxt < k_hi, other=0.0).to(tl.float32)
-            acc += tl.sum(tl.where(keep, x, 0.0)[:, None] * w.to(tl.float32), axis=0)
+            part = tl.sum(tl.where(keep, x, 0.0)[:, None] * w.to(tl.float32), axis=0)
+            if WFMT == 2:
+                part = part * group_scales(s_ptr, k0, offs_n, n_ok, stride_sg, GROUP)
+            acc += part
             x = x_next
     return acc
 
 @triton.jit
 def in_thread_rows_partial(x_ptr, w_ptr, k_lo, k_hi, threshold, offs_m, m_ok, stride_xm, offs_n, n_ok,
                             stride_wk, stride_wn, BM: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr,
-                            EVEN_N: tl.constexpr):
+                            EVEN_N: tl.constexpr, offs_p, p_ok, s_ptr, stride_sg, WFMT: tl.constexpr,
+                            GROUP: tl.constexpr):
     """[BM, BN] partial sums for 2-8 rows in the in-thread layout: each row keeps its own mask, a weight row is
     read when some row needs it, and the [BM, BK] x [BK, BN] product is summed over K inside each thread (CUDA
     cores; the tensor-core path pads the rows to 16 and stages the tiles through shared memory)."""
@@ -99,12 +136,15 @@ def in_thread_rows_partial(x_ptr, w_ptr, k_lo, k_hi, threshold, offs_m, m_ok, st
         offs_k = k0 + tl.arange(0, BK)
         keep = tl.abs(x) > threshold  # padded rows and inputs past k_hi are 0: never kept (t >= 0)
         need = tl.max(keep.to(tl.int32), axis=0) > 0
-        w = load_needed_rows(w_ptr, offs_k, offs_n, need, n_ok, stride_wk, stride_wn, EVEN_N)
+        w = load_weight_tile(w_ptr, offs_k, offs_n, offs_p, need, n_ok, p_ok, stride_wk, stride_wn, EVEN_N, WFMT)
         nxt = offs_k + BK
         x_next = tl.load(x_ptr + offs_m[:, None] * stride_xm + nxt[None, :],
                          mask=m_ok[:, None] & (nxt < k_hi)[None, :], other=0.0).to(tl.float32)
         xs = tl.where(keep, x, 0.0)
-        acc += tl.sum(xs[:, :, None] * w.to(tl.float32)[None, :, :], axis=1)
+        part = tl.sum(xs[:, :, None] * w.to(tl.float32)[None, :, :], axis=1)
+        if WFMT == 2:
+            part = part * group_scales(s_ptr, k0, offs_n, n_ok, stride_sg, GROUP)[None, :]
+        acc += part
         x = x_next
     return acc
 
@@ -136,6 +176,11 @@ def sparse_gemv_kernel(
     PDL: tl.constexpr = False,
     # split-K sums finished by a second launch (``finish_kernel``) instead of this grid's last arriver
     APART: tl.constexpr = False,
+    # weight format (kernels/quantize.py): 0 float as x; 1 int8 with scales [N] applied to the sums; 2 int4 packed
+    # two outputs a byte, w_ptr [N / 2, K] column-major, scales [ceil(K / GROUP), N] (row stride stride_sg)
+    # applied to each tile's sums (BK divides GROUP). Segments swap s_ptr / stride_sg as they swap w_ptr.
+    WFMT: tl.constexpr = 0, GROUP: tl.constexpr = 128, s_ptr=None, stride_sg=0,
+    s1_ptr=None, stride_sg1=0, s2_ptr=None, stride_sg2=0,
 ):
     """Program (N tile, K split) of y = (x ⊙ 1[|x| > t]) Wᵀ + b; segments 1 and 2 as segment 0, other pointers.
 
@@ -168,13 +213,19 @@ def sparse_gemv_kernel(
                 seg = 2
                 w_ptr, b_ptr, y_ptr, N, threshold = w2_ptr, b2_ptr, y2_ptr, N2, threshold2
                 stride_wk, stride_ym = stride_wk2, stride_ym2
+                if WFMT != 0:
+                    s_ptr, stride_sg = s2_ptr, stride_sg2
             else:
                 pn = pn_all - TILES1
                 col0 = TILES1 * BN
                 seg = 1
                 w_ptr, b_ptr, y_ptr, N, threshold = w1_ptr, b1_ptr, y1_ptr, N1, threshold1
                 stride_wk, stride_ym = stride_wk1, stride_ym1
+                if WFMT != 0:
+                    s_ptr, stride_sg = s1_ptr, stride_sg1
     offs_n = pn * BN + tl.arange(0, BN)
+    offs_p = pn * (BN // 2) + tl.arange(0, BN // 2)  # int4: the packed bytes of this tile's columns
+    p_ok = offs_p < N // 2
     offs_m = tl.arange(0, BM)
     n_ok = offs_n < N
     m_ok = offs_m < M
@@ -191,20 +242,32 @@ def sparse_gemv_kernel(
             keep = tl.abs(x.to(tl.float32)) > threshold
             xs = tl.where(keep, x, 0.0)
             need = tl.max(keep.to(tl.int32), axis=0) > 0
-            w = load_needed_rows(w_ptr, offs_k, offs_n, need, n_ok, stride_wk, stride_wn, EVEN_N)
-            if UPCAST:  # the CPU interpreter mis-computes bf16 dots; the GPU never takes this branch
-                acc = tl.dot(xs.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
-            elif IEEE:
-                acc = tl.dot(xs, w, acc, input_precision="ieee")
+            w = load_weight_tile(w_ptr, offs_k, offs_n, offs_p, need, n_ok, p_ok, stride_wk, stride_wn, EVEN_N, WFMT)
+            if WFMT != 0 and not UPCAST:  # (UPCAST, the interpreter's bf16 dots, takes the fp32 tile)
+                w = w.to(x_ptr.dtype.element_ty)  # int8 values: exact in fp16/bf16 (int4 never takes this path)
+            if WFMT == 2:  # a tile's product scaled by its group's scales before it joins the sum
+                part = tl.zeros((BM, BN), dtype=tl.float32)
             else:
-                acc = tl.dot(xs, w, acc)
+                part = acc
+            if UPCAST:  # the CPU interpreter mis-computes bf16 dots; the GPU never takes this branch
+                part = tl.dot(xs.to(tl.float32), w.to(tl.float32), part, input_precision="ieee")
+            elif IEEE:
+                part = tl.dot(xs, w, part, input_precision="ieee")
+            else:
+                part = tl.dot(xs, w, part)
+            if WFMT == 2:
+                acc += part * group_scales(s_ptr, k0, offs_n, n_ok, stride_sg, GROUP)[None, :]
+            else:
+                acc = part
     elif IN_THREAD and BM > 1:
         acc = in_thread_rows_partial(x_ptr, w_ptr, k_lo, k_hi, threshold, offs_m, m_ok, stride_xm, offs_n, n_ok,
-                                      stride_wk, stride_wn, BM, BK, BN, EVEN_N)
+                                      stride_wk, stride_wn, BM, BK, BN, EVEN_N, offs_p, p_ok, s_ptr, stride_sg,
+                                      WFMT, GROUP)
     elif IN_THREAD:
         slot = (seg * SPLIT_K + pk) * CHUNK
         acc = tl.reshape(in_thread_partial(x_ptr, w_ptr, idx_ptr + slot, xv_ptr + slot, k_lo, k_hi, threshold,
-                                            offs_n, n_ok, stride_wk, stride_wn, BK, BN, CHUNK, EVEN_N, COMPACT),
+                                            offs_n, n_ok, stride_wk, stride_wn, BK, BN, CHUNK, EVEN_N, COMPACT,
+                                            offs_p, p_ok, s_ptr, stride_sg, WFMT, GROUP),
                          (1, BN))
     else:
         # one row: FMAs into a [BK, BN] accumulator, a single reduction over K after the loop; the next chunk
@@ -218,13 +281,18 @@ def sparse_gemv_kernel(
         for k0 in range(k_lo, k_hi, BK):
             offs_k = k0 + tl.arange(0, BK)
             keep = tl.abs(x) > threshold
-            w = load_needed_rows(w_ptr, offs_k, offs_n, keep, n_ok, stride_wk, stride_wn, EVEN_N)
+            w = load_weight_tile(w_ptr, offs_k, offs_n, offs_p, keep, n_ok, p_ok, stride_wk, stride_wn, EVEN_N, WFMT)
             nxt = offs_k + BK
             x_next = tl.load(x_ptr + nxt, mask=nxt < k_hi, other=0.0).to(tl.float32)
-            acc2 += tl.where(keep, x, 0.0)[:, None] * w.to(tl.float32)
+            wf = w.to(tl.float32)
+            if WFMT == 2:
+                wf = wf * group_scales(s_ptr, k0, offs_n, n_ok, stride_sg, GROUP)[None, :]
+            acc2 += tl.where(keep, x, 0.0)[:, None] * wf
             x = x_next
         acc = tl.reshape(tl.sum(acc2, axis=0), (1, BN))
 
+    if WFMT == 1:  # int8: one scale per output channel, applied once to the sums
+        acc = acc * tl.load(s_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     if PDL and not USE_DOT:  # the tensor-core path ran 1.5 µs slower at 8 rows with the next grid resident early
         tl.extra.cuda.gdc_launch_dependents()
     y_offs = offs_m[:, None] * stride_ym + offs_n[None, :]

@@ -5,7 +5,8 @@ k and v of Llama-3-8B (1024x4096) are mostly that fixed cost. One grouped launch
 
 Invariants:
 * Only ``teal::sparse_linear`` nodes written by ``insert_sparse_linear`` are touched, grouped by identical input
-  node and ``prefill_sparse_from``, with every member's bias present or every member's absent, up to
+  node and ``prefill_sparse_from``, with every member's bias (and quantization scales) present or every member's
+  absent, up to
   ``MAX_SEGMENTS`` per group (larger sets are cut into consecutive groups).
 * Each member keeps its own weight and threshold; its users now read ``getitem(group, i)``, which carries the
   member's old ``meta`` (so ``meta["val"]`` stays right) and its ``meta["teal"]`` label.
@@ -34,7 +35,8 @@ def _members_by_input(gm: fx.GraphModule) -> dict:
     for n in gm.graph.nodes:
         if n.op == "call_function" and n.target is op:
             x, w, b, t, psf = n.args[:5]
-            groups[(x, psf, b is None)].append(n)
+            scales = n.args[6] if len(n.args) > 6 else None
+            groups[(x, psf, b is None, scales is None)].append(n)
     return groups
 
 
@@ -42,8 +44,9 @@ def _replace_with_group(gm: fx.GraphModule, chunk: list, x: fx.Node, psf: float)
     """One group node before the first member; each member's users read ``getitem(group, i)`` instead."""
     with gm.graph.inserting_before(chunk[0]):
         weights, biases, thresholds, sparsities = ([n.args[i] for n in chunk] for i in (1, 2, 3, 5))
+        scales = [n.args[6] if len(n.args) > 6 else None for n in chunk]
         group = gm.graph.call_function(
-            torch.ops.teal.sparse_linear_group.default, (x, weights, biases, thresholds, psf, sparsities)
+            torch.ops.teal.sparse_linear_group.default, (x, weights, biases, thresholds, psf, sparsities, scales)
         )
         vals = [n.meta.get("val") for n in chunk]
         if all(v is not None for v in vals):
@@ -65,13 +68,13 @@ def _replace_with_group(gm: fx.GraphModule, chunk: list, x: fx.Node, psf: float)
 def group_shared_input(gm: fx.GraphModule, ctx: Optional[PassContext] = None) -> fx.GraphModule:
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     made = 0
-    for (x, psf, _), members in _members_by_input(gm).items():
+    for (x, psf, _, _), members in _members_by_input(gm).items():
         members.sort(key=order.__getitem__)
         for start in range(0, len(members), MAX_SEGMENTS):
             chunk = members[start:start + MAX_SEGMENTS]
             if len(chunk) < 2:
                 continue
-            args = [a for n in chunk for a in n.args[:3] if isinstance(a, fx.Node)]
+            args = [a for n in chunk for a in (*n.args[:3], *n.args[6:7]) if isinstance(a, fx.Node)]
             if any(order.get(a, len(order)) >= order[chunk[0]] for a in args):  # a node made by this pass: later
                 log.debug("teal: not grouping %s: an argument is defined after the first member", [n.name for n in chunk])
                 continue

@@ -1,5 +1,8 @@
 """Rewrite: every matched block linear becomes ``teal::sparse_linear`` with its threshold from the plan.
 
+A linear is ``F.linear`` or, on a quantized model, ``teal::quantized_linear``, whose scales become the sparse op's
+last argument (always written positionally: the seven arguments, scales None for a float weight).
+
 Invariants:
 * Only nodes labelled by ``label_block_linears`` are touched; lm_head and every other op stay as they are.
 * The new node computes the same shape and dtype as the linear it replaces: its ``meta["val"]`` /
@@ -16,7 +19,7 @@ import torch
 from torch import fx
 
 import teal_fx.kernels  # noqa: F401  (registers torch.ops.teal)
-from teal_fx.passes.analysis.dataflow import fake_value, linear_args
+from teal_fx.passes.analysis.dataflow import fake_value, linear_args, linear_scales
 from teal_fx.passes.context import PassContext
 from teal_fx.passes.finish import finish
 
@@ -47,7 +50,8 @@ def insert_sparse_linear(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule
         sparsity = plan.linears[m.key].sparsity  # picks the kernel variant only; None (unknown) -> -1
         with gm.graph.inserting_after(node):
             new = gm.graph.call_function(
-                op, (x, w, b, threshold, float(plan.prefill_sparse_from), -1.0 if sparsity is None else float(sparsity)))
+                op, (x, w, b, threshold, float(plan.prefill_sparse_from), -1.0 if sparsity is None else float(sparsity),
+                     linear_scales(node)))
         new.meta.update(node.meta)
         new.meta["teal"] = m
         node.replace_all_uses_with(new)

@@ -21,6 +21,7 @@ from torch import fx
 from teal_fx import state
 from teal_fx.inductor import compile_graph
 from teal_fx.kernels import sparse_gemv
+from teal_fx.kernels.quantize import logical_shape
 from teal_fx.options import TealOptions
 from teal_fx.passes import Discovery, PassContext, run_passes
 from teal_fx.plan import Plan
@@ -138,7 +139,8 @@ def _prepare_weights(weights: list[torch.Tensor]) -> None:
         log.info("teal: stored %d weights column-major in place; Dynamo recompiles once for the new strides", converted)
     cuda = [w for w in weights if w.is_cuda]
     if cuda:
-        sparse_gemv.reserve_workspace(cuda[0].device, max(w.shape[0] for w in cuda), max(w.shape[1] for w in cuda))
+        shapes = [logical_shape(w) for w in cuda]  # a packed int4 weight holds two outputs a row
+        sparse_gemv.reserve_workspace(cuda[0].device, max(n for n, _ in shapes), max(k for _, k in shapes))
 
 
 def register() -> None:

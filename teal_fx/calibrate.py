@@ -20,15 +20,16 @@ from torch import fx, nn
 from tqdm.auto import tqdm
 
 from teal_fx.allocate import Row, greedy_path
-from teal_fx.capture import recompile_limits
+from teal_fx.capture import find_linears, recompile_limits
 from teal_fx.choose_allocation import choose_allocation
 from teal_fx.errors import CalibrationDataError
 from teal_fx.extract_blocks import BlockSubgraph, extract_blocks
 from teal_fx.histogram import AbsHistogram
 from teal_fx.models import model_name
 from teal_fx.passes.analysis.discovery import Discovery, discover
-from teal_fx.plan import LinearPlan, Plan
+from teal_fx.plan import WEIGHT_FORMATS, LinearPlan, Plan
 from teal_fx.state import attach_plan
+from teal_fx.weights import apply_weight_format
 
 log = logging.getLogger("teal_fx")
 
@@ -274,6 +275,8 @@ def calibrate(
     error_fraction: float = 0.25,
     attach: bool = True,
     progress: bool = True,
+    weights: Optional[str] = None,
+    quantize_lm_head: bool = False,
 ) -> Plan:
     """Calibrate thresholds for every block linear of ``model`` and allocate ``sparsity`` across them.
 
@@ -283,12 +286,22 @@ def calibrate(
     (``plan.at(s)`` re-derives it at any sparsity up to ``max_sparsity``, default max(0.9, sparsity)) and, with
     ``attach``, is attached to the model so that
     ``torch.compile(model, backend="teal")`` uses it.
+
+    ``weights="int8" | "int4"`` quantizes the block linears in place first (``quantize_lm_head``: the output head
+    to int8 too) and calibrates on the quantized model; the plan records the format (kernels/quantize.py).
     """
     if method not in ("greedy", "uniform"):
         raise ValueError(f"method must be 'greedy' or 'uniform', got {method!r}")
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+    if weights not in (None, *WEIGHT_FORMATS):
+        raise ValueError(f"weights must be one of {WEIGHT_FORMATS} or None, got {weights!r}")
     device = next(model.parameters()).device
+    if weights is not None or quantize_lm_head:
+        keys = [m.key for m in find_linears(model)]
+        if not keys:
+            raise ValueError(f"nothing to quantize: no block linear was recognised in {type(model).__name__}")
+        apply_weight_format(model, keys, weights, "int8" if quantize_lm_head else None)
     d = defaults_for(device)
     num_sequences = num_sequences or (d.num_sequences if data is not None else d.self_generated_sequences)
     seq_len = seq_len or d.seq_len
@@ -328,6 +341,8 @@ def calibrate(
         method=method,
         histograms=dict(recorder.histograms),
         notes={"calibration": {"source": source, "sequences": len(seqs), "seq_len": int(seqs.shape[1])}},
+        weights=weights,
+        lm_head="int8" if quantize_lm_head else None,
     )
     if method == "greedy":
         blocks = [(st, b) for st in recorder.graphs for b in st.blocks]

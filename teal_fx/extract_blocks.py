@@ -15,11 +15,12 @@ from dataclasses import dataclass
 from typing import Optional
 
 import networkx as nx
+import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from teal_fx.kernels.reference import sparsify
-from teal_fx.passes.analysis.dataflow import dataflow_graph, is_linear, linear_args
+from teal_fx.passes.analysis.dataflow import dataflow_graph, is_linear, linear_args, linear_scales
 from teal_fx.passes.analysis.discovery import MatchedLinear
 
 
@@ -28,17 +29,21 @@ class BlockExtractionError(RuntimeError):
 
 
 class ThresholdedLinear(nn.Module):
-    """F.linear with its input masked by ``thresholds[key]`` (0 or absent: dense). ``thresholds`` is shared."""
+    """F.linear (or ``teal::quantized_linear``, given scales) with its input masked by ``thresholds[key]`` (0 or
+    absent: dense). ``thresholds`` is shared."""
 
     def __init__(self, key: str, thresholds: dict) -> None:
         super().__init__()
         self.key = key
         self.thresholds = thresholds
 
-    def forward(self, x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    def forward(self, x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
+                scales: Optional[Tensor] = None) -> Tensor:
         t = self.thresholds.get(self.key, 0.0)
         if t > 0:
             x = sparsify(x, t)
+        if scales is not None:
+            return torch.ops.teal.quantized_linear(x, weight, scales, bias)
         return F.linear(x, weight, bias)
 
 
@@ -109,7 +114,9 @@ def extract_blocks(gm: fx.GraphModule, matched: list[MatchedLinear]) -> list[Blo
                 x, w, bias = linear_args(n)
                 name = f"teal_{len(linears)}"
                 root.add_module(name, ThresholdedLinear(m.key, thresholds))
-                env[n] = graph.call_module(name, (env[x], env[w], env[bias] if bias is not None else None))
+                scales = linear_scales(n)
+                env[n] = graph.call_module(name, (env[x], env[w], env[bias] if bias is not None else None,
+                                                  env[scales] if scales is not None else None))
                 env[n].meta.update(n.meta)
                 linears.append(m)
             else:

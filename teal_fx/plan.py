@@ -19,7 +19,9 @@ from teal_fx.errors import PlanError
 from teal_fx.histogram import AbsHistogram
 
 PLAN_FORMAT = "teal-fx-plan"
-PLAN_VERSION = 1
+PLAN_VERSION = 2  # 2: the weight format (``weights``, ``lm_head``); version 1 plans load as float weights
+READABLE_VERSIONS = (1, 2)
+WEIGHT_FORMATS = ("int8", "int4")  # kernels/quantize.py
 
 ROLES = ("q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down")
 
@@ -45,7 +47,9 @@ class Plan:
     """Per-linear sparsities and thresholds, plus (after calibration) the data to re-derive them.
 
     ``prefill_sparse_from`` is the fraction of a prefill's positions from which tokens are sparsified
-    (1.0: prefill stays dense; see ``teal::sparse_linear``).
+    (1.0: prefill stays dense; see ``teal::sparse_linear``). ``weights``: the format the block linears' weights are
+    stored in when the plan runs (None: as they are; "int8"/"int4": attaching the plan quantizes them, and the
+    thresholds were calibrated on the quantized model); ``lm_head``: "int8" to quantize the output head too.
     """
 
     linears: dict[str, LinearPlan]
@@ -57,6 +61,14 @@ class Plan:
     # block index -> list of rows; a row maps key -> sparsity along the greedy path (row 0: all dense)
     greedy_paths: dict[int, list[dict[str, float]]] = field(default_factory=dict, repr=False)
     notes: dict = field(default_factory=dict)
+    weights: Optional[str] = None
+    lm_head: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if self.weights not in (None, *WEIGHT_FORMATS):
+            raise PlanError(f"unknown weight format {self.weights!r} (one of {WEIGHT_FORMATS}, or None)")
+        if self.lm_head not in (None, "int8"):
+            raise PlanError(f"lm_head may be quantized to 'int8' only, got {self.lm_head!r}")
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -165,6 +177,8 @@ class Plan:
             "method": self.method,
             "target_sparsity": self.target_sparsity,
             "prefill_sparse_from": self.prefill_sparse_from,
+            "weights": self.weights,
+            "lm_head": self.lm_head,
             "linears": [
                 {**asdict(lp), "shape": list(lp.shape)} for lp in self.linears.values()
             ],
@@ -177,8 +191,9 @@ class Plan:
     def from_json(cls, data: dict) -> "Plan":
         if not isinstance(data, dict) or data.get("format") != PLAN_FORMAT:
             raise PlanError("not a teal-fx plan (missing or wrong 'format' field)")
-        if data.get("version") != PLAN_VERSION:
-            raise PlanError(f"plan version {data.get('version')!r} is not supported (this teal-fx reads {PLAN_VERSION})")
+        if data.get("version") not in READABLE_VERSIONS:
+            raise PlanError(f"plan version {data.get('version')!r} is not supported (this teal-fx reads "
+                            f"{', '.join(map(str, READABLE_VERSIONS))})")
         try:
             linears = {}
             for e in data["linears"]:
@@ -219,6 +234,8 @@ class Plan:
                 histograms=histograms,
                 greedy_paths=paths,
                 notes=dict(data.get("notes", {})),
+                weights=data.get("weights"),
+                lm_head=data.get("lm_head"),
             )
         except PlanError:
             raise

@@ -20,6 +20,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from teal_fx.capture import find_linears
 from teal_fx.kernels.sparse_gemv import to_column_major_
 from teal_fx.plan import Plan, PlanLike, as_plan
+from teal_fx.weights import apply_weight_format
 
 _PLAN_OF_MODEL: "weakref.WeakKeyDictionary[nn.Module, Plan]" = weakref.WeakKeyDictionary()
 _PLAN_OF_WEIGHT: WeakIdKeyDictionary = WeakIdKeyDictionary()  # weight tensor -> the plan of the model it belongs to
@@ -31,12 +32,14 @@ def attach_plan(model: nn.Module, plan: PlanLike, *, check: bool = True) -> Plan
     """Attach ``plan`` to ``model`` so that ``torch.compile(model, backend="teal")`` uses it.
 
     With ``check`` the model's graph is captured and the plan must fit it exactly (same keys, same shapes). The
-    matched weights are stored column-major on CUDA (``to_column_major_``). A graph compiled before runs with the plan
-    attached now at its next call (the backend keys its compiled variants on the plan).
+    matched weights are stored column-major on CUDA (``to_column_major_``), or, for a plan of int8/int4 weights
+    (``plan.weights``), quantized in place. A graph compiled before runs with the plan attached now at its next call
+    (the backend keys its compiled variants on the plan).
     """
     plan = as_plan(plan)
     if check:
         plan.check_fits(find_linears(model))
+    apply_weight_format(model, list(plan.linears), plan.weights, plan.lm_head)
     for key in plan.linears:
         try:
             w = model.get_parameter(key)

@@ -13,6 +13,8 @@ if not torch.cuda.is_available():  # run the Triton kernels on the CPU (must be 
 import pytest
 import transformers as T
 
+from teal_fx.kernels.quantize import QuantizedLinear
+
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
 ARCHS = {
@@ -60,11 +62,12 @@ def logits_per_option(model, plan, ids, option: str, values=(True, False)) -> li
 
 @contextlib.contextmanager
 def masked_inputs(model, plan, sparse_from: float = 0.0):
-    """The independent reference: forward pre-hooks that mask each planned nn.Linear's input by its threshold."""
+    """The independent reference: forward pre-hooks that mask each planned linear's input by its threshold (an
+    ``nn.Linear``, or a ``QuantizedLinear`` of a quantized model)."""
     handles = []
     for name, mod in model.named_modules():
         key = name + ".weight"
-        if isinstance(mod, torch.nn.Linear) and key in plan:
+        if isinstance(mod, (torch.nn.Linear, QuantizedLinear)) and key in plan:
             t = plan.threshold(key)
 
             def hook(mod, args, t=t):

@@ -13,9 +13,13 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
+import teal_fx.kernels  # noqa: F401  (registers torch.ops.teal)
+
 aten = torch.ops.aten
 
-LINEAR_TARGETS = {torch._C._nn.linear, F.linear, aten.linear.default}
+# a QuantizedLinear's op is a linear too: its weight keeps the float weight's name (the plan's key)
+QUANTIZED_LINEAR_TARGETS = {torch.ops.teal.quantized_linear, torch.ops.teal.quantized_linear.default}
+LINEAR_TARGETS = {torch._C._nn.linear, F.linear, aten.linear.default} | QUANTIZED_LINEAR_TARGETS
 SDPA_TARGETS = {F.scaled_dot_product_attention, aten.scaled_dot_product_attention.default}
 SOFTMAX_TARGETS = {torch.softmax, F.softmax, torch.Tensor.softmax, aten._softmax.default, aten.softmax.int}
 MATMUL_TARGETS = {torch.matmul, operator.matmul, torch.bmm, aten.bmm.default, aten.matmul.default, torch.einsum}
@@ -34,11 +38,22 @@ def is_linear(n: fx.Node) -> bool:
 
 def linear_args(n: fx.Node) -> tuple[fx.Node, fx.Node, Optional[fx.Node]]:
     """(input, weight, bias) of a linear node, whether given positionally or by keyword."""
+    if n.target in QUANTIZED_LINEAR_TARGETS:  # quantized_linear(x, weight, scales, bias)
+        args = list(n.args) + [None] * (4 - len(n.args))
+        return (args[0] if args[0] is not None else n.kwargs.get("x"), args[1] if args[1] is not None else
+                n.kwargs.get("weight"), args[3] if args[3] is not None else n.kwargs.get("bias"))
     args = list(n.args) + [None] * (3 - len(n.args))
     x = args[0] if args[0] is not None else n.kwargs.get("input")
     w = args[1] if args[1] is not None else n.kwargs.get("weight")
     b = args[2] if args[2] is not None else n.kwargs.get("bias")
     return x, w, b
+
+
+def linear_scales(n: fx.Node) -> Optional[fx.Node]:
+    """The scales of a quantized linear node (None for a float one)."""
+    if n.target not in QUANTIZED_LINEAR_TARGETS:
+        return None
+    return n.args[2] if len(n.args) > 2 else n.kwargs.get("scales")
 
 
 def is_call(n: fx.Node, targets: set, methods: Iterable[str] = ()) -> bool:

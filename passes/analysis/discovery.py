@@ -28,6 +28,7 @@ import networkx as nx
 import torch
 from torch import fx
 
+from teal_fx.kernels.quantize import logical_shape
 from teal_fx.passes.analysis.dataflow import (
     dataflow_graph,
     downstream_until,
@@ -168,7 +169,8 @@ def _weight_shape(n: fx.Node) -> tuple[int, int]:
         out = fake_value(n)
         inp = fake_value(linear_args(n)[0])
         return (int(out.shape[-1]), int(inp.shape[-1]))
-    return (int(v.shape[0]), int(v.shape[1]))
+    N, K = logical_shape(v)  # a packed int4 weight holds two outputs a row
+    return (int(N), int(K))
 
 
 def _layer_number(key: str) -> Optional[int]:

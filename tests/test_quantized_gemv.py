@@ -1,0 +1,193 @@
+"""Quantized weights (kernels/quantize.py) and the kernels that read them: the sparse GEMV over int8/int4 rows
+(every loop, split K, grouped, SwiGLU, add + RMSNorm) and the prefill GEMM, against a float64 reference of the
+dequantized weight, on odd shapes, group edges and random thresholds.
+
+Runs on a GPU when there is one, otherwise under TRITON_INTERPRET=1 (set by conftest before triton is imported)."""
+import os
+from dataclasses import replace
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from teal_fx.kernels.quantize import INT4_GROUP, dequantize, logical_shape, quantize_int4, quantize_int8
+from teal_fx.kernels.reference import reference_rmsnorm, reference_sparse_linear
+
+triton = pytest.importorskip("triton")
+from teal_fx.kernels import dequant_matmul as dm  # noqa: E402
+from teal_fx.kernels import sparse_gemv as sg  # noqa: E402
+from teal_fx.kernels.sparse_gemv_config import choose_config, make_config  # noqa: E402
+
+ON_GPU = torch.cuda.is_available()
+if not ON_GPU and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("no GPU and TRITON_INTERPRET is not set", allow_module_level=True)
+DEVICE = "cuda" if ON_GPU else "cpu"
+TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+QUANTIZE = {"int8": quantize_int8, "int4": quantize_int4}
+
+
+# ------------------------------------------------------------------------------------------------ formats
+@settings(max_examples=30, deadline=None)
+@given(N=st.integers(1, 40).map(lambda n: 2 * n), K=st.integers(1, 300), seed=st.integers(0, 100))
+def test_int4_packs_two_outputs_a_byte_and_round_trips(N, K, seed):
+    w = torch.randn(N, K, generator=torch.Generator().manual_seed(seed))
+    q, s = quantize_int4(w)
+    assert q.dtype == torch.uint8 and q.shape == (N // 2, K) and q.t().is_contiguous()  # a row per input
+    assert s.shape == (-(-K // INT4_GROUP), N) and logical_shape(q) == (N, K)
+    err = (dequantize(q, s) - w).abs()
+    step = s.t().repeat_interleave(INT4_GROUP, dim=1)[:, :K]  # each weight within half its group's step
+    assert bool((err <= step / 2 + 1e-6).all())
+    nib = torch.stack([q & 15, q >> 4], dim=1).reshape(N, K)  # low nibble: even output, high: odd
+    assert int(nib.min()) >= 1 and int(nib.max()) <= 15  # symmetric: 8 is zero, 0 unused
+
+
+@settings(max_examples=30, deadline=None)
+@given(N=st.integers(1, 80), K=st.integers(1, 300), seed=st.integers(0, 100))
+def test_int8_is_per_output_channel(N, K, seed):
+    w = torch.randn(N, K, generator=torch.Generator().manual_seed(seed))
+    q, s = quantize_int8(w)
+    assert q.dtype == torch.int8 and q.t().is_contiguous() and s.shape == (N,)
+    assert bool(((dequantize(q, s) - w).abs() <= s[:, None] / 2 + 1e-6).all())
+    assert bool((q.abs().amax(dim=1) == 127).all())  # each channel's absmax is the full range
+
+
+def test_int4_needs_an_even_output_count():
+    with pytest.raises(ValueError, match="even"):
+        quantize_int4(torch.randn(5, 16))
+
+
+# ------------------------------------------------------------------------------------------------ the GEMV
+def reference(x, q, s, b, t):
+    """The op's reference in float64: the dequantized weight, the mask compared in float32 as the kernel does."""
+    return reference_sparse_linear(x.double(), dequantize(q.cpu(), s.cpu(), torch.float64),
+                                   None if b is None else b.double(), t)
+
+
+def rel_err(y, ref):
+    return float((y.double() - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def operands(M, N, K, dtype, fmt, seed, bias=False):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, K, generator=g).to(dtype)
+    q, s = QUANTIZE[fmt]((torch.randn(N, K, generator=g) / K**0.5).to(dtype))
+    b = torch.randn(N, generator=g).to(dtype) if bias else None
+    move = lambda t: None if t is None else t.to(DEVICE)  # noqa: E731 (.to keeps q's column-major strides)
+    return move(x), move(q), move(s), move(b)
+
+
+LOOPS = ["tile", "in_thread", "compact", "dot"]
+
+
+def config_for(loop, M, N, K, BK=16, iters=2):
+    return make_config(N, K, BN=32, BK=BK, iters=iters, use_dot=loop == "dot", compact=loop == "compact",
+                       in_thread=loop == "in_thread")
+
+
+@settings(max_examples=14, deadline=None)  # on a GPU each example may compile a kernel variant
+@given(
+    fmt=st.sampled_from(["int8", "int4"]), M=st.integers(1, 8), N=st.integers(1, 40).map(lambda n: 2 * n),
+    K=st.integers(1, 300), dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
+    t=st.floats(0.0, 1.5), bias=st.booleans(), seed=st.integers(0, 1000),
+    loop=st.sampled_from([None, *LOOPS]), BK=st.sampled_from([16, 32, 64]), iters=st.integers(1, 5),
+)
+def test_sparse_gemv_matches_float64_of_dequantized(fmt, M, N, K, dtype, t, bias, seed, loop, BK, iters):
+    """K up to 300 crosses int4 group edges (128, 256) and ends mid-group; loops by config (None: the rule's)."""
+    if loop == "compact" and (fmt == "int4" or M > 1):
+        loop = "in_thread"  # int4 is never packed (its sums are scaled per group), nor are several rows
+    if loop == "tile" and M > 1:
+        loop = "dot"
+    if loop == "dot" and fmt == "int4":
+        loop = "in_thread"  # int4 never takes the tensor cores (sparse_gemv._launch says why)
+    x, q, s, b = operands(M, N, K, dtype, fmt, seed, bias)
+    cfg = None if loop is None else config_for(loop, M, N, K, BK, iters)
+    y = torch.full((M, N), float("nan"), dtype=dtype, device=DEVICE)
+    for _ in range(2):  # twice: the workspace and counters must be left clean
+        sg.sparse_gemv(x, q, b, t, config=cfg, out=y, scales=s)
+        assert not torch.isnan(y).any(), "unwritten output elements"
+        assert rel_err(y.cpu(), reference(x.cpu(), q, s, None if b is None else b.cpu(), t)) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+@pytest.mark.parametrize("M", [1, 3, 6])
+def test_default_configs_of_wide_outputs(fmt, M):
+    """N >= 2048: the rule's in-thread loops (16 bytes a thread) and tensor-core path, on a ragged last tile."""
+    cfg = choose_config(M, 2100, 300, 0.5, fmt)
+    assert not cfg.compact or fmt == "int8"
+    assert INT4_GROUP % cfg.block_k == 0
+    x, q, s, _ = operands(M, 2100, 300, torch.bfloat16, fmt, 0)
+    y = sg.sparse_gemv(x, q, None, 0.6, sparsity=0.5, scales=s)
+    assert rel_err(y.cpu(), reference(x.cpu(), q, s, None, 0.6)) <= TOL[torch.bfloat16]
+
+
+def test_int4_refuses_a_packed_loop_or_a_tile_across_groups():
+    x, q, s, _ = operands(1, 32, 256, torch.float32, "int4", 0)
+    with pytest.raises(ValueError, match="int4"):
+        sg.sparse_gemv(x, q, None, 0.1, config=config_for("compact", 1, 32, 256), scales=s)
+    with pytest.raises(ValueError, match="int4"):
+        sg.sparse_gemv(x, q, None, 0.1, config=make_config(32, 256, BN=32, BK=256, iters=1, use_dot=False), scales=s)
+    with pytest.raises(ValueError, match="tensor cores"):
+        sg.sparse_gemv(x, q, None, 0.1, config=config_for("dot", 1, 32, 256), scales=s)
+
+
+def test_quantized_weight_without_scales_is_refused():
+    x, q, s, _ = operands(1, 32, 64, torch.float32, "int8", 0)
+    assert not sg.supports(x, q) or not ON_GPU
+    with pytest.raises(ValueError, match="scales"):
+        sg.sparse_gemv(x, q, None, 0.1)
+
+
+@settings(max_examples=8, deadline=None)
+@given(
+    fmt=st.sampled_from(["int8", "int4"]), M=st.integers(1, 8),
+    Ns=st.lists(st.integers(8, 40).map(lambda n: 2 * n), min_size=2, max_size=3), K=st.integers(2, 300),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]), ts=st.lists(st.floats(0.0, 1.5), min_size=3, max_size=3),
+    bias=st.booleans(), seed=st.integers(0, 1000), loop=st.sampled_from(["tile", "in_thread", "dot"]),
+    apart=st.booleans(),
+)
+def test_grouped_launch_swaps_scales_per_segment(fmt, M, Ns, K, dtype, ts, bias, seed, loop, apart):
+    if loop == "tile" and M > 1:
+        loop = "dot"
+    if loop == "dot" and fmt == "int4":
+        loop = "in_thread"
+    parts = [operands(M, N, K, dtype, fmt, seed + i, bias) for i, N in enumerate(Ns)]
+    x = parts[0][0]
+    qs, ss, bs = [p[1] for p in parts], [p[2] for p in parts], [p[3] for p in parts]
+    cfg = replace(config_for(loop, M, sum(Ns), K), apart=apart)
+    ys = sg.sparse_gemv_group(x, qs, bs, ts[: len(Ns)], config=cfg, scales=ss)
+    for q, s, b, t, y in zip(qs, ss, bs, ts, ys):
+        assert rel_err(y.cpu(), reference(x.cpu(), q, s, None if b is None else b.cpu(), t)) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+@pytest.mark.parametrize("M,loop", [(1, "in_thread"), (1, "tile"), (4, "in_thread"), (6, "dot")])
+def test_swiglu_and_add_rmsnorm_finishes(fmt, M, loop):
+    N, K, dtype = 48, 200, torch.float32
+    if loop == "dot" and fmt == "int4":
+        loop = "in_thread"
+    x, qg, sg_, _ = operands(M, N, K, dtype, fmt, 1)
+    _, qu, su, _ = operands(M, N, K, dtype, fmt, 2)
+    cfg = config_for(loop, M, 2 * N, K)
+    h = sg.sparse_gemv_swiglu(x, qg, qu, 0.3, 0.5, config=cfg, scales_gate=sg_, scales_up=su)
+    ref = torch.nn.functional.silu(reference(x.cpu(), qg, sg_, None, 0.3)) * reference(x.cpu(), qu, su, None, 0.5)
+    assert rel_err(h.cpu(), ref) <= 1e-5
+
+    r = torch.randn(M, N, device=DEVICE)
+    nw = torch.rand(N, device=DEVICE) + 0.5
+    got_h, got = sg.sparse_gemv_add_rmsnorm(x, qg, None, 0.3, r, nw, 1e-6, config=config_for(loop, M, N, K),
+                                            scales=sg_)
+    want_h = r.cpu().double() + reference(x.cpu(), qg, sg_, None, 0.3)
+    assert rel_err(got_h.cpu(), want_h) <= 1e-5
+    assert rel_err(got.cpu(), reference_rmsnorm(want_h, nw.cpu().double(), 1e-6)) <= 1e-5
+
+
+# ------------------------------------------------------------------------------------------------ prefill GEMM
+@settings(max_examples=6, deadline=None)
+@given(fmt=st.sampled_from(["int8", "int4"]), M=st.integers(1, 40), N=st.integers(1, 40).map(lambda n: 2 * n),
+       K=st.integers(1, 300), bias=st.booleans(), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+       seed=st.integers(0, 100))
+def test_dequant_matmul_matches_float64(fmt, M, N, K, bias, dtype, seed):
+    x, q, s, b = operands(M, N, K, dtype, fmt, seed, bias)
+    y = dm.dequant_matmul(x, q, s, b, block_m=16, block_n=32, block_k=32)
+    assert rel_err(y.cpu(), reference(x.cpu(), q, s, None if b is None else b.cpu(), -1.0)) <= TOL[dtype]
