@@ -150,9 +150,12 @@ SWEEP_QUANTIZED = {
           for nw in (1, 2) for bk in (16, 32) for kps in (64, 128, 256)]
     for fmt, cols in (("int8", 512), ("int4", 1024))
 }
-# int8 may also loop over the packed survivors only (int4 never: its sums are scaled per group)
+# int8 may also loop over the packed survivors only (int4 never: its sums are scaled per group), or take the tensor
+# cores with fp16 operands (half_dot: x padded to 16 rows, the weights converted two to a register)
 SWEEP_QUANTIZED["int8"] += [dict(BN=bn, BK=16, iters=kps // 16, use_dot=False, num_warps=bn // 512, num_stages=1,
                                  compact=True) for bn in (1024, 2048) for kps in (64, 128, 256)]
+SWEEP_QUANTIZED["int8"] += [dict(BN=bn, BK=bk, iters=it, use_dot=True, half_dot=True, num_warps=nw, num_stages=3)
+                            for bn in (128, 256) for bk in (32, 64) for it in (2, 4) for nw in (4, 8)]
 
 
 SWEEP = (  # loop over every input, [BK, BN] FMAs reduced after the loop ...

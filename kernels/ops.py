@@ -10,7 +10,8 @@ dtypes and row counts) and runs ``reference.py`` everywhere else, so one graph s
     teal::decode_attention(q, k, v, mask, scale)                        one query position, GQA heads read once
     teal::quantized_linear(x, W_q, scales, b)                           x Wᵀ + b, W int8/int4 (kernels/quantize.py)
 
-The sparse ops take int8/int4 weights too, with their ``scales`` as a last argument (None: a float weight).
+The sparse ops take int8/int4 weights too, with their ``scales`` (None: a float weight), and ``shared``: one mask for
+the batch (a plan's ``batch_mask="shared"``: ``reference.keep_mask``) instead of one per row.
 
 A decode step (one token per sequence, or a 2-D ``x`` of rows) is always sparsified; a prefill of S tokens from
 position ``ceil(prefill_sparse_from * S)`` on (``reference.sparse_token_start``), decided at run time from the shape.
@@ -45,38 +46,40 @@ from teal_fx.kernels.reference import (
 
 
 def _not_decoded(x: Tensor, weight: Tensor, bias: Optional[Tensor], threshold: float, prefill_sparse_from: float,
-                 scales: Optional[Tensor]) -> Tensor:
+                 scales: Optional[Tensor], shared: bool = False) -> Tensor:
     """A sparse linear off the GEMV's path (CPU, prefill, shapes it does not take): the reference, except that a
     quantized weight on a GPU goes through the dequantizing GEMM rather than a float copy of the matrix."""
     if scales is not None and dequant_matmul.supports(x, weight):
-        return dequant_matmul.dequant_matmul(masked_input(x, threshold, prefill_sparse_from), weight, scales, bias)
-    return reference_sparse_linear(x, weight, bias, threshold, prefill_sparse_from, scales)
+        return dequant_matmul.dequant_matmul(masked_input(x, threshold, prefill_sparse_from, shared), weight, scales,
+                                             bias)
+    return reference_sparse_linear(x, weight, bias, threshold, prefill_sparse_from, scales, shared)
 
 
 @torch.library.custom_op("teal::sparse_linear", mutates_args=())
 def sparse_linear(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], threshold: float, prefill_sparse_from: float = 1.0,
-    sparsity: float = -1.0, scales: Optional[Tensor] = None,
+    sparsity: float = -1.0, scales: Optional[Tensor] = None, shared: bool = False,
 ) -> Tensor:
     """y = (x ⊙ 1[|x| > threshold]) weightᵀ + bias, with the decode/prefill rule of the module docstring.
 
     ``sparsity``: the fraction of inputs the threshold is expected to drop (from the plan; -1: unknown). It only
     picks the GPU kernel's variant, never the result. ``scales``: those of an int8/int4 ``weight``."""
     if x.is_cuda and sparse_token_start(x, prefill_sparse_from) == 0:
-        if sparse_gemv.supports(x, weight, scales):
-            return sparse_gemv.sparse_gemv(x, weight, bias, threshold, sparsity=sparsity, scales=scales)
-    return _not_decoded(x, weight, bias, threshold, prefill_sparse_from, scales)
+        if sparse_gemv.supports(x, weight, scales, shared):
+            return sparse_gemv.sparse_gemv(x, weight, bias, threshold, sparsity=sparsity, scales=scales, shared=shared)
+    return _not_decoded(x, weight, bias, threshold, prefill_sparse_from, scales, shared)
 
 
 @sparse_linear.register_fake
 def _(x: Tensor, weight: Tensor, bias: Optional[Tensor], threshold: float, prefill_sparse_from: float = 1.0,
-      sparsity: float = -1.0, scales: Optional[Tensor] = None) -> Tensor:
+      sparsity: float = -1.0, scales: Optional[Tensor] = None, shared: bool = False) -> Tensor:
     torch._check(x.shape[-1] == weight.shape[1], lambda: "sparse_linear: x and weight disagree on in_features")
     return x.new_empty((*x.shape[:-1], logical_shape(weight)[0]))
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, weight, bias, threshold, prefill_sparse_from, _, scales = inputs
+    x, weight, bias, threshold, prefill_sparse_from, _, scales, shared = inputs
+    ctx.shared = shared
     if scales is not None:  # a frozen quantized weight: the input's gradient only, through the dequantized matrix
         weight = dequantize(weight, scales, x.dtype)
     ctx.quantized = scales is not None
@@ -90,14 +93,14 @@ def _backward(ctx, grad_out: Tensor):
     """Straight-through the mask: gradients flow only to the kept inputs (the mask itself is not learned)."""
     x, weight = ctx.saved_tensors
     start = sparse_token_start(x, ctx.prefill_sparse_from)
-    keep = keep_mask(x, ctx.threshold)
+    keep = keep_mask(x, ctx.threshold, ctx.shared).clone()
     if x.dim() >= 3 and start > 0:
         keep[..., :start, :] = True
     x_used = torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device))
     grad_x = torch.where(keep, grad_out @ weight, torch.zeros((), dtype=x.dtype, device=x.device))
     grad_w = grad_out.reshape(-1, grad_out.shape[-1]).t() @ x_used.reshape(-1, x.shape[-1])
     grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0) if ctx.has_bias else None
-    return grad_x, None if ctx.quantized else grad_w, grad_b, None, None, None, None
+    return grad_x, None if ctx.quantized else grad_w, grad_b, None, None, None, None, None
 
 
 sparse_linear.register_autograd(_backward, setup_context=_setup_context)
@@ -106,7 +109,7 @@ sparse_linear.register_autograd(_backward, setup_context=_setup_context)
 @torch.library.custom_op("teal::sparse_linear_group", mutates_args=())
 def sparse_linear_group(
     x: Tensor, weights: list[Tensor], biases: list[Optional[Tensor]], thresholds: list[float],
-    prefill_sparse_from: float, sparsities: list[float], scales: list[Optional[Tensor]],
+    prefill_sparse_from: float, sparsities: list[float], scales: list[Optional[Tensor]], shared: bool,
 ) -> list[Tensor]:
     """``sparse_linear`` for linears sharing the input ``x`` (q/k/v, gate/up): one Triton launch on the decode path.
 
@@ -115,22 +118,25 @@ def sparse_linear_group(
     default-valued arguments, and the tensor-list autograd wrapper then expects one gradient fewer.)
     """
     if x.is_cuda and sparse_token_start(x, prefill_sparse_from) == 0:
-        if all(sparse_gemv.supports(x, w, s) for w, s in zip(weights, scales)) and len({b is None for b in biases}) == 1:
+        if all(sparse_gemv.supports(x, w, s, shared) for w, s in zip(weights, scales)) and \
+                len({b is None for b in biases}) == 1:
             return sparse_gemv.sparse_gemv_group(x, weights, biases, thresholds, sparsity=min(sparsities, default=-1.0),
-                                                 scales=scales)
-    return [_not_decoded(x, w, b, t, prefill_sparse_from, s) for w, b, t, s in zip(weights, biases, thresholds, scales)]
+                                                 scales=scales, shared=shared)
+    return [_not_decoded(x, w, b, t, prefill_sparse_from, s, shared)
+            for w, b, t, s in zip(weights, biases, thresholds, scales)]
 
 
 @sparse_linear_group.register_fake
 def _(x: Tensor, weights: list[Tensor], biases: list[Optional[Tensor]], thresholds: list[float],
-      prefill_sparse_from: float, sparsities: list[float], scales: list[Optional[Tensor]]) -> list[Tensor]:
+      prefill_sparse_from: float, sparsities: list[float], scales: list[Optional[Tensor]], shared: bool) -> list[Tensor]:
     for w in weights:
         torch._check(x.shape[-1] == w.shape[1], lambda: "sparse_linear_group: x and a weight disagree on in_features")
     return [x.new_empty((*x.shape[:-1], logical_shape(w)[0])) for w in weights]
 
 
 def _group_setup_context(ctx, inputs, output) -> None:
-    x, weights, biases, thresholds, prefill_sparse_from, _, scales = inputs
+    x, weights, biases, thresholds, prefill_sparse_from, _, scales, shared = inputs
+    ctx.shared = shared
     ctx.quantized = [s is not None for s in scales]
     weights = [w if s is None else dequantize(w, s, x.dtype) for w, s in zip(weights, scales)]
     ctx.save_for_backward(x, *weights)
@@ -146,7 +152,7 @@ def _group_backward(ctx, grad_outs: list[Tensor]):
     grad_x = torch.zeros_like(x)
     grad_ws = []
     for w, t, g, frozen in zip(weights, ctx.thresholds, grad_outs, ctx.quantized):
-        keep = keep_mask(x, t)
+        keep = keep_mask(x, t, ctx.shared).clone()
         if x.dim() >= 3 and start > 0:
             keep[..., :start, :] = True
         zero = torch.zeros((), dtype=x.dtype, device=x.device)
@@ -157,7 +163,7 @@ def _group_backward(ctx, grad_outs: list[Tensor]):
         # `Tensor?[]` arguments take no gradient through torch.library's autograd: refuse rather than drop them
         raise RuntimeError("teal::sparse_linear_group: no gradient for biases; compile with "
                            "options={'group_shared_input': False} to train through biased q/k/v")
-    return grad_x, grad_ws, None, None, None, None, None
+    return grad_x, grad_ws, None, None, None, None, None, None
 
 
 sparse_linear_group.register_autograd(_group_backward, setup_context=_group_setup_context)
@@ -167,6 +173,7 @@ sparse_linear_group.register_autograd(_group_backward, setup_context=_group_setu
 def sparse_swiglu(
     x: Tensor, w_gate: Tensor, w_up: Tensor, t_gate: float, t_up: float, prefill_sparse_from: float,
     sparsities: list[float], scales_gate: Optional[Tensor] = None, scales_up: Optional[Tensor] = None,
+    shared: bool = False,
 ) -> Tensor:
     """``silu(gate) * up`` of a gated MLP, gate and up being ``sparse_linear`` of ``x`` (no biases).
 
@@ -174,22 +181,23 @@ def sparse_swiglu(
     weights it is one Triton launch whose epilogue forms the product, so no kernel runs between the MLP's launches.
     No autograd: the pass that inserts it leaves graphs that need gradients alone."""
     if x.is_cuda and sparse_token_start(x, prefill_sparse_from) == 0:
-        if sparse_gemv.supports(x, w_gate, scales_gate) and sparse_gemv.supports(x, w_up, scales_up) and \
-                sparse_gemv.can_fuse_swiglu(x, w_gate, w_up):
+        if sparse_gemv.supports(x, w_gate, scales_gate, shared) and sparse_gemv.supports(x, w_up, scales_up, shared) \
+                and sparse_gemv.can_fuse_swiglu(x, w_gate, w_up, shared):
             return sparse_gemv.sparse_gemv_swiglu(x, w_gate, w_up, t_gate, t_up, sparsity=min(sparsities, default=-1.0),
-                                                  scales_gate=scales_gate, scales_up=scales_up)
+                                                  scales_gate=scales_gate, scales_up=scales_up, shared=shared)
         gate, up = sparse_linear_group(x, [w_gate, w_up], [None, None], [t_gate, t_up], prefill_sparse_from, sparsities,
-                                       [scales_gate, scales_up])
+                                       [scales_gate, scales_up], shared)
         return F.silu(gate) * up
     if scales_gate is not None and dequant_matmul.supports(x, w_gate):
-        gate = _not_decoded(x, w_gate, None, t_gate, prefill_sparse_from, scales_gate)
-        return F.silu(gate) * _not_decoded(x, w_up, None, t_up, prefill_sparse_from, scales_up)
-    return reference_swiglu(x, w_gate, w_up, t_gate, t_up, prefill_sparse_from, scales_gate, scales_up)
+        gate = _not_decoded(x, w_gate, None, t_gate, prefill_sparse_from, scales_gate, shared)
+        return F.silu(gate) * _not_decoded(x, w_up, None, t_up, prefill_sparse_from, scales_up, shared)
+    return reference_swiglu(x, w_gate, w_up, t_gate, t_up, prefill_sparse_from, scales_gate, scales_up, shared)
 
 
 @sparse_swiglu.register_fake
 def _(x: Tensor, w_gate: Tensor, w_up: Tensor, t_gate: float, t_up: float, prefill_sparse_from: float,
-      sparsities: list[float], scales_gate: Optional[Tensor] = None, scales_up: Optional[Tensor] = None) -> Tensor:
+      sparsities: list[float], scales_gate: Optional[Tensor] = None, scales_up: Optional[Tensor] = None,
+      shared: bool = False) -> Tensor:
     torch._check(w_gate.shape == w_up.shape, lambda: "sparse_swiglu: gate and up weights differ in shape")
     torch._check(x.shape[-1] == w_gate.shape[1], lambda: "sparse_swiglu: x and the weights disagree on in_features")
     return x.new_empty((*x.shape[:-1], logical_shape(w_gate)[0]))
@@ -198,7 +206,7 @@ def _(x: Tensor, w_gate: Tensor, w_up: Tensor, t_gate: float, t_up: float, prefi
 @torch.library.custom_op("teal::sparse_linear_add_rmsnorm", mutates_args=())
 def sparse_linear_add_rmsnorm(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], threshold: float, prefill_sparse_from: float, sparsity: float,
-    residual: Tensor, norm_weight: Tensor, eps: float, scales: Optional[Tensor] = None,
+    residual: Tensor, norm_weight: Tensor, eps: float, scales: Optional[Tensor] = None, shared: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """(h, RMSNorm(h)) with h = residual + ``sparse_linear(x, weight, bias, threshold, ...)``: a block's o or down
     projection, its residual add and the next RMSNorm (Llama's: ``reference_rmsnorm``).
@@ -208,17 +216,18 @@ def sparse_linear_add_rmsnorm(
     that expression, rounded as eager rounds it. No autograd: the pass that inserts it leaves graphs that need
     gradients alone."""
     if x.is_cuda and sparse_token_start(x, prefill_sparse_from) == 0:
-        if sparse_gemv.supports(x, weight, scales) and \
+        if sparse_gemv.supports(x, weight, scales, shared) and \
                 sparse_gemv.can_fuse_add_rmsnorm(x, weight, residual, norm_weight):
             return sparse_gemv.sparse_gemv_add_rmsnorm(x, weight, bias, threshold, residual, norm_weight, eps,
-                                                       sparsity=sparsity, scales=scales)
-    h = residual + sparse_linear(x, weight, bias, threshold, prefill_sparse_from, sparsity, scales)  # kernel or reference
+                                                       sparsity=sparsity, scales=scales, shared=shared)
+    h = residual + sparse_linear(x, weight, bias, threshold, prefill_sparse_from, sparsity, scales, shared)
     return h, reference_rmsnorm(h, norm_weight, eps)
 
 
 @sparse_linear_add_rmsnorm.register_fake
 def _(x: Tensor, weight: Tensor, bias: Optional[Tensor], threshold: float, prefill_sparse_from: float, sparsity: float,
-      residual: Tensor, norm_weight: Tensor, eps: float, scales: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+      residual: Tensor, norm_weight: Tensor, eps: float, scales: Optional[Tensor] = None,
+      shared: bool = False) -> tuple[Tensor, Tensor]:
     N = logical_shape(weight)[0]
     torch._check(x.shape[-1] == weight.shape[1], lambda: "sparse_linear_add_rmsnorm: x and weight disagree on in_features")
     torch._check(residual.shape[-1] == N, lambda: "sparse_linear_add_rmsnorm: residual and weight differ")

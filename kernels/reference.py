@@ -16,14 +16,20 @@ from torch import Tensor
 from teal_fx.kernels.quantize import dequantize
 
 
-def keep_mask(x: Tensor, threshold: float) -> Tensor:
-    """1[|x| > t], compared in float32 whatever the dtype of x (the kernels compare the same way)."""
-    return x.abs().float() > threshold
+def keep_mask(x: Tensor, threshold: float, shared: bool = False) -> Tensor:
+    """1[|x| > t], compared in float32 whatever the dtype of x (the kernels compare the same way).
+
+    ``shared`` (a plan's ``batch_mask="shared"``, paper §5.4.4): one mask for the whole batch, 1[mean_b |x_b| > t]
+    over the batch's rows (dim 0), broadcast to every row; per token position for a [B, S, K] input."""
+    a = x.abs().float()
+    if shared and x.dim() >= 2:
+        return (a.mean(dim=0, keepdim=True) > threshold).expand_as(a)
+    return a > threshold
 
 
-def sparsify(x: Tensor, threshold: float) -> Tensor:
-    """Zero the entries of ``x`` whose magnitude is at most ``threshold`` (TEAL's magnitude mask)."""
-    return torch.where(keep_mask(x, threshold), x, torch.zeros((), dtype=x.dtype, device=x.device))
+def sparsify(x: Tensor, threshold: float, shared: bool = False) -> Tensor:
+    """Zero the entries of ``x`` whose magnitude is at most ``threshold`` (TEAL's magnitude mask; ``keep_mask``)."""
+    return torch.where(keep_mask(x, threshold, shared), x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
 def sparse_token_start(x: Tensor, prefill_sparse_from: float) -> int:
@@ -39,32 +45,32 @@ def sparse_token_start(x: Tensor, prefill_sparse_from: float) -> int:
 
 def reference_sparse_linear(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], threshold: float, prefill_sparse_from: float = 1.0,
-    scales: Optional[Tensor] = None,
+    scales: Optional[Tensor] = None, shared: bool = False,
 ) -> Tensor:
     """y = (x ⊙ 1[|x| > t]) Wᵀ + b, with the decode/prefill rule of ``sparse_token_start``; an int8/int4 weight
     (with ``scales``) is dequantized to x's dtype first."""
     if scales is not None:
         weight = dequantize(weight, scales, x.dtype)
-    return F.linear(masked_input(x, threshold, prefill_sparse_from), weight, bias)
+    return F.linear(masked_input(x, threshold, prefill_sparse_from, shared), weight, bias)
 
 
-def masked_input(x: Tensor, threshold: float, prefill_sparse_from: float = 1.0) -> Tensor:
+def masked_input(x: Tensor, threshold: float, prefill_sparse_from: float = 1.0, shared: bool = False) -> Tensor:
     """x with the rule of ``sparse_token_start`` applied: the input every sparse linear multiplies by Wᵀ."""
     start = sparse_token_start(x, prefill_sparse_from)
     seq = x.shape[-2] if x.dim() >= 3 else 1
     if start >= seq and x.dim() >= 3:
         return x
     if start == 0:
-        return sparsify(x, threshold)
-    return torch.cat([x[..., :start, :], sparsify(x[..., start:, :], threshold)], dim=-2)
+        return sparsify(x, threshold, shared)
+    return torch.cat([x[..., :start, :], sparsify(x[..., start:, :], threshold, shared)], dim=-2)
 
 
 def reference_swiglu(x: Tensor, w_gate: Tensor, w_up: Tensor, t_gate: float, t_up: float,
                      prefill_sparse_from: float = 1.0, scales_gate: Optional[Tensor] = None,
-                     scales_up: Optional[Tensor] = None) -> Tensor:
+                     scales_up: Optional[Tensor] = None, shared: bool = False) -> Tensor:
     """silu(gate) * up with gate and up sparse linears of ``x`` (no biases), rounded as eager rounds."""
-    gate = reference_sparse_linear(x, w_gate, None, t_gate, prefill_sparse_from, scales_gate)
-    return F.silu(gate) * reference_sparse_linear(x, w_up, None, t_up, prefill_sparse_from, scales_up)
+    gate = reference_sparse_linear(x, w_gate, None, t_gate, prefill_sparse_from, scales_gate, shared)
+    return F.silu(gate) * reference_sparse_linear(x, w_up, None, t_up, prefill_sparse_from, scales_up, shared)
 
 
 def reference_rmsnorm(h: Tensor, weight: Tensor, eps: float) -> Tensor:

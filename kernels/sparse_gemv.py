@@ -32,6 +32,7 @@ if HAS_TRITON:
     from teal_fx.kernels import sparse_gemv_triton as jit
 
 MAX_ROWS = 8
+MAX_SHARED_ROWS = 16  # one mask for the batch (``shared``): the union cannot grow, so larger batches still gain
 MAX_SEGMENTS = 3  # linears sharing one input in a grouped launch (q, k, v)
 MAX_NORM_WIDTH = 16384  # the add + RMSNorm finish holds a row's N columns in one program
 
@@ -64,7 +65,7 @@ def to_column_major_(weight: Tensor) -> bool:
     return True
 
 
-def supports(x: Tensor, weight: Tensor, scales: Optional[Tensor] = None) -> bool:
+def supports(x: Tensor, weight: Tensor, scales: Optional[Tensor] = None, shared: bool = False) -> bool:
     """Whether the ops may launch the kernel for these operands (else they run their reference)."""
     rows = x.numel() // max(1, x.shape[-1])
     fmt = weight_format(weight)
@@ -75,7 +76,8 @@ def supports(x: Tensor, weight: Tensor, scales: Optional[Tensor] = None) -> bool
         and x.dtype in DTYPES
         and (weight.dtype == x.dtype if fmt is None else scales is not None and scales.is_cuda)
         and weight.dim() == 2
-        and 1 <= rows <= MAX_ROWS
+        and 1 <= rows <= (MAX_SHARED_ROWS if shared else MAX_ROWS)
+        and (not shared or x.dim() < 3 or x.shape[-2] == 1)  # the kernel's rows are the batch: one token each
         and not _deterministic_requested()
     )
 
@@ -105,14 +107,14 @@ def _groupable(w: Tensor) -> bool:
     return w.stride(0) == 1 and w.stride(1) != 1 and w.shape[0] >= 16
 
 
-def can_fuse_swiglu(x: Tensor, w_gate: Tensor, w_up: Tensor) -> bool:
+def can_fuse_swiglu(x: Tensor, w_gate: Tensor, w_up: Tensor, shared: bool = False) -> bool:
     """Whether ``sparse_gemv_swiglu`` takes these (one grouped launch: column-major weights of one shape and dtype,
     the input's or one quantized format; the device is the caller's check, ``supports``)."""
     return (w_gate.shape == w_up.shape and w_gate.dim() == 2 and w_gate.shape[1] == x.shape[-1]
             and w_gate.dtype == w_up.dtype and (w_gate.dtype == x.dtype or weight_format(w_gate) is not None)
             and x.dtype in DTYPES
             and _groupable(w_gate) and _groupable(w_up)
-            and 1 <= x.numel() // max(1, x.shape[-1]) <= MAX_ROWS)
+            and 1 <= x.numel() // max(1, x.shape[-1]) <= (MAX_SHARED_ROWS if shared else MAX_ROWS))
 
 
 def can_fuse_add_rmsnorm(x: Tensor, weight: Tensor, residual: Tensor, norm_weight: Tensor) -> bool:
@@ -127,18 +129,18 @@ def can_fuse_add_rmsnorm(x: Tensor, weight: Tensor, residual: Tensor, norm_weigh
 # ------------------------------------------------------------------------------------------------ launchers
 def sparse_gemv(x: Tensor, weight: Tensor, bias: Optional[Tensor], threshold: float, *,
                 config: Optional[GemvConfig] = None, out: Optional[Tensor] = None,
-                sparsity: Optional[float] = None, scales: Optional[Tensor] = None) -> Tensor:
+                sparsity: Optional[float] = None, scales: Optional[Tensor] = None, shared: bool = False) -> Tensor:
     """y = (x ⊙ 1[|x| > t]) Wᵀ + b. x: [..., K] with at most 8 rows; weight: [N, K], ideally column-major (stride
     (1, N)), or int8/int4 with its ``scales``. ``sparsity`` (expected fraction of inputs dropped, or None) only
     picks the launch config."""
     return sparse_gemv_group(x, [weight], [bias], [threshold], config=config, outs=None if out is None else [out],
-                             sparsity=sparsity, scales=[scales])[0]
+                             sparsity=sparsity, scales=[scales], shared=shared)[0]
 
 
 def sparse_gemv_group(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tensor]],
                       thresholds: Sequence[float], *, config: Optional[GemvConfig] = None,
                       outs: Optional[Sequence[Tensor]] = None, sparsity: Optional[float] = None,
-                      scales: Optional[Sequence[Optional[Tensor]]] = None) -> list[Tensor]:
+                      scales: Optional[Sequence[Optional[Tensor]]] = None, shared: bool = False) -> list[Tensor]:
     """One launch for up to three linears that share the input ``x`` (q/k/v, gate/up): y_i = (x ⊙ 1[|x| > t_i]) W_iᵀ + b_i.
 
     The segments' N tiles form one grid, so the small k/v projections ride along with q instead of paying a
@@ -153,33 +155,34 @@ def sparse_gemv_group(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Opt
     if nseg > 1 and (not all(_groupable(w) for w in weights) or len({w.dtype for w in weights}) > 1):
         # the kernel swaps only stride_wk per segment, and no swapped scalar may be 1 (see the kernel); one weight
         # format per launch: launch apart
-        return [sparse_gemv(x, w, b, t, config=config, out=o, sparsity=sparsity, scales=s)
+        return [sparse_gemv(x, w, b, t, config=config, out=o, sparsity=sparsity, scales=s, shared=shared)
                 for w, b, t, o, s in zip(weights, biases, thresholds, outs if outs is not None else [None] * nseg,
                                          scales)]
-    return _launch(x, weights, biases, thresholds, config, outs, sparsity, _Epilogue.STORE, scales=scales)
+    return _launch(x, weights, biases, thresholds, config, outs, sparsity, _Epilogue.STORE, scales=scales,
+                   shared=shared)
 
 
 def sparse_gemv_swiglu(x: Tensor, w_gate: Tensor, w_up: Tensor, t_gate: float, t_up: float, *,
                        config: Optional[GemvConfig] = None, out: Optional[Tensor] = None,
                        sparsity: Optional[float] = None, scales_gate: Optional[Tensor] = None,
-                       scales_up: Optional[Tensor] = None) -> Tensor:
+                       scales_up: Optional[Tensor] = None, shared: bool = False) -> Tensor:
     """silu(x_g W_gateᵀ) * (x_u W_upᵀ), x_g/x_u = x masked by t_gate/t_up, in one launch (see ``can_fuse_swiglu``).
 
     The gate/up group launch whose last program per column tile forms the product from the two fp32 sums, rounding
     after each op as eager ``F.silu(gate) * up`` does: the SiLU kernel between the MLP's launches goes away."""
-    if not can_fuse_swiglu(x, w_gate, w_up):
+    if not can_fuse_swiglu(x, w_gate, w_up, shared):
         raise ValueError("sparse_gemv_swiglu: needs column-major gate and up weights of one shape (see can_fuse_swiglu)")
     if out is None:
         out = torch.empty((x.reshape(-1, x.shape[-1]).shape[0], logical_shape(w_gate)[0]), dtype=x.dtype,
                           device=x.device)
     return _launch(x, [w_gate, w_up], [None, None], [t_gate, t_up], config, [out, out], sparsity, _Epilogue.SWIGLU,
-                   scales=[scales_gate, scales_up])[0]
+                   scales=[scales_gate, scales_up], shared=shared)[0]
 
 
 def sparse_gemv_add_rmsnorm(x: Tensor, weight: Tensor, bias: Optional[Tensor], threshold: float, residual: Tensor,
                             norm_weight: Tensor, eps: float, *, config: Optional[GemvConfig] = None,
                             sparsity: Optional[float] = None, outs: Optional[tuple[Tensor, Tensor]] = None,
-                            scales: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+                            scales: Optional[Tensor] = None, shared: bool = False) -> tuple[Tensor, Tensor]:
     """h = residual + (x ⊙ 1[|x| > t]) Wᵀ (+ b) and out = RMSNorm(h) · norm_weight (Llama's, eager rounding), in two
     launches: the GEMV grid, then one program per row that finishes the split-K sums, adds, normalises and writes
     both (see ``can_fuse_add_rmsnorm``). Returns (h, out), written into ``outs`` ([rows, N] each) if given."""
@@ -190,7 +193,8 @@ def sparse_gemv_add_rmsnorm(x: Tensor, weight: Tensor, bias: Optional[Tensor], t
     N = logical_shape(weight)[0]
     h, out = outs if outs is not None else [torch.empty((rows, N), dtype=x.dtype, device=x.device) for _ in range(2)]
     norm = _AddRMSNorm(residual.reshape(rows, -1).contiguous(), norm_weight.contiguous(), float(eps), out)
-    _launch(x, [weight], [bias], [threshold], config, [h], sparsity, _Epilogue.ADD_RMSNORM, norm, scales=[scales])
+    _launch(x, [weight], [bias], [threshold], config, [h], sparsity, _Epilogue.ADD_RMSNORM, norm, scales=[scales],
+            shared=shared)
     shape = residual.shape
     return h.reshape(shape), out.reshape(shape)
 
@@ -216,7 +220,7 @@ class _AddRMSNorm:
 def _launch(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tensor]], thresholds: Sequence[float],
             config: Optional[GemvConfig], outs: Optional[Sequence[Tensor]], sparsity: Optional[float],
             epilogue: _Epilogue, norm: Optional[_AddRMSNorm] = None,
-            scales: Optional[Sequence[Optional[Tensor]]] = None) -> list[Tensor]:
+            scales: Optional[Sequence[Optional[Tensor]]] = None, shared: bool = False) -> list[Tensor]:
     """The GEMV grid over the segments' N tiles, then, where the epilogue runs apart, its finishing launch."""
     if not HAS_TRITON:
         raise RuntimeError("the Triton sparse GEMV needs triton")
@@ -228,8 +232,9 @@ def _launch(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tens
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     M = x2.shape[0]
-    if not 1 <= M <= MAX_ROWS:
-        raise ValueError(f"sparse_gemv takes 1 to {MAX_ROWS} rows, got {M}")
+    max_rows = MAX_SHARED_ROWS if shared else MAX_ROWS
+    if not 1 <= M <= max_rows:
+        raise ValueError(f"sparse_gemv takes 1 to {max_rows} rows{' (shared mask)' if shared else ''}, got {M}")
     Ns = [logical_shape(w)[0] for w in weights]
     fmt = weight_format(weights[0])
     if any(weight_format(w) != fmt for w in weights):
@@ -239,6 +244,8 @@ def _launch(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tens
         raise ValueError(f"sparse_gemv: {fmt} weights need their scales")
     wfmt = {None: 0, "int8": 1, "int4": 2}[fmt]
     cfg = config or choose_config(M, sum(Ns), K, sparsity, fmt)
+    if cfg.half_dot and wfmt != 1:
+        raise ValueError(f"half_dot takes int8 weights only: {cfg}")
     if wfmt == 2 and (cfg.compact or cfg.use_dot or INT4_GROUP % cfg.block_k):
         # use_dot: on the H200 (Triton 3.6) the interleaved int4 tile fed to tl.dot came out doubled; the CUDA-core
         # loops take 2-8 rows instead (docs/perf-log.md, "Quantized weights")
@@ -298,7 +305,9 @@ def _launch(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tens
         EVEN_N=all(N % BN == 0 for N in Ns), EVEN_K=K % cfg.k_per_split == 0,
         IN_THREAD=cfg.in_thread, COMPACT=cfg.compact, CHUNK=cfg.chunk,
         NSEG=nseg, GATED=gated, PDL=use_pdl, APART=apart, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages, WFMT=wfmt, GROUP=INT4_GROUP, s_ptr=s0["s"], stride_sg=s0["ssg"], **extra, **launch_pdl,
+        num_stages=cfg.num_stages, WFMT=wfmt, GROUP=INT4_GROUP, HALF_DOT=cfg.half_dot, SHARED=shared and M > 1,
+        s_ptr=s0["s"],
+        stride_sg=s0["ssg"], **extra, **launch_pdl,
     )
     if norm is not None:
         BN_ROW = next_pow2(s0["N"])

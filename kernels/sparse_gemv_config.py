@@ -26,10 +26,12 @@ class GemvConfig:
     compact: bool  # one row: loop over the packed surviving inputs only (implies in_thread)
     chunk: int  # the packed loop's scan width, next_pow2(k_per_split)
     apart: Optional[bool] = None  # split-K sums finished by a second launch; None: where launches overlap (PDL)
+    half_dot: bool = False  # int8 only, with use_dot: fp16 tensor-core operands (the kernel's HALF_DOT)
 
 
 def make_config(N: int, K: int, *, BN: int, BK: int, iters: int, use_dot: bool, num_warps: int = 4,
-                num_stages: int = 2, compact: bool = False, in_thread: bool = False) -> GemvConfig:
+                num_stages: int = 2, compact: bool = False, in_thread: bool = False,
+                half_dot: bool = False) -> GemvConfig:
     """[BK, BN] tiles, each program covering ``iters`` of them along K (so K is split in ceil(K / (BK * iters))
     parts). ``in_thread`` sums each tile inside the threads (BN should be 256 * num_warps; up to 8 rows, 2-4 in
     practice), ``compact`` (one row; implies it) loops over the packed surviving inputs only."""
@@ -37,7 +39,7 @@ def make_config(N: int, K: int, *, BN: int, BK: int, iters: int, use_dot: bool, 
     return GemvConfig(block_n=min(BN, max(16, next_pow2(N))), block_k=BK, split_k=-(-K // k_per), k_per_split=k_per,
                       use_dot=use_dot, num_warps=num_warps, num_stages=num_stages,
                       in_thread=(in_thread or compact) and not use_dot, compact=compact and not use_dot,
-                      chunk=next_pow2(k_per))
+                      chunk=next_pow2(k_per), half_dot=half_dot and use_dot)
 
 
 def _mlp_sized(N: int, K: int) -> bool:

@@ -124,7 +124,7 @@ def in_thread_partial(x_ptr, w_ptr, idx_ptr, xv_ptr, k_lo, k_hi, threshold, offs
 def in_thread_rows_partial(x_ptr, w_ptr, k_lo, k_hi, threshold, offs_m, m_ok, stride_xm, offs_n, n_ok,
                             stride_wk, stride_wn, BM: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr,
                             EVEN_N: tl.constexpr, offs_p, p_ok, s_ptr, stride_sg, WFMT: tl.constexpr,
-                            GROUP: tl.constexpr):
+                            GROUP: tl.constexpr, M, SHARED: tl.constexpr):
     """[BM, BN] partial sums for 2-8 rows in the in-thread layout: each row keeps its own mask, a weight row is
     read when some row needs it, and the [BM, BK] x [BK, BN] product is summed over K inside each thread (CUDA
     cores; the tensor-core path pads the rows to 16 and stages the tiles through shared memory)."""
@@ -134,8 +134,12 @@ def in_thread_rows_partial(x_ptr, w_ptr, k_lo, k_hi, threshold, offs_m, m_ok, st
                 mask=m_ok[:, None] & (offs_k < k_hi)[None, :], other=0.0).to(tl.float32)
     for k0 in range(k_lo, k_hi, BK):
         offs_k = k0 + tl.arange(0, BK)
-        keep = tl.abs(x) > threshold  # padded rows and inputs past k_hi are 0: never kept (t >= 0)
-        need = tl.max(keep.to(tl.int32), axis=0) > 0
+        if SHARED:  # one mask for all rows: the rows' mean |x| against t (padded rows add 0)
+            need = tl.sum(tl.abs(x), axis=0) / M > threshold
+            keep = need[None, :] & m_ok[:, None]
+        else:
+            keep = tl.abs(x) > threshold  # padded rows and inputs past k_hi are 0: never kept (t >= 0)
+            need = tl.max(keep.to(tl.int32), axis=0) > 0
         w = load_weight_tile(w_ptr, offs_k, offs_n, offs_p, need, n_ok, p_ok, stride_wk, stride_wn, EVEN_N, WFMT)
         nxt = offs_k + BK
         x_next = tl.load(x_ptr + offs_m[:, None] * stride_xm + nxt[None, :],
@@ -180,6 +184,12 @@ def sparse_gemv_kernel(
     # two outputs a byte, w_ptr [N / 2, K] column-major, scales [ceil(K / GROUP), N] (row stride stride_sg)
     # applied to each tile's sums (BK divides GROUP). Segments swap s_ptr / stride_sg as they swap w_ptr.
     WFMT: tl.constexpr = 0, GROUP: tl.constexpr = 128, s_ptr=None, stride_sg=0,
+    # int8 on tensor cores with fp16 operands: the weights converted by bit pattern two to a register, x rounded to
+    # fp16 (a candidate for one row, swept by examples/bench_kernels.py --sweep-weights; not chosen by default)
+    HALF_DOT: tl.constexpr = False,
+    # a plan's batch_mask="shared": the rows drop the inputs whose mean |x| over the rows is <= t, all together (one
+    # row: the same as its own mask). Several rows take the tensor-core or the in-thread rows loop.
+    SHARED: tl.constexpr = False,
     s1_ptr=None, stride_sg1=0, s2_ptr=None, stride_sg2=0,
 ):
     """Program (N tile, K split) of y = (x ⊙ 1[|x| > t]) Wᵀ + b; segments 1 and 2 as segment 0, other pointers.
@@ -239,30 +249,43 @@ def sparse_gemv_kernel(
             k_ok = offs_k < k_hi
             x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                         mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-            keep = tl.abs(x.to(tl.float32)) > threshold
+            if SHARED:  # one mask for all rows: the rows' mean |x| against t (padded rows add 0)
+                need = tl.sum(tl.abs(x.to(tl.float32)), axis=0) / M > threshold
+                keep = need[None, :] & m_ok[:, None]
+            else:
+                keep = tl.abs(x.to(tl.float32)) > threshold
+                need = tl.max(keep.to(tl.int32), axis=0) > 0
             xs = tl.where(keep, x, 0.0)
-            need = tl.max(keep.to(tl.int32), axis=0) > 0
-            w = load_weight_tile(w_ptr, offs_k, offs_n, offs_p, need, n_ok, p_ok, stride_wk, stride_wn, EVEN_N, WFMT)
-            if WFMT != 0 and not UPCAST:  # (UPCAST, the interpreter's bf16 dots, takes the fp32 tile)
-                w = w.to(x_ptr.dtype.element_ty)  # int8 values: exact in fp16/bf16 (int4 never takes this path)
-            if WFMT == 2:  # a tile's product scaled by its group's scales before it joins the sum
-                part = tl.zeros((BM, BN), dtype=tl.float32)
+            if HALF_DOT:  # int8 through the fp16 bit pattern (0x6400 | (q + 128) is 1024 + q + 128, exactly), x in fp16
+                q = load_needed_rows(w_ptr, offs_k, offs_n, need, n_ok, stride_wk, stride_wn, EVEN_N)
+                u = q.to(tl.uint8, bitcast=True).to(tl.int32)
+                w16 = ((u ^ 0x80) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - 1152.0
+                if UPCAST:  # the CPU interpreter's dots, in fp32
+                    acc = tl.dot(xs.to(tl.float16).to(tl.float32), w16.to(tl.float32), acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(xs.to(tl.float16), w16, acc)
             else:
-                part = acc
-            if UPCAST:  # the CPU interpreter mis-computes bf16 dots; the GPU never takes this branch
-                part = tl.dot(xs.to(tl.float32), w.to(tl.float32), part, input_precision="ieee")
-            elif IEEE:
-                part = tl.dot(xs, w, part, input_precision="ieee")
-            else:
-                part = tl.dot(xs, w, part)
-            if WFMT == 2:
-                acc += part * group_scales(s_ptr, k0, offs_n, n_ok, stride_sg, GROUP)[None, :]
-            else:
-                acc = part
+                w = load_weight_tile(w_ptr, offs_k, offs_n, offs_p, need, n_ok, p_ok, stride_wk, stride_wn, EVEN_N, WFMT)
+                if WFMT != 0 and not UPCAST:  # (UPCAST, the interpreter's bf16 dots, takes the fp32 tile)
+                    w = w.to(x_ptr.dtype.element_ty)  # int8 values: exact in fp16/bf16 (int4 never takes this path)
+                if WFMT == 2:  # a tile's product scaled by its group's scales before it joins the sum
+                    part = tl.zeros((BM, BN), dtype=tl.float32)
+                else:
+                    part = acc
+                if UPCAST:  # the CPU interpreter mis-computes bf16 dots; the GPU never takes this branch
+                    part = tl.dot(xs.to(tl.float32), w.to(tl.float32), part, input_precision="ieee")
+                elif IEEE:
+                    part = tl.dot(xs, w, part, input_precision="ieee")
+                else:
+                    part = tl.dot(xs, w, part)
+                if WFMT == 2:
+                    acc += part * group_scales(s_ptr, k0, offs_n, n_ok, stride_sg, GROUP)[None, :]
+                else:
+                    acc = part
     elif IN_THREAD and BM > 1:
         acc = in_thread_rows_partial(x_ptr, w_ptr, k_lo, k_hi, threshold, offs_m, m_ok, stride_xm, offs_n, n_ok,
                                       stride_wk, stride_wn, BM, BK, BN, EVEN_N, offs_p, p_ok, s_ptr, stride_sg,
-                                      WFMT, GROUP)
+                                      WFMT, GROUP, M, SHARED)
     elif IN_THREAD:
         slot = (seg * SPLIT_K + pk) * CHUNK
         acc = tl.reshape(in_thread_partial(x_ptr, w_ptr, idx_ptr + slot, xv_ptr + slot, k_lo, k_hi, threshold,

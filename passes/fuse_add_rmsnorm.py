@@ -154,9 +154,9 @@ def fuse_add_rmsnorm(gm: fx.GraphModule, ctx: Optional[PassContext] = None) -> f
         if m is None or order[m["weight"]] > order[m["add"]]:
             continue
         add = m["add"]
-        with gm.graph.inserting_before(add):  # insert_sparse_linear writes the linear's seven arguments positionally
-            scales = lin.args[6] if len(lin.args) > 6 else None
-            new = gm.graph.call_function(op, (*lin.args[:6], m["residual"], m["weight"], m["eps"], scales))
+        with gm.graph.inserting_before(add):  # insert_sparse_linear writes the linear's eight arguments positionally
+            scales, shared = (lin.args[6], lin.args[7]) if len(lin.args) > 7 else (None, False)
+            new = gm.graph.call_function(op, (*lin.args[:6], m["residual"], m["weight"], m["eps"], scales, shared))
             h_new = gm.graph.call_function(operator.getitem, (new, 0))
             out_new = gm.graph.call_function(operator.getitem, (new, 1))
         key = "val" if "val" in add.meta else "example_value"

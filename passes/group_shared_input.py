@@ -36,17 +36,18 @@ def _members_by_input(gm: fx.GraphModule) -> dict:
         if n.op == "call_function" and n.target is op:
             x, w, b, t, psf = n.args[:5]
             scales = n.args[6] if len(n.args) > 6 else None
-            groups[(x, psf, b is None, scales is None)].append(n)
+            shared = bool(n.args[7]) if len(n.args) > 7 else False
+            groups[(x, psf, b is None, scales is None, shared)].append(n)
     return groups
 
 
-def _replace_with_group(gm: fx.GraphModule, chunk: list, x: fx.Node, psf: float) -> None:
+def _replace_with_group(gm: fx.GraphModule, chunk: list, x: fx.Node, psf: float, shared: bool) -> None:
     """One group node before the first member; each member's users read ``getitem(group, i)`` instead."""
     with gm.graph.inserting_before(chunk[0]):
         weights, biases, thresholds, sparsities = ([n.args[i] for n in chunk] for i in (1, 2, 3, 5))
         scales = [n.args[6] if len(n.args) > 6 else None for n in chunk]
         group = gm.graph.call_function(
-            torch.ops.teal.sparse_linear_group.default, (x, weights, biases, thresholds, psf, sparsities, scales)
+            torch.ops.teal.sparse_linear_group.default, (x, weights, biases, thresholds, psf, sparsities, scales, shared)
         )
         vals = [n.meta.get("val") for n in chunk]
         if all(v is not None for v in vals):
@@ -68,7 +69,7 @@ def _replace_with_group(gm: fx.GraphModule, chunk: list, x: fx.Node, psf: float)
 def group_shared_input(gm: fx.GraphModule, ctx: Optional[PassContext] = None) -> fx.GraphModule:
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     made = 0
-    for (x, psf, _, _), members in _members_by_input(gm).items():
+    for (x, psf, _, _, shared), members in _members_by_input(gm).items():
         members.sort(key=order.__getitem__)
         for start in range(0, len(members), MAX_SEGMENTS):
             chunk = members[start:start + MAX_SEGMENTS]
@@ -78,6 +79,6 @@ def group_shared_input(gm: fx.GraphModule, ctx: Optional[PassContext] = None) ->
             if any(order.get(a, len(order)) >= order[chunk[0]] for a in args):  # a node made by this pass: later
                 log.debug("teal: not grouping %s: an argument is defined after the first member", [n.name for n in chunk])
                 continue
-            _replace_with_group(gm, chunk, x, psf)
+            _replace_with_group(gm, chunk, x, psf, shared)
             made += 1
     return finish(gm, "groups", made, "%d groups of linears sharing an input -> teal::sparse_linear_group", made)

@@ -1,13 +1,16 @@
 """Rewrite: every matched block linear becomes ``teal::sparse_linear`` with its threshold from the plan.
 
 A linear is ``F.linear`` or, on a quantized model, ``teal::quantized_linear``, whose scales become the sparse op's
-last argument (always written positionally: the seven arguments, scales None for a float weight).
+seventh argument (always written positionally: the eight arguments, scales None for a float weight; the eighth says
+whether the plan's mask is shared by the batch).
 
 Invariants:
 * Only nodes labelled by ``label_block_linears`` are touched; lm_head and every other op stay as they are.
 * The new node computes the same shape and dtype as the linear it replaces: its ``meta["val"]`` /
   ``meta["example_value"]`` is the old node's fake tensor.
-* The threshold is read from the plan by the linear's key, nowhere else (the plan is the one source of truth).
+* The threshold is read from the plan by the linear's key, nowhere else (the plan is the one source of truth); a
+  shared-mask plan's threshold is the one for the graph's static batch size (``LinearPlan.threshold_for``; a
+  symbolic batch takes the one-row threshold and says so).
 * A graph whose token dimension is statically longer than one (a prefill) keeps its linears dense unless the plan
   asks for prefill sparsity: the op would take its dense branch anyway, and Inductor keeps cuBLAS and its fusions.
 """
@@ -34,11 +37,22 @@ def _static_tokens(x: fx.Node):
     return int(s) if isinstance(s, int) else None  # None: symbolic, decided at run time by the op
 
 
+def _static_batch(x: fx.Node):
+    """The rows a shared mask averages over: dim 0 of [B, S, K] or [M, K] (``reference.keep_mask``); None if
+    symbolic."""
+    v = fake_value(x)
+    if v is None:
+        return None
+    rows = v.shape[0] if v.dim() >= 2 else 1
+    return int(rows) if isinstance(rows, int) else None
+
+
 def insert_sparse_linear(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     plan, discovery = ctx.plan, ctx.discovery
     if plan is None or discovery is None or not discovery.matched:
         return gm
     op = torch.ops.teal.sparse_linear.default
+    shared = plan.batch_mask == "shared"
     rewritten = []
     for m in discovery.matched:
         node = m.node
@@ -46,12 +60,18 @@ def insert_sparse_linear(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule
         tokens = _static_tokens(x)
         if tokens is not None and tokens > 1 and plan.prefill_sparse_from >= 1.0:
             continue
-        threshold = float(plan.threshold(m.key))
+        if shared:
+            batch = _static_batch(x)
+            if batch is None:
+                log.warning("teal: %s: batch size not static, the shared mask uses the one-row threshold", m.key)
+            threshold = float(plan.linears[m.key].threshold_for(batch))
+        else:
+            threshold = float(plan.threshold(m.key))
         sparsity = plan.linears[m.key].sparsity  # picks the kernel variant only; None (unknown) -> -1
         with gm.graph.inserting_after(node):
             new = gm.graph.call_function(
                 op, (x, w, b, threshold, float(plan.prefill_sparse_from), -1.0 if sparsity is None else float(sparsity),
-                     linear_scales(node)))
+                     linear_scales(node), shared))
         new.meta.update(node.meta)
         new.meta["teal"] = m
         node.replace_all_uses_with(new)

@@ -27,7 +27,7 @@ from teal_fx.extract_blocks import BlockSubgraph, extract_blocks
 from teal_fx.histogram import AbsHistogram
 from teal_fx.models import model_name
 from teal_fx.passes.analysis.discovery import Discovery, discover
-from teal_fx.plan import WEIGHT_FORMATS, LinearPlan, Plan
+from teal_fx.plan import BATCH_MASKS, BATCH_SIZES, WEIGHT_FORMATS, LinearPlan, Plan
 from teal_fx.state import attach_plan
 from teal_fx.weights import apply_weight_format
 
@@ -165,11 +165,13 @@ class _GraphState:
 
 
 class _RecordingInterpreter(fx.Interpreter):
-    def __init__(self, state: _GraphState, histograms: dict[str, AbsHistogram], keep: bool, counts=None) -> None:
+    def __init__(self, state: _GraphState, histograms: dict[str, AbsHistogram], keep: bool, counts=None,
+                 recorder: Optional["Recorder"] = None) -> None:
         super().__init__(state.gm, garbage_collect_values=True)
         self.state, self.histograms = state, histograms
         self.kept: Optional[dict] = {} if keep else None
         self.state_counts = counts
+        self.recorder = recorder
 
 
     def run_node(self, n: fx.Node) -> Any:
@@ -180,9 +182,13 @@ class _RecordingInterpreter(fx.Interpreter):
             h.add(out, name=keys[0])
             for k in keys:
                 self.histograms[k] = self.histograms[k].merge(h) if k in self.histograms else h
+        if keys and self.recorder is not None and self.recorder.batch_sizes:
+            self.recorder.add_batch_means(keys, out)
         counts = self.state_counts
         if keys and counts is not None:
             a = out.detach().abs().float()
+            if self.recorder is not None and self.recorder.shared_counts:  # a shared mask: the batch's mean per position
+                a = a.mean(dim=0)
             for k in keys:
                 if k in counts:
                     counts[k][0] += int((a <= counts[k][2]).sum())
@@ -195,13 +201,36 @@ class _RecordingInterpreter(fx.Interpreter):
 class Recorder:
     """A Dynamo backend that runs each captured graph through ``_RecordingInterpreter``."""
 
-    def __init__(self, greedy: bool, thresholds: Optional[dict[str, float]] = None) -> None:
+    def __init__(self, greedy: bool, thresholds: Optional[dict[str, float]] = None,
+                 batch_sizes: Sequence[int] = (), shared_counts: bool = False) -> None:
         self.greedy = greedy
-        # key -> [at or below threshold, total, threshold]: exact counts of what a plan would zero
+        # key -> [at or below threshold, total, threshold]: exact counts of what a plan would zero (shared_counts: of
+        # the batch's mean |x| per position, what a shared mask compares)
         self.counts = {k: [0, 0, t] for k, t in thresholds.items()} if thresholds else None
+        self.shared_counts = shared_counts
         self.graphs: list[_GraphState] = []
         self.histograms: dict[str, AbsHistogram] = {}
+        # shared masks: key -> batch size -> histogram of the mean |x| over that many rows
+        self.batch_sizes = tuple(batch_sizes)
+        self.batch_histograms: dict[str, dict[int, AbsHistogram]] = {}
+        self._generator = torch.Generator().manual_seed(0)
         self.keep_next = False
+
+    def add_batch_means(self, keys: list[str], out: torch.Tensor) -> None:
+        """Histograms of the mean |x| over B rows, for each calibrated batch size B: the rows (token positions of the
+        calibration window) are shuffled, then averaged B at a time, as a batch of B sequences at one decode step
+        averages rows from different places."""
+        a = out.detach().abs().float().reshape(-1, out.shape[-1]).cpu()
+        perm = torch.randperm(a.shape[0], generator=self._generator)
+        for b in self.batch_sizes:
+            n = a.shape[0] // b
+            if n == 0:
+                continue
+            h = AbsHistogram()
+            h.add(a[perm[: n * b]].reshape(n, b, -1).mean(dim=1), name=keys[0])
+            for k in keys:
+                per_b = self.batch_histograms.setdefault(k, {})
+                per_b[b] = per_b[b].merge(h) if b in per_b else h
 
     def __call__(self, gm: fx.GraphModule, example_inputs):
         disc = discover(gm.graph)
@@ -215,7 +244,8 @@ class Recorder:
         self.graphs.append(state)
 
         def run(*args):
-            interp = _RecordingInterpreter(state, self.histograms, self.keep_next and bool(state.keep), self.counts)
+            interp = _RecordingInterpreter(state, self.histograms, self.keep_next and bool(state.keep), self.counts,
+                                           self)
             out = interp.run(*args)
             if interp.kept is not None:
                 state.kept.append(interp.kept)
@@ -277,6 +307,7 @@ def calibrate(
     progress: bool = True,
     weights: Optional[str] = None,
     quantize_lm_head: bool = False,
+    batch_mask: str = "per_row",
 ) -> Plan:
     """Calibrate thresholds for every block linear of ``model`` and allocate ``sparsity`` across them.
 
@@ -289,11 +320,17 @@ def calibrate(
 
     ``weights="int8" | "int4"`` quantizes the block linears in place first (``quantize_lm_head``: the output head
     to int8 too) and calibrates on the quantized model; the plan records the format (kernels/quantize.py).
+
+    ``batch_mask="shared"``: one mask per decode step for the whole batch (paper §5.4.4); the thresholds of the
+    rows' mean |x| are calibrated for batches of 2, 4, 8 and 16 (``Plan.batch_histograms``), the per-linear
+    sparsities are the per-row allocation's.
     """
     if method not in ("greedy", "uniform"):
         raise ValueError(f"method must be 'greedy' or 'uniform', got {method!r}")
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+    if batch_mask not in BATCH_MASKS:
+        raise ValueError(f"batch_mask must be one of {BATCH_MASKS}, got {batch_mask!r}")
     if weights not in (None, *WEIGHT_FORMATS):
         raise ValueError(f"weights must be one of {WEIGHT_FORMATS} or None, got {weights!r}")
     device = next(model.parameters()).device
@@ -321,7 +358,7 @@ def calibrate(
         source = str(data) if isinstance(data, (str, Path)) and len(str(data)) < 200 else type(data).__name__
     seqs, held = _hold_back(seqs, held_back)
 
-    recorder = Recorder(greedy=method == "greedy")
+    recorder = Recorder(greedy=method == "greedy", batch_sizes=BATCH_SIZES if batch_mask == "shared" else ())
     compiled = torch.compile(model, backend=recorder, dynamic=False)
     with torch.no_grad(), recompile_limits(1024, 4096):
         for i in tqdm(range(len(seqs)), desc="teal: calibrating", disable=not progress):
@@ -343,6 +380,8 @@ def calibrate(
         notes={"calibration": {"source": source, "sequences": len(seqs), "seq_len": int(seqs.shape[1])}},
         weights=weights,
         lm_head="int8" if quantize_lm_head else None,
+        batch_mask=batch_mask,
+        batch_histograms=recorder.batch_histograms,
     )
     if method == "greedy":
         blocks = [(st, b) for st in recorder.graphs for b in st.blocks]
@@ -375,13 +414,22 @@ def _hold_back(seqs: torch.Tensor, count: int) -> tuple[torch.Tensor, Optional[t
 
 
 def realised_sparsity(model: nn.Module, plan: Plan, data: Data, *, tokenizer: Any = None, num_sequences: int = 4,
-                      seq_len: int = 256) -> dict[str, float]:
-    """The fraction of each matched linear's input at or below its threshold, counted exactly on ``data``."""
+                      seq_len: int = 256, batch: int = 1) -> dict[str, float]:
+    """The fraction of each matched linear's input at or below its threshold, counted exactly on ``data``.
+
+    ``batch`` > 1 with a shared-mask plan: the windows run ``batch`` at a time (spread over the data, so a batch's
+    rows come from different places) and what counts is the batch's mean |x| per position against the threshold for
+    that batch size, i.e. the fraction of inputs the shared mask drops."""
     seqs = token_sequences(data, tokenizer, num_sequences=num_sequences, seq_len=seq_len)
-    recorder = Recorder(greedy=False, thresholds={k: lp.threshold for k, lp in plan.linears.items()})
+    shared = batch > 1 and plan.batch_mask == "shared"
+    recorder = Recorder(greedy=False, thresholds={k: lp.threshold_for(batch if shared else 1)
+                                                  for k, lp in plan.linears.items()}, shared_counts=shared)
     compiled = torch.compile(model, backend=recorder, dynamic=False)
     device = next(model.parameters()).device
+    step = batch if shared else 1
+    n = len(seqs) // step * step
+    order = torch.arange(n).reshape(step, -1).t().reshape(-1)  # batch j: windows j, j + n/step, ... (spread)
     with torch.no_grad(), recompile_limits(1024, 4096):
-        for i in range(len(seqs)):
-            compiled(input_ids=seqs[i : i + 1].to(device), use_cache=False)
+        for i in range(0, n, step):
+            compiled(input_ids=seqs[order[i : i + step]].to(device), use_cache=False)
     return {k: below / total for k, (below, total, _) in recorder.counts.items() if total}

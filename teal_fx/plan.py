@@ -22,6 +22,8 @@ PLAN_FORMAT = "teal-fx-plan"
 PLAN_VERSION = 2  # 2: the weight format (``weights``, ``lm_head``); version 1 plans load as float weights
 READABLE_VERSIONS = (1, 2)
 WEIGHT_FORMATS = ("int8", "int4")  # kernels/quantize.py
+BATCH_MASKS = ("per_row", "shared")
+BATCH_SIZES = (2, 4, 8, 16)  # a shared mask's thresholds are calibrated for these batch sizes
 
 ROLES = ("q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down")
 
@@ -36,6 +38,15 @@ class LinearPlan:
     shape: tuple[int, int]  # (out_features, in_features), as the weight is stored in the model
     sparsity: Optional[float]  # None: unknown (a plan made from explicit thresholds)
     threshold: float
+    # batch_mask="shared": ((B, threshold on the mean |x| of B rows), ...) for BATCH_SIZES; None otherwise
+    batch_thresholds: Optional[tuple[tuple[int, float], ...]] = None
+
+    def threshold_for(self, batch: Optional[int]) -> float:
+        """The threshold a shared mask over ``batch`` rows compares the rows' mean |x| with: the calibrated batch
+        size nearest in log scale (one row, or no table: ``threshold``)."""
+        if not self.batch_thresholds or not batch or batch <= 1:
+            return self.threshold
+        return min(self.batch_thresholds, key=lambda bt: abs(math.log2(bt[0]) - math.log2(batch)))[1]
 
     @property
     def numel(self) -> int:
@@ -63,8 +74,15 @@ class Plan:
     notes: dict = field(default_factory=dict)
     weights: Optional[str] = None
     lm_head: Optional[str] = None
+    # "per_row" (TEAL: each row its own mask) or "shared" (one mask per step for the batch: the channels whose mean |x|
+    # over the rows is at or below the batch size's threshold; paper §5.4.4)
+    batch_mask: str = "per_row"
+    # shared: key -> batch size -> histogram of the mean |x| over that many rows (re-derives batch thresholds)
+    batch_histograms: dict[str, dict[int, AbsHistogram]] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
+        if self.batch_mask not in BATCH_MASKS:
+            raise PlanError(f"batch_mask must be one of {BATCH_MASKS}, got {self.batch_mask!r}")
         if self.weights not in (None, *WEIGHT_FORMATS):
             raise PlanError(f"unknown weight format {self.weights!r} (one of {WEIGHT_FORMATS}, or None)")
         if self.lm_head not in (None, "int8"):
@@ -138,10 +156,19 @@ class Plan:
             raise PlanError("this plan has no greedy paths (it was calibrated with method='uniform')")
         per_key = sparsities_at({k: lp.numel for k, lp in self.linears.items()}, self.greedy_paths, sparsity, method)
         linears = {
-            k: replace(lp, sparsity=per_key[k], threshold=self.histograms[k].quantile(per_key[k]))
+            k: replace(lp, sparsity=per_key[k], threshold=self.histograms[k].quantile(per_key[k]),
+                       batch_thresholds=self._batch_thresholds(k, per_key[k]))
             for k, lp in self.linears.items()
         }
         return replace(self, linears=linears, method=method, target_sparsity=sparsity)
+
+    def _batch_thresholds(self, key: str, sparsity: float) -> Optional[tuple[tuple[int, float], ...]]:
+        """Each batch size's threshold on the rows' mean |x| that drops ``sparsity`` of a shared mask's inputs (the
+        per-linear sparsities come from the per-row allocation)."""
+        hists = self.batch_histograms.get(key)
+        if self.batch_mask != "shared" or not hists:
+            return None
+        return tuple((b, hists[b].quantile(sparsity)) for b in sorted(hists))
 
     # ------------------------------------------------------------------ fitting a model
     def check_fits(self, found: Iterable["MatchedLinearInfo"], *, require_all: bool = True) -> None:
@@ -179,9 +206,14 @@ class Plan:
             "prefill_sparse_from": self.prefill_sparse_from,
             "weights": self.weights,
             "lm_head": self.lm_head,
+            "batch_mask": self.batch_mask,
             "linears": [
-                {**asdict(lp), "shape": list(lp.shape)} for lp in self.linears.values()
+                {**asdict(lp), "shape": list(lp.shape),
+                 "batch_thresholds": None if lp.batch_thresholds is None else [list(bt) for bt in lp.batch_thresholds]}
+                for lp in self.linears.values()
             ],
+            "batch_histograms": {k: {str(b): h.to_json() for b, h in hs.items()}
+                                 for k, hs in self.batch_histograms.items()},
             "histograms": {k: h.to_json() for k, h in self.histograms.items()},
             "greedy_paths": {str(b): rows for b, rows in self.greedy_paths.items()},
             "notes": self.notes,
@@ -204,7 +236,12 @@ class Plan:
                     shape=(int(e["shape"][0]), int(e["shape"][1])),
                     sparsity=None if e.get("sparsity") is None else float(e["sparsity"]),
                     threshold=float(e["threshold"]),
+                    batch_thresholds=None if e.get("batch_thresholds") is None else tuple(
+                        (int(b), float(t)) for b, t in e["batch_thresholds"]),
                 )
+                if lp.batch_thresholds is not None and any(
+                        b < 2 or not math.isfinite(t) or t < 0 for b, t in lp.batch_thresholds):
+                    raise PlanError(f"bad batch thresholds {lp.batch_thresholds!r} for {lp.key}")
                 if lp.role not in ROLES:
                     raise PlanError(f"unknown role {lp.role!r} for {lp.key}")
                 if not math.isfinite(lp.threshold) or lp.threshold < 0:
@@ -236,6 +273,9 @@ class Plan:
                 notes=dict(data.get("notes", {})),
                 weights=data.get("weights"),
                 lm_head=data.get("lm_head"),
+                batch_mask=str(data.get("batch_mask", "per_row")),
+                batch_histograms={str(k): {int(b): AbsHistogram.from_json(h) for b, h in hs.items()}
+                                  for k, hs in data.get("batch_histograms", {}).items()},
             )
         except PlanError:
             raise

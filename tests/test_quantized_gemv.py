@@ -191,3 +191,20 @@ def test_dequant_matmul_matches_float64(fmt, M, N, K, bias, dtype, seed):
     x, q, s, b = operands(M, N, K, dtype, fmt, seed, bias)
     y = dm.dequant_matmul(x, q, s, b, block_m=16, block_n=32, block_k=32)
     assert rel_err(y.cpu(), reference(x.cpu(), q, s, None if b is None else b.cpu(), -1.0)) <= TOL[dtype]
+
+
+@settings(max_examples=8, deadline=None)
+@given(M=st.integers(1, 8), N=st.integers(1, 70), K=st.integers(1, 200), dtype=st.sampled_from([torch.float16,
+       torch.bfloat16]), t=st.floats(0.0, 1.5), seed=st.integers(0, 100), iters=st.integers(1, 4))
+def test_int8_half_dot_matches_float64(M, N, K, dtype, t, seed, iters):
+    """The fp16 tensor-core candidate for int8 (``half_dot``): the bit-pattern conversion is exact, x is rounded to
+    fp16 (exact for bf16 and fp16 values in range)."""
+    x, q, s, _ = operands(M, N, K, dtype, "int8", seed)
+    cfg = make_config(N, K, BN=32, BK=16, iters=iters, use_dot=True, half_dot=True)
+    assert cfg.half_dot
+    y = sg.sparse_gemv(x, q, None, t, config=cfg, scales=s)
+    assert rel_err(y.cpu(), reference(x.cpu(), q, s, None, t)) <= TOL[dtype]
+    with pytest.raises(ValueError, match="half_dot"):
+        x4, q4, s4, _ = operands(M, 2 * N, K, dtype, "int4", seed)
+        sg.sparse_gemv(x4, q4, None, t, config=make_config(2 * N, K, BN=32, BK=16, iters=1, use_dot=True,
+                                                           half_dot=True), scales=s4)

@@ -68,21 +68,21 @@ def test_group_opcheck(dtype):
     x = torch.randn(2, 1, 16, dtype=dtype, requires_grad=grad)
     ws = [torch.randn(n, 16, dtype=dtype, requires_grad=grad) for n in (8, 4, 4)]
     op = torch.ops.teal.sparse_linear_group.default
-    torch.library.opcheck(op, (x, ws, [None, None, None], [0.5, 0.1, 1.0], 1.0, [0.5, 0.6, -1.0], [None] * 3))
+    torch.library.opcheck(op, (x, ws, [None, None, None], [0.5, 0.1, 1.0], 1.0, [0.5, 0.6, -1.0], [None] * 3, False))
     bs = [torch.randn(n, dtype=dtype) for n in (8, 4, 4)]
     torch.library.opcheck(op, (torch.randn(3, 4, 16, dtype=dtype), [w.detach() for w in ws], bs, [0.2, 0.3, 0.4], 0.5, [0.7, 0.7, 0.7],
-                                [None] * 3))
+                                [None] * 3, False))
 
 
 def test_group_equals_one_op_per_weight_and_its_gradients():
     x = torch.randn(3, 1, 12, dtype=torch.float64, requires_grad=True)
     ws = [torch.randn(n, 12, dtype=torch.float64, requires_grad=True) for n in (5, 3)]
     ts = [0.7, 0.2]
-    group = torch.ops.teal.sparse_linear_group(x, ws, [None, None], ts, 1.0, [0.4, 0.7], [None, None])
+    group = torch.ops.teal.sparse_linear_group(x, ws, [None, None], ts, 1.0, [0.4, 0.7], [None, None], False)
     for y, w, t in zip(group, ws, ts):
         torch.testing.assert_close(y, sparse_linear(x, w, None, t, 1.0))
     torch.autograd.gradcheck(lambda x, a, b: torch.ops.teal.sparse_linear_group(x, [a, b], [None, None], ts, 1.0, [0.4, 0.7],
-                                                                                [None, None]),
+                                                                                [None, None], False),
                              (x, *ws))
 
 

@@ -1,0 +1,86 @@
+"""One mask per batch (a plan's ``batch_mask="shared"``, paper §5.4.4): the reference's semantics, and the Triton
+GEMV's shared-mask loops (tensor cores, in-thread rows; up to 16 rows; grouped, SwiGLU) against a float64 reference.
+
+Runs on a GPU when there is one, otherwise under TRITON_INTERPRET=1 (set by conftest before triton is imported)."""
+import os
+from dataclasses import replace
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from teal_fx.kernels.reference import keep_mask, reference_sparse_linear
+
+triton = pytest.importorskip("triton")
+from teal_fx.kernels import sparse_gemv as sg  # noqa: E402
+from teal_fx.kernels.sparse_gemv_config import make_config  # noqa: E402
+
+ON_GPU = torch.cuda.is_available()
+if not ON_GPU and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("no GPU and TRITON_INTERPRET is not set", allow_module_level=True)
+DEVICE = "cuda" if ON_GPU else "cpu"
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+
+
+def test_shared_mask_drops_the_same_inputs_for_every_row():
+    x = torch.tensor([[1.0, 0.1, 0.9], [0.0, 0.2, -0.3], [0.2, 0.3, 0.0]])  # column means of |x|: 0.4, 0.2, 0.4
+    keep = keep_mask(x, 0.3, shared=True)
+    assert keep.tolist() == [[True, False, True]] * 3
+    assert torch.equal(keep_mask(x[:1], 0.3, shared=True), keep_mask(x[:1], 0.3))  # one row: its own mask
+    x3 = torch.randn(4, 5, 8)  # [batch, positions, inputs]: a mask per position, over the batch
+    k3 = keep_mask(x3, 0.7, shared=True)
+    assert torch.equal(k3[0], x3.abs().mean(0) > 0.7) and torch.equal(k3[1], k3[3])
+
+
+def rel_err(y, ref):
+    return float((y.double() - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+@settings(max_examples=12, deadline=None)
+@given(M=st.integers(1, 16), N=st.integers(1, 70), K=st.integers(1, 150), dtype=st.sampled_from([torch.float32,
+       torch.bfloat16]), t=st.floats(0.0, 1.2), bias=st.booleans(), seed=st.integers(0, 1000),
+       loop=st.sampled_from([None, "dot", "in_thread"]), iters=st.integers(1, 4))
+def test_shared_mask_gemv_matches_float64(M, N, K, dtype, t, bias, seed, loop, iters):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, K, generator=g).to(dtype).to(DEVICE)
+    w = (torch.randn(N, K, generator=g) / K**0.5).to(dtype).to(DEVICE).t().contiguous().t()
+    b = torch.randn(N, generator=g).to(dtype).to(DEVICE) if bias else None
+    if loop == "in_thread" and M > 8:
+        loop = "dot"
+    cfg = None if loop is None else make_config(N, K, BN=32, BK=16, iters=iters, use_dot=loop == "dot",
+                                                in_thread=loop == "in_thread")
+    y = torch.full((M, N), float("nan"), dtype=dtype, device=DEVICE)
+    for _ in range(2):
+        sg.sparse_gemv(x, w, b, t, config=cfg, out=y, shared=True)
+        ref = reference_sparse_linear(x.cpu().double(), w.cpu().double(), None if b is None else b.cpu().double(), t,
+                                      shared=True)
+        assert not torch.isnan(y).any()
+        assert rel_err(y.cpu(), ref) <= TOL[dtype]
+
+
+def test_shared_mask_takes_up_to_16_rows_and_per_row_masks_8():
+    x, w = torch.randn(16, 40, device=DEVICE), torch.randn(32, 40, device=DEVICE).t().contiguous().t()
+    assert sg.sparse_gemv(x, w, None, 0.5, shared=True).shape == (16, 32)
+    with pytest.raises(ValueError, match="rows"):
+        sg.sparse_gemv(x, w, None, 0.5)
+    with pytest.raises(ValueError, match="rows"):
+        sg.sparse_gemv(torch.randn(17, 40, device=DEVICE), w, None, 0.5, shared=True)
+
+
+@pytest.mark.parametrize("M,loop", [(3, "in_thread"), (6, "dot"), (12, "dot")])
+def test_shared_mask_grouped_and_swiglu(M, loop):
+    g = torch.Generator().manual_seed(M)
+    K, Ns = 72, [48, 16, 16]
+    x = torch.randn(M, K, generator=g).to(DEVICE)
+    ws = [(torch.randn(N, K, generator=g) / K**0.5).to(DEVICE).t().contiguous().t() for N in Ns]
+    ts = [0.6, 0.8, 0.4]
+    cfg = replace(make_config(sum(Ns), K, BN=16, BK=16, iters=2, use_dot=loop == "dot", in_thread=loop == "in_thread"),
+                  apart=True)
+    for y, w, t in zip(sg.sparse_gemv_group(x, ws, [None] * 3, ts, config=cfg, shared=True), ws, ts):
+        ref = reference_sparse_linear(x.cpu().double(), w.cpu().double(), None, t, shared=True)
+        assert rel_err(y.cpu(), ref) <= 1e-5
+    h = sg.sparse_gemv_swiglu(x, ws[1], ws[2], 0.5, 0.7, config=cfg, shared=True)
+    gate = reference_sparse_linear(x.cpu().double(), ws[1].cpu().double(), None, 0.5, shared=True)
+    up = reference_sparse_linear(x.cpu().double(), ws[2].cpu().double(), None, 0.7, shared=True)
+    assert rel_err(h.cpu(), torch.nn.functional.silu(gate) * up) <= 1e-5

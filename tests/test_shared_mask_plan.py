@@ -1,0 +1,71 @@
+"""Shared masks end to end on the CPU: calibration records the batch means' histograms, the plan keeps a threshold
+per batch size (saved, re-derived by ``at``), the rewrite picks the graph's batch size, the compiled batch equals the
+masked reference, and the realised sparsity of a batch of B windows from different places is near the plan's."""
+import pytest
+import torch
+
+import teal_fx
+from teal_fx.errors import PlanError
+from teal_fx.kernels.reference import keep_mask
+from teal_fx.plan import Plan
+from tests.conftest import tiny_model
+
+DATA = torch.randint(0, 100, (24, 64), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module")
+def shared():
+    model = tiny_model("llama")
+    plan = teal_fx.calibrate(model, DATA, sparsity=0.5, method="uniform", batch_mask="shared", progress=False,
+                             attach=False)
+    return model, plan
+
+
+def test_plan_has_a_threshold_per_batch_size_that_survives_save_and_at(shared, tmp_path):
+    _, plan = shared
+    assert plan.batch_mask == "shared"
+    lp = next(iter(plan.linears.values()))
+    sizes = [b for b, _ in lp.batch_thresholds]
+    assert sizes == [2, 4, 8, 16]
+    ts = dict(lp.batch_thresholds)
+    assert lp.threshold_for(1) == lp.threshold and lp.threshold_for(8) == ts[8] and lp.threshold_for(6) == ts[8]
+    # the mean of more rows is narrower: its 50% quantile moves away from the one-row quantile of a Laplace-like |x|
+    assert ts[2] != lp.threshold
+    plan.save(tmp_path / "p.json")
+    again = Plan.load(tmp_path / "p.json")
+    assert again.batch_mask == "shared" and again.linears == plan.linears
+    assert again.at(0.3).linears[lp.key].batch_thresholds[0][1] < ts[2]  # less sparsity, lower threshold
+    with pytest.raises(PlanError, match="batch_mask"):
+        Plan.from_json({**plan.to_json(), "batch_mask": "union"})
+
+
+def test_compiled_batch_equals_the_shared_mask_reference(shared):
+    model, plan = shared
+    teal_fx.attach_plan(model, plan)
+    ids = torch.randint(3, 100, (4, 1))  # a decode-shaped batch of 4 sequences
+    compiled = torch.compile(model, backend="teal", options={"compiler": "eager"})
+    with torch.no_grad():
+        out = compiled(ids, use_cache=False).logits
+    handles = []
+    for name, mod in model.named_modules():  # the reference: each linear's input masked by the batch's mean |x|
+        key = name + ".weight"
+        if key in plan:
+            t = plan.linears[key].threshold_for(4)
+            handles.append(mod.register_forward_pre_hook(
+                lambda m, a, t=t: (torch.where(keep_mask(a[0], t, shared=True), a[0], 0.0),)))
+    try:
+        with torch.no_grad():
+            ref = model(ids, use_cache=False).logits
+    finally:
+        for h in handles:
+            h.remove()
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    teal_fx.detach_plan(model)
+
+
+@pytest.mark.parametrize("batch", [2, 4, 8])
+def test_realised_shared_sparsity_is_near_the_plan(shared, batch):
+    model, plan = shared
+    got = teal_fx.realised_sparsity(model, plan, DATA, num_sequences=16, seq_len=64, batch=batch)
+    err = [abs(v - plan.linears[k].sparsity) for k, v in got.items()]
+    assert sum(err) / len(err) < 0.05  # a tiny random model on 16 windows: the CPU check; the real one is SmolLM2's
