@@ -17,6 +17,7 @@ from typing import Any, Callable, Optional
 
 import torch
 from torch import fx
+from torch._dynamo.utils import counters
 
 from teal_fx import state
 from teal_fx.inductor import compile_graph
@@ -73,6 +74,8 @@ class _PlanKeyedGraph:
         if entry is None or entry[0] is not plan:
             log.info("teal: compiling a graph again for the plan that now applies to it")
             entry = self.variants[id(plan)] = (plan, self._compile(_copy_graph(self.pristine), list(args), plan)[1])
+        if plan is not None:  # what says a sparse variant ran, compiled now or served from Dynamo's cache (evaluate.py)
+            counters["teal"]["sparse_graph_calls"] += 1
         return entry[1](*args)
 
     def _plan_now(self, args: tuple) -> Optional[Plan]:

@@ -69,3 +69,21 @@ def test_realised_shared_sparsity_is_near_the_plan(shared, batch):
     got = teal_fx.realised_sparsity(model, plan, DATA, num_sequences=16, seq_len=64, batch=batch)
     err = [abs(v - plan.linears[k].sparsity) for k, v in got.items()]
     assert sum(err) / len(err) < 0.05  # a tiny random model on 16 windows: the CPU check; the real one is SmolLM2's
+
+
+def test_spread_batches_change_only_what_rows_share(shared):
+    """Perplexity sums over windows: the order of windows in batches leaves per-row masks' perplexity unchanged, and
+    a shared mask sees other batches (so its perplexity changes)."""
+    from dataclasses import replace
+
+    from teal_fx.evaluate import evaluate_perplexity
+
+    model, plan = shared
+    ids = DATA.reshape(-1)[:1024]
+    kw = dict(window=64, batch_size=4, progress=False)
+    per_row = replace(plan, batch_mask="per_row")
+    a = evaluate_perplexity(model, ids, per_row, **kw).perplexity
+    assert a == pytest.approx(evaluate_perplexity(model, ids, per_row, spread=True, **kw).perplexity, rel=1e-6)
+    s1 = evaluate_perplexity(model, ids, plan, **kw).perplexity
+    s2 = evaluate_perplexity(model, ids, plan, spread=True, **kw).perplexity
+    assert s1 != pytest.approx(s2, rel=1e-9)
