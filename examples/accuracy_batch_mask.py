@@ -1,6 +1,7 @@
 """Shared batch masks (paper §5.4.4) against TEAL's per-row masks: SmolLM2-135M's perplexity on WikiText-2 test when
-the rows of a batch of 4, 8 or 16 windows from different places in the text share one mask, at 25/40/50% (greedy),
-both protocols; and the realised sparsity of the shared mask at batch 2, 4, 8 and 16 on held-out text.
+the rows of a batch of 4, 8 or 16 windows from different places in the text share one mask, at 25/40/50%; and the
+realised sparsity of the shared mask at batch 2, 4, 8 and 16 on held-out text. Uniform allocation and the "all"
+protocol (every token sparsified, as decoding sees it) by default: the question is the mask, not the allocation.
 
     python examples/accuracy_batch_mask.py        # examples/results/smollm2_batch_mask_wikitext2.md
 """
@@ -28,6 +29,9 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--sparsities", default="0.25,0.4,0.5")
     ap.add_argument("--batches", default="4,8,16")
+    ap.add_argument("--method", default="uniform", choices=("uniform", "greedy"))
+    ap.add_argument("--protocols", default="all", help="comma-separated: all, teal")
+    ap.add_argument("--realised-windows", type=int, default=64)
     ap.add_argument("--out", default="examples/results/smollm2_batch_mask_wikitext2.md")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -35,12 +39,14 @@ def main() -> None:
     test = Path(args.data) / "test.txt"
     t0 = time.time()
     plan = teal_fx.calibrate(model, Path(args.data) / "valid.txt", sparsity=0.5, tokenizer=tok, max_sparsity=0.6,
-                             batch_mask="shared", progress=False)
+                             method=args.method, batch_mask="shared", progress=False)
+    protocols = args.protocols.split(",")
     calib_s = time.time() - t0
     seq_len = plan.notes["calibration"]["seq_len"]
     realised = {}
-    for b in (1, 2, 4, 8, 16):  # 64 windows of test.txt, in batches of b spread over the file
-        got = teal_fx.realised_sparsity(model, plan, test, tokenizer=tok, num_sequences=64, seq_len=seq_len, batch=b)
+    for b in (1, 2, 4, 8, 16):  # windows of test.txt, in batches of b spread over the file
+        got = teal_fx.realised_sparsity(model, plan, test, tokenizer=tok, num_sequences=args.realised_windows,
+                                        seq_len=seq_len, batch=b)
         errs = [abs(v - plan.linears[k].sparsity) for k, v in got.items()]
         realised[b] = (sum(errs) / len(errs), max(errs), sum(e <= 0.01 for e in errs), len(errs))
         print("realised", b, realised[b], flush=True)
@@ -49,13 +55,13 @@ def main() -> None:
     batches = [int(b) for b in args.batches.split(",")]
     rows = []
     for s in [float(x) for x in args.sparsities.split(",")]:
-        p = plan.at(s, "greedy")
+        p = plan.at(s, args.method)
         per_row = replace(p, batch_mask="per_row")
         res = {"per row": {pr: evaluate_perplexity(model, test, per_row, protocol=pr, **kw).perplexity
-                           for pr in ("all", "teal")}}
+                           for pr in protocols}}
         for b in batches:
             res[f"shared, batch {b}"] = {pr: evaluate_perplexity(model, test, p, protocol=pr, batch_size=b, spread=True,
-                                                                 **kw).perplexity for pr in ("all", "teal")}
+                                                                 **kw).perplexity for pr in protocols}
         for name, r in res.items():
             rows.append((s, name, r))
             print(s, name, r, flush=True)
@@ -64,14 +70,15 @@ def main() -> None:
         "# SmolLM2-135M on WikiText-2: one mask per batch (shared) vs one per row",
         "",
         f"- date {datetime.date.today()}; torch {torch.__version__}; CPU; model: SmolLM2-135M-Instruct (fp32)",
-        f"- calibration: `valid.txt` with `batch_mask=\"shared\"` ({calib_s:.0f} s): greedy allocation as for per-row "
-        "masks; the thresholds of the rows' mean |x| for batches of 2/4/8/16 from histograms of the means of shuffled "
-        "calibration rows",
+        f"- calibration: `valid.txt` with `batch_mask=\"shared\"` ({calib_s:.0f} s): {args.method} allocation, the same "
+        "per-linear sparsities for both masks; the thresholds of the rows' mean |x| for batches of 2/4/8/16 from "
+        "histograms of the means of shuffled calibration rows",
         f"- evaluation: first {args.max_tokens} tokens of `test.txt`, windows of {args.window} advancing by "
         f"{args.window // 2}; a shared batch holds windows from different places in the text (`spread=True`); "
-        "protocols **all** (every token sparsified) and **teal** (only the scored half)",
+        f"protocol(s): {', '.join(protocols)} (all: every token sparsified; teal: only the scored half)",
         "",
-        "Realised sparsity of the plan at 50% on 64 windows of `test.txt` (held out), batches spread over the file: "
+        f"Realised sparsity of the plan at 50% on {args.realised_windows} windows of `test.txt` (held out), batches "
+        "spread over the file: "
         "error of each linear's realised fraction against its planned sparsity:",
         "",
         "| batch | mask | mean error (points) | worst (points) | linears within 1 point |",
@@ -80,14 +87,13 @@ def main() -> None:
     for b, (mean, worst, within, n) in realised.items():
         lines.append(f"| {b} | {'per row' if b == 1 else 'shared'} | {100 * mean:.2f} | {100 * worst:.2f} | "
                      f"{within} of {n} |")
-    lines += ["", "| sparsity | mask | ppl (all) | vs dense | vs per row | ppl (teal) | vs dense | vs per row |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- |",
-              f"| 0 | dense | {dense:.3f} | | | {dense:.3f} | | |"]
+    lines += ["", "| sparsity | mask | " + " | ".join(f"ppl ({pr}) | vs dense | vs per row" for pr in protocols) + " |",
+              "| --- | --- | " + " | ".join("--- | --- | ---" for _ in protocols) + " |",
+              "| 0 | dense | " + " | ".join(f"{dense:.3f} | |" for _ in protocols) + " |"]
     base = {s: r for s, name, r in rows if name == "per row"}
     for s, name, r in rows:
-        a, t = r["all"], r["teal"]
-        lines.append(f"| {s:.0%} | {name} | {a:.3f} | {a / dense - 1:+.1%} | {a / base[s]['all'] - 1:+.1%} | {t:.3f} | "
-                     f"{t / dense - 1:+.1%} | {t / base[s]['teal'] - 1:+.1%} |")
+        cells = [f"{r[pr]:.3f} | {r[pr] / dense - 1:+.1%} | {r[pr] / base[s][pr] - 1:+.1%}" for pr in protocols]
+        lines.append(f"| {s:.0%} | {name} | " + " | ".join(cells) + " |")
     lines += ["", f"Command: `{shlex.join(['python', 'examples/accuracy_batch_mask.py', *sys.argv[1:]])}`", ""]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(lines))

@@ -50,7 +50,10 @@ def main() -> None:
                        for proto in ("all", "teal")}
             print(name, s, rows[s], flush=True)
         results[name] = (rows, calib_s)
+        write(args, results)  # after each format: a run cut short keeps what it measured
 
+
+def write(args, results: dict) -> None:
     base = results.get("none", next(iter(results.values())))[0]
     lines = [
         "# SmolLM2-135M on WikiText-2: TEAL sparsity on quantized weights",
