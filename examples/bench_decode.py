@@ -169,6 +169,10 @@ def main() -> int:
     ap.add_argument("--weights", default="int8,int4",
                     help="quantized formats: PyTorch's own weight-only decoding and teal's at --weight-sparsities")
     ap.add_argument("--weight-sparsities", default="0,0.4,0.5")
+    ap.add_argument("--batches", default="",
+                    help="batch rows (issue 26): comma-separated batch sizes, each with Inductor dense, teal with one "
+                         "mask per row and teal with one mask shared by the batch, at --batch-sparsity")
+    ap.add_argument("--batch-sparsity", type=float, default=0.5)
     ap.add_argument("--out", help="default: examples/results/decode_<gpu>.md (decode_h100.md on an H100)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -204,12 +208,15 @@ def main() -> int:
     torch.cuda.reset_peak_memory_stats()
     t, first = decode_speed(lean(model, ids, "inductor", cache_len), args.new_tokens)
     dense[1] = t
-    dense_tokens = lean(model, ids, "inductor", cache_len)(64)
-    # the 0% check's references, while Inductor dense's graphs are still compiled (attaching a plan recompiles)
-    reference = ZeroCheck(dense_tokens, args.prompt,
-                          decode_logits(model, dense_tokens, args.prompt, backend="inductor", mode="reduce-overhead",
-                                        max_cache_len=cache_len)[0],
-                          decode_logits(model, dense_tokens, args.prompt, backend="none", max_cache_len=cache_len)[0])
+    reference = None
+    if 0.0 in [float(x) for x in args.sparsities.split(",") if x]:
+        dense_tokens = lean(model, ids, "inductor", cache_len)(64)
+        # the 0% check's references, while Inductor dense's graphs are still compiled (attaching a plan recompiles)
+        reference = ZeroCheck(dense_tokens, args.prompt,
+                              decode_logits(model, dense_tokens, args.prompt, backend="inductor",
+                                            mode="reduce-overhead", max_cache_len=cache_len)[0],
+                              decode_logits(model, dense_tokens, args.prompt, backend="none",
+                                            max_cache_len=cache_len)[0])
     add("lean loop, Inductor dense", 1, t, first, peak_gib(), is_dense=True)
     if args.dense_tuned:
         torch.cuda.reset_peak_memory_stats()
@@ -227,6 +234,8 @@ def main() -> int:
         dense[4] = t
         add("lean loop, Inductor dense", 4, t, first, is_dense=True)
 
+    if args.batches:  # before any plan is attached: the weights are row-major, as users have them
+        batch_dense_rows(model, [int(b) for b in args.batches.split(",")], args, cache_len, add, dense)
     if args.hf_sparsities:  # before any plan is attached: the weights are still row-major, as users have them
         torch.compiler.reset()
         t, first = decode_speed(hf(model, ids, "inductor", cache_len), args.new_tokens)
@@ -234,7 +243,10 @@ def main() -> int:
         add("HF generate(), Inductor dense", 1, t, first, is_dense=True)
 
     calib = torch.randint(0, vocab, (2, 256))
-    plan = teal_fx.calibrate(model, calib, sparsity=0.5, method="uniform", num_sequences=2, seq_len=256, progress=False)
+    plan = None
+    if args.sparsities or args.hf_sparsities or args.extra_sparsities or args.sdpa_sparsities:
+        plan = teal_fx.calibrate(model, calib, sparsity=0.5, method="uniform", num_sequences=2, seq_len=256,
+                                 progress=False)
     lean_teal(model, ids, ids4, plan, args.sparsities, args, cache_len, reference, add, notes, peak_gib)
 
     if args.hf_sparsities:
@@ -249,6 +261,8 @@ def main() -> int:
         teal_fx.attach_plan(model, plan.at(s, "uniform"), check=False)
         t, first = decode_speed(lean(model, ids, "teal", cache_len, {"decode_attention": False}), args.new_tokens)
         add(f"lean loop, teal {s:.0%}, sdpa attention", 1, t, first)
+    if args.batches:
+        batch_teal_rows(model, calib, [int(b) for b in args.batches.split(",")], args, cache_len, add, notes)
     del model  # the quantized rows each build their own copy
     for fmt in [f for f in args.weights.split(",") if f]:
         quantized_rows(fmt, args, ids, calib, cache_len, add, notes, peak_gib)
@@ -281,20 +295,55 @@ def quantized_rows(fmt: str, args, ids, calib, cache_len, add, notes, peak_gib):
     after = torch.cuda.memory_allocated()
     notes.append(f"teal {fmt}: quantizing in place took the model's GPU memory from {before / 2**30:.2f} GiB to "
                  f"{after / 2**30:.2f} GiB (block linears {fmt}, embeddings and lm_head bf16)")
-    for s in [float(x) for x in args.weight_sparsities.split(",")]:
+    for s in [float(x) for x in args.weight_sparsities.split(",") if x]:
         teal_fx.attach_plan(model, plan.at(s, "uniform"), check=False)
         torch.cuda.reset_peak_memory_stats()
         t, first = decode_speed(lean(model, ids, "teal", cache_len), args.new_tokens)
         add(f"lean loop, teal {fmt} {s:.0%}", 1, t, first, peak_gib())
 
 
+def batch_dense_rows(model, batches: list[int], args, cache_len, add, dense) -> None:
+    """Inductor dense at each batch size, on the row-major weights users have (before any plan is attached)."""
+    vocab = model.config.vocab_size
+    for b in batches:
+        ids = torch.randint(0, vocab, (b, args.prompt), device="cuda")
+        t, first = decode_speed(lean(model, ids, "inductor", cache_len), args.new_tokens)
+        dense[b] = t
+        add("lean loop, Inductor dense", b, t, first, is_dense=True)
+
+
+def batch_teal_rows(model, calib, batches: list[int], args, cache_len, add, notes) -> None:
+    """Per batch size: teal with per-row masks and with a mask shared by the batch (the same per-linear sparsities;
+    the shared plan's thresholds are those of the rows' mean |x| at that batch size)."""
+    from dataclasses import replace
+
+    plan = teal_fx.calibrate(model, calib, sparsity=args.batch_sparsity, method="uniform", num_sequences=2,
+                             seq_len=256, progress=False, batch_mask="shared", attach=False)
+    s = args.batch_sparsity
+    shared = plan.at(s, "uniform")
+    per_row = replace(shared, batch_mask="per_row")
+    vocab = model.config.vocab_size
+    for b in batches:
+        ids = torch.randint(0, vocab, (b, args.prompt), device="cuda")
+        for name, p in (("per-row masks", per_row), ("shared mask", shared)):
+            if b == 1 and p is shared:
+                continue  # one row: the same mask
+            teal_fx.attach_plan(model, p, check=False)
+            t, first = decode_speed(lean(model, ids, "teal", cache_len), args.new_tokens)
+            add(f"lean loop, teal {s:.0%}, {name}", b, t, first)
+    notes.append("batch rows: per-row masks read the union of the rows' masks (beyond 8 rows, or where the dispatch "
+                 "rule says the union cannot win, the masked input goes to cuBLAS); the shared mask drops the inputs "
+                 "whose mean |x| over the batch is at or below the plan's threshold for that batch size "
+                 "(calibrate(batch_mask='shared'))")
+
+
 def lean_teal(model, ids, ids4, plan, sparsities: str, args, cache_len, reference, add, notes, peak_gib) -> None:
-    for s in [float(x) for x in sparsities.split(",")]:
+    for s in [float(x) for x in sparsities.split(",") if x]:
         teal_fx.attach_plan(model, plan.at(s, "uniform"), check=False)  # resets torch.compile caches
         torch.cuda.reset_peak_memory_stats()
         t, first = decode_speed(lean(model, ids, "teal", cache_len), args.new_tokens)
         add(f"lean loop, teal {s:.0%}", 1, t, first, peak_gib())
-        if s == 0.0:
+        if s == 0.0 and reference is not None:
             notes.append(reference.report(model, ids, cache_len))
         if s == 0.5 and args.batch4:
             t, first = decode_speed(lean(model, ids4, "teal", cache_len), args.new_tokens)
@@ -367,13 +416,13 @@ def write(out: Path, args, bw: float, roof: float, rows: list, notes: list, fast
         "- 'vs dense' compares with the Inductor dense row (default settings) of the same path and batch (lean loop or "
         "HF generate()); 'vs fastest dense' with the fastest dense row of the same path and batch measured in this run",
         "",
-        "| path | batch | tok/s per sequence | ms/token | vs dense | vs fastest dense | share of dense roofline | "
-        "first call incl. compile (s) | peak GPU memory (GiB) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| path | batch | tok/s per sequence | aggregate tok/s | ms/token | vs dense | vs fastest dense | "
+        "share of dense roofline | first call incl. compile (s) | peak GPU memory (GiB) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, b, t, first, peak, ratio, key in rows:
         best = fastest.get(key)
-        lines.append(f"| {name} | {b} | {t:.1f} | {1000 / t:.2f} | {ratio:.2f} | {t / best if best else 1.0:.2f} | "
+        lines.append(f"| {name} | {b} | {t:.1f} | {t * b:.1f} | {1000 / t:.2f} | {ratio:.2f} | {t / best if best else 1.0:.2f} | "
                      f"{t / roof:.2f} | {first:.0f} | {'' if peak is None else f'{peak:.2f}'} |")
     lines += [""] + [f"- {n}" for n in notes] + ["", f"Command: `{shlex.join(['python', 'examples/bench_decode.py', *sys.argv[1:]])}`", ""]
     out.parent.mkdir(parents=True, exist_ok=True)

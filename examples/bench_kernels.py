@@ -76,6 +76,92 @@ def bench_shape(N, K, M, sparsity, dtype, bw, l2, config=None, calls: int = 32) 
                 err=err)
 
 
+def bench_batch(N: int, K: int, M: int, sparsity: float, shared: bool, bw: float, l2: int, calls: int = 32) -> dict:
+    """M rows against one [N, K] bf16 weight: the sparse GEMV with one mask per row (the union of the rows' masks is
+    read) or one shared by the batch (the rows' mean |x|, ``shared``), against cuBLAS on the row-major weight and on
+    the column-major one teal stores (the dense path the ops dispatch to where the kernel cannot win)."""
+    ws_row, ws_col, x, _, _ = make_case(N, K, M, 0.0, torch.bfloat16, l2)
+    stat = x.float().abs().mean(0) if shared else x.float().abs().flatten()
+    t = float(torch.quantile(stat, sparsity)) if sparsity > 0 else 0.0
+    keep = (x.float().abs().mean(0) > t) if shared else (x.float().abs() > t).any(0)
+    y = torch.empty(M, N, dtype=x.dtype, device="cuda")
+    got = sg.sparse_gemv(x, ws_col[0], None, t, sparsity=sparsity, shared=shared)
+    ref = reference_sparse_linear(x.double(), ws_col[0].double(), None, t, shared=shared)
+    err = float((got.double() - ref).norm() / ref.norm())
+    us = graph_time_us([lambda i=i: sg.sparse_gemv(x, ws_col[i % len(ws_col)], None, t, out=y, sparsity=sparsity,
+                                                   shared=shared) for i in range(calls)])
+    dense = graph_time_us([lambda i=i: F.linear(x, ws_row[i % len(ws_row)]) for i in range(calls)])
+    dense_col = graph_time_us([lambda i=i: F.linear(x, ws_col[i % len(ws_col)]) for i in range(calls)])
+    kept = float(keep.float().mean())
+    roof = kept * N * K * 2 / bw * 1e6
+    return dict(us=us, dense_us=dense, dense_col_us=dense_col, kept=kept, roof_us=roof, err=err)
+
+
+BATCH_SHAPES = ("qkv 6144x4096", "q/o 4096x4096", "gate+up 28672x4096", "down 4096x14336")
+
+
+def batch_section(rows_list, sparsities, bw, l2) -> list[str]:
+    """The batch rows (issue 26): per-row and shared masks at each batch size and sparsity on the block's launch
+    shapes, and per batch size and mask the kept fraction below which the kernel beats cuBLAS (the dispatch rule's
+    figures, kernels/sparse_gemv_config.py)."""
+    lines = ["## Batches: one mask per row vs one shared by the batch", "",
+             "- x: random rows; per row: each row's own threshold at the sparsity, the union of the rows' masks is "
+             "read; shared: the threshold of the rows' mean |x|; kept = fraction of weight rows read",
+             "- dense: cuBLAS on the row-major weight (Inductor dense) / on the column-major weight teal stores",
+             "",
+             "| shape (N x K) | batch | mask | sparsity | kept | teal µs | cuBLAS µs | cuBLAS col-major µs | "
+             "teal vs cuBLAS | share of roofline | rel. error |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    results = []
+    for name in BATCH_SHAPES:
+        N, K = SHAPES[name]
+        for M in rows_list:
+            for shared in (False, True):
+                if (not shared and M > sg.MAX_ROWS) or (shared and M == 1):
+                    continue
+                for s in sparsities:
+                    r = bench_batch(N, K, M, s, shared, bw, l2)
+                    mask = "shared" if shared else "per row"
+                    results.append((name, M, mask, s, r))
+                    print(f"batch {name:20s} M={M:2d} {mask:7s} s={s:.2f} kept {r['kept']:.2f}  {r['us']:7.2f} us  "
+                          f"cuBLAS {r['dense_us']:7.2f} / col {r['dense_col_us']:7.2f}  x{r['dense_us'] / r['us']:.2f}"
+                          f"  err {r['err']:.1e}", flush=True)
+                    lines.append(f"| {name} | {M} | {mask} | {s:.2f} | {r['kept']:.2f} | {r['us']:.1f} | "
+                                 f"{r['dense_us']:.1f} | {r['dense_col_us']:.1f} | {r['dense_us'] / r['us']:.2f} | "
+                                 f"{r['roof_us'] / r['us']:.2f} | {r['err']:.1e} |")
+    lines += ["", "Break-even kept fraction (the kept fraction at which teal's µs meets cuBLAS row-major's, linear "
+              "between measured points; the smallest over the shapes; '>1': teal faster even reading every row):", "",
+              "| batch | mask | break-even kept fraction | per shape |", "| --- | --- | --- | --- |"]
+    for M in rows_list:
+        for mask in ("per row", "shared"):
+            per_shape = {}
+            for name in BATCH_SHAPES:
+                pts = sorted((r["kept"], r["us"] / r["dense_us"]) for n, m, k, _, r in results
+                             if n == name and m == M and k == mask)
+                if pts:
+                    per_shape[name] = break_even(pts)
+            if per_shape:
+                worst = min(per_shape.values())
+                lines.append(f"| {M} | {mask} | {worst:.2f} | " + ", ".join(f"{n.split()[0]} {v:.2f}"
+                                                                            for n, v in per_shape.items()) + " |")
+    return lines + [""]
+
+
+def break_even(points: list[tuple[float, float]]) -> float:
+    """The kept fraction below which teal beats cuBLAS, from (kept, teal time / cuBLAS time) points sorted by kept:
+    0 if teal is slower at every point, 2 (beyond any kept fraction) if faster at every point, else the first
+    crossing of 1, linear between the two points around it."""
+    ratios = [r for _, r in points]
+    if all(r >= 1.0 for r in ratios):
+        return 0.0
+    if all(r < 1.0 for r in ratios):
+        return 2.0
+    for (k0, r0), (k1, r1) in zip(points, points[1:]):
+        if r0 < 1.0 <= r1:
+            return k0 + (1.0 - r0) * (k1 - k0) / (r1 - r0)
+    return points[0][0]  # faster only at the low end's first point and beyond its last crossing: be conservative
+
+
 # one Llama-3-8B block: its seven linears (N, K) in the order q, k, v, o, gate, up, down, and the backend's four
 # launches (q+k+v, o, gate+up, down)
 BLOCK_LINEARS = [(4096, 4096), (1024, 4096), (1024, 4096), (4096, 4096), (14336, 4096), (14336, 4096), (4096, 14336)]
@@ -215,6 +301,10 @@ def main() -> int:
     ap.add_argument("--sweep-weights", action="store_true", help="sweep tile configs of the quantized formats")
     ap.add_argument("--sweep-weights-sparsity", type=float, default=0.5)
     ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True, help="the bf16/fp16 rows")
+    ap.add_argument("--batches", default="", help="batch rows: comma-separated batch sizes (e.g. 1,2,4,8,16), per-row "
+                    "and shared masks on the block's launch shapes, and the break-even kept fractions")
+    ap.add_argument("--batch-sparsities", default="0,0.25,0.5,0.75")
+    ap.add_argument("--batch-only", action="store_true", help="stop after the batch rows")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("bench_kernels needs a CUDA GPU", file=sys.stderr)
@@ -243,6 +333,14 @@ def main() -> int:
                 for us, p, cfg, err, frac in [z for z in res if kind(z[1])][:3 if args.sweep_kind == "all" else None]:
                     print(f"   {us:7.2f} us  frac {frac:.2f}  {p}  split={cfg.split_k} err={err:.1e}", flush=True)
         if args.sweep_only:
+            return 0
+
+    batch_lines = []
+    if args.batches:
+        batch_lines = batch_section([int(b) for b in args.batches.split(",")],
+                                    [float(v) for v in args.batch_sparsities.split(",")], bw, l2)
+        if args.batch_only:
+            write_table(args.out, props, l2, bw, batch_lines)
             return 0
 
     formats = [f for f in args.weights.split(",") if f]
@@ -346,12 +444,25 @@ def main() -> int:
             lines.append(f"| {fmt} | {s:.2f} | {b['us']:.1f} | {b['roof_us']:.1f} | {b['roof_us'] / b['us']:.2f} | "
                          f"{bf16_block[s] / b['us']:.2f}x |")
         lines.append("")
+    lines += batch_lines
     lines += [f"Command: `{shlex.join(['python', 'examples/bench_kernels.py', *sys.argv[1:]])}`", ""]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines))
     print(f"wrote {out}")
     return 0
+
+
+def write_table(path: str, props, l2: int, bw: float, body: list[str]) -> None:
+    lines = ["# Sparse GEMV kernel benchmark", "",
+             f"- date: {datetime.date.today()}; GPU: {props.name} ({props.multi_processor_count} SMs, L2 "
+             f"{l2 / 2**20:.0f} MiB); torch {torch.__version__}, triton {__import__('triton').__version__}",
+             f"- read bandwidth measured in this run: {bw / 1e12:.2f} TB/s; µs per call in a CUDA graph of 32 calls "
+             "over rotating weights (> L2), teal launched with programmatic dependent launch as the backend does", "",
+             *body, f"Command: `{shlex.join(['python', 'examples/bench_kernels.py', *sys.argv[1:]])}`", ""]
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text("\n".join(lines))
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

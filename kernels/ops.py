@@ -15,7 +15,8 @@ the batch (a plan's ``batch_mask="shared"``: ``reference.keep_mask``) instead of
 
 A decode step (one token per sequence, or a 2-D ``x`` of rows) is always sparsified; a prefill of S tokens from
 position ``ceil(prefill_sparse_from * S)`` on (``reference.sparse_token_start``), decided at run time from the shape.
-``sparsity`` (the plan's expected fraction of dropped inputs, -1: unknown) only picks the kernel's variant.
+``sparsity`` (the plan's expected fraction of dropped inputs, -1: unknown) only picks the kernel's variant, or cuBLAS
+on the masked input where the kernel cannot win (per-row masks over several rows: ``sparse_gemv_config.kernel_pays``).
 
 Why ``torch.library.custom_op`` and not ``triton_op``: the kernels keep state between launches, a workspace and
 arrival counters that every launch leaves zero (no memset launch). A ``triton_op`` body is traced and functionalized,
@@ -65,7 +66,7 @@ def sparse_linear(
     ``sparsity``: the fraction of inputs the threshold is expected to drop (from the plan; -1: unknown). It only
     picks the GPU kernel's variant, never the result. ``scales``: those of an int8/int4 ``weight``."""
     if x.is_cuda and sparse_token_start(x, prefill_sparse_from) == 0:
-        if sparse_gemv.supports(x, weight, scales, shared):
+        if sparse_gemv.supports(x, weight, scales, shared) and sparse_gemv.pays(x, sparsity, shared, scales is not None):
             return sparse_gemv.sparse_gemv(x, weight, bias, threshold, sparsity=sparsity, scales=scales, shared=shared)
     return _not_decoded(x, weight, bias, threshold, prefill_sparse_from, scales, shared)
 
@@ -119,7 +120,8 @@ def sparse_linear_group(
     """
     if x.is_cuda and sparse_token_start(x, prefill_sparse_from) == 0:
         if all(sparse_gemv.supports(x, w, s, shared) for w, s in zip(weights, scales)) and \
-                len({b is None for b in biases}) == 1:
+                len({b is None for b in biases}) == 1 and \
+                sparse_gemv.pays(x, min(sparsities, default=-1.0), shared, scales[0] is not None):
             return sparse_gemv.sparse_gemv_group(x, weights, biases, thresholds, sparsity=min(sparsities, default=-1.0),
                                                  scales=scales, shared=shared)
     return [_not_decoded(x, w, b, t, prefill_sparse_from, s, shared)
@@ -182,7 +184,8 @@ def sparse_swiglu(
     No autograd: the pass that inserts it leaves graphs that need gradients alone."""
     if x.is_cuda and sparse_token_start(x, prefill_sparse_from) == 0:
         if sparse_gemv.supports(x, w_gate, scales_gate, shared) and sparse_gemv.supports(x, w_up, scales_up, shared) \
-                and sparse_gemv.can_fuse_swiglu(x, w_gate, w_up, shared):
+                and sparse_gemv.can_fuse_swiglu(x, w_gate, w_up, shared) \
+                and sparse_gemv.pays(x, min(sparsities, default=-1.0), shared, scales_gate is not None):
             return sparse_gemv.sparse_gemv_swiglu(x, w_gate, w_up, t_gate, t_up, sparsity=min(sparsities, default=-1.0),
                                                   scales_gate=scales_gate, scales_up=scales_up, shared=shared)
         gate, up = sparse_linear_group(x, [w_gate, w_up], [None, None], [t_gate, t_up], prefill_sparse_from, sparsities,
@@ -217,7 +220,8 @@ def sparse_linear_add_rmsnorm(
     gradients alone."""
     if x.is_cuda and sparse_token_start(x, prefill_sparse_from) == 0:
         if sparse_gemv.supports(x, weight, scales, shared) and \
-                sparse_gemv.can_fuse_add_rmsnorm(x, weight, residual, norm_weight):
+                sparse_gemv.can_fuse_add_rmsnorm(x, weight, residual, norm_weight) and \
+                sparse_gemv.pays(x, sparsity, shared, scales is not None):
             return sparse_gemv.sparse_gemv_add_rmsnorm(x, weight, bias, threshold, residual, norm_weight, eps,
                                                        sparsity=sparsity, scales=scales, shared=shared)
     h = residual + sparse_linear(x, weight, bias, threshold, prefill_sparse_from, sparsity, scales, shared)

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from teal_fx.kernels import pdl
 from teal_fx.kernels.quantize import INT4_GROUP, logical_shape, weight_format
-from teal_fx.kernels.sparse_gemv_config import GemvConfig, choose_config
+from teal_fx.kernels.sparse_gemv_config import GemvConfig, choose_config, kernel_pays
 from teal_fx.kernels.triton_support import DTYPES, HAS_TRITON, interpreter_upcasts, next_pow2
 from teal_fx.kernels.workspace import Workspace
 
@@ -53,12 +53,17 @@ def reserve_workspace(device: torch.device, max_n: int, max_k: int) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ what it takes
+def needs_column_major(weight: Tensor) -> bool:
+    """Whether ``to_column_major_`` would move this weight: a 2-D CUDA weight not yet column-major."""
+    return weight.is_cuda and weight.dim() == 2 and weight.stride() != (1, weight.shape[0])
+
+
 def to_column_major_(weight: Tensor) -> bool:
     """Store a CUDA weight [N, K] column-major, in place (one matrix at a time, no second copy kept); True if moved.
 
     The kernel skips one contiguous row of Wᵀ per zero input; prefill keeps using cuBLAS, which reads the
     transposed layout natively. CPU weights are left alone (the CPU path is the reference)."""
-    if not weight.is_cuda or weight.dim() != 2 or weight.stride() == (1, weight.shape[0]):
+    if not needs_column_major(weight):
         return False
     with torch.no_grad():
         weight.data = weight.data.t().contiguous().t()
@@ -80,6 +85,21 @@ def supports(x: Tensor, weight: Tensor, scales: Optional[Tensor] = None, shared:
         and (not shared or x.dim() < 3 or x.shape[-2] == 1)  # the kernel's rows are the batch: one token each
         and not _deterministic_requested()
     )
+
+
+def pays(x: Tensor, sparsity: Optional[float], shared: bool, quantized: bool = False) -> bool:
+    """Whether the ops should launch the kernel rather than cuBLAS on the masked input (``kernel_pays``, by this
+    GPU's measured break-even). Quantized weights always take the kernel: their dense alternative is no cuBLAS call."""
+    return quantized or kernel_pays(x.numel() // max(1, x.shape[-1]), sparsity, shared, _gpu_name(x.device))
+
+
+_gpu_names: dict = {}
+
+
+def _gpu_name(device: torch.device) -> str:
+    if device not in _gpu_names:
+        _gpu_names[device] = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    return _gpu_names[device]
 
 
 _warned_deterministic = False
@@ -243,7 +263,9 @@ def _launch(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tens
     if fmt is not None and any(s is None for s in scales):
         raise ValueError(f"sparse_gemv: {fmt} weights need their scales")
     wfmt = {None: 0, "int8": 1, "int4": 2}[fmt]
-    cfg = config or choose_config(M, sum(Ns), K, sparsity, fmt)
+    cfg = config or choose_config(M, sum(Ns), K, sparsity, fmt, shared)
+    if cfg.use_dot and cfg.compact and not (shared and M > 1):
+        raise ValueError(f"packed survivors on tensor cores need a shared mask over several rows: {cfg}")
     if cfg.half_dot and wfmt != 1:
         raise ValueError(f"half_dot takes int8 weights only: {cfg}")
     if wfmt == 2 and (cfg.compact or cfg.use_dot or INT4_GROUP % cfg.block_k):

@@ -23,7 +23,8 @@ class GemvConfig:
     num_warps: int
     num_stages: int
     in_thread: bool  # each thread owns whole columns of a tile, so a tile's sum stays in the thread
-    compact: bool  # one row: loop over the packed surviving inputs only (implies in_thread)
+    compact: bool  # loop over the packed surviving inputs only: one row (implies in_thread), or with use_dot a
+    # shared mask's rows (the survivors gathered into tensor-core tiles)
     chunk: int  # the packed loop's scan width, next_pow2(k_per_split)
     apart: Optional[bool] = None  # split-K sums finished by a second launch; None: where launches overlap (PDL)
     half_dot: bool = False  # int8 only, with use_dot: fp16 tensor-core operands (the kernel's HALF_DOT)
@@ -31,14 +32,16 @@ class GemvConfig:
 
 def make_config(N: int, K: int, *, BN: int, BK: int, iters: int, use_dot: bool, num_warps: int = 4,
                 num_stages: int = 2, compact: bool = False, in_thread: bool = False,
-                half_dot: bool = False) -> GemvConfig:
+                half_dot: bool = False, packed_dot: bool = False) -> GemvConfig:
     """[BK, BN] tiles, each program covering ``iters`` of them along K (so K is split in ceil(K / (BK * iters))
     parts). ``in_thread`` sums each tile inside the threads (BN should be 256 * num_warps; up to 8 rows, 2-4 in
-    practice), ``compact`` (one row; implies it) loops over the packed surviving inputs only."""
+    practice), ``compact`` (one row; implies it) loops over the packed surviving inputs only; ``packed_dot`` (with
+    ``use_dot``, a shared mask's rows only) gathers the packed survivors into tensor-core tiles."""
     k_per = BK * iters
     return GemvConfig(block_n=min(BN, max(16, next_pow2(N))), block_k=BK, split_k=-(-K // k_per), k_per_split=k_per,
                       use_dot=use_dot, num_warps=num_warps, num_stages=num_stages,
-                      in_thread=(in_thread or compact) and not use_dot, compact=compact and not use_dot,
+                      in_thread=(in_thread or compact) and not use_dot,
+                      compact=(compact and not use_dot) or (packed_dot and use_dot),
                       chunk=next_pow2(k_per), half_dot=half_dot and use_dot)
 
 
@@ -57,10 +60,21 @@ def compact_from(N: int, K: int) -> float:
 
 
 def choose_config(M: int, N: int, K: int, sparsity: Optional[float] = None,
-                  weight_format: Optional[str] = None) -> GemvConfig:
+                  weight_format: Optional[str] = None, shared: bool = False) -> GemvConfig:
     """The launch config for M rows of x against a [N, K] weight (N summed over a grouped launch's segments).
     ``sparsity``: the fraction of inputs the threshold is expected to drop (None or < 0: unknown);
-    ``weight_format``: None (float, as x), "int8" or "int4" (kernels/quantize.py)."""
+    ``weight_format``: None (float, as x), "int8" or "int4" (kernels/quantize.py); ``shared``: one mask for the
+    M rows (a plan's batch_mask="shared")."""
+    if shared and M > 1 and weight_format != "int4":
+        # the rows share one list of needed inputs: pack it per K split and gather the survivors into tensor-core
+        # tiles (rows padded to 16), so the weight read falls with the sparsity at any batch size. The dot rule's
+        # tiles below (examples/bench_kernels.py --batches measures them against cuBLAS)
+        small = N * K <= 4096 * 4096
+        if N >= 2048:
+            return make_config(N, K, BN=256 if small else 128, BK=32, iters=16, use_dot=True, num_warps=4,
+                               num_stages=4 if small else 3, packed_dot=True)
+        iters = max(2, min(16, round(K * -(-N // 128) / (64 * 480))))
+        return make_config(N, K, BN=128, BK=64, iters=iters, use_dot=True, num_warps=4, num_stages=3, packed_dot=True)
     if weight_format is not None:
         return _choose_quantized(M, N, K, sparsity, weight_format)
     if M == 1 and N >= 2048:  # below that (a lone k/v projection, small models) the in-thread loops had too few programs
@@ -124,3 +138,36 @@ def _choose_quantized(M: int, N: int, K: int, sparsity: Optional[float], fmt: st
     BN, BK = 128, 64
     iters = max(2, min(16, round(K * -(-N // BN) / (BK * 480))))
     return make_config(N, K, BN=BN, BK=BK, iters=iters, use_dot=M > 1, num_warps=4, num_stages=2 if M == 1 else 3)
+
+
+# ------------------------------------------------------------------------------------------------ kernel or cuBLAS
+# Per GPU kind and mask: batch size -> the fraction of weight rows read below which the sparse GEMV beats cuBLAS
+# (bf16, the 8B block's four launch shapes, the smallest over them: examples/bench_kernels.py --batches;
+# examples/results/kernels_h200_batches.md). A batch size between entries takes the next larger entry's figure;
+# >= 1 means the kernel wins even reading every row. H200: one row wins at any sparsity; per-row masks over 2 rows
+# below 0.67 kept (gate+up limits; 1 - 0.5^2 = 0.75 at 50%, so cuBLAS); from 4 rows never. The shared mask's packed
+# tensor-core loop (2-16 rows) beats cuBLAS on down (0.66) and q+k+v / o (0.42-0.47) but never on gate+up: 0 until
+# that loop is faster (docs/perf-log.md v24).
+BREAK_EVEN_KEPT = {
+    "H200": {"per_row": {1: 2.0, 2: 0.67, 4: 0.0, 8: 0.0},
+             "shared": {2: 0.0, 4: 0.0, 8: 0.0, 16: 0.0}},
+}
+DEFAULT_GPU = "H200"
+
+
+def expected_kept(rows: int, sparsity: float, shared: bool) -> float:
+    """The fraction of weight rows a launch reads: 1 - s for one row or a shared mask; for per-row masks the union,
+    1 - s^rows if the rows' masks were independent (real rows overlap more, so this errs towards cuBLAS)."""
+    return 1.0 - sparsity if shared or rows == 1 else 1.0 - sparsity**rows
+
+
+def kernel_pays(rows: int, sparsity: Optional[float], shared: bool, gpu: str = DEFAULT_GPU) -> bool:
+    """Whether the sparse GEMV beats cuBLAS on the masked input for ``rows`` rows at the plan's ``sparsity`` (None or
+    < 0: unknown, the kernel). Where it does not (per-row masks from about 4 rows: their union keeps nearly every
+    weight row), the ops take cuBLAS with the same mask: never slower than dense."""
+    if sparsity is None or sparsity < 0:
+        return True
+    tables = next((t for kind, t in BREAK_EVEN_KEPT.items() if kind in gpu), BREAK_EVEN_KEPT[DEFAULT_GPU])
+    table = tables["shared" if shared and rows > 1 else "per_row"]
+    limit = next((table[b] for b in sorted(table) if b >= rows), table[max(table)])
+    return expected_kept(rows, sparsity, shared) < limit

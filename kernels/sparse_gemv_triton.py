@@ -201,8 +201,9 @@ def sparse_gemv_kernel(
     written before read, between launches.
     M rows (at most BM), N outputs, K inputs; threshold t >= 0 (so zero padding is never kept). A program covers
     inputs [pid(1) * K_PER_SPLIT, + K_PER_SPLIT), SPLIT_K of them along K, in tiles of BK inputs by BN outputs.
-    Loops: USE_DOT (tensor cores, rows padded to BM >= 16), IN_THREAD (a tile's sum stays in each thread; with
-    COMPACT over the packed survivors only), else [BK, BN] FMAs reduced after the loop (one row).
+    Loops: USE_DOT (tensor cores, rows padded to BM >= 16; with COMPACT, a shared mask's packed survivors gathered
+    into tiles), IN_THREAD (a tile's sum stays in each thread; with COMPACT over the packed survivors only, one
+    row), else [BK, BN] FMAs reduced after the loop (one row).
     IEEE: fp32 dots in full precision; UPCAST: the CPU interpreter's bf16 dots, computed in fp32; EVEN_N / EVEN_K:
     the tiles divide N / K (no bounds masks).
     """
@@ -241,7 +242,35 @@ def sparse_gemv_kernel(
     m_ok = offs_m < M
     k_lo = pk * K_PER_SPLIT
     k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
-    if USE_DOT:
+    if USE_DOT and COMPACT:
+        # a shared mask (one list of needed inputs for every row): pack this split's surviving inputs once, then
+        # run the tensor cores over tiles gathered from them, so the weight rows read fall with the sparsity (the
+        # masked loop below reads a [BK, BN] tile unless all BK inputs are dropped, which at 50% never happens)
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        slot = (seg * SPLIT_K + pk) * CHUNK
+        offs_c = k_lo + tl.arange(0, CHUNK)
+        xc = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_c[None, :],
+                     mask=m_ok[:, None] & (offs_c < k_hi)[None, :], other=0.0).to(tl.float32)
+        keep_c = tl.sum(tl.abs(xc), axis=0) / M > threshold  # padded rows and inputs past k_hi add 0 (t >= 0)
+        pos = tl.cumsum(keep_c.to(tl.int32), axis=0) - 1
+        n_keep = tl.sum(keep_c.to(tl.int32), axis=0)
+        tl.store(idx_ptr + slot + pos, offs_c, mask=keep_c)  # every program of this split writes the same values
+        tl.debug_barrier()  # the CTA's global stores are visible to all its threads after the barrier
+        for j0 in range(0, n_keep, BK):
+            j = j0 + tl.arange(0, BK)
+            ok = j < n_keep
+            k = tl.load(idx_ptr + slot + j, mask=ok, other=0)
+            xs = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=m_ok[:, None] & ok[None, :], other=0.0)
+            w = load_weight_tile(w_ptr, k, offs_n, offs_p, ok, n_ok, p_ok, stride_wk, stride_wn, EVEN_N, WFMT)
+            if WFMT != 0 and not UPCAST:
+                w = w.to(x_ptr.dtype.element_ty)  # int8 values: exact in fp16/bf16 (int4 is never packed)
+            if UPCAST:
+                acc = tl.dot(xs.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+            elif IEEE:
+                acc = tl.dot(xs, w, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(xs, w, acc)
+    elif USE_DOT:
         # rows padded to BM >= 16: a skinny matmul on tensor cores, weight rows masked by "any row needs it"
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         for k0 in range(k_lo, k_hi, BK):

@@ -13,6 +13,10 @@ Invariants:
   symbolic batch takes the one-row threshold and says so).
 * A graph whose token dimension is statically longer than one (a prefill) keeps its linears dense unless the plan
   asks for prefill sparsity: the op would take its dense branch anyway, and Inductor keeps cuBLAS and its fusions.
+* On CUDA, where the sparse GEMV cannot beat cuBLAS for the graph's static rows at the plan's sparsity (per-row
+  masks over several rows, whose union keeps nearly every weight row: ``sparse_gemv_config.kernel_pays``), a float
+  linear keeps its node and gets its input masked in the graph (``reference.sparsify``): the same result, and
+  Inductor fuses the mask and keeps cuBLAS, so a batch never runs slower than dense.
 """
 from __future__ import annotations
 
@@ -22,6 +26,8 @@ import torch
 from torch import fx
 
 import teal_fx.kernels  # noqa: F401  (registers torch.ops.teal)
+from teal_fx.kernels.reference import sparsify
+from teal_fx.kernels.sparse_gemv_config import kernel_pays
 from teal_fx.passes.analysis.dataflow import fake_value, linear_args, linear_scales
 from teal_fx.passes.context import PassContext
 from teal_fx.passes.finish import finish
@@ -47,13 +53,27 @@ def _static_batch(x: fx.Node):
     return int(rows) if isinstance(rows, int) else None
 
 
+def _kernel_pays(x: fx.Node, sparsity, shared: bool) -> bool:
+    """Whether the sparse GEMV beats cuBLAS for this input's static rows on its GPU (True off CUDA, or where the
+    rows are symbolic: the op decides then)."""
+    v = fake_value(x)
+    if v is None or v.device.type != "cuda":
+        return True
+    rows = 1
+    for d in v.shape[:-1]:
+        if not isinstance(d, int):
+            return True
+        rows *= d
+    return kernel_pays(rows, sparsity, shared, torch.cuda.get_device_name(v.device))
+
+
 def insert_sparse_linear(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     plan, discovery = ctx.plan, ctx.discovery
     if plan is None or discovery is None or not discovery.matched:
         return gm
     op = torch.ops.teal.sparse_linear.default
     shared = plan.batch_mask == "shared"
-    rewritten = []
+    rewritten, dense = [], []
     for m in discovery.matched:
         node = m.node
         x, w, b = linear_args(node)
@@ -68,6 +88,13 @@ def insert_sparse_linear(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule
         else:
             threshold = float(plan.threshold(m.key))
         sparsity = plan.linears[m.key].sparsity  # picks the kernel variant only; None (unknown) -> -1
+        if tokens == 1 and linear_scales(node) is None and not _kernel_pays(x, sparsity, shared):
+            with gm.graph.inserting_before(node):
+                masked = gm.graph.call_function(sparsify, (x, threshold, shared))
+            masked.meta.update({k: v for k, v in x.meta.items() if k in ("val", "example_value", "tensor_meta")})
+            node.replace_input_with(x, masked)
+            dense.append(m.key)
+            continue
         with gm.graph.inserting_after(node):
             new = gm.graph.call_function(
                 op, (x, w, b, threshold, float(plan.prefill_sparse_from), -1.0 if sparsity is None else float(sparsity),
@@ -80,6 +107,9 @@ def insert_sparse_linear(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule
         rewritten.append(m)
         log.debug("teal: rewrote block %d %s (%s) t=%.4g", m.block, m.role, m.key, threshold)
     ctx.rewritten = rewritten
-    if not rewritten:
+    if dense:
+        log.info("teal: %d linears masked in the graph and left to cuBLAS (the sparse GEMV cannot win for these rows "
+                 "at this sparsity): %s", len(dense), ", ".join(dense[:4]) + (", ..." if len(dense) > 4 else ""))
+    if not rewritten and not dense:
         log.info("teal: prefill graph (static length > 1): %d block linears left dense", len(discovery.matched))
     return finish(gm, "linears_rewritten", len(rewritten), "%d linears -> teal::sparse_linear", len(rewritten))

@@ -119,11 +119,21 @@ class _PlanKeyedGraph:
 
 
 def _copy_graph(gm: fx.GraphModule) -> fx.GraphModule:
-    """A new GraphModule over a copy of ``gm``'s graph (node metadata copied shallowly, submodules shared)."""
+    """A new GraphModule over a copy of ``gm``'s graph (node metadata copied shallowly, submodules shared), keeping
+    what AOTAutograd reads to tell static inputs (parameters, buffers, the KV cache Dynamo marked static) from the
+    rest: ``_param_name_to_source`` on the module and ``_dynamo_source`` on each placeholder. Without them a
+    variant compiled for a later plan saw its cache mutations as mutated inputs and lost its CUDA graph
+    (int8 at 0% after a first plan: 32.6 tok/s; docs/perf-log.md v24)."""
     graph = fx.Graph()
-    graph.output(graph.graph_copy(gm.graph, {}))
+    copies: dict = {}
+    graph.output(graph.graph_copy(gm.graph, copies))
     out = fx.GraphModule(gm, graph)
     out.meta.update(gm.meta)
+    if hasattr(gm, "_param_name_to_source"):
+        out._param_name_to_source = gm._param_name_to_source
+    for old, new in copies.items():
+        if hasattr(old, "_dynamo_source"):
+            new._dynamo_source = old._dynamo_source
     return out
 
 
@@ -136,14 +146,32 @@ def _file_stamp(path: Optional[Path]) -> Optional[tuple]:
 
 
 def _prepare_weights(weights: list[torch.Tensor]) -> None:
-    """Store the matched CUDA weights column-major in place and reserve the sparse GEMV's scratch for them."""
-    converted = sum(sparse_gemv.to_column_major_(w) for w in weights)
-    if converted:
-        log.info("teal: stored %d weights column-major in place; Dynamo recompiles once for the new strides", converted)
+    """Reserve the sparse GEMV's scratch for the matched CUDA weights (before any CUDA graph is captured).
+
+    The backend never moves a weight to the column-major layout itself: Dynamo builds a frame's guards after its
+    backend returns and refuses a parameter whose strides changed meanwhile (torch 2.11: "Guard failed on the same
+    frame it was created"), and graphs compiled earlier for the old strides would then run on the new ones.
+    ``attach_plan`` (and ``evaluate_perplexity``) move them before compiling; row-major weights are correct, only
+    slower (no grouped launches), and are reported once."""
     cuda = [w for w in weights if w.is_cuda]
-    if cuda:
-        shapes = [logical_shape(w) for w in cuda]  # a packed int4 weight holds two outputs a row
-        sparse_gemv.reserve_workspace(cuda[0].device, max(n for n, _ in shapes), max(k for _, k in shapes))
+    if not cuda:
+        return
+    shapes = [logical_shape(w) for w in cuda]  # a packed int4 weight holds two outputs a row
+    sparse_gemv.reserve_workspace(cuda[0].device, max(n for n, _ in shapes), max(k for _, k in shapes))
+    row_major = sum(sparse_gemv.needs_column_major(w) for w in cuda)
+    if row_major and not _warned_layout:
+        _warn_layout(row_major)
+
+
+_warned_layout = False
+
+
+def _warn_layout(count: int) -> None:
+    global _warned_layout
+    _warned_layout = True
+    warnings.warn(f"teal: {count} planned weights are row-major, so the sparse GEMV reads them strided and launches "
+                  "q/k/v and gate/up apart (correct, slower): call teal_fx.attach_plan(model, plan) before "
+                  "torch.compile, which stores them column-major", stacklevel=3)
 
 
 def register() -> None:

@@ -198,11 +198,22 @@ class _RecordingInterpreter(fx.Interpreter):
         return out
 
 
+@dataclass
+class _Bank:
+    """Partial sums of |x| over the rows at ``rows`` of ``filled`` windows so far (``Recorder.add_batch_means``)."""
+
+    rows: torch.Tensor
+    sums: torch.Tensor
+    filled: int
+
+
 class Recorder:
     """A Dynamo backend that runs each captured graph through ``_RecordingInterpreter``."""
 
+    BANK_SLOTS = 128  # means per bank: the rows a batch of B calibration windows contributes per B windows
+
     def __init__(self, greedy: bool, thresholds: Optional[dict[str, float]] = None,
-                 batch_sizes: Sequence[int] = (), shared_counts: bool = False) -> None:
+                 batch_sizes: Sequence[int] = (), shared_counts: bool = False, windows: int = 1) -> None:
         self.greedy = greedy
         # key -> [at or below threshold, total, threshold]: exact counts of what a plan would zero (shared_counts: of
         # the batch's mean |x| per position, what a shared mask compares)
@@ -213,24 +224,39 @@ class Recorder:
         # shared masks: key -> batch size -> histogram of the mean |x| over that many rows
         self.batch_sizes = tuple(batch_sizes)
         self.batch_histograms: dict[str, dict[int, AbsHistogram]] = {}
+        self.windows = windows  # calibration windows, one per forward: how many a batch's rows can come from
+        self._banks: dict[tuple[str, int], _Bank] = {}
         self._generator = torch.Generator().manual_seed(0)
         self.keep_next = False
 
     def add_batch_means(self, keys: list[str], out: torch.Tensor) -> None:
-        """Histograms of the mean |x| over B rows, for each calibrated batch size B: the rows (token positions of the
-        calibration window) are shuffled, then averaged B at a time, as a batch of B sequences at one decode step
-        averages rows from different places."""
+        """Histograms of the mean |x| over B rows for each calibrated batch size B, the rows taken as a batch of B
+        sequences decoding in step gives them: from B different calibration windows (one window per forward), at
+        the same positions. Rows of one window are alike (one text), so averaging them (an earlier version) gave a
+        wider statistic than a batch has, and thresholds off by up to 7 points of sparsity at 16 rows.
+
+        Per input and B, a bank of ``BANK_SLOTS`` partial sums: each window adds its rows at the bank's positions;
+        after B windows the bank's means enter the histogram and new positions are drawn. With fewer windows than B,
+        each window gives ceil(B / windows) positions to each sum."""
         a = out.detach().abs().float().reshape(-1, out.shape[-1]).cpu()
-        perm = torch.randperm(a.shape[0], generator=self._generator)
         for b in self.batch_sizes:
-            n = a.shape[0] // b
-            if n == 0:
-                continue
-            h = AbsHistogram()
-            h.add(a[perm[: n * b]].reshape(n, b, -1).mean(dim=1), name=keys[0])
-            for k in keys:
-                per_b = self.batch_histograms.setdefault(k, {})
-                per_b[b] = per_b[b].merge(h) if b in per_b else h
+            per = max(1, -(-b // max(1, self.windows)))
+            bank = self._banks.get((keys[0], b))
+            if bank is None or bank.rows.shape[0] > a.shape[0]:
+                slots = min(self.BANK_SLOTS, a.shape[0] // per)
+                if slots == 0:
+                    continue
+                rows = torch.randperm(a.shape[0], generator=self._generator)[: slots * per]
+                bank = self._banks[keys[0], b] = _Bank(rows, torch.zeros(slots, a.shape[1]), 0)
+            bank.sums += a[bank.rows].reshape(-1, per, a.shape[1]).sum(dim=1)
+            bank.filled += per
+            if bank.filled >= b:
+                h = AbsHistogram()
+                h.add(bank.sums / bank.filled, name=keys[0])
+                for k in keys:
+                    per_b = self.batch_histograms.setdefault(k, {})
+                    per_b[b] = per_b[b].merge(h) if b in per_b else h
+                del self._banks[keys[0], b]
 
     def __call__(self, gm: fx.GraphModule, example_inputs):
         disc = discover(gm.graph)
@@ -358,7 +384,8 @@ def calibrate(
         source = str(data) if isinstance(data, (str, Path)) and len(str(data)) < 200 else type(data).__name__
     seqs, held = _hold_back(seqs, held_back)
 
-    recorder = Recorder(greedy=method == "greedy", batch_sizes=BATCH_SIZES if batch_mask == "shared" else ())
+    recorder = Recorder(greedy=method == "greedy", batch_sizes=BATCH_SIZES if batch_mask == "shared" else (),
+                        windows=len(seqs))
     compiled = torch.compile(model, backend=recorder, dynamic=False)
     with torch.no_grad(), recompile_limits(1024, 4096):
         for i in tqdm(range(len(seqs)), desc="teal: calibrating", disable=not progress):

@@ -27,6 +27,7 @@ from teal_fx.calibrate import read_text
 from teal_fx.capture import recompile_limits
 from teal_fx.errors import CalibrationDataError
 from teal_fx.plan import PlanLike, as_plan
+from teal_fx.state import store_column_major
 
 PROTOCOLS = {"all": 0.0, "teal": 0.5}
 
@@ -86,6 +87,7 @@ def evaluate_perplexity(
 
     if plan is not None:
         plan = replace(as_plan(plan), prefill_sparse_from=PROTOCOLS[protocol])
+        store_column_major(model, plan)  # the GEMV's layout, before compiling (the backend never moves weights)
         run = torch.compile(model, backend="teal", options={"plan": plan, "compiler": compiler}, dynamic=False)
     else:
         run = model

@@ -160,8 +160,13 @@ def generate(
     options: Optional[dict] = None,
     generator: Optional[torch.Generator] = None,
     max_cache_len: Optional[int] = None,
+    attention_mask: Optional[Tensor] = None,
 ) -> Tensor:
-    """Generate up to ``max_new_tokens`` after ``input_ids`` [B, S] (equal-length prompts, no padding).
+    """Generate up to ``max_new_tokens`` after ``input_ids`` [B, S]: equal-length prompts, or prompts of different
+    lengths left-padded to S with ``attention_mask`` [B, S] (1: a token, 0: padding), as Hugging Face tokenizers
+    give them with ``padding_side="left"``. Padding positions are masked out of attention and not counted in the
+    positions; with a shared batch mask they never enter the batch's statistic (the decode rows are all real tokens;
+    a plan that also sparsifies the prefill is refused for a padded batch).
 
     Rows stop independently at ``eos_token_id`` (default: the model's); a stopped row is padded with it.
     ``streamer(tokens)`` is called with each step's tokens [B]. ``backend="none"`` runs the model uncompiled.
@@ -182,10 +187,11 @@ def generate(
 
     max_cache_len = _cache_length(prompt + max_new_tokens, max_cache_len,
                                   f"prompt ({prompt}) + max_new_tokens ({max_new_tokens})")
+    padding = _LeftPadding.of(model, attention_mask, input_ids, max_cache_len, backend)
     with recompile_limits(64, fail=True):  # raise, never decode uncompiled in silence
         tokens = _decode_loop(model, input_ids, max_new_tokens, max_cache_len, backend, mode, options, eos_token_id,
                               streamer, dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
-                                             generator=generator))
+                                             generator=generator), padding)
     return _trim_after_all_stopped(tokens, prompt, eos_token_id)
 
 
@@ -198,20 +204,64 @@ def _cache_length(need: int, max_cache_len: Optional[int], what: str) -> int:
     return max_cache_len
 
 
-def _last_logits(run, model: nn.Module, cache: dict, input_ids: Tensor, position: Tensor) -> Tensor:
+def _last_logits(run, model: nn.Module, cache: dict, input_ids: Tensor, position: Tensor, **padding) -> Tensor:
     """One compiled call (prefill or decode step) on the static cache, passed as ``{cache_kwarg(model): cache}``
-    (built once per loop): the last position's logits [B, V]."""
-    return run(model, input_ids=input_ids, **cache, cache_position=position, use_cache=True).logits[:, -1]
+    (built once per loop): the last position's logits [B, V]. ``padding``: attention_mask and position_ids of a
+    left-padded batch (``_LeftPadding``)."""
+    return run(model, input_ids=input_ids, **cache, cache_position=position, use_cache=True, **padding).logits[:, -1]
+
+
+class _LeftPadding:
+    """A left-padded batch's model inputs with fixed shapes, so the decode step still compiles once: the attention
+    mask over the whole static cache ([B, max_cache_len]: the prompt's mask, then ones; the cache position hides
+    the slots not yet written), and each row's position ids counted over its real tokens only."""
+
+    def __init__(self, mask: Tensor, max_cache_len: int) -> None:
+        batch, prompt = mask.shape
+        self.full = torch.ones(batch, max_cache_len, dtype=mask.dtype, device=mask.device)
+        self.full[:, :prompt] = mask
+        self.prefill_positions = (mask.cumsum(-1) - 1).clamp_min(0)
+        self.next_position = mask.sum(-1, keepdim=True)  # [B, 1], advanced in place after each step
+
+    @staticmethod
+    def of(model: nn.Module, mask: Optional[Tensor], input_ids: Tensor, max_cache_len: int,
+           backend: str) -> Optional["_LeftPadding"]:
+        """None for no mask or one without padding (the unpadded graphs); else the checked inputs."""
+        if mask is None:
+            return None
+        if mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask must have input_ids' shape {tuple(input_ids.shape)}, got "
+                             f"{tuple(mask.shape)}")
+        mask = mask.to(device=input_ids.device, dtype=torch.long)
+        if bool(((mask != 0) & (mask != 1)).any()):
+            raise ValueError("attention_mask must hold 0 (padding) and 1 (a token) only")
+        if bool(mask.all()):
+            return None
+        if bool((mask[:, 1:] < mask[:, :-1]).any()) or not bool(mask[:, -1].all()):
+            raise ValueError("attention_mask: only left padding is supported (each row's padding first, its last "
+                             "position a token): tokenize with padding_side='left'")
+        plan = state.attached_plan(model) if backend == "teal" else None
+        if plan is not None and plan.batch_mask == "shared" and plan.prefill_sparse_from < 1.0:
+            raise ValueError("a shared batch mask over a sparsified prefill would count the padding positions in the "
+                             "batch's statistic: use a plan with prefill_sparse_from=1.0 (the default) for padded "
+                             "batches, or equal-length prompts")
+        return _LeftPadding(mask, max_cache_len)
+
+    def prefill(self) -> dict:
+        return dict(attention_mask=self.full, position_ids=self.prefill_positions)
+
+    def step(self) -> dict:
+        return dict(attention_mask=self.full, position_ids=self.next_position)
 
 
 def _decode_loop(model, input_ids, max_new_tokens, max_cache_len, backend, mode, options, eos_token_id, streamer,
-                 sampling) -> Tensor:
+                 sampling, padding: Optional[_LeftPadding] = None) -> Tensor:
     device = input_ids.device
     batch, prompt = input_ids.shape
     run = _compiled(model, backend, mode, options)
     cache = {cache_kwarg(model): _reusable_cache(model, batch, max_cache_len)}
     position = torch.arange(prompt, device=device)
-    logits = _last_logits(run, model, cache, input_ids, position)
+    logits = _last_logits(run, model, cache, input_ids, position, **(padding.prefill() if padding else {}))
     position = torch.tensor([prompt], device=device)
     out = [input_ids]
     done = torch.zeros(batch, dtype=torch.bool, device=device)
@@ -228,10 +278,12 @@ def _decode_loop(model, input_ids, max_new_tokens, max_cache_len, backend, mode,
             break
         if eos_token_id is not None and (i + 1) % STOP_CHECK_EVERY == 0 and all_stopped.check(done):
             break
-        logits = _last_logits(run, model, cache, nxt[:, None], position)
+        logits = _last_logits(run, model, cache, nxt[:, None], position, **(padding.step() if padding else {}))
         if mode == "reduce-overhead":
             logits = logits.clone()  # the CUDA graph's output buffer is overwritten by the next replay
         position.add_(1)
+        if padding is not None:
+            padding.next_position.add_(1)
     return torch.cat(out, dim=1)
 
 

@@ -40,15 +40,24 @@ def attach_plan(model: nn.Module, plan: PlanLike, *, check: bool = True) -> Plan
     if check:
         plan.check_fits(find_linears(model))
     apply_weight_format(model, list(plan.linears), plan.weights, plan.lm_head)
+    for w in store_column_major(model, plan):
+        _PLAN_OF_WEIGHT[w] = plan
+    _PLAN_OF_MODEL[model] = plan
+    return plan
+
+
+def store_column_major(model: nn.Module, plan: Plan) -> list:
+    """The plan's weights of ``model``, stored column-major in place on CUDA (``to_column_major_``): the layout the
+    sparse GEMV reads. Done before compiling, never by the backend during a compile (backend._prepare_weights)."""
+    weights = []
     for key in plan.linears:
         try:
             w = model.get_parameter(key)
         except AttributeError as e:
             raise ValueError(f"plan key {key!r} is not a parameter of {type(model).__name__}") from e
         to_column_major_(w)
-        _PLAN_OF_WEIGHT[w] = plan
-    _PLAN_OF_MODEL[model] = plan
-    return plan
+        weights.append(w)
+    return weights
 
 
 def detach_plan(model: nn.Module) -> None:

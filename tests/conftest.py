@@ -63,17 +63,22 @@ def logits_per_option(model, plan, ids, option: str, values=(True, False)) -> li
 @contextlib.contextmanager
 def masked_inputs(model, plan, sparse_from: float = 0.0):
     """The independent reference: forward pre-hooks that mask each planned linear's input by its threshold (an
-    ``nn.Linear``, or a ``QuantizedLinear`` of a quantized model)."""
+    ``nn.Linear``, or a ``QuantizedLinear`` of a quantized model). A shared-mask plan masks by the batch's mean |x|
+    against its threshold for that batch size."""
     handles = []
+    shared = plan.batch_mask == "shared"
     for name, mod in model.named_modules():
         key = name + ".weight"
         if isinstance(mod, (torch.nn.Linear, QuantizedLinear)) and key in plan:
-            t = plan.threshold(key)
+            lp = plan.linears[key]
 
-            def hook(mod, args, t=t):
+            def hook(mod, args, lp=lp):
                 x = args[0]
                 start = 0 if x.dim() < 3 or x.shape[-2] == 1 else int(-(-sparse_from * x.shape[-2] // 1))
-                keep = x.abs().float() > t
+                if shared and x.shape[0] > 1:
+                    keep = (x.abs().float().mean(0, keepdim=True) > lp.threshold_for(x.shape[0])).expand_as(x).clone()
+                else:
+                    keep = x.abs().float() > lp.threshold
                 if start:
                     keep[..., :start, :] = True
                 return (torch.where(keep, x, torch.zeros((), dtype=x.dtype)),) + tuple(args[1:])

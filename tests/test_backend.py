@@ -51,3 +51,29 @@ def test_linear_table_without_compiling():
     assert lines[0].split()[:4] == ["block", "role", "key", "shape"]
     assert len(lines) == 2 + 14
     assert "model.layers.1.mlp.down_proj.weight" in table
+
+
+def test_a_graph_copied_for_another_plan_keeps_what_marks_its_static_inputs():
+    """Variants for later plans are compiled from a copy of the captured graph; AOTAutograd tells static inputs
+    (parameters, a KV cache Dynamo marked static) by ``_param_name_to_source`` and each placeholder's
+    ``_dynamo_source``. Lost in the copy, the variant's cache writes were "mutated inputs" and CUDA graphs were
+    skipped (docs/perf-log.md v24)."""
+    from teal_fx.backend import _copy_graph
+
+    model = tiny_model("llama")
+    captured = []
+
+    def keep(gm, example_inputs):
+        captured.append(gm)
+        return gm.forward
+
+    with torch.no_grad():
+        torch.compile(model, backend=keep)(torch.randint(3, 100, (1, 4)), use_cache=False)
+    gm = captured[0]
+    copy = _copy_graph(gm)
+    old = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    new = [n for n in copy.graph.nodes if n.op == "placeholder"]
+    assert len(new) == len(old) > 0 and all(hasattr(n, "_dynamo_source") for n in old)
+    assert [n._dynamo_source for n in new] == [n._dynamo_source for n in old]
+    assert getattr(copy, "_param_name_to_source", None) is getattr(gm, "_param_name_to_source", None)
+    assert copy.meta.get("dynamo_compile_id") == gm.meta.get("dynamo_compile_id")

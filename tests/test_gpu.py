@@ -225,7 +225,7 @@ def test_swiglu_op_runs_the_fused_launch_and_matches_its_expression(rows):
     x = torch.randn(rows, 1, 512, device="cuda", dtype=torch.bfloat16)
     wg, wu = ((torch.randn(1024, 512, device="cuda") / 512**0.5).bfloat16().t().contiguous().t() for _ in range(2))
     assert sg.can_fuse_swiglu(x, wg, wu)
-    got = torch.ops.teal.sparse_swiglu(x, wg, wu, 0.6, 0.4, 1.0, [0.5, 0.4])
+    got = torch.ops.teal.sparse_swiglu(x, wg, wu, 0.6, 0.4, 1.0, [-1.0, -1.0])  # unknown sparsity: the kernel
     gate = _reference(x.reshape(rows, -1).cpu(), wg.cpu(), None, 0.6)
     want = torch.nn.functional.silu(gate) * _reference(x.reshape(rows, -1).cpu(), wu.cpu(), None, 0.4)
     err = (got.reshape(rows, -1).cpu().double() - want).norm() / want.norm()
@@ -275,7 +275,7 @@ def test_add_rmsnorm_op_on_the_8b_shapes(N, K, rows, dtype):
     h_ref = res.cpu() + y
     out_ref = reference_rmsnorm(h_ref, nw.cpu(), 1e-5)
     for _ in range(2):  # the workspace must be left zero
-        h, out = torch.ops.teal.sparse_linear_add_rmsnorm(x, w, None, t, 1.0, 0.5, res, nw, 1e-5)
+        h, out = torch.ops.teal.sparse_linear_add_rmsnorm(x, w, None, t, 1.0, -1.0, res, nw, 1e-5)  # the kernel
         for got, want in ((h, h_ref), (out, out_ref)):
             assert got.shape == want.shape and not torch.isnan(got).any()
             assert float((got.cpu().double() - want.double()).norm() / want.double().norm()) < 1e-2
@@ -371,3 +371,137 @@ def test_quantized_sparse_ops_on_the_8b_shapes(fmt, rows):
         y = sg.sparse_gemv(x, q, None, t, sparsity=0.5, scales=s)
         ref = reference_sparse_linear(x.double(), dequantize(q, s, torch.float64), None, t)
         assert float((y.double() - ref).norm() / ref.norm()) < 1e-2
+
+
+@pytest.mark.parametrize("rows", [2, 8, 16])
+def test_shared_mask_ops_on_the_8b_shapes(rows):
+    """One mask for the batch on the default configs of Llama-3-8B's shapes (grouped q/k/v, SwiGLU gate/up, down),
+    against the float64 shared-mask reference."""
+    from teal_fx.kernels import sparse_gemv as sg
+
+    g = torch.Generator(device="cuda").manual_seed(rows)
+    w = lambda N, K: (torch.randn(N, K, device="cuda", generator=g, dtype=torch.bfloat16) / K**0.5).t().contiguous().t()
+    x = torch.randn(rows, 4096, device="cuda", generator=g, dtype=torch.bfloat16)
+    t = float(x.float().abs().mean(0).quantile(0.5))
+    qkv = [w(4096, 4096), w(1024, 4096), w(1024, 4096)]
+    for y, wi in zip(sg.sparse_gemv_group(x, qkv, [None] * 3, [t] * 3, sparsity=0.5, shared=True), qkv):
+        ref = reference_sparse_linear(x.double(), wi.double(), None, t, shared=True)
+        assert float((y.double() - ref).norm() / ref.norm()) < 1e-2
+    wg, wu = w(14336, 4096), w(14336, 4096)
+    got = sg.sparse_gemv_swiglu(x, wg, wu, t, t, sparsity=0.5, shared=True)
+    gate = reference_sparse_linear(x.double(), wg.double(), None, t, shared=True)
+    up = reference_sparse_linear(x.double(), wu.double(), None, t, shared=True)
+    ref = torch.nn.functional.silu(gate) * up
+    assert float((got.double() - ref).norm() / ref.norm()) < 2e-2
+    xd = torch.randn(rows, 14336, device="cuda", generator=g, dtype=torch.bfloat16)
+    td = float(xd.float().abs().mean(0).quantile(0.5))
+    wd = w(4096, 14336)
+    ref = reference_sparse_linear(xd.double(), wd.double(), None, td, shared=True)
+    got = sg.sparse_gemv(xd, wd, None, td, sparsity=0.5, shared=True)
+    assert float((got.double() - ref).norm() / ref.norm()) < 1e-2
+
+
+def test_per_row_batches_go_to_cublas_where_the_union_cannot_win(monkeypatch):
+    """Per-row masks over 8 rows at 50% keep ~all weight rows: the op runs the masked input through cuBLAS (never
+    slower than dense), same result; a shared mask over the same rows launches the kernel where this GPU's table
+    says it wins."""
+    from teal_fx.kernels import sparse_gemv as sg
+    from teal_fx.kernels.sparse_gemv_config import kernel_pays
+
+    x = torch.randn(8, 4096, device="cuda", dtype=torch.bfloat16)
+    wt = (torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16) / 64).t().contiguous().t()
+    launched = []
+    real = sg.sparse_gemv_group
+    monkeypatch.setattr(sg, "sparse_gemv_group", lambda *a, **k: launched.append(k.get("shared")) or real(*a, **k))
+    y = torch.ops.teal.sparse_linear(x, wt, None, 0.7, 1.0, 0.5, None, False)
+    torch.testing.assert_close(y.double(), _reference(x, wt, None, 0.7), rtol=2e-2, atol=2e-2)
+    assert launched == []
+    torch.ops.teal.sparse_linear(x, wt, None, 0.7, 1.0, 0.5, None, True)
+    assert launched == ([True] if kernel_pays(8, 0.5, True, torch.cuda.get_device_name()) else [])
+
+
+def test_shared_plan_decodes_a_batch_in_cuda_graphs_like_its_masked_reference():
+    """A shared-mask plan through the lean loop's graphs (CUDA graphs, batch 4), fed the same tokens as the eager
+    model whose linears see the batch's mean-|x| mask: the same logits at every step. In fp32: in bf16 the two
+    paths' roundings flip near-threshold channels, and a flipped shared channel drops or keeps a large entry of
+    some row (its mean is near t, not its entries), which then compounds through the cache (8% apart on the CPU,
+    whose ops are the references themselves; 38% on the H200)."""
+    from teal_fx.generate import decode_logits
+
+    model = tiny_model("llama", hidden=256, inter=512).cuda()
+    data = torch.randint(3, 128, (8, 64))
+    plan = teal_fx.calibrate(model, data, sparsity=0.5, method="uniform", batch_mask="shared", progress=False,
+                             num_sequences=8, seq_len=64)
+    tokens = torch.randint(3, 128, (4, 24), device="cuda")
+    got = decode_logits(model, tokens, 12, mode="reduce-overhead")
+    with masked_inputs(model, plan, sparse_from=1.0):
+        ref = decode_logits(model, tokens, 12, backend="none")
+    dense = decode_logits(model, tokens, 12, backend="none")
+    err = float((got - ref).norm() / ref.norm())
+    assert err < 1e-3, err
+    assert float((dense - ref).norm() / ref.norm()) > 0.1  # the masks matter
+
+
+def test_compile_with_a_plan_given_in_options_leaves_the_layout_alone_and_says_so():
+    """torch.compile(model, backend="teal", options={"plan": plan}) with nothing attached: the backend never moves
+    weights during Dynamo's compile (torch 2.11 refuses a parameter whose strides change there: "Guard failed on the
+    same frame it was created"), so the row-major weights run, correct, with a warning that says to attach the plan
+    first; attached, they are column-major."""
+    model = tiny_model("llama", hidden=128, inter=256, dtype=torch.bfloat16).cuda()
+    plan = _plan(model, 0.3)
+    compiled = torch.compile(model, backend="teal", options={"plan": plan})
+    ids = torch.randint(3, 128, (1, 1), device="cuda")
+    up = model.model.layers[0].mlp.up_proj.weight
+    import teal_fx.backend as backend
+    backend._warned_layout = False
+    with torch.no_grad(), pytest.warns(UserWarning, match="attach_plan"):
+        got = compiled(ids, use_cache=False).logits.float()
+    assert not up.t().is_contiguous()
+    with torch.no_grad(), masked_inputs(model, plan, sparse_from=1.0):
+        ref = model(ids, use_cache=False).logits.float()
+    assert float((got - ref).norm() / ref.norm()) < 1e-2
+    teal_fx.attach_plan(model, plan)
+    assert up.t().is_contiguous()
+
+
+def test_a_second_plan_keeps_its_cuda_graphs():
+    """The variant compiled for a later plan keeps Dynamo's static-input marks (parameters, the KV cache), so its
+    cache writes are not "mutated inputs" and its decode step is still captured as a CUDA graph (before the fix:
+    skipped, and int8 at 0% after a 50% plan decoded at 32.6 tok/s on the 8B shape)."""
+    from torch._dynamo.utils import counters
+
+    model = tiny_model("llama", hidden=256, inter=512, dtype=torch.bfloat16).cuda()
+    ids = torch.randint(3, 128, (1, 8), device="cuda")
+    for t in (0.5, 0.2):
+        teal_fx.attach_plan(model, _plan(model, t))
+        before = counters["inductor"]["cudagraph_skips"]
+        teal_fx.generate(model, ids, 6, mode="reduce-overhead", eos_token_id=-1)
+        assert counters["inductor"]["cudagraph_skips"] == before, t
+
+
+@pytest.mark.parametrize("rows", [2, 4, 8])
+def test_shared_mask_ops_on_small_shapes_with_every_finish(rows):
+    """A small model's shapes (below the 2048-column rule: the fallback tiles) through each op with a shared mask:
+    grouped q/k/v, SwiGLU, add + RMSNorm, against the shared-mask reference in float64 (sparsity unknown, -1: the
+    kernel whatever the dispatch table says)."""
+    from teal_fx.kernels.reference import reference_rmsnorm
+
+    g = torch.Generator(device="cuda").manual_seed(rows)
+    w = lambda N, K: (torch.randn(N, K, device="cuda", generator=g, dtype=torch.bfloat16) / K**0.5).t().contiguous().t()
+    x = torch.randn(rows, 1, 256, device="cuda", generator=g, dtype=torch.bfloat16)
+    t = float(x.float().abs().mean(0).quantile(0.5))
+    ref = lambda xx, ww, tt: reference_sparse_linear(xx.double(), ww.double(), None, tt, shared=True)
+    rel = lambda got, want: float((got.double() - want).norm() / want.norm())
+    qkv = [w(256, 256), w(128, 256), w(128, 256)]
+    for y, wi in zip(torch.ops.teal.sparse_linear_group(x, qkv, [None] * 3, [t] * 3, 1.0, [-1.0] * 3, [None] * 3, True),
+                     qkv):
+        assert rel(y, ref(x, wi, t)) < 1e-2
+    wg, wu = w(512, 256), w(512, 256)
+    got = torch.ops.teal.sparse_swiglu(x, wg, wu, t, t, 1.0, [-1.0, -1.0], None, None, True)
+    assert rel(got, torch.nn.functional.silu(ref(x, wg, t)) * ref(x, wu, t)) < 2e-2
+    wo, res = w(256, 256), torch.randn(rows, 1, 256, device="cuda", generator=g, dtype=torch.bfloat16)
+    nw = torch.ones(256, device="cuda", dtype=torch.bfloat16)
+    h, out = torch.ops.teal.sparse_linear_add_rmsnorm(x, wo, None, t, 1.0, -1.0, res, nw, 1e-5, None, True)
+    h_ref = res.double() + ref(x, wo, t)
+    assert rel(h, h_ref) < 1e-2
+    assert rel(out, reference_rmsnorm(h_ref, nw.double(), 1e-5)) < 2e-2

@@ -160,3 +160,37 @@ def test_grouping_off_gives_the_same_logits():
     plan = plan_for(model, [0.1, 0.6, 0.3])
     outs = logits_per_option(model, plan, torch.randint(3, 128, (2, 1)), "group_shared_input")
     torch.testing.assert_close(outs[0], outs[1], atol=0, rtol=0)
+
+
+@settings(max_examples=4, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])  # the patch is the same
+@given(batch=st.integers(1, 4), shared=st.booleans(), thresholds=st.lists(st.floats(0.0, 1.5), min_size=1, max_size=7))
+def test_linears_the_kernel_cannot_win_stay_dense_with_their_input_masked(monkeypatch, batch, shared, thresholds):
+    """Where the dispatch rule says cuBLAS wins (per-row unions on a GPU; forced here on the CPU), the decode graph
+    keeps each linear and masks its input in the graph instead of calling the sparse op: same logits as the
+    reference, no teal::sparse_* node left."""
+    import dataclasses
+    import importlib
+
+    isl = importlib.import_module("teal_fx.passes.insert_sparse_linear")  # the module, not the pass it exports
+    monkeypatch.setattr(isl, "_kernel_pays", lambda x, sparsity, shared: False)
+    torch._dynamo.reset()
+    model = tiny_model("llama")
+    plan = dataclasses.replace(plan_for(model, thresholds), batch_mask="shared" if shared else "per_row")
+    ids = torch.randint(3, 128, (batch, 1))
+    graphs = []
+
+    def capture(gm, example_inputs):
+        ctx = PassContext(plan=plan)
+        out = run_passes(gm, ctx)
+        graphs.append(out)
+        return out.forward
+
+    with torch.no_grad():
+        got = torch.compile(model, backend=capture)(ids, use_cache=False).logits
+        with masked_inputs(model, plan, sparse_from=1.0):
+            ref = model(ids, use_cache=False).logits
+    torch.testing.assert_close(got, ref, **TOL[torch.float32])
+    targets = [str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"]
+    assert not any(t.startswith("teal.sparse") for t in targets)
+    assert sum("sparsify" in t for t in targets) == len(plan)

@@ -40,7 +40,7 @@ def rel_err(y, ref):
 @settings(max_examples=12, deadline=None)
 @given(M=st.integers(1, 16), N=st.integers(1, 70), K=st.integers(1, 150), dtype=st.sampled_from([torch.float32,
        torch.bfloat16]), t=st.floats(0.0, 1.2), bias=st.booleans(), seed=st.integers(0, 1000),
-       loop=st.sampled_from([None, "dot", "in_thread"]), iters=st.integers(1, 4))
+       loop=st.sampled_from([None, "dot", "in_thread", "packed"]), iters=st.integers(1, 4))
 def test_shared_mask_gemv_matches_float64(M, N, K, dtype, t, bias, seed, loop, iters):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(M, K, generator=g).to(dtype).to(DEVICE)
@@ -48,8 +48,10 @@ def test_shared_mask_gemv_matches_float64(M, N, K, dtype, t, bias, seed, loop, i
     b = torch.randn(N, generator=g).to(dtype).to(DEVICE) if bias else None
     if loop == "in_thread" and M > 8:
         loop = "dot"
-    cfg = None if loop is None else make_config(N, K, BN=32, BK=16, iters=iters, use_dot=loop == "dot",
-                                                in_thread=loop == "in_thread")
+    if loop == "packed" and M == 1:  # one row: its own mask, the one-row loops
+        loop = None
+    cfg = None if loop is None else make_config(N, K, BN=32, BK=16, iters=iters, use_dot=loop in ("dot", "packed"),
+                                                in_thread=loop == "in_thread", packed_dot=loop == "packed")
     y = torch.full((M, N), float("nan"), dtype=dtype, device=DEVICE)
     for _ in range(2):
         sg.sparse_gemv(x, w, b, t, config=cfg, out=y, shared=True)
@@ -68,15 +70,15 @@ def test_shared_mask_takes_up_to_16_rows_and_per_row_masks_8():
         sg.sparse_gemv(torch.randn(17, 40, device=DEVICE), w, None, 0.5, shared=True)
 
 
-@pytest.mark.parametrize("M,loop", [(3, "in_thread"), (6, "dot"), (12, "dot")])
+@pytest.mark.parametrize("M,loop", [(3, "in_thread"), (6, "dot"), (12, "dot"), (5, "packed"), (16, "packed")])
 def test_shared_mask_grouped_and_swiglu(M, loop):
     g = torch.Generator().manual_seed(M)
     K, Ns = 72, [48, 16, 16]
     x = torch.randn(M, K, generator=g).to(DEVICE)
     ws = [(torch.randn(N, K, generator=g) / K**0.5).to(DEVICE).t().contiguous().t() for N in Ns]
     ts = [0.6, 0.8, 0.4]
-    cfg = replace(make_config(sum(Ns), K, BN=16, BK=16, iters=2, use_dot=loop == "dot", in_thread=loop == "in_thread"),
-                  apart=True)
+    cfg = replace(make_config(sum(Ns), K, BN=16, BK=16, iters=2, use_dot=loop in ("dot", "packed"),
+                              in_thread=loop == "in_thread", packed_dot=loop == "packed"), apart=True)
     for y, w, t in zip(sg.sparse_gemv_group(x, ws, [None] * 3, ts, config=cfg, shared=True), ws, ts):
         ref = reference_sparse_linear(x.cpu().double(), w.cpu().double(), None, t, shared=True)
         assert rel_err(y.cpu(), ref) <= 1e-5
@@ -84,3 +86,20 @@ def test_shared_mask_grouped_and_swiglu(M, loop):
     gate = reference_sparse_linear(x.cpu().double(), ws[1].cpu().double(), None, 0.5, shared=True)
     up = reference_sparse_linear(x.cpu().double(), ws[2].cpu().double(), None, 0.7, shared=True)
     assert rel_err(h.cpu(), torch.nn.functional.silu(gate) * up) <= 1e-5
+
+
+def test_dispatch_rule_compares_the_rows_read_with_the_measured_break_even(monkeypatch):
+    from teal_fx.kernels import sparse_gemv_config as cfg
+
+    assert cfg.expected_kept(4, 0.5, shared=False) == pytest.approx(1 - 0.5**4)
+    assert cfg.expected_kept(4, 0.5, shared=True) == cfg.expected_kept(1, 0.5, shared=False) == 0.5
+    monkeypatch.setattr(cfg, "BREAK_EVEN_KEPT", {"H200": {"per_row": {1: 2.0, 2: 0.7, 8: 0.0},
+                                                         "shared": {2: 0.9, 16: 0.6}}})
+    gpu = "NVIDIA H200"
+    assert cfg.kernel_pays(1, 0.0, False, gpu)  # one row: the kernel even at 0%
+    assert not cfg.kernel_pays(2, 0.5, False, gpu)  # the union of 2 rows at 50% keeps 0.75 > 0.7
+    assert cfg.kernel_pays(2, 0.6, False, gpu)  # 1 - 0.36 = 0.64 < 0.7
+    assert not cfg.kernel_pays(4, 0.9, False, gpu)  # 4 rows take the 8-row entry: never
+    assert cfg.kernel_pays(8, 0.5, True, gpu) and not cfg.kernel_pays(9, 0.3, True, gpu)  # 9 rows: the 16 entry
+    assert cfg.kernel_pays(8, -1.0, False, gpu) and cfg.kernel_pays(8, None, False, gpu)  # unknown: the kernel
+    assert cfg.kernel_pays(2, 0.5, True, "Another GPU") == cfg.kernel_pays(2, 0.5, True, gpu)  # the default table
