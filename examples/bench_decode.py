@@ -1,6 +1,7 @@
 """End-to-end decode benchmark on a Llama-3-8B-shaped model (random weights, bf16), one command, one run:
 
     python examples/bench_decode.py [--new-tokens 256] [--sparsities 0.4,0.5] [--out examples/results/decode_<gpu>.md]
+    python examples/bench_decode.py --batches 1,4,8,16 ...   # dense, per-row and shared masks per batch size
 
 tokens/s of the lean loop (teal_fx.generate, static cache, decode step captured as a CUDA graph through
 mode="reduce-overhead") and of Hugging Face generate() (static cache, decode step compiled through the named backend)

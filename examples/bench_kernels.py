@@ -1,6 +1,7 @@
 """Benchmark of the Triton sparse GEMV on Llama-3-8B shapes, against cuBLAS dense and the bandwidth roofline.
 
     python examples/bench_kernels.py [--quick] [--sweep] [--out examples/results/kernels_<gpu>.md]
+    python examples/bench_kernels.py --batches 1,2,4,8,16 --batch-only   # per-row vs shared masks, break-even table
 
 Each figure is µs per call inside a CUDA graph of many calls over rotating weight copies (together larger than
 L2), so neither launch overhead nor cache hits flatter it. roofline = bytes of the weight rows that some row of
