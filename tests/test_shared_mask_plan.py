@@ -87,3 +87,18 @@ def test_spread_batches_change_only_what_rows_share(shared):
     s1 = evaluate_perplexity(model, ids, plan, **kw).perplexity
     s2 = evaluate_perplexity(model, ids, plan, spread=True, **kw).perplexity
     assert s1 != pytest.approx(s2, rel=1e-9)
+
+
+def test_batch_means_average_rows_of_different_windows():
+    """A batch's rows come from different sequences: the calibrated mean of B rows averages B windows, not B rows of
+    one window (rows of one text are alike). Windows alternating all-0.2 and all-1.0 rows: every mean of 2 or 4 rows
+    from consecutive windows is 0.6; averaging within a window would give 0.2 or 1.0."""
+    from teal_fx.calibrate import Recorder
+
+    rec = Recorder(greedy=False, batch_sizes=(2, 4), windows=8)
+    for i in range(8):
+        rec.add_batch_means(["k"], torch.full((1, 32, 16), 0.2 if i % 2 == 0 else 1.0))
+    for b in (2, 4):
+        h = rec.batch_histograms["k"][b]
+        assert h.total > 0
+        assert h.quantile(0.01) == pytest.approx(0.6, rel=0.05) and h.quantile(0.99) == pytest.approx(0.6, rel=0.05)
