@@ -455,6 +455,9 @@ def realised_sparsity(model: nn.Module, plan: Plan, data: Data, *, tokenizer: An
     device = next(model.parameters()).device
     step = batch if shared else 1
     n = len(seqs) // step * step
+    if n == 0:
+        raise ValueError(f"realised_sparsity: {len(seqs)} windows of {seq_len} tokens cannot fill one batch of "
+                         f"{batch}: give more text or num_sequences >= {batch}")
     order = torch.arange(n).reshape(step, -1).t().reshape(-1)  # batch j: windows j, j + n/step, ... (spread)
     with torch.no_grad(), recompile_limits(1024, 4096):
         for i in range(0, n, step):

@@ -102,3 +102,9 @@ def test_batch_means_average_rows_of_different_windows():
         h = rec.batch_histograms["k"][b]
         assert h.total > 0
         assert h.quantile(0.01) == pytest.approx(0.6, rel=0.05) and h.quantile(0.99) == pytest.approx(0.6, rel=0.05)
+
+
+def test_realised_sparsity_with_fewer_windows_than_the_batch_is_an_error(shared):
+    model, plan = shared
+    with pytest.raises(ValueError, match="cannot fill one batch of 16"):
+        teal_fx.realised_sparsity(model, plan, DATA, num_sequences=8, seq_len=64, batch=16)
