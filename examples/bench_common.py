@@ -1,14 +1,17 @@
-"""What the benchmarks share: the read bandwidth they measure the roofline with, CUDA-graph timing, result names.
+"""What the example scripts share: the read bandwidth the benchmarks measure the roofline with, CUDA-graph timing,
+result names, and the accuracy scripts' WikiText-2 arguments.
 
-The benchmarks run as scripts (``python examples/bench_kernels.py``), so this module is importable from them as
+The scripts run as scripts (``python examples/bench_kernels.py``), so this module is importable from them as
 ``bench_common`` with no path set up.
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import re
 import statistics
+from pathlib import Path
 
 import torch
 
@@ -83,3 +86,14 @@ def dependent_launches(on: bool):
             del os.environ["TEAL_PDL"]
         else:
             os.environ["TEAL_PDL"] = before
+
+
+WIKITEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2"
+
+
+def add_evaluation_arguments(ap: argparse.ArgumentParser, sparsities: str = "0.25,0.4,0.5") -> None:
+    """The accuracy scripts' common options: the WikiText-2 folder, how much of test.txt, the window, the levels."""
+    ap.add_argument("--data", default=str(WIKITEXT), help="folder with valid.txt (calibration) and test.txt")
+    ap.add_argument("--max-tokens", type=int, default=8192 + 256, help="test tokens read")
+    ap.add_argument("--window", type=int, default=512)
+    ap.add_argument("--sparsities", default=sparsities)

@@ -119,11 +119,11 @@ def sparse_linear_group(
     default-valued arguments, and the tensor-list autograd wrapper then expects one gradient fewer.)
     """
     if x.is_cuda and sparse_token_start(x, prefill_sparse_from) == 0:
+        hint = min(sparsities, default=-1.0)
         if all(sparse_gemv.supports(x, w, s, shared) for w, s in zip(weights, scales)) and \
-                len({b is None for b in biases}) == 1 and \
-                sparse_gemv.pays(x, min(sparsities, default=-1.0), shared, scales[0] is not None):
-            return sparse_gemv.sparse_gemv_group(x, weights, biases, thresholds, sparsity=min(sparsities, default=-1.0),
-                                                 scales=scales, shared=shared)
+                len({b is None for b in biases}) == 1 and sparse_gemv.pays(x, hint, shared, scales[0] is not None):
+            return sparse_gemv.sparse_gemv_group(x, weights, biases, thresholds, sparsity=hint, scales=scales,
+                                                 shared=shared)
     return [_not_decoded(x, w, b, t, prefill_sparse_from, s, shared)
             for w, b, t, s in zip(weights, biases, thresholds, scales)]
 
@@ -183,10 +183,11 @@ def sparse_swiglu(
     weights it is one Triton launch whose epilogue forms the product, so no kernel runs between the MLP's launches.
     No autograd: the pass that inserts it leaves graphs that need gradients alone."""
     if x.is_cuda and sparse_token_start(x, prefill_sparse_from) == 0:
+        hint = min(sparsities, default=-1.0)
         if sparse_gemv.supports(x, w_gate, scales_gate, shared) and sparse_gemv.supports(x, w_up, scales_up, shared) \
                 and sparse_gemv.can_fuse_swiglu(x, w_gate, w_up, shared) \
-                and sparse_gemv.pays(x, min(sparsities, default=-1.0), shared, scales_gate is not None):
-            return sparse_gemv.sparse_gemv_swiglu(x, w_gate, w_up, t_gate, t_up, sparsity=min(sparsities, default=-1.0),
+                and sparse_gemv.pays(x, hint, shared, scales_gate is not None):
+            return sparse_gemv.sparse_gemv_swiglu(x, w_gate, w_up, t_gate, t_up, sparsity=hint,
                                                   scales_gate=scales_gate, scales_up=scales_up, shared=shared)
         gate, up = sparse_linear_group(x, [w_gate, w_up], [None, None], [t_gate, t_up], prefill_sparse_from, sparsities,
                                        [scales_gate, scales_up], shared)

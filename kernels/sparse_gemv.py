@@ -24,7 +24,7 @@ from torch import Tensor
 
 from teal_fx.kernels import pdl
 from teal_fx.kernels.quantize import INT4_GROUP, logical_shape, weight_format
-from teal_fx.kernels.sparse_gemv_config import GemvConfig, choose_config, kernel_pays
+from teal_fx.kernels.sparse_gemv_config import GemvConfig, choose_config, gpu_name, kernel_pays
 from teal_fx.kernels.triton_support import DTYPES, HAS_TRITON, interpreter_upcasts, next_pow2
 from teal_fx.kernels.workspace import Workspace
 
@@ -90,16 +90,7 @@ def supports(x: Tensor, weight: Tensor, scales: Optional[Tensor] = None, shared:
 def pays(x: Tensor, sparsity: Optional[float], shared: bool, quantized: bool = False) -> bool:
     """Whether the ops should launch the kernel rather than cuBLAS on the masked input (``kernel_pays``, by this
     GPU's measured break-even). Quantized weights always take the kernel: their dense alternative is no cuBLAS call."""
-    return quantized or kernel_pays(x.numel() // max(1, x.shape[-1]), sparsity, shared, _gpu_name(x.device))
-
-
-_gpu_names: dict = {}
-
-
-def _gpu_name(device: torch.device) -> str:
-    if device not in _gpu_names:
-        _gpu_names[device] = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-    return _gpu_names[device]
+    return quantized or kernel_pays(x.numel() // max(1, x.shape[-1]), sparsity, shared, gpu_name(x.device))
 
 
 _warned_deterministic = False

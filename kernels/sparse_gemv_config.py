@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+import torch
+
 from teal_fx.kernels.triton_support import next_pow2
 
 
@@ -159,6 +161,16 @@ def expected_kept(rows: int, sparsity: float, shared: bool) -> float:
     """The fraction of weight rows a launch reads: 1 - s for one row or a shared mask; for per-row masks the union,
     1 - s^rows if the rows' masks were independent (real rows overlap more, so this errs towards cuBLAS)."""
     return 1.0 - sparsity if shared or rows == 1 else 1.0 - sparsity**rows
+
+
+_GPU_NAMES: dict = {}
+
+
+def gpu_name(device: torch.device) -> str:
+    """The GPU model of ``device`` (cached: asked at every op call outside CUDA graphs); the device type elsewhere."""
+    if device not in _GPU_NAMES:
+        _GPU_NAMES[device] = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    return _GPU_NAMES[device]
 
 
 def kernel_pays(rows: int, sparsity: Optional[float], shared: bool, gpu: str = DEFAULT_GPU) -> bool:

@@ -27,7 +27,7 @@ from torch import fx
 
 import teal_fx.kernels  # noqa: F401  (registers torch.ops.teal)
 from teal_fx.kernels.reference import sparsify
-from teal_fx.kernels.sparse_gemv_config import kernel_pays
+from teal_fx.kernels.sparse_gemv_config import gpu_name, kernel_pays
 from teal_fx.passes.analysis.dataflow import fake_value, linear_args, linear_scales
 from teal_fx.passes.context import PassContext
 from teal_fx.passes.finish import finish
@@ -64,7 +64,7 @@ def _kernel_pays(x: fx.Node, sparsity, shared: bool) -> bool:
         if not isinstance(d, int):
             return True
         rows *= d
-    return kernel_pays(rows, sparsity, shared, torch.cuda.get_device_name(v.device))
+    return kernel_pays(rows, sparsity, shared, gpu_name(v.device))
 
 
 def insert_sparse_linear(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:

@@ -158,20 +158,16 @@ def _prepare_weights(weights: list[torch.Tensor]) -> None:
         return
     shapes = [logical_shape(w) for w in cuda]  # a packed int4 weight holds two outputs a row
     sparse_gemv.reserve_workspace(cuda[0].device, max(n for n, _ in shapes), max(k for _, k in shapes))
+    global _warned_layout
     row_major = sum(sparse_gemv.needs_column_major(w) for w in cuda)
     if row_major and not _warned_layout:
-        _warn_layout(row_major)
+        _warned_layout = True
+        warnings.warn(f"teal: {row_major} planned weights are row-major, so the sparse GEMV reads them strided and "
+                      "launches q/k/v and gate/up apart (correct, slower): call teal_fx.attach_plan(model, plan) "
+                      "before torch.compile, which stores them column-major", stacklevel=2)
 
 
 _warned_layout = False
-
-
-def _warn_layout(count: int) -> None:
-    global _warned_layout
-    _warned_layout = True
-    warnings.warn(f"teal: {count} planned weights are row-major, so the sparse GEMV reads them strided and launches "
-                  "q/k/v and gate/up apart (correct, slower): call teal_fx.attach_plan(model, plan) before "
-                  "torch.compile, which stores them column-major", stacklevel=3)
 
 
 def register() -> None:
