@@ -2,6 +2,7 @@
 
     python examples/bench_decode.py [--new-tokens 256] [--sparsities 0.4,0.5] [--out examples/results/decode_<gpu>.md]
     python examples/bench_decode.py --batches 1,4,8,16 ...   # dense, per-row and shared masks per batch size
+    python examples/bench_decode.py --tp 2 -- --shape 8b     # tensor parallel over 2 GPUs (bench_decode_tp.py)
 
 tokens/s of the lean loop (teal_fx.generate, static cache, decode step captured as a CUDA graph through
 mode="reduce-overhead") and of Hugging Face generate() (static cache, decode step compiled through the named backend)
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import shlex
 import sys
 import time
@@ -175,7 +177,17 @@ def main() -> int:
                          "mask per row and teal with one mask shared by the batch, at --batch-sparsity")
     ap.add_argument("--batch-sparsity", type=float, default=0.5)
     ap.add_argument("--out", help="default: examples/results/decode_<gpu>.md (decode_h100.md on an H100)")
-    args = ap.parse_args()
+    ap.add_argument("--tp", type=int, default=0,
+                    help="tensor parallel over this many GPUs: runs examples/bench_decode_tp.py under torchrun with "
+                         "the arguments after '--' (default 0: one GPU, this script's rows)")
+    args, rest = ap.parse_known_args()
+    if args.tp:
+        tp = Path(__file__).with_name("bench_decode_tp.py")
+        extra = rest[1:] if rest[:1] == ["--"] else rest
+        os.execv(sys.executable, [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                  f"--nproc-per-node={args.tp}", str(tp), *extra])
+    if rest:
+        ap.error(f"unrecognized arguments: {' '.join(rest)}")
     if not torch.cuda.is_available():
         print("bench_decode needs a CUDA GPU", file=sys.stderr)
         return 1

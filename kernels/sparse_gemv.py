@@ -53,9 +53,15 @@ def reserve_workspace(device: torch.device, max_n: int, max_k: int) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ what it takes
+def _shard(weight: Tensor) -> Tensor:
+    """The tensor the kernel reads: a tensor-parallel rank's local shard of a DTensor parameter, else the weight."""
+    return getattr(weight, "_local_tensor", weight)
+
+
 def needs_column_major(weight: Tensor) -> bool:
-    """Whether ``to_column_major_`` would move this weight: a 2-D CUDA weight not yet column-major."""
-    return weight.is_cuda and weight.dim() == 2 and weight.stride() != (1, weight.shape[0])
+    """Whether ``to_column_major_`` would move this weight: a 2-D CUDA weight (or TP shard) not yet column-major."""
+    w = _shard(weight)
+    return w.is_cuda and w.dim() == 2 and w.stride() != (1, w.shape[0])
 
 
 def to_column_major_(weight: Tensor) -> bool:
@@ -66,7 +72,10 @@ def to_column_major_(weight: Tensor) -> bool:
     if not needs_column_major(weight):
         return False
     with torch.no_grad():
-        weight.data = weight.data.t().contiguous().t()
+        if _shard(weight) is weight:
+            weight.data = weight.data.t().contiguous().t()
+        else:  # a DTensor: its shard is what ``w.to_local()`` hands the op
+            weight._local_tensor = weight._local_tensor.t().contiguous().t()
     return True
 
 

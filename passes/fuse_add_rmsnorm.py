@@ -11,7 +11,8 @@ Invariants:
   Inductor's fused norm, the op's reference path there would run it eagerly.
 * Matches only the exact eager chain of ``LlamaRMSNorm`` (Llama, Mistral, Qwen2/3, Phi-3; not Gemma's ``1 + w``):
   to float32, pow 2, mean over the last dim keeping it, + a constant eps, rsqrt, multiply, back to h's dtype,
-  multiply by a [N] weight of h's dtype. The linear feeds only the add (through an eval-mode dropout at most); each
+  multiply by a [N] weight of h's dtype. The linear feeds only the add (through an eval-mode dropout at most: under
+  tensor parallelism the row-sharded o/down output also feeds its all-reduce, so the add and norm stay after it); each
   link of the chain feeds only the next (h's float32 copy feeds the pow and the multiply); the residual has the
   linear's output shape and dtype.
   No output requires grad (the fused op has no autograd).

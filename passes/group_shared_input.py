@@ -10,7 +10,8 @@ Invariants:
   ``MAX_SEGMENTS`` per group (larger sets are cut into consecutive groups).
 * Each member keeps its own weight and threshold; its users now read ``getitem(group, i)``, which carries the
   member's old ``meta`` (so ``meta["val"]`` stays right) and its ``meta["teal"]`` label.
-* The group node is inserted before the first member, after every argument it reads (checked, else no group).
+* The group node is inserted before the first member, after every argument it reads (checked, else no group); a
+  tensor-parallel rank's ``w.to_local()`` traced after the first member is moved up to it (a view of a parameter).
 """
 from __future__ import annotations
 
@@ -39,6 +40,12 @@ def _members_by_input(gm: fx.GraphModule) -> dict:
             shared = bool(n.args[7]) if len(n.args) > 7 else False
             groups[(x, psf, b is None, scales is None, shared)].append(n)
     return groups
+
+
+def _hoistable_shard(a: fx.Node, order: dict, before: int) -> bool:
+    """``w.to_local()`` of a parameter defined before position ``before``: a view with no other input."""
+    return (a.op == "call_method" and a.target == "to_local" and len(a.args) == 1 and not a.kwargs
+            and isinstance(a.args[0], fx.Node) and order.get(a.args[0], before) < before)
 
 
 def _replace_with_group(gm: fx.GraphModule, chunk: list, x: fx.Node, psf: float, shared: bool) -> None:
@@ -76,6 +83,10 @@ def group_shared_input(gm: fx.GraphModule, ctx: Optional[PassContext] = None) ->
             if len(chunk) < 2:
                 continue
             args = [a for n in chunk for a in (*n.args[:3], *n.args[6:7]) if isinstance(a, fx.Node)]
+            for a in args:  # a TP rank's w.to_local(), traced next to its own linear: hoisted, it is a pure view
+                if order.get(a, len(order)) > order[chunk[0]] and _hoistable_shard(a, order, order[chunk[0]]):
+                    chunk[0].prepend(a)
+                    order[a] = order[chunk[0]] - 0.5
             if any(order.get(a, len(order)) >= order[chunk[0]] for a in args):  # a node made by this pass: later
                 log.debug("teal: not grouping %s: an argument is defined after the first member", [n.name for n in chunk])
                 continue

@@ -1,8 +1,9 @@
 """Analysis pass: pick the plan that applies to this graph and check that it fits what discovery found.
 
 Invariants: the graph is not changed. After this pass ``ctx.plan`` is either None (compile dense) or a plan that
-holds every matched linear of this graph with the same weight shape; otherwise ``PlanError`` is raised, never a
-silent mismatch.
+holds every matched linear of this graph with the same weight shape (in a tensor-parallel rank's graph, the one with
+all-reduces, a weight may also be its shard: the planned shape cut along one dimension); otherwise ``PlanError`` is
+raised, never a silent mismatch.
 """
 from __future__ import annotations
 
@@ -16,5 +17,6 @@ def select_plan(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     if ctx.plan is None and ctx.resolve_plan is not None and disc is not None and disc.matched:
         ctx.plan = ctx.resolve_plan(gm, disc)
     if ctx.plan is not None and disc is not None and disc.matched:
-        ctx.plan.check_fits(disc.matched, require_all=False)
+        tp = any(n.op == "call_function" and "all_reduce" in str(n.target) for n in gm.graph.nodes)
+        ctx.plan.check_fits(disc.matched, require_all=False, shards=tp)
     return gm

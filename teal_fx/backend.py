@@ -25,6 +25,7 @@ from teal_fx.kernels import sparse_gemv
 from teal_fx.kernels.quantize import logical_shape
 from teal_fx.options import TealOptions
 from teal_fx.passes import Discovery, PassContext, run_passes
+from teal_fx.passes.analysis import unsharded
 from teal_fx.plan import Plan
 
 log = logging.getLogger("teal_fx")
@@ -93,10 +94,11 @@ class _PlanKeyedGraph:
         def resolve(g: fx.GraphModule, discovery: Discovery) -> Optional[Plan]:
             placeholders = [n for n in g.graph.nodes if n.op == "placeholder"]
             tensors = dict(zip(placeholders, example_inputs))
-            weights = [w for m in discovery.matched if isinstance(w := tensors.get(m.node.args[1]), torch.Tensor)]
+            params = [unsharded(m.node.args[1]) for m in discovery.matched]  # a TP rank's shard: its DTensor
+            weights = [w for p in params if isinstance(w := tensors.get(p), torch.Tensor)]
             chosen = plan
             if first:
-                w0 = discovery.matched[0].node.args[1]
+                w0 = params[0]
                 self.weight_index = placeholders.index(w0) if w0 in tensors else None
                 chosen = self.given if self.given is not None else state.plan_for_weights(weights)
             if chosen is None:

@@ -29,6 +29,7 @@ from teal_fx.models import model_name
 from teal_fx.passes.analysis.discovery import Discovery, discover
 from teal_fx.plan import BATCH_MASKS, BATCH_SIZES, WEIGHT_FORMATS, LinearPlan, Plan
 from teal_fx.state import attach_plan
+from teal_fx.tensor_parallel import reduce_histograms, tp_group, whole_shape
 from teal_fx.weights import apply_weight_format
 
 log = logging.getLogger("teal_fx")
@@ -398,9 +399,14 @@ def calibrate(
     missing = [k for k in matched if k not in recorder.histograms]
     if missing:
         raise CalibrationDataError(f"no activations recorded for {missing[:3]}")
+    group = tp_group(model)
+    if group is not None:  # a row-sharded input's histogram is of this rank's slice: every rank reads the sums
+        reduce_histograms(recorder.histograms, group)
+        for per_b in recorder.batch_histograms.values():
+            reduce_histograms(per_b, group)
 
     plan = Plan(
-        linears={k: LinearPlan(k, m.block, m.role, m.shape, 0.0, 0.0) for k, m in matched.items()},
+        linears={k: LinearPlan(k, m.block, m.role, whole_shape(model, k, m.shape), 0.0, 0.0) for k, m in matched.items()},
         model=model_name(model),
         method=method,
         histograms=dict(recorder.histograms),

@@ -5,13 +5,14 @@ ones the backend will see when the model is compiled.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, ContextManager, Optional
 
 import torch
 from torch import fx, nn
 
 from teal_fx.passes.analysis.discovery import Discovery, MatchedLinear, discover
+from teal_fx.tensor_parallel import whole_shape
 
 
 @dataclass
@@ -80,6 +81,6 @@ def find_linears(model: nn.Module, inputs: Optional[dict] = None) -> list[Matche
     found: dict[str, MatchedLinear] = {}
     for cg in graphs:
         for m in cg.discovery.matched:
-            found.setdefault(m.key, m)
+            found.setdefault(m.key, replace(m, shape=whole_shape(model, m.key, m.shape)))  # TP: the unsharded shape
     return sorted(found.values(), key=lambda m: (m.block, m.node.name))
 

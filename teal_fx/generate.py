@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from teal_fx import state
 from teal_fx.capture import recompile_limits
+from teal_fx.tensor_parallel import tp_degree
 
 STOP_CHECK_EVERY = 8  # steps between looks at "have all rows stopped?"
 CACHE_LEN_BUCKET = 256  # the static cache length is rounded up to this, so calls of other lengths reuse graphs
@@ -104,6 +105,10 @@ def static_cache(model: nn.Module, batch: int, max_len: int) -> Any:
     cache = StaticCache(config=cfg, max_cache_len=max_len)
     if hasattr(cache, "early_initialization"):
         heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        tp = tp_degree(model)  # tensor parallel: each rank caches its own heads
+        if heads % tp:
+            raise ValueError(f"{heads} key/value heads do not split over {tp} tensor-parallel ranks")
+        heads //= tp
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         p = next(model.parameters())
         cache.early_initialization(batch, heads, head_dim, p.dtype, p.device)

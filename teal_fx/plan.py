@@ -171,18 +171,20 @@ class Plan:
         return tuple((b, hists[b].quantile(sparsity)) for b in sorted(hists))
 
     # ------------------------------------------------------------------ fitting a model
-    def check_fits(self, found: Iterable["MatchedLinearInfo"], *, require_all: bool = True) -> None:
+    def check_fits(self, found: Iterable["MatchedLinearInfo"], *, require_all: bool = True,
+                   shards: bool = False) -> None:
         """Raise ``PlanError`` unless every found linear is in the plan with the same shape.
 
         With ``require_all`` the plan may not name linears the model does not have either (a whole-model check);
-        a single compiled graph (after a graph break) only checks its own linears.
+        a single compiled graph (after a graph break) only checks its own linears. With ``shards`` (a tensor-parallel
+        rank's graph) a found shape may also be the planned one cut into equal parts along one dimension.
         """
         found = list(found)
         missing = [m.key for m in found if m.key not in self.linears]
         wrong = [
             f"{m.key}: model {tuple(m.shape)} vs plan {self.linears[m.key].shape}"
             for m in found
-            if m.key in self.linears and tuple(m.shape) != tuple(self.linears[m.key].shape)
+            if m.key in self.linears and not _fits(tuple(m.shape), tuple(self.linears[m.key].shape), shards)
         ]
         extra = sorted(set(self.linears) - {m.key for m in found}) if require_all else []
         if missing or wrong or extra:
@@ -371,3 +373,14 @@ def as_plan(plan: PlanLike) -> Plan:
     if isinstance(plan, (str, Path)):
         return Plan.load(plan)
     raise TypeError(f"plan must be a teal_fx.Plan or a path to a plan file, not {type(plan).__name__}")
+
+
+def _fits(found: tuple, planned: tuple, shards: bool) -> bool:
+    """``found`` is ``planned``, or with ``shards`` one equal part of it along one dimension (a TP rank's weight)."""
+    if found == planned:
+        return True
+    if not shards or len(found) != 2 or len(planned) != 2:
+        return False
+    return any(found[d] == planned[d] and found[1 - d] < planned[1 - d] and planned[1 - d] % found[1 - d] == 0
+               for d in (0, 1))
+

@@ -20,6 +20,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from teal_fx.capture import find_linears
 from teal_fx.kernels.sparse_gemv import to_column_major_
 from teal_fx.plan import Plan, PlanLike, as_plan
+from teal_fx.tensor_parallel import local_shard
 from teal_fx.weights import apply_weight_format
 
 _PLAN_OF_MODEL: "weakref.WeakKeyDictionary[nn.Module, Plan]" = weakref.WeakKeyDictionary()
@@ -42,6 +43,8 @@ def attach_plan(model: nn.Module, plan: PlanLike, *, check: bool = True) -> Plan
     apply_weight_format(model, list(plan.linears), plan.weights, plan.lm_head)
     for w in store_column_major(model, plan):
         _PLAN_OF_WEIGHT[w] = plan
+        if (shard := local_shard(w)) is not None:  # a graph may take a TP rank's shard in its parameter's place
+            _PLAN_OF_WEIGHT[shard] = plan
     _PLAN_OF_MODEL[model] = plan
     return plan
 
@@ -67,9 +70,12 @@ def detach_plan(model: nn.Module) -> None:
         return
     for key in plan.linears:
         try:
-            _PLAN_OF_WEIGHT.pop(model.get_parameter(key), None)
+            w = model.get_parameter(key)
         except AttributeError:
-            pass
+            continue
+        _PLAN_OF_WEIGHT.pop(w, None)
+        if (shard := local_shard(w)) is not None:
+            _PLAN_OF_WEIGHT.pop(shard, None)
 
 
 def attached_plan(model: nn.Module) -> Optional[Plan]:

@@ -134,3 +134,20 @@ def test_recompiling_with_another_plan_is_not_served_from_the_old_graph():
             torch.testing.assert_close(outs[-1], model(ids, use_cache=False).logits)
     assert not torch.allclose(outs[0], outs[1])
     torch.testing.assert_close(outs[0], outs[2])
+
+
+def test_a_tensor_parallel_graph_may_hold_a_shard_of_a_planned_weight():
+    """A TP rank's graph may show a weight's local shard; only there, and only an equal part along one dimension."""
+    from types import SimpleNamespace
+
+    from teal_fx.errors import PlanError
+    from teal_fx.plan import LinearPlan, Plan
+
+    plan = Plan(linears={"q.weight": LinearPlan("q.weight", 0, "q", (64, 32), 0.5, 0.1)})
+    for shape in [(32, 32), (16, 32), (64, 16)]:
+        plan.check_fits([SimpleNamespace(key="q.weight", shape=shape)], require_all=False, shards=True)
+        with pytest.raises(PlanError, match="other shapes"):
+            plan.check_fits([SimpleNamespace(key="q.weight", shape=shape)], require_all=False)
+    for shape in [(32, 16), (48, 32), (128, 32)]:
+        with pytest.raises(PlanError, match="other shapes"):
+            plan.check_fits([SimpleNamespace(key="q.weight", shape=shape)], require_all=False, shards=True)

@@ -147,6 +147,7 @@ def _placeholder_path(name: str) -> Optional[str]:
 def linear_key(n: fx.Node) -> str:
     """The stable key of a linear: its weight's qualified name, from the module stack or the weight node."""
     _, w, _ = linear_args(n)
+    w = unsharded(w)
     if isinstance(w, fx.Node) and w.op == "get_attr":
         return str(w.target)
     stack = n.meta.get("nn_module_stack") or {}
@@ -162,8 +163,20 @@ def linear_key(n: fx.Node) -> str:
     return n.name
 
 
+def unsharded(w: object) -> object:
+    """The node of the whole parameter behind a tensor-parallel rank's local weight (``w.to_local()`` of a DTensor,
+    as transformers' TP styles hand a linear its shard): plans are keyed and shaped on the unsharded parameter, so
+    one plan serves any world size."""
+    if isinstance(w, fx.Node) and w.args and (
+            w.op == "call_method" and w.target == "to_local"
+            or w.op == "call_function" and getattr(w.target, "__name__", "") == "to_local"):
+        return w.args[0]
+    return w
+
+
 def _weight_shape(n: fx.Node) -> tuple[int, int]:
     _, w, _ = linear_args(n)
+    w = unsharded(w)
     v = fake_value(w) if isinstance(w, fx.Node) else None
     if v is None:
         out = fake_value(n)

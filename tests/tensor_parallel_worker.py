@@ -1,0 +1,57 @@
+"""One rank of tests/test_tensor_parallel.py, started by ``torchrun --nproc-per-node 2`` (gloo, CPU).
+
+    torchrun --standalone --nproc-per-node 2 tests/tensor_parallel_worker.py MODEL_DIR PLAN OUT_DIR
+
+Loads MODEL_DIR sharded by transformers' tensor parallelism (``tp_plan="auto"``), calibrates it (greedy, the test's
+seed and sizes) and saves that plan from rank 0; then, with PLAN (made by one process on the unsharded model)
+attached at 0% and 50%, saves the teal backend's decode logits and the passes' counters of every rank.
+"""
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+from torch._dynamo.utils import counters
+from transformers import AutoModelForCausalLM
+
+import teal_fx
+from teal_fx.generate import decode_logits
+from teal_fx.plan import Plan
+
+CALIBRATION = dict(sparsity=0.5, method="greedy", num_sequences=4, seq_len=48, progress=False, attach=False)
+
+
+def calibration_data(vocab: int) -> torch.Tensor:
+    torch.manual_seed(0)
+    return torch.randint(3, vocab, (4, 48))
+
+
+def decode_tokens(vocab: int) -> torch.Tensor:
+    torch.manual_seed(1)
+    return torch.randint(3, vocab, (1, 14))
+
+
+def main(model_dir: str, plan_path: str, out: str) -> None:
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, tp_plan="auto", dtype=torch.float32).eval()
+    vocab = model.config.vocab_size
+    plan = teal_fx.calibrate(model, calibration_data(vocab), **CALIBRATION)
+    if rank == 0:
+        plan.save(os.path.join(out, "plan_tp.json"))
+    single = Plan.load(plan_path)
+    result = {}
+    for s in (0.0, 0.5):
+        teal_fx.attach_plan(model, single.at(s, "greedy"))
+        counters.clear()
+        logits = decode_logits(model, decode_tokens(vocab), 8, options={"compiler": "eager"})
+        torch.save(logits, os.path.join(out, f"logits_{s}_rank{rank}.pt"))
+        result[str(s)] = dict(counters["teal"])
+    with open(os.path.join(out, f"counters_rank{rank}.json"), "w") as f:
+        json.dump(result, f)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:4])
