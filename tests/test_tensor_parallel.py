@@ -92,3 +92,21 @@ def test_the_tensor_parallel_benchmark_runs_on_cpu_processes(tmp_path):
     rows = [line for line in out.read_text().splitlines() if line.startswith("| lean loop")]
     assert [r.split(" | ")[0] for r in rows] == ["| lean loop, Inductor dense", "| lean loop, teal 50%"]
     assert all(float(r.split(" | ")[1]) > 0 for r in rows)
+
+
+def test_unsharded_looks_through_to_local_however_dynamo_writes_it():
+    """``w.to_local()`` as a method call (torch 2.13) or a function call: the node behind it is the parameter."""
+    from torch import fx
+
+    from teal_fx.passes.analysis import unsharded
+
+    def to_local(t):
+        return t
+
+    g = fx.Graph()
+    w = g.placeholder("l_self_modules_q_proj_parameters_weight_")
+    as_method = g.call_method("to_local", (w,))
+    as_function = g.call_function(to_local, (w,))
+    other = g.call_method("t", (w,))
+    assert unsharded(as_method) is w and unsharded(as_function) is w
+    assert unsharded(other) is other and unsharded(w) is w
