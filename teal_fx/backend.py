@@ -102,7 +102,10 @@ class _PlanKeyedGraph:
                 self.weight_index = placeholders.index(w0) if w0 in tensors else None
                 chosen = self.given if self.given is not None else state.plan_for_weights(weights)
             if chosen is None:
-                warnings.warn("teal: no plan for this model (run teal_fx.calibrate(model, ...) or pass options={'plan': "
+                tp = not weights and any("all_reduce" in str(n.target) for n in g.graph.nodes)
+                warnings.warn("teal: a tensor-parallel graph whose linears read their weights in a form teal does not "
+                              "trace back to the parameters; compiling dense" if tp else
+                              "teal: no plan for this model (run teal_fx.calibrate(model, ...) or pass options={'plan': "
                               "...}); compiling dense", stacklevel=2)
                 return None
             _prepare_weights(weights)
