@@ -11,6 +11,7 @@ import contextlib
 import os
 import re
 import statistics
+import time
 from pathlib import Path
 
 import torch
@@ -31,6 +32,27 @@ def read_bandwidth(gib: int = 4) -> float:
         times.append(a.elapsed_time(b) / 1e3)
     del x
     return x_bytes(gib) / statistics.median(times)
+
+
+def timed(fn) -> float:
+    """Seconds of ``fn()``, the GPU's queued work included (on a CPU-only run, wall time)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
+def decode_speed(run, new_tokens: int) -> tuple[float, float]:
+    """(tokens/s of the decode steps, seconds of the first call incl. compilation and CUDA-graph capture).
+
+    ``run(n)`` generates n tokens; decode speed = (n - 1) / (T(n) - T(1)), best of 2, so the prefill is excluded.
+    """
+    first = timed(lambda: run(4))
+    best = {n: min(timed(lambda n=n: run(n)) for _ in range(2)) for n in (1, new_tokens)}
+    return (new_tokens - 1) / (best[new_tokens] - best[1]), first
 
 
 def x_bytes(gib: int) -> int:

@@ -18,7 +18,6 @@ import datetime
 import os
 import shlex
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import teal_fx
-from bench_common import default_out, read_bandwidth  # the same measurement as the kernel table's
+from bench_common import decode_speed, default_out, read_bandwidth  # the same measurement as the kernel table's
 from teal_fx.generate import argmax_disagreements, decode_logits
 from teal_fx.inductor import CUDA_INDUCTOR_DEFAULTS
 
@@ -109,24 +108,6 @@ def pytorch_weight_only_(model, fmt: str) -> float:
                 setattr(mod, child, new)
     torch.cuda.empty_cache()
     return err
-
-
-def timed(fn) -> float:
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    fn()
-    torch.cuda.synchronize()
-    return time.perf_counter() - t
-
-
-def decode_speed(run, new_tokens: int) -> tuple[float, float]:
-    """(tokens/s of the decode steps, seconds of the first call incl. compilation and CUDA-graph capture).
-
-    ``run(n)`` generates n tokens; decode speed = (n - 1) / (T(n) - T(1)), best of 2, so the prefill is excluded.
-    """
-    first = timed(lambda: run(4))
-    best = {n: min(timed(lambda n=n: run(n)) for _ in range(2)) for n in (1, new_tokens)}
-    return (new_tokens - 1) / (best[new_tokens] - best[1]), first
 
 
 def lean(model, ids, backend: str, cache_len: int, options=None):

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 import teal_fx
+from bench_common import decode_speed  # examples/, on the script's path
 
 SHAPES = {  # LlamaConfig arguments
     "tiny": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -62,25 +63,17 @@ def write_random_checkpoint(shape: str, path: Path, device: str) -> None:
     cfg.save_pretrained(path)
 
 
-def decode_speed(model, ids, backend: str, new_tokens: int, cuda: bool) -> float:
-    """tok/s of the decode steps, (n - 1) / (T(n) - T(1)), best of 2, every rank in step."""
+def tp_speed(model, ids, backend: str, new_tokens: int, cuda: bool) -> float:
+    """Decode tok/s of the lean loop (``bench_common.decode_speed``), every rank starting each call together."""
     mode = "reduce-overhead" if cuda else None
     options = None if cuda or backend != "teal" else {"compiler": "eager"}
 
-    def timed(n: int) -> float:
+    def run(n: int) -> None:
         dist.barrier()
-        if cuda:
-            torch.cuda.synchronize()
-        t = time.perf_counter()
         teal_fx.generate(model, ids, n, eos_token_id=-1, backend=backend, mode=mode, options=options,
                          max_cache_len=ids.shape[1] + new_tokens)
-        if cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter() - t
 
-    timed(4)  # compile, capture
-    best = {n: min(timed(n) for _ in range(2)) for n in (1, new_tokens)}
-    return (new_tokens - 1) / (best[new_tokens] - best[1])
+    return decode_speed(run, new_tokens)[0]
 
 
 def main() -> int:
@@ -123,11 +116,11 @@ def main() -> int:
             print(f"{name}: {tok_s:.1f} tok/s", flush=True)
             write(out, args, world, gpu, rows)
 
-    add("lean loop, Inductor dense", decode_speed(model, ids, "inductor", args.new_tokens, cuda))
+    add("lean loop, Inductor dense", tp_speed(model, ids, "inductor", args.new_tokens, cuda))
     calib = torch.randint(0, vocab, (2, 256 if cuda else 32))
     teal_fx.calibrate(model, calib, sparsity=args.sparsity, method="uniform", num_sequences=2,
                       seq_len=calib.shape[1], progress=False)
-    add(f"lean loop, teal {args.sparsity:.0%}", decode_speed(model, ids, "teal", args.new_tokens, cuda))
+    add(f"lean loop, teal {args.sparsity:.0%}", tp_speed(model, ids, "teal", args.new_tokens, cuda))
     dist.destroy_process_group()
     return 0
 

@@ -17,7 +17,8 @@ from collections import defaultdict
 import torch
 
 import teal_fx
-from bench_decode import build_model, decode_speed, hf, lean
+from bench_common import decode_speed
+from bench_decode import build_model, hf, lean
 
 
 def show_syncs(run) -> None:

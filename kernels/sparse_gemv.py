@@ -53,14 +53,14 @@ def reserve_workspace(device: torch.device, max_n: int, max_k: int) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ what it takes
-def _shard(weight: Tensor) -> Tensor:
+def local_tensor(weight: Tensor) -> Tensor:
     """The tensor the kernel reads: a tensor-parallel rank's local shard of a DTensor parameter, else the weight."""
     return getattr(weight, "_local_tensor", weight)
 
 
 def needs_column_major(weight: Tensor) -> bool:
     """Whether ``to_column_major_`` would move this weight: a 2-D CUDA weight (or TP shard) not yet column-major."""
-    w = _shard(weight)
+    w = local_tensor(weight)
     return w.is_cuda and w.dim() == 2 and w.stride() != (1, w.shape[0])
 
 
@@ -72,7 +72,7 @@ def to_column_major_(weight: Tensor) -> bool:
     if not needs_column_major(weight):
         return False
     with torch.no_grad():
-        if _shard(weight) is weight:
+        if local_tensor(weight) is weight:
             weight.data = weight.data.t().contiguous().t()
         else:  # a DTensor: its shard is what ``w.to_local()`` hands the op
             weight._local_tensor = weight._local_tensor.t().contiguous().t()

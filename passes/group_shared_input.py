@@ -24,6 +24,7 @@ import torch
 from torch import fx
 
 from teal_fx.kernels.sparse_gemv import MAX_SEGMENTS  # importing teal_fx.kernels registers torch.ops.teal
+from teal_fx.passes.analysis.discovery import unsharded
 from teal_fx.passes.context import PassContext
 from teal_fx.passes.finish import finish
 
@@ -44,7 +45,7 @@ def _members_by_input(gm: fx.GraphModule) -> dict:
 
 def _hoistable_shard(a: fx.Node, order: dict, before: int) -> bool:
     """``w.to_local()`` of a parameter defined before position ``before``: a view with no other input."""
-    return (a.op == "call_method" and a.target == "to_local" and len(a.args) == 1 and not a.kwargs
+    return (unsharded(a) is not a and len(a.args) == 1 and not a.kwargs
             and isinstance(a.args[0], fx.Node) and order.get(a.args[0], before) < before)
 
 

@@ -54,16 +54,11 @@ def _static_batch(x: fx.Node):
 
 
 def _kernel_pays(x: fx.Node, sparsity, shared: bool) -> bool:
-    """Whether the sparse GEMV beats cuBLAS for this input's static rows on its GPU (True off CUDA, or where the
-    rows are symbolic: the op decides then)."""
-    v = fake_value(x)
-    if v is None or v.device.type != "cuda":
+    """Whether the sparse GEMV beats cuBLAS for a one-token input's static rows (its batch) on its GPU (True off
+    CUDA, or where the rows are symbolic: the op decides then)."""
+    v, rows = fake_value(x), _static_batch(x)
+    if v is None or v.device.type != "cuda" or rows is None:
         return True
-    rows = 1
-    for d in v.shape[:-1]:
-        if not isinstance(d, int):
-            return True
-        rows *= d
     return kernel_pays(rows, sparsity, shared, gpu_name(v.device))
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from torch import fx
 
+from teal_fx.passes.analysis.discovery import is_tensor_parallel
 from teal_fx.passes.context import PassContext
 
 
@@ -17,6 +18,5 @@ def select_plan(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     if ctx.plan is None and ctx.resolve_plan is not None and disc is not None and disc.matched:
         ctx.plan = ctx.resolve_plan(gm, disc)
     if ctx.plan is not None and disc is not None and disc.matched:
-        tp = any(n.op == "call_function" and "all_reduce" in str(n.target) for n in gm.graph.nodes)
-        ctx.plan.check_fits(disc.matched, require_all=False, shards=tp)
+        ctx.plan.check_fits(disc.matched, require_all=False, shards=is_tensor_parallel(gm.graph))
     return gm

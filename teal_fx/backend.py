@@ -25,7 +25,7 @@ from teal_fx.kernels import sparse_gemv
 from teal_fx.kernels.quantize import logical_shape
 from teal_fx.options import TealOptions
 from teal_fx.passes import Discovery, PassContext, run_passes
-from teal_fx.passes.analysis import unsharded
+from teal_fx.passes.analysis import is_tensor_parallel, unsharded
 from teal_fx.plan import Plan
 
 log = logging.getLogger("teal_fx")
@@ -102,7 +102,7 @@ class _PlanKeyedGraph:
                 self.weight_index = placeholders.index(w0) if w0 in tensors else None
                 chosen = self.given if self.given is not None else state.plan_for_weights(weights)
             if chosen is None:
-                tp = not weights and any("all_reduce" in str(n.target) for n in g.graph.nodes)
+                tp = not weights and is_tensor_parallel(g.graph)
                 warnings.warn("teal: a tensor-parallel graph whose linears read their weights in a form teal does not "
                               "trace back to the parameters; compiling dense" if tp else
                               "teal: no plan for this model (run teal_fx.calibrate(model, ...) or pass options={'plan': "

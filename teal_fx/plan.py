@@ -383,4 +383,3 @@ def _fits(found: tuple, planned: tuple, shards: bool) -> bool:
         return False
     return any(found[d] == planned[d] and found[1 - d] < planned[1 - d] and planned[1 - d] % found[1 - d] == 0
                for d in (0, 1))
-

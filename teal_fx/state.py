@@ -18,9 +18,8 @@ from torch import Tensor, nn
 from torch.utils.weak import WeakIdKeyDictionary
 
 from teal_fx.capture import find_linears
-from teal_fx.kernels.sparse_gemv import to_column_major_
+from teal_fx.kernels.sparse_gemv import local_tensor, to_column_major_
 from teal_fx.plan import Plan, PlanLike, as_plan
-from teal_fx.tensor_parallel import local_shard
 from teal_fx.weights import apply_weight_format
 
 _PLAN_OF_MODEL: "weakref.WeakKeyDictionary[nn.Module, Plan]" = weakref.WeakKeyDictionary()
@@ -42,9 +41,7 @@ def attach_plan(model: nn.Module, plan: PlanLike, *, check: bool = True) -> Plan
         plan.check_fits(find_linears(model))
     apply_weight_format(model, list(plan.linears), plan.weights, plan.lm_head)
     for w in store_column_major(model, plan):
-        _PLAN_OF_WEIGHT[w] = plan
-        if (shard := local_shard(w)) is not None:  # a graph may take a TP rank's shard in its parameter's place
-            _PLAN_OF_WEIGHT[shard] = plan
+        _PLAN_OF_WEIGHT[w] = _PLAN_OF_WEIGHT[local_tensor(w)] = plan  # a graph may take a TP rank's shard instead
     _PLAN_OF_MODEL[model] = plan
     return plan
 
@@ -74,8 +71,7 @@ def detach_plan(model: nn.Module) -> None:
         except AttributeError:
             continue
         _PLAN_OF_WEIGHT.pop(w, None)
-        if (shard := local_shard(w)) is not None:
-            _PLAN_OF_WEIGHT.pop(shard, None)
+        _PLAN_OF_WEIGHT.pop(local_tensor(w), None)
 
 
 def attached_plan(model: nn.Module) -> Optional[Plan]:

@@ -48,11 +48,6 @@ def whole_shape(model: nn.Module, key: str, shape: tuple[int, int]) -> tuple[int
     return tuple(int(d) for d in p.shape) if isinstance(p, DTensor) else shape
 
 
-def local_shard(weight: torch.Tensor) -> Optional[torch.Tensor]:
-    """A DTensor parameter's local shard (the tensor a graph may take in its place), else None."""
-    return getattr(weight, "_local_tensor", None)
-
-
 def reduce_histograms(histograms: dict[str, AbsHistogram], group) -> None:
     """Sum each histogram over the ranks of ``group``, in place, in one all-reduce.
 

@@ -1,4 +1,4 @@
 """Analyses the passes share, which never change a graph: data flow over FX nodes, and block discovery."""
-from teal_fx.passes.analysis.discovery import Discovery, MatchedLinear, discover, unsharded
+from teal_fx.passes.analysis.discovery import Discovery, MatchedLinear, discover, is_tensor_parallel, unsharded
 
-__all__ = ["Discovery", "MatchedLinear", "discover", "unsharded"]
+__all__ = ["Discovery", "MatchedLinear", "discover", "is_tensor_parallel", "unsharded"]

@@ -174,6 +174,11 @@ def unsharded(w: object) -> object:
     return w
 
 
+def is_tensor_parallel(graph: fx.Graph) -> bool:
+    """A tensor-parallel rank's graph: one with all-reduces (after its row-sharded linears)."""
+    return any(n.op == "call_function" and "all_reduce" in str(n.target) for n in graph.nodes)
+
+
 def _weight_shape(n: fx.Node) -> tuple[int, int]:
     _, w, _ = linear_args(n)
     w = unsharded(w)
