@@ -153,6 +153,10 @@ def main() -> int:
     ap.add_argument("--weights", default="int8,int4",
                     help="quantized formats: PyTorch's own weight-only decoding and teal's at --weight-sparsities")
     ap.add_argument("--weight-sparsities", default="0,0.4,0.5")
+    ap.add_argument("--weight-baselines", action=argparse.BooleanOptionalAction, default=True,
+                    help="PyTorch's own weight-only decoding before teal's (about 2.5 minutes of compiling)")
+    ap.add_argument("--quantize-lm-head", action="store_true",
+                    help="teal's quantized rows with the output head in int8 too (calibrate(quantize_lm_head=True))")
     ap.add_argument("--batches", default="",
                     help="batch rows (issue 26): comma-separated batch sizes, each with Inductor dense, teal with one "
                          "mask per row and teal with one mask shared by the batch, at --batch-sparsity")
@@ -269,31 +273,34 @@ def quantized_rows(fmt: str, args, ids, calib, cache_len, add, notes, peak_gib):
     each of --weight-sparsities, each on a fresh copy of the model."""
     import gc
 
-    gc.collect()
-    torch.cuda.empty_cache()
-    model = build_model(args.layers)
-    err = pytorch_weight_only_(model, fmt)
-    torch.cuda.reset_peak_memory_stats()
-    t, first = decode_speed(lean(model, ids, "inductor", cache_len, DENSE_TUNED), args.new_tokens)
-    what = "gpt-fast/torchao style, per channel" if fmt == "int8" else "tinygemm _weight_int4pack_mm, group 128"
-    add(f"lean loop, PyTorch {fmt} weight-only ({what}; Inductor, coordinate-descent tuning)", 1, t, first, peak_gib())
-    notes.append(f"PyTorch {fmt} weight-only: relative error of its first linear vs bf16 {err:.1e} (a sanity check)")
-    del model
+    if args.weight_baselines:
+        gc.collect()
+        torch.cuda.empty_cache()
+        model = build_model(args.layers)
+        err = pytorch_weight_only_(model, fmt)
+        torch.cuda.reset_peak_memory_stats()
+        t, first = decode_speed(lean(model, ids, "inductor", cache_len, DENSE_TUNED), args.new_tokens)
+        what = "gpt-fast/torchao style, per channel" if fmt == "int8" else "tinygemm _weight_int4pack_mm, group 128"
+        add(f"lean loop, PyTorch {fmt} weight-only ({what}; Inductor, coordinate-descent tuning)", 1, t, first,
+            peak_gib())
+        notes.append(f"PyTorch {fmt} weight-only: relative error of its first linear vs bf16 {err:.1e} (a sanity check)")
+        del model
     gc.collect()
     torch.cuda.empty_cache()
     model = build_model(args.layers)
     before = torch.cuda.memory_allocated()
+    head = args.quantize_lm_head
     plan = teal_fx.calibrate(model, calib, sparsity=0.5, method="uniform", num_sequences=2, seq_len=256,
-                             progress=False, weights=fmt)
+                             progress=False, weights=fmt, quantize_lm_head=head)
     torch.cuda.empty_cache()
     after = torch.cuda.memory_allocated()
     notes.append(f"teal {fmt}: quantizing in place took the model's GPU memory from {before / 2**30:.2f} GiB to "
-                 f"{after / 2**30:.2f} GiB (block linears {fmt}, embeddings and lm_head bf16)")
+                 f"{after / 2**30:.2f} GiB (block linears {fmt}, embeddings bf16, lm_head {'int8' if head else 'bf16'})")
     for s in [float(x) for x in args.weight_sparsities.split(",") if x]:
         teal_fx.attach_plan(model, plan.at(s, "uniform"), check=False)
         torch.cuda.reset_peak_memory_stats()
         t, first = decode_speed(lean(model, ids, "teal", cache_len), args.new_tokens)
-        add(f"lean loop, teal {fmt} {s:.0%}", 1, t, first, peak_gib())
+        add(f"lean loop, teal {fmt} {s:.0%}{', lm_head int8' if head else ''}", 1, t, first, peak_gib())
 
 
 def batch_dense_rows(model, batches: list[int], args, cache_len, add, dense) -> None:

@@ -206,6 +206,9 @@ def bench_block(sparsity: float, dtype, bw: float, l2: int, layers: int = 4, gro
     return dict(us=us, roof_us=roof)
 
 
+_DENSE_US: dict = {}
+
+
 def bench_quantized(N: int, K: int, M: int, sparsity: float, fmt: str, bw: float, l2: int, config=None,
                     calls: int = 32) -> dict:
     """µs of the sparse GEMV over ``fmt`` weights (bf16 x), cuBLAS bf16 dense on the same shape, and the format's
@@ -214,8 +217,6 @@ def bench_quantized(N: int, K: int, M: int, sparsity: float, fmt: str, bw: float
     q, sc = QUANTIZE[fmt](w)
     copies = max(2, math.ceil(3 * l2 / (q.numel() * q.element_size())))
     qs = [q] + [q.clone() for _ in range(copies - 1)]  # clone keeps the column-major strides
-    dense_copies = max(2, math.ceil(3 * l2 / (N * K * 2)))
-    ws_row = [w] + [torch.randn_like(w) for _ in range(dense_copies - 1)]
     x = torch.randn(M, K, dtype=torch.bfloat16, device="cuda")
     t = float(torch.quantile(x.float().abs().flatten(), sparsity)) if sparsity > 0 else 0.0
     needed = float((x.abs() > t).any(0).float().mean())
@@ -225,7 +226,10 @@ def bench_quantized(N: int, K: int, M: int, sparsity: float, fmt: str, bw: float
     err = float((got.double() - ref).norm() / ref.norm())
     us = graph_time_us([lambda i=i: sg.sparse_gemv(x, qs[i % len(qs)], None, t, config=config, out=y,
                                                    sparsity=sparsity, scales=sc) for i in range(calls)])
-    dense = graph_time_us([lambda i=i: F.linear(x, ws_row[i % len(ws_row)]) for i in range(calls)])
+    if (N, K, M) not in _DENSE_US:  # cuBLAS on the same shape, once per shape (a sweep times many configs)
+        ws_row = [w] + [torch.randn_like(w) for _ in range(max(2, math.ceil(3 * l2 / (N * K * 2))) - 1)]
+        _DENSE_US[N, K, M] = graph_time_us([lambda i=i: F.linear(x, ws_row[i % len(ws_row)]) for i in range(calls)])
+    dense = _DENSE_US[N, K, M]
     scale_bytes = N * 2 if fmt == "int8" else -(-K // INT4_GROUP) * N * 2
     roof = (needed * q.numel() * q.element_size() + scale_bytes) / bw * 1e6
     return dict(us=us, dense_us=dense, roof_us=roof, frac=roof / us, speedup=dense / us, err=err)
@@ -234,15 +238,26 @@ def bench_quantized(N: int, K: int, M: int, sparsity: float, fmt: str, bw: float
 # int8/int4 weights (--sweep-weights): the in-thread loops with 16 bytes of a row per thread, over every input
 SWEEP_QUANTIZED = {
     fmt: [dict(BN=cols * nw, BK=bk, iters=kps // bk, use_dot=False, num_warps=nw, num_stages=1, in_thread=True)
-          for nw in (1, 2) for bk in (16, 32) for kps in (64, 128, 256)]
-    for fmt, cols in (("int8", 512), ("int4", 1024))
+          for nw in (1, 2) for bk in bks for kps in (64, 128, 256)]
+    for fmt, cols, bks in (("int8", 512, (16, 32)), ("int4", 1024, (8, 16, 32)))
 }
-# int8 may also loop over the packed survivors only (int4 never: its sums are scaled per group), or take the tensor
-# cores with fp16 operands (half_dot: x padded to 16 rows, the weights converted two to a register)
+# ... 8 bytes a thread for int8 (twice the warps on the attention shapes, half the work per thread)
+SWEEP_QUANTIZED["int8"] += [dict(BN=256, BK=bk, iters=it, use_dot=False, num_warps=1, num_stages=1, in_thread=True)
+                            for bk, it in ((32, 2), (16, 4), (32, 4))]
+# int8 may also loop over the packed survivors only, on CUDA cores or gathered into tensor-core tiles (packed_dot, the
+# next tile prefetched by hand; fp16 operands with half_dot), or take the tensor cores over every input (rows padded
+# to 16). The tensor-core loops lost to the CUDA cores by 1.2-2x on the H200 (docs/perf-log.md v26): their best kept.
 SWEEP_QUANTIZED["int8"] += [dict(BN=bn, BK=16, iters=kps // 16, use_dot=False, num_warps=bn // 512, num_stages=1,
                                  compact=True) for bn in (1024, 2048) for kps in (64, 128, 256)]
-SWEEP_QUANTIZED["int8"] += [dict(BN=bn, BK=bk, iters=it, use_dot=True, half_dot=True, num_warps=nw, num_stages=3)
-                            for bn in (128, 256) for bk in (32, 64) for it in (2, 4) for nw in (4, 8)]
+SWEEP_QUANTIZED["int8"] += [dict(BN=256, BK=32, iters=it, use_dot=True, half_dot=True, num_warps=4, num_stages=st)
+                            for it, st in ((4, 2), (8, 3))]
+SWEEP_QUANTIZED["int8"] += [dict(BN=bn, BK=bk, iters=16, use_dot=True, packed_dot=True, half_dot=h, num_warps=4,
+                                 num_stages=1) for h in (True, False) for bn, bk in ((256, 32), (128, 32), (256, 64))]
+# int4 on tensor cores (nibbles converted four to two registers), over every input or the packed survivors: a
+# program's inputs within one scale group
+SWEEP_QUANTIZED["int4"] += [dict(BN=bn, BK=32, iters=kp // 32, use_dot=True, packed_dot=pk, num_warps=4,
+                                 num_stages=1 if pk else 3)
+                            for pk in (False, True) for bn in (128, 256) for kp in (64, 128)]
 
 
 SWEEP = (  # loop over every input, [BK, BN] FMAs reduced after the loop ...
@@ -359,9 +374,16 @@ def main() -> int:
                         continue
                     res.append((r["us"], p, r["frac"], r["err"]))
                 res.sort(key=lambda z: z[0])
-                print(f"sweep {fmt} {name} M=1 @{args.sweep_weights_sparsity:.0%}:", flush=True)
-                for us, p, frac, err in res[:6] + [z for z in res[6:] if z[1] is None]:
-                    print(f"   {us:7.2f} us  frac {frac:.2f}  {p or 'default'}  err={err:.1e}", flush=True)
+                print(f"sweep {fmt} {name} M=1 @{args.sweep_weights_sparsity:.0%}, the best 3 of each loop:", flush=True)
+                loops = {}
+                for z in res:
+                    p = z[1] or {}
+                    loop = (("packed " if p.get("compact") or p.get("packed_dot") else "masked ")
+                            + ("fp16 dot" if p.get("half_dot") else "dot" if p.get("use_dot") else "CUDA cores"))
+                    loops.setdefault("default" if z[1] is None else loop, []).append(z)
+                for loop, zs in loops.items():
+                    for us, p, frac, err in zs[:3]:
+                        print(f"   {us:7.2f} us  frac {frac:.2f}  {loop:18s} {p or ''}  err={err:.1e}", flush=True)
     qrows = []
     for fmt in formats:
         for name, (N, K) in SHAPES.items():

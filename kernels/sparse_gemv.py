@@ -15,8 +15,9 @@ launch it (``supports``). On Hopper and newer, launches use programmatic depende
 from __future__ import annotations
 
 import enum
+import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional, Sequence
 
 import torch
@@ -50,6 +51,11 @@ def reserve_workspace(device: torch.device, max_n: int, max_k: int) -> None:
     width = MAX_SEGMENTS * (max_n + 256)
     packed = MAX_SEGMENTS * 2 * (max_k + 4096)  # SPLIT_K * CHUNK < 2 * (K + K_PER_SPLIT); choose_config: K_PER_SPLIT <= 1024
     _WORKSPACE.reserve(torch.device(device), ws=16 * width, cnt=width // 16 + 1, idx=packed, xv=packed)
+
+
+def _inline_ptx(device: torch.device) -> bool:
+    """Whether the kernel may use inline PTX: an NVIDIA GPU, not the CPU interpreter (nor a ROCm build)."""
+    return device.type == "cuda" and torch.version.hip is None and os.environ.get("TRITON_INTERPRET") != "1"
 
 
 # ------------------------------------------------------------------------------------------------ what it takes
@@ -264,15 +270,22 @@ def _launch(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tens
         raise ValueError(f"sparse_gemv: {fmt} weights need their scales")
     wfmt = {None: 0, "int8": 1, "int4": 2}[fmt]
     cfg = config or choose_config(M, sum(Ns), K, sparsity, fmt, shared)
-    if cfg.use_dot and cfg.compact and not (shared and M > 1):
-        raise ValueError(f"packed survivors on tensor cores need a shared mask over several rows: {cfg}")
-    if cfg.half_dot and wfmt != 1:
-        raise ValueError(f"half_dot takes int8 weights only: {cfg}")
-    if wfmt == 2 and (cfg.compact or cfg.use_dot or INT4_GROUP % cfg.block_k):
-        # use_dot: on the H200 (Triton 3.6) the interleaved int4 tile fed to tl.dot came out doubled; the CUDA-core
-        # loops take 2-8 rows instead (docs/perf-log.md, "Quantized weights")
-        raise ValueError(f"int4 weights need a config whose block_k divides {INT4_GROUP}, neither packed nor on "
-                         f"tensor cores: {cfg}")
+    if cfg.use_dot and cfg.compact and not (shared or M == 1):
+        raise ValueError(f"packed survivors on tensor cores need one mask for all rows (a shared mask, or one row): "
+                         f"{cfg}")
+    if cfg.half_dot and (wfmt != 1 or x.dtype == torch.float32):
+        if config is None and wfmt == 1:  # the rule's fp16 operands would round fp32 x: the same tiles in x's type
+            cfg = replace(cfg, half_dot=False)
+        else:
+            raise ValueError(f"half_dot takes int8 weights and fp16/bf16 x only: {cfg}, x {x.dtype}")
+    if wfmt == 2 and cfg.use_dot:
+        if INT4_GROUP % cfg.k_per_split:  # a program's sums are scaled once: its inputs must lie in one scale group
+            raise ValueError(f"int4 on tensor cores needs k_per_split dividing {INT4_GROUP}: {cfg}")
+        if cfg.block_n < 32:  # each nibble's dot takes half the tile's columns, at least 16 (masks cover the rest)
+            cfg = replace(cfg, block_n=32)
+    if wfmt == 2 and not cfg.use_dot and (cfg.compact or INT4_GROUP % cfg.block_k):
+        # the CUDA-core loops scale each tile's sums: a tile within one group, and no packed survivors (from any group)
+        raise ValueError(f"int4 on CUDA cores needs a config whose block_k divides {INT4_GROUP}, not packed: {cfg}")
     BN = cfg.block_n
     if cfg.use_dot:
         BM = max(16, next_pow2(M))
@@ -328,6 +341,7 @@ def _launch(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tens
         IN_THREAD=cfg.in_thread, COMPACT=cfg.compact, CHUNK=cfg.chunk,
         NSEG=nseg, GATED=gated, PDL=use_pdl, APART=apart, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages, WFMT=wfmt, GROUP=INT4_GROUP, HALF_DOT=cfg.half_dot, SHARED=shared and M > 1,
+        ASM=_inline_ptx(x.device),
         s_ptr=s0["s"],
         stride_sg=s0["ssg"], **extra, **launch_pdl,
     )

@@ -117,7 +117,8 @@ _COLUMNS_PER_WARP = {"int8": 512, "int4": 1024}
 def _choose_quantized(M: int, N: int, K: int, sparsity: Optional[float], fmt: str) -> GemvConfig:
     """int8 / int4 weights: the float rule's loops with each thread loading 16 bytes of a row, so 2x (int8) or 4x
     (int4) the columns per warp. Never the packed loop for int4 (its survivors span groups; the sums are scaled per
-    group); BK always divides the int4 group. Swept on the H200 (docs/perf-log.md, "Quantized weights")."""
+    group); BK always divides the int4 group, and on tensor cores a program's inputs do. Swept on the H200
+    (docs/perf-log.md v22, v26)."""
     cols = _COLUMNS_PER_WARP[fmt]
     if M <= 4 and N >= 2048:
         mlp = _mlp_sized(N, K)
@@ -125,7 +126,14 @@ def _choose_quantized(M: int, N: int, K: int, sparsity: Optional[float], fmt: st
         # does not need cost more than packing (gate/up at 50%: 16.3 µs vs 19.0; on 4096² it lost, 12.9 vs 10.6)
         if fmt == "int8" and M == 1 and sparsity is not None and sparsity >= (0.4 if mlp else compact_from(N, K)):
             return make_config(N, K, BN=1024, BK=16, iters=4, use_dot=False, num_warps=2, num_stages=1, compact=True)
-        if M == 1:  # 32-row tiles, 2 a program (the sweep's best on 4096x4096 and 14336x4096 for both formats)
+        if fmt == "int4" and M == 1:
+            if not mlp:  # the attention shapes: tensor cores, a program's 128 inputs one scale group (4096², 50%:
+                # 11.4 µs vs 27.0 for the CUDA-core loop)
+                return make_config(N, K, BN=256, BK=32, iters=4, use_dot=True, num_warps=4, num_stages=3)
+            # the MLP shapes: CUDA cores, 16-row tiles (14336x4096, 50%: 20.2 µs; 32-row tiles 46 µs, spilled)
+            return make_config(N, K, BN=cols, BK=16, iters=4, use_dot=False, num_warps=1, num_stages=1,
+                               in_thread=True)
+        if M == 1:  # int8: 32-row tiles, 2 a program (the sweep's best on 4096x4096)
             return make_config(N, K, BN=cols, BK=32, iters=2, use_dot=False, num_warps=1, num_stages=1,
                                in_thread=True)
         return make_config(N, K, BN=256, BK=16, iters=16 if mlp else 4, use_dot=False, num_warps=1, num_stages=1,

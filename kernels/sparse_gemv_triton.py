@@ -37,17 +37,231 @@ def exact_float(v):
 
 
 @triton.jit
+def int8_as_fp16(q, ASM: tl.constexpr):
+    """int8 q as fp16, exactly: the byte q + 128 under the exponent of 1024 is the half 1152 + q, so two byte
+    permutes build four halves in two registers and two paired subtractions remove 1152 (five instructions for four
+    weights; a plain conversion is a quarter-rate I2F each). ASM false: the same bit pattern in Triton arithmetic
+    (the CPU interpreter, which runs no PTX)."""
+    if ASM:
+        w = tl.inline_asm_elementwise(
+            asm="""{
+            .reg .b32 t, c;
+            xor.b32 t, $2, 0x80808080;
+            prmt.b32 $0, t, 0x64646464, 0x5140;
+            prmt.b32 $1, t, 0x64646464, 0x7362;
+            mov.b32 c, 0x64806480;
+            sub.f16x2 $0, $0, c;
+            sub.f16x2 $1, $1, c;
+            }""",
+            constraints="=r,=r,r", args=[q], dtype=tl.float16, is_pure=True, pack=4)
+    else:
+        u = q.to(tl.uint8, bitcast=True).to(tl.int32)
+        w = ((u ^ 0x80) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - 1152.0
+    return w
+
+
+@triton.jit
+def int4_as_halves(p, BF16: tl.constexpr, ASM: tl.constexpr):
+    """Packed int4 bytes [BK, BN / 2] as two tiles, the low nibbles (even columns) and the high (odd), each nibble
+    minus 8, in bf16 (BF16) or fp16, exactly: a nibble n under the exponent of 128 (bf16) or 1024 (fp16) is the half
+    128 + n or 1024 + n, so masks and byte permutes build eight halves in four registers and four paired operations
+    remove the offset (1.4 instructions a weight). ASM false: the same values in Triton arithmetic."""
+    if ASM:
+        if BF16:  # fma.bf16x2 (sm_80+): h * 1 - 136
+            lo, hi = tl.inline_asm_elementwise(
+                asm="""{
+                .reg .b32 l, h, one, off;
+                and.b32 l, $4, 0x0F0F0F0F;
+                shr.u32 h, $4, 4;
+                and.b32 h, h, 0x0F0F0F0F;
+                prmt.b32 $0, l, 0x43434343, 0x5140;
+                prmt.b32 $1, l, 0x43434343, 0x7362;
+                prmt.b32 $2, h, 0x43434343, 0x5140;
+                prmt.b32 $3, h, 0x43434343, 0x7362;
+                mov.b32 one, 0x3F803F80;
+                mov.b32 off, 0xC308C308;
+                fma.rn.bf16x2 $0, $0, one, off;
+                fma.rn.bf16x2 $1, $1, one, off;
+                fma.rn.bf16x2 $2, $2, one, off;
+                fma.rn.bf16x2 $3, $3, one, off;
+                }""",
+                constraints="=r,=r,=r,=r,r", args=[p], dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+        else:
+            lo, hi = tl.inline_asm_elementwise(
+                asm="""{
+                .reg .b32 l, h, off;
+                and.b32 l, $4, 0x0F0F0F0F;
+                shr.u32 h, $4, 4;
+                and.b32 h, h, 0x0F0F0F0F;
+                prmt.b32 $0, l, 0x64646464, 0x5140;
+                prmt.b32 $1, l, 0x64646464, 0x7362;
+                prmt.b32 $2, h, 0x64646464, 0x5140;
+                prmt.b32 $3, h, 0x64646464, 0x7362;
+                mov.b32 off, 0x64086408;
+                sub.f16x2 $0, $0, off;
+                sub.f16x2 $1, $1, off;
+                sub.f16x2 $2, $2, off;
+                sub.f16x2 $3, $3, off;
+                }""",
+                constraints="=r,=r,=r,=r,r", args=[p], dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
+    else:
+        v = p.to(tl.int32)
+        ty = tl.bfloat16 if BF16 else tl.float16
+        lo = ((v & 15) - 8).to(tl.float32).to(ty)
+        hi = ((v >> 4) - 8).to(tl.float32).to(ty)
+    return lo, hi
+
+
+@triton.jit
+def pack_survivors(x_ptr, idx_ptr, offs_m, m_ok, stride_xm, k_lo, k_hi, threshold, M, CHUNK: tl.constexpr):
+    """Store the inputs of [k_lo, k_hi) whose mean |x| over the M rows is above t to idx_ptr[0, n) and return n
+    (one row: its own mask). Every program of a K split writes the same values to its slot."""
+    offs_c = k_lo + tl.arange(0, CHUNK)
+    xc = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_c[None, :],
+                 mask=m_ok[:, None] & (offs_c < k_hi)[None, :], other=0.0).to(tl.float32)
+    keep_c = tl.sum(tl.abs(xc), axis=0) / M > threshold  # padded rows and inputs past k_hi add 0 (t >= 0)
+    pos = tl.cumsum(keep_c.to(tl.int32), axis=0) - 1
+    n_keep = tl.sum(keep_c.to(tl.int32), axis=0)
+    tl.store(idx_ptr + pos, offs_c, mask=keep_c)
+    tl.debug_barrier()  # the CTA's global stores are visible to all its threads after the barrier
+    return n_keep
+
+
+@triton.jit
+def int4_dots(xs, p, acc_lo, acc_hi, IEEE: tl.constexpr, UPCAST: tl.constexpr, ASM: tl.constexpr):
+    """acc_lo += xs @ (low nibbles - 8), acc_hi += xs @ (high nibbles - 8): operands in x's type (fp32: fp16 tiles
+    widened, full-precision dots; the interpreter's bf16: fp32)."""
+    BF16: tl.constexpr = xs.dtype == tl.bfloat16
+    lo, hi = int4_as_halves(p, BF16, ASM)
+    if IEEE or UPCAST:
+        xf = xs.to(tl.float32)
+        acc_lo = tl.dot(xf, lo.to(tl.float32), acc_lo, input_precision="ieee")
+        acc_hi = tl.dot(xf, hi.to(tl.float32), acc_hi, input_precision="ieee")
+    else:
+        acc_lo = tl.dot(xs, lo, acc_lo)
+        acc_hi = tl.dot(xs, hi, acc_hi)
+    return acc_lo, acc_hi
+
+
+@triton.jit
+def int4_dot_partial(x_ptr, w_ptr, idx_ptr, k_lo, k_hi, threshold, offs_m, m_ok, stride_xm, offs_p, p_ok, stride_wk,
+                     stride_wn, M, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, CHUNK: tl.constexpr,
+                     EVEN_N: tl.constexpr, COMPACT: tl.constexpr, SHARED: tl.constexpr, IEEE: tl.constexpr,
+                     UPCAST: tl.constexpr, ASM: tl.constexpr):
+    """[BM, BN] sums over packed int4 weights on tensor cores, not yet scaled (the launcher keeps a program's inputs
+    in one scale group). The low and high nibbles (even and odd columns) are two dots of BN / 2 columns, joined once
+    after the loop: an interleaved weight tile fed to one dot came out doubled on the H200 (docs/perf-log.md v22).
+    COMPACT: over the packed survivors (one row or a shared mask), the next tile requested before this one's dots;
+    else every input, a row read where some row needs it."""
+    acc_lo = tl.zeros((BM, BN // 2), dtype=tl.float32)
+    acc_hi = tl.zeros((BM, BN // 2), dtype=tl.float32)
+    if COMPACT:
+        n_keep = pack_survivors(x_ptr, idx_ptr, offs_m, m_ok, stride_xm, k_lo, k_hi, threshold, M, CHUNK)
+        j = tl.arange(0, BK)
+        ok = j < n_keep
+        k = tl.load(idx_ptr + j, mask=ok, other=0)
+        xs = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=m_ok[:, None] & ok[None, :], other=0.0)
+        p = load_needed_rows(w_ptr, k, offs_p, ok, p_ok, stride_wk, stride_wn, EVEN_N)
+        for j0 in range(0, n_keep, BK):
+            jn = j0 + BK + tl.arange(0, BK)
+            ok_n = jn < n_keep
+            k_n = tl.load(idx_ptr + jn, mask=ok_n, other=0)
+            xs_n = tl.load(x_ptr + offs_m[:, None] * stride_xm + k_n[None, :], mask=m_ok[:, None] & ok_n[None, :],
+                           other=0.0)
+            p_n = load_needed_rows(w_ptr, k_n, offs_p, ok_n, p_ok, stride_wk, stride_wn, EVEN_N)
+            acc_lo, acc_hi = int4_dots(xs, p, acc_lo, acc_hi, IEEE, UPCAST, ASM)
+            xs, p = xs_n, p_n
+    else:
+        for k0 in range(k_lo, k_hi, BK):
+            offs_k = k0 + tl.arange(0, BK)
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                        mask=m_ok[:, None] & (offs_k < k_hi)[None, :], other=0.0)
+            if SHARED:
+                need = tl.sum(tl.abs(x.to(tl.float32)), axis=0) / M > threshold
+                keep = need[None, :] & m_ok[:, None]
+            else:
+                keep = tl.abs(x.to(tl.float32)) > threshold
+                need = tl.max(keep.to(tl.int32), axis=0) > 0
+            p = load_needed_rows(w_ptr, offs_k, offs_p, need, p_ok, stride_wk, stride_wn, EVEN_N)
+            acc_lo, acc_hi = int4_dots(tl.where(keep, x, 0.0), p, acc_lo, acc_hi, IEEE, UPCAST, ASM)
+    return tl.interleave(acc_lo, acc_hi)
+
+
+@triton.jit
+def int8_as_fp32(q, ASM: tl.constexpr):
+    """int8 q as fp32, exactly: byte permutes put q + 128 under the exponent of 2^23 (the float 2^23 + 128 + q) and one
+    subtraction removes 2^23 + 128, about one integer operation a weight where ``exact_float`` of a sign-extended q
+    takes two (the integer pipe, half as wide as the float one, bounded the int8 loops; docs/perf-log.md v26)."""
+    if ASM:
+        w = tl.inline_asm_elementwise(
+            asm="""{
+            .reg .b32 t, c;
+            xor.b32 t, $4, 0x80808080;
+            mov.b32 c, 0x4B000000;
+            prmt.b32 $0, t, c, 0x7440;
+            prmt.b32 $1, t, c, 0x7441;
+            prmt.b32 $2, t, c, 0x7442;
+            prmt.b32 $3, t, c, 0x7443;
+            sub.f32 $0, $0, 0f4B000080;
+            sub.f32 $1, $1, 0f4B000080;
+            sub.f32 $2, $2, 0f4B000080;
+            sub.f32 $3, $3, 0f4B000080;
+            }""",
+            constraints="=r,=r,=r,=r,r", args=[q], dtype=tl.float32, is_pure=True, pack=4)
+    else:
+        w = exact_float(q.to(tl.int32))
+    return w
+
+
+@triton.jit
+def int4_as_fp32(p, ASM: tl.constexpr):
+    """Packed int4 bytes [BK, BN / 2] as the fp32 tile [BK, BN] of nibble - 8 (low nibble: even column), exactly: the
+    nibbles masked out and permuted under the exponent of 2^23, then 2^23 + 8 subtracted."""
+    if ASM:
+        lo, hi = tl.inline_asm_elementwise(
+            asm="""{
+            .reg .b32 l, h, c;
+            and.b32 l, $8, 0x0F0F0F0F;
+            shr.u32 h, $8, 4;
+            and.b32 h, h, 0x0F0F0F0F;
+            mov.b32 c, 0x4B000000;
+            prmt.b32 $0, l, c, 0x7440;
+            prmt.b32 $1, l, c, 0x7441;
+            prmt.b32 $2, l, c, 0x7442;
+            prmt.b32 $3, l, c, 0x7443;
+            prmt.b32 $4, h, c, 0x7440;
+            prmt.b32 $5, h, c, 0x7441;
+            prmt.b32 $6, h, c, 0x7442;
+            prmt.b32 $7, h, c, 0x7443;
+            sub.f32 $0, $0, 0f4B000008;
+            sub.f32 $1, $1, 0f4B000008;
+            sub.f32 $2, $2, 0f4B000008;
+            sub.f32 $3, $3, 0f4B000008;
+            sub.f32 $4, $4, 0f4B000008;
+            sub.f32 $5, $5, 0f4B000008;
+            sub.f32 $6, $6, 0f4B000008;
+            sub.f32 $7, $7, 0f4B000008;
+            }""",
+            constraints="=r,=r,=r,=r,=r,=r,=r,=r,r", args=[p], dtype=(tl.float32, tl.float32), is_pure=True,
+            pack=4)
+        w = tl.interleave(lo, hi)
+    else:
+        v = p.to(tl.int32)
+        w = exact_float(tl.interleave(v & 15, v >> 4) - 8)
+    return w
+
+
+@triton.jit
 def load_weight_tile(w_ptr, offs_k, offs_n, offs_p, need, n_ok, p_ok, stride_wk, stride_wn, EVEN_N: tl.constexpr,
-                     WFMT: tl.constexpr):
+                     WFMT: tl.constexpr, ASM: tl.constexpr):
     """The [BK, BN] tile of W in its stored values, rows no input needs left unread: float W as stored; int8 q and
     int4 q - 8 as fp32 (the int4 bytes at ``offs_p``, low nibble: even column, high: odd). Scales are not applied
     here: the callers scale sums (kernels/quantize.py). An unread int4 row comes out as -8, harmless because every
     caller zeroes x where no row is read."""
     if WFMT == 2:  # (one return: Triton types every return of a function, constexpr branches or not)
-        p = load_needed_rows(w_ptr, offs_k, offs_p, need, p_ok, stride_wk, stride_wn, EVEN_N).to(tl.int32)
-        w = exact_float(tl.interleave(p & 15, p >> 4) - 8)
+        w = int4_as_fp32(load_needed_rows(w_ptr, offs_k, offs_p, need, p_ok, stride_wk, stride_wn, EVEN_N), ASM)
     elif WFMT == 1:
-        w = exact_float(load_needed_rows(w_ptr, offs_k, offs_n, need, n_ok, stride_wk, stride_wn, EVEN_N).to(tl.int32))
+        w = int8_as_fp32(load_needed_rows(w_ptr, offs_k, offs_n, need, n_ok, stride_wk, stride_wn, EVEN_N), ASM)
     else:
         w = load_needed_rows(w_ptr, offs_k, offs_n, need, n_ok, stride_wk, stride_wn, EVEN_N)
     return w
@@ -68,7 +282,8 @@ def silu_times_up(gate, up, out_ty: tl.constexpr):
 @triton.jit
 def in_thread_partial(x_ptr, w_ptr, idx_ptr, xv_ptr, k_lo, k_hi, threshold, offs_n, n_ok, stride_wk, stride_wn,
                        BK: tl.constexpr, BN: tl.constexpr, CHUNK: tl.constexpr, EVEN_N: tl.constexpr,
-                       PACK: tl.constexpr, offs_p, p_ok, s_ptr, stride_sg, WFMT: tl.constexpr, GROUP: tl.constexpr):
+                       PACK: tl.constexpr, offs_p, p_ok, s_ptr, stride_sg, WFMT: tl.constexpr, GROUP: tl.constexpr,
+                       ASM: tl.constexpr):
     """Σ_k x_k W[k, offs_n] over the inputs of [k_lo, k_hi) that survive the threshold (one row of x).
 
     With BN = 256 * num_warps every thread holds whole columns of a [BK, BN] tile (8 columns x BK rows), so the
@@ -97,7 +312,7 @@ def in_thread_partial(x_ptr, w_ptr, idx_ptr, xv_ptr, k_lo, k_hi, threshold, offs
         k = tl.load(idx_ptr + j, mask=ok, other=0)
         xv = tl.load(xv_ptr + j, mask=ok, other=0.0)
         for j0 in range(0, n_keep, BK):
-            w = load_weight_tile(w_ptr, k, offs_n, offs_p, ok, n_ok, p_ok, stride_wk, stride_wn, EVEN_N, WFMT)
+            w = load_weight_tile(w_ptr, k, offs_n, offs_p, ok, n_ok, p_ok, stride_wk, stride_wn, EVEN_N, WFMT, ASM)
             jn = j0 + BK + tl.arange(0, BK)  # the next tile's indices are requested before this tile's FMAs
             ok_next = jn < n_keep
             k_next = tl.load(idx_ptr + jn, mask=ok_next, other=0)
@@ -110,7 +325,7 @@ def in_thread_partial(x_ptr, w_ptr, idx_ptr, xv_ptr, k_lo, k_hi, threshold, offs
         for k0 in range(k_lo, k_hi, BK):
             offs_k = k0 + tl.arange(0, BK)
             keep = tl.abs(x) > threshold  # x past k_hi is 0: never kept (t >= 0)
-            w = load_weight_tile(w_ptr, offs_k, offs_n, offs_p, keep, n_ok, p_ok, stride_wk, stride_wn, EVEN_N, WFMT)
+            w = load_weight_tile(w_ptr, offs_k, offs_n, offs_p, keep, n_ok, p_ok, stride_wk, stride_wn, EVEN_N, WFMT, ASM)
             nxt = offs_k + BK
             x_next = tl.load(x_ptr + nxt, mask=nxt < k_hi, other=0.0).to(tl.float32)
             part = tl.sum(tl.where(keep, x, 0.0)[:, None] * w.to(tl.float32), axis=0)
@@ -124,7 +339,7 @@ def in_thread_partial(x_ptr, w_ptr, idx_ptr, xv_ptr, k_lo, k_hi, threshold, offs
 def in_thread_rows_partial(x_ptr, w_ptr, k_lo, k_hi, threshold, offs_m, m_ok, stride_xm, offs_n, n_ok,
                             stride_wk, stride_wn, BM: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr,
                             EVEN_N: tl.constexpr, offs_p, p_ok, s_ptr, stride_sg, WFMT: tl.constexpr,
-                            GROUP: tl.constexpr, M, SHARED: tl.constexpr):
+                            GROUP: tl.constexpr, M, SHARED: tl.constexpr, ASM: tl.constexpr):
     """[BM, BN] partial sums for 2-8 rows in the in-thread layout: each row keeps its own mask, a weight row is
     read when some row needs it, and the [BM, BK] x [BK, BN] product is summed over K inside each thread (CUDA
     cores; the tensor-core path pads the rows to 16 and stages the tiles through shared memory)."""
@@ -140,7 +355,7 @@ def in_thread_rows_partial(x_ptr, w_ptr, k_lo, k_hi, threshold, offs_m, m_ok, st
         else:
             keep = tl.abs(x) > threshold  # padded rows and inputs past k_hi are 0: never kept (t >= 0)
             need = tl.max(keep.to(tl.int32), axis=0) > 0
-        w = load_weight_tile(w_ptr, offs_k, offs_n, offs_p, need, n_ok, p_ok, stride_wk, stride_wn, EVEN_N, WFMT)
+        w = load_weight_tile(w_ptr, offs_k, offs_n, offs_p, need, n_ok, p_ok, stride_wk, stride_wn, EVEN_N, WFMT, ASM)
         nxt = offs_k + BK
         x_next = tl.load(x_ptr + offs_m[:, None] * stride_xm + nxt[None, :],
                          mask=m_ok[:, None] & (nxt < k_hi)[None, :], other=0.0).to(tl.float32)
@@ -191,6 +406,8 @@ def sparse_gemv_kernel(
     # row: the same as its own mask). Several rows take the tensor-core or the in-thread rows loop.
     SHARED: tl.constexpr = False,
     s1_ptr=None, stride_sg1=0, s2_ptr=None, stride_sg2=0,
+    # inline PTX allowed (an NVIDIA GPU; not the CPU interpreter): the int8 -> fp16 byte permutes of HALF_DOT
+    ASM: tl.constexpr = False,
 ):
     """Program (N tile, K split) of y = (x ⊙ 1[|x| > t]) Wᵀ + b; segments 1 and 2 as segment 0, other pointers.
 
@@ -242,34 +459,51 @@ def sparse_gemv_kernel(
     m_ok = offs_m < M
     k_lo = pk * K_PER_SPLIT
     k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
-    if USE_DOT and COMPACT:
+    if USE_DOT and WFMT == 2:
+        acc = int4_dot_partial(x_ptr, w_ptr, idx_ptr + (seg * SPLIT_K + pk) * CHUNK, k_lo, k_hi, threshold, offs_m,
+                               m_ok, stride_xm, offs_p, p_ok, stride_wk, stride_wn, M, BM, BN, BK, CHUNK, EVEN_N,
+                               COMPACT, SHARED, IEEE, UPCAST, ASM)
+        acc = acc * group_scales(s_ptr, k_lo, offs_n, n_ok, stride_sg, GROUP)[None, :]
+    elif USE_DOT and COMPACT:
         # a shared mask (one list of needed inputs for every row): pack this split's surviving inputs once, then
         # run the tensor cores over tiles gathered from them, so the weight rows read fall with the sparsity (the
         # masked loop below reads a [BK, BN] tile unless all BK inputs are dropped, which at 50% never happens)
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         slot = (seg * SPLIT_K + pk) * CHUNK
-        offs_c = k_lo + tl.arange(0, CHUNK)
-        xc = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_c[None, :],
-                     mask=m_ok[:, None] & (offs_c < k_hi)[None, :], other=0.0).to(tl.float32)
-        keep_c = tl.sum(tl.abs(xc), axis=0) / M > threshold  # padded rows and inputs past k_hi add 0 (t >= 0)
-        pos = tl.cumsum(keep_c.to(tl.int32), axis=0) - 1
-        n_keep = tl.sum(keep_c.to(tl.int32), axis=0)
-        tl.store(idx_ptr + slot + pos, offs_c, mask=keep_c)  # every program of this split writes the same values
-        tl.debug_barrier()  # the CTA's global stores are visible to all its threads after the barrier
+        n_keep = pack_survivors(x_ptr, idx_ptr + slot, offs_m, m_ok, stride_xm, k_lo, k_hi, threshold, M, CHUNK)
+        # the next tile's indices, x columns and weight rows are requested before this tile's dot: their loads
+        # depend on the index load before them, which no software pipeliner overlaps (docs/perf-log.md v26)
+        j = tl.arange(0, BK)
+        ok = j < n_keep
+        k = tl.load(idx_ptr + slot + j, mask=ok, other=0)
+        xs = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=m_ok[:, None] & ok[None, :], other=0.0)
+        w = load_needed_rows(w_ptr, k, offs_n, ok, n_ok, stride_wk, stride_wn, EVEN_N)
         for j0 in range(0, n_keep, BK):
-            j = j0 + tl.arange(0, BK)
-            ok = j < n_keep
-            k = tl.load(idx_ptr + slot + j, mask=ok, other=0)
-            xs = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=m_ok[:, None] & ok[None, :], other=0.0)
-            w = load_weight_tile(w_ptr, k, offs_n, offs_p, ok, n_ok, p_ok, stride_wk, stride_wn, EVEN_N, WFMT)
-            if WFMT != 0 and not UPCAST:
-                w = w.to(x_ptr.dtype.element_ty)  # int8 values: exact in fp16/bf16 (int4 is never packed)
-            if UPCAST:
-                acc = tl.dot(xs.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
-            elif IEEE:
-                acc = tl.dot(xs, w, acc, input_precision="ieee")
+            jn = j0 + BK + tl.arange(0, BK)
+            ok_n = jn < n_keep
+            k_n = tl.load(idx_ptr + slot + jn, mask=ok_n, other=0)
+            xs_n = tl.load(x_ptr + offs_m[:, None] * stride_xm + k_n[None, :], mask=m_ok[:, None] & ok_n[None, :],
+                           other=0.0)
+            w_n = load_needed_rows(w_ptr, k_n, offs_n, ok_n, n_ok, stride_wk, stride_wn, EVEN_N)
+            if HALF_DOT:  # int8 rows as fp16, x in fp16 (tensor-core operands of one type)
+                if UPCAST:
+                    acc = tl.dot(xs.to(tl.float16).to(tl.float32), int8_as_fp16(w, ASM).to(tl.float32), acc,
+                                 input_precision="ieee")
+                else:
+                    acc = tl.dot(xs.to(tl.float16), int8_as_fp16(w, ASM), acc)
             else:
-                acc = tl.dot(xs, w, acc)
+                wf = w
+                if WFMT == 1:
+                    wf = int8_as_fp32(w, ASM)
+                    if not UPCAST:
+                        wf = wf.to(x_ptr.dtype.element_ty)  # int8 values: exact in fp16/bf16
+                if UPCAST:
+                    acc = tl.dot(xs.to(tl.float32), wf.to(tl.float32), acc, input_precision="ieee")
+                elif IEEE:
+                    acc = tl.dot(xs, wf, acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(xs, wf, acc)
+            xs, w = xs_n, w_n
     elif USE_DOT:
         # rows padded to BM >= 16: a skinny matmul on tensor cores, weight rows masked by "any row needs it"
         acc = tl.zeros((BM, BN), dtype=tl.float32)
@@ -286,40 +520,31 @@ def sparse_gemv_kernel(
                 need = tl.max(keep.to(tl.int32), axis=0) > 0
             xs = tl.where(keep, x, 0.0)
             if HALF_DOT:  # int8 through the fp16 bit pattern (0x6400 | (q + 128) is 1024 + q + 128, exactly), x in fp16
-                q = load_needed_rows(w_ptr, offs_k, offs_n, need, n_ok, stride_wk, stride_wn, EVEN_N)
-                u = q.to(tl.uint8, bitcast=True).to(tl.int32)
-                w16 = ((u ^ 0x80) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - 1152.0
+                w16 = int8_as_fp16(load_needed_rows(w_ptr, offs_k, offs_n, need, n_ok, stride_wk, stride_wn, EVEN_N),
+                                   ASM)
                 if UPCAST:  # the CPU interpreter's dots, in fp32
                     acc = tl.dot(xs.to(tl.float16).to(tl.float32), w16.to(tl.float32), acc, input_precision="ieee")
                 else:
                     acc = tl.dot(xs.to(tl.float16), w16, acc)
             else:
-                w = load_weight_tile(w_ptr, offs_k, offs_n, offs_p, need, n_ok, p_ok, stride_wk, stride_wn, EVEN_N, WFMT)
+                w = load_weight_tile(w_ptr, offs_k, offs_n, offs_p, need, n_ok, p_ok, stride_wk, stride_wn, EVEN_N, WFMT, ASM)
                 if WFMT != 0 and not UPCAST:  # (UPCAST, the interpreter's bf16 dots, takes the fp32 tile)
-                    w = w.to(x_ptr.dtype.element_ty)  # int8 values: exact in fp16/bf16 (int4 never takes this path)
-                if WFMT == 2:  # a tile's product scaled by its group's scales before it joins the sum
-                    part = tl.zeros((BM, BN), dtype=tl.float32)
-                else:
-                    part = acc
+                    w = w.to(x_ptr.dtype.element_ty)  # int8 values: exact in fp16/bf16 (int4 takes int4_dot_partial)
                 if UPCAST:  # the CPU interpreter mis-computes bf16 dots; the GPU never takes this branch
-                    part = tl.dot(xs.to(tl.float32), w.to(tl.float32), part, input_precision="ieee")
+                    acc = tl.dot(xs.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
                 elif IEEE:
-                    part = tl.dot(xs, w, part, input_precision="ieee")
+                    acc = tl.dot(xs, w, acc, input_precision="ieee")
                 else:
-                    part = tl.dot(xs, w, part)
-                if WFMT == 2:
-                    acc += part * group_scales(s_ptr, k0, offs_n, n_ok, stride_sg, GROUP)[None, :]
-                else:
-                    acc = part
+                    acc = tl.dot(xs, w, acc)
     elif IN_THREAD and BM > 1:
         acc = in_thread_rows_partial(x_ptr, w_ptr, k_lo, k_hi, threshold, offs_m, m_ok, stride_xm, offs_n, n_ok,
                                       stride_wk, stride_wn, BM, BK, BN, EVEN_N, offs_p, p_ok, s_ptr, stride_sg,
-                                      WFMT, GROUP, M, SHARED)
+                                      WFMT, GROUP, M, SHARED, ASM)
     elif IN_THREAD:
         slot = (seg * SPLIT_K + pk) * CHUNK
         acc = tl.reshape(in_thread_partial(x_ptr, w_ptr, idx_ptr + slot, xv_ptr + slot, k_lo, k_hi, threshold,
                                             offs_n, n_ok, stride_wk, stride_wn, BK, BN, CHUNK, EVEN_N, COMPACT,
-                                            offs_p, p_ok, s_ptr, stride_sg, WFMT, GROUP),
+                                            offs_p, p_ok, s_ptr, stride_sg, WFMT, GROUP, ASM),
                          (1, BN))
     else:
         # one row: FMAs into a [BK, BN] accumulator, a single reduction over K after the loop; the next chunk
@@ -333,7 +558,7 @@ def sparse_gemv_kernel(
         for k0 in range(k_lo, k_hi, BK):
             offs_k = k0 + tl.arange(0, BK)
             keep = tl.abs(x) > threshold
-            w = load_weight_tile(w_ptr, offs_k, offs_n, offs_p, keep, n_ok, p_ok, stride_wk, stride_wn, EVEN_N, WFMT)
+            w = load_weight_tile(w_ptr, offs_k, offs_n, offs_p, keep, n_ok, p_ok, stride_wk, stride_wn, EVEN_N, WFMT, ASM)
             nxt = offs_k + BK
             x_next = tl.load(x_ptr + nxt, mask=nxt < k_hi, other=0.0).to(tl.float32)
             wf = w.to(tl.float32)

@@ -80,7 +80,9 @@ def operands(M, N, K, dtype, fmt, seed, bias=False):
 LOOPS = ["tile", "in_thread", "compact", "dot"]
 
 
-def config_for(loop, M, N, K, BK=16, iters=2):
+def config_for(loop, M, N, K, BK=16, iters=2, fmt=None):
+    if loop == "dot" and fmt == "int4":  # int4 on tensor cores scales a program's sums once: its inputs in one group
+        iters = 1 << min(iters.bit_length() - 1, (INT4_GROUP // BK).bit_length() - 1)
     return make_config(N, K, BN=32, BK=BK, iters=iters, use_dot=loop == "dot", compact=loop == "compact",
                        in_thread=loop == "in_thread")
 
@@ -98,10 +100,8 @@ def test_sparse_gemv_matches_float64_of_dequantized(fmt, M, N, K, dtype, t, bias
         loop = "in_thread"  # int4 is never packed (its sums are scaled per group), nor are several rows
     if loop == "tile" and M > 1:
         loop = "dot"
-    if loop == "dot" and fmt == "int4":
-        loop = "in_thread"  # int4 never takes the tensor cores (sparse_gemv._launch says why)
     x, q, s, b = operands(M, N, K, dtype, fmt, seed, bias)
-    cfg = None if loop is None else config_for(loop, M, N, K, BK, iters)
+    cfg = None if loop is None else config_for(loop, M, N, K, BK, iters, fmt)
     y = torch.full((M, N), float("nan"), dtype=dtype, device=DEVICE)
     for _ in range(2):  # twice: the workspace and counters must be left clean
         sg.sparse_gemv(x, q, b, t, config=cfg, out=y, scales=s)
@@ -121,14 +121,50 @@ def test_default_configs_of_wide_outputs(fmt, M):
     assert rel_err(y.cpu(), reference(x.cpu(), q, s, None, 0.6)) <= TOL[torch.bfloat16]
 
 
+@settings(max_examples=8, deadline=None)
+@given(fmt=st.sampled_from([None, "int8", "int4"]), half=st.booleans(), N=st.integers(1, 35).map(lambda n: 2 * n),
+       K=st.integers(1, 300),
+       dtype=st.sampled_from([torch.float16, torch.bfloat16]), t=st.floats(0.0, 1.5), seed=st.integers(0, 100),
+       BK=st.sampled_from([16, 32]), iters=st.integers(1, 4))
+def test_one_row_packed_tensor_core_loop(fmt, half, N, K, dtype, t, seed, BK, iters):
+    """One row through the packed survivors on tensor cores (``packed_dot``; int8 with or without ``half_dot``; int4
+    with its programs inside one scale group): the survivors of a K split gathered into tiles, the next tile requested
+    before this tile's dot. Twice per case: the scratch must be left clean; t = 1.5 drops most inputs, so some splits
+    keep nothing and others end mid-tile."""
+    half = half and fmt == "int8"
+    if fmt == "int4":  # a program's inputs inside one scale group: BK x iters divides it
+        iters = 1 << min(iters.bit_length() - 1, (INT4_GROUP // BK).bit_length() - 1)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, K, generator=g).to(dtype).to(DEVICE)
+    w = (torch.randn(N, K, generator=g) / K**0.5).to(dtype)
+    if fmt is None:
+        q, s = w.t().contiguous().t().to(DEVICE), None
+        ref = reference_sparse_linear(x.cpu().double(), w.double(), None, t)
+    else:
+        q, s = (v.to(DEVICE) for v in QUANTIZE[fmt](w))
+        ref = reference(x.cpu(), q, s, None, t)
+    cfg = make_config(N, K, BN=32, BK=BK, iters=iters, use_dot=True, packed_dot=True, half_dot=half)
+    assert cfg.use_dot and cfg.compact and cfg.half_dot == half
+    for _ in range(2):
+        y = sg.sparse_gemv(x, q, None, t, config=cfg, scales=s)
+        assert rel_err(y.cpu(), ref) <= TOL[dtype]
+
+
+def test_half_dot_refuses_fp32_x_unless_the_rule_chose_it():
+    x, q, s, _ = operands(1, 64, 96, torch.float32, "int8", 0)
+    with pytest.raises(ValueError, match="half_dot"):
+        sg.sparse_gemv(x, q, None, 0.1, config=make_config(64, 96, BN=32, BK=16, iters=2, use_dot=True,
+                                                           half_dot=True), scales=s)
+
+
 def test_int4_refuses_a_packed_loop_or_a_tile_across_groups():
     x, q, s, _ = operands(1, 32, 256, torch.float32, "int4", 0)
     with pytest.raises(ValueError, match="int4"):
         sg.sparse_gemv(x, q, None, 0.1, config=config_for("compact", 1, 32, 256), scales=s)
     with pytest.raises(ValueError, match="int4"):
         sg.sparse_gemv(x, q, None, 0.1, config=make_config(32, 256, BN=32, BK=256, iters=1, use_dot=False), scales=s)
-    with pytest.raises(ValueError, match="tensor cores"):
-        sg.sparse_gemv(x, q, None, 0.1, config=config_for("dot", 1, 32, 256), scales=s)
+    with pytest.raises(ValueError, match="tensor cores"):  # a program's 256 inputs span two scale groups
+        sg.sparse_gemv(x, q, None, 0.1, config=config_for("dot", 1, 32, 256, iters=16), scales=s)
 
 
 def test_quantized_weight_without_scales_is_refused():
@@ -149,12 +185,10 @@ def test_quantized_weight_without_scales_is_refused():
 def test_grouped_launch_swaps_scales_per_segment(fmt, M, Ns, K, dtype, ts, bias, seed, loop, apart):
     if loop == "tile" and M > 1:
         loop = "dot"
-    if loop == "dot" and fmt == "int4":
-        loop = "in_thread"
     parts = [operands(M, N, K, dtype, fmt, seed + i, bias) for i, N in enumerate(Ns)]
     x = parts[0][0]
     qs, ss, bs = [p[1] for p in parts], [p[2] for p in parts], [p[3] for p in parts]
-    cfg = replace(config_for(loop, M, sum(Ns), K), apart=apart)
+    cfg = replace(config_for(loop, M, sum(Ns), K, fmt=fmt), apart=apart)
     ys = sg.sparse_gemv_group(x, qs, bs, ts[: len(Ns)], config=cfg, scales=ss)
     for q, s, b, t, y in zip(qs, ss, bs, ts, ys):
         assert rel_err(y.cpu(), reference(x.cpu(), q, s, None if b is None else b.cpu(), t)) <= TOL[dtype]
@@ -164,18 +198,16 @@ def test_grouped_launch_swaps_scales_per_segment(fmt, M, Ns, K, dtype, ts, bias,
 @pytest.mark.parametrize("M,loop", [(1, "in_thread"), (1, "tile"), (4, "in_thread"), (6, "dot")])
 def test_swiglu_and_add_rmsnorm_finishes(fmt, M, loop):
     N, K, dtype = 48, 200, torch.float32
-    if loop == "dot" and fmt == "int4":
-        loop = "in_thread"
     x, qg, sg_, _ = operands(M, N, K, dtype, fmt, 1)
     _, qu, su, _ = operands(M, N, K, dtype, fmt, 2)
-    cfg = config_for(loop, M, 2 * N, K)
+    cfg = config_for(loop, M, 2 * N, K, fmt=fmt)
     h = sg.sparse_gemv_swiglu(x, qg, qu, 0.3, 0.5, config=cfg, scales_gate=sg_, scales_up=su)
     ref = torch.nn.functional.silu(reference(x.cpu(), qg, sg_, None, 0.3)) * reference(x.cpu(), qu, su, None, 0.5)
     assert rel_err(h.cpu(), ref) <= 1e-5
 
     r = torch.randn(M, N, device=DEVICE)
     nw = torch.rand(N, device=DEVICE) + 0.5
-    got_h, got = sg.sparse_gemv_add_rmsnorm(x, qg, None, 0.3, r, nw, 1e-6, config=config_for(loop, M, N, K),
+    got_h, got = sg.sparse_gemv_add_rmsnorm(x, qg, None, 0.3, r, nw, 1e-6, config=config_for(loop, M, N, K, fmt=fmt),
                                             scales=sg_)
     want_h = r.cpu().double() + reference(x.cpu(), qg, sg_, None, 0.3)
     assert rel_err(got_h.cpu(), want_h) <= 1e-5
