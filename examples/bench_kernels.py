@@ -253,6 +253,9 @@ SWEEP_QUANTIZED["int8"] += [dict(BN=256, BK=32, iters=it, use_dot=True, half_dot
                             for it, st in ((4, 2), (8, 3))]
 SWEEP_QUANTIZED["int8"] += [dict(BN=bn, BK=bk, iters=16, use_dot=True, packed_dot=True, half_dot=h, num_warps=4,
                                  num_stages=1) for h in (True, False) for bn, bk in ((256, 32), (128, 32), (256, 64))]
+# int4 over the packed survivors on CUDA cores: a program's inputs within one scale group (its sum scaled once)
+SWEEP_QUANTIZED["int4"] += [dict(BN=1024 * nw, BK=16, iters=it, use_dot=False, num_warps=nw, num_stages=1,
+                                 compact=True) for nw in (1, 2) for it in (4, 8)]
 # int4 on tensor cores (nibbles converted four to two registers), over every input or the packed survivors: a
 # program's inputs within one scale group
 SWEEP_QUANTIZED["int4"] += [dict(BN=bn, BK=32, iters=kp // 32, use_dot=True, packed_dot=pk, num_warps=4,

@@ -283,9 +283,10 @@ def _launch(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tens
             raise ValueError(f"int4 on tensor cores needs k_per_split dividing {INT4_GROUP}: {cfg}")
         if cfg.block_n < 32:  # each nibble's dot takes half the tile's columns, at least 16 (masks cover the rest)
             cfg = replace(cfg, block_n=32)
-    if wfmt == 2 and not cfg.use_dot and (cfg.compact or INT4_GROUP % cfg.block_k):
-        # the CUDA-core loops scale each tile's sums: a tile within one group, and no packed survivors (from any group)
-        raise ValueError(f"int4 on CUDA cores needs a config whose block_k divides {INT4_GROUP}, not packed: {cfg}")
+    if wfmt == 2 and not cfg.use_dot and (INT4_GROUP % (cfg.k_per_split if cfg.compact else cfg.block_k)):
+        # the CUDA-core loops scale each tile's sums (a tile within one group) or, packed, the program's (the
+        # survivors of the whole program within one group)
+        raise ValueError(f"int4 on CUDA cores needs block_k (packed: k_per_split) dividing {INT4_GROUP}: {cfg}")
     BN = cfg.block_n
     if cfg.use_dot:
         BM = max(16, next_pow2(M))

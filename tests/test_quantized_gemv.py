@@ -81,7 +81,7 @@ LOOPS = ["tile", "in_thread", "compact", "dot"]
 
 
 def config_for(loop, M, N, K, BK=16, iters=2, fmt=None):
-    if loop == "dot" and fmt == "int4":  # int4 on tensor cores scales a program's sums once: its inputs in one group
+    if loop in ("dot", "compact") and fmt == "int4":  # a program's sums scaled once: its inputs in one group
         iters = 1 << min(iters.bit_length() - 1, (INT4_GROUP // BK).bit_length() - 1)
     return make_config(N, K, BN=32, BK=BK, iters=iters, use_dot=loop == "dot", compact=loop == "compact",
                        in_thread=loop == "in_thread")
@@ -96,8 +96,8 @@ def config_for(loop, M, N, K, BK=16, iters=2, fmt=None):
 )
 def test_sparse_gemv_matches_float64_of_dequantized(fmt, M, N, K, dtype, t, bias, seed, loop, BK, iters):
     """K up to 300 crosses int4 group edges (128, 256) and ends mid-group; loops by config (None: the rule's)."""
-    if loop == "compact" and (fmt == "int4" or M > 1):
-        loop = "in_thread"  # int4 is never packed (its sums are scaled per group), nor are several rows
+    if loop == "compact" and M > 1:
+        loop = "in_thread"  # several rows are never packed on CUDA cores
     if loop == "tile" and M > 1:
         loop = "dot"
     x, q, s, b = operands(M, N, K, dtype, fmt, seed, bias)
@@ -160,7 +160,7 @@ def test_half_dot_refuses_fp32_x_unless_the_rule_chose_it():
 def test_int4_refuses_a_packed_loop_or_a_tile_across_groups():
     x, q, s, _ = operands(1, 32, 256, torch.float32, "int4", 0)
     with pytest.raises(ValueError, match="int4"):
-        sg.sparse_gemv(x, q, None, 0.1, config=config_for("compact", 1, 32, 256), scales=s)
+        sg.sparse_gemv(x, q, None, 0.1, config=config_for("compact", 1, 32, 256, iters=16), scales=s)
     with pytest.raises(ValueError, match="int4"):
         sg.sparse_gemv(x, q, None, 0.1, config=make_config(32, 256, BN=32, BK=256, iters=1, use_dot=False), scales=s)
     with pytest.raises(ValueError, match="tensor cores"):  # a program's 256 inputs span two scale groups
