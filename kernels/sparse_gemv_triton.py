@@ -252,36 +252,19 @@ def int4_as_fp32(p, ASM: tl.constexpr):
 
 
 @triton.jit
-def load_stored_tile(w_ptr, offs_k, offs_n, offs_p, need, n_ok, p_ok, stride_wk, stride_wn, EVEN_N: tl.constexpr,
-                     WFMT: tl.constexpr):
-    """The [BK, BN] tile of W as stored (int4: the [BK, BN / 2] bytes at ``offs_p``), rows no input needs unread."""
-    if WFMT == 2:
-        w = load_needed_rows(w_ptr, offs_k, offs_p, need, p_ok, stride_wk, stride_wn, EVEN_N)
+def load_weight_tile(w_ptr, offs_k, offs_n, offs_p, need, n_ok, p_ok, stride_wk, stride_wn, EVEN_N: tl.constexpr,
+                     WFMT: tl.constexpr, ASM: tl.constexpr):
+    """The [BK, BN] tile of W in its stored values, rows no input needs left unread: float W as stored; int8 q and
+    int4 q - 8 as fp32 (the int4 bytes at ``offs_p``, low nibble: even column, high: odd). Scales are not applied
+    here: the callers scale sums (kernels/quantize.py). An unread int4 row comes out as -8, harmless because every
+    caller zeroes x where no row is read."""
+    if WFMT == 2:  # (one return: Triton types every return of a function, constexpr branches or not)
+        w = int4_as_fp32(load_needed_rows(w_ptr, offs_k, offs_p, need, p_ok, stride_wk, stride_wn, EVEN_N), ASM)
+    elif WFMT == 1:
+        w = int8_as_fp32(load_needed_rows(w_ptr, offs_k, offs_n, need, n_ok, stride_wk, stride_wn, EVEN_N), ASM)
     else:
         w = load_needed_rows(w_ptr, offs_k, offs_n, need, n_ok, stride_wk, stride_wn, EVEN_N)
     return w
-
-
-@triton.jit
-def stored_values(w, WFMT: tl.constexpr, ASM: tl.constexpr):
-    """A stored tile's values: float W as it is; int8 q and int4 q - 8 (low nibble: even column, high: odd) as fp32.
-    Scales are not applied here: the callers scale sums (kernels/quantize.py)."""
-    if WFMT == 2:  # (one return: Triton types every return of a function, constexpr branches or not)
-        v = int4_as_fp32(w, ASM)
-    elif WFMT == 1:
-        v = int8_as_fp32(w, ASM)
-    else:
-        v = w
-    return v
-
-
-@triton.jit
-def load_weight_tile(w_ptr, offs_k, offs_n, offs_p, need, n_ok, p_ok, stride_wk, stride_wn, EVEN_N: tl.constexpr,
-                     WFMT: tl.constexpr, ASM: tl.constexpr):
-    """The [BK, BN] tile of W in fp32 values (``stored_as_fp32``), rows no input needs left unread (an unread int4
-    row comes out as -8, harmless because every caller zeroes x where no row is read)."""
-    return stored_values(load_stored_tile(w_ptr, offs_k, offs_n, offs_p, need, n_ok, p_ok, stride_wk, stride_wn,
-                                           EVEN_N, WFMT), WFMT, ASM)
 
 
 @triton.jit
@@ -324,24 +307,20 @@ def in_thread_partial(x_ptr, w_ptr, idx_ptr, xv_ptr, k_lo, k_hi, threshold, offs
         tl.store(idx_ptr + slot, offs, mask=keep)
         tl.store(xv_ptr + slot, x, mask=keep)
         tl.debug_barrier()  # the CTA's global stores are visible to all its threads after the barrier
-        # two tiles in flight: the next tile's rows are requested (their indices loaded a tile earlier) and the
-        # indices after them, before this tile's conversions and FMAs
+        # one tile in flight, the next tile's indices requested before this tile's FMAs: keeping two tiles' rows in
+        # flight (requested a tile ahead) ran int8 gate/up at 50% in 60-75 µs instead of 16 (docs/perf-log.md v26)
         j = tl.arange(0, BK)
         ok = j < n_keep
         k = tl.load(idx_ptr + j, mask=ok, other=0)
         xv = tl.load(xv_ptr + j, mask=ok, other=0.0)
-        w = load_stored_tile(w_ptr, k, offs_n, offs_p, ok, n_ok, p_ok, stride_wk, stride_wn, EVEN_N, WFMT)
-        ok1 = j + BK < n_keep
-        k1 = tl.load(idx_ptr + BK + j, mask=ok1, other=0)
-        xv1 = tl.load(xv_ptr + BK + j, mask=ok1, other=0.0)
         for j0 in range(0, n_keep, BK):
-            w1 = load_stored_tile(w_ptr, k1, offs_n, offs_p, ok1, n_ok, p_ok, stride_wk, stride_wn, EVEN_N, WFMT)
-            j2 = j0 + 2 * BK + j
-            ok2 = j2 < n_keep
-            k2 = tl.load(idx_ptr + j2, mask=ok2, other=0)
-            xv2 = tl.load(xv_ptr + j2, mask=ok2, other=0.0)
-            acc += tl.sum(xv[:, None] * stored_values(w, WFMT, ASM).to(tl.float32), axis=0)
-            w, xv, k1, xv1, ok1 = w1, xv1, k2, xv2, ok2
+            w = load_weight_tile(w_ptr, k, offs_n, offs_p, ok, n_ok, p_ok, stride_wk, stride_wn, EVEN_N, WFMT, ASM)
+            jn = j0 + BK + tl.arange(0, BK)
+            ok_next = jn < n_keep
+            k_next = tl.load(idx_ptr + jn, mask=ok_next, other=0)
+            xv_next = tl.load(xv_ptr + jn, mask=ok_next, other=0.0)
+            acc += tl.sum(xv[:, None] * w.to(tl.float32), axis=0)
+            k, xv, ok = k_next, xv_next, ok_next
         if WFMT == 2:  # int4: the launcher keeps a packed program inside one scale group
             acc = acc * group_scales(s_ptr, k_lo, offs_n, n_ok, stride_sg, GROUP)
     else:
