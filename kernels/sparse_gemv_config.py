@@ -110,16 +110,12 @@ def choose_config(M: int, N: int, K: int, sparsity: Optional[float] = None,
     return make_config(N, K, BN=BN, BK=BK, iters=iters, use_dot=M > 1, num_warps=4, num_stages=2 if M == 1 else 3)
 
 
-# columns per warp for the in-thread loops: each thread loads 16 bytes of a weight row (8 bf16, 16 int8, 32 int4)
-_COLUMNS_PER_WARP = {"int8": 512, "int4": 1024}
 
 
 def _choose_quantized(M: int, N: int, K: int, sparsity: Optional[float], fmt: str) -> GemvConfig:
-    """int8 / int4 weights: the float rule's loops with each thread loading 16 bytes of a row, so 2x (int8) or 4x
-    (int4) the columns per warp. Never the packed loop for int4 (its survivors span groups; the sums are scaled per
-    group); BK always divides the int4 group, and on tensor cores a program's inputs do. Swept on the H200
-    (docs/perf-log.md v22, v26)."""
-    cols = _COLUMNS_PER_WARP[fmt]
+    """int8 / int4 weights: the float rule's loops, the integers converted by byte permutes. BK always divides the
+    int4 group, and on tensor cores a program's inputs do (its sums scaled once). Swept on the H200 (docs/perf-log.md
+    v22, v26); 2-8 rows keep the v22 rule (not re-swept)."""
     if M <= 4 and N >= 2048:
         mlp = _mlp_sized(N, K)
         # int8, one row: the packed survivors only where the bf16 rule takes them (unmeasured for int8 there; at 50%
@@ -130,8 +126,9 @@ def _choose_quantized(M: int, N: int, K: int, sparsity: Optional[float], fmt: st
             if not mlp:  # the attention shapes: tensor cores, a program's 128 inputs one scale group (4096², 50%:
                 # 11.4 µs vs 27.0 for the CUDA-core loop)
                 return make_config(N, K, BN=256, BK=32, iters=4, use_dot=True, num_warps=4, num_stages=3)
-            # the MLP shapes: CUDA cores, 16-row tiles (14336x4096, 50%: 20.2 µs; 32-row tiles 46 µs, spilled)
-            return make_config(N, K, BN=cols, BK=16, iters=4, use_dot=False, num_warps=1, num_stages=1,
+            # the MLP shapes: CUDA cores, 16 bytes (32 nibbles) of a row a thread, 16-row tiles (14336x4096, 50%:
+            # 15.1 µs; 32-row tiles 46 µs, spilled)
+            return make_config(N, K, BN=1024, BK=16, iters=4, use_dot=False, num_warps=1, num_stages=1,
                                in_thread=True)
         if M == 1:  # int8: 32-row tiles, 2 a program, 8 bytes of a row a thread (the sweep's best on all three
             # shapes at 50%: 4096² 6.8 µs, gate/up 14.7, down 14.3; 16 bytes a thread 8.3 / 15.7 / 16.2)
@@ -139,7 +136,7 @@ def _choose_quantized(M: int, N: int, K: int, sparsity: Optional[float], fmt: st
                                in_thread=True)
         return make_config(N, K, BN=256, BK=16, iters=16 if mlp else 4, use_dot=False, num_warps=1, num_stages=1,
                            in_thread=True)  # 2-4 rows: the bf16 rule's tiles (a thread's registers hold rows x BK x 8)
-    if fmt == "int4" and M > 1:  # never tensor cores for int4 (the launcher says why): the in-thread rows loop
+    if fmt == "int4" and M > 1:  # the in-thread rows loop (the v22 rule, from before int4 could take tensor cores)
         return make_config(N, K, BN=256, BK=8, iters=32 if _mlp_sized(N, K) else 8, use_dot=False, num_warps=1,
                            num_stages=1, in_thread=True)
     if N >= 2048:
