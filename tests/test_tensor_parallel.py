@@ -95,7 +95,8 @@ def test_the_tensor_parallel_benchmark_runs_on_cpu_processes(tmp_path):
 
 
 def test_unsharded_looks_through_to_local_however_dynamo_writes_it():
-    """``w.to_local()`` as a method call (torch 2.13) or a function call: the node behind it is the parameter."""
+    """``w.to_local()`` as a method call (torch 2.13) or a function call (torch 2.11 writes
+    ``to_local_fn_with_prim_types``): the node behind it is the parameter."""
     from torch import fx
 
     from teal_fx.passes.analysis import unsharded
@@ -103,10 +104,14 @@ def test_unsharded_looks_through_to_local_however_dynamo_writes_it():
     def to_local(t):
         return t
 
+    def to_local_fn_with_prim_types(t):  # the name torch 2.11's Dynamo gives the function it writes
+        return t
+
     g = fx.Graph()
     w = g.placeholder("l_self_modules_q_proj_parameters_weight_")
     as_method = g.call_method("to_local", (w,))
     as_function = g.call_function(to_local, (w,))
+    as_211_function = g.call_function(to_local_fn_with_prim_types, (w,))
     other = g.call_method("t", (w,))
-    assert unsharded(as_method) is w and unsharded(as_function) is w
+    assert unsharded(as_method) is w and unsharded(as_function) is w and unsharded(as_211_function) is w
     assert unsharded(other) is other and unsharded(w) is w

@@ -169,7 +169,9 @@ def unsharded(w: object) -> object:
     one plan serves any world size."""
     if isinstance(w, fx.Node) and w.args and (
             w.op == "call_method" and w.target == "to_local"
-            or w.op == "call_function" and getattr(w.target, "__name__", "") == "to_local"):
+            # torch 2.13 may write a function ``to_local``; torch 2.11's Dynamo writes
+            # ``TensorVariable.method_to_local.<locals>.to_local_fn_with_prim_types``
+            or w.op == "call_function" and getattr(w.target, "__name__", "").startswith("to_local")):
         return w.args[0]
     return w
 
