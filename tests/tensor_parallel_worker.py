@@ -4,7 +4,8 @@
 
 Loads MODEL_DIR sharded by transformers' tensor parallelism (``tp_plan="auto"``), calibrates it (greedy, the test's
 seed and sizes) and saves that plan from rank 0; then, with PLAN (made by one process on the unsharded model)
-attached at 0% and 50%, saves the teal backend's decode logits and the passes' counters of every rank.
+attached at 0% and 50%, saves the teal backend's decode logits and the passes' counters of every rank, and at 50%
+the logits of the graph as torch 2.11's Dynamo writes it (``teal_as_torch_2_11``).
 """
 import json
 import os
@@ -12,10 +13,13 @@ import sys
 
 import torch
 import torch.distributed as dist
+from torch import fx
+from torch._dynamo import register_backend
 from torch._dynamo.utils import counters
 from transformers import AutoModelForCausalLM
 
 import teal_fx
+from teal_fx.backend import teal_backend
 from teal_fx.generate import decode_logits
 from teal_fx.plan import Plan
 
@@ -30,6 +34,25 @@ def calibration_data(vocab: int) -> torch.Tensor:
 def decode_tokens(vocab: int) -> torch.Tensor:
     torch.manual_seed(1)
     return torch.randint(3, vocab, (1, 14))
+
+
+def to_local_fn_with_prim_types(t):
+    return t.to_local()
+
+
+@register_backend(name="teal_as_torch_2_11")
+def teal_as_torch_2_11(gm: fx.GraphModule, example_inputs: list, options=None):
+    """The teal backend on the graph torch 2.11's Dynamo writes for a TP rank: ``w.to_local()`` as a call of a
+    function named ``to_local_fn_with_prim_types`` (torch 2.13 writes a ``to_local`` method call)."""
+    for n in list(gm.graph.nodes):
+        if n.op == "call_method" and n.target == "to_local":
+            with gm.graph.inserting_before(n):
+                fn = gm.graph.call_function(to_local_fn_with_prim_types, n.args, n.kwargs)
+            fn.meta = dict(n.meta)
+            n.replace_all_uses_with(fn)
+            gm.graph.erase_node(n)
+    gm.recompile()
+    return teal_backend(gm, example_inputs, options)
 
 
 def main(model_dir: str, plan_path: str, out: str) -> None:
@@ -48,6 +71,10 @@ def main(model_dir: str, plan_path: str, out: str) -> None:
         logits = decode_logits(model, decode_tokens(vocab), 8, options={"compiler": "eager"})
         torch.save(logits, os.path.join(out, f"logits_{s}_rank{rank}.pt"))
         result[str(s)] = dict(counters["teal"])
+        if s > 0:
+            logits = decode_logits(model, decode_tokens(vocab), 8, backend="teal_as_torch_2_11",
+                                   options={"compiler": "eager"})
+            torch.save(logits, os.path.join(out, f"logits_{s}_torch_2_11_rank{rank}.pt"))
     with open(os.path.join(out, f"counters_rank{rank}.json"), "w") as f:
         json.dump(result, f)
     dist.destroy_process_group()
