@@ -60,6 +60,24 @@ def int8_as_fp16(q, ASM: tl.constexpr):
     return w
 
 
+def _int4_halves_ptx(exponent_byte: str, finish: list[str], finish_regs: str) -> str:
+    """PTX for four packed int4 bytes ($4) -> eight halves in four registers: low nibbles to $0, $1, high to $2, $3,
+    each under ``exponent_byte``, then ``finish`` removes the offset (128 + 8 in bf16, 1024 + 8 in fp16)."""
+    lines = [f".reg .b32 l, h, {finish_regs};", "and.b32 l, $4, 0x0F0F0F0F;", "shr.u32 h, $4, 4;",
+             "and.b32 h, h, 0x0F0F0F0F;"]
+    lines += [f"prmt.b32 ${i}, {src}, 0x{exponent_byte * 4}, 0x{sel};"
+              for i, (src, sel) in enumerate((("l", "5140"), ("l", "7362"), ("h", "5140"), ("h", "7362")))]
+    return "{\n" + "\n".join(lines + finish) + "\n}"
+
+
+# bf16: fma.bf16x2 (sm_80+) h * 1 - 136; fp16: h - 1032
+_INT4_AS_BF16: tl.constexpr = tl.constexpr(_int4_halves_ptx(
+    "43", ["mov.b32 one, 0x3F803F80;", "mov.b32 off, 0xC308C308;"]
+    + [f"fma.rn.bf16x2 ${i}, ${i}, one, off;" for i in range(4)], "one, off"))
+_INT4_AS_F16: tl.constexpr = tl.constexpr(_int4_halves_ptx(
+    "64", ["mov.b32 off, 0x64086408;"] + [f"sub.f16x2 ${i}, ${i}, off;" for i in range(4)], "off"))
+
+
 @triton.jit
 def int4_as_halves(p, BF16: tl.constexpr, ASM: tl.constexpr):
     """Packed int4 bytes [BK, BN / 2] as two tiles, the low nibbles (even columns) and the high (odd), each nibble
@@ -67,43 +85,12 @@ def int4_as_halves(p, BF16: tl.constexpr, ASM: tl.constexpr):
     128 + n or 1024 + n, so masks and byte permutes build eight halves in four registers and four paired operations
     remove the offset (1.4 instructions a weight). ASM false: the same values in Triton arithmetic."""
     if ASM:
-        if BF16:  # fma.bf16x2 (sm_80+): h * 1 - 136
-            lo, hi = tl.inline_asm_elementwise(
-                asm="""{
-                .reg .b32 l, h, one, off;
-                and.b32 l, $4, 0x0F0F0F0F;
-                shr.u32 h, $4, 4;
-                and.b32 h, h, 0x0F0F0F0F;
-                prmt.b32 $0, l, 0x43434343, 0x5140;
-                prmt.b32 $1, l, 0x43434343, 0x7362;
-                prmt.b32 $2, h, 0x43434343, 0x5140;
-                prmt.b32 $3, h, 0x43434343, 0x7362;
-                mov.b32 one, 0x3F803F80;
-                mov.b32 off, 0xC308C308;
-                fma.rn.bf16x2 $0, $0, one, off;
-                fma.rn.bf16x2 $1, $1, one, off;
-                fma.rn.bf16x2 $2, $2, one, off;
-                fma.rn.bf16x2 $3, $3, one, off;
-                }""",
-                constraints="=r,=r,=r,=r,r", args=[p], dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+        if BF16:
+            lo, hi = tl.inline_asm_elementwise(asm=_INT4_AS_BF16, constraints="=r,=r,=r,=r,r", args=[p],
+                                               dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
         else:
-            lo, hi = tl.inline_asm_elementwise(
-                asm="""{
-                .reg .b32 l, h, off;
-                and.b32 l, $4, 0x0F0F0F0F;
-                shr.u32 h, $4, 4;
-                and.b32 h, h, 0x0F0F0F0F;
-                prmt.b32 $0, l, 0x64646464, 0x5140;
-                prmt.b32 $1, l, 0x64646464, 0x7362;
-                prmt.b32 $2, h, 0x64646464, 0x5140;
-                prmt.b32 $3, h, 0x64646464, 0x7362;
-                mov.b32 off, 0x64086408;
-                sub.f16x2 $0, $0, off;
-                sub.f16x2 $1, $1, off;
-                sub.f16x2 $2, $2, off;
-                sub.f16x2 $3, $3, off;
-                }""",
-                constraints="=r,=r,=r,=r,r", args=[p], dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
+            lo, hi = tl.inline_asm_elementwise(asm=_INT4_AS_F16, constraints="=r,=r,=r,=r,r", args=[p],
+                                               dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
     else:
         v = p.to(tl.int32)
         ty = tl.bfloat16 if BF16 else tl.float16
