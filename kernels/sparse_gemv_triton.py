@@ -174,6 +174,24 @@ def int4_dot_partial(x_ptr, w_ptr, idx_ptr, k_lo, k_hi, threshold, offs_m, m_ok,
     return tl.interleave(acc_lo, acc_hi)
 
 
+def _bytes_as_fp32_ptx(regs: str, prologue: list[str], sources: list[str], offset: str) -> str:
+    """PTX for byte permutes into floats: each byte of each register in ``sources`` (built by ``prologue`` from the
+    input, four packed bytes) becomes the low byte of the float 2^23 + byte, in output order; then ``offset`` (2^23
+    plus the byte's bias) is subtracted from each."""
+    lines = [f".reg .b32 {regs};", *prologue, "mov.b32 c, 0x4B000000;"]
+    lines += [f"prmt.b32 ${4 * i + b}, {src}, c, 0x744{b};" for i, src in enumerate(sources) for b in range(4)]
+    lines += [f"sub.f32 ${j}, ${j}, {offset};" for j in range(4 * len(sources))]
+    return "{\n" + "\n".join(lines) + "\n}"
+
+
+# int8: q + 128 (the sign bit flipped), minus 2^23 + 128; int4: the low and high nibbles, minus 2^23 + 8
+_INT8_AS_FP32: tl.constexpr = tl.constexpr(_bytes_as_fp32_ptx("t, c", ["xor.b32 t, $4, 0x80808080;"], ["t"],
+                                                              "0f4B000080"))
+_INT4_AS_FP32: tl.constexpr = tl.constexpr(_bytes_as_fp32_ptx(
+    "l, h, c", ["and.b32 l, $8, 0x0F0F0F0F;", "shr.u32 h, $8, 4;", "and.b32 h, h, 0x0F0F0F0F;"], ["l", "h"],
+    "0f4B000008"))
+
+
 @triton.jit
 def int8_as_fp32(q, ASM: tl.constexpr):
     """int8 q as fp32, exactly: byte permutes put q + 128 under the exponent of 2^23 (the float 2^23 + 128 + q) and one
@@ -181,19 +199,7 @@ def int8_as_fp32(q, ASM: tl.constexpr):
     takes two (the integer pipe, half as wide as the float one, bounded the int8 loops; docs/perf-log.md v26)."""
     if ASM:
         w = tl.inline_asm_elementwise(
-            asm="""{
-            .reg .b32 t, c;
-            xor.b32 t, $4, 0x80808080;
-            mov.b32 c, 0x4B000000;
-            prmt.b32 $0, t, c, 0x7440;
-            prmt.b32 $1, t, c, 0x7441;
-            prmt.b32 $2, t, c, 0x7442;
-            prmt.b32 $3, t, c, 0x7443;
-            sub.f32 $0, $0, 0f4B000080;
-            sub.f32 $1, $1, 0f4B000080;
-            sub.f32 $2, $2, 0f4B000080;
-            sub.f32 $3, $3, 0f4B000080;
-            }""",
+            asm=_INT8_AS_FP32,
             constraints="=r,=r,=r,=r,r", args=[q], dtype=tl.float32, is_pure=True, pack=4)
     else:
         w = exact_float(q.to(tl.int32))
@@ -206,29 +212,7 @@ def int4_as_fp32(p, ASM: tl.constexpr):
     nibbles masked out and permuted under the exponent of 2^23, then 2^23 + 8 subtracted."""
     if ASM:
         lo, hi = tl.inline_asm_elementwise(
-            asm="""{
-            .reg .b32 l, h, c;
-            and.b32 l, $8, 0x0F0F0F0F;
-            shr.u32 h, $8, 4;
-            and.b32 h, h, 0x0F0F0F0F;
-            mov.b32 c, 0x4B000000;
-            prmt.b32 $0, l, c, 0x7440;
-            prmt.b32 $1, l, c, 0x7441;
-            prmt.b32 $2, l, c, 0x7442;
-            prmt.b32 $3, l, c, 0x7443;
-            prmt.b32 $4, h, c, 0x7440;
-            prmt.b32 $5, h, c, 0x7441;
-            prmt.b32 $6, h, c, 0x7442;
-            prmt.b32 $7, h, c, 0x7443;
-            sub.f32 $0, $0, 0f4B000008;
-            sub.f32 $1, $1, 0f4B000008;
-            sub.f32 $2, $2, 0f4B000008;
-            sub.f32 $3, $3, 0f4B000008;
-            sub.f32 $4, $4, 0f4B000008;
-            sub.f32 $5, $5, 0f4B000008;
-            sub.f32 $6, $6, 0f4B000008;
-            sub.f32 $7, $7, 0f4B000008;
-            }""",
+            asm=_INT4_AS_FP32,
             constraints="=r,=r,=r,=r,=r,=r,=r,=r,r", args=[p], dtype=(tl.float32, tl.float32), is_pure=True,
             pack=4)
         w = tl.interleave(lo, hi)
