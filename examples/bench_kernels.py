@@ -253,6 +253,9 @@ SWEEP_QUANTIZED["int8"] += [dict(BN=256, BK=32, iters=it, use_dot=True, half_dot
                             for it, st in ((4, 2), (8, 3))]
 SWEEP_QUANTIZED["int8"] += [dict(BN=bn, BK=bk, iters=16, use_dot=True, packed_dot=True, half_dot=h, num_warps=4,
                                  num_stages=1) for h in (True, False) for bn, bk in ((256, 32), (128, 32), (256, 64))]
+# ... 8 bytes a thread for int4 (no spills by --registers, where 16 bytes and 16 rows spill 532 bytes; not yet timed)
+SWEEP_QUANTIZED["int4"] += [dict(BN=512, BK=bk, iters=it, use_dot=False, num_warps=1, num_stages=1, in_thread=True)
+                            for bk, it in ((16, 4), (8, 8))]
 # int4 over the packed survivors on CUDA cores: a program's inputs within one scale group (its sum scaled once)
 SWEEP_QUANTIZED["int4"] += [dict(BN=1024 * nw, BK=16, iters=it, use_dot=False, num_warps=nw, num_stages=1,
                                  compact=True) for nw in (1, 2) for it in (4, 8)]
@@ -285,6 +288,65 @@ SWEEP_BATCH = (
        for bn in (64, 128, 256) for bk in (32, 64) for it in (4, 8, 16) for nw in (4, 8) for st in (3, 4)
        if not (bn == 256 and bk == 64 and st == 4)]  # out of shared memory
 )
+
+
+_PTR_TYPES = {"x_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16", "ws_ptr": "*fp32", "cnt_ptr": "*i32",
+              "idx_ptr": "*i32", "xv_ptr": "*fp32", "s_ptr": "*bf16"}
+
+
+def registers(fmt: str, N: int, K: int, cfg) -> tuple[int, int]:
+    """(registers per thread, spill-store bytes) of the one-row GEMV kernel for ``cfg`` on sm_90, as ptxas reports
+    them: compiled here, no GPU needed (Triton's bundled ptxas). One segment, bf16 x, PDL and the apart finish, the
+    16-byte divisibility the launcher's tensors have. Triton's compile API differs between versions: a tool for
+    screening configs before spending device time, not a figure of speed."""
+    import os
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from teal_fx.kernels import sparse_gemv_triton as jit
+
+    fn = jit.sparse_gemv_kernel
+    const = dict(SPLIT_K=cfg.split_k, BM=16 if cfg.use_dot else 1, BN=cfg.block_n, BK=cfg.block_k, HAS_BIAS=False,
+                 USE_DOT=cfg.use_dot, IEEE=False, UPCAST=False, EVEN_N=N % cfg.block_n == 0,
+                 EVEN_K=K % cfg.k_per_split == 0, IN_THREAD=cfg.in_thread, COMPACT=cfg.compact, CHUNK=cfg.chunk,
+                 NSEG=1, GATED=False, PDL=True, APART=True, WFMT={None: 0, "int8": 1, "int4": 2}[fmt], GROUP=INT4_GROUP,
+                 HALF_DOT=cfg.half_dot, SHARED=False, ASM=True)
+    sig, constexprs, attrs = {}, {}, {}
+    for i, prm in enumerate(fn.params):
+        n = prm.name
+        if prm.is_constexpr:
+            sig[n], constexprs[n] = "constexpr", const[n]
+        elif n[-5:-4].isdigit() or n[-4:] in ("1_ptr", "2_ptr"):  # the other segments' pointers: None
+            sig[n], constexprs[n] = "constexpr", None
+        elif n.endswith("_ptr"):
+            sig[n] = {"int8": "*i8", "int4": "*u8"}.get(fmt, "*bf16") if n == "w_ptr" else _PTR_TYPES[n]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            sig[n] = "fp32" if n.startswith("threshold") else "i32"
+            if n in ("K", "N", "stride_wk", "stride_ym", "K_PER_SPLIT"):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs),
+                            target=GPUTarget("cuda", 90, 32),
+                            options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+    bin_dir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(kernel.asm["ptx"])
+    try:
+        for ptxas in sorted(bin_dir.glob("ptxas*"), reverse=True):  # ptxas-blackwell reads newer PTX versions
+            out = subprocess.run([str(ptxas), "-arch=sm_90a", "-v", f.name, "-o", os.devnull], capture_output=True,
+                                 text=True)
+            regs = re.search(r"Used (\d+) registers", out.stderr + out.stdout)
+            if regs:
+                spill = re.search(r"(\d+) bytes spill stores", out.stderr + out.stdout)
+                return int(regs.group(1)), int(spill.group(1)) if spill else 0
+    finally:
+        os.unlink(f.name)
+    raise RuntimeError(f"ptxas gave no register count: {(out.stderr + out.stdout)[-300:]}")
 
 
 def sweep_shape(N: int, K: int, M: int, sparsity: float, bw: float, l2: int, configs: list) -> list:
@@ -324,7 +386,20 @@ def main() -> int:
                     "and shared masks on the block's launch shapes, and the break-even kept fractions")
     ap.add_argument("--batch-sparsities", default="0,0.25,0.5,0.75")
     ap.add_argument("--batch-only", action="store_true", help="stop after the batch rows")
+    ap.add_argument("--registers", action="store_true", help="no GPU needed: the registers and spills ptxas reports "
+                    "for each one-row config of --sweep-weights (sm_90, the MLP shape 14336x4096), then stop")
     args = ap.parse_args()
+    if args.registers:
+        N, K = SHAPES["gate/up 14336x4096"]
+        for fmt in [f for f in args.weights.split(",") if f]:
+            for p in SWEEP_QUANTIZED[fmt]:
+                try:
+                    regs, spill = registers(fmt, N, K, make_config(N, K, **p))
+                except Exception as e:  # a config this Triton cannot build
+                    print(f"{fmt} {p}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+                    continue
+                print(f"{fmt} {regs:4d} registers, {spill:6d} bytes spilled  {p}", flush=True)
+        return 0
     if not torch.cuda.is_available():
         print("bench_kernels needs a CUDA GPU", file=sys.stderr)
         return 1

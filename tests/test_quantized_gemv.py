@@ -240,3 +240,26 @@ def test_int8_half_dot_matches_float64(M, N, K, dtype, t, seed, iters):
         x4, q4, s4, _ = operands(M, 2 * N, K, dtype, "int4", seed)
         sg.sparse_gemv(x4, q4, None, t, config=make_config(2 * N, K, BN=32, BK=16, iters=1, use_dot=True,
                                                            half_dot=True), scales=s4)
+
+
+def test_register_report_tells_a_spilling_config_from_one_that_fits():
+    """``bench_kernels.py --registers`` compiles configs for sm_90 here, without a GPU, and reads ptxas's count: the
+    int8 loop with 16 bytes and 32 rows a thread spills (it ran 4 µs slower on the H200, docs/perf-log.md v26), 8
+    bytes and 16 rows fit. A subprocess: the jitted kernels must not be the CPU interpreter's."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    examples = Path(__file__).parents[1] / "examples"
+    code = ("import json, sys; sys.path.insert(0, sys.argv[1]); import bench_kernels as b; "
+            "from teal_fx.kernels.sparse_gemv_config import make_config as m; "
+            "print(json.dumps([b.registers('int8', 14336, 4096, m(14336, 4096, BN=bn, BK=bk, iters=it, use_dot=False, "
+            "num_warps=1, num_stages=1, in_thread=True)) for bn, bk, it in ((512, 32, 2), (256, 16, 4))]))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", code, str(examples)], capture_output=True, text=True, env=env,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    (regs_wide, spill_wide), (regs_fit, spill_fit) = json.loads(run.stdout.strip().splitlines()[-1])
+    assert 0 < regs_fit <= 255 and 0 < regs_wide <= 255
+    assert spill_fit == 0 < spill_wide
