@@ -26,7 +26,7 @@ class GemvConfig:
     num_stages: int
     in_thread: bool  # each thread owns whole columns of a tile, so a tile's sum stays in the thread
     compact: bool  # loop over the packed surviving inputs only: one row (implies in_thread), or with use_dot a
-    # shared mask's rows (the survivors gathered into tensor-core tiles)
+    # shared mask's rows or one row (the survivors gathered into tensor-core tiles)
     chunk: int  # the packed loop's scan width, next_pow2(k_per_split)
     apart: Optional[bool] = None  # split-K sums finished by a second launch; None: where launches overlap (PDL)
     half_dot: bool = False  # int8 only, with use_dot: fp16 tensor-core operands (the kernel's HALF_DOT)
@@ -38,7 +38,7 @@ def make_config(N: int, K: int, *, BN: int, BK: int, iters: int, use_dot: bool, 
     """[BK, BN] tiles, each program covering ``iters`` of them along K (so K is split in ceil(K / (BK * iters))
     parts). ``in_thread`` sums each tile inside the threads (BN should be 256 * num_warps; up to 8 rows, 2-4 in
     practice), ``compact`` (one row; implies it) loops over the packed surviving inputs only; ``packed_dot`` (with
-    ``use_dot``, a shared mask's rows only) gathers the packed survivors into tensor-core tiles."""
+    ``use_dot``; a shared mask's rows or one row) gathers the packed survivors into tensor-core tiles."""
     k_per = BK * iters
     return GemvConfig(block_n=min(BN, max(16, next_pow2(N))), block_k=BK, split_k=-(-K // k_per), k_per_split=k_per,
                       use_dot=use_dot, num_warps=num_warps, num_stages=num_stages,

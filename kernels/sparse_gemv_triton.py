@@ -393,8 +393,8 @@ def sparse_gemv_kernel(
     written before read, between launches.
     M rows (at most BM), N outputs, K inputs; threshold t >= 0 (so zero padding is never kept). A program covers
     inputs [pid(1) * K_PER_SPLIT, + K_PER_SPLIT), SPLIT_K of them along K, in tiles of BK inputs by BN outputs.
-    Loops: USE_DOT (tensor cores, rows padded to BM >= 16; with COMPACT, a shared mask's packed survivors gathered
-    into tiles), IN_THREAD (a tile's sum stays in each thread; with COMPACT over the packed survivors only, one
+    Loops: USE_DOT (tensor cores, rows padded to BM >= 16; with COMPACT, the packed survivors of one mask for all
+    rows, a shared mask's or one row's, gathered into tiles; int4: two nibble dots, ``int4_dot_partial``), IN_THREAD (a tile's sum stays in each thread; with COMPACT over the packed survivors only, one
     row), else [BK, BN] FMAs reduced after the loop (one row).
     IEEE: fp32 dots in full precision; UPCAST: the CPU interpreter's bf16 dots, computed in fp32; EVEN_N / EVEN_K:
     the tiles divide N / K (no bounds masks).
@@ -440,7 +440,7 @@ def sparse_gemv_kernel(
                                COMPACT, SHARED, IEEE, UPCAST, ASM)
         acc = acc * group_scales(s_ptr, k_lo, offs_n, n_ok, stride_sg, GROUP)[None, :]
     elif USE_DOT and COMPACT:
-        # a shared mask (one list of needed inputs for every row): pack this split's surviving inputs once, then
+        # one list of needed inputs for every row (a shared mask, or one row): pack this split's survivors once, then
         # run the tensor cores over tiles gathered from them, so the weight rows read fall with the sparsity (the
         # masked loop below reads a [BK, BN] tile unless all BK inputs are dropped, which at 50% never happens)
         acc = tl.zeros((BM, BN), dtype=tl.float32)
