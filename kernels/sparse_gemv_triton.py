@@ -394,8 +394,9 @@ def sparse_gemv_kernel(
     M rows (at most BM), N outputs, K inputs; threshold t >= 0 (so zero padding is never kept). A program covers
     inputs [pid(1) * K_PER_SPLIT, + K_PER_SPLIT), SPLIT_K of them along K, in tiles of BK inputs by BN outputs.
     Loops: USE_DOT (tensor cores, rows padded to BM >= 16; with COMPACT, the packed survivors of one mask for all
-    rows, a shared mask's or one row's, gathered into tiles; int4: two nibble dots, ``int4_dot_partial``), IN_THREAD (a tile's sum stays in each thread; with COMPACT over the packed survivors only, one
-    row), else [BK, BN] FMAs reduced after the loop (one row).
+    rows, a shared mask's or one row's, gathered into tiles; int4: two nibble dots, ``int4_dot_partial``),
+    IN_THREAD (a tile's sum stays in each thread; with COMPACT over the packed survivors only, one row), else
+    [BK, BN] FMAs reduced after the loop (one row).
     IEEE: fp32 dots in full precision; UPCAST: the CPU interpreter's bf16 dots, computed in fp32; EVEN_N / EVEN_K:
     the tiles divide N / K (no bounds masks).
     """
