@@ -15,7 +15,6 @@ launch it (``supports``). On Hopper and newer, launches use programmatic depende
 from __future__ import annotations
 
 import enum
-import os
 import warnings
 from dataclasses import dataclass, replace
 from typing import Optional, Sequence
@@ -26,7 +25,7 @@ from torch import Tensor
 from teal_fx.kernels import pdl
 from teal_fx.kernels.quantize import INT4_GROUP, logical_shape, weight_format
 from teal_fx.kernels.sparse_gemv_config import GemvConfig, choose_config, gpu_name, kernel_pays
-from teal_fx.kernels.triton_support import DTYPES, HAS_TRITON, interpreter_upcasts, next_pow2
+from teal_fx.kernels.triton_support import DTYPES, HAS_TRITON, inline_ptx, interpreter_upcasts, next_pow2
 from teal_fx.kernels.workspace import Workspace
 
 if HAS_TRITON:
@@ -51,11 +50,6 @@ def reserve_workspace(device: torch.device, max_n: int, max_k: int) -> None:
     width = MAX_SEGMENTS * (max_n + 256)
     packed = MAX_SEGMENTS * 2 * (max_k + 4096)  # SPLIT_K * CHUNK < 2 * (K + K_PER_SPLIT); choose_config: K_PER_SPLIT <= 1024
     _WORKSPACE.reserve(torch.device(device), ws=16 * width, cnt=width // 16 + 1, idx=packed, xv=packed)
-
-
-def _inline_ptx(device: torch.device) -> bool:
-    """Whether the kernel may use inline PTX: an NVIDIA GPU, not the CPU interpreter (nor a ROCm build)."""
-    return device.type == "cuda" and torch.version.hip is None and os.environ.get("TRITON_INTERPRET") != "1"
 
 
 # ------------------------------------------------------------------------------------------------ what it takes
@@ -342,7 +336,7 @@ def _launch(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tens
         IN_THREAD=cfg.in_thread, COMPACT=cfg.compact, CHUNK=cfg.chunk,
         NSEG=nseg, GATED=gated, PDL=use_pdl, APART=apart, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages, WFMT=wfmt, GROUP=INT4_GROUP, HALF_DOT=cfg.half_dot, SHARED=shared and M > 1,
-        ASM=_inline_ptx(x.device),
+        ASM=inline_ptx(x.device),
         s_ptr=s0["s"],
         stride_sg=s0["ssg"], **extra, **launch_pdl,
     )
