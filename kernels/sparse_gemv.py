@@ -267,11 +267,8 @@ def _launch(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tens
     if cfg.use_dot and cfg.compact and not (shared or M == 1):
         raise ValueError(f"packed survivors on tensor cores need one mask for all rows (a shared mask, or one row): "
                          f"{cfg}")
-    if cfg.half_dot and (wfmt != 1 or x.dtype == torch.float32):
-        if config is None and wfmt == 1:  # the rule's fp16 operands would round fp32 x: the same tiles in x's type
-            cfg = replace(cfg, half_dot=False)
-        else:
-            raise ValueError(f"half_dot takes int8 weights and fp16/bf16 x only: {cfg}, x {x.dtype}")
+    if cfg.half_dot and (wfmt != 1 or x.dtype == torch.float32):  # fp16 operands would round fp32 x
+        raise ValueError(f"half_dot takes int8 weights and fp16/bf16 x only: {cfg}, x {x.dtype}")
     if wfmt == 2 and cfg.use_dot:
         if INT4_GROUP % cfg.k_per_split:  # a program's sums are scaled once: its inputs must lie in one scale group
             raise ValueError(f"int4 on tensor cores needs k_per_split dividing {INT4_GROUP}: {cfg}")

@@ -115,6 +115,17 @@ def pack_survivors(x_ptr, idx_ptr, offs_m, m_ok, stride_xm, k_lo, k_hi, threshol
 
 
 @triton.jit
+def gather_survivors(idx_ptr, j, n_keep, x_ptr, offs_m, m_ok, stride_xm, w_ptr, offs_c, c_ok, stride_wk, stride_wn,
+                     EVEN_N: tl.constexpr):
+    """The x columns [BM, BK] and the stored weight rows [BK, columns at ``offs_c``] of packed survivors ``j`` (those
+    at or past ``n_keep``: zero, unread)."""
+    ok = j < n_keep
+    k = tl.load(idx_ptr + j, mask=ok, other=0)
+    xs = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=m_ok[:, None] & ok[None, :], other=0.0)
+    return xs, load_needed_rows(w_ptr, k, offs_c, ok, c_ok, stride_wk, stride_wn, EVEN_N)
+
+
+@triton.jit
 def int4_dots(xs, p, acc_lo, acc_hi, IEEE: tl.constexpr, UPCAST: tl.constexpr, ASM: tl.constexpr):
     """acc_lo += xs @ (low nibbles - 8), acc_hi += xs @ (high nibbles - 8): operands in x's type (fp32: fp16 tiles
     widened, full-precision dots; the interpreter's bf16: fp32)."""
@@ -144,18 +155,11 @@ def int4_dot_partial(x_ptr, w_ptr, idx_ptr, k_lo, k_hi, threshold, offs_m, m_ok,
     acc_hi = tl.zeros((BM, BN // 2), dtype=tl.float32)
     if COMPACT:
         n_keep = pack_survivors(x_ptr, idx_ptr, offs_m, m_ok, stride_xm, k_lo, k_hi, threshold, M, CHUNK)
-        j = tl.arange(0, BK)
-        ok = j < n_keep
-        k = tl.load(idx_ptr + j, mask=ok, other=0)
-        xs = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=m_ok[:, None] & ok[None, :], other=0.0)
-        p = load_needed_rows(w_ptr, k, offs_p, ok, p_ok, stride_wk, stride_wn, EVEN_N)
+        xs, p = gather_survivors(idx_ptr, tl.arange(0, BK), n_keep, x_ptr, offs_m, m_ok, stride_xm, w_ptr, offs_p, p_ok,
+                                 stride_wk, stride_wn, EVEN_N)
         for j0 in range(0, n_keep, BK):
-            jn = j0 + BK + tl.arange(0, BK)
-            ok_n = jn < n_keep
-            k_n = tl.load(idx_ptr + jn, mask=ok_n, other=0)
-            xs_n = tl.load(x_ptr + offs_m[:, None] * stride_xm + k_n[None, :], mask=m_ok[:, None] & ok_n[None, :],
-                           other=0.0)
-            p_n = load_needed_rows(w_ptr, k_n, offs_p, ok_n, p_ok, stride_wk, stride_wn, EVEN_N)
+            xs_n, p_n = gather_survivors(idx_ptr, j0 + BK + tl.arange(0, BK), n_keep, x_ptr, offs_m, m_ok, stride_xm,
+                                         w_ptr, offs_p, p_ok, stride_wk, stride_wn, EVEN_N)
             acc_lo, acc_hi = int4_dots(xs, p, acc_lo, acc_hi, IEEE, UPCAST, ASM)
             xs, p = xs_n, p_n
     else:
@@ -449,18 +453,11 @@ def sparse_gemv_kernel(
         n_keep = pack_survivors(x_ptr, idx_ptr + slot, offs_m, m_ok, stride_xm, k_lo, k_hi, threshold, M, CHUNK)
         # the next tile's indices, x columns and weight rows are requested before this tile's dot: their loads
         # depend on the index load before them, which no software pipeliner overlaps (docs/perf-log.md v26)
-        j = tl.arange(0, BK)
-        ok = j < n_keep
-        k = tl.load(idx_ptr + slot + j, mask=ok, other=0)
-        xs = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=m_ok[:, None] & ok[None, :], other=0.0)
-        w = load_needed_rows(w_ptr, k, offs_n, ok, n_ok, stride_wk, stride_wn, EVEN_N)
+        xs, w = gather_survivors(idx_ptr + slot, tl.arange(0, BK), n_keep, x_ptr, offs_m, m_ok, stride_xm, w_ptr,
+                                 offs_n, n_ok, stride_wk, stride_wn, EVEN_N)
         for j0 in range(0, n_keep, BK):
-            jn = j0 + BK + tl.arange(0, BK)
-            ok_n = jn < n_keep
-            k_n = tl.load(idx_ptr + slot + jn, mask=ok_n, other=0)
-            xs_n = tl.load(x_ptr + offs_m[:, None] * stride_xm + k_n[None, :], mask=m_ok[:, None] & ok_n[None, :],
-                           other=0.0)
-            w_n = load_needed_rows(w_ptr, k_n, offs_n, ok_n, n_ok, stride_wk, stride_wn, EVEN_N)
+            xs_n, w_n = gather_survivors(idx_ptr + slot, j0 + BK + tl.arange(0, BK), n_keep, x_ptr, offs_m, m_ok,
+                                         stride_xm, w_ptr, offs_n, n_ok, stride_wk, stride_wn, EVEN_N)
             if HALF_DOT:  # int8 rows as fp16, x in fp16 (tensor-core operands of one type)
                 if UPCAST:
                     acc = tl.dot(xs.to(tl.float16).to(tl.float32), int8_as_fp16(w, ASM).to(tl.float32), acc,

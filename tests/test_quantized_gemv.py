@@ -150,7 +150,7 @@ def test_one_row_packed_tensor_core_loop(fmt, half, N, K, dtype, t, seed, BK, it
         assert rel_err(y.cpu(), ref) <= TOL[dtype]
 
 
-def test_half_dot_refuses_fp32_x_unless_the_rule_chose_it():
+def test_half_dot_refuses_fp32_x():
     x, q, s, _ = operands(1, 64, 96, torch.float32, "int8", 0)
     with pytest.raises(ValueError, match="half_dot"):
         sg.sparse_gemv(x, q, None, 0.1, config=make_config(64, 96, BN=32, BK=16, iters=2, use_dot=True,
