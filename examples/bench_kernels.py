@@ -253,7 +253,7 @@ SWEEP_QUANTIZED["int8"] += [dict(BN=256, BK=32, iters=it, use_dot=True, half_dot
                             for it, st in ((4, 2), (8, 3))]
 SWEEP_QUANTIZED["int8"] += [dict(BN=bn, BK=bk, iters=16, use_dot=True, packed_dot=True, half_dot=h, num_warps=4,
                                  num_stages=1) for h in (True, False) for bn, bk in ((256, 32), (128, 32), (256, 64))]
-# ... 8 bytes a thread for int4 (no spills by --registers, where 16 bytes and 16 rows spill 532 bytes; not yet timed)
+# ... 8 bytes a thread for int4 (exact sums 11.5 µs on 4096² at 50%, fp16 sums 7.6: --sweep-weights-math; perf-log v28)
 SWEEP_QUANTIZED["int4"] += [dict(BN=512, BK=bk, iters=it, use_dot=False, num_warps=1, num_stages=1, in_thread=True)
                             for bk, it in ((16, 4), (8, 8))]
 # int4 over the packed survivors on CUDA cores: a program's inputs within one scale group (its sum scaled once)
@@ -264,6 +264,17 @@ SWEEP_QUANTIZED["int4"] += [dict(BN=1024 * nw, BK=16, iters=it, use_dot=False, n
 SWEEP_QUANTIZED["int4"] += [dict(BN=bn, BK=32, iters=kp // 32, use_dot=True, packed_dot=pk, num_warps=4,
                                  num_stages=1 if pk else 3)
                             for pk in (False, True) for bn in (128, 256) for kp in (64, 128)]
+
+# --sweep-weights-math: the one-row masked in-thread loops with each way of summing a tile (``weight_math``: 0 exact
+# fp32, 1 fp32 with the conversion's offset removed per tile, 2 fp16 products; docs/perf-log.md v28)
+SWEEP_WEIGHT_MATH = {
+    fmt: [dict(BN=bn, BK=bk, iters=it, use_dot=False, num_warps=nw, num_stages=1, in_thread=True, weight_math=wm)
+          for wm in (0, 1, 2) for bn, bk, it, nw in tiles]
+    for fmt, tiles in (("int8", ((256, 32, 2, 1), (256, 32, 4, 1), (256, 16, 4, 1), (256, 16, 8, 1), (512, 32, 2, 2),
+                                 (512, 16, 4, 1))),
+                       ("int4", ((1024, 16, 4, 1), (1024, 16, 8, 1), (512, 16, 4, 1), (512, 16, 8, 1), (512, 8, 8, 1),
+                                 (1024, 8, 8, 1))))
+}
 
 
 SWEEP = (  # loop over every input, [BK, BN] FMAs reduced after the loop ...
@@ -315,12 +326,15 @@ def registers(fmt: str, N: int, K: int, cfg) -> tuple[int, int]:
                  USE_DOT=cfg.use_dot, IEEE=False, UPCAST=False, EVEN_N=N % cfg.block_n == 0,
                  EVEN_K=K % cfg.k_per_split == 0, IN_THREAD=cfg.in_thread, COMPACT=cfg.compact, CHUNK=cfg.chunk,
                  NSEG=1, GATED=False, PDL=True, APART=True, WFMT={None: 0, "int8": 1, "int4": 2}[fmt], GROUP=INT4_GROUP,
-                 HALF_DOT=cfg.half_dot, SHARED=False, ASM=True)
+                 HALF_DOT=cfg.half_dot, SHARED=False, ASM=True, WMATH=cfg.weight_math)
     sig, constexprs, attrs = {}, {}, {}
     for i, prm in enumerate(fn.params):
         n = prm.name
         if prm.is_constexpr:
             sig[n], constexprs[n] = "constexpr", const[n]
+        elif n == "stride_wn":  # 1 for a column-major weight, and Triton makes an argument equal to 1 a constant:
+            # without it the weight loads come out a byte each (the v26 figures, taken so, were wrong; perf-log v28)
+            sig[n], constexprs[n] = "constexpr", 1
         elif n[-5:-4].isdigit() or n[-4:] in ("1_ptr", "2_ptr"):  # the other segments' pointers: None
             sig[n], constexprs[n] = "constexpr", None
         elif n.endswith("_ptr"):
@@ -375,24 +389,27 @@ def main() -> int:
     ap.add_argument("--sweep-shapes", default="q/o 4096x4096,gate/up 14336x4096,down 4096x14336")
     ap.add_argument("--sweep-batch", type=int, default=1)
     ap.add_argument("--sweep-sparsity", default="0.5", help="comma-separated sparsities")
-    ap.add_argument("--sweep-only", action="store_true", help="stop after the sweep")
+    ap.add_argument("--sweep-only", action="store_true", help="stop after the sweep (--sweep or --sweep-weights)")
     ap.add_argument("--sweep-kind", choices=("all", "in-thread", "compact"), default="all",
                     help="sweep only the one-warp loops over every input, or only the packed loops")
     ap.add_argument("--weights", default="int8,int4", help="quantized formats measured at 0 and 50% ('' for none)")
     ap.add_argument("--sweep-weights", action="store_true", help="sweep tile configs of the quantized formats")
     ap.add_argument("--sweep-weights-sparsity", type=float, default=0.5)
+    ap.add_argument("--sweep-weights-math", action="store_true",
+                    help="with --sweep-weights: only the masked one-row loops, each with weight_math 0, 1 and 2")
     ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True, help="the bf16/fp16 rows")
     ap.add_argument("--batches", default="", help="batch rows: comma-separated batch sizes (e.g. 1,2,4,8,16), per-row "
                     "and shared masks on the block's launch shapes, and the break-even kept fractions")
     ap.add_argument("--batch-sparsities", default="0,0.25,0.5,0.75")
     ap.add_argument("--batch-only", action="store_true", help="stop after the batch rows")
     ap.add_argument("--registers", action="store_true", help="no GPU needed: the registers and spills ptxas reports "
-                    "for each one-row config of --sweep-weights (sm_90, the MLP shape 14336x4096), then stop")
+                    "for each one-row config of --sweep-weights (or --sweep-weights-math; sm_90, the MLP shape "
+                    "14336x4096), then stop")
     args = ap.parse_args()
     if args.registers:
         N, K = SHAPES["gate/up 14336x4096"]
         for fmt in [f for f in args.weights.split(",") if f]:
-            for p in SWEEP_QUANTIZED[fmt]:
+            for p in (SWEEP_WEIGHT_MATH if args.sweep_weights_math else SWEEP_QUANTIZED)[fmt]:
                 try:
                     regs, spill = registers(fmt, N, K, make_config(N, K, **p))
                 except Exception as e:  # a config this Triton cannot build
@@ -443,7 +460,8 @@ def main() -> int:
             for name in args.sweep_shapes.split(","):
                 N, K = SHAPES[name]
                 res = []
-                for p in [None, *SWEEP_QUANTIZED[fmt]]:
+                sweep = SWEEP_WEIGHT_MATH if args.sweep_weights_math else SWEEP_QUANTIZED
+                for p in [None, *sweep[fmt]]:
                     cfg = make_config(N, K, **p) if p else None
                     try:
                         r = bench_quantized(N, K, 1, args.sweep_weights_sparsity, fmt, bw, l2, config=cfg, calls=16)
@@ -457,11 +475,14 @@ def main() -> int:
                 for z in res:
                     p = z[1] or {}
                     loop = (("packed " if p.get("compact") or p.get("packed_dot") else "masked ")
-                            + ("fp16 dot" if p.get("half_dot") else "dot" if p.get("use_dot") else "CUDA cores"))
+                            + ("fp16 dot" if p.get("half_dot") else "dot" if p.get("use_dot") else "CUDA cores")
+                            + (f" math {p['weight_math']}" if p.get("weight_math") is not None else ""))
                     loops.setdefault("default" if z[1] is None else loop, []).append(z)
                 for loop, zs in loops.items():
                     for us, p, frac, err in zs[:3]:
                         print(f"   {us:7.2f} us  frac {frac:.2f}  {loop:18s} {p or ''}  err={err:.1e}", flush=True)
+        if args.sweep_only:
+            return 0
     qrows = []
     for fmt in formats:
         for name, (N, K) in SHAPES.items():

@@ -269,6 +269,13 @@ def _launch(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tens
                          f"{cfg}")
     if cfg.half_dot and (wfmt != 1 or x.dtype == torch.float32):  # fp16 operands would round fp32 x
         raise ValueError(f"half_dot takes int8 weights and fp16/bf16 x only: {cfg}, x {x.dtype}")
+    if config is None and cfg.weight_math == 2 and x.dtype == torch.float32:
+        cfg = replace(cfg, weight_math=0)  # the rule's fp16 sums would round fp32 x: exact sums instead
+    if cfg.weight_math and not (wfmt and M == 1 and cfg.in_thread and not cfg.compact):
+        raise ValueError(f"weight_math applies to one row of int8/int4 in the masked in-thread loop: {cfg}")
+    if cfg.weight_math == 2 and (x.dtype == torch.float32 or (wfmt == 1 and cfg.block_k > 32)):
+        # fp16 would round fp32 x; 32 int8 products of at most 128 x 8 bound a tile's fp16 sum (``half_scaled``)
+        raise ValueError(f"weight_math 2 (fp16 sums) takes fp16/bf16 x and, for int8, block_k <= 32: {cfg}, {x.dtype}")
     if wfmt == 2 and cfg.use_dot:
         if INT4_GROUP % cfg.k_per_split:  # a program's sums are scaled once: its inputs must lie in one scale group
             raise ValueError(f"int4 on tensor cores needs k_per_split dividing {INT4_GROUP}: {cfg}")
@@ -333,6 +340,7 @@ def _launch(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tens
         IN_THREAD=cfg.in_thread, COMPACT=cfg.compact, CHUNK=cfg.chunk,
         NSEG=nseg, GATED=gated, PDL=use_pdl, APART=apart, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages, WFMT=wfmt, GROUP=INT4_GROUP, HALF_DOT=cfg.half_dot, SHARED=shared and M > 1,
+        WMATH=cfg.weight_math,
         ASM=inline_ptx(x.device),
         s_ptr=s0["s"],
         stride_sg=s0["ssg"], **extra, **launch_pdl,

@@ -30,11 +30,13 @@ class GemvConfig:
     chunk: int  # the packed loop's scan width, next_pow2(k_per_split)
     apart: Optional[bool] = None  # split-K sums finished by a second launch; None: where launches overlap (PDL)
     half_dot: bool = False  # int8 only, with use_dot: fp16 tensor-core operands (the kernel's HALF_DOT)
+    weight_math: int = 0  # int8/int4, one row, masked in-thread loop: 0 exact fp32 sums; 1 fp32 with the conversion's
+    # offset removed once per tile; 2 fp16 products and tile sums (the kernel's ``tile_sum``)
 
 
 def make_config(N: int, K: int, *, BN: int, BK: int, iters: int, use_dot: bool, num_warps: int = 4,
                 num_stages: int = 2, compact: bool = False, in_thread: bool = False,
-                half_dot: bool = False, packed_dot: bool = False) -> GemvConfig:
+                half_dot: bool = False, packed_dot: bool = False, weight_math: int = 0) -> GemvConfig:
     """[BK, BN] tiles, each program covering ``iters`` of them along K (so K is split in ceil(K / (BK * iters))
     parts). ``in_thread`` sums each tile inside the threads (BN should be 256 * num_warps; up to 8 rows, 2-4 in
     practice), ``compact`` (one row; implies it) loops over the packed surviving inputs only; ``packed_dot`` (with
@@ -44,7 +46,7 @@ def make_config(N: int, K: int, *, BN: int, BK: int, iters: int, use_dot: bool, 
                       use_dot=use_dot, num_warps=num_warps, num_stages=num_stages,
                       in_thread=(in_thread or compact) and not use_dot,
                       compact=(compact and not use_dot) or (packed_dot and use_dot),
-                      chunk=next_pow2(k_per), half_dot=half_dot and use_dot)
+                      chunk=next_pow2(k_per), half_dot=half_dot and use_dot, weight_math=weight_math)
 
 
 def _mlp_sized(N: int, K: int) -> bool:
@@ -122,18 +124,21 @@ def _choose_quantized(M: int, N: int, K: int, sparsity: Optional[float], fmt: st
         # the masked loop below is faster since its conversions became byte permutes: gate/up 14.7 µs vs 16.1)
         if fmt == "int8" and M == 1 and sparsity is not None and sparsity >= compact_from(N, K):
             return make_config(N, K, BN=1024, BK=16, iters=4, use_dot=False, num_warps=2, num_stages=1, compact=True)
+        # one row: the masked in-thread loop, its tile sums cheaper than exact (``weight_math``; x in fp32 takes the
+        # exact sums, the launcher's fallback). H200, 50% (docs/perf-log.md v28)
         if fmt == "int4" and M == 1:
-            if not mlp:  # the attention shapes: tensor cores, a program's 128 inputs one scale group (4096², 50%:
-                # 11.4 µs vs 27.0 for the CUDA-core loop)
-                return make_config(N, K, BN=256, BK=32, iters=4, use_dot=True, num_warps=4, num_stages=3)
-            # the MLP shapes: CUDA cores, 16 bytes (32 nibbles) of a row a thread, 16-row tiles (14336x4096, 50%:
-            # 15.1 µs; 32-row tiles 46 µs, spilled)
+            if not mlp:  # the attention shapes: 8 bytes (16 nibbles) of a row a thread, fp16 sums (4096²: 7.6 µs; the
+                # tensor cores 11.0; q+k+v 9.3 vs 16.1)
+                return make_config(N, K, BN=512, BK=16, iters=4, use_dot=False, num_warps=1, num_stages=1,
+                                   in_thread=True, weight_math=2)
+            # the MLP shapes: 16 bytes (32 nibbles) a thread, the offset removed per tile (gate/up 13.4 µs; exact sums
+            # 15.3, fp16 sums 15.1)
             return make_config(N, K, BN=1024, BK=16, iters=4, use_dot=False, num_warps=1, num_stages=1,
-                               in_thread=True)
-        if M == 1:  # int8: 32-row tiles, 2 a program, 8 bytes of a row a thread (the sweep's best on all three
-            # shapes at 50%: 4096² 6.8 µs, gate/up 14.7, down 14.3; 16 bytes a thread 8.3 / 15.7 / 16.2)
+                               in_thread=True, weight_math=1)
+        if M == 1:  # int8: 32-row tiles, 2 a program, 8 bytes of a row a thread, fp16 sums (gate/up 12.6 µs, down 12.5,
+            # 4096² 6.5, q+k+v 7.5; exact sums 14.9 / 14.7 / 6.8 / 8.5)
             return make_config(N, K, BN=256, BK=32, iters=2, use_dot=False, num_warps=1, num_stages=1,
-                               in_thread=True)
+                               in_thread=True, weight_math=2)
         return make_config(N, K, BN=256, BK=16, iters=16 if mlp else 4, use_dot=False, num_warps=1, num_stages=1,
                            in_thread=True)  # 2-4 rows: the bf16 rule's tiles (a thread's registers hold rows x BK x 8)
     if fmt == "int4" and M > 1:  # the in-thread rows loop (the v22 rule, from before int4 could take tensor cores)

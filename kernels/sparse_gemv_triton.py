@@ -178,51 +178,66 @@ def int4_dot_partial(x_ptr, w_ptr, idx_ptr, k_lo, k_hi, threshold, offs_m, m_ok,
     return tl.interleave(acc_lo, acc_hi)
 
 
-def _bytes_as_fp32_ptx(regs: str, prologue: list[str], sources: list[str], offset: str) -> str:
+def _bytes_as_fp32_ptx(regs: str, prologue: list[str], sources: list[str], offset: str | None) -> str:
     """PTX for byte permutes into floats: each byte of each register in ``sources`` (built by ``prologue`` from the
     input, four packed bytes) becomes the low byte of the float 2^23 + byte, in output order; then ``offset`` (2^23
-    plus the byte's bias) is subtracted from each."""
-    lines = [f".reg .b32 {regs};", *prologue, "mov.b32 c, 0x4B000000;"]
-    lines += [f"prmt.b32 ${4 * i + b}, {src}, c, 0x744{b};" for i, src in enumerate(sources) for b in range(4)]
-    lines += [f"sub.f32 ${j}, ${j}, {offset};" for j in range(4 * len(sources))]
+    plus the byte's bias) is subtracted from each. ``offset`` None: the byte goes to bits 8-15 under the exponent of
+    2^15 instead (the float 32768 + byte), and nothing is subtracted."""
+    exponent, select = ("0x4B000000", "0x744{b}") if offset else ("0x47000000", "0x74{b}4")
+    lines = [f".reg .b32 {regs};", *prologue, f"mov.b32 c, {exponent};"]
+    lines += [f"prmt.b32 ${4 * i + b}, {src}, c, {select.format(b=b)};" for i, src in enumerate(sources)
+              for b in range(4)]
+    lines += [f"sub.f32 ${j}, ${j}, {offset};" for j in range(4 * len(sources)) if offset]
     return "{\n" + "\n".join(lines) + "\n}"
 
 
-# int8: q + 128 (the sign bit flipped), minus 2^23 + 128; int4: the low and high nibbles, minus 2^23 + 8
-_INT8_AS_FP32: tl.constexpr = tl.constexpr(_bytes_as_fp32_ptx("t, c", ["xor.b32 t, $4, 0x80808080;"], ["t"],
-                                                              "0f4B000080"))
-_INT4_AS_FP32: tl.constexpr = tl.constexpr(_bytes_as_fp32_ptx(
-    "l, h, c", ["and.b32 l, $8, 0x0F0F0F0F;", "shr.u32 h, $8, 4;", "and.b32 h, h, 0x0F0F0F0F;"], ["l", "h"],
-    "0f4B000008"))
+# int8: q + 128 (the sign bit flipped), minus 2^23 + 128; int4: the low and high nibbles, minus 2^23 + 8. The
+# offset forms leave 32768 + 128 + q and 32768 + 8 + q
+_INT8_BYTES = ("t, c", ["xor.b32 t, $4, 0x80808080;"], ["t"])
+_INT4_BYTES = ("l, h, c", ["and.b32 l, $8, 0x0F0F0F0F;", "shr.u32 h, $8, 4;", "and.b32 h, h, 0x0F0F0F0F;"],
+               ["l", "h"])
+_INT8_AS_FP32: tl.constexpr = tl.constexpr(_bytes_as_fp32_ptx(*_INT8_BYTES, "0f4B000080"))
+_INT4_AS_FP32: tl.constexpr = tl.constexpr(_bytes_as_fp32_ptx(*_INT4_BYTES, "0f4B000008"))
+_INT8_AS_OFFSET_FP32: tl.constexpr = tl.constexpr(_bytes_as_fp32_ptx(*_INT8_BYTES, None))
+_INT4_AS_OFFSET_FP32: tl.constexpr = tl.constexpr(_bytes_as_fp32_ptx(*_INT4_BYTES, None))
+INT8_OFFSET: tl.constexpr = tl.constexpr(32896.0)  # what the offset forms add to q
+INT4_OFFSET: tl.constexpr = tl.constexpr(32776.0)
 
 
 @triton.jit
-def int8_as_fp32(q, ASM: tl.constexpr):
+def int8_as_fp32(q, ASM: tl.constexpr, OFFSET: tl.constexpr = False):
     """int8 q as fp32, exactly: byte permutes put q + 128 under the exponent of 2^23 (the float 2^23 + 128 + q) and one
     subtraction removes 2^23 + 128, about one integer operation a weight where ``exact_float`` of a sign-extended q
-    takes two (the integer pipe, half as wide as the float one, bounded the int8 loops; docs/perf-log.md v26)."""
+    takes two (the integer pipe, half as wide as the float one, bounded the int8 loops; docs/perf-log.md v26).
+    OFFSET: INT8_OFFSET + q, the byte permute alone (the caller subtracts INT8_OFFSET times Σx once per tile)."""
     if ASM:
         w = tl.inline_asm_elementwise(
-            asm=_INT8_AS_FP32,
+            asm=_INT8_AS_OFFSET_FP32 if OFFSET else _INT8_AS_FP32,
             constraints="=r,=r,=r,=r,r", args=[q], dtype=tl.float32, is_pure=True, pack=4)
+    elif OFFSET:
+        w = (q.to(tl.int32) + 32896).to(tl.float32)
     else:
         w = exact_float(q.to(tl.int32))
     return w
 
 
 @triton.jit
-def int4_as_fp32(p, ASM: tl.constexpr):
+def int4_as_fp32(p, ASM: tl.constexpr, OFFSET: tl.constexpr = False):
     """Packed int4 bytes [BK, BN / 2] as the fp32 tile [BK, BN] of nibble - 8 (low nibble: even column), exactly: the
-    nibbles masked out and permuted under the exponent of 2^23, then 2^23 + 8 subtracted."""
+    nibbles masked out and permuted under the exponent of 2^23, then 2^23 + 8 subtracted. OFFSET: INT4_OFFSET +
+    nibble - 8, without the subtraction."""
     if ASM:
         lo, hi = tl.inline_asm_elementwise(
-            asm=_INT4_AS_FP32,
+            asm=_INT4_AS_OFFSET_FP32 if OFFSET else _INT4_AS_FP32,
             constraints="=r,=r,=r,=r,=r,=r,=r,=r,r", args=[p], dtype=(tl.float32, tl.float32), is_pure=True,
             pack=4)
         w = tl.interleave(lo, hi)
     else:
         v = p.to(tl.int32)
-        w = exact_float(tl.interleave(v & 15, v >> 4) - 8)
+        if OFFSET:
+            w = (tl.interleave(v & 15, v >> 4) + 32768).to(tl.float32)
+        else:
+            w = exact_float(tl.interleave(v & 15, v >> 4) - 8)
     return w
 
 
@@ -243,6 +258,47 @@ def load_weight_tile(w_ptr, offs_k, offs_n, offs_p, need, n_ok, p_ok, stride_wk,
 
 
 @triton.jit
+def half_scaled(x):
+    """x [BK] (fp32 holding bf16/fp16 values) times 2^s in fp16, 2^s putting max|x| in [4, 8), and 2^-s. A tile's fp16
+    sum of up to 32 products with int8 (|q| <= 128) stays below 32 x 128 x 8 = 32768, inside fp16's range, and bf16
+    values keep every mantissa bit (those below 2^-14 of the largest lose some). 2^s from the exponent bits."""
+    e = (tl.max(tl.abs(x), axis=0).to(tl.int32, bitcast=True) >> 23) & 255  # biased exponent of max|x| (0: all zero)
+    s = tl.minimum(tl.maximum(129 - e, -100), 100)  # max|x| in [2^(e-127), 2^(e-126)) -> [4, 8)
+    scale = ((s + 127) << 23).to(tl.float32, bitcast=True)
+    unscale = ((127 - s) << 23).to(tl.float32, bitcast=True)
+    return (x * scale).to(tl.float16), unscale
+
+
+@triton.jit
+def tile_sum(x, q, WFMT: tl.constexpr, WMATH: tl.constexpr, ASM: tl.constexpr):
+    """Σ_k x[k] q[k, :] over one tile of stored int8 / packed int4 values (unscaled), x fp32 with dropped inputs 0.
+
+    WMATH 0: each weight converted exactly (permute, subtract), fp32 products. 1: the permute alone leaves q plus a
+    constant c (``INT8_OFFSET``, ``INT4_OFFSET``), and c Σx is subtracted once per tile: one float operation a weight
+    fewer, at the cost of rounding sums c / |q| times larger (int8 ~3e-4 of a tile's sum, int4 ~2e-3; perf-log v28).
+    2: fp16 products and sums (paired HFMA2, half the float instructions), x scaled per tile by a power of two into
+    fp16's range (``half_scaled``); a tile's sum rounds at fp16's 2^-11."""
+    if WMATH == 1:
+        if WFMT == 2:
+            s = tl.sum(x[:, None] * int4_as_fp32(q, ASM, True), axis=0) - INT4_OFFSET * tl.sum(x, axis=0)
+        else:
+            s = tl.sum(x[:, None] * int8_as_fp32(q, ASM, True), axis=0) - INT8_OFFSET * tl.sum(x, axis=0)
+    elif WMATH == 2:
+        xs, unscale = half_scaled(x)
+        if WFMT == 2:
+            lo, hi = int4_as_halves(q, False, ASM)
+            s = tl.interleave(tl.sum(xs[:, None] * lo, axis=0).to(tl.float32),
+                              tl.sum(xs[:, None] * hi, axis=0).to(tl.float32)) * unscale
+        else:
+            s = tl.sum(xs[:, None] * int8_as_fp16(q, ASM), axis=0).to(tl.float32) * unscale
+    elif WFMT == 2:
+        s = tl.sum(x[:, None] * int4_as_fp32(q, ASM), axis=0)
+    else:
+        s = tl.sum(x[:, None] * int8_as_fp32(q, ASM), axis=0)
+    return s
+
+
+@triton.jit
 def group_scales(s_ptr, k0, offs_n, n_ok, stride_sg, GROUP: tl.constexpr):
     """int4: the [BN] scales of the group holding inputs [k0, k0 + BK) (BK divides GROUP: one group per tile)."""
     return tl.load(s_ptr + (k0 // GROUP) * stride_sg + offs_n, mask=n_ok, other=0.0).to(tl.float32)
@@ -258,7 +314,7 @@ def silu_times_up(gate, up, out_ty: tl.constexpr):
 def in_thread_partial(x_ptr, w_ptr, idx_ptr, xv_ptr, k_lo, k_hi, threshold, offs_n, n_ok, stride_wk, stride_wn,
                        BK: tl.constexpr, BN: tl.constexpr, CHUNK: tl.constexpr, EVEN_N: tl.constexpr,
                        PACK: tl.constexpr, offs_p, p_ok, s_ptr, stride_sg, WFMT: tl.constexpr, GROUP: tl.constexpr,
-                       ASM: tl.constexpr):
+                       ASM: tl.constexpr, WMATH: tl.constexpr):
     """Σ_k x_k W[k, offs_n] over the inputs of [k_lo, k_hi) that survive the threshold (one row of x).
 
     With BN = 256 * num_warps every thread holds whole columns of a [BK, BN] tile (8 columns x BK rows), so the
@@ -304,10 +360,18 @@ def in_thread_partial(x_ptr, w_ptr, idx_ptr, xv_ptr, k_lo, k_hi, threshold, offs
         for k0 in range(k_lo, k_hi, BK):
             offs_k = k0 + tl.arange(0, BK)
             keep = tl.abs(x) > threshold  # x past k_hi is 0: never kept (t >= 0)
-            w = load_weight_tile(w_ptr, offs_k, offs_n, offs_p, keep, n_ok, p_ok, stride_wk, stride_wn, EVEN_N, WFMT, ASM)
+            if WFMT == 0:
+                w = load_needed_rows(w_ptr, offs_k, offs_n, keep, n_ok, stride_wk, stride_wn, EVEN_N)
+            elif WFMT == 1:
+                q = load_needed_rows(w_ptr, offs_k, offs_n, keep, n_ok, stride_wk, stride_wn, EVEN_N)
+            else:
+                q = load_needed_rows(w_ptr, offs_k, offs_p, keep, p_ok, stride_wk, stride_wn, EVEN_N)
             nxt = offs_k + BK
             x_next = tl.load(x_ptr + nxt, mask=nxt < k_hi, other=0.0).to(tl.float32)
-            part = tl.sum(tl.where(keep, x, 0.0)[:, None] * w.to(tl.float32), axis=0)
+            if WFMT == 0:
+                part = tl.sum(tl.where(keep, x, 0.0)[:, None] * w.to(tl.float32), axis=0)
+            else:
+                part = tile_sum(tl.where(keep, x, 0.0), q, WFMT, WMATH, ASM)
             if WFMT == 2:
                 part = part * group_scales(s_ptr, k0, offs_n, n_ok, stride_sg, GROUP)
             acc += part
@@ -387,6 +451,9 @@ def sparse_gemv_kernel(
     s1_ptr=None, stride_sg1=0, s2_ptr=None, stride_sg2=0,
     # inline PTX allowed (an NVIDIA GPU; not the CPU interpreter): the int8 -> fp16 byte permutes of HALF_DOT
     ASM: tl.constexpr = False,
+    # how the one-row masked in-thread loop sums int8/int4 tiles (``tile_sum``): 0 exact fp32, 1 fp32 with the
+    # conversion's offset subtracted per tile, 2 fp16 products and sums
+    WMATH: tl.constexpr = 0,
 ):
     """Program (N tile, K split) of y = (x ⊙ 1[|x| > t]) Wᵀ + b; segments 1 and 2 as segment 0, other pointers.
 
@@ -517,7 +584,7 @@ def sparse_gemv_kernel(
         slot = (seg * SPLIT_K + pk) * CHUNK
         acc = tl.reshape(in_thread_partial(x_ptr, w_ptr, idx_ptr + slot, xv_ptr + slot, k_lo, k_hi, threshold,
                                             offs_n, n_ok, stride_wk, stride_wn, BK, BN, CHUNK, EVEN_N, COMPACT,
-                                            offs_p, p_ok, s_ptr, stride_sg, WFMT, GROUP, ASM),
+                                            offs_p, p_ok, s_ptr, stride_sg, WFMT, GROUP, ASM, WMATH),
                          (1, BN))
     else:
         # one row: FMAs into a [BK, BN] accumulator, a single reduction over K after the loop; the next chunk

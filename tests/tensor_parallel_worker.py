@@ -36,18 +36,22 @@ def decode_tokens(vocab: int) -> torch.Tensor:
     return torch.randint(3, vocab, (1, 14))
 
 
-def to_local_fn_with_prim_types(t):
+def prim_to_local(t):
     return t.to_local()
+
+
+# what torch 2.11's Dynamo writes for w.to_local(): this __name__, and a __qualname__ naming the function it wraps
+prim_to_local.__qualname__ = "TensorVariable.method_to_local.<locals>.to_local_fn_with_prim_types"
 
 
 @register_backend(name="teal_as_torch_2_11")
 def teal_as_torch_2_11(gm: fx.GraphModule, example_inputs: list, options=None):
     """The teal backend on the graph torch 2.11's Dynamo writes for a TP rank: ``w.to_local()`` as a call of a
-    function named ``to_local_fn_with_prim_types`` (torch 2.13 writes a ``to_local`` method call)."""
+    function named ``prim_to_local`` (torch 2.13 writes a ``to_local`` method call)."""
     for n in list(gm.graph.nodes):
         if n.op == "call_method" and n.target == "to_local":
             with gm.graph.inserting_before(n):
-                fn = gm.graph.call_function(to_local_fn_with_prim_types, n.args, n.kwargs)
+                fn = gm.graph.call_function(prim_to_local, n.args, n.kwargs)
             fn.meta = dict(n.meta)
             n.replace_all_uses_with(fn)
             gm.graph.erase_node(n)

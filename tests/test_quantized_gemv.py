@@ -110,15 +110,17 @@ def test_sparse_gemv_matches_float64_of_dequantized(fmt, M, N, K, dtype, t, bias
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
-@pytest.mark.parametrize("M", [1, 3, 6])
-def test_default_configs_of_wide_outputs(fmt, M):
-    """N >= 2048: the rule's in-thread loops (16 bytes a thread) and tensor-core path, on a ragged last tile."""
+@pytest.mark.parametrize("M,dtype", [(1, torch.bfloat16), (1, torch.float32), (3, torch.bfloat16),
+                                     (6, torch.bfloat16)])
+def test_default_configs_of_wide_outputs(fmt, M, dtype):
+    """N >= 2048: the rule's in-thread loops (one row: cheaper tile sums, exact for fp32 x) and tensor-core path, on a
+    ragged last tile."""
     cfg = choose_config(M, 2100, 300, 0.5, fmt)
     assert not cfg.compact or fmt == "int8"
     assert INT4_GROUP % cfg.block_k == 0
-    x, q, s, _ = operands(M, 2100, 300, torch.bfloat16, fmt, 0)
+    x, q, s, _ = operands(M, 2100, 300, dtype, fmt, 0)
     y = sg.sparse_gemv(x, q, None, 0.6, sparsity=0.5, scales=s)
-    assert rel_err(y.cpu(), reference(x.cpu(), q, s, None, 0.6)) <= TOL[torch.bfloat16]
+    assert rel_err(y.cpu(), reference(x.cpu(), q, s, None, 0.6)) <= TOL[dtype]
 
 
 @settings(max_examples=8, deadline=None)
@@ -155,6 +157,31 @@ def test_half_dot_refuses_fp32_x():
     with pytest.raises(ValueError, match="half_dot"):
         sg.sparse_gemv(x, q, None, 0.1, config=make_config(64, 96, BN=32, BK=16, iters=2, use_dot=True,
                                                            half_dot=True), scales=s)
+
+
+@settings(max_examples=16, deadline=None)
+@given(fmt=st.sampled_from(["int8", "int4"]), math=st.sampled_from([1, 2]), N=st.integers(1, 40).map(lambda n: 2 * n),
+       K=st.integers(1, 300), dtype=st.sampled_from([torch.float16, torch.bfloat16]), t=st.floats(0.0, 1.5),
+       magnitude=st.sampled_from([1e-3, 1.0, 2e3]), seed=st.integers(0, 1000), BK=st.sampled_from([16, 32]),
+       iters=st.integers(1, 4))
+def test_cheaper_tile_sums_stay_within_the_output_precision(fmt, math, N, K, dtype, t, magnitude, seed, BK, iters):
+    """weight_math 1 (the conversion's offset removed once per tile) and 2 (fp16 products and tile sums, x scaled by a
+    power of two per tile): x from 1e-3 to 2e3 in size, where unscaled fp16 sums of int8 products overflow."""
+    x, q, s, _ = operands(1, N, K, dtype, fmt, seed)
+    x = (x.float() * magnitude).to(dtype)
+    cfg = make_config(N, K, BN=32, BK=BK, iters=iters, use_dot=False, in_thread=True, weight_math=math)
+    y = sg.sparse_gemv(x, q, None, t * magnitude, config=cfg, scales=s)
+    assert rel_err(y.cpu(), reference(x.cpu(), q, s, None, t * magnitude)) <= TOL[dtype]
+
+
+def test_fp16_tile_sums_refuse_fp32_x_and_other_loops():
+    x, q, s, _ = operands(1, 64, 96, torch.float32, "int8", 0)
+    with pytest.raises(ValueError, match="fp16"):
+        sg.sparse_gemv(x, q, None, 0.1, config=make_config(64, 96, BN=32, BK=16, iters=2, use_dot=False,
+                                                           in_thread=True, weight_math=2), scales=s)
+    with pytest.raises(ValueError, match="weight_math"):
+        sg.sparse_gemv(x.half(), q, None, 0.1, config=make_config(64, 96, BN=32, BK=16, iters=2, use_dot=False,
+                                                                  compact=True, weight_math=1), scales=s)
 
 
 def test_int4_refuses_a_packed_loop_or_a_tile_across_groups():
@@ -244,8 +271,8 @@ def test_int8_half_dot_matches_float64(M, N, K, dtype, t, seed, iters):
 
 def test_register_report_tells_a_spilling_config_from_one_that_fits():
     """``bench_kernels.py --registers`` compiles configs for sm_90 here, without a GPU, and reads ptxas's count: the
-    int8 loop with 16 bytes and 32 rows a thread spills (it ran 4 µs slower on the H200, docs/perf-log.md v26), 8
-    bytes and 16 rows fit. A subprocess: the jitted kernels must not be the CPU interpreter's."""
+    int8 loop with 32 bytes and 32 rows a thread spills (1024 fp32 values), 8 bytes and 16 rows fit. A subprocess:
+    the jitted kernels must not be the CPU interpreter's."""
     import json
     import subprocess
     import sys
@@ -255,7 +282,7 @@ def test_register_report_tells_a_spilling_config_from_one_that_fits():
     code = ("import json, sys; sys.path.insert(0, sys.argv[1]); import bench_kernels as b; "
             "from teal_fx.kernels.sparse_gemv_config import make_config as m; "
             "print(json.dumps([b.registers('int8', 14336, 4096, m(14336, 4096, BN=bn, BK=bk, iters=it, use_dot=False, "
-            "num_warps=1, num_stages=1, in_thread=True)) for bn, bk, it in ((512, 32, 2), (256, 16, 4))]))")
+            "num_warps=1, num_stages=1, in_thread=True)) for bn, bk, it in ((1024, 32, 2), (256, 16, 4))]))")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, "-c", code, str(examples)], capture_output=True, text=True, env=env,
                          timeout=600)

@@ -57,8 +57,9 @@ def test_sharded_decode_equals_one_process(sharded_run, sparsity):
 
 
 def test_the_graph_torch_2_11_writes_decodes_sparse_too(sharded_run):
-    """torch 2.11's Dynamo hands a TP rank's linear ``to_local_fn_with_prim_types(w)``; teal traced only the method
-    form and compiled that graph dense (logits off by 1.5 at 50%)."""
+    """torch 2.11's Dynamo hands a TP rank's linear ``prim_to_local(w)`` (__qualname__
+    ``...to_local_fn_with_prim_types``); teal traced only the method form and compiled that graph dense (logits off
+    by 1.5 at 50%)."""
     plan, single, dense, root = sharded_run
     for rank in (0, 1):
         got = torch.load(root / f"logits_0.5_torch_2_11_rank{rank}.pt")
@@ -104,16 +105,14 @@ def test_the_tensor_parallel_benchmark_runs_on_cpu_processes(tmp_path):
 
 
 def test_unsharded_looks_through_to_local_however_dynamo_writes_it():
-    """``w.to_local()`` as a method call (torch 2.13) or a function call (torch 2.11 writes
-    ``to_local_fn_with_prim_types``): the node behind it is the parameter."""
+    """``w.to_local()`` as a method call (torch 2.13) or a function call (torch 2.11 writes ``prim_to_local``, its
+    __qualname__ ``...to_local_fn_with_prim_types``): the node behind it is the parameter."""
     from torch import fx
 
     from teal_fx.passes.analysis import unsharded
+    from tests.tensor_parallel_worker import prim_to_local as to_local_fn_with_prim_types
 
     def to_local(t):
-        return t
-
-    def to_local_fn_with_prim_types(t):  # the name torch 2.11's Dynamo gives the function it writes
         return t
 
     g = fx.Graph()

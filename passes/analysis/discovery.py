@@ -169,9 +169,10 @@ def unsharded(w: object) -> object:
     one plan serves any world size."""
     if isinstance(w, fx.Node) and w.args and (
             w.op == "call_method" and w.target == "to_local"
-            # torch 2.13 may write a function ``to_local``; torch 2.11's Dynamo writes
-            # ``TensorVariable.method_to_local.<locals>.to_local_fn_with_prim_types``
-            or w.op == "call_function" and getattr(w.target, "__name__", "").startswith("to_local")):
+            # torch 2.13 may write a function ``to_local``; torch 2.11's Dynamo writes a function whose __name__ is
+            # ``prim_to_local`` and __qualname__ ``TensorVariable.method_to_local.<locals>.to_local_fn_with_prim_types``
+            or w.op == "call_function" and any("to_local" in getattr(w.target, a, "") for a in ("__name__",
+                                                                                                "__qualname__"))):
         return w.args[0]
     return w
 
