@@ -269,8 +269,9 @@ def _launch(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tens
                          f"{cfg}")
     if cfg.half_dot and (wfmt != 1 or x.dtype == torch.float32):  # fp16 operands would round fp32 x
         raise ValueError(f"half_dot takes int8 weights and fp16/bf16 x only: {cfg}, x {x.dtype}")
-    if config is None and cfg.weight_math == 2 and x.dtype == torch.float32:
-        cfg = replace(cfg, weight_math=0)  # the rule's fp16 sums would round fp32 x: exact sums instead
+    if config is None and cfg.weight_math and x.dtype == torch.float32:
+        # the rule's cheaper sums round at a bf16 output's error (fp16 would also round fp32 x): fp32 x, exact sums
+        cfg = replace(cfg, weight_math=0)
     if cfg.weight_math and not (wfmt and M == 1 and cfg.in_thread and not cfg.compact):
         raise ValueError(f"weight_math applies to one row of int8/int4 in the masked in-thread loop: {cfg}")
     if cfg.weight_math == 2 and (x.dtype == torch.float32 or (wfmt == 1 and cfg.block_k > 32)):
