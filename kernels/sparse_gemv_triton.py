@@ -215,7 +215,7 @@ def int8_as_fp32(q, ASM: tl.constexpr, OFFSET: tl.constexpr = False):
             asm=_INT8_AS_OFFSET_FP32 if OFFSET else _INT8_AS_FP32,
             constraints="=r,=r,=r,=r,r", args=[q], dtype=tl.float32, is_pure=True, pack=4)
     elif OFFSET:
-        w = (q.to(tl.int32) + 32896).to(tl.float32)
+        w = q.to(tl.float32) + INT8_OFFSET
     else:
         w = exact_float(q.to(tl.int32))
     return w
@@ -235,7 +235,7 @@ def int4_as_fp32(p, ASM: tl.constexpr, OFFSET: tl.constexpr = False):
     else:
         v = p.to(tl.int32)
         if OFFSET:
-            w = (tl.interleave(v & 15, v >> 4) + 32768).to(tl.float32)
+            w = (tl.interleave(v & 15, v >> 4) - 8).to(tl.float32) + INT4_OFFSET
         else:
             w = exact_float(tl.interleave(v & 15, v >> 4) - 8)
     return w
@@ -271,7 +271,8 @@ def half_scaled(x):
 
 @triton.jit
 def tile_sum(x, q, WFMT: tl.constexpr, WMATH: tl.constexpr, ASM: tl.constexpr):
-    """Σ_k x[k] q[k, :] over one tile of stored int8 / packed int4 values (unscaled), x fp32 with dropped inputs 0.
+    """Σ_k x[k] q[k, :] over one tile of stored weights (float, or int8 / packed int4 values, unscaled), x fp32 with
+    dropped inputs 0.
 
     WMATH 0: each weight converted exactly (permute, subtract), fp32 products. 1: the permute alone leaves q plus a
     constant c (``INT8_OFFSET``, ``INT4_OFFSET``), and c Σx is subtracted once per tile: one float operation a weight
@@ -293,8 +294,10 @@ def tile_sum(x, q, WFMT: tl.constexpr, WMATH: tl.constexpr, ASM: tl.constexpr):
             s = tl.sum(xs[:, None] * int8_as_fp16(q, ASM), axis=0).to(tl.float32) * unscale
     elif WFMT == 2:
         s = tl.sum(x[:, None] * int4_as_fp32(q, ASM), axis=0)
-    else:
+    elif WFMT == 1:
         s = tl.sum(x[:, None] * int8_as_fp32(q, ASM), axis=0)
+    else:
+        s = tl.sum(x[:, None] * q.to(tl.float32), axis=0)
     return s
 
 
@@ -360,18 +363,11 @@ def in_thread_partial(x_ptr, w_ptr, idx_ptr, xv_ptr, k_lo, k_hi, threshold, offs
         for k0 in range(k_lo, k_hi, BK):
             offs_k = k0 + tl.arange(0, BK)
             keep = tl.abs(x) > threshold  # x past k_hi is 0: never kept (t >= 0)
-            if WFMT == 0:
-                w = load_needed_rows(w_ptr, offs_k, offs_n, keep, n_ok, stride_wk, stride_wn, EVEN_N)
-            elif WFMT == 1:
-                q = load_needed_rows(w_ptr, offs_k, offs_n, keep, n_ok, stride_wk, stride_wn, EVEN_N)
-            else:
-                q = load_needed_rows(w_ptr, offs_k, offs_p, keep, p_ok, stride_wk, stride_wn, EVEN_N)
+            stored = load_needed_rows(w_ptr, offs_k, offs_p if WFMT == 2 else offs_n, keep, p_ok if WFMT == 2 else n_ok,
+                                      stride_wk, stride_wn, EVEN_N)
             nxt = offs_k + BK
             x_next = tl.load(x_ptr + nxt, mask=nxt < k_hi, other=0.0).to(tl.float32)
-            if WFMT == 0:
-                part = tl.sum(tl.where(keep, x, 0.0)[:, None] * w.to(tl.float32), axis=0)
-            else:
-                part = tile_sum(tl.where(keep, x, 0.0), q, WFMT, WMATH, ASM)
+            part = tile_sum(tl.where(keep, x, 0.0), stored, WFMT, WMATH, ASM)
             if WFMT == 2:
                 part = part * group_scales(s_ptr, k0, offs_n, n_ok, stride_sg, GROUP)
             acc += part
