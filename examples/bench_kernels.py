@@ -39,28 +39,32 @@ SHAPES = {  # name: (N, K)
 SPARSITIES = (0.0, 0.25, 0.4, 0.5, 0.65, 0.9)
 
 
-def make_case(N: int, K: int, M: int, sparsity: float, dtype, l2_bytes: int):
+def make_case(N: int, K: int, M: int, sparsity: float, dtype, l2_bytes: int, shared: bool = False):
+    """Rotating weights (> L2), x, the threshold at ``sparsity`` (of each row's |x|, or with ``shared`` of the rows'
+    mean |x|) and the fraction of weight rows some row needs."""
     copies = max(2, math.ceil(3 * l2_bytes / (N * K * 2)))
     ws_row = [torch.randn(N, K, dtype=dtype, device="cuda") / K**0.5 for _ in range(copies)]
     ws_col = [w.t().contiguous().t() for w in ws_row]  # the layout teal gives matched weights
     x = torch.randn(M, K, dtype=dtype, device="cuda")
-    t = float(torch.quantile(x.float().abs().flatten(), sparsity)) if sparsity > 0 else 0.0
-    needed = float((x.abs() > t).any(0).float().mean())
+    stat = x.float().abs().mean(0) if shared else x.float().abs().flatten()
+    t = float(torch.quantile(stat, sparsity)) if sparsity > 0 else 0.0
+    needed = float((x.float().abs().mean(0) > t).float().mean() if shared else (x.abs() > t).any(0).float().mean())
     return ws_row, ws_col, x, t, needed
 
 
-def check(x, w, t, y) -> float:
-    ref = reference_sparse_linear(x.double(), w.double(), None, t)
+def check(x, w, t, y, shared: bool = False) -> float:
+    ref = reference_sparse_linear(x.double(), w.double(), None, t, shared=shared)
     return float((y.double() - ref).norm() / ref.norm())
 
 
-def time_sparse(x, ws_col, t, config, sparsity, calls: int) -> tuple[float, float]:
+def time_sparse(x, ws_col, t, config, sparsity, calls: int, shared: bool = False) -> tuple[float, float]:
     """(µs per call, relative error) of the sparse GEMV over the rotating weights. The expected sparsity picks
     the launch config when ``config`` is None, as the plan's sparsity does in the backend."""
     y = torch.empty(x.shape[0], ws_col[0].shape[0], dtype=x.dtype, device="cuda")
-    err = check(x, ws_col[0], t, sg.sparse_gemv(x, ws_col[0], None, t, config=config, sparsity=sparsity))
+    err = check(x, ws_col[0], t, sg.sparse_gemv(x, ws_col[0], None, t, config=config, sparsity=sparsity,
+                                                shared=shared), shared)
     us = graph_time_us([lambda i=i: sg.sparse_gemv(x, ws_col[i % len(ws_col)], None, t, config=config, out=y,
-                                                   sparsity=sparsity) for i in range(calls)])
+                                                   sparsity=sparsity, shared=shared) for i in range(calls)])
     return us, err
 
 
@@ -276,6 +280,19 @@ SWEEP_WEIGHT_MATH = {
                                  (1024, 8, 8, 1))))
 }
 
+# --sweep-shared: a batch with one mask (2-16 rows, padded to 16 on tensor cores): every input walked with the weight
+# rows no row needs left unread (x requested a tile ahead of the mask it sets), the packed survivors gathered (their
+# indices a tile ahead), or (up to 8 rows) the in-thread rows loop on CUDA cores (docs/perf-log.md v29)
+SWEEP_SHARED = (
+    [dict(BN=bn, BK=bk, iters=it, use_dot=True, num_warps=4, num_stages=st)
+     for bn in (128, 256) for bk in (32, 64) for it in (4, 8, 16) for st in (2, 3, 4)
+     if not (bn == 256 and bk == 64 and st == 4)]  # out of shared memory
+    + [dict(BN=512, BK=16, iters=it, use_dot=True, num_warps=nw, num_stages=3) for it in (8, 16) for nw in (4, 8)]
+    + [dict(BN=bn, BK=32, iters=it, use_dot=True, num_warps=4, num_stages=st, packed_dot=True)
+       for bn in (128, 256) for it in (8, 16) for st in (3, 4)]
+    + [dict(BN=256, BK=bk, iters=it, use_dot=False, num_warps=1, num_stages=1, in_thread=True)
+       for bk in (8, 16) for it in (8, 16)]
+)
 
 SWEEP = (  # loop over every input, [BK, BN] FMAs reduced after the loop ...
     [dict(BN=128, BK=64, iters=it, use_dot=False, num_warps=4, num_stages=1) for it in (4, 8, 16)]
@@ -363,16 +380,17 @@ def registers(fmt: str, N: int, K: int, cfg) -> tuple[int, int]:
     raise RuntimeError(f"ptxas gave no register count: {(out.stderr + out.stdout)[-300:]}")
 
 
-def sweep_shape(N: int, K: int, M: int, sparsity: float, bw: float, l2: int, configs: list) -> list:
+def sweep_shape(N: int, K: int, M: int, sparsity: float, bw: float, l2: int, configs: list,
+                shared: bool = False) -> list:
     """µs of each launch config on one shape (one weight set for all configs; configs Triton cannot build are
     left out), fastest first."""
-    _, ws_col, x, t, needed = make_case(N, K, M, sparsity, torch.bfloat16, l2)
+    _, ws_col, x, t, needed = make_case(N, K, M, sparsity, torch.bfloat16, l2, shared)
     roof = needed * N * K * 2 / bw * 1e6
     res = []
     for p in configs:
         cfg = make_config(N, K, **p) if p else None  # None: the launcher's own choice for this sparsity
         try:
-            us, err = time_sparse(x, ws_col, t, cfg, sparsity, calls=16)
+            us, err = time_sparse(x, ws_col, t, cfg, sparsity, calls=16, shared=shared)
         except Exception as e:  # a config Triton cannot build (e.g. out of shared memory)
             print(f"   skipped {p}: {type(e).__name__}", flush=True)
             continue
@@ -388,6 +406,9 @@ def main() -> int:
     ap.add_argument("--out", help="default: examples/results/kernels_<gpu>.md (kernels_h100.md on an H100)")
     ap.add_argument("--sweep-shapes", default="q/o 4096x4096,gate/up 14336x4096,down 4096x14336")
     ap.add_argument("--sweep-batch", type=int, default=1)
+    ap.add_argument("--sweep-shared", action="store_true", help="with --sweep and --sweep-batch > 1: one mask for the "
+                    "batch (the rows' mean |x|), the tensor-core loops over every input (masked) and over the packed "
+                    "survivors, against cuBLAS")
     ap.add_argument("--sweep-sparsity", default="0.5", help="comma-separated sparsities")
     ap.add_argument("--sweep-only", action="store_true", help="stop after the sweep (--sweep or --sweep-weights)")
     ap.add_argument("--sweep-kind", choices=("all", "in-thread", "compact"), default="all",
@@ -426,6 +447,25 @@ def main() -> int:
     bw = read_bandwidth()
     print(f"{props.name}: read bandwidth {bw / 1e12:.2f} TB/s, L2 {l2 / 2**20:.0f} MiB", flush=True)
 
+    if args.sweep and args.sweep_shared:
+        for name, sp in [(n, float(v)) for v in args.sweep_sparsity.split(",") for n in args.sweep_shapes.split(",")]:
+            N, K = SHAPES[name]
+            M = args.sweep_batch
+            configs = [p for p in SWEEP_SHARED if p["use_dot"] or M <= 8]  # in-thread rows: up to 8
+            res = sweep_shape(N, K, M, sp, bw, l2, configs, shared=True)
+            ws_row, _, x, _, _ = make_case(N, K, M, 0.0, torch.bfloat16, l2)
+            dense = graph_time_us([lambda i=i, x=x, ws=ws_row: F.linear(x, ws[i % len(ws)]) for i in range(16)])
+            default = sweep_shape(N, K, M, sp, bw, l2, [None], shared=True)[0][0]
+            print(f"sweep shared {name} M={M} @{sp:.0%} bf16 ({len(res)} configs): cuBLAS {dense:.2f} us, "
+                  f"default {default:.2f} us; best:", flush=True)
+            for loop in ("masked", "packed", "in-thread"):
+                for us, p, cfg, err, frac in [z for z in res if loop == ("packed" if z[1].get("packed_dot") else
+                                                                          "masked" if z[1]["use_dot"] else
+                                                                          "in-thread")][:6]:
+                    print(f"   {us:7.2f} us  x{dense / us:.2f} cuBLAS  frac {frac:.2f}  {p}  split={cfg.split_k} "
+                          f"err={err:.1e}", flush=True)
+        if args.sweep_only:
+            return 0
     if args.sweep:
         for name, sp in [(n, float(v)) for v in args.sweep_sparsity.split(",") for n in args.sweep_shapes.split(",")]:
             N, K = SHAPES[name]

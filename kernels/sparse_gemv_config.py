@@ -70,15 +70,16 @@ def choose_config(M: int, N: int, K: int, sparsity: Optional[float] = None,
     ``weight_format``: None (float, as x), "int8" or "int4" (kernels/quantize.py); ``shared``: one mask for the
     M rows (a plan's batch_mask="shared")."""
     if shared and M > 1 and weight_format != "int4":
-        # the rows share one list of needed inputs: pack it per K split and gather the survivors into tensor-core
-        # tiles (rows padded to 16), so the weight read falls with the sparsity at any batch size. The dot rule's
-        # tiles below (examples/bench_kernels.py --batches measures them against cuBLAS)
-        small = N * K <= 4096 * 4096
+        # the rows share one mask: tensor cores (rows padded to 16) over every input, the weight rows no row needs
+        # left unread, x requested a tile ahead of the mask it sets. H200, 8 and 16 rows at 50%
+        # (examples/bench_kernels.py --sweep --sweep-shared; docs/perf-log.md v29): 256 x 32 tiles, 8 a program
+        # (16 where K is long) beat the packed survivors on gate+up (50.8 vs 57.5 µs at 8 rows) and were within
+        # 5% of them elsewhere
         if N >= 2048:
-            return make_config(N, K, BN=256 if small else 128, BK=32, iters=16, use_dot=True, num_warps=4,
-                               num_stages=4 if small else 3, packed_dot=True)
+            return make_config(N, K, BN=256, BK=32, iters=8 if K <= 4096 else 16, use_dot=True, num_warps=4,
+                               num_stages=3)
         iters = max(2, min(16, round(K * -(-N // 128) / (64 * 480))))
-        return make_config(N, K, BN=128, BK=64, iters=iters, use_dot=True, num_warps=4, num_stages=3, packed_dot=True)
+        return make_config(N, K, BN=128, BK=64, iters=iters, use_dot=True, num_warps=4, num_stages=3)
     if weight_format is not None:
         return _choose_quantized(M, N, K, sparsity, weight_format)
     if M == 1 and N >= 2048:  # below that (a lone k/v projection, small models) the in-thread loops had too few programs
@@ -157,13 +158,13 @@ def _choose_quantized(M: int, N: int, K: int, sparsity: Optional[float], fmt: st
 # Per GPU kind and mask: batch size -> the fraction of weight rows read below which the sparse GEMV beats cuBLAS
 # (bf16, the 8B block's four launch shapes, the smallest over them: examples/bench_kernels.py --batches;
 # examples/results/kernels_h200_batches.md). A batch size between entries takes the next larger entry's figure;
-# >= 1 means the kernel wins even reading every row. H200: one row wins at any sparsity; per-row masks over 2 rows
-# below 0.67 kept (gate+up limits; 1 - 0.5^2 = 0.75 at 50%, so cuBLAS); from 4 rows never. The shared mask's packed
-# tensor-core loop (2-16 rows) beats cuBLAS on down (0.66) and q+k+v / o (0.42-0.47) but never on gate+up: 0 until
-# that loop is faster (docs/perf-log.md v24).
+# >= 1 means the kernel wins even reading every row. H200 (docs/perf-log.md v29): one row wins at any sparsity;
+# per-row masks over 2 rows below 0.69 kept (gate+up limits; 1 - 0.5^2 = 0.75 at 50%, so cuBLAS), over 4 rows below
+# 0.35, from 8 rows never. The shared mask's tensor-core loop below 0.66-0.74 kept for 2-8 rows (q+k+v limits; so
+# at 50% the kernel, 1.04-1.21x cuBLAS per launch at 8 rows) and 0.17 at 16 rows (cuBLAS at 50%).
 BREAK_EVEN_KEPT = {
-    "H200": {"per_row": {1: 2.0, 2: 0.67, 4: 0.0, 8: 0.0},
-             "shared": {2: 0.0, 4: 0.0, 8: 0.0, 16: 0.0}},
+    "H200": {"per_row": {1: 2.0, 2: 0.69, 4: 0.35, 8: 0.0},
+             "shared": {2: 0.74, 4: 0.70, 8: 0.66, 16: 0.17}},
 }
 DEFAULT_GPU = "H200"
 

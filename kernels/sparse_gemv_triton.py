@@ -514,13 +514,19 @@ def sparse_gemv_kernel(
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         slot = (seg * SPLIT_K + pk) * CHUNK
         n_keep = pack_survivors(x_ptr, idx_ptr + slot, offs_m, m_ok, stride_xm, k_lo, k_hi, threshold, M, CHUNK)
-        # the next tile's indices, x columns and weight rows are requested before this tile's dot: their loads
-        # depend on the index load before them, which no software pipeliner overlaps (docs/perf-log.md v26)
-        xs, w = gather_survivors(idx_ptr + slot, tl.arange(0, BK), n_keep, x_ptr, offs_m, m_ok, stride_xm, w_ptr,
-                                 offs_n, n_ok, stride_wk, stride_wn, EVEN_N)
+        # the next tile's indices are requested a tile ahead, so the weight rows they name do not wait on them and
+        # the software pipeliner copies those rows to shared memory stages ahead (cp.async), as in the masked loop
+        # below. The x columns stay a load in the iteration (2-byte gathers cannot be copied so), but pack_survivors
+        # has just read the program's x, so they come from L1
+        ok = tl.arange(0, BK) < n_keep
+        k = tl.load(idx_ptr + slot + tl.arange(0, BK), mask=ok, other=0)
         for j0 in range(0, n_keep, BK):
-            xs_n, w_n = gather_survivors(idx_ptr + slot, j0 + BK + tl.arange(0, BK), n_keep, x_ptr, offs_m, m_ok,
-                                         stride_xm, w_ptr, offs_n, n_ok, stride_wk, stride_wn, EVEN_N)
+            jn = j0 + BK + tl.arange(0, BK)
+            ok_n = jn < n_keep
+            k_n = tl.load(idx_ptr + slot + jn, mask=ok_n, other=0)
+            xs = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=m_ok[:, None] & ok[None, :],
+                         other=0.0)
+            w = load_needed_rows(w_ptr, k, offs_n, ok, n_ok, stride_wk, stride_wn, EVEN_N)
             if HALF_DOT:  # int8 rows as fp16, x in fp16 (tensor-core operands of one type)
                 if UPCAST:
                     acc = tl.dot(xs.to(tl.float16).to(tl.float32), int8_as_fp16(w, ASM).to(tl.float32), acc,
@@ -539,15 +545,20 @@ def sparse_gemv_kernel(
                     acc = tl.dot(xs, wf, acc, input_precision="ieee")
                 else:
                     acc = tl.dot(xs, wf, acc)
-            xs, w = xs_n, w_n
+            k, ok = k_n, ok_n
     elif USE_DOT:
-        # rows padded to BM >= 16: a skinny matmul on tensor cores, weight rows masked by "any row needs it"
+        # rows padded to BM >= 16: a skinny matmul on tensor cores, weight rows masked by "any row needs it".
+        # x is requested a tile ahead of the mask it sets, so the weight rows' copies (cp.async, software
+        # pipelined) never wait on it (docs/perf-log.md v29)
         acc = tl.zeros((BM, BN), dtype=tl.float32)
+        offs_k = k_lo + tl.arange(0, BK)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                    mask=m_ok[:, None] & (offs_k < k_hi)[None, :], other=0.0)
         for k0 in range(k_lo, k_hi, BK):
             offs_k = k0 + tl.arange(0, BK)
-            k_ok = offs_k < k_hi
-            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                        mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            nxt = offs_k + BK
+            x_next = tl.load(x_ptr + offs_m[:, None] * stride_xm + nxt[None, :],
+                             mask=m_ok[:, None] & (nxt < k_hi)[None, :], other=0.0)
             if SHARED:  # one mask for all rows: the rows' mean |x| against t (padded rows add 0)
                 need = tl.sum(tl.abs(x.to(tl.float32)), axis=0) / M > threshold
                 keep = need[None, :] & m_ok[:, None]
@@ -572,6 +583,7 @@ def sparse_gemv_kernel(
                     acc = tl.dot(xs, w, acc, input_precision="ieee")
                 else:
                     acc = tl.dot(xs, w, acc)
+            x = x_next
     elif IN_THREAD and BM > 1:
         acc = in_thread_rows_partial(x_ptr, w_ptr, k_lo, k_hi, threshold, offs_m, m_ok, stride_xm, offs_n, n_ok,
                                       stride_wk, stride_wn, BM, BK, BN, EVEN_N, offs_p, p_ok, s_ptr, stride_sg,
