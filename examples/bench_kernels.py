@@ -359,7 +359,7 @@ def registers(fmt: str, N: int, K: int, cfg) -> tuple[int, int]:
             attrs[(i,)] = [["tt.divisibility", 16]]
         else:
             sig[n] = "fp32" if n.startswith("threshold") else "i32"
-            if n in ("K", "N", "stride_wk", "stride_ym", "K_PER_SPLIT"):
+            if n in ("K", "N", "stride_xm", "stride_wk", "stride_ym", "K_PER_SPLIT"):
                 attrs[(i,)] = [["tt.divisibility", 16]]
     kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs),
                             target=GPUTarget("cuda", 90, 32),

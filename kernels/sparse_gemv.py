@@ -37,8 +37,8 @@ MAX_SEGMENTS = 3  # linears sharing one input in a grouped launch (q, k, v)
 MAX_NORM_WIDTH = 16384  # the add + RMSNorm finish holds a row's N columns in one program
 
 # ``ws`` the fp32 split-K accumulator and ``cnt`` the arrival counters (zero between launches), ``idx``/``xv`` the
-# packed indices and values of the surviving inputs (compacted loop; written before read). The teal backend reserves
-# it at compile time (``reserve_workspace``), before any CUDA graph is captured.
+# packed indices and values of the surviving inputs (compacted loops, up to 16 rows of values; written before
+# read). The teal backend reserves it at compile time (``reserve_workspace``), before any CUDA graph is captured.
 _WORKSPACE = Workspace("teal sparse GEMV (reserve_workspace)",
                        dtypes={"ws": torch.float32, "cnt": torch.int32, "idx": torch.int32, "xv": torch.float32},
                        min_sizes={"ws": 1 << 20, "cnt": 1 << 14, "idx": 1 << 16, "xv": 1 << 16})
@@ -49,7 +49,7 @@ def reserve_workspace(device: torch.device, max_n: int, max_k: int) -> None:
     launch spans up to MAX_SEGMENTS of them, each padded to a tile) and up to 16 padded rows."""
     width = MAX_SEGMENTS * (max_n + 256)
     packed = MAX_SEGMENTS * 2 * (max_k + 4096)  # SPLIT_K * CHUNK < 2 * (K + K_PER_SPLIT); choose_config: K_PER_SPLIT <= 1024
-    _WORKSPACE.reserve(torch.device(device), ws=16 * width, cnt=width // 16 + 1, idx=packed, xv=packed)
+    _WORKSPACE.reserve(torch.device(device), ws=16 * width, cnt=width // 16 + 1, idx=packed, xv=16 * packed)
 
 
 # ------------------------------------------------------------------------------------------------ what it takes
@@ -299,7 +299,11 @@ def _launch(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tens
     tiles = [-(-N // BN) for N in Ns]
     total_tiles = sum(tiles)
     packed = nseg * cfg.split_k * cfg.chunk if cfg.compact else 1  # a CHUNK slot per K split and segment
-    ws, cnt, idx, xv = _WORKSPACE.get(x.device, ws=BM * total_tiles * BN, cnt=total_tiles, idx=packed, xv=packed)
+    # xv: the packed x values, one fp32 a slot entry (one row), or BM of x's dtype (the tensor-core loop's columns)
+    ws, cnt, idx, xv = _WORKSPACE.get(x.device, ws=BM * total_tiles * BN, cnt=total_tiles, idx=packed,
+                                      xv=packed * (BM if cfg.use_dot else 1))
+    if cfg.use_dot and cfg.compact:
+        xv = xv.view(x.dtype)
     has_bias = biases[0] is not None
     seg = []
     for i in range(nseg):

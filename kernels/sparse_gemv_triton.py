@@ -115,6 +115,30 @@ def pack_survivors(x_ptr, idx_ptr, offs_m, m_ok, stride_xm, k_lo, k_hi, threshol
 
 
 @triton.jit
+def pack_survivor_columns(x_ptr, idx_ptr, xv_ptr, offs_m, m_ok, stride_xm, k_lo, k_hi, K_PER_SPLIT, threshold, M,
+                          BM: tl.constexpr, CHUNK: tl.constexpr, EVEN_K: tl.constexpr):
+    """As ``pack_survivors``, and the survivors' x columns too: column j (all BM rows, padded rows zero) at
+    xv_ptr[j * BM, + BM), zeros from n to CHUNK. Each column is one contiguous 32-byte run (bf16, 16 rows), so the
+    stores are whole sectors, and the tensor-core loop reads [BK, BM] blocks of it by address (cp.async)."""
+    offs_c = k_lo + tl.arange(0, CHUNK)
+    if EVEN_K:  # k_hi - k_lo is K_PER_SPLIT: a bound the compiler sees in 16s, so the loads stay 16 bytes wide
+        k_ok = tl.arange(0, CHUNK) < K_PER_SPLIT
+    else:
+        k_ok = offs_c < k_hi
+    xt = tl.load(x_ptr + offs_c[:, None] + offs_m[None, :] * stride_xm, mask=k_ok[:, None] & m_ok[None, :], other=0.0)
+    keep_c = tl.sum(tl.abs(xt.to(tl.float32)), axis=1) / M > threshold  # padded rows / inputs add 0 (t >= 0)
+    pos = tl.cumsum(keep_c.to(tl.int32), axis=0) - 1
+    n_keep = tl.sum(keep_c.to(tl.int32), axis=0)
+    tl.store(idx_ptr + pos, offs_c, mask=keep_c)
+    tl.store(xv_ptr + pos[:, None] * BM + offs_m[None, :], xt.to(xv_ptr.dtype.element_ty), mask=keep_c[:, None])
+    slots = tl.arange(0, CHUNK)  # the slots past n_keep (disjoint from the survivors' slots): zeros
+    tl.store(xv_ptr + slots[:, None] * BM + offs_m[None, :], tl.zeros_like(xt).to(xv_ptr.dtype.element_ty),
+             mask=(slots >= n_keep)[:, None])
+    tl.debug_barrier()  # the CTA's global stores are visible to all its threads after the barrier
+    return n_keep
+
+
+@triton.jit
 def gather_survivors(idx_ptr, j, n_keep, x_ptr, offs_m, m_ok, stride_xm, w_ptr, offs_c, c_ok, stride_wk, stride_wn,
                      EVEN_N: tl.constexpr):
     """The x columns [BM, BK] and the stored weight rows [BK, columns at ``offs_c``] of packed survivors ``j`` (those
@@ -513,19 +537,20 @@ def sparse_gemv_kernel(
         # masked loop below reads a [BK, BN] tile unless all BK inputs are dropped, which at 50% never happens)
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         slot = (seg * SPLIT_K + pk) * CHUNK
-        n_keep = pack_survivors(x_ptr, idx_ptr + slot, offs_m, m_ok, stride_xm, k_lo, k_hi, threshold, M, CHUNK)
-        # the next tile's indices are requested a tile ahead, so the weight rows they name do not wait on them and
-        # the software pipeliner copies those rows to shared memory stages ahead (cp.async), as in the masked loop
-        # below. The x columns stay a load in the iteration (2-byte gathers cannot be copied so), but pack_survivors
-        # has just read the program's x, so they come from L1
+        xslot = xv_ptr + slot * BM
+        n_keep = pack_survivor_columns(x_ptr, idx_ptr + slot, xslot, offs_m, m_ok, stride_xm, k_lo, k_hi,
+                                       K_PER_SPLIT, threshold, M, BM, CHUNK, EVEN_K)
+        # the next tile's indices are requested a tile ahead and the packed x columns are read by address, so no
+        # load waits on one before it in the iteration: the software pipeliner copies both operands to shared
+        # memory stages ahead (cp.async). Only kept weight rows are copied: the masked loop below zero-fills the
+        # dropped ones through the same L1 / shared-memory path, which bounds these loops (docs/perf-log.md v29)
         ok = tl.arange(0, BK) < n_keep
         k = tl.load(idx_ptr + slot + tl.arange(0, BK), mask=ok, other=0)
         for j0 in range(0, n_keep, BK):
             jn = j0 + BK + tl.arange(0, BK)
             ok_n = jn < n_keep
             k_n = tl.load(idx_ptr + slot + jn, mask=ok_n, other=0)
-            xs = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=m_ok[:, None] & ok[None, :],
-                         other=0.0)
+            xs = tl.trans(tl.load(xslot + (j0 + tl.arange(0, BK))[:, None] * BM + offs_m[None, :]))
             w = load_needed_rows(w_ptr, k, offs_n, ok, n_ok, stride_wk, stride_wn, EVEN_N)
             if HALF_DOT:  # int8 rows as fp16, x in fp16 (tensor-core operands of one type)
                 if UPCAST:

@@ -103,3 +103,19 @@ def test_dispatch_rule_compares_the_rows_read_with_the_measured_break_even(monke
     assert cfg.kernel_pays(8, 0.5, True, gpu) and not cfg.kernel_pays(9, 0.3, True, gpu)  # 9 rows: the 16 entry
     assert cfg.kernel_pays(8, -1.0, False, gpu) and cfg.kernel_pays(8, None, False, gpu)  # unknown: the kernel
     assert cfg.kernel_pays(2, 0.5, True, "Another GPU") == cfg.kernel_pays(2, 0.5, True, gpu)  # the default table
+
+
+def test_packed_columns_of_an_earlier_launch_never_leak():
+    """The packed tensor-core loop reads whole tiles of packed x columns, past the survivors' count: those slots must
+    be zeros, not an earlier launch's values (an inf there times a zero weight row would be NaN)."""
+    K, N, M = 64, 48, 4
+    w = (torch.randn(N, K) / K**0.5).to(DEVICE).t().contiguous().t()
+    cfg = make_config(N, K, BN=16, BK=16, iters=4, use_dot=True, packed_dot=True)
+    poisoned = torch.randn(M, K)
+    poisoned[:, 5] = float("inf")  # all kept at t = 0: packed into slot 5
+    sg.sparse_gemv(poisoned.to(DEVICE), w, None, 0.0, config=cfg, shared=True)
+    x = torch.full((M, K), 0.01)
+    x[:, 0] = 2.0  # only input 0 survives: one slot, and the tile read holds slots 0-15
+    y = sg.sparse_gemv(x.to(DEVICE), w, None, 1.0, config=cfg, shared=True)
+    ref = reference_sparse_linear(x.double(), w.cpu().double(), None, 1.0, shared=True)
+    assert torch.isfinite(y).all() and rel_err(y.cpu(), ref) <= 1e-5
