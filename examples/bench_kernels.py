@@ -288,8 +288,9 @@ SWEEP_SHARED = (
      for bn in (128, 256) for bk in (32, 64) for it in (4, 8, 16) for st in (2, 3, 4)
      if not (bn == 256 and bk == 64 and st == 4)]  # out of shared memory
     + [dict(BN=512, BK=16, iters=it, use_dot=True, num_warps=nw, num_stages=3) for it in (8, 16) for nw in (4, 8)]
-    + [dict(BN=bn, BK=32, iters=it, use_dot=True, num_warps=4, num_stages=st, packed_dot=True)
-       for bn in (128, 256) for it in (8, 16) for st in (3, 4)]
+    # the packed loop (x columns packed with the indices; perf-log v29), tiles screened on SASS: none spills
+    + [dict(BN=bn, BK=bk, iters=it, use_dot=True, num_warps=nw, num_stages=st, packed_dot=True)
+       for bn, nw in ((128, 4), (256, 4), (256, 8), (512, 8)) for bk in (32, 64) for it in (8, 16) for st in (3, 4)]
     + [dict(BN=256, BK=bk, iters=it, use_dot=False, num_warps=1, num_stages=1, in_thread=True)
        for bk in (8, 16) for it in (8, 16)]
 )

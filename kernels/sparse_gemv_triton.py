@@ -480,8 +480,8 @@ def sparse_gemv_kernel(
     x_ptr [M, K] (rows stride_xm, inputs contiguous); w_ptr [N, K] at (stride_wn, stride_wk), column-major for
     speed; b_ptr [N] (read when HAS_BIAS); y_ptr [M, N] (rows stride_ym). ws_ptr: fp32 split-K sums, one row of
     ws_width columns per padded row of x; cnt_ptr: one arrival counter per N tile; idx_ptr / xv_ptr: the packed
-    survivors' indices and values (COMPACT), one CHUNK slot per (segment, K split). All scratch is zero, or
-    written before read, between launches.
+    survivors' indices and values (COMPACT), one CHUNK slot per (segment, K split): fp32 values for one row on CUDA
+    cores, BM x CHUNK of x's dtype on tensor cores. All scratch is zero, or written before read, between launches.
     M rows (at most BM), N outputs, K inputs; threshold t >= 0 (so zero padding is never kept). A program covers
     inputs [pid(1) * K_PER_SPLIT, + K_PER_SPLIT), SPLIT_K of them along K, in tiles of BK inputs by BN outputs.
     Loops: USE_DOT (tensor cores, rows padded to BM >= 16; with COMPACT, the packed survivors of one mask for all
@@ -532,9 +532,9 @@ def sparse_gemv_kernel(
                                COMPACT, SHARED, IEEE, UPCAST, ASM)
         acc = acc * group_scales(s_ptr, k_lo, offs_n, n_ok, stride_sg, GROUP)[None, :]
     elif USE_DOT and COMPACT:
-        # one list of needed inputs for every row (a shared mask, or one row): pack this split's survivors once, then
-        # run the tensor cores over tiles gathered from them, so the weight rows read fall with the sparsity (the
-        # masked loop below reads a [BK, BN] tile unless all BK inputs are dropped, which at 50% never happens)
+        # one list of needed inputs for every row (a shared mask, or one row): pack this split's survivors and their
+        # x columns once, then run the tensor cores over tiles of them, so the weight rows copied fall with the
+        # sparsity (the masked loop below copies every row, zeros for the dropped ones)
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         slot = (seg * SPLIT_K + pk) * CHUNK
         xslot = xv_ptr + slot * BM
