@@ -161,11 +161,15 @@ def main() -> int:
                     help="batch rows (issue 26): comma-separated batch sizes, each with Inductor dense, teal with one "
                          "mask per row and teal with one mask shared by the batch, at --batch-sparsity")
     ap.add_argument("--batch-sparsity", type=float, default=0.5)
+    ap.add_argument("--batch-masks", default="per_row,shared",
+                    help="which teal batch rows: per_row, shared or both (each costs a compile of the model)")
     ap.add_argument("--out", help="default: examples/results/decode_<gpu>.md (decode_h100.md on an H100)")
     ap.add_argument("--tp", type=int, default=0,
                     help="tensor parallel over this many GPUs: runs examples/bench_decode_tp.py under torchrun with "
                          "the arguments after '--' (default 0: one GPU, this script's rows)")
     args, rest = ap.parse_known_args()
+    if set(args.batch_masks.split(",")) - {"per_row", "shared"}:
+        ap.error(f"--batch-masks takes per_row and/or shared, got {args.batch_masks!r}")
     if args.tp:
         tp = Path(__file__).with_name("bench_decode_tp.py")
         extra = rest[1:] if rest[:1] == ["--"] else rest
@@ -326,8 +330,9 @@ def batch_teal_rows(model, calib, batches: list[int], args, cache_len, add, note
     vocab = model.config.vocab_size
     for b in batches:
         ids = torch.randint(0, vocab, (b, args.prompt), device="cuda")
+        masks = args.batch_masks.split(",")
         for name, p in (("per-row masks", per_row), ("shared mask", shared)):
-            if b == 1 and p is shared:
+            if (b == 1 and p is shared) or p.batch_mask not in masks:
                 continue  # one row: the same mask
             teal_fx.attach_plan(model, p, check=False)
             t, first = decode_speed(lean(model, ids, "teal", cache_len), args.new_tokens)
