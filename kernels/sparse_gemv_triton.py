@@ -100,6 +100,15 @@ def int4_as_halves(p, BF16: tl.constexpr, ASM: tl.constexpr):
 
 
 @triton.jit
+def store_survivors(idx_ptr, offs_c, keep_c):
+    """Store the inputs ``offs_c`` whose ``keep_c`` is set to idx_ptr[0, n), in order (a prefix sum gives each its
+    slot); return (each input's slot, n)."""
+    pos = tl.cumsum(keep_c.to(tl.int32), axis=0) - 1
+    tl.store(idx_ptr + pos, offs_c, mask=keep_c)
+    return pos, tl.sum(keep_c.to(tl.int32), axis=0)
+
+
+@triton.jit
 def pack_survivors(x_ptr, idx_ptr, offs_m, m_ok, stride_xm, k_lo, k_hi, threshold, M, CHUNK: tl.constexpr):
     """Store the inputs of [k_lo, k_hi) whose mean |x| over the M rows is above t to idx_ptr[0, n) and return n
     (one row: its own mask). Every program of a K split writes the same values to its slot."""
@@ -107,9 +116,7 @@ def pack_survivors(x_ptr, idx_ptr, offs_m, m_ok, stride_xm, k_lo, k_hi, threshol
     xc = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_c[None, :],
                  mask=m_ok[:, None] & (offs_c < k_hi)[None, :], other=0.0).to(tl.float32)
     keep_c = tl.sum(tl.abs(xc), axis=0) / M > threshold  # padded rows and inputs past k_hi add 0 (t >= 0)
-    pos = tl.cumsum(keep_c.to(tl.int32), axis=0) - 1
-    n_keep = tl.sum(keep_c.to(tl.int32), axis=0)
-    tl.store(idx_ptr + pos, offs_c, mask=keep_c)
+    _, n_keep = store_survivors(idx_ptr, offs_c, keep_c)
     tl.debug_barrier()  # the CTA's global stores are visible to all its threads after the barrier
     return n_keep
 
@@ -127,9 +134,7 @@ def pack_survivor_columns(x_ptr, idx_ptr, xv_ptr, offs_m, m_ok, stride_xm, k_lo,
         k_ok = offs_c < k_hi
     xt = tl.load(x_ptr + offs_c[:, None] + offs_m[None, :] * stride_xm, mask=k_ok[:, None] & m_ok[None, :], other=0.0)
     keep_c = tl.sum(tl.abs(xt.to(tl.float32)), axis=1) / M > threshold  # padded rows / inputs add 0 (t >= 0)
-    pos = tl.cumsum(keep_c.to(tl.int32), axis=0) - 1
-    n_keep = tl.sum(keep_c.to(tl.int32), axis=0)
-    tl.store(idx_ptr + pos, offs_c, mask=keep_c)
+    pos, n_keep = store_survivors(idx_ptr, offs_c, keep_c)
     tl.store(xv_ptr + pos[:, None] * BM + offs_m[None, :], xt.to(xv_ptr.dtype.element_ty), mask=keep_c[:, None])
     slots = tl.arange(0, CHUNK)  # the slots past n_keep (disjoint from the survivors' slots): zeros
     tl.store(xv_ptr + slots[:, None] * BM + offs_m[None, :], tl.zeros_like(xt).to(xv_ptr.dtype.element_ty),
@@ -360,9 +365,7 @@ def in_thread_partial(x_ptr, w_ptr, idx_ptr, xv_ptr, k_lo, k_hi, threshold, offs
         offs = k_lo + tl.arange(0, CHUNK)
         x = tl.load(x_ptr + offs, mask=offs < k_hi, other=0.0).to(tl.float32)
         keep = tl.abs(x) > threshold
-        slot = tl.cumsum(keep.to(tl.int32), axis=0) - 1
-        n_keep = tl.sum(keep.to(tl.int32), axis=0)
-        tl.store(idx_ptr + slot, offs, mask=keep)
+        slot, n_keep = store_survivors(idx_ptr, offs, keep)
         tl.store(xv_ptr + slot, x, mask=keep)
         tl.debug_barrier()  # the CTA's global stores are visible to all its threads after the barrier
         # one tile in flight, the next tile's indices requested before this tile's FMAs: keeping two tiles' rows in

@@ -110,7 +110,7 @@ def test_unsharded_looks_through_to_local_however_dynamo_writes_it():
     from torch import fx
 
     from teal_fx.passes.analysis import unsharded
-    from tests.tensor_parallel_worker import prim_to_local as to_local_fn_with_prim_types
+    from tests.tensor_parallel_worker import prim_to_local
 
     def to_local(t):
         return t
@@ -119,7 +119,7 @@ def test_unsharded_looks_through_to_local_however_dynamo_writes_it():
     w = g.placeholder("l_self_modules_q_proj_parameters_weight_")
     as_method = g.call_method("to_local", (w,))
     as_function = g.call_function(to_local, (w,))
-    as_211_function = g.call_function(to_local_fn_with_prim_types, (w,))
+    as_211_function = g.call_function(prim_to_local, (w,))
     other = g.call_method("t", (w,))
     assert unsharded(as_method) is w and unsharded(as_function) is w and unsharded(as_211_function) is w
     assert unsharded(other) is other and unsharded(w) is w
