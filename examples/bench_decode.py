@@ -163,6 +163,9 @@ def main() -> int:
     ap.add_argument("--batch-sparsity", type=float, default=0.5)
     ap.add_argument("--batch-masks", default="per_row,shared",
                     help="which teal batch rows: per_row, shared or both (each costs a compile of the model)")
+    ap.add_argument("--dense1", action=argparse.BooleanOptionalAction, default=True,
+                    help="the batch-1 Inductor dense row, the base of every batch-1 row (--no-dense1 with only "
+                         "--batches rows saves its compile)")
     ap.add_argument("--out", help="default: examples/results/decode_<gpu>.md (decode_h100.md on an H100)")
     ap.add_argument("--tp", type=int, default=0,
                     help="tensor parallel over this many GPUs: runs examples/bench_decode_tp.py under torchrun with "
@@ -207,10 +210,12 @@ def main() -> int:
     def peak_gib():
         return torch.cuda.max_memory_allocated() / 2**30
 
-    torch.cuda.reset_peak_memory_stats()
-    t, first = decode_speed(lean(model, ids, "inductor", cache_len), args.new_tokens)
-    dense[1] = t
     reference = None
+    if args.dense1:
+        torch.cuda.reset_peak_memory_stats()
+        t, first = decode_speed(lean(model, ids, "inductor", cache_len), args.new_tokens)
+        dense[1] = t
+        add("lean loop, Inductor dense", 1, t, first, peak_gib(), is_dense=True)
     if 0.0 in [float(x) for x in args.sparsities.split(",") if x]:
         dense_tokens = lean(model, ids, "inductor", cache_len)(64)
         # the 0% check's references, while Inductor dense's graphs are still compiled (attaching a plan recompiles)
@@ -219,7 +224,6 @@ def main() -> int:
                                             mode="reduce-overhead", max_cache_len=cache_len)[0],
                               decode_logits(model, dense_tokens, args.prompt, backend="none",
                                             max_cache_len=cache_len)[0])
-    add("lean loop, Inductor dense", 1, t, first, peak_gib(), is_dense=True)
     if args.dense_tuned:
         torch.cuda.reset_peak_memory_stats()
         t, first = decode_speed(lean(model, ids, "inductor", cache_len, DENSE_TUNED), args.new_tokens)

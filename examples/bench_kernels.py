@@ -24,7 +24,7 @@ from bench_common import default_out, dependent_launches, graph_time_us, read_ba
 from teal_fx.kernels import sparse_gemv as sg
 from teal_fx.kernels.quantize import INT4_GROUP, dequantize, quantize_int4, quantize_int8
 from teal_fx.kernels.reference import reference_sparse_linear
-from teal_fx.kernels.sparse_gemv_config import make_config
+from teal_fx.kernels.sparse_gemv_config import make_config, shape_class
 
 QUANTIZE = {"int8": quantize_int8, "int4": quantize_int4}
 
@@ -135,8 +135,10 @@ def batch_section(rows_list, sparsities, bw, l2) -> list[str]:
                                  f"{r['dense_us']:.1f} | {r['dense_col_us']:.1f} | {r['dense_us'] / r['us']:.2f} | "
                                  f"{r['roof_us'] / r['us']:.2f} | {r['err']:.1e} |")
     lines += ["", "Break-even kept fraction (the kept fraction at which teal's µs meets cuBLAS row-major's, linear "
-              "between measured points; the smallest over the shapes; '>1': teal faster even reading every row):", "",
-              "| batch | mask | break-even kept fraction | per shape |", "| --- | --- | --- | --- |"]
+              "between measured points; the smallest over the shapes, and over each shape class of the dispatch rule "
+              "(`sparse_gemv_config.BREAK_EVEN_KEPT`); '>1': teal faster even reading every row):", "",
+              "| batch | mask | break-even kept fraction | attention | mlp | per shape |",
+              "| --- | --- | --- | --- | --- | --- |"]
     for M in rows_list:
         for mask in ("per row", "shared"):
             per_shape = {}
@@ -146,9 +148,11 @@ def batch_section(rows_list, sparsities, bw, l2) -> list[str]:
                 if pts:
                     per_shape[name] = break_even(pts)
             if per_shape:
-                worst = min(per_shape.values())
-                lines.append(f"| {M} | {mask} | {worst:.2f} | " + ", ".join(f"{n.split()[0]} {v:.2f}"
-                                                                            for n, v in per_shape.items()) + " |")
+                by_class = {c: min((v for n, v in per_shape.items() if shape_class(*SHAPES[n]) == c), default=None)
+                            for c in ("attention", "mlp")}
+                lines.append(f"| {M} | {mask} | {min(per_shape.values()):.2f} | "
+                             + " | ".join("-" if v is None else f"{v:.2f}" for v in by_class.values()) + " | "
+                             + ", ".join(f"{n.split()[0]} {v:.2f}" for n, v in per_shape.items()) + " |")
     return lines + [""]
 
 
@@ -291,6 +295,11 @@ SWEEP_SHARED = (
     # the packed loop (x columns packed with the indices; perf-log v29), tiles screened on SASS: none spills
     + [dict(BN=bn, BK=bk, iters=it, use_dot=True, num_warps=nw, num_stages=st, packed_dot=True)
        for bn, nw in ((128, 4), (256, 4), (256, 8), (512, 8)) for bk in (32, 64) for it in (8, 16) for st in (3, 4)]
+    # ... and longer programs for the MLP shapes (v30: the largest tiles swept did best)
+    + [dict(BN=bn, BK=64, iters=32, use_dot=True, num_warps=nw, num_stages=3, packed_dot=True)
+       for bn, nw in ((256, 4), (512, 8))]
+    + [dict(BN=256, BK=128, iters=it, use_dot=True, num_warps=8, num_stages=st, packed_dot=True)
+       for it in (8, 16) for st in (2, 3)]
     + [dict(BN=256, BK=bk, iters=it, use_dot=False, num_warps=1, num_stages=1, in_thread=True)
        for bk in (8, 16) for it in (8, 16)]
 )
@@ -412,8 +421,9 @@ def main() -> int:
                     "survivors, against cuBLAS")
     ap.add_argument("--sweep-sparsity", default="0.5", help="comma-separated sparsities")
     ap.add_argument("--sweep-only", action="store_true", help="stop after the sweep (--sweep or --sweep-weights)")
-    ap.add_argument("--sweep-kind", choices=("all", "in-thread", "compact"), default="all",
-                    help="sweep only the one-warp loops over every input, or only the packed loops")
+    ap.add_argument("--sweep-kind", choices=("all", "in-thread", "compact", "packed"), default="all",
+                    help="sweep only the one-warp loops over every input, only the packed loops (compact), or "
+                    "with --sweep-shared only the packed tensor-core loops")
     ap.add_argument("--weights", default="int8,int4", help="quantized formats measured at 0 and 50% ('' for none)")
     ap.add_argument("--sweep-weights", action="store_true", help="sweep tile configs of the quantized formats")
     ap.add_argument("--sweep-weights-sparsity", type=float, default=0.5)
@@ -453,6 +463,9 @@ def main() -> int:
             N, K = SHAPES[name]
             M = args.sweep_batch
             configs = [p for p in SWEEP_SHARED if p["use_dot"] or M <= 8]  # in-thread rows: up to 8
+            if args.sweep_kind == "packed":  # and the masked loop's 256 x 32 tiles, to compare
+                configs = [p for p in configs if p.get("packed_dot") or (p["use_dot"] and p["BN"] == 256
+                                                                         and p["BK"] == 32 and p["num_stages"] == 3)]
             res = sweep_shape(N, K, M, sp, bw, l2, configs, shared=True)
             ws_row, _, x, _, _ = make_case(N, K, M, 0.0, torch.bfloat16, l2)
             dense = graph_time_us([lambda i=i, x=x, ws=ws_row: F.linear(x, ws[i % len(ws)]) for i in range(16)])

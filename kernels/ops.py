@@ -66,7 +66,8 @@ def sparse_linear(
     ``sparsity``: the fraction of inputs the threshold is expected to drop (from the plan; -1: unknown). It only
     picks the GPU kernel's variant, never the result. ``scales``: those of an int8/int4 ``weight``."""
     if x.is_cuda and sparse_token_start(x, prefill_sparse_from) == 0:
-        if sparse_gemv.supports(x, weight, scales, shared) and sparse_gemv.pays(x, sparsity, shared, scales is not None):
+        if sparse_gemv.supports(x, weight, scales, shared) and \
+                sparse_gemv.pays(x, weight.shape[0], sparsity, shared, scales is not None):
             return sparse_gemv.sparse_gemv(x, weight, bias, threshold, sparsity=sparsity, scales=scales, shared=shared)
     return _not_decoded(x, weight, bias, threshold, prefill_sparse_from, scales, shared)
 
@@ -121,7 +122,8 @@ def sparse_linear_group(
     if x.is_cuda and sparse_token_start(x, prefill_sparse_from) == 0:
         hint = min(sparsities, default=-1.0)
         if all(sparse_gemv.supports(x, w, s, shared) for w, s in zip(weights, scales)) and \
-                len({b is None for b in biases}) == 1 and sparse_gemv.pays(x, hint, shared, scales[0] is not None):
+                len({b is None for b in biases}) == 1 and \
+                sparse_gemv.pays(x, sum(w.shape[0] for w in weights), hint, shared, scales[0] is not None):
             return sparse_gemv.sparse_gemv_group(x, weights, biases, thresholds, sparsity=hint, scales=scales,
                                                  shared=shared)
     return [_not_decoded(x, w, b, t, prefill_sparse_from, s, shared)
@@ -186,7 +188,7 @@ def sparse_swiglu(
         hint = min(sparsities, default=-1.0)
         if sparse_gemv.supports(x, w_gate, scales_gate, shared) and sparse_gemv.supports(x, w_up, scales_up, shared) \
                 and sparse_gemv.can_fuse_swiglu(x, w_gate, w_up, shared) \
-                and sparse_gemv.pays(x, hint, shared, scales_gate is not None):
+                and sparse_gemv.pays(x, w_gate.shape[0] + w_up.shape[0], hint, shared, scales_gate is not None):
             return sparse_gemv.sparse_gemv_swiglu(x, w_gate, w_up, t_gate, t_up, sparsity=hint,
                                                   scales_gate=scales_gate, scales_up=scales_up, shared=shared)
         gate, up = sparse_linear_group(x, [w_gate, w_up], [None, None], [t_gate, t_up], prefill_sparse_from, sparsities,
@@ -222,7 +224,7 @@ def sparse_linear_add_rmsnorm(
     if x.is_cuda and sparse_token_start(x, prefill_sparse_from) == 0:
         if sparse_gemv.supports(x, weight, scales, shared) and \
                 sparse_gemv.can_fuse_add_rmsnorm(x, weight, residual, norm_weight) and \
-                sparse_gemv.pays(x, sparsity, shared, scales is not None):
+                sparse_gemv.pays(x, weight.shape[0], sparsity, shared, scales is not None):
             return sparse_gemv.sparse_gemv_add_rmsnorm(x, weight, bias, threshold, residual, norm_weight, eps,
                                                        sparsity=sparsity, scales=scales, shared=shared)
     h = residual + sparse_linear(x, weight, bias, threshold, prefill_sparse_from, sparsity, scales, shared)

@@ -96,10 +96,12 @@ def supports(x: Tensor, weight: Tensor, scales: Optional[Tensor] = None, shared:
     )
 
 
-def pays(x: Tensor, sparsity: Optional[float], shared: bool, quantized: bool = False) -> bool:
-    """Whether the ops should launch the kernel rather than cuBLAS on the masked input (``kernel_pays``, by this
-    GPU's measured break-even). Quantized weights always take the kernel: their dense alternative is no cuBLAS call."""
-    return quantized or kernel_pays(x.numel() // max(1, x.shape[-1]), sparsity, shared, gpu_name(x.device))
+def pays(x: Tensor, N: int, sparsity: Optional[float], shared: bool, quantized: bool = False) -> bool:
+    """Whether the ops should launch the kernel over ``N`` output columns (summed over a grouped launch) rather than
+    cuBLAS on the masked input (``kernel_pays``, by this GPU's measured break-even). Quantized weights always take
+    the kernel: their dense alternative is no cuBLAS call."""
+    K = x.shape[-1]
+    return quantized or kernel_pays(x.numel() // max(1, K), sparsity, shared, gpu_name(x.device), N, K)
 
 
 _warned_deterministic = False

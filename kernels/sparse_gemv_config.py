@@ -70,11 +70,19 @@ def choose_config(M: int, N: int, K: int, sparsity: Optional[float] = None,
     ``weight_format``: None (float, as x), "int8" or "int4" (kernels/quantize.py); ``shared``: one mask for the
     M rows (a plan's batch_mask="shared")."""
     if shared and M > 1 and weight_format != "int4":
-        # the rows share one mask: tensor cores (rows padded to 16) over every input, the weight rows no row needs
-        # left unread, x requested a tile ahead of the mask it sets. H200, 8 and 16 rows at 50%
-        # (examples/bench_kernels.py --sweep --sweep-shared; docs/perf-log.md v29): 256 x 32 tiles, 8 a program
-        # (16 where K is long) beat the packed survivors on gate+up (50.8 vs 57.5 µs at 8 rows) and were within
-        # 5% of them elsewhere
+        # the rows share one mask: tensor cores, rows padded to 16. H200, 8 and 16 rows at 50%
+        # (examples/bench_kernels.py --sweep --sweep-shared; docs/perf-log.md v29-v30).
+        # The MLP shapes: the packed loop (survivors' x columns packed a program at a time, only kept weight rows
+        # copied), 512 x 64 tiles, 8 warps. A program holds 192 KB of shared memory, so one runs per SM: 32 tiles a
+        # program where that still leaves ~a wave of programs (gate+up: 112), else 16 (down: 112). At 2-16 rows
+        # gate+up 39.5-42.5 µs vs the masked loop's 47.6-56.8 (cuBLAS 56.4-57.9), down 24.1-26.8 vs 26.6-28.1
+        # (32.2-33.0)
+        if _mlp_sized(N, K):
+            iters = 32 if -(-N // 512) * -(-K // (64 * 32)) >= 96 else 16
+            return make_config(N, K, BN=512, BK=64, iters=iters, use_dot=True, num_warps=8, num_stages=3,
+                               packed_dot=True)
+        # the attention shapes: the loop over every input, the weight rows no row needs left unread, x requested a
+        # tile ahead of the mask it sets; 256 x 32 tiles, 8 a program (the packed loop within 5% either way)
         if N >= 2048:
             return make_config(N, K, BN=256, BK=32, iters=8 if K <= 4096 else 16, use_dot=True, num_warps=4,
                                num_stages=3)
@@ -155,18 +163,27 @@ def _choose_quantized(M: int, N: int, K: int, sparsity: Optional[float], fmt: st
 
 
 # ------------------------------------------------------------------------------------------------ kernel or cuBLAS
-# Per GPU kind and mask: batch size -> the fraction of weight rows read below which the sparse GEMV beats cuBLAS
-# (bf16, the 8B block's four launch shapes, the smallest over them: examples/bench_kernels.py --batches;
-# examples/results/kernels_h200_batches.md). A batch size between entries takes the next larger entry's figure;
-# >= 1 means the kernel wins even reading every row. H200 (docs/perf-log.md v29): one row wins at any sparsity;
-# per-row masks over 2 rows below 0.69 kept (gate+up limits; 1 - 0.5^2 = 0.75 at 50%, so cuBLAS), over 4 rows below
-# 0.35, from 8 rows never. The shared mask's tensor-core loop below 0.66-0.74 kept for 2-8 rows (q+k+v limits; so
-# at 50% the kernel, 1.04-1.21x cuBLAS per launch at 8 rows) and 0.17 at 16 rows (cuBLAS at 50%).
+# Per GPU kind, mask and shape class (``shape_class``): batch size -> the fraction of weight rows read below which
+# the sparse GEMV beats cuBLAS (bf16, the smallest over the 8B block's launch shapes of the class:
+# examples/bench_kernels.py --batches; examples/results/kernels_h200_batches.md). A batch size between entries takes
+# the next larger entry's figure; >= 1 means the kernel wins even reading every row. The classes differ in how much
+# a launch has to hide its fixed costs behind: at 16 rows, shared, q+k+v never breaks even but the MLP shapes do
+# below 0.75 kept, so one figure for all would send the MLP's launches to cuBLAS too. H200 (docs/perf-log.md v30): one row wins
+# at any sparsity; per-row masks over 2 rows below 0.67 kept on the MLP shapes (1 - 0.5^2 = 0.75 at 50%: cuBLAS),
+# over 4 rows below 0.35-0.39, from 8 rows never; a shared mask at 50% takes the kernel at 2-16 rows on the MLP
+# shapes and at 2-8 on the attention ones.
 BREAK_EVEN_KEPT = {
-    "H200": {"per_row": {1: 2.0, 2: 0.69, 4: 0.35, 8: 0.0},
-             "shared": {2: 0.74, 4: 0.70, 8: 0.66, 16: 0.17}},
+    "H200": {"per_row": {"attention": {1: 2.0, 2: 2.0, 4: 0.35, 8: 0.0},
+                         "mlp": {1: 2.0, 2: 0.67, 4: 0.39, 8: 0.0}},
+             "shared": {"attention": {2: 0.81, 4: 0.71, 8: 0.60, 16: 0.0},
+                        "mlp": {2: 0.85, 4: 0.85, 8: 0.83, 16: 0.75}}},
 }
 DEFAULT_GPU = "H200"
+
+
+def shape_class(N: int, K: int) -> str:
+    """"mlp" for the MLP-sized launches (gate, up, gate+up, down of an 8B model), else "attention"."""
+    return "mlp" if _mlp_sized(N, K) else "attention"
 
 
 def expected_kept(rows: int, sparsity: float, shared: bool) -> float:
@@ -185,13 +202,13 @@ def gpu_name(device: torch.device) -> str:
     return _GPU_NAMES[device]
 
 
-def kernel_pays(rows: int, sparsity: Optional[float], shared: bool, gpu: str = DEFAULT_GPU) -> bool:
-    """Whether the sparse GEMV beats cuBLAS on the masked input for ``rows`` rows at the plan's ``sparsity`` (None or
-    < 0: unknown, the kernel). Where it does not (per-row masks from about 4 rows: their union keeps nearly every
-    weight row), the ops take cuBLAS with the same mask: never slower than dense."""
+def kernel_pays(rows: int, sparsity: Optional[float], shared: bool, gpu: str, N: int, K: int) -> bool:
+    """Whether the sparse GEMV beats cuBLAS on the masked input for ``rows`` rows of a [N, K] launch at the plan's
+    ``sparsity`` (None or < 0: unknown, the kernel). Where it does not (per-row masks from about 4 rows: their union
+    keeps nearly every weight row), the ops take cuBLAS with the same mask: never slower than dense."""
     if sparsity is None or sparsity < 0:
         return True
     tables = next((t for kind, t in BREAK_EVEN_KEPT.items() if kind in gpu), BREAK_EVEN_KEPT[DEFAULT_GPU])
-    table = tables["shared" if shared and rows > 1 else "per_row"]
+    table = tables["shared" if shared and rows > 1 else "per_row"][shape_class(N, K)]
     limit = next((table[b] for b in sorted(table) if b >= rows), table[max(table)])
     return expected_kept(rows, sparsity, shared) < limit

@@ -546,7 +546,8 @@ def sparse_gemv_kernel(
         # the next tile's indices are requested a tile ahead and the packed x columns are read by address, so no
         # load waits on one before it in the iteration: the software pipeliner copies both operands to shared
         # memory stages ahead (cp.async). Only kept weight rows are copied: the masked loop below zero-fills the
-        # dropped ones through the same L1 / shared-memory path, which bounds these loops (docs/perf-log.md v29)
+        # dropped ones through the same L1 / shared-memory path, which bounds it (docs/perf-log.md v29); this loop
+        # is the shared-mask rule on the MLP shapes (v30)
         ok = tl.arange(0, BK) < n_keep
         k = tl.load(idx_ptr + slot + tl.arange(0, BK), mask=ok, other=0)
         for j0 in range(0, n_keep, BK):

@@ -53,13 +53,14 @@ def _static_batch(x: fx.Node):
     return int(rows) if isinstance(rows, int) else None
 
 
-def _kernel_pays(x: fx.Node, sparsity, shared: bool) -> bool:
-    """Whether the sparse GEMV beats cuBLAS for a one-token input's static rows (its batch) on its GPU (True off
-    CUDA, or where the rows are symbolic: the op decides then)."""
-    v, rows = fake_value(x), _static_batch(x)
-    if v is None or v.device.type != "cuda" or rows is None:
+def _kernel_pays(x: fx.Node, w: fx.Node, sparsity, shared: bool) -> bool:
+    """Whether the sparse GEMV beats cuBLAS for a one-token input's static rows (its batch) against weight ``w`` on
+    its GPU (True off CUDA, or where the rows are symbolic: the op decides then)."""
+    v, wv, rows = fake_value(x), fake_value(w), _static_batch(x)
+    if v is None or wv is None or v.device.type != "cuda" or rows is None:
         return True
-    return kernel_pays(rows, sparsity, shared, gpu_name(v.device))
+    N, K = wv.shape
+    return kernel_pays(rows, sparsity, shared, gpu_name(v.device), int(N), int(K))
 
 
 def insert_sparse_linear(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
@@ -83,7 +84,7 @@ def insert_sparse_linear(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule
         else:
             threshold = float(plan.threshold(m.key))
         sparsity = plan.linears[m.key].sparsity  # picks the kernel variant only; None (unknown) -> -1
-        if tokens == 1 and linear_scales(node) is None and not _kernel_pays(x, sparsity, shared):
+        if tokens == 1 and linear_scales(node) is None and not _kernel_pays(x, w, sparsity, shared):
             with gm.graph.inserting_before(node):
                 masked = gm.graph.call_function(sparsify, (x, threshold, shared))
             masked.meta.update({k: v for k, v in x.meta.items() if k in ("val", "example_value", "tensor_meta")})

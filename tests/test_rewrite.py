@@ -173,7 +173,7 @@ def test_linears_the_kernel_cannot_win_stay_dense_with_their_input_masked(monkey
     import importlib
 
     isl = importlib.import_module("teal_fx.passes.insert_sparse_linear")  # the module, not the pass it exports
-    monkeypatch.setattr(isl, "_kernel_pays", lambda x, sparsity, shared: False)
+    monkeypatch.setattr(isl, "_kernel_pays", lambda x, w, sparsity, shared: False)
     torch._dynamo.reset()
     model = tiny_model("llama")
     plan = dataclasses.replace(plan_for(model, thresholds), batch_mask="shared" if shared else "per_row")

@@ -93,16 +93,21 @@ def test_dispatch_rule_compares_the_rows_read_with_the_measured_break_even(monke
 
     assert cfg.expected_kept(4, 0.5, shared=False) == pytest.approx(1 - 0.5**4)
     assert cfg.expected_kept(4, 0.5, shared=True) == cfg.expected_kept(1, 0.5, shared=False) == 0.5
-    monkeypatch.setattr(cfg, "BREAK_EVEN_KEPT", {"H200": {"per_row": {1: 2.0, 2: 0.7, 8: 0.0},
-                                                         "shared": {2: 0.9, 16: 0.6}}})
-    gpu = "NVIDIA H200"
-    assert cfg.kernel_pays(1, 0.0, False, gpu)  # one row: the kernel even at 0%
-    assert not cfg.kernel_pays(2, 0.5, False, gpu)  # the union of 2 rows at 50% keeps 0.75 > 0.7
-    assert cfg.kernel_pays(2, 0.6, False, gpu)  # 1 - 0.36 = 0.64 < 0.7
-    assert not cfg.kernel_pays(4, 0.9, False, gpu)  # 4 rows take the 8-row entry: never
-    assert cfg.kernel_pays(8, 0.5, True, gpu) and not cfg.kernel_pays(9, 0.3, True, gpu)  # 9 rows: the 16 entry
-    assert cfg.kernel_pays(8, -1.0, False, gpu) and cfg.kernel_pays(8, None, False, gpu)  # unknown: the kernel
-    assert cfg.kernel_pays(2, 0.5, True, "Another GPU") == cfg.kernel_pays(2, 0.5, True, gpu)  # the default table
+    monkeypatch.setattr(cfg, "BREAK_EVEN_KEPT", {"H200": {
+        "per_row": {"attention": {1: 2.0, 2: 2.0, 8: 0.0}, "mlp": {1: 2.0, 2: 0.7, 8: 0.0}},
+        "shared": {"attention": {2: 0.9, 16: 0.3}, "mlp": {2: 0.9, 16: 0.6}}}})
+    gpu, mlp, attn = "NVIDIA H200", (14336, 4096), (4096, 4096)
+    assert cfg.shape_class(*mlp) == "mlp" and cfg.shape_class(4096, 14336) == "mlp"
+    assert cfg.shape_class(*attn) == cfg.shape_class(6144, 4096) == "attention"
+    assert cfg.kernel_pays(1, 0.0, False, gpu, *mlp)  # one row: the kernel even at 0%
+    assert not cfg.kernel_pays(2, 0.5, False, gpu, *mlp)  # the union of 2 rows at 50% keeps 0.75 > 0.7
+    assert cfg.kernel_pays(2, 0.5, False, gpu, *attn)  # ... which the attention class's 2.0 still takes
+    assert cfg.kernel_pays(2, 0.6, False, gpu, *mlp)  # 1 - 0.36 = 0.64 < 0.7
+    assert not cfg.kernel_pays(4, 0.9, False, gpu, *mlp)  # 4 rows take the 8-row entry: never
+    assert cfg.kernel_pays(8, 0.5, True, gpu, *mlp) and not cfg.kernel_pays(9, 0.3, True, gpu, *mlp)  # the 16 entry
+    assert cfg.kernel_pays(16, 0.5, True, gpu, *mlp) and not cfg.kernel_pays(16, 0.5, True, gpu, *attn)  # by class
+    assert cfg.kernel_pays(8, -1.0, False, gpu, *mlp) and cfg.kernel_pays(8, None, False, gpu, *attn)  # unknown
+    assert cfg.kernel_pays(2, 0.5, True, "Another GPU", *mlp) == cfg.kernel_pays(2, 0.5, True, gpu, *mlp)  # default
 
 
 def test_packed_columns_of_an_earlier_launch_never_leak():
