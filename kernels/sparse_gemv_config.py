@@ -70,7 +70,7 @@ def choose_config(M: int, N: int, K: int, sparsity: Optional[float] = None,
     ``weight_format``: None (float, as x), "int8" or "int4" (kernels/quantize.py); ``shared``: one mask for the
     M rows (a plan's batch_mask="shared")."""
     if shared and M > 1 and weight_format != "int4":
-        # the rows share one mask: tensor cores, rows padded to 16. H200, 8 and 16 rows at 50%
+        # the rows share one mask: tensor cores, rows padded to 16. H200, 2-16 rows at 50%
         # (examples/bench_kernels.py --sweep --sweep-shared; docs/perf-log.md v29-v30).
         # The MLP shapes: the packed loop (survivors' x columns packed a program at a time, only kept weight rows
         # copied), 512 x 64 tiles, 8 warps. A program holds 192 KB of shared memory, so one runs per SM: 32 tiles a
@@ -168,10 +168,10 @@ def _choose_quantized(M: int, N: int, K: int, sparsity: Optional[float], fmt: st
 # examples/bench_kernels.py --batches; examples/results/kernels_h200_batches.md). A batch size between entries takes
 # the next larger entry's figure; >= 1 means the kernel wins even reading every row. The classes differ in how much
 # a launch has to hide its fixed costs behind: at 16 rows, shared, q+k+v never breaks even but the MLP shapes do
-# below 0.75 kept, so one figure for all would send the MLP's launches to cuBLAS too. H200 (docs/perf-log.md v30): one row wins
-# at any sparsity; per-row masks over 2 rows below 0.67 kept on the MLP shapes (1 - 0.5^2 = 0.75 at 50%: cuBLAS),
-# over 4 rows below 0.35-0.39, from 8 rows never; a shared mask at 50% takes the kernel at 2-16 rows on the MLP
-# shapes and at 2-8 on the attention ones.
+# below 0.75 kept, so one figure for all would send the MLP's launches to cuBLAS too. H200 (docs/perf-log.md v30):
+# one row wins at any sparsity; per-row masks over 2 rows below 0.67 kept on the MLP shapes (1 - 0.5^2 = 0.75 at
+# 50%: cuBLAS), over 4 rows below 0.35-0.39, from 8 rows never; a shared mask at 50% takes the kernel at 2-16 rows
+# on the MLP shapes and at 2-8 on the attention ones.
 BREAK_EVEN_KEPT = {
     "H200": {"per_row": {"attention": {1: 2.0, 2: 2.0, 4: 0.35, 8: 0.0},
                          "mlp": {1: 2.0, 2: 0.67, 4: 0.39, 8: 0.0}},
