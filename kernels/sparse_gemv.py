@@ -48,7 +48,8 @@ def reserve_workspace(device: torch.device, max_n: int, max_k: int) -> None:
     """Allocate the scratch for launches over weights of up to ``max_n`` outputs and ``max_k`` inputs (a grouped
     launch spans up to MAX_SEGMENTS of them, each padded to a tile) and up to 16 padded rows."""
     width = MAX_SEGMENTS * (max_n + 256)
-    packed = MAX_SEGMENTS * 2 * (max_k + 4096)  # SPLIT_K * CHUNK < 2 * (K + K_PER_SPLIT); choose_config: K_PER_SPLIT <= 1024
+    # SPLIT_K * CHUNK < 2 * (K + K_PER_SPLIT), and choose_config's K_PER_SPLIT <= 2048 (the shared packed loop's)
+    packed = MAX_SEGMENTS * 2 * (max_k + 4096)
     _WORKSPACE.reserve(torch.device(device), ws=16 * width, cnt=width // 16 + 1, idx=packed, xv=16 * packed)
 
 
