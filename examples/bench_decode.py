@@ -203,7 +203,8 @@ def main() -> int:
         base = dense.get("hf" if path == "hf" else batch)
         if is_dense:
             fastest[path, batch] = max(fastest.get((path, batch), 0.0), tok_s)
-        rows.append((name, batch, tok_s, first, peak, tok_s / base if base else 1.0, (path, batch)))
+        # vs dense None (printed '-'): no dense row of that path and batch in this run (--no-dense1)
+        rows.append((name, batch, tok_s, first, peak, tok_s / base if base else None, (path, batch)))
         print(rows[-1], flush=True)
         write(out, args, bw, roof, rows, notes, fastest)
 
@@ -432,7 +433,9 @@ def write(out: Path, args, bw: float, roof: float, rows: list, notes: list, fast
     ]
     for name, b, t, first, peak, ratio, key in rows:
         best = fastest.get(key)
-        lines.append(f"| {name} | {b} | {t:.1f} | {t * b:.1f} | {1000 / t:.2f} | {ratio:.2f} | {t / best if best else 1.0:.2f} | "
+        vs = "-" if ratio is None else f"{ratio:.2f}"
+        vs_best = f"{t / best:.2f}" if best else "-"
+        lines.append(f"| {name} | {b} | {t:.1f} | {t * b:.1f} | {1000 / t:.2f} | {vs} | {vs_best} | "
                      f"{t / roof:.2f} | {first:.0f} | {'' if peak is None else f'{peak:.2f}'} |")
     lines += [""] + [f"- {n}" for n in notes] + ["", f"Command: `{shlex.join(['python', 'examples/bench_decode.py', *sys.argv[1:]])}`", ""]
     out.parent.mkdir(parents=True, exist_ok=True)
