@@ -322,9 +322,76 @@ def batch_dense_rows(model, batches: list[int], args, cache_len, add, dense) -> 
         add("lean loop, Inductor dense", b, t, first, is_dense=True)
 
 
+def decode_batch_means(model, plan, rows: int, prompt: int, steps: int, shared_mask: bool = False):
+    """An eager greedy decode of ``rows`` random prompts with a hook on each block linear of ``plan``: per linear, the
+    rows' mean |x| per input channel at every decode step (the shared mask's statistic), and the fraction of
+    channels at or below the plan's threshold for ``rows``. ``shared_mask``: the hooks also drop those channels (the
+    shared semantics), so each linear sees what a sparse run feeds it."""
+    mods = dict(model.named_modules())
+    means, dropped, hooks = {}, {}, []
+
+    def hook(key, t):
+        def pre(mod, args):
+            x = args[0]
+            if x.shape[-2] != 1:  # the prefill stays dense
+                return None
+            m = x.detach().abs().float().mean(dim=0).reshape(-1)
+            means.setdefault(key, []).append(m)
+            d, n = dropped.get(key, (0, 0))
+            dropped[key] = (d + int((m <= t).sum()), n + m.numel())
+            return ((x * (m > t).to(x.dtype)).reshape(x.shape),) + tuple(args[1:]) if shared_mask else None
+        return pre
+
+    for key, lp in plan.linears.items():
+        hooks.append(mods[key.removesuffix(".weight")].register_forward_pre_hook(hook(key, lp.threshold_for(rows))))
+    dev = next(model.parameters()).device
+    ids = torch.randint(0, model.config.vocab_size, (rows, prompt), device=dev)
+    try:
+        with torch.no_grad():
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=steps + 1, min_new_tokens=steps + 1,
+                           do_sample=False, pad_token_id=0)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {k: torch.cat(v) for k, v in means.items()}, {k: d / n for k, (d, n) in dropped.items()}
+
+
+def with_decode_thresholds(model, plan, rows: int, prompt: int, steps: int, passes: int = 5):
+    """``plan`` with each linear's shared threshold for ``rows`` re-read from decode steps of this model, the steps
+    run with the shared masks of the previous pass (the first pass dense).
+
+    Why: calibration reads every threshold from a dense run, but in a sparse run each mask shrinks the inputs of the
+    linears after it, and a mean over a batch is narrow, so that small shift moves many channels below the threshold.
+    The random-weight model adds a drift with the position (its attention averages its values almost uniformly, so
+    o's input shrinks as decoding goes on). Decoding 8 rows under a 50% plan dropped ~90% of o's inputs and ~74% of
+    down's (two layers, CPU, perf-log v30). Re-read from masked decode steps, the timed rows run at the plan's
+    sparsity."""
+    from dataclasses import replace
+
+    for i in range(passes):
+        means, _ = decode_batch_means(model, plan, rows, prompt, steps, shared_mask=i > 0)
+        linears = {}
+        for k, lp in plan.linears.items():
+            m = means[k].cpu()
+            t = float(torch.quantile(m[torch.randperm(m.numel())[: 1 << 24]], lp.sparsity))
+            linears[k] = replace(lp, batch_thresholds=tuple((b, t if b == rows else v) for b, v in lp.batch_thresholds))
+        plan = replace(plan, linears=linears)
+    return plan
+
+
+def realised_decode_sparsity(model, plan, rows: int, prompt: int, steps: int) -> tuple[float, float, float]:
+    """(model-level, least, most) fraction of block-linear inputs a shared ``plan`` drops while decoding ``rows``
+    other random prompts (eager, masked as the shared mask masks), the model level weighting each linear by its
+    weight's size."""
+    _, frac = decode_batch_means(model, plan, rows, prompt, steps, shared_mask=True)
+    size = sum(plan.linears[k].numel for k in frac)
+    return (sum(f * plan.linears[k].numel for k, f in frac.items()) / size, min(frac.values()), max(frac.values()))
+
+
 def batch_teal_rows(model, calib, batches: list[int], args, cache_len, add, notes) -> None:
     """Per batch size: teal with per-row masks and with a mask shared by the batch (the same per-linear sparsities;
-    the shared plan's thresholds are those of the rows' mean |x| at that batch size)."""
+    the shared plan's thresholds are those of the rows' mean |x| at that batch size, re-read from decode steps:
+    ``with_decode_thresholds``)."""
     from dataclasses import replace
 
     plan = teal_fx.calibrate(model, calib, sparsity=args.batch_sparsity, method="uniform", num_sequences=2,
@@ -333,19 +400,25 @@ def batch_teal_rows(model, calib, batches: list[int], args, cache_len, add, note
     shared = plan.at(s, "uniform")
     per_row = replace(shared, batch_mask="per_row")
     vocab = model.config.vocab_size
+    masks = args.batch_masks.split(",")
     for b in batches:
         ids = torch.randint(0, vocab, (b, args.prompt), device="cuda")
-        masks = args.batch_masks.split(",")
         for name, p in (("per-row masks", per_row), ("shared mask", shared)):
             if (b == 1 and p is shared) or p.batch_mask not in masks:
                 continue  # one row: the same mask
+            if p is shared:
+                p = with_decode_thresholds(model, shared, b, args.prompt, args.new_tokens)
+                got, lo, hi = realised_decode_sparsity(model, p, b, args.prompt, args.new_tokens)
+                notes.append(f"shared mask, batch {b}: realised decode sparsity {got:.1%} (per linear {lo:.1%} to "
+                             f"{hi:.1%}; eager, other random prompts, thresholds read from decode steps)")
             teal_fx.attach_plan(model, p, check=False)
             t, first = decode_speed(lean(model, ids, "teal", cache_len), args.new_tokens)
             add(f"lean loop, teal {s:.0%}, {name}", b, t, first)
     notes.append("batch rows: per-row masks read the union of the rows' masks (beyond 8 rows, or where the dispatch "
                  "rule says the union cannot win, the masked input goes to cuBLAS); the shared mask drops the inputs "
                  "whose mean |x| over the batch is at or below the plan's threshold for that batch size "
-                 "(calibrate(batch_mask='shared'))")
+                 "(calibrate(batch_mask='shared')), re-read from decode steps of the model (the random-weight "
+                 "model's inputs to o shrink with the position; docs/perf-log.md v30)")
 
 
 def lean_teal(model, ids, ids4, plan, sparsities: str, args, cache_len, reference, add, notes, peak_gib) -> None:

@@ -25,6 +25,7 @@ from teal_fx.choose_allocation import choose_allocation
 from teal_fx.errors import CalibrationDataError
 from teal_fx.extract_blocks import BlockSubgraph, extract_blocks
 from teal_fx.histogram import AbsHistogram
+from teal_fx.kernels.reference import sparsify
 from teal_fx.models import model_name
 from teal_fx.passes.analysis.discovery import Discovery, discover
 from teal_fx.plan import BATCH_MASKS, BATCH_SIZES, WEIGHT_FORMATS, LinearPlan, Plan
@@ -163,6 +164,7 @@ class _GraphState:
     blocks: list[BlockSubgraph] = field(default_factory=list)
     keep: set = field(default_factory=set)
     kept: list[dict[fx.Node, Any]] = field(default_factory=list)  # per recorded sequence
+    linear_keys: dict[fx.Node, str] = field(default_factory=dict)  # matched linear node -> its key
 
 
 class _RecordingInterpreter(fx.Interpreter):
@@ -176,7 +178,13 @@ class _RecordingInterpreter(fx.Interpreter):
 
 
     def run_node(self, n: fx.Node) -> Any:
-        out = super().run_node(n)
+        key = self.state.linear_keys.get(n) if self.recorder is not None and self.recorder.masked else None
+        if key is not None and key in self.state_counts:  # a sparse run: the linear sees its input masked
+            args, kwargs = self.fetch_args_kwargs_from_env(n)
+            x = sparsify(args[0], self.state_counts[key][2], self.recorder.shared_counts)
+            out = getattr(self, n.op)(n.target, (x, *args[1:]), kwargs)
+        else:
+            out = super().run_node(n)
         keys = self.state.record.get(n)
         if keys:
             h = AbsHistogram()
@@ -214,8 +222,10 @@ class Recorder:
     BANK_SLOTS = 128  # means per bank: the rows a batch of B calibration windows contributes per B windows
 
     def __init__(self, greedy: bool, thresholds: Optional[dict[str, float]] = None,
-                 batch_sizes: Sequence[int] = (), shared_counts: bool = False, windows: int = 1) -> None:
+                 batch_sizes: Sequence[int] = (), shared_counts: bool = False, windows: int = 1,
+                 masked: bool = False) -> None:
         self.greedy = greedy
+        self.masked = masked  # with thresholds: each linear's input masked by its own, as a sparse run masks it
         # key -> [at or below threshold, total, threshold]: exact counts of what a plan would zero (shared_counts: of
         # the batch's mean |x| per position, what a shared mask compares)
         self.counts = {k: [0, 0, t] for k, t in thresholds.items()} if thresholds else None
@@ -264,7 +274,7 @@ class Recorder:
         record: dict[fx.Node, list[str]] = {}
         for m in disc.matched:
             record.setdefault(m.node.args[0], []).append(m.key)
-        state = _GraphState(gm, disc, record)
+        state = _GraphState(gm, disc, record, linear_keys={m.node: m.key for m in disc.matched})
         if self.greedy and disc.matched:
             state.blocks = extract_blocks(gm, disc.matched)
             state.keep = {a for b in state.blocks for a in b.inputs}
@@ -447,16 +457,22 @@ def _hold_back(seqs: torch.Tensor, count: int) -> tuple[torch.Tensor, Optional[t
 
 
 def realised_sparsity(model: nn.Module, plan: Plan, data: Data, *, tokenizer: Any = None, num_sequences: int = 4,
-                      seq_len: int = 256, batch: int = 1) -> dict[str, float]:
+                      seq_len: int = 256, batch: int = 1, sparse_run: bool = False) -> dict[str, float]:
     """The fraction of each matched linear's input at or below its threshold, counted exactly on ``data``.
 
     ``batch`` > 1 with a shared-mask plan: the windows run ``batch`` at a time (spread over the data, so a batch's
     rows come from different places) and what counts is the batch's mean |x| per position against the threshold for
-    that batch size, i.e. the fraction of inputs the shared mask drops."""
+    that batch size, i.e. the fraction of inputs the shared mask drops.
+
+    By default it counts the dense model's inputs, the statistic calibration reads (and TEAL reports). ``sparse_run``:
+    every linear's input is masked as the plan masks it, so each counts what a sparse model feeds it. Each mask
+    shrinks later inputs a little; a shared mask's narrow mean over a batch turns that into many points, so shared
+    plans drop more in a sparse run than planned (docs/perf-log.md v30)."""
     seqs = token_sequences(data, tokenizer, num_sequences=num_sequences, seq_len=seq_len)
     shared = batch > 1 and plan.batch_mask == "shared"
     recorder = Recorder(greedy=False, thresholds={k: lp.threshold_for(batch if shared else 1)
-                                                  for k, lp in plan.linears.items()}, shared_counts=shared)
+                                                  for k, lp in plan.linears.items()}, shared_counts=shared,
+                        masked=sparse_run)
     compiled = torch.compile(model, backend=recorder, dynamic=False)
     device = next(model.parameters()).device
     step = batch if shared else 1

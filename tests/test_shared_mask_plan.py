@@ -71,6 +71,16 @@ def test_realised_shared_sparsity_is_near_the_plan(shared, batch):
     assert sum(err) / len(err) < 0.05  # a tiny random model on 16 windows: the CPU check; the real one is SmolLM2's
 
 
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="shared thresholds are read from a dense run; in a sparse run each mask shrinks later inputs "
+                   "and the narrow batch mean drops more than planned (docs/perf-log.md v30)")
+def test_realised_shared_sparsity_holds_in_a_sparse_run(shared):
+    model, plan = shared
+    got = teal_fx.realised_sparsity(model, plan, DATA, num_sequences=16, seq_len=64, batch=8, sparse_run=True)
+    err = [abs(v - plan.linears[k].sparsity) for k, v in got.items()]
+    assert sum(err) / len(err) < 0.05
+
+
 def test_spread_batches_change_only_what_rows_share(shared):
     """Perplexity sums over windows: the order of windows in batches leaves per-row masks' perplexity unchanged, and
     a shared mask sees other batches (so its perplexity changes)."""
