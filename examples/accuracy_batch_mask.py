@@ -17,6 +17,7 @@ import torch
 
 import teal_fx
 from bench_common import add_evaluation_arguments  # examples/, on the script's path
+from teal_fx.allocate import block_sparsity
 from teal_fx.evaluate import evaluate_perplexity
 from teal_fx.models import load_model
 
@@ -44,11 +45,9 @@ def main() -> None:
         got = teal_fx.realised_sparsity(model, plan, test, tokenizer=tok, num_sequences=args.realised_windows,
                                         seq_len=seq_len, batch=b)
         errs = [abs(v - plan.linears[k].sparsity) for k, v in got.items()]
-        size = sum(plan.linears[k].numel for k in got)  # model level: each linear weighted by its weight's size
-        model_level = sum(v * plan.linears[k].numel for k, v in got.items()) / size
-        planned = sum(plan.linears[k].sparsity * plan.linears[k].numel for k in got) / size
+        model_level = block_sparsity(got, {k: plan.linears[k].numel for k in got})  # weighted by weight size
         realised[b] = (sum(errs) / len(errs), max(errs), sum(e <= 0.01 for e in errs), len(errs), model_level,
-                       planned)
+                       plan.model_sparsity())
         print("realised", b, realised[b], flush=True)
     kw = dict(tokenizer=tok, window=args.window, max_tokens=args.max_tokens, progress=False)
     dense = evaluate_perplexity(model, test, None, **kw).perplexity

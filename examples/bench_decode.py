@@ -27,8 +27,10 @@ from torch import nn
 
 import teal_fx
 from bench_common import decode_speed, default_out, read_bandwidth  # the same measurement as the kernel table's
+from teal_fx.allocate import block_sparsity
 from teal_fx.generate import argmax_disagreements, decode_logits
 from teal_fx.inductor import CUDA_INDUCTOR_DEFAULTS
+from teal_fx.kernels.reference import sparsify
 
 WEIGHT_BYTES_PER_TOKEN = 15.01e9  # Llama-3-8B bf16: seven block linears 13.96 GB + lm_head 1.05 GB (ANCHORS.md)
 BLOCK_BYTES = 13.96e9
@@ -339,7 +341,7 @@ def decode_batch_means(model, plan, rows: int, prompt: int, steps: int, shared_m
             means.setdefault(key, []).append(m)
             d, n = dropped.get(key, (0, 0))
             dropped[key] = (d + int((m <= t).sum()), n + m.numel())
-            return ((x * (m > t).to(x.dtype)).reshape(x.shape),) + tuple(args[1:]) if shared_mask else None
+            return (sparsify(x, t, shared=True), *args[1:]) if shared_mask else None
         return pre
 
     for key, lp in plan.linears.items():
@@ -384,8 +386,8 @@ def realised_decode_sparsity(model, plan, rows: int, prompt: int, steps: int) ->
     other random prompts (eager, masked as the shared mask masks), the model level weighting each linear by its
     weight's size."""
     _, frac = decode_batch_means(model, plan, rows, prompt, steps, shared_mask=True)
-    size = sum(plan.linears[k].numel for k in frac)
-    return (sum(f * plan.linears[k].numel for k, f in frac.items()) / size, min(frac.values()), max(frac.values()))
+    model_level = block_sparsity(frac, {k: plan.linears[k].numel for k in frac})
+    return model_level, min(frac.values()), max(frac.values())
 
 
 def batch_teal_rows(model, calib, batches: list[int], args, cache_len, add, notes) -> None:

@@ -46,9 +46,10 @@ def make_case(N: int, K: int, M: int, sparsity: float, dtype, l2_bytes: int, sha
     ws_row = [torch.randn(N, K, dtype=dtype, device="cuda") / K**0.5 for _ in range(copies)]
     ws_col = [w.t().contiguous().t() for w in ws_row]  # the layout teal gives matched weights
     x = torch.randn(M, K, dtype=dtype, device="cuda")
-    stat = x.float().abs().mean(0) if shared else x.float().abs().flatten()
+    a = x.float().abs()
+    stat = a.mean(0) if shared else a.flatten()
     t = float(torch.quantile(stat, sparsity)) if sparsity > 0 else 0.0
-    needed = float((x.float().abs().mean(0) > t).float().mean() if shared else (x.abs() > t).any(0).float().mean())
+    needed = float((stat > t).float().mean() if shared else (a > t).any(0).float().mean())
     return ws_row, ws_col, x, t, needed
 
 
