@@ -376,8 +376,8 @@ def with_decode_thresholds(model, plan, rows: int, prompt: int, steps: int, pass
         for k, lp in plan.linears.items():
             m = means[k].cpu()
             t = float(torch.quantile(m[torch.randperm(m.numel())[: 1 << 24]], lp.sparsity))
-            linears[k] = replace(lp, batch_thresholds=tuple((b, t if b == rows else v) for b, v in lp.batch_thresholds))
-        plan = replace(plan, linears=linears)
+            linears[k] = replace(lp, batch_thresholds=tuple(sorted({**dict(lp.batch_thresholds or ()), rows: t}.items())))
+        plan = replace(plan, linears=linears, batch_read_at=plan.target_sparsity)
     return plan
 
 
@@ -396,11 +396,10 @@ def batch_teal_rows(model, calib, batches: list[int], args, cache_len, add, note
     ``with_decode_thresholds``)."""
     from dataclasses import replace
 
-    plan = teal_fx.calibrate(model, calib, sparsity=args.batch_sparsity, method="uniform", num_sequences=2,
-                             seq_len=256, progress=False, batch_mask="shared", attach=False)
     s = args.batch_sparsity
-    shared = plan.at(s, "uniform")
-    per_row = replace(shared, batch_mask="per_row")
+    per_row = teal_fx.calibrate(model, calib, sparsity=s, method="uniform", num_sequences=2, seq_len=256,
+                                progress=False, attach=False)
+    shared = replace(per_row, batch_mask="shared")  # its batch thresholds: with_decode_thresholds, per batch size
     vocab = model.config.vocab_size
     masks = args.batch_masks.split(",")
     for b in batches:
@@ -418,9 +417,10 @@ def batch_teal_rows(model, calib, batches: list[int], args, cache_len, add, note
             add(f"lean loop, teal {s:.0%}, {name}", b, t, first)
     notes.append("batch rows: per-row masks read the union of the rows' masks (beyond 8 rows, or where the dispatch "
                  "rule says the union cannot win, the masked input goes to cuBLAS); the shared mask drops the inputs "
-                 "whose mean |x| over the batch is at or below the plan's threshold for that batch size "
-                 "(calibrate(batch_mask='shared')), re-read from decode steps of the model (the random-weight "
-                 "model's inputs to o shrink with the position; docs/perf-log.md v30)")
+                 "whose mean |x| over the batch is at or below the plan's threshold for that batch size, read from "
+                 "decode steps of the model run under the shared masks (calibrate(batch_mask='shared') reads them "
+                 "from masked forwards of the calibration text; the random-weight model's inputs to o shrink with "
+                 "the position, which decode steps see: docs/perf-log.md v30-v31)")
 
 
 def lean_teal(model, ids, ids4, plan, sparsities: str, args, cache_len, reference, add, notes, peak_gib) -> None:

@@ -9,7 +9,7 @@ Importing this package registers the ``"teal"`` Dynamo backend and the ``teal::*
 from teal_fx import kernels as kernels  # noqa: F401  (registers torch.ops.teal.*)
 from teal_fx.backend import register as _register
 from teal_fx.backend import teal_backend
-from teal_fx.calibrate import calibrate, realised_sparsity
+from teal_fx.calibrate import calibrate, read_batch_thresholds, realised_sparsity
 from teal_fx.capture import capture_graphs, find_linears
 from teal_fx.errors import CalibrationDataError, PlanError
 from teal_fx.evaluate import evaluate_perplexity
@@ -26,6 +26,7 @@ _register()
 __all__ = [
     "calibrate",
     "realised_sparsity",
+    "read_batch_thresholds",
     "evaluate_perplexity",
     "generate",
     "decode_logits",

@@ -28,7 +28,8 @@ from teal_fx.histogram import AbsHistogram
 from teal_fx.kernels.reference import sparsify
 from teal_fx.models import model_name
 from teal_fx.passes.analysis.discovery import Discovery, discover
-from teal_fx.plan import BATCH_MASKS, BATCH_SIZES, WEIGHT_FORMATS, LinearPlan, Plan
+from teal_fx.plan import BATCH_MASKS, WEIGHT_FORMATS, LinearPlan, Plan
+from teal_fx.shared_thresholds import read_batch_histograms, spread_batches, with_batch_histograms
 from teal_fx.state import attach_plan
 from teal_fx.tensor_parallel import reduce_histograms, tp_group, whole_shape
 from teal_fx.weights import apply_weight_format
@@ -191,8 +192,6 @@ class _RecordingInterpreter(fx.Interpreter):
             h.add(out, name=keys[0])
             for k in keys:
                 self.histograms[k] = self.histograms[k].merge(h) if k in self.histograms else h
-        if keys and self.recorder is not None and self.recorder.batch_sizes:
-            self.recorder.add_batch_means(keys, out)
         counts = self.state_counts
         if keys and counts is not None:
             a = out.detach().abs().float()
@@ -207,23 +206,11 @@ class _RecordingInterpreter(fx.Interpreter):
         return out
 
 
-@dataclass
-class _Bank:
-    """Partial sums of |x| over the rows at ``rows`` of ``filled`` windows so far (``Recorder.add_batch_means``)."""
-
-    rows: torch.Tensor
-    sums: torch.Tensor
-    filled: int
-
-
 class Recorder:
     """A Dynamo backend that runs each captured graph through ``_RecordingInterpreter``."""
 
-    BANK_SLOTS = 128  # means per bank: the rows a batch of B calibration windows contributes per B windows
-
     def __init__(self, greedy: bool, thresholds: Optional[dict[str, float]] = None,
-                 batch_sizes: Sequence[int] = (), shared_counts: bool = False, windows: int = 1,
-                 masked: bool = False) -> None:
+                 shared_counts: bool = False, masked: bool = False) -> None:
         self.greedy = greedy
         self.masked = masked  # with thresholds: each linear's input masked by its own, as a sparse run masks it
         # key -> [at or below threshold, total, threshold]: exact counts of what a plan would zero (shared_counts: of
@@ -232,42 +219,7 @@ class Recorder:
         self.shared_counts = shared_counts
         self.graphs: list[_GraphState] = []
         self.histograms: dict[str, AbsHistogram] = {}
-        # shared masks: key -> batch size -> histogram of the mean |x| over that many rows
-        self.batch_sizes = tuple(batch_sizes)
-        self.batch_histograms: dict[str, dict[int, AbsHistogram]] = {}
-        self.windows = windows  # calibration windows, one per forward: how many a batch's rows can come from
-        self._banks: dict[tuple[str, int], _Bank] = {}
-        self._generator = torch.Generator().manual_seed(0)
         self.keep_next = False
-
-    def add_batch_means(self, keys: list[str], out: torch.Tensor) -> None:
-        """Histograms of the mean |x| over B rows for each calibrated batch size B, the rows taken as a batch of B
-        sequences decoding in step gives them: from B different calibration windows (one window per forward), at
-        the same positions. Rows of one window are alike (one text), so averaging them (an earlier version) gave a
-        wider statistic than a batch has, and thresholds off by up to 7 points of sparsity at 16 rows.
-
-        Per input and B, a bank of ``BANK_SLOTS`` partial sums: each window adds its rows at the bank's positions;
-        after B windows the bank's means enter the histogram and new positions are drawn. With fewer windows than B,
-        each window gives ceil(B / windows) positions to each sum."""
-        a = out.detach().abs().float().reshape(-1, out.shape[-1]).cpu()
-        for b in self.batch_sizes:
-            per = max(1, -(-b // max(1, self.windows)))
-            bank = self._banks.get((keys[0], b))
-            if bank is None or bank.rows.shape[0] > a.shape[0]:
-                slots = min(self.BANK_SLOTS, a.shape[0] // per)
-                if slots == 0:
-                    continue
-                rows = torch.randperm(a.shape[0], generator=self._generator)[: slots * per]
-                bank = self._banks[keys[0], b] = _Bank(rows, torch.zeros(slots, a.shape[1]), 0)
-            bank.sums += a[bank.rows].reshape(-1, per, a.shape[1]).sum(dim=1)
-            bank.filled += per
-            if bank.filled >= b:
-                h = AbsHistogram()
-                h.add(bank.sums / bank.filled, name=keys[0])
-                for k in keys:
-                    per_b = self.batch_histograms.setdefault(k, {})
-                    per_b[b] = per_b[b].merge(h) if b in per_b else h
-                del self._banks[keys[0], b]
 
     def __call__(self, gm: fx.GraphModule, example_inputs):
         disc = discover(gm.graph)
@@ -358,9 +310,10 @@ def calibrate(
     ``weights="int8" | "int4"`` quantizes the block linears in place first (``quantize_lm_head``: the output head
     to int8 too) and calibrates on the quantized model; the plan records the format (kernels/quantize.py).
 
-    ``batch_mask="shared"``: one mask per decode step for the whole batch (paper §5.4.4); the thresholds of the
-    rows' mean |x| are calibrated for batches of 2, 4, 8 and 16 (``Plan.batch_histograms``), the per-linear
-    sparsities are the per-row allocation's.
+    ``batch_mask="shared"``: one mask per decode step for the whole batch (paper §5.4.4); the per-linear sparsities
+    are the per-row allocation's, the thresholds of the rows' mean |x| for batches of 2, 4, 8 and 16 are read in a
+    sparse run at ``sparsity`` (teal_fx/shared_thresholds.py; ``read_batch_thresholds`` re-reads them for a plan
+    re-derived at another sparsity).
     """
     if method not in ("greedy", "uniform"):
         raise ValueError(f"method must be 'greedy' or 'uniform', got {method!r}")
@@ -395,8 +348,7 @@ def calibrate(
         source = str(data) if isinstance(data, (str, Path)) and len(str(data)) < 200 else type(data).__name__
     seqs, held = _hold_back(seqs, held_back)
 
-    recorder = Recorder(greedy=method == "greedy", batch_sizes=BATCH_SIZES if batch_mask == "shared" else (),
-                        windows=len(seqs))
+    recorder = Recorder(greedy=method == "greedy")
     compiled = torch.compile(model, backend=recorder, dynamic=False)
     with torch.no_grad(), recompile_limits(1024, 4096):
         for i in tqdm(range(len(seqs)), desc="teal: calibrating", disable=not progress):
@@ -412,8 +364,6 @@ def calibrate(
     group = tp_group(model)
     if group is not None:  # a row-sharded input's histogram is of this rank's slice: every rank reads the sums
         reduce_histograms(recorder.histograms, group)
-        for per_b in recorder.batch_histograms.values():
-            reduce_histograms(per_b, group)
 
     plan = Plan(
         linears={k: LinearPlan(k, m.block, m.role, whole_shape(model, k, m.shape), 0.0, 0.0) for k, m in matched.items()},
@@ -424,7 +374,6 @@ def calibrate(
         weights=weights,
         lm_head="int8" if quantize_lm_head else None,
         batch_mask=batch_mask,
-        batch_histograms=recorder.batch_histograms,
     )
     if method == "greedy":
         blocks = [(st, b) for st in recorder.graphs for b in st.blocks]
@@ -439,6 +388,9 @@ def calibrate(
         plan.notes["greedy"] = {"step": step, "max_sparsity": max_sparsity, "error_fraction": error_fraction,
                                 "sequences": min(greedy_sequences, len(seqs))}
     plan = plan.at(sparsity, method) if held is None else choose_allocation(model, plan, sparsity, held)
+    if batch_mask == "shared":
+        all_windows = seqs if held is None else torch.cat([seqs, held])
+        plan = with_batch_histograms(plan, read_batch_histograms(model, plan, all_windows, progress=progress))
     if attach:
         attach_plan(model, plan, check=False)
     return plan
@@ -475,13 +427,23 @@ def realised_sparsity(model: nn.Module, plan: Plan, data: Data, *, tokenizer: An
                         masked=sparse_run)
     compiled = torch.compile(model, backend=recorder, dynamic=False)
     device = next(model.parameters()).device
-    step = batch if shared else 1
-    n = len(seqs) // step * step
-    if n == 0:
+    batches = spread_batches(len(seqs), batch if shared else 1)
+    if not batches:
         raise ValueError(f"realised_sparsity: {len(seqs)} windows of {seq_len} tokens cannot fill one batch of "
                          f"{batch}: give more text or num_sequences >= {batch}")
-    order = torch.arange(n).reshape(step, -1).t().reshape(-1)  # batch j: windows j, j + n/step, ... (spread)
     with torch.no_grad(), recompile_limits(1024, 4096):
-        for i in range(0, n, step):
-            compiled(input_ids=seqs[order[i : i + step]].to(device), use_cache=False)
+        for rows in batches:
+            compiled(input_ids=seqs[rows].to(device), use_cache=False)
     return {k: below / total for k, (below, total, _) in recorder.counts.items() if total}
+
+
+def read_batch_thresholds(model: nn.Module, plan: Plan, data: Data, *, tokenizer: Any = None,
+                          num_sequences: Optional[int] = None, seq_len: Optional[int] = None,
+                          progress: bool = True) -> Plan:
+    """``plan`` (``batch_mask="shared"``) with its thresholds for batches of 2, 4, 8 and 16 rows read in a sparse run
+    on ``data`` at the plan's per-linear sparsities (teal_fx/shared_thresholds.py). ``calibrate(...,
+    batch_mask="shared")`` does this at its target; call it on ``plan.at(s)`` to run a shared plan at another
+    sparsity. Sizes default as calibration's (``defaults_for``)."""
+    d = defaults_for(next(model.parameters()).device)
+    seqs = token_sequences(data, tokenizer, num_sequences=num_sequences or d.num_sequences, seq_len=seq_len or d.seq_len)
+    return with_batch_histograms(plan, read_batch_histograms(model, plan, seqs, progress=progress))

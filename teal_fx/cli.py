@@ -56,7 +56,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     plan = teal_fx.calibrate(
         model, data, sparsity=args.sparsity, method=args.method, tokenizer=tok,
         num_sequences=args.num_sequences, seq_len=args.seq_len, greedy_sequences=args.greedy_sequences,
-        step=args.step, max_sparsity=args.max_sparsity,
+        step=args.step, max_sparsity=args.max_sparsity, batch_mask=args.batch_mask,
     )
     plan.save(out)
     print(plan.table() if args.verbose else f"teal: {len(plan)} linears, model-level sparsity {plan.model_sparsity():.3f}")
@@ -115,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--step", type=float, default=None, help="block sparsity each greedy step adds (None: per device)")
     p.add_argument("--max-sparsity", type=float, default=None,
                    help="how far the greedy paths go (None: max(0.9, --sparsity))")
+    p.add_argument("--batch-mask", default="per_row", choices=["per_row", "shared"],
+                   help="per_row: each row of a batch its own mask (TEAL); shared: one mask per decode step for the "
+                   "batch, thresholds read for batches of 2-16 rows in a sparse run")
     p.add_argument("-v", "--verbose", action="store_true", help="print the plan's table")
     p.set_defaults(fn=cmd_calibrate)
 

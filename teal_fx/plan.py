@@ -10,6 +10,7 @@ import json
 import math
 import os
 import tempfile
+import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Iterable, Mapping, Optional, Union
@@ -77,8 +78,11 @@ class Plan:
     # "per_row" (TEAL: each row its own mask) or "shared" (one mask per step for the batch: the channels whose mean |x|
     # over the rows is at or below the batch size's threshold; paper §5.4.4)
     batch_mask: str = "per_row"
-    # shared: key -> batch size -> histogram of the mean |x| over that many rows (re-derives batch thresholds)
+    # shared: key -> batch size -> histogram of the mean |x| over that many rows (re-derives batch thresholds), read in
+    # a sparse run at the model-level sparsity ``batch_read_at`` (teal_fx/shared_thresholds.py; None: read on the
+    # dense model's inputs, as plans before that were)
     batch_histograms: dict[str, dict[int, AbsHistogram]] = field(default_factory=dict, repr=False)
+    batch_read_at: Optional[float] = None
 
     def __post_init__(self) -> None:
         if self.batch_mask not in BATCH_MASKS:
@@ -157,18 +161,36 @@ class Plan:
         per_key = sparsities_at({k: lp.numel for k, lp in self.linears.items()}, self.greedy_paths, sparsity, method)
         linears = {
             k: replace(lp, sparsity=per_key[k], threshold=self.histograms[k].quantile(per_key[k]),
-                       batch_thresholds=self._batch_thresholds(k, per_key[k]))
+                       batch_thresholds=self.batch_thresholds_at(k, per_key[k]))
             for k, lp in self.linears.items()
         }
+        problem = self.batch_thresholds_problem(sparsity)
+        if problem:
+            warnings.warn(problem, stacklevel=2)
         return replace(self, linears=linears, method=method, target_sparsity=sparsity)
 
-    def _batch_thresholds(self, key: str, sparsity: float) -> Optional[tuple[tuple[int, float], ...]]:
+    def batch_thresholds_at(self, key: str, sparsity: float) -> Optional[tuple[tuple[int, float], ...]]:
         """Each batch size's threshold on the rows' mean |x| that drops ``sparsity`` of a shared mask's inputs (the
         per-linear sparsities come from the per-row allocation)."""
         hists = self.batch_histograms.get(key)
         if self.batch_mask != "shared" or not hists:
             return None
         return tuple((b, hists[b].quantile(sparsity)) for b in sorted(hists))
+
+    def batch_thresholds_problem(self, sparsity: Optional[float] = None) -> Optional[str]:
+        """Why this shared plan's batch thresholds (re-derived at ``sparsity``; None: as they are) would not drop
+        what the plan says in a sparse run, or None."""
+        if self.batch_mask != "shared" or not self.batch_histograms:
+            return None
+        if self.batch_read_at is None:
+            return ("this shared plan's batch thresholds were read on the dense model's inputs (a plan made before "
+                    "teal-fx read them in a sparse run): in a sparse run they drop more than planned. Re-read them: "
+                    "plan = teal_fx.read_batch_thresholds(model, plan, data)")
+        if sparsity is not None and abs(sparsity - self.batch_read_at) > 0.02:
+            return (f"this shared plan's batch thresholds were read in a sparse run at {self.batch_read_at:.0%}: at "
+                    f"{sparsity:.0%} they drop {'less' if sparsity < self.batch_read_at else 'more'} than planned. "
+                    "Re-read them: plan = teal_fx.read_batch_thresholds(model, plan.at(s), data)")
+        return None
 
     # ------------------------------------------------------------------ fitting a model
     def check_fits(self, found: Iterable["MatchedLinearInfo"], *, require_all: bool = True,
@@ -209,6 +231,7 @@ class Plan:
             "weights": self.weights,
             "lm_head": self.lm_head,
             "batch_mask": self.batch_mask,
+            "batch_read_at": self.batch_read_at,
             "linears": [
                 {**asdict(lp), "shape": list(lp.shape),
                  "batch_thresholds": None if lp.batch_thresholds is None else [list(bt) for bt in lp.batch_thresholds]}
@@ -278,6 +301,8 @@ class Plan:
                 batch_mask=str(data.get("batch_mask", "per_row")),
                 batch_histograms={str(k): {int(b): AbsHistogram.from_json(h) for b, h in hs.items()}
                                   for k, hs in data.get("batch_histograms", {}).items()},
+                batch_read_at=None if data.get("batch_read_at") is None else _check_fraction(
+                    float(data["batch_read_at"]), "batch_read_at"),
             )
         except PlanError:
             raise

@@ -11,6 +11,7 @@ takes the model as its first argument).
 """
 from __future__ import annotations
 
+import warnings
 import weakref
 from typing import Any, Callable, Hashable, Iterable, Optional
 
@@ -39,6 +40,9 @@ def attach_plan(model: nn.Module, plan: PlanLike, *, check: bool = True) -> Plan
     plan = as_plan(plan)
     if check:
         plan.check_fits(find_linears(model))
+    problem = plan.batch_thresholds_problem()
+    if problem:
+        warnings.warn(problem, stacklevel=2)
     apply_weight_format(model, list(plan.linears), plan.weights, plan.lm_head)
     for w in store_column_major(model, plan):
         _PLAN_OF_WEIGHT[w] = _PLAN_OF_WEIGHT[local_tensor(w)] = plan  # a graph may take a TP rank's shard instead

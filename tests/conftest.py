@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -10,10 +12,31 @@ import torch
 if not torch.cuda.is_available():  # run the Triton kernels on the CPU (must be set before triton is imported)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest
-import transformers as T
 
-from teal_fx.kernels.quantize import QuantizedLinear
+def _import_installed(name: str) -> None:
+    """Import the installed package ``name`` before anything else can import the repository's folder of that name.
+
+    Why: ``python -m pytest`` (and ``from tests.conftest import``) put the repository root on sys.path, where
+    kernels/ and passes/ (shipped as teal_fx.kernels and teal_fx.passes) would be found as top-level ``kernels`` and
+    ``passes``; transformers >= 5.25 imports the Hugging Face ``kernels`` package."""
+    root = Path(__file__).resolve().parents[1]
+    saved = sys.path[:]
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != root]
+    try:
+        importlib.import_module(name)
+    except ImportError:  # not installed: transformers does not probe for it either
+        pass
+    finally:
+        sys.path[:] = saved
+
+
+_import_installed("kernels")
+
+# after _import_installed("kernels"): these import transformers
+import pytest  # noqa: E402
+import transformers as T  # noqa: E402
+
+from teal_fx.kernels.quantize import QuantizedLinear  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 

@@ -82,3 +82,11 @@ def test_inspect_with_another_models_plan_says_so(small_text, tmp_path, capsys):
     path = plan.save(tmp_path / "other.json")
     assert main(["inspect", "--plan", str(path)]) == 2
     assert "does not fit" in capsys.readouterr().err
+
+
+def test_calibrate_takes_the_batch_mask(capsys):
+    assert build_parser().parse_args(["calibrate"]).batch_mask == "per_row"
+    assert build_parser().parse_args(["calibrate", "--batch-mask", "shared"]).batch_mask == "shared"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["calibrate", "--batch-mask", "union"])
+    assert "invalid choice: 'union'" in capsys.readouterr().err
