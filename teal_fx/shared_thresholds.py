@@ -11,13 +11,16 @@ linear's input masked as a shared mask masks it. Each batch drops exactly the li
 means (the batch's quantile, not a threshold), so one pass gives every linear the inputs a sparse run at the plan's
 sparsities feeds it, whatever the thresholds were before. The histograms of those means give the thresholds.
 
+Under tensor parallelism each rank masks a row-sharded input (o, down) at the quantile of its own slice, and the
+ranks' histograms are summed: close to the whole input's quantile for a slice of thousands of channels; not measured.
+
 The thresholds hold at the plan's sparsities: ``Plan.batch_read_at`` records the model-level sparsity they were read
 at, and ``Plan.at`` warns when asked for another (``teal_fx.read_batch_thresholds`` re-reads the plan it returns).
 """
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import fx, nn
@@ -41,8 +44,8 @@ def with_batch_histograms(plan: Plan, histograms: dict[str, dict[int, AbsHistogr
                                  for k, lp in plan.linears.items()})
 
 
-def read_batch_histograms(model: nn.Module, plan: Plan, seqs: torch.Tensor, *, batch_sizes=BATCH_SIZES,
-                          progress: bool = True) -> dict[str, dict[int, AbsHistogram]]:
+def read_batch_histograms(model: nn.Module, plan: Plan, seqs: torch.Tensor, *,
+                          batch_sizes: Sequence[int] = BATCH_SIZES, progress: bool = True) -> dict[str, dict[int, AbsHistogram]]:
     """Per planned linear and batch size B: the histogram of the rows' mean |x| per channel and position, ``seqs``
     (token windows [n, L]) run B at a time with every linear masked at its planned sparsity (module docstring)."""
     if plan.batch_mask != "shared":

@@ -40,7 +40,7 @@ def attach_plan(model: nn.Module, plan: PlanLike, *, check: bool = True) -> Plan
     plan = as_plan(plan)
     if check:
         plan.check_fits(find_linears(model))
-    problem = plan.batch_thresholds_problem()
+    problem = plan.batch_thresholds_problem(plan.target_sparsity)
     if problem:
         warnings.warn(problem, stacklevel=2)
     apply_weight_format(model, list(plan.linears), plan.weights, plan.lm_head)

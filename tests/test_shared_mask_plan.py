@@ -117,7 +117,7 @@ def test_a_sparse_run_read_drops_its_planned_fraction_per_batch():
         assert int((~batch_quantile_mask(means, s)).sum()) == round(s * means.numel())
 
 
-def test_dense_read_plans_warn_and_reread(shared, recwarn):
+def test_dense_read_plans_warn_and_reread(shared):
     """A shared plan saved before thresholds were read in a sparse run warns when attached; re-reading fixes it."""
     from dataclasses import replace
 
@@ -128,6 +128,9 @@ def test_dense_read_plans_warn_and_reread(shared, recwarn):
     teal_fx.detach_plan(model)
     with pytest.warns(UserWarning, match="at 30% they drop less"):
         lower = plan.at(0.3)
+    with pytest.warns(UserWarning, match="at 30% they drop less"):  # and again when it is attached as it is
+        teal_fx.attach_plan(model, lower)
+    teal_fx.detach_plan(model)
     again = teal_fx.read_batch_thresholds(model, lower, DATA, num_sequences=24, seq_len=64, progress=False)
     assert again.batch_read_at == pytest.approx(0.3) and again.batch_thresholds_problem() is None
     got = teal_fx.realised_sparsity(model, again, DATA, num_sequences=16, seq_len=64, batch=4, sparse_run=True)
