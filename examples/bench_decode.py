@@ -362,12 +362,12 @@ def with_decode_thresholds(model, plan, rows: int, prompt: int, steps: int, pass
     """``plan`` with each linear's shared threshold for ``rows`` re-read from decode steps of this model, the steps
     run with the shared masks of the previous pass (the first pass dense).
 
-    Why: calibration reads every threshold from a dense run, but in a sparse run each mask shrinks the inputs of the
-    linears after it, and a mean over a batch is narrow, so that small shift moves many channels below the threshold.
-    The random-weight model adds a drift with the position (its attention averages its values almost uniformly, so
-    o's input shrinks as decoding goes on). Decoding 8 rows under a 50% plan dropped ~90% of o's inputs and ~74% of
-    down's (two layers, CPU, perf-log v30). Re-read from masked decode steps, the timed rows run at the plan's
-    sparsity."""
+    Why: in a sparse run each mask shrinks the inputs of the linears after it, and a mean over a batch is narrow, so
+    that small shift moves many channels below the threshold (calibrate reads shared thresholds in a sparse run for
+    this reason). The random-weight model adds a drift with the position that forwards of its random calibration
+    tokens do not show (its attention averages its values almost uniformly, so o's input shrinks as decoding goes
+    on): decoding 8 rows under dense-read thresholds dropped ~90% of o's inputs and ~74% of down's (two layers,
+    CPU, perf-log v30). Read from masked decode steps, the timed rows run at the plan's sparsity."""
     from dataclasses import replace
 
     for i in range(passes):

@@ -418,8 +418,9 @@ def realised_sparsity(model: nn.Module, plan: Plan, data: Data, *, tokenizer: An
 
     By default it counts the dense model's inputs, the statistic calibration reads (and TEAL reports). ``sparse_run``:
     every linear's input is masked as the plan masks it, so each counts what a sparse model feeds it. Each mask
-    shrinks later inputs a little; a shared mask's narrow mean over a batch turns that into many points, so shared
-    plans drop more in a sparse run than planned (docs/perf-log.md v30)."""
+    shrinks later inputs a little: thresholds read on dense inputs (TEAL's per-row ones) drop somewhat more there,
+    and a shared mask's narrow mean would turn that into many points, which is why shared thresholds are read in a
+    sparse run (teal_fx/shared_thresholds.py; docs/perf-log.md v30-v31)."""
     seqs = token_sequences(data, tokenizer, num_sequences=num_sequences, seq_len=seq_len)
     shared = batch > 1 and plan.batch_mask == "shared"
     recorder = Recorder(greedy=False, thresholds={k: lp.threshold_for(batch if shared else 1)

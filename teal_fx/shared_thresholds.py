@@ -119,21 +119,23 @@ class _SparseRunReader:
 
     def __call__(self, gm: fx.GraphModule, example_inputs):
         keys = {m.node: m.key for m in discover(gm.graph).matched if m.key in self.sparsities}
-        reader = self
+        return lambda *args: _MaskedBatchInterpreter(gm, keys, self).run(*args)
 
-        class Interpreter(fx.Interpreter):
-            def run_node(self, n: fx.Node) -> Any:
-                key = keys.get(n)
-                if key is None:
-                    return super().run_node(n)
-                args, kwargs = self.fetch_args_kwargs_from_env(n)
-                x = args[0]
-                means = x.detach().abs().float().mean(dim=0)  # over the batch's rows, per position and channel
-                h = AbsHistogram()
-                h.add(means, name=key)
-                reader.histograms[key] = h
-                x = x * batch_quantile_mask(means, reader.sparsities[key]).to(x.dtype)  # broadcast over the rows
-                return getattr(self, n.op)(n.target, (x, *args[1:]), kwargs)
 
-        return lambda *args: Interpreter(gm, garbage_collect_values=True).run(*args)
+class _MaskedBatchInterpreter(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule, keys: dict[fx.Node, str], reader: _SparseRunReader) -> None:
+        super().__init__(gm, garbage_collect_values=True)
+        self.keys, self.reader = keys, reader
 
+    def run_node(self, n: fx.Node) -> Any:
+        key = self.keys.get(n)
+        if key is None:
+            return super().run_node(n)
+        args, kwargs = self.fetch_args_kwargs_from_env(n)
+        x = args[0]
+        means = x.detach().abs().float().mean(dim=0)  # over the batch's rows, per position and channel
+        h = AbsHistogram()
+        h.add(means, name=key)
+        self.reader.histograms[key] = h
+        x = x * batch_quantile_mask(means, self.reader.sparsities[key]).to(x.dtype)  # broadcast over the rows
+        return getattr(self, n.op)(n.target, (x, *args[1:]), kwargs)
