@@ -18,7 +18,7 @@ import datetime
 import os
 import shlex
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -157,6 +157,9 @@ def main() -> int:
     ap.add_argument("--weight-sparsities", default="0,0.4,0.5")
     ap.add_argument("--weight-baselines", action=argparse.BooleanOptionalAction, default=True,
                     help="PyTorch's own weight-only decoding before teal's (about 2.5 minutes of compiling)")
+    ap.add_argument("--activations", action="store_true",
+                    help="each teal int8/int4 row also with its plan's activations='int8' (x rounded to int8 per 32 "
+                    "inputs, dp4a products)")
     ap.add_argument("--quantize-lm-head", action="store_true",
                     help="teal's quantized rows with the output head in int8 too (calibrate(quantize_lm_head=True))")
     ap.add_argument("--batches", default="",
@@ -308,10 +311,12 @@ def quantized_rows(fmt: str, args, ids, calib, cache_len, add, notes, peak_gib):
     notes.append(f"teal {fmt}: quantizing in place took the model's GPU memory from {before / 2**30:.2f} GiB to "
                  f"{after / 2**30:.2f} GiB (block linears {fmt}, embeddings bf16, lm_head {'int8' if head else 'bf16'})")
     for s in [float(x) for x in args.weight_sparsities.split(",") if x]:
-        teal_fx.attach_plan(model, plan.at(s, "uniform"), check=False)
-        torch.cuda.reset_peak_memory_stats()
-        t, first = decode_speed(lean(model, ids, "teal", cache_len), args.new_tokens)
-        add(f"lean loop, teal {fmt} {s:.0%}{', lm_head int8' if head else ''}", 1, t, first, peak_gib())
+        for activations in [None, "int8"] if args.activations else [None]:
+            teal_fx.attach_plan(model, replace(plan.at(s, "uniform"), activations=activations), check=False)
+            torch.cuda.reset_peak_memory_stats()
+            t, first = decode_speed(lean(model, ids, "teal", cache_len), args.new_tokens)
+            add(f"lean loop, teal {fmt} {s:.0%}{', lm_head int8' if head else ''}"
+                f"{', x int8 (dp4a)' if activations else ''}", 1, t, first, peak_gib())
 
 
 def batch_dense_rows(model, batches: list[int], args, cache_len, add, dense) -> None:
@@ -368,7 +373,6 @@ def with_decode_thresholds(model, plan, rows: int, prompt: int, steps: int, pass
     tokens do not show (its attention averages its values almost uniformly, so o's input shrinks as decoding goes
     on): decoding 8 rows under dense-read thresholds dropped ~90% of o's inputs and ~74% of down's (two layers,
     CPU, perf-log v30). Read from masked decode steps, the timed rows run at the plan's sparsity."""
-    from dataclasses import replace
 
     for i in range(passes):
         means, _ = decode_batch_means(model, plan, rows, prompt, steps, shared_mask=i > 0)
@@ -394,7 +398,6 @@ def batch_teal_rows(model, calib, batches: list[int], args, cache_len, add, note
     """Per batch size: teal with per-row masks and with a mask shared by the batch (the same per-linear sparsities;
     the shared plan's thresholds are those of the rows' mean |x| at that batch size, re-read from decode steps:
     ``with_decode_thresholds``)."""
-    from dataclasses import replace
 
     s = args.batch_sparsity
     per_row = teal_fx.calibrate(model, calib, sparsity=s, method="uniform", num_sequences=2, seq_len=256,

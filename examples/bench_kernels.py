@@ -177,11 +177,11 @@ def break_even(points: list[tuple[float, float]]) -> float:
 BLOCK_LINEARS = [(4096, 4096), (1024, 4096), (1024, 4096), (4096, 4096), (14336, 4096), (14336, 4096), (4096, 14336)]
 BLOCK_GROUPS = [[0, 1, 2], [3], [4, 5], [6]]
 def bench_block(sparsity: float, dtype, bw: float, l2: int, layers: int = 4, grouped: bool = True,
-                fmt=None) -> dict:
+                fmt=None, x_int8: bool = False) -> dict:
     """One Llama-3-8B block at ``sparsity`` as the backend issues it: grouped, 4 launches (q+k+v, o, gate+up with
     silu(gate) * up formed in the launch, down; passes/group_shared_input.py, passes/fuse_swiglu.py), or one launch
     per linear (7). Each input has its own threshold; each launch takes the launcher's config. ``fmt``: int8/int4
-    weights (kernels/quantize.py)."""
+    weights (kernels/quantize.py); ``x_int8``: x rounded to int8, dp4a products (a plan's activations="int8")."""
     shapes = BLOCK_LINEARS
     launches = BLOCK_GROUPS if grouped else [[j] for j in range(len(shapes))]
     layer_ws, layer_ss = [], []
@@ -204,11 +204,11 @@ def bench_block(sparsity: float, dtype, bw: float, l2: int, layers: int = 4, gro
             if group == [4, 5]:  # gate, up: the SwiGLU launch
                 calls.append(lambda ws=ws, ss=ss: sg.sparse_gemv_swiglu(
                     x_of[4], ws[4], ws[5], ts[4], ts[5], out=outs[4], sparsity=sparsity, scales_gate=ss[4],
-                    scales_up=ss[5]))
+                    scales_up=ss[5], x_int8=x_int8))
                 continue
             calls.append(lambda ws=ws, ss=ss, g=group: sg.sparse_gemv_group(
                 x_of[g[0]], [ws[j] for j in g], [None] * len(g), [ts[j] for j in g], outs=[outs[j] for j in g],
-                sparsity=sparsity, scales=[ss[j] for j in g]))
+                sparsity=sparsity, scales=[ss[j] for j in g], x_int8=x_int8))
     us = graph_time_us(calls) * len(launches)
     per_weight = {None: 2, "int8": 1, "int4": 0.5}[fmt]
     roof = sum((1 - sparsity) * N * K * per_weight for N, K in shapes) / bw * 1e6
@@ -219,9 +219,10 @@ _DENSE_US: dict = {}
 
 
 def bench_quantized(N: int, K: int, M: int, sparsity: float, fmt: str, bw: float, l2: int, config=None,
-                    calls: int = 32) -> dict:
-    """µs of the sparse GEMV over ``fmt`` weights (bf16 x), cuBLAS bf16 dense on the same shape, and the format's
-    roofline: the needed weight rows' bytes (1 or 1/2 byte a weight) plus the scales."""
+                    calls: int = 32, x_int8: bool = False) -> dict:
+    """µs of the sparse GEMV over ``fmt`` weights (bf16 x; ``x_int8``: rounded to int8, dp4a products), cuBLAS bf16
+    dense on the same shape, and the format's roofline: the needed weight rows' bytes (1 or 1/2 byte a weight) plus
+    the scales. The error is against fp64 of the kernel's own math (with x_int8: x on its int8 grid)."""
     w = (torch.randn(N, K, dtype=torch.bfloat16, device="cuda") / K**0.5)
     q, sc = QUANTIZE[fmt](w)
     copies = max(2, math.ceil(3 * l2 / (q.numel() * q.element_size())))
@@ -230,11 +231,11 @@ def bench_quantized(N: int, K: int, M: int, sparsity: float, fmt: str, bw: float
     t = float(torch.quantile(x.float().abs().flatten(), sparsity)) if sparsity > 0 else 0.0
     needed = float((x.abs() > t).any(0).float().mean())
     y = torch.empty(M, N, dtype=x.dtype, device="cuda")
-    got = sg.sparse_gemv(x, q, None, t, config=config, sparsity=sparsity, scales=sc)
-    ref = reference_sparse_linear(x.double(), dequantize(q, sc, torch.float64), None, t)
+    got = sg.sparse_gemv(x, q, None, t, config=config, sparsity=sparsity, scales=sc, x_int8=x_int8)
+    ref = reference_sparse_linear(x.double(), dequantize(q, sc, torch.float64), None, t, x_int8=x_int8)
     err = float((got.double() - ref).norm() / ref.norm())
     us = graph_time_us([lambda i=i: sg.sparse_gemv(x, qs[i % len(qs)], None, t, config=config, out=y,
-                                                   sparsity=sparsity, scales=sc) for i in range(calls)])
+                                                   sparsity=sparsity, scales=sc, x_int8=x_int8) for i in range(calls)])
     if (N, K, M) not in _DENSE_US:  # cuBLAS on the same shape, once per shape (a sweep times many configs)
         ws_row = [w] + [torch.randn_like(w) for _ in range(max(2, math.ceil(3 * l2 / (N * K * 2))) - 1)]
         _DENSE_US[N, K, M] = graph_time_us([lambda i=i: F.linear(x, ws_row[i % len(ws_row)]) for i in range(calls)])
@@ -284,6 +285,13 @@ SWEEP_WEIGHT_MATH = {
                        ("int4", ((1024, 16, 4, 1), (1024, 16, 8, 1), (512, 16, 4, 1), (512, 16, 8, 1), (512, 8, 8, 1),
                                  (1024, 8, 8, 1))))
 }
+
+# ... and x rounded to int8 (weight_math 3, dp4a; timed with x_int8): 8 or 16 bytes of a row a thread, a program's
+# inputs whole tiles of 32 (docs/perf-log.md v32)
+for _fmt, _tiles in (("int8", ((512, 8, 8), (512, 16, 4), (256, 32, 2), (512, 32, 2), (1024, 16, 4))),
+                     ("int4", ((1024, 32, 2), (1024, 16, 4), (1024, 8, 8), (512, 32, 2), (512, 16, 4)))):
+    SWEEP_WEIGHT_MATH[_fmt] += [dict(BN=bn, BK=bk, iters=it, use_dot=False, num_warps=1, num_stages=1, in_thread=True,
+                                     weight_math=3) for bn, bk, it in _tiles]
 
 # --sweep-shared: a batch with one mask (2-16 rows, padded to 16 on tensor cores): every input walked with the weight
 # rows no row needs left unread (x requested a tile ahead of the mask it sets), the packed survivors gathered (their
@@ -410,6 +418,14 @@ def sweep_shape(N: int, K: int, M: int, sparsity: float, bw: float, l2: int, con
     return res
 
 
+def _format(label: str) -> tuple:
+    """--weights entry -> (weight format, x_int8): 'int8', 'int4', or either + '+x8' (a plan's activations="int8")."""
+    fmt, _, x = label.partition("+")
+    if fmt not in QUANTIZE or x not in ("", "x8"):
+        raise SystemExit(f"--weights: {label!r} is not int8, int4, int8+x8 or int4+x8")
+    return fmt, x == "x8"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="bf16 at 0 and 50% only")
@@ -425,7 +441,8 @@ def main() -> int:
     ap.add_argument("--sweep-kind", choices=("all", "in-thread", "compact", "packed"), default="all",
                     help="sweep only the one-warp loops over every input, only the packed loops (compact), or "
                     "with --sweep-shared only the packed tensor-core loops")
-    ap.add_argument("--weights", default="int8,int4", help="quantized formats measured at 0 and 50% ('' for none)")
+    ap.add_argument("--weights", default="int8,int4",
+                    help="quantized formats measured at 0 and 50% ('' for none; 'int4+x8': x rounded to int8 too)")
     ap.add_argument("--sweep-weights", action="store_true", help="sweep tile configs of the quantized formats")
     ap.add_argument("--sweep-weights-sparsity", type=float, default=0.5)
     ap.add_argument("--sweep-weights-math", action="store_true",
@@ -519,7 +536,8 @@ def main() -> int:
                 for p in [None, *sweep[fmt]]:
                     cfg = make_config(N, K, **p) if p else None
                     try:
-                        r = bench_quantized(N, K, 1, args.sweep_weights_sparsity, fmt, bw, l2, config=cfg, calls=16)
+                        r = bench_quantized(N, K, 1, args.sweep_weights_sparsity, fmt, bw, l2, config=cfg, calls=16,
+                                            x_int8=bool(p and p.get("weight_math") == 3))
                     except Exception as e:  # a config Triton cannot build
                         print(f"   skipped {p}: {type(e).__name__}: {str(e)[:200]}", flush=True)
                         continue
@@ -542,11 +560,13 @@ def main() -> int:
     for fmt in formats:
         for name, (N, K) in SHAPES.items():
             for s in (0.0, 0.5):
-                r = bench_quantized(N, K, 1, s, fmt, bw, l2)
+                wfmt, x8 = _format(fmt)
+                r = bench_quantized(N, K, 1, s, wfmt, bw, l2, x_int8=x8)
                 qrows.append((fmt, name, 1, s, r))
                 print(f"{fmt} {name:20s} M=1 s={s:.2f}  {r['us']:7.2f} us  bf16 dense {r['dense_us']:7.2f}  roof "
                       f"{r['roof_us']:6.2f}  frac {r['frac']:.2f}  x{r['speedup']:.2f}  err {r['err']:.1e}", flush=True)
-    qblocks = {(fmt, s): bench_block(s, torch.bfloat16, bw, l2, fmt=fmt) for fmt in formats for s in (0.0, 0.5)}
+    qblocks = {(fmt, s): bench_block(s, torch.bfloat16, bw, l2, fmt=_format(fmt)[0], x_int8=_format(fmt)[1])
+               for fmt in formats for s in (0.0, 0.5)}
     for (fmt, s), b in qblocks.items():
         print(f"Llama-3-8B block @{s:.0%} {fmt}: {b['us']:.1f} us, roofline {b['roof_us']:.1f} us", flush=True)
 
@@ -604,12 +624,13 @@ def main() -> int:
                   f"100.9 µs on the H100 of ANCHORS.md).", ""]
     if qrows:
         lines += ["## Quantized weights (bf16 x; kernels/quantize.py: int8 per output channel, int4 symmetric in "
-                  f"groups of {INT4_GROUP} along K)", "",
+                  f"groups of {INT4_GROUP} along K; '+x8': x rounded to int8 per 32 inputs, dp4a products)", "",
                   "- roofline: the needed rows' bytes (1 byte a weight for int8, 1/2 for int4) plus the scales, at the "
                   "bandwidth above; 'vs bf16 dense': cuBLAS on the bf16 weight of the same shape",
                   "",
                   "| format | shape (N x K) | batch | sparsity | teal µs | bf16 cuBLAS dense µs | roofline µs | "
-                  "share of roofline | speedup vs bf16 dense | rel. error vs fp64 of the dequantized weight |",
+                  "share of roofline | speedup vs bf16 dense | rel. error vs fp64 of the dequantized weight (+x8: and of x's "
+                  "int8 grid) |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for fmt, name, M, s, r in qrows:
             lines.append(f"| {fmt} | {name} | {M} | {s:.2f} | {r['us']:.1f} | {r['dense_us']:.1f} | {r['roof_us']:.1f} | "

@@ -10,8 +10,11 @@ dtypes and row counts) and runs ``reference.py`` everywhere else, so one graph s
     teal::decode_attention(q, k, v, mask, scale)                        one query position, GQA heads read once
     teal::quantized_linear(x, W_q, scales, b)                           x Wᵀ + b, W int8/int4 (kernels/quantize.py)
 
-The sparse ops take int8/int4 weights too, with their ``scales`` (None: a float weight), and ``shared``: one mask for
-the batch (a plan's ``batch_mask="shared"``: ``reference.keep_mask``) instead of one per row.
+The sparse ops take int8/int4 weights too, with their ``scales`` (None: a float weight), ``shared``: one mask for
+the batch (a plan's ``batch_mask="shared"``: ``reference.keep_mask``) instead of one per row, and ``x_int8`` (a plan's
+``activations="int8"``, int8/int4 weights): the masked x of the sparsified tokens rounded to int8 per 32 inputs
+(``reference.masked_input``), which the one-row GEMV multiplies with dp4a; elsewhere (batches, CPU) the ops round x
+so and run their usual path.
 
 A decode step (one token per sequence, or a 2-D ``x`` of rows) is always sparsified; a prefill of S tokens from
 position ``ceil(prefill_sparse_from * S)`` on (``reference.sparse_token_start``), decided at run time from the shape.
@@ -47,40 +50,51 @@ from teal_fx.kernels.reference import (
 
 
 def _not_decoded(x: Tensor, weight: Tensor, bias: Optional[Tensor], threshold: float, prefill_sparse_from: float,
-                 scales: Optional[Tensor], shared: bool = False) -> Tensor:
+                 scales: Optional[Tensor], shared: bool = False, x_int8: bool = False) -> Tensor:
     """A sparse linear off the GEMV's path (CPU, prefill, shapes it does not take): the reference, except that a
     quantized weight on a GPU goes through the dequantizing GEMM rather than a float copy of the matrix."""
     if scales is not None and dequant_matmul.supports(x, weight):
-        return dequant_matmul.dequant_matmul(masked_input(x, threshold, prefill_sparse_from, shared), weight, scales,
-                                             bias)
-    return reference_sparse_linear(x, weight, bias, threshold, prefill_sparse_from, scales, shared)
+        return dequant_matmul.dequant_matmul(masked_input(x, threshold, prefill_sparse_from, shared, x_int8), weight,
+                                             scales, bias)
+    return reference_sparse_linear(x, weight, bias, threshold, prefill_sparse_from, scales, shared, x_int8)
+
+
+def _on_int8_grid(x: Tensor, threshold: float, prefill_sparse_from: float, shared: bool) -> Tensor:
+    """x_int8 off the one-row GEMV (batches on a GPU): x masked and rounded to its int8 grid, for the usual path with
+    threshold 0 and per-row masks (the grid's zeros are the mask's)."""
+    return masked_input(x, threshold, prefill_sparse_from, shared, True)
 
 
 @torch.library.custom_op("teal::sparse_linear", mutates_args=())
 def sparse_linear(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], threshold: float, prefill_sparse_from: float = 1.0,
-    sparsity: float = -1.0, scales: Optional[Tensor] = None, shared: bool = False,
+    sparsity: float = -1.0, scales: Optional[Tensor] = None, shared: bool = False, x_int8: bool = False,
 ) -> Tensor:
     """y = (x ⊙ 1[|x| > threshold]) weightᵀ + bias, with the decode/prefill rule of the module docstring.
 
     ``sparsity``: the fraction of inputs the threshold is expected to drop (from the plan; -1: unknown). It only
-    picks the GPU kernel's variant, never the result. ``scales``: those of an int8/int4 ``weight``."""
+    picks the GPU kernel's variant, never the result. ``scales``: those of an int8/int4 ``weight``; ``x_int8``: see
+    the module docstring."""
     if x.is_cuda and sparse_token_start(x, prefill_sparse_from) == 0:
-        if sparse_gemv.supports(x, weight, scales, shared) and \
+        if x_int8 and not sparse_gemv.supports(x, weight, scales, shared, x_int8):
+            return sparse_linear(_on_int8_grid(x, threshold, prefill_sparse_from, shared), weight, bias, 0.0,
+                                 prefill_sparse_from, sparsity, scales)
+        if sparse_gemv.supports(x, weight, scales, shared, x_int8) and \
                 sparse_gemv.pays(x, weight.shape[0], sparsity, shared, scales is not None):
-            return sparse_gemv.sparse_gemv(x, weight, bias, threshold, sparsity=sparsity, scales=scales, shared=shared)
-    return _not_decoded(x, weight, bias, threshold, prefill_sparse_from, scales, shared)
+            return sparse_gemv.sparse_gemv(x, weight, bias, threshold, sparsity=sparsity, scales=scales, shared=shared,
+                                           x_int8=x_int8)
+    return _not_decoded(x, weight, bias, threshold, prefill_sparse_from, scales, shared, x_int8)
 
 
 @sparse_linear.register_fake
 def _(x: Tensor, weight: Tensor, bias: Optional[Tensor], threshold: float, prefill_sparse_from: float = 1.0,
-      sparsity: float = -1.0, scales: Optional[Tensor] = None, shared: bool = False) -> Tensor:
+      sparsity: float = -1.0, scales: Optional[Tensor] = None, shared: bool = False, x_int8: bool = False) -> Tensor:
     torch._check(x.shape[-1] == weight.shape[1], lambda: "sparse_linear: x and weight disagree on in_features")
     return x.new_empty((*x.shape[:-1], logical_shape(weight)[0]))
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, weight, bias, threshold, prefill_sparse_from, _, scales, shared = inputs
+    x, weight, bias, threshold, prefill_sparse_from, _, scales, shared, _x_int8 = inputs
     ctx.shared = shared
     if scales is not None:  # a frozen quantized weight: the input's gradient only, through the dequantized matrix
         weight = dequantize(weight, scales, x.dtype)
@@ -92,7 +106,8 @@ def _setup_context(ctx, inputs, output) -> None:
 
 
 def _backward(ctx, grad_out: Tensor):
-    """Straight-through the mask: gradients flow only to the kept inputs (the mask itself is not learned)."""
+    """Straight-through the mask: gradients flow only to the kept inputs (the mask itself is not learned), and
+    through x_int8's rounding as if it were not there."""
     x, weight = ctx.saved_tensors
     start = sparse_token_start(x, ctx.prefill_sparse_from)
     keep = keep_mask(x, ctx.threshold, ctx.shared).clone()
@@ -102,7 +117,7 @@ def _backward(ctx, grad_out: Tensor):
     grad_x = torch.where(keep, grad_out @ weight, torch.zeros((), dtype=x.dtype, device=x.device))
     grad_w = grad_out.reshape(-1, grad_out.shape[-1]).t() @ x_used.reshape(-1, x.shape[-1])
     grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0) if ctx.has_bias else None
-    return grad_x, None if ctx.quantized else grad_w, grad_b, None, None, None, None, None
+    return grad_x, None if ctx.quantized else grad_w, grad_b, None, None, None, None, None, None
 
 
 sparse_linear.register_autograd(_backward, setup_context=_setup_context)
@@ -111,7 +126,7 @@ sparse_linear.register_autograd(_backward, setup_context=_setup_context)
 @torch.library.custom_op("teal::sparse_linear_group", mutates_args=())
 def sparse_linear_group(
     x: Tensor, weights: list[Tensor], biases: list[Optional[Tensor]], thresholds: list[float],
-    prefill_sparse_from: float, sparsities: list[float], scales: list[Optional[Tensor]], shared: bool,
+    prefill_sparse_from: float, sparsities: list[float], scales: list[Optional[Tensor]], shared: bool, x_int8: bool,
 ) -> list[Tensor]:
     """``sparse_linear`` for linears sharing the input ``x`` (q/k/v, gate/up): one Triton launch on the decode path.
 
@@ -121,25 +136,29 @@ def sparse_linear_group(
     """
     if x.is_cuda and sparse_token_start(x, prefill_sparse_from) == 0:
         hint = min(sparsities, default=-1.0)
-        if all(sparse_gemv.supports(x, w, s, shared) for w, s in zip(weights, scales)) and \
+        if all(sparse_gemv.supports(x, w, s, shared, x_int8) for w, s in zip(weights, scales)) and \
                 len({b is None for b in biases}) == 1 and \
                 sparse_gemv.pays(x, sum(w.shape[0] for w in weights), hint, shared, scales[0] is not None):
             return sparse_gemv.sparse_gemv_group(x, weights, biases, thresholds, sparsity=hint, scales=scales,
-                                                 shared=shared)
-    return [_not_decoded(x, w, b, t, prefill_sparse_from, s, shared)
+                                                 shared=shared, x_int8=x_int8)
+        if x_int8:  # each member's threshold puts x on its own int8 grid
+            return [sparse_linear(x, w, b, t, prefill_sparse_from, sp, s, shared, True)
+                    for w, b, t, sp, s in zip(weights, biases, thresholds, sparsities, scales)]
+    return [_not_decoded(x, w, b, t, prefill_sparse_from, s, shared, x_int8)
             for w, b, t, s in zip(weights, biases, thresholds, scales)]
 
 
 @sparse_linear_group.register_fake
 def _(x: Tensor, weights: list[Tensor], biases: list[Optional[Tensor]], thresholds: list[float],
-      prefill_sparse_from: float, sparsities: list[float], scales: list[Optional[Tensor]], shared: bool) -> list[Tensor]:
+      prefill_sparse_from: float, sparsities: list[float], scales: list[Optional[Tensor]], shared: bool,
+      x_int8: bool) -> list[Tensor]:
     for w in weights:
         torch._check(x.shape[-1] == w.shape[1], lambda: "sparse_linear_group: x and a weight disagree on in_features")
     return [x.new_empty((*x.shape[:-1], logical_shape(w)[0])) for w in weights]
 
 
 def _group_setup_context(ctx, inputs, output) -> None:
-    x, weights, biases, thresholds, prefill_sparse_from, _, scales, shared = inputs
+    x, weights, biases, thresholds, prefill_sparse_from, _, scales, shared, _x_int8 = inputs
     ctx.shared = shared
     ctx.quantized = [s is not None for s in scales]
     weights = [w if s is None else dequantize(w, s, x.dtype) for w, s in zip(weights, scales)]
@@ -167,7 +186,7 @@ def _group_backward(ctx, grad_outs: list[Tensor]):
         # `Tensor?[]` arguments take no gradient through torch.library's autograd: refuse rather than drop them
         raise RuntimeError("teal::sparse_linear_group: no gradient for biases; compile with "
                            "options={'group_shared_input': False} to train through biased q/k/v")
-    return grad_x, grad_ws, None, None, None, None, None, None
+    return grad_x, grad_ws, None, None, None, None, None, None, None
 
 
 sparse_linear_group.register_autograd(_group_backward, setup_context=_group_setup_context)
@@ -177,7 +196,7 @@ sparse_linear_group.register_autograd(_group_backward, setup_context=_group_setu
 def sparse_swiglu(
     x: Tensor, w_gate: Tensor, w_up: Tensor, t_gate: float, t_up: float, prefill_sparse_from: float,
     sparsities: list[float], scales_gate: Optional[Tensor] = None, scales_up: Optional[Tensor] = None,
-    shared: bool = False,
+    shared: bool = False, x_int8: bool = False,
 ) -> Tensor:
     """``silu(gate) * up`` of a gated MLP, gate and up being ``sparse_linear`` of ``x`` (no biases).
 
@@ -186,24 +205,26 @@ def sparse_swiglu(
     No autograd: the pass that inserts it leaves graphs that need gradients alone."""
     if x.is_cuda and sparse_token_start(x, prefill_sparse_from) == 0:
         hint = min(sparsities, default=-1.0)
-        if sparse_gemv.supports(x, w_gate, scales_gate, shared) and sparse_gemv.supports(x, w_up, scales_up, shared) \
+        if sparse_gemv.supports(x, w_gate, scales_gate, shared, x_int8) \
+                and sparse_gemv.supports(x, w_up, scales_up, shared, x_int8) \
                 and sparse_gemv.can_fuse_swiglu(x, w_gate, w_up, shared) \
                 and sparse_gemv.pays(x, w_gate.shape[0] + w_up.shape[0], hint, shared, scales_gate is not None):
             return sparse_gemv.sparse_gemv_swiglu(x, w_gate, w_up, t_gate, t_up, sparsity=hint,
-                                                  scales_gate=scales_gate, scales_up=scales_up, shared=shared)
+                                                  scales_gate=scales_gate, scales_up=scales_up, shared=shared,
+                                                  x_int8=x_int8)
         gate, up = sparse_linear_group(x, [w_gate, w_up], [None, None], [t_gate, t_up], prefill_sparse_from, sparsities,
-                                       [scales_gate, scales_up], shared)
+                                       [scales_gate, scales_up], shared, x_int8)
         return F.silu(gate) * up
     if scales_gate is not None and dequant_matmul.supports(x, w_gate):
-        gate = _not_decoded(x, w_gate, None, t_gate, prefill_sparse_from, scales_gate, shared)
-        return F.silu(gate) * _not_decoded(x, w_up, None, t_up, prefill_sparse_from, scales_up, shared)
-    return reference_swiglu(x, w_gate, w_up, t_gate, t_up, prefill_sparse_from, scales_gate, scales_up, shared)
+        gate = _not_decoded(x, w_gate, None, t_gate, prefill_sparse_from, scales_gate, shared, x_int8)
+        return F.silu(gate) * _not_decoded(x, w_up, None, t_up, prefill_sparse_from, scales_up, shared, x_int8)
+    return reference_swiglu(x, w_gate, w_up, t_gate, t_up, prefill_sparse_from, scales_gate, scales_up, shared, x_int8)
 
 
 @sparse_swiglu.register_fake
 def _(x: Tensor, w_gate: Tensor, w_up: Tensor, t_gate: float, t_up: float, prefill_sparse_from: float,
       sparsities: list[float], scales_gate: Optional[Tensor] = None, scales_up: Optional[Tensor] = None,
-      shared: bool = False) -> Tensor:
+      shared: bool = False, x_int8: bool = False) -> Tensor:
     torch._check(w_gate.shape == w_up.shape, lambda: "sparse_swiglu: gate and up weights differ in shape")
     torch._check(x.shape[-1] == w_gate.shape[1], lambda: "sparse_swiglu: x and the weights disagree on in_features")
     return x.new_empty((*x.shape[:-1], logical_shape(w_gate)[0]))
@@ -213,6 +234,7 @@ def _(x: Tensor, w_gate: Tensor, w_up: Tensor, t_gate: float, t_up: float, prefi
 def sparse_linear_add_rmsnorm(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], threshold: float, prefill_sparse_from: float, sparsity: float,
     residual: Tensor, norm_weight: Tensor, eps: float, scales: Optional[Tensor] = None, shared: bool = False,
+    x_int8: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """(h, RMSNorm(h)) with h = residual + ``sparse_linear(x, weight, bias, threshold, ...)``: a block's o or down
     projection, its residual add and the next RMSNorm (Llama's: ``reference_rmsnorm``).
@@ -222,19 +244,19 @@ def sparse_linear_add_rmsnorm(
     that expression, rounded as eager rounds it. No autograd: the pass that inserts it leaves graphs that need
     gradients alone."""
     if x.is_cuda and sparse_token_start(x, prefill_sparse_from) == 0:
-        if sparse_gemv.supports(x, weight, scales, shared) and \
+        if sparse_gemv.supports(x, weight, scales, shared, x_int8) and \
                 sparse_gemv.can_fuse_add_rmsnorm(x, weight, residual, norm_weight) and \
                 sparse_gemv.pays(x, weight.shape[0], sparsity, shared, scales is not None):
             return sparse_gemv.sparse_gemv_add_rmsnorm(x, weight, bias, threshold, residual, norm_weight, eps,
-                                                       sparsity=sparsity, scales=scales, shared=shared)
-    h = residual + sparse_linear(x, weight, bias, threshold, prefill_sparse_from, sparsity, scales, shared)
+                                                       sparsity=sparsity, scales=scales, shared=shared, x_int8=x_int8)
+    h = residual + sparse_linear(x, weight, bias, threshold, prefill_sparse_from, sparsity, scales, shared, x_int8)
     return h, reference_rmsnorm(h, norm_weight, eps)
 
 
 @sparse_linear_add_rmsnorm.register_fake
 def _(x: Tensor, weight: Tensor, bias: Optional[Tensor], threshold: float, prefill_sparse_from: float, sparsity: float,
       residual: Tensor, norm_weight: Tensor, eps: float, scales: Optional[Tensor] = None,
-      shared: bool = False) -> tuple[Tensor, Tensor]:
+      shared: bool = False, x_int8: bool = False) -> tuple[Tensor, Tensor]:
     N = logical_shape(weight)[0]
     torch._check(x.shape[-1] == weight.shape[1], lambda: "sparse_linear_add_rmsnorm: x and weight disagree on in_features")
     torch._check(residual.shape[-1] == N, lambda: "sparse_linear_add_rmsnorm: residual and weight differ")

@@ -26,6 +26,7 @@ from torch import Tensor
 
 FORMATS = ("int8", "int4")
 INT4_GROUP = 128
+ACT_TILE = 32  # W8A8: inputs per int8 scale of x (the GEMV's weight_math 3; kernels/reference.py)
 _DTYPE_OF = {"int8": torch.int8, "int4": torch.uint8}
 
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from teal_fx.kernels.quantize import dequantize
+from teal_fx.kernels.quantize import ACT_TILE, dequantize
 
 
 def keep_mask(x: Tensor, threshold: float, shared: bool = False) -> Tensor:
@@ -45,32 +45,62 @@ def sparse_token_start(x: Tensor, prefill_sparse_from: float) -> int:
 
 def reference_sparse_linear(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], threshold: float, prefill_sparse_from: float = 1.0,
-    scales: Optional[Tensor] = None, shared: bool = False,
+    scales: Optional[Tensor] = None, shared: bool = False, x_int8: bool = False,
 ) -> Tensor:
     """y = (x ⊙ 1[|x| > t]) Wᵀ + b, with the decode/prefill rule of ``sparse_token_start``; an int8/int4 weight
-    (with ``scales``) is dequantized to x's dtype first."""
+    (with ``scales``) is dequantized to x's dtype first; ``x_int8``: the sparsified tokens' x then rounded to int8
+    per ``ACT_TILE`` inputs (``masked_input``)."""
     if scales is not None:
         weight = dequantize(weight, scales, x.dtype)
-    return F.linear(masked_input(x, threshold, prefill_sparse_from, shared), weight, bias)
+    return F.linear(masked_input(x, threshold, prefill_sparse_from, shared, x_int8), weight, bias)
 
 
-def masked_input(x: Tensor, threshold: float, prefill_sparse_from: float = 1.0, shared: bool = False) -> Tensor:
-    """x with the rule of ``sparse_token_start`` applied: the input every sparse linear multiplies by Wᵀ."""
+def masked_input(x: Tensor, threshold: float, prefill_sparse_from: float = 1.0, shared: bool = False,
+                 x_int8: bool = False) -> Tensor:
+    """x with the rule of ``sparse_token_start`` applied: the input every sparse linear multiplies by Wᵀ. ``x_int8``
+    (a plan's ``activations="int8"``): each sparsified token's masked x then stands for its int8 values times their
+    tile scales (``quantize_activation_tiles``, computed in fp32, rounded to x's dtype): what the int8-x GEMV
+    multiplies; the dense tokens of a prefill stay as they are."""
     start = sparse_token_start(x, prefill_sparse_from)
     seq = x.shape[-2] if x.dim() >= 3 else 1
     if start >= seq and x.dim() >= 3:
         return x
+
+    def masked(part: Tensor) -> Tensor:
+        part = sparsify(part, threshold, shared)
+        return int8_grid(part) if x_int8 else part
+
     if start == 0:
-        return sparsify(x, threshold, shared)
-    return torch.cat([x[..., :start, :], sparsify(x[..., start:, :], threshold, shared)], dim=-2)
+        return masked(x)
+    return torch.cat([x[..., :start, :], masked(x[..., start:, :])], dim=-2)
+
+
+def int8_grid(x: Tensor) -> Tensor:
+    """x replaced by q * scale of ``quantize_activation_tiles`` (fp32 product, then x's dtype)."""
+    q, scales = quantize_activation_tiles(x)
+    per_input = scales.repeat_interleave(ACT_TILE, dim=-1)[..., :x.shape[-1]]
+    return (q.to(torch.float64 if x.dtype == torch.float64 else torch.float32) * per_input).to(x.dtype)
+
+
+def quantize_activation_tiles(x: Tensor, tile: int = ACT_TILE) -> tuple[Tensor, Tensor]:
+    """W8A8's x: (q, scales), q int8 [..., K] with x ≈ q * scales per ``tile`` inputs along K (the last tile may be
+    short), scales [..., ceil(K / tile)] fp32 = max|x| / 127 of each tile (0 for an all-zero tile), q rounded to
+    nearest in fp32 as the kernel's ``quantize_x_tiles`` rounds."""
+    K = x.shape[-1]
+    T = -(-K // tile)
+    xf = F.pad(x.float(), (0, T * tile - K)).reshape(*x.shape[:-1], T, tile)
+    amax = xf.abs().amax(dim=-1)
+    inv = torch.where(amax > 0, 127.0 / torch.where(amax > 0, amax, torch.ones_like(amax)), torch.zeros_like(amax))
+    q = torch.round(xf * inv[..., None]).reshape(*x.shape[:-1], T * tile)[..., :K]
+    return q.to(torch.int8), amax / 127.0
 
 
 def reference_swiglu(x: Tensor, w_gate: Tensor, w_up: Tensor, t_gate: float, t_up: float,
                      prefill_sparse_from: float = 1.0, scales_gate: Optional[Tensor] = None,
-                     scales_up: Optional[Tensor] = None, shared: bool = False) -> Tensor:
+                     scales_up: Optional[Tensor] = None, shared: bool = False, x_int8: bool = False) -> Tensor:
     """silu(gate) * up with gate and up sparse linears of ``x`` (no biases), rounded as eager rounds."""
-    gate = reference_sparse_linear(x, w_gate, None, t_gate, prefill_sparse_from, scales_gate, shared)
-    return F.silu(gate) * reference_sparse_linear(x, w_up, None, t_up, prefill_sparse_from, scales_up, shared)
+    gate = reference_sparse_linear(x, w_gate, None, t_gate, prefill_sparse_from, scales_gate, shared, x_int8)
+    return F.silu(gate) * reference_sparse_linear(x, w_up, None, t_up, prefill_sparse_from, scales_up, shared, x_int8)
 
 
 def reference_rmsnorm(h: Tensor, weight: Tensor, eps: float) -> Tensor:

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from teal_fx.kernels import pdl
-from teal_fx.kernels.quantize import INT4_GROUP, logical_shape, weight_format
+from teal_fx.kernels.quantize import ACT_TILE, INT4_GROUP, logical_shape, weight_format
 from teal_fx.kernels.sparse_gemv_config import GemvConfig, choose_config, gpu_name, kernel_pays
 from teal_fx.kernels.triton_support import DTYPES, HAS_TRITON, inline_ptx, interpreter_upcasts, next_pow2
 from teal_fx.kernels.workspace import Workspace
@@ -80,10 +80,14 @@ def to_column_major_(weight: Tensor) -> bool:
     return True
 
 
-def supports(x: Tensor, weight: Tensor, scales: Optional[Tensor] = None, shared: bool = False) -> bool:
-    """Whether the ops may launch the kernel for these operands (else they run their reference)."""
+def supports(x: Tensor, weight: Tensor, scales: Optional[Tensor] = None, shared: bool = False,
+             x_int8: bool = False) -> bool:
+    """Whether the ops may launch the kernel for these operands (else they run their reference). ``x_int8`` (a plan's
+    ``activations="int8"``): one row of x against int8/int4 weights only (``weight_math`` 3)."""
     rows = x.numel() // max(1, x.shape[-1])
     fmt = weight_format(weight)
+    if x_int8 and (rows != 1 or fmt is None):
+        return False
     return (
         HAS_TRITON
         and x.is_cuda
@@ -152,18 +156,21 @@ def can_fuse_add_rmsnorm(x: Tensor, weight: Tensor, residual: Tensor, norm_weigh
 # ------------------------------------------------------------------------------------------------ launchers
 def sparse_gemv(x: Tensor, weight: Tensor, bias: Optional[Tensor], threshold: float, *,
                 config: Optional[GemvConfig] = None, out: Optional[Tensor] = None,
-                sparsity: Optional[float] = None, scales: Optional[Tensor] = None, shared: bool = False) -> Tensor:
+                sparsity: Optional[float] = None, scales: Optional[Tensor] = None, shared: bool = False,
+                x_int8: bool = False) -> Tensor:
     """y = (x ⊙ 1[|x| > t]) Wᵀ + b. x: [..., K] with at most 8 rows; weight: [N, K], ideally column-major (stride
     (1, N)), or int8/int4 with its ``scales``. ``sparsity`` (expected fraction of inputs dropped, or None) only
-    picks the launch config."""
+    picks the launch config. ``x_int8``: the masked x quantized to int8 per 32 inputs first, int32 products (one row,
+    int8/int4 weights; ``reference.reference_w8a8_linear``): a different result, not a config."""
     return sparse_gemv_group(x, [weight], [bias], [threshold], config=config, outs=None if out is None else [out],
-                             sparsity=sparsity, scales=[scales], shared=shared)[0]
+                             sparsity=sparsity, scales=[scales], shared=shared, x_int8=x_int8)[0]
 
 
 def sparse_gemv_group(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tensor]],
                       thresholds: Sequence[float], *, config: Optional[GemvConfig] = None,
                       outs: Optional[Sequence[Tensor]] = None, sparsity: Optional[float] = None,
-                      scales: Optional[Sequence[Optional[Tensor]]] = None, shared: bool = False) -> list[Tensor]:
+                      scales: Optional[Sequence[Optional[Tensor]]] = None, shared: bool = False,
+                      x_int8: bool = False) -> list[Tensor]:
     """One launch for up to three linears that share the input ``x`` (q/k/v, gate/up): y_i = (x ⊙ 1[|x| > t_i]) W_iᵀ + b_i.
 
     The segments' N tiles form one grid, so the small k/v projections ride along with q instead of paying a
@@ -178,17 +185,18 @@ def sparse_gemv_group(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Opt
     if nseg > 1 and (not all(_groupable(w) for w in weights) or len({w.dtype for w in weights}) > 1):
         # the kernel swaps only stride_wk per segment, and no swapped scalar may be 1 (see the kernel); one weight
         # format per launch: launch apart
-        return [sparse_gemv(x, w, b, t, config=config, out=o, sparsity=sparsity, scales=s, shared=shared)
+        return [sparse_gemv(x, w, b, t, config=config, out=o, sparsity=sparsity, scales=s, shared=shared,
+                            x_int8=x_int8)
                 for w, b, t, o, s in zip(weights, biases, thresholds, outs if outs is not None else [None] * nseg,
                                          scales)]
     return _launch(x, weights, biases, thresholds, config, outs, sparsity, _Epilogue.STORE, scales=scales,
-                   shared=shared)
+                   shared=shared, x_int8=x_int8)
 
 
 def sparse_gemv_swiglu(x: Tensor, w_gate: Tensor, w_up: Tensor, t_gate: float, t_up: float, *,
                        config: Optional[GemvConfig] = None, out: Optional[Tensor] = None,
                        sparsity: Optional[float] = None, scales_gate: Optional[Tensor] = None,
-                       scales_up: Optional[Tensor] = None, shared: bool = False) -> Tensor:
+                       scales_up: Optional[Tensor] = None, shared: bool = False, x_int8: bool = False) -> Tensor:
     """silu(x_g W_gateᵀ) * (x_u W_upᵀ), x_g/x_u = x masked by t_gate/t_up, in one launch (see ``can_fuse_swiglu``).
 
     The gate/up group launch whose last program per column tile forms the product from the two fp32 sums, rounding
@@ -199,13 +207,14 @@ def sparse_gemv_swiglu(x: Tensor, w_gate: Tensor, w_up: Tensor, t_gate: float, t
         out = torch.empty((x.reshape(-1, x.shape[-1]).shape[0], logical_shape(w_gate)[0]), dtype=x.dtype,
                           device=x.device)
     return _launch(x, [w_gate, w_up], [None, None], [t_gate, t_up], config, [out, out], sparsity, _Epilogue.SWIGLU,
-                   scales=[scales_gate, scales_up], shared=shared)[0]
+                   scales=[scales_gate, scales_up], shared=shared, x_int8=x_int8)[0]
 
 
 def sparse_gemv_add_rmsnorm(x: Tensor, weight: Tensor, bias: Optional[Tensor], threshold: float, residual: Tensor,
                             norm_weight: Tensor, eps: float, *, config: Optional[GemvConfig] = None,
                             sparsity: Optional[float] = None, outs: Optional[tuple[Tensor, Tensor]] = None,
-                            scales: Optional[Tensor] = None, shared: bool = False) -> tuple[Tensor, Tensor]:
+                            scales: Optional[Tensor] = None, shared: bool = False,
+                            x_int8: bool = False) -> tuple[Tensor, Tensor]:
     """h = residual + (x ⊙ 1[|x| > t]) Wᵀ (+ b) and out = RMSNorm(h) · norm_weight (Llama's, eager rounding), in two
     launches: the GEMV grid, then one program per row that finishes the split-K sums, adds, normalises and writes
     both (see ``can_fuse_add_rmsnorm``). Returns (h, out), written into ``outs`` ([rows, N] each) if given."""
@@ -217,7 +226,7 @@ def sparse_gemv_add_rmsnorm(x: Tensor, weight: Tensor, bias: Optional[Tensor], t
     h, out = outs if outs is not None else [torch.empty((rows, N), dtype=x.dtype, device=x.device) for _ in range(2)]
     norm = _AddRMSNorm(residual.reshape(rows, -1).contiguous(), norm_weight.contiguous(), float(eps), out)
     _launch(x, [weight], [bias], [threshold], config, [h], sparsity, _Epilogue.ADD_RMSNORM, norm, scales=[scales],
-            shared=shared)
+            shared=shared, x_int8=x_int8)
     shape = residual.shape
     return h.reshape(shape), out.reshape(shape)
 
@@ -243,7 +252,8 @@ class _AddRMSNorm:
 def _launch(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tensor]], thresholds: Sequence[float],
             config: Optional[GemvConfig], outs: Optional[Sequence[Tensor]], sparsity: Optional[float],
             epilogue: _Epilogue, norm: Optional[_AddRMSNorm] = None,
-            scales: Optional[Sequence[Optional[Tensor]]] = None, shared: bool = False) -> list[Tensor]:
+            scales: Optional[Sequence[Optional[Tensor]]] = None, shared: bool = False,
+            x_int8: bool = False) -> list[Tensor]:
     """The GEMV grid over the segments' N tiles, then, where the epilogue runs apart, its finishing launch."""
     if not HAS_TRITON:
         raise RuntimeError("the Triton sparse GEMV needs triton")
@@ -266,17 +276,25 @@ def _launch(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tens
     if fmt is not None and any(s is None for s in scales):
         raise ValueError(f"sparse_gemv: {fmt} weights need their scales")
     wfmt = {None: 0, "int8": 1, "int4": 2}[fmt]
-    cfg = config or choose_config(M, sum(Ns), K, sparsity, fmt, shared)
+    if x_int8 and (fmt is None or M != 1):
+        raise ValueError(f"x_int8 takes one row of x against int8/int4 weights, got {M} rows, weights {fmt or 'float'}")
+    cfg = config or choose_config(M, sum(Ns), K, sparsity, fmt, shared, x_int8)
+    if (cfg.weight_math == 3) != x_int8:  # x quantized or not is the caller's choice of result, never a config's
+        raise ValueError(f"weight_math 3 is the x_int8 kernel: config {cfg} with x_int8={x_int8}")
     if cfg.use_dot and cfg.compact and not (shared or M == 1):
         raise ValueError(f"packed survivors on tensor cores need one mask for all rows (a shared mask, or one row): "
                          f"{cfg}")
     if cfg.half_dot and (wfmt != 1 or x.dtype == torch.float32):  # fp16 operands would round fp32 x
         raise ValueError(f"half_dot takes int8 weights and fp16/bf16 x only: {cfg}, x {x.dtype}")
-    if config is None and cfg.weight_math and x.dtype == torch.float32:
+    if config is None and cfg.weight_math in (1, 2) and x.dtype == torch.float32:
         # the rule's cheaper sums round at a bf16 output's error (fp16 would also round fp32 x): fp32 x, exact sums
         cfg = replace(cfg, weight_math=0)
     if cfg.weight_math and not (wfmt and M == 1 and cfg.in_thread and not cfg.compact):
         raise ValueError(f"weight_math applies to one row of int8/int4 in the masked in-thread loop: {cfg}")
+    if cfg.weight_math == 3 and (ACT_TILE % cfg.block_k or cfg.block_k % 4 or cfg.k_per_split % ACT_TILE):
+        # one x scale per tile: a tile within one scale tile of x (and so of an int4 group), a program's inputs whole
+        # scale tiles (x is quantized from k_lo); rows come four to a word
+        raise ValueError(f"weight_math 3 (int8 x) takes block_k dividing {ACT_TILE} and k_per_split a multiple: {cfg}")
     if cfg.weight_math == 2 and (x.dtype == torch.float32 or (wfmt == 1 and cfg.block_k > 32)):
         # fp16 would round fp32 x; 32 int8 products of at most 128 x 8 bound a tile's fp16 sum (``half_scaled``)
         raise ValueError(f"weight_math 2 (fp16 sums) takes fp16/bf16 x and, for int8, block_k <= 32: {cfg}, {x.dtype}")
@@ -301,7 +319,8 @@ def _launch(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tens
     ys = list(outs) if outs is not None else [torch.empty((M, N), dtype=x.dtype, device=x.device) for N in Ns]
     tiles = [-(-N // BN) for N in Ns]
     total_tiles = sum(tiles)
-    packed = nseg * cfg.split_k * cfg.chunk if cfg.compact else 1  # a CHUNK slot per K split and segment
+    # a CHUNK slot per K split and segment: the packed survivors, or W8A8's int8 words of x and their scales
+    packed = nseg * cfg.split_k * cfg.chunk if cfg.compact or cfg.weight_math == 3 else 1
     # xv: the packed x values, one fp32 a slot entry (one row), or BM of x's dtype (the tensor-core loop's columns)
     ws, cnt, idx, xv = _WORKSPACE.get(x.device, ws=BM * total_tiles * BN, cnt=total_tiles, idx=packed,
                                       xv=packed * (BM if cfg.use_dot else 1))

@@ -31,7 +31,8 @@ class GemvConfig:
     apart: Optional[bool] = None  # split-K sums finished by a second launch; None: where launches overlap (PDL)
     half_dot: bool = False  # int8 only, with use_dot: fp16 tensor-core operands (the kernel's HALF_DOT)
     weight_math: int = 0  # int8/int4, one row, masked in-thread loop: 0 exact fp32 sums; 1 fp32 with the conversion's
-    # offset removed once per tile; 2 fp16 products and tile sums (the kernel's ``tile_sum``)
+    # offset removed once per tile; 2 fp16 products and tile sums (the kernel's ``tile_sum``); 3 x quantized to int8
+    # per 32 inputs, int32 dp4a products (``w8a8_partial``: a different result, taken only with the launcher's x_int8)
 
 
 def make_config(N: int, K: int, *, BN: int, BK: int, iters: int, use_dot: bool, num_warps: int = 4,
@@ -64,11 +65,23 @@ def compact_from(N: int, K: int) -> float:
 
 
 def choose_config(M: int, N: int, K: int, sparsity: Optional[float] = None,
-                  weight_format: Optional[str] = None, shared: bool = False) -> GemvConfig:
+                  weight_format: Optional[str] = None, shared: bool = False, x_int8: bool = False) -> GemvConfig:
     """The launch config for M rows of x against a [N, K] weight (N summed over a grouped launch's segments).
     ``sparsity``: the fraction of inputs the threshold is expected to drop (None or < 0: unknown);
     ``weight_format``: None (float, as x), "int8" or "int4" (kernels/quantize.py); ``shared``: one mask for the
-    M rows (a plan's batch_mask="shared")."""
+    M rows (a plan's batch_mask="shared"); ``x_int8``: x quantized to int8 (one row, int8/int4 weights)."""
+    if x_int8:
+        if weight_format is None or M != 1:
+            raise ValueError("x_int8 takes one row against int8/int4 weights")
+        # the dp4a loop (``w8a8_partial``), 16 bytes of a row a thread except int8 on the attention shapes (8);
+        # H200, 50% and 0% (docs/perf-log.md v32): int4 gate/up 11.0 µs (its fp-x rule 13.3), q+k+v 7.6 (9.2); int8
+        # within 5% of its fp16-sum rule either way
+        if weight_format == "int4":
+            BN, BK, iters = (1024, 32, 2) if _mlp_sized(N, K) else (512, 32, 2)
+        else:
+            BN, BK, iters = (512, 8, 8) if _mlp_sized(N, K) else (256, 32, 2)
+        return make_config(N, K, BN=BN, BK=BK, iters=iters, use_dot=False, num_warps=1, num_stages=1, in_thread=True,
+                           weight_math=3)
     if shared and M > 1 and weight_format != "int4":
         # the rows share one mask: tensor cores, rows padded to 16. H200, 2-16 rows at 50%
         # (examples/bench_kernels.py --sweep --sweep-shared; docs/perf-log.md v29-v30).

@@ -330,6 +330,202 @@ def tile_sum(x, q, WFMT: tl.constexpr, WMATH: tl.constexpr, ASM: tl.constexpr):
     return s
 
 
+# W8A8 (weight_math 3): x quantized to int8 in tiles of ACT_TILE inputs, each tile's sum an int32 dot product
+ACT_TILE: tl.constexpr = tl.constexpr(32)
+# a 4 x 4 byte transpose (four rows of four columns -> four columns of four rows: six permutes) and four dp4a
+_INT8_DOT4: tl.constexpr = tl.constexpr("""{
+.reg .b32 a, b, c, d, t, z;
+mov.b32 z, 0;
+prmt.b32 a, $4, $5, 0x5140;
+prmt.b32 b, $6, $7, 0x5140;
+prmt.b32 c, $4, $5, 0x7362;
+prmt.b32 d, $6, $7, 0x7362;
+prmt.b32 t, a, b, 0x5410;
+dp4a.s32.s32 $0, t, $8, z;
+prmt.b32 t, a, b, 0x7632;
+dp4a.s32.s32 $1, t, $8, z;
+prmt.b32 t, c, d, 0x5410;
+dp4a.s32.s32 $2, t, $8, z;
+prmt.b32 t, c, d, 0x7632;
+dp4a.s32.s32 $3, t, $8, z;
+}""")
+
+# int4: the same transpose of packed bytes (two outputs a byte), then each word's low and high nibbles (q + 8, in
+# [1, 15]) as unsigned bytes into dp4a: $0-$3 the even columns' sums, $4-$7 the odd ones'
+_INT4_DOT4: tl.constexpr = tl.constexpr("""{
+.reg .b32 a, b, c, d, t, l, h, z;
+mov.b32 z, 0;
+prmt.b32 a, $8, $9, 0x5140;
+prmt.b32 b, $10, $11, 0x5140;
+prmt.b32 c, $8, $9, 0x7362;
+prmt.b32 d, $10, $11, 0x7362;
+prmt.b32 t, a, b, 0x5410;
+and.b32 l, t, 0x0F0F0F0F;
+shr.u32 h, t, 4;
+and.b32 h, h, 0x0F0F0F0F;
+dp4a.u32.s32 $0, l, $12, z;
+dp4a.u32.s32 $4, h, $12, z;
+prmt.b32 t, a, b, 0x7632;
+and.b32 l, t, 0x0F0F0F0F;
+shr.u32 h, t, 4;
+and.b32 h, h, 0x0F0F0F0F;
+dp4a.u32.s32 $1, l, $12, z;
+dp4a.u32.s32 $5, h, $12, z;
+prmt.b32 t, c, d, 0x5410;
+and.b32 l, t, 0x0F0F0F0F;
+shr.u32 h, t, 4;
+and.b32 h, h, 0x0F0F0F0F;
+dp4a.u32.s32 $2, l, $12, z;
+dp4a.u32.s32 $6, h, $12, z;
+prmt.b32 t, c, d, 0x7632;
+and.b32 l, t, 0x0F0F0F0F;
+shr.u32 h, t, 4;
+and.b32 h, h, 0x0F0F0F0F;
+dp4a.u32.s32 $3, l, $12, z;
+dp4a.u32.s32 $7, h, $12, z;
+}""")
+
+
+@triton.jit
+def quantize_x_tiles(x_ptr, words_ptr, xs_ptr, k_lo, k_hi, threshold, CHUNK: tl.constexpr, ASM: tl.constexpr):
+    """W8A8: this program's inputs [k_lo, k_hi) masked by t, quantized to int8 per ACT_TILE inputs (scale max|x| /
+    127, to nearest), packed four to an int32 word (input k_lo + 4i + r in byte r of word i) and stored, with each
+    tile's scale, in the program's scratch slot; the barrier makes them visible to all its threads. Once per program,
+    its threads sharing the work, where the loop would repeat it in every thread (kernels/reference.py,
+    ``quantize_activation_tiles``, is the same math)."""
+    offs = k_lo + tl.arange(0, CHUNK)
+    x = tl.load(x_ptr + offs, mask=offs < k_hi, other=0.0).to(tl.float32)
+    x = tl.where(tl.abs(x) > threshold, x, 0.0)
+    xt = tl.reshape(x, (CHUNK // ACT_TILE, ACT_TILE))
+    amax = tl.max(tl.abs(xt), axis=1)
+    inv = tl.where(amax > 0, tl.math.div_rn(tl.full(amax.shape, 127.0, tl.float32), tl.where(amax > 0, amax, 1.0)), 0.0)
+    r = xt * inv[:, None]
+    if ASM:  # a conversion, so the product is rounded first as the reference rounds it (no fused multiply-add)
+        q = tl.inline_asm_elementwise(asm="cvt.rni.s32.f32 $0, $1;", constraints="=r,r", args=[r], dtype=tl.int32,
+                                      is_pure=True, pack=1)
+    else:  # to nearest, ties to even (|r| <= 127): the float 2^23 + 2^22 + q
+        q = (r + 12582912.0).to(tl.int32, bitcast=True) - 0x4B400000
+    b = tl.reshape(q & 0xFF, (CHUNK // 4, 4))
+    words = tl.sum(b << (tl.arange(0, 4) * 8)[None, :], axis=1)  # disjoint bytes: the sum is the OR
+    tl.store(words_ptr + tl.arange(0, CHUNK // 4), words)
+    tl.store(xs_ptr + tl.arange(0, CHUNK // ACT_TILE), amax / 127.0)
+    tl.debug_barrier()  # the CTA's global stores are visible to all its threads after the barrier
+
+
+@triton.jit
+def int8_dot4(w0, w1, w2, w3, xw, ASM: tl.constexpr):
+    """[R, BN] int32: Σ_r w_r[i, n] x_r[i], w_r [R, BN] int8 the weight rows 4i + r, xw [R, 1] int32 the words of x
+    (byte r: input 4i + r). On the GPU a 4 x 4 byte transpose and four dp4a for four columns (``_INT8_DOT4``): 2.5
+    instructions per four weights where converting them to floats took 4-5 (docs/perf-log.md v32)."""
+    if ASM:
+        d = tl.inline_asm_elementwise(asm=_INT8_DOT4, constraints="=r,=r,=r,=r,r,r,r,r,r,r,r,r",
+                                      args=[w0, w1, w2, w3, tl.broadcast_to(xw, w0.shape)], dtype=tl.int32,
+                                      is_pure=True, pack=4)
+    else:
+        d = (w0.to(tl.int32) * ((xw << 24) >> 24) + w1.to(tl.int32) * ((xw << 16) >> 24)
+             + w2.to(tl.int32) * ((xw << 8) >> 24) + w3.to(tl.int32) * (xw >> 24))
+    return d
+
+
+@triton.jit
+def int4_dot4(p0, p1, p2, p3, xw, ASM: tl.constexpr):
+    """(even, odd), each [R, BN / 2] int32: Σ_r nibble_r x_r over the rows 4i + r of packed int4 bytes p_r [R, BN / 2]
+    (low nibble: the even column, high: the odd one; nibbles are q + 8, the caller removes 8 Σx), xw as ``int8_dot4``."""
+    if ASM:
+        lo, hi = tl.inline_asm_elementwise(
+            asm=_INT4_DOT4, constraints="=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r,r,r,r,r",
+            args=[p0, p1, p2, p3, tl.broadcast_to(xw, p0.shape)], dtype=(tl.int32, tl.int32), is_pure=True, pack=4)
+    else:
+        x0, x1, x2, x3 = (xw << 24) >> 24, (xw << 16) >> 24, (xw << 8) >> 24, xw >> 24
+        v0, v1, v2, v3 = p0.to(tl.int32), p1.to(tl.int32), p2.to(tl.int32), p3.to(tl.int32)
+        lo = (v0 & 15) * x0 + (v1 & 15) * x1 + (v2 & 15) * x2 + (v3 & 15) * x3
+        hi = (v0 >> 4) * x0 + (v1 >> 4) * x1 + (v2 >> 4) * x2 + (v3 >> 4) * x3
+    return lo, hi
+
+
+@triton.jit
+def x_byte_sum(xw, ASM: tl.constexpr):
+    """Σ of the four signed bytes of each word xw (one dp4a against 0x01010101 on the GPU)."""
+    if ASM:
+        s = tl.inline_asm_elementwise(asm="dp4a.s32.s32 $0, $1, 0x01010101, 0;", constraints="=r,r", args=[xw],
+                                      dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        s = ((xw << 24) >> 24) + ((xw << 16) >> 24) + ((xw << 8) >> 24) + (xw >> 24)
+    return s
+
+
+@triton.jit
+def w8a8_partial(x_ptr, w_ptr, words_ptr, xs_ptr, k_lo, k_hi, threshold, offs_n, n_ok, stride_wk, stride_wn,
+                 BK: tl.constexpr, BN: tl.constexpr, CHUNK: tl.constexpr, EVEN_N: tl.constexpr, ASM: tl.constexpr):
+    """Σ_k x_k W[k, offs_n] (int8 W, unscaled) over [k_lo, k_hi) with x quantized per ACT_TILE inputs
+    (``quantize_x_tiles``): each BK-row tile as four [BK / 4, BN] loads of rows 4i + r, an input whose int8 value
+    is 0 (dropped, or rounded to 0) leaving its row unread, int32 products and sums (``int8_dot4``), one conversion
+    and the tile's x scale per column per tile."""
+    quantize_x_tiles(x_ptr, words_ptr, xs_ptr, k_lo, k_hi, threshold, CHUNK, ASM)
+    acc = tl.zeros((BN,), dtype=tl.float32)
+    # the four row pointers advance a tile at a time (an add each, where recomputing row * stride + column took
+    # three instructions a row); a row not needed is not loaded and left undefined: its x byte is 0, and an integer
+    # product with 0 is 0 whatever the weight, so no zeroing either
+    p = w_ptr + (k_lo + 4 * tl.arange(0, BK // 4))[:, None] * stride_wk + offs_n[None, :] * stride_wn
+    xw = tl.load(words_ptr + tl.arange(0, BK // 4))
+    for k0 in range(k_lo, k_hi, BK):
+        j = k0 - k_lo
+        nxt = (j + BK) // 4 + tl.arange(0, BK // 4)
+        xw_next = tl.load(words_ptr + nxt, mask=nxt < CHUNK // 4, other=0)
+        xs = tl.load(xs_ptr + j // ACT_TILE)
+        if EVEN_N:
+            c = tl.full((1, BN), 1, tl.int1)
+        else:
+            c = n_ok[None, :]
+        w0 = tl.load(p, mask=((xw & 0xFF) != 0)[:, None] & c, eviction_policy="evict_first")
+        w1 = tl.load(p + stride_wk, mask=((xw & 0xFF00) != 0)[:, None] & c, eviction_policy="evict_first")
+        w2 = tl.load(p + 2 * stride_wk, mask=((xw & 0xFF0000) != 0)[:, None] & c, eviction_policy="evict_first")
+        w3 = tl.load(p + 3 * stride_wk, mask=((xw >> 24) != 0)[:, None] & c, eviction_policy="evict_first")
+        s = tl.sum(int8_dot4(w0, w1, w2, w3, xw[:, None], ASM), axis=0)
+        acc += exact_float(s) * xs  # |s| <= 32 x 127 x 127 < 2^22
+        xw = xw_next
+        p += BK * stride_wk
+    return acc
+
+
+@triton.jit
+def w4a8_partial(x_ptr, w_ptr, words_ptr, xs_ptr, k_lo, k_hi, threshold, offs_n, offs_p, p_ok, stride_wk, stride_wn,
+                 s_ptr, stride_sg, BK: tl.constexpr, BN: tl.constexpr, CHUNK: tl.constexpr, EVEN_N: tl.constexpr,
+                 GROUP: tl.constexpr, N, ASM: tl.constexpr):
+    """``w8a8_partial`` over packed int4 weights (bytes ``offs_p``: columns 2p and 2p + 1), scaled: each tile's
+    int32 sums less 8 Σx (the nibbles are q + 8), times the tile's x scale and its group's scales. Returns [BN]."""
+    quantize_x_tiles(x_ptr, words_ptr, xs_ptr, k_lo, k_hi, threshold, CHUNK, ASM)
+    acc_lo = tl.zeros((BN // 2,), dtype=tl.float32)
+    acc_hi = tl.zeros((BN // 2,), dtype=tl.float32)
+    p = w_ptr + (k_lo + 4 * tl.arange(0, BK // 4))[:, None] * stride_wk + offs_p[None, :] * stride_wn
+    even_ok = 2 * offs_p < N
+    odd_ok = 2 * offs_p + 1 < N
+    xw = tl.load(words_ptr + tl.arange(0, BK // 4))
+    for k0 in range(k_lo, k_hi, BK):
+        j = k0 - k_lo
+        nxt = (j + BK) // 4 + tl.arange(0, BK // 4)
+        xw_next = tl.load(words_ptr + nxt, mask=nxt < CHUNK // 4, other=0)
+        xs = tl.load(xs_ptr + j // ACT_TILE)
+        sg = s_ptr + (k0 // GROUP) * stride_sg + 2 * offs_p
+        s_even = tl.load(sg, mask=even_ok, other=0.0).to(tl.float32) * xs
+        s_odd = tl.load(sg + 1, mask=odd_ok, other=0.0).to(tl.float32) * xs
+        if EVEN_N:
+            c = tl.full((1, BN // 2), 1, tl.int1)
+        else:
+            c = p_ok[None, :]
+        p0 = tl.load(p, mask=((xw & 0xFF) != 0)[:, None] & c, eviction_policy="evict_first")
+        p1 = tl.load(p + stride_wk, mask=((xw & 0xFF00) != 0)[:, None] & c, eviction_policy="evict_first")
+        p2 = tl.load(p + 2 * stride_wk, mask=((xw & 0xFF0000) != 0)[:, None] & c, eviction_policy="evict_first")
+        p3 = tl.load(p + 3 * stride_wk, mask=((xw >> 24) != 0)[:, None] & c, eviction_policy="evict_first")
+        lo, hi = int4_dot4(p0, p1, p2, p3, xw[:, None], ASM)
+        offset = 8 * tl.sum(x_byte_sum(xw, ASM), axis=0)
+        acc_lo += exact_float(tl.sum(lo, axis=0) - offset) * s_even  # |sum| <= 32 x 15 x 127 < 2^22
+        acc_hi += exact_float(tl.sum(hi, axis=0) - offset) * s_odd
+        xw = xw_next
+        p += BK * stride_wk
+    return tl.interleave(acc_lo, acc_hi)
+
+
 @triton.jit
 def group_scales(s_ptr, k0, offs_n, n_ok, stride_sg, GROUP: tl.constexpr):
     """int4: the [BN] scales of the group holding inputs [k0, k0 + BK) (BK divides GROUP: one group per tile)."""
@@ -475,7 +671,8 @@ def sparse_gemv_kernel(
     # inline PTX allowed (an NVIDIA GPU; not the CPU interpreter): the int8 -> fp16 byte permutes of HALF_DOT
     ASM: tl.constexpr = False,
     # how the one-row masked in-thread loop sums int8/int4 tiles (``tile_sum``): 0 exact fp32, 1 fp32 with the
-    # conversion's offset subtracted per tile, 2 fp16 products and sums
+    # conversion's offset subtracted per tile, 2 fp16 products and sums; 3 (int8, W8A8) x quantized to int8 per 32
+    # inputs, int32 products (``w8a8_partial``)
     WMATH: tl.constexpr = 0,
 ):
     """Program (N tile, K split) of y = (x ⊙ 1[|x| > t]) Wᵀ + b; segments 1 and 2 as segment 0, other pointers.
@@ -617,6 +814,15 @@ def sparse_gemv_kernel(
         acc = in_thread_rows_partial(x_ptr, w_ptr, k_lo, k_hi, threshold, offs_m, m_ok, stride_xm, offs_n, n_ok,
                                       stride_wk, stride_wn, BM, BK, BN, EVEN_N, offs_p, p_ok, s_ptr, stride_sg,
                                       WFMT, GROUP, M, SHARED, ASM)
+    elif IN_THREAD and WMATH == 3:  # W8A8 / W4A8: x's int8 words and tile scales in this split's scratch slot
+        slot = (seg * SPLIT_K + pk) * CHUNK
+        if WFMT == 2:
+            acc = tl.reshape(w4a8_partial(x_ptr, w_ptr, idx_ptr + slot, xv_ptr + slot, k_lo, k_hi, threshold, offs_n,
+                                          offs_p, p_ok, stride_wk, stride_wn, s_ptr, stride_sg, BK, BN, CHUNK, EVEN_N,
+                                          GROUP, N, ASM), (1, BN))
+        else:
+            acc = tl.reshape(w8a8_partial(x_ptr, w_ptr, idx_ptr + slot, xv_ptr + slot, k_lo, k_hi, threshold, offs_n,
+                                          n_ok, stride_wk, stride_wn, BK, BN, CHUNK, EVEN_N, ASM), (1, BN))
     elif IN_THREAD:
         slot = (seg * SPLIT_K + pk) * CHUNK
         acc = tl.reshape(in_thread_partial(x_ptr, w_ptr, idx_ptr + slot, xv_ptr + slot, k_lo, k_hi, threshold,

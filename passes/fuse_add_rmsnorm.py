@@ -155,9 +155,11 @@ def fuse_add_rmsnorm(gm: fx.GraphModule, ctx: Optional[PassContext] = None) -> f
         if m is None or order[m["weight"]] > order[m["add"]]:
             continue
         add = m["add"]
-        with gm.graph.inserting_before(add):  # insert_sparse_linear writes the linear's eight arguments positionally
+        with gm.graph.inserting_before(add):  # insert_sparse_linear writes the linear's nine arguments positionally
             scales, shared = (lin.args[6], lin.args[7]) if len(lin.args) > 7 else (None, False)
-            new = gm.graph.call_function(op, (*lin.args[:6], m["residual"], m["weight"], m["eps"], scales, shared))
+            x_int8 = lin.args[8] if len(lin.args) > 8 else False
+            new = gm.graph.call_function(op, (*lin.args[:6], m["residual"], m["weight"], m["eps"], scales, shared,
+                                              x_int8))
             h_new = gm.graph.call_function(operator.getitem, (new, 0))
             out_new = gm.graph.call_function(operator.getitem, (new, 1))
         key = "val" if "val" in add.meta else "example_value"

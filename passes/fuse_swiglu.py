@@ -77,13 +77,13 @@ def fuse_swiglu(gm: fx.GraphModule, ctx: Optional[PassContext] = None) -> fx.Gra
         if found is None:
             continue
         gate, up, act, mul, gate_first = found
-        x, weights, _, thresholds, psf, sparsities, scales, shared = group.args
+        x, weights, _, thresholds, psf, sparsities, scales, shared, x_int8 = group.args
         gi, ui = (0, 1) if gate_first else (1, 0)
         with gm.graph.inserting_before(mul):
             new = gm.graph.call_function(
                 torch.ops.teal.sparse_swiglu.default,
                 (x, weights[gi], weights[ui], thresholds[gi], thresholds[ui], psf, [sparsities[gi], sparsities[ui]],
-                 scales[gi], scales[ui], shared),
+                 scales[gi], scales[ui], shared, x_int8),
             )
         new.meta.update(mul.meta)
         if gate.meta.get("teal") is not None:

@@ -5,8 +5,8 @@ k and v of Llama-3-8B (1024x4096) are mostly that fixed cost. One grouped launch
 
 Invariants:
 * Only ``teal::sparse_linear`` nodes written by ``insert_sparse_linear`` are touched, grouped by identical input
-  node and ``prefill_sparse_from``, with every member's bias (and quantization scales) present or every member's
-  absent, up to
+  node, ``prefill_sparse_from``, shared mask and int8 rounding of x, with every member's bias (and quantization
+  scales) present or every member's absent, up to
   ``MAX_SEGMENTS`` per group (larger sets are cut into consecutive groups).
 * Each member keeps its own weight and threshold; its users now read ``getitem(group, i)``, which carries the
   member's old ``meta`` (so ``meta["val"]`` stays right) and its ``meta["teal"]`` label.
@@ -39,7 +39,8 @@ def _members_by_input(gm: fx.GraphModule) -> dict:
             x, w, b, t, psf = n.args[:5]
             scales = n.args[6] if len(n.args) > 6 else None
             shared = bool(n.args[7]) if len(n.args) > 7 else False
-            groups[(x, psf, b is None, scales is None, shared)].append(n)
+            x_int8 = bool(n.args[8]) if len(n.args) > 8 else False
+            groups[(x, psf, b is None, scales is None, shared, x_int8)].append(n)
     return groups
 
 
@@ -49,13 +50,14 @@ def _hoistable_shard(a: fx.Node, order: dict, before: int) -> bool:
             and isinstance(a.args[0], fx.Node) and order.get(a.args[0], before) < before)
 
 
-def _replace_with_group(gm: fx.GraphModule, chunk: list, x: fx.Node, psf: float, shared: bool) -> None:
+def _replace_with_group(gm: fx.GraphModule, chunk: list, x: fx.Node, psf: float, shared: bool, x_int8: bool) -> None:
     """One group node before the first member; each member's users read ``getitem(group, i)`` instead."""
     with gm.graph.inserting_before(chunk[0]):
         weights, biases, thresholds, sparsities = ([n.args[i] for n in chunk] for i in (1, 2, 3, 5))
         scales = [n.args[6] if len(n.args) > 6 else None for n in chunk]
         group = gm.graph.call_function(
-            torch.ops.teal.sparse_linear_group.default, (x, weights, biases, thresholds, psf, sparsities, scales, shared)
+            torch.ops.teal.sparse_linear_group.default, (x, weights, biases, thresholds, psf, sparsities, scales, shared,
+                                                           x_int8)
         )
         vals = [n.meta.get("val") for n in chunk]
         if all(v is not None for v in vals):
@@ -77,7 +79,7 @@ def _replace_with_group(gm: fx.GraphModule, chunk: list, x: fx.Node, psf: float,
 def group_shared_input(gm: fx.GraphModule, ctx: Optional[PassContext] = None) -> fx.GraphModule:
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     made = 0
-    for (x, psf, _, _, shared), members in _members_by_input(gm).items():
+    for (x, psf, _, _, shared, x_int8), members in _members_by_input(gm).items():
         members.sort(key=order.__getitem__)
         for start in range(0, len(members), MAX_SEGMENTS):
             chunk = members[start:start + MAX_SEGMENTS]
@@ -91,6 +93,6 @@ def group_shared_input(gm: fx.GraphModule, ctx: Optional[PassContext] = None) ->
             if any(order.get(a, len(order)) >= order[chunk[0]] for a in args):  # a node made by this pass: later
                 log.debug("teal: not grouping %s: an argument is defined after the first member", [n.name for n in chunk])
                 continue
-            _replace_with_group(gm, chunk, x, psf, shared)
+            _replace_with_group(gm, chunk, x, psf, shared, x_int8)
             made += 1
     return finish(gm, "groups", made, "%d groups of linears sharing an input -> teal::sparse_linear_group", made)

@@ -1,8 +1,8 @@
 """Rewrite: every matched block linear becomes ``teal::sparse_linear`` with its threshold from the plan.
 
 A linear is ``F.linear`` or, on a quantized model, ``teal::quantized_linear``, whose scales become the sparse op's
-seventh argument (always written positionally: the eight arguments, scales None for a float weight; the eighth says
-whether the plan's mask is shared by the batch).
+seventh argument (always written positionally: the nine arguments, scales None for a float weight; the eighth says
+whether the plan's mask is shared by the batch, the ninth whether its inputs are rounded to int8, ``Plan.activations``).
 
 Invariants:
 * Only nodes labelled by ``label_block_linears`` are touched; lm_head and every other op stay as they are.
@@ -69,6 +69,7 @@ def insert_sparse_linear(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule
         return gm
     op = torch.ops.teal.sparse_linear.default
     shared = plan.batch_mask == "shared"
+    x_int8 = plan.activations == "int8"
     rewritten, dense = [], []
     for m in discovery.matched:
         node = m.node
@@ -94,7 +95,7 @@ def insert_sparse_linear(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule
         with gm.graph.inserting_after(node):
             new = gm.graph.call_function(
                 op, (x, w, b, threshold, float(plan.prefill_sparse_from), -1.0 if sparsity is None else float(sparsity),
-                     linear_scales(node), shared))
+                     linear_scales(node), shared, x_int8))
         new.meta.update(node.meta)
         new.meta["teal"] = m
         node.replace_all_uses_with(new)

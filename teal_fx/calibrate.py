@@ -28,7 +28,7 @@ from teal_fx.histogram import AbsHistogram
 from teal_fx.kernels.reference import sparsify
 from teal_fx.models import model_name
 from teal_fx.passes.analysis.discovery import Discovery, discover
-from teal_fx.plan import BATCH_MASKS, WEIGHT_FORMATS, LinearPlan, Plan
+from teal_fx.plan import ACTIVATION_FORMATS, BATCH_MASKS, WEIGHT_FORMATS, LinearPlan, Plan
 from teal_fx.shared_thresholds import read_batch_histograms, spread_batches, with_batch_histograms
 from teal_fx.state import attach_plan
 from teal_fx.tensor_parallel import reduce_histograms, tp_group, whole_shape
@@ -297,6 +297,7 @@ def calibrate(
     weights: Optional[str] = None,
     quantize_lm_head: bool = False,
     batch_mask: str = "per_row",
+    activations: Optional[str] = None,
 ) -> Plan:
     """Calibrate thresholds for every block linear of ``model`` and allocate ``sparsity`` across them.
 
@@ -309,6 +310,9 @@ def calibrate(
 
     ``weights="int8" | "int4"`` quantizes the block linears in place first (``quantize_lm_head``: the output head
     to int8 too) and calibrates on the quantized model; the plan records the format (kernels/quantize.py).
+    ``activations="int8"`` (with quantized weights): the decode steps' masked inputs are rounded to int8 per 32
+    inputs, and the one-row GEMV multiplies integers (dp4a). It changes results a little (``Plan.activations``) and
+    makes int4 decoding faster; the thresholds apply before the rounding, so calibration is the same.
 
     ``batch_mask="shared"``: one mask per decode step for the whole batch (paper §5.4.4); the per-linear sparsities
     are the per-row allocation's, the thresholds of the rows' mean |x| for batches of 2, 4, 8 and 16 are read in a
@@ -323,6 +327,10 @@ def calibrate(
         raise ValueError(f"batch_mask must be one of {BATCH_MASKS}, got {batch_mask!r}")
     if weights not in (None, *WEIGHT_FORMATS):
         raise ValueError(f"weights must be one of {WEIGHT_FORMATS} or None, got {weights!r}")
+    if activations not in (None, *ACTIVATION_FORMATS):
+        raise ValueError(f"activations must be one of {ACTIVATION_FORMATS} or None, got {activations!r}")
+    if activations is not None and weights is None:
+        raise ValueError(f"activations={activations!r} needs weights='int8' or 'int4' (integer products)")
     device = next(model.parameters()).device
     if weights is not None or quantize_lm_head:
         keys = [m.key for m in find_linears(model)]
@@ -373,6 +381,7 @@ def calibrate(
         notes={"calibration": {"source": source, "sequences": len(seqs), "seq_len": int(seqs.shape[1])}},
         weights=weights,
         lm_head="int8" if quantize_lm_head else None,
+        activations=activations,
         batch_mask=batch_mask,
     )
     if method == "greedy":

@@ -57,6 +57,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         model, data, sparsity=args.sparsity, method=args.method, tokenizer=tok,
         num_sequences=args.num_sequences, seq_len=args.seq_len, greedy_sequences=args.greedy_sequences,
         step=args.step, max_sparsity=args.max_sparsity, batch_mask=args.batch_mask,
+        weights=args.weights, quantize_lm_head=args.quantize_lm_head, activations=args.activations,
     )
     plan.save(out)
     print(plan.table() if args.verbose else f"teal: {len(plan)} linears, model-level sparsity {plan.model_sparsity():.3f}")
@@ -118,6 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-mask", default="per_row", choices=["per_row", "shared"],
                    help="per_row: each row of a batch its own mask (TEAL); shared: one mask per decode step for the "
                    "batch, thresholds read for batches of 2-16 rows in a sparse run")
+    p.add_argument("--weights", default=None, choices=["int8", "int4"],
+                   help="quantize the block linears (in place) and calibrate the quantized model (None: as they are)")
+    p.add_argument("--quantize-lm-head", action="store_true", help="with --weights: the output head to int8 too")
+    p.add_argument("--activations", default=None, choices=["int8"],
+                   help="with --weights: decode steps round each sparse linear's masked input to int8 per 32 "
+                   "inputs (integer products; a small change of results, int4 decodes faster)")
     p.add_argument("-v", "--verbose", action="store_true", help="print the plan's table")
     p.set_defaults(fn=cmd_calibrate)
 

@@ -20,8 +20,11 @@ from teal_fx.errors import PlanError
 from teal_fx.histogram import AbsHistogram
 
 PLAN_FORMAT = "teal-fx-plan"
-PLAN_VERSION = 2  # 2: the weight format (``weights``, ``lm_head``); version 1 plans load as float weights
-READABLE_VERSIONS = (1, 2)
+# 2: the weight format (``weights``, ``lm_head``); version 1 plans load as float weights. 3: ``activations``, which
+# changes results, so a teal-fx that would ignore it refuses the plan; versions 1-2 load with activations None
+PLAN_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
+ACTIVATION_FORMATS = ("int8",)  # kernels/reference.py, ``masked_input``
 WEIGHT_FORMATS = ("int8", "int4")  # kernels/quantize.py
 BATCH_MASKS = ("per_row", "shared")
 BATCH_SIZES = (2, 4, 8, 16)  # a shared mask's thresholds are calibrated for these batch sizes
@@ -61,7 +64,10 @@ class Plan:
     ``prefill_sparse_from`` is the fraction of a prefill's positions from which tokens are sparsified
     (1.0: prefill stays dense; see ``teal::sparse_linear``). ``weights``: the format the block linears' weights are
     stored in when the plan runs (None: as they are; "int8"/"int4": attaching the plan quantizes them, and the
-    thresholds were calibrated on the quantized model); ``lm_head``: "int8" to quantize the output head too.
+    thresholds were calibrated on the quantized model); ``lm_head``: "int8" to quantize the output head too;
+    ``activations``: "int8" rounds each sparse linear's masked input to int8 per 32 inputs on the sparsified tokens
+    (W8A8 / W4A8: dp4a products in the one-row GEMV; int8/int4 weights only). The threshold applies before the
+    rounding, so it does not change calibration.
     """
 
     linears: dict[str, LinearPlan]
@@ -75,6 +81,7 @@ class Plan:
     notes: dict = field(default_factory=dict)
     weights: Optional[str] = None
     lm_head: Optional[str] = None
+    activations: Optional[str] = None
     # "per_row" (TEAL: each row its own mask) or "shared" (one mask per step for the batch: the channels whose mean |x|
     # over the rows is at or below the batch size's threshold; paper §5.4.4)
     batch_mask: str = "per_row"
@@ -91,6 +98,11 @@ class Plan:
             raise PlanError(f"unknown weight format {self.weights!r} (one of {WEIGHT_FORMATS}, or None)")
         if self.lm_head not in (None, "int8"):
             raise PlanError(f"lm_head may be quantized to 'int8' only, got {self.lm_head!r}")
+        if self.activations not in (None, *ACTIVATION_FORMATS):
+            raise PlanError(f"activations may be {ACTIVATION_FORMATS} or None, got {self.activations!r}")
+        if self.activations is not None and self.weights is None:
+            raise PlanError(f"activations={self.activations!r} needs quantized weights (weights='int8' or 'int4'): "
+                            "the int8-x kernel multiplies integers by integers")
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -230,6 +242,7 @@ class Plan:
             "prefill_sparse_from": self.prefill_sparse_from,
             "weights": self.weights,
             "lm_head": self.lm_head,
+            "activations": self.activations,
             "batch_mask": self.batch_mask,
             "batch_read_at": self.batch_read_at,
             "linears": [
@@ -298,6 +311,7 @@ class Plan:
                 notes=dict(data.get("notes", {})),
                 weights=data.get("weights"),
                 lm_head=data.get("lm_head"),
+                activations=data.get("activations"),
                 batch_mask=str(data.get("batch_mask", "per_row")),
                 batch_histograms={str(k): {int(b): AbsHistogram.from_json(h) for b, h in hs.items()}
                                   for k, hs in data.get("batch_histograms", {}).items()},

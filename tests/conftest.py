@@ -83,6 +83,17 @@ def logits_per_option(model, plan, ids, option: str, values=(True, False)) -> li
     return outs
 
 
+def int8_tiles(x):
+    """x rounded to int8 per 32 inputs along the last dim (scale max|x| / 127 of each 32, in fp32), for the
+    reference of a plan with ``activations="int8"``."""
+    K = x.shape[-1]
+    pad = (-K) % 32
+    xf = torch.nn.functional.pad(x.float(), (0, pad)).unflatten(-1, (-1, 32))
+    amax = xf.abs().amax(-1, keepdim=True)
+    q = torch.round(xf * torch.where(amax > 0, 127.0 / amax.clamp_min(1e-30), 0.0))
+    return (q * (amax / 127.0)).flatten(-2)[..., :K].to(x.dtype)
+
+
 @contextlib.contextmanager
 def masked_inputs(model, plan, sparse_from: float = 0.0):
     """The independent reference: forward pre-hooks that mask each planned linear's input by its threshold (an
@@ -104,7 +115,11 @@ def masked_inputs(model, plan, sparse_from: float = 0.0):
                     keep = x.abs().float() > lp.threshold
                 if start:
                     keep[..., :start, :] = True
-                return (torch.where(keep, x, torch.zeros((), dtype=x.dtype)),) + tuple(args[1:])
+                masked = torch.where(keep, x, torch.zeros((), dtype=x.dtype))
+                if plan.activations == "int8":  # the sparsified tokens on their int8 grid, 32 inputs a scale
+                    masked = torch.cat([masked[..., :start, :], int8_tiles(masked[..., start:, :])], dim=-2) \
+                        if x.dim() >= 3 else int8_tiles(masked)
+                return (masked,) + tuple(args[1:])
 
             handles.append(mod.register_forward_pre_hook(hook))
     try:

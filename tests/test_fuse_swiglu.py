@@ -16,7 +16,7 @@ def _mlp_graph(extra_user: bool = False, act=F.silu, swap: bool = False, require
     """x -> group([gate, up]) -> act(gate) * up (-> + act(gate) when extra_user), with fake values like Dynamo's."""
     g = fx.Graph()
     x, wg, wu = g.placeholder("x"), g.placeholder("wg"), g.placeholder("wu")
-    grp = g.call_function(GROUP, (x, [wg, wu], [None, None], [0.3, 0.6], 1.0, [0.5, 0.4], [None, None], False))
+    grp = g.call_function(GROUP, (x, [wg, wu], [None, None], [0.3, 0.6], 1.0, [0.5, 0.4], [None, None], False, False))
     gate, up = g.call_function(operator.getitem, (grp, 0)), g.call_function(operator.getitem, (grp, 1))
     a = g.call_function(act, (gate,))
     h = g.call_function(operator.mul, (up, a) if swap else (a, up))

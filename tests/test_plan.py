@@ -20,7 +20,7 @@ def test_round_trip(tmp_path, llama_linears):
     back = Plan.load(path)
     assert back.linears == plan.linears
     assert back.model == "tiny" and back.prefill_sparse_from == 1.0
-    assert json.loads(path.read_text())["version"] == PLAN_VERSION == 2
+    assert json.loads(path.read_text())["version"] == PLAN_VERSION == 3
 
 
 HIST = {"log2_lo": -24.0, "log2_hi": 16.0, "bins_per_octave": 64, "underflow": 0.0, "overflow": 0.0, "offset": 100,

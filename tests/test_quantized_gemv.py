@@ -11,8 +11,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from teal_fx.kernels.quantize import INT4_GROUP, dequantize, logical_shape, quantize_int4, quantize_int8
-from teal_fx.kernels.reference import reference_rmsnorm, reference_sparse_linear
+from teal_fx.kernels.quantize import ACT_TILE, INT4_GROUP, dequantize, logical_shape, quantize_int4, quantize_int8
+from teal_fx.kernels.reference import quantize_activation_tiles, reference_rmsnorm, reference_sparse_linear
 
 triton = pytest.importorskip("triton")
 from teal_fx.kernels import dequant_matmul as dm  # noqa: E402
@@ -239,6 +239,95 @@ def test_swiglu_and_add_rmsnorm_finishes(fmt, M, loop):
     want_h = r.cpu().double() + reference(x.cpu(), qg, sg_, None, 0.3)
     assert rel_err(got_h.cpu(), want_h) <= 1e-5
     assert rel_err(got.cpu(), reference_rmsnorm(want_h, nw.cpu().double(), 1e-6)) <= 1e-5
+
+
+# ------------------------------------------------------------------------------------------------ int8 x (W8A8 / W4A8)
+@settings(max_examples=30, deadline=None)
+@given(rows=st.integers(1, 3), K=st.integers(1, 200), zero_from=st.integers(0, 200), seed=st.integers(0, 100))
+def test_x_on_its_int8_grid_is_within_half_a_step_per_32_inputs(rows, K, zero_from, seed):
+    x = torch.randn(rows, K, generator=torch.Generator().manual_seed(seed)) * 3
+    x[:, zero_from:] = 0.0  # whole tiles of zeros: scale 0, q 0
+    q, scales = quantize_activation_tiles(x)
+    assert q.dtype == torch.int8 and scales.shape == (rows, -(-K // ACT_TILE))
+    step = scales.repeat_interleave(ACT_TILE, dim=-1)[:, :K]
+    assert bool(((q.float() * step - x).abs() <= step / 2 * (1 + 1e-6)).all())
+    assert bool((q.abs() <= 127).all())
+    full = scales > 0
+    tile_max = torch.nn.functional.pad(q.abs().float(), (0, -K % ACT_TILE)).unflatten(-1, (-1, ACT_TILE)).amax(-1)
+    assert bool((tile_max[full] == 127).all()) and bool((tile_max[~full] == 0).all())
+
+
+def reference_x_int8(x, q, s, b, t):
+    """The x_int8 op's reference in float64: x masked, rounded to int8 per 32 inputs, times the dequantized weight."""
+    return reference_sparse_linear(x.double(), dequantize(q.cpu(), s.cpu(), torch.float64),
+                                   None if b is None else b.double(), t, x_int8=True)
+
+
+def x_int8_config(N, K, BN, BK, iters):
+    """A program's inputs whole tiles of 32 (one x scale each), in tiles of BK rows."""
+    return make_config(N, K, BN=BN, BK=BK, iters=iters * (ACT_TILE // BK), use_dot=False, in_thread=True,
+                       weight_math=3)
+
+
+@settings(max_examples=16, deadline=None)
+@given(fmt=st.sampled_from(["int8", "int4"]), N=st.integers(1, 70).map(lambda n: 2 * n), K=st.integers(1, 300),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]), t=st.floats(0.0, 1.5), bias=st.booleans(),
+       seed=st.integers(0, 1000), BN=st.sampled_from([None, 32, 64]), BK=st.sampled_from([4, 8, 16, 32]),
+       iters=st.integers(1, 5))
+def test_x_int8_gemv_matches_float64_of_its_grid(fmt, N, K, dtype, t, bias, seed, BN, BK, iters):
+    """The dp4a loop (four rows a word, the 4 x 4 byte transpose; int4's nibbles less 8 Σx) against float64 of the
+    same math: odd N, K ending mid-tile and mid-group, tiles of 4-32 rows. BN None: the rule's config. fp32 x
+    agrees to rounding: a swapped byte, a wrong scale or offset is off by far more."""
+    x, q, s, b = operands(1, N, K, dtype, fmt, seed, bias)
+    cfg = None if BN is None else x_int8_config(N, K, BN, BK, iters)
+    y = torch.full((1, N), float("nan"), dtype=dtype, device=DEVICE)
+    for _ in range(2):  # the scratch slots and counters are left clean
+        sg.sparse_gemv(x, q, b, t, config=cfg, out=y, scales=s, x_int8=True)
+        assert rel_err(y.cpu(), reference_x_int8(x.cpu(), q, s, None if b is None else b.cpu(), t)) <= TOL[dtype]
+    if dtype == torch.float32 and int((x.abs() > t).sum()) >= 8:  # the rounding of x is small
+        assert rel_err(y.cpu(), reference(x.cpu(), q, s, None if b is None else b.cpu(), t)) < 0.05
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_x_int8_grouped_swiglu_and_add_rmsnorm(fmt):
+    K, dtype = 200, torch.float32
+    parts = [operands(1, N, K, dtype, fmt, i) for i, N in enumerate((64, 32, 32))]
+    x, ts = parts[0][0], [0.2, 0.5, 0.9]
+    ys = sg.sparse_gemv_group(x, [p[1] for p in parts], [None] * 3, ts, scales=[p[2] for p in parts], x_int8=True)
+    for (_, q, s, _), t, y in zip(parts, ts, ys):  # each segment its own threshold, so its own int8 x
+        assert rel_err(y.cpu(), reference_x_int8(x.cpu(), q, s, None, t)) <= 1e-5
+    (_, qg, sg_, _), (_, qu, su, _) = operands(1, 48, K, dtype, fmt, 5), operands(1, 48, K, dtype, fmt, 6)
+    h = sg.sparse_gemv_swiglu(x, qg, qu, 0.3, 0.5, scales_gate=sg_, scales_up=su, x_int8=True)
+    ref = torch.nn.functional.silu(reference_x_int8(x.cpu(), qg, sg_, None, 0.3)) * \
+        reference_x_int8(x.cpu(), qu, su, None, 0.5)
+    assert rel_err(h.cpu(), ref) <= 1e-5
+    r, nw = torch.randn(1, 48, device=DEVICE), torch.rand(48, device=DEVICE) + 0.5
+    got_h, got = sg.sparse_gemv_add_rmsnorm(x, qg, None, 0.3, r, nw, 1e-6, scales=sg_, x_int8=True)
+    want_h = r.cpu().double() + reference_x_int8(x.cpu(), qg, sg_, None, 0.3)
+    assert rel_err(got_h.cpu(), want_h) <= 1e-5
+    assert rel_err(got.cpu(), reference_rmsnorm(want_h, nw.cpu().double(), 1e-6)) <= 1e-5
+
+
+def test_x_int8_is_a_choice_of_result_not_a_config():
+    x, q, s, _ = operands(1, 64, 96, torch.float32, "int8", 0)
+    wm3 = x_int8_config(64, 96, 32, 16, 2)
+    with pytest.raises(ValueError, match="weight_math 3"):  # the int8-x kernel never runs unasked
+        sg.sparse_gemv(x, q, None, 0.1, config=wm3, scales=s)
+    with pytest.raises(ValueError, match="weight_math 3"):  # nor does x_int8 run another kernel
+        sg.sparse_gemv(x, q, None, 0.1, config=make_config(64, 96, BN=32, BK=16, iters=2, use_dot=False,
+                                                           in_thread=True), scales=s, x_int8=True)
+    with pytest.raises(ValueError, match="one row"):
+        sg.sparse_gemv(torch.cat([x, x]), q, None, 0.1, scales=s, x_int8=True)
+    xf = torch.randn(1, 96, device=DEVICE)
+    with pytest.raises(ValueError, match="int8/int4"):
+        sg.sparse_gemv(xf, torch.randn(64, 96, device=DEVICE), None, 0.1, x_int8=True)
+    with pytest.raises(ValueError, match="block_k"):  # a tile within one scale of x
+        sg.sparse_gemv(x, q, None, 0.1, config=make_config(64, 96, BN=32, BK=64, iters=1, use_dot=False,
+                                                           in_thread=True, weight_math=3), scales=s, x_int8=True)
+    with pytest.raises(ValueError, match="k_per_split"):  # a program's inputs whole tiles of x's scales
+        sg.sparse_gemv(x, q, None, 0.1, config=make_config(64, 96, BN=32, BK=8, iters=3, use_dot=False,
+                                                           in_thread=True, weight_math=3), scales=s, x_int8=True)
+    assert not sg.supports(torch.cat([x, x]), q, s, x_int8=True)  # the ops round x themselves for batches
 
 
 # ------------------------------------------------------------------------------------------------ prefill GEMM

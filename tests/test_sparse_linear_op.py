@@ -7,6 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from teal_fx.kernels import reference_sparse_linear, sparse_linear
+from teal_fx.kernels.quantize import dequantize, quantize_int8
+from tests.conftest import int8_tiles
 
 
 def _ref64(x, w, b, t, start):
@@ -68,21 +70,21 @@ def test_group_opcheck(dtype):
     x = torch.randn(2, 1, 16, dtype=dtype, requires_grad=grad)
     ws = [torch.randn(n, 16, dtype=dtype, requires_grad=grad) for n in (8, 4, 4)]
     op = torch.ops.teal.sparse_linear_group.default
-    torch.library.opcheck(op, (x, ws, [None, None, None], [0.5, 0.1, 1.0], 1.0, [0.5, 0.6, -1.0], [None] * 3, False))
+    torch.library.opcheck(op, (x, ws, [None, None, None], [0.5, 0.1, 1.0], 1.0, [0.5, 0.6, -1.0], [None] * 3, False, False))
     bs = [torch.randn(n, dtype=dtype) for n in (8, 4, 4)]
     torch.library.opcheck(op, (torch.randn(3, 4, 16, dtype=dtype), [w.detach() for w in ws], bs, [0.2, 0.3, 0.4], 0.5, [0.7, 0.7, 0.7],
-                                [None] * 3, False))
+                                [None] * 3, False, False))
 
 
 def test_group_equals_one_op_per_weight_and_its_gradients():
     x = torch.randn(3, 1, 12, dtype=torch.float64, requires_grad=True)
     ws = [torch.randn(n, 12, dtype=torch.float64, requires_grad=True) for n in (5, 3)]
     ts = [0.7, 0.2]
-    group = torch.ops.teal.sparse_linear_group(x, ws, [None, None], ts, 1.0, [0.4, 0.7], [None, None], False)
+    group = torch.ops.teal.sparse_linear_group(x, ws, [None, None], ts, 1.0, [0.4, 0.7], [None, None], False, False)
     for y, w, t in zip(group, ws, ts):
         torch.testing.assert_close(y, sparse_linear(x, w, None, t, 1.0))
     torch.autograd.gradcheck(lambda x, a, b: torch.ops.teal.sparse_linear_group(x, [a, b], [None, None], ts, 1.0, [0.4, 0.7],
-                                                                                [None, None], False),
+                                                                                [None, None], False, False),
                              (x, *ws))
 
 
@@ -133,3 +135,20 @@ def test_add_rmsnorm_opcheck_and_expression(dtype):
     out_want = nw * (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(dtype)
     assert torch.equal(h, h_want) and torch.equal(out, out_want)
     assert torch.equal(reference_rmsnorm(h_want, nw, 1e-6), out_want)
+
+
+@pytest.mark.parametrize("psf", [1.0, 0.5, 0.0])
+def test_x_int8_rounds_the_sparsified_tokens_only(psf):
+    """A plan's activations="int8": the masked input of each sparsified token on its int8 grid (32 inputs a scale),
+    the dense tokens of a prefill as they are; one decode token is always sparsified."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 4, 70, generator=g, dtype=torch.float64)
+    w, scales = quantize_int8(torch.randn(24, 70, generator=g))
+    wd = dequantize(w, scales, torch.float64)
+    got = sparse_linear(x, w, None, 0.4, psf, 0.5, scales.double(), False, True)
+    masked = torch.where(x.abs() > 0.4, x, 0.0)
+    start = 4 if psf == 1.0 else int(4 * psf)
+    want_x = torch.cat([x[:, :start], int8_tiles(masked[:, start:])], dim=1)
+    torch.testing.assert_close(got, want_x @ wd.t(), rtol=1e-6, atol=1e-6)
+    one = sparse_linear(x[:, :1], w, None, 0.4, psf, 0.5, scales.double(), False, True)
+    torch.testing.assert_close(one, int8_tiles(masked[:, :1]) @ wd.t(), rtol=1e-6, atol=1e-6)
