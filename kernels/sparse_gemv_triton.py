@@ -415,8 +415,8 @@ def quantize_x_tiles(x_ptr, words_ptr, xs_ptr, k_lo, k_hi, threshold, CHUNK: tl.
 @triton.jit
 def int8_dot4(w0, w1, w2, w3, xw, ASM: tl.constexpr):
     """[R, BN] int32: Σ_r w_r[i, n] x_r[i], w_r [R, BN] int8 the weight rows 4i + r, xw [R, 1] int32 the words of x
-    (byte r: input 4i + r). On the GPU a 4 x 4 byte transpose and four dp4a for four columns (``_INT8_DOT4``): 2.5
-    instructions per four weights where converting them to floats took 4-5 (docs/perf-log.md v32)."""
+    (byte r: input 4i + r). On the GPU a 4 x 4 byte transpose (six permutes) and four dp4a for sixteen weights
+    (``_INT8_DOT4``), no conversion to floats (docs/perf-log.md v32)."""
     if ASM:
         d = tl.inline_asm_elementwise(asm=_INT8_DOT4, constraints="=r,=r,=r,=r,r,r,r,r,r,r,r,r",
                                       args=[w0, w1, w2, w3, tl.broadcast_to(xw, w0.shape)], dtype=tl.int32,

@@ -90,3 +90,13 @@ def test_calibrate_takes_the_batch_mask(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["calibrate", "--batch-mask", "union"])
     assert "invalid choice: 'union'" in capsys.readouterr().err
+
+
+def test_calibrate_takes_the_weight_format_and_int8_activations(capsys):
+    args = build_parser().parse_args(["calibrate"])
+    assert (args.weights, args.quantize_lm_head, args.activations) == (None, False, None)
+    args = build_parser().parse_args(["calibrate", "--weights", "int4", "--quantize-lm-head", "--activations", "int8"])
+    assert (args.weights, args.quantize_lm_head, args.activations) == ("int4", True, "int8")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["calibrate", "--activations", "fp8"])
+    assert "invalid choice: 'fp8'" in capsys.readouterr().err
