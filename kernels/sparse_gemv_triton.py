@@ -332,58 +332,30 @@ def tile_sum(x, q, WFMT: tl.constexpr, WMATH: tl.constexpr, ASM: tl.constexpr):
 
 # W8A8 (weight_math 3): x quantized to int8 in tiles of ACT_TILE inputs, each tile's sum an int32 dot product
 ACT_TILE: tl.constexpr = tl.constexpr(32)
-# a 4 x 4 byte transpose (four rows of four columns -> four columns of four rows: six permutes) and four dp4a
-_INT8_DOT4: tl.constexpr = tl.constexpr("""{
-.reg .b32 a, b, c, d, t, z;
-mov.b32 z, 0;
-prmt.b32 a, $4, $5, 0x5140;
-prmt.b32 b, $6, $7, 0x5140;
-prmt.b32 c, $4, $5, 0x7362;
-prmt.b32 d, $6, $7, 0x7362;
-prmt.b32 t, a, b, 0x5410;
-dp4a.s32.s32 $0, t, $8, z;
-prmt.b32 t, a, b, 0x7632;
-dp4a.s32.s32 $1, t, $8, z;
-prmt.b32 t, c, d, 0x5410;
-dp4a.s32.s32 $2, t, $8, z;
-prmt.b32 t, c, d, 0x7632;
-dp4a.s32.s32 $3, t, $8, z;
-}""")
 
-# int4: the same transpose of packed bytes (two outputs a byte), then each word's low and high nibbles (q + 8, in
-# [1, 15]) as unsigned bytes into dp4a: $0-$3 the even columns' sums, $4-$7 the odd ones'
-_INT4_DOT4: tl.constexpr = tl.constexpr("""{
-.reg .b32 a, b, c, d, t, l, h, z;
-mov.b32 z, 0;
-prmt.b32 a, $8, $9, 0x5140;
-prmt.b32 b, $10, $11, 0x5140;
-prmt.b32 c, $8, $9, 0x7362;
-prmt.b32 d, $10, $11, 0x7362;
-prmt.b32 t, a, b, 0x5410;
-and.b32 l, t, 0x0F0F0F0F;
-shr.u32 h, t, 4;
-and.b32 h, h, 0x0F0F0F0F;
-dp4a.u32.s32 $0, l, $12, z;
-dp4a.u32.s32 $4, h, $12, z;
-prmt.b32 t, a, b, 0x7632;
-and.b32 l, t, 0x0F0F0F0F;
-shr.u32 h, t, 4;
-and.b32 h, h, 0x0F0F0F0F;
-dp4a.u32.s32 $1, l, $12, z;
-dp4a.u32.s32 $5, h, $12, z;
-prmt.b32 t, c, d, 0x5410;
-and.b32 l, t, 0x0F0F0F0F;
-shr.u32 h, t, 4;
-and.b32 h, h, 0x0F0F0F0F;
-dp4a.u32.s32 $2, l, $12, z;
-dp4a.u32.s32 $6, h, $12, z;
-prmt.b32 t, c, d, 0x7632;
-and.b32 l, t, 0x0F0F0F0F;
-shr.u32 h, t, 4;
-and.b32 h, h, 0x0F0F0F0F;
-dp4a.u32.s32 $3, l, $12, z;
-dp4a.u32.s32 $7, h, $12, z;
-}""")
+
+def _dot4_ptx(nibbles: bool) -> str:
+    """PTX for four rows' packed bytes (registers $w..$w+3: rows 4i..4i+3, four columns' bytes each) against a word of
+    x ($x: four int8 inputs): a 4 x 4 byte transpose (six permutes: each column's bytes of the four rows in one
+    register), then per column one signed dp4a (int8: $0-$3) or, for int4's two outputs a byte, its low and high
+    nibbles (q + 8, unsigned) into two (even columns $0-$3, odd $4-$7)."""
+    w, x = (8, 12) if nibbles else (4, 8)
+    lines = [".reg .b32 a, b, c, d, t, l, h, z;", "mov.b32 z, 0;",
+             f"prmt.b32 a, ${w}, ${w + 1}, 0x5140;", f"prmt.b32 b, ${w + 2}, ${w + 3}, 0x5140;",
+             f"prmt.b32 c, ${w}, ${w + 1}, 0x7362;", f"prmt.b32 d, ${w + 2}, ${w + 3}, 0x7362;"]
+    for col, (pair, select) in enumerate([("a, b", "0x5410"), ("a, b", "0x7632"), ("c, d", "0x5410"),
+                                          ("c, d", "0x7632")]):
+        lines.append(f"prmt.b32 t, {pair}, {select};")
+        if nibbles:
+            lines += ["and.b32 l, t, 0x0F0F0F0F;", "shr.u32 h, t, 4;", "and.b32 h, h, 0x0F0F0F0F;",
+                      f"dp4a.u32.s32 ${col}, l, ${x}, z;", f"dp4a.u32.s32 ${col + 4}, h, ${x}, z;"]
+        else:
+            lines.append(f"dp4a.s32.s32 ${col}, t, ${x}, z;")
+    return "{\n" + "\n".join(lines) + "\n}"
+
+
+_INT8_DOT4: tl.constexpr = tl.constexpr(_dot4_ptx(False))
+_INT4_DOT4: tl.constexpr = tl.constexpr(_dot4_ptx(True))
 
 
 @triton.jit
@@ -416,7 +388,7 @@ def quantize_x_tiles(x_ptr, words_ptr, xs_ptr, k_lo, k_hi, threshold, CHUNK: tl.
 def int8_dot4(w0, w1, w2, w3, xw, ASM: tl.constexpr):
     """[R, BN] int32: Σ_r w_r[i, n] x_r[i], w_r [R, BN] int8 the weight rows 4i + r, xw [R, 1] int32 the words of x
     (byte r: input 4i + r). On the GPU a 4 x 4 byte transpose (six permutes) and four dp4a for sixteen weights
-    (``_INT8_DOT4``), no conversion to floats (docs/perf-log.md v32)."""
+    (``_dot4_ptx``), no conversion to floats (docs/perf-log.md v32)."""
     if ASM:
         d = tl.inline_asm_elementwise(asm=_INT8_DOT4, constraints="=r,=r,=r,=r,r,r,r,r,r,r,r,r",
                                       args=[w0, w1, w2, w3, tl.broadcast_to(xw, w0.shape)], dtype=tl.int32,
@@ -455,6 +427,18 @@ def x_byte_sum(xw, ASM: tl.constexpr):
 
 
 @triton.jit
+def load_row_quads(p, stride_wk, xw, cols_ok):
+    """The weight rows 4i + r (r = 0..3) at p + r * stride_wk, each read only where byte r of x's word i is nonzero. A
+    row not read is left undefined, not zeroed: its x byte is 0, and an integer product with 0 is 0 whatever the
+    register holds."""
+    w0 = tl.load(p, mask=((xw & 0xFF) != 0)[:, None] & cols_ok, eviction_policy="evict_first")
+    w1 = tl.load(p + stride_wk, mask=((xw & 0xFF00) != 0)[:, None] & cols_ok, eviction_policy="evict_first")
+    w2 = tl.load(p + 2 * stride_wk, mask=((xw & 0xFF0000) != 0)[:, None] & cols_ok, eviction_policy="evict_first")
+    w3 = tl.load(p + 3 * stride_wk, mask=((xw >> 24) != 0)[:, None] & cols_ok, eviction_policy="evict_first")
+    return w0, w1, w2, w3
+
+
+@triton.jit
 def w8a8_partial(x_ptr, w_ptr, words_ptr, xs_ptr, k_lo, k_hi, threshold, offs_n, n_ok, stride_wk, stride_wn,
                  BK: tl.constexpr, BN: tl.constexpr, CHUNK: tl.constexpr, EVEN_N: tl.constexpr, ASM: tl.constexpr):
     """Σ_k x_k W[k, offs_n] (int8 W, unscaled) over [k_lo, k_hi) with x quantized per ACT_TILE inputs
@@ -463,24 +447,17 @@ def w8a8_partial(x_ptr, w_ptr, words_ptr, xs_ptr, k_lo, k_hi, threshold, offs_n,
     and the tile's x scale per column per tile."""
     quantize_x_tiles(x_ptr, words_ptr, xs_ptr, k_lo, k_hi, threshold, CHUNK, ASM)
     acc = tl.zeros((BN,), dtype=tl.float32)
-    # the four row pointers advance a tile at a time (an add each, where recomputing row * stride + column took
-    # three instructions a row); a row not needed is not loaded and left undefined: its x byte is 0, and an integer
-    # product with 0 is 0 whatever the weight, so no zeroing either
+    # the row pointers advance a tile at a time (an add each, where recomputing row * stride + column took three
+    # instructions a row)
     p = w_ptr + (k_lo + 4 * tl.arange(0, BK // 4))[:, None] * stride_wk + offs_n[None, :] * stride_wn
+    cols_ok = tl.full((1, BN), 1, tl.int1) if EVEN_N else n_ok[None, :]
     xw = tl.load(words_ptr + tl.arange(0, BK // 4))
     for k0 in range(k_lo, k_hi, BK):
         j = k0 - k_lo
         nxt = (j + BK) // 4 + tl.arange(0, BK // 4)
         xw_next = tl.load(words_ptr + nxt, mask=nxt < CHUNK // 4, other=0)
         xs = tl.load(xs_ptr + j // ACT_TILE)
-        if EVEN_N:
-            c = tl.full((1, BN), 1, tl.int1)
-        else:
-            c = n_ok[None, :]
-        w0 = tl.load(p, mask=((xw & 0xFF) != 0)[:, None] & c, eviction_policy="evict_first")
-        w1 = tl.load(p + stride_wk, mask=((xw & 0xFF00) != 0)[:, None] & c, eviction_policy="evict_first")
-        w2 = tl.load(p + 2 * stride_wk, mask=((xw & 0xFF0000) != 0)[:, None] & c, eviction_policy="evict_first")
-        w3 = tl.load(p + 3 * stride_wk, mask=((xw >> 24) != 0)[:, None] & c, eviction_policy="evict_first")
+        w0, w1, w2, w3 = load_row_quads(p, stride_wk, xw, cols_ok)
         s = tl.sum(int8_dot4(w0, w1, w2, w3, xw[:, None], ASM), axis=0)
         acc += exact_float(s) * xs  # |s| <= 32 x 127 x 127 < 2^22
         xw = xw_next
@@ -498,6 +475,7 @@ def w4a8_partial(x_ptr, w_ptr, words_ptr, xs_ptr, k_lo, k_hi, threshold, offs_n,
     acc_lo = tl.zeros((BN // 2,), dtype=tl.float32)
     acc_hi = tl.zeros((BN // 2,), dtype=tl.float32)
     p = w_ptr + (k_lo + 4 * tl.arange(0, BK // 4))[:, None] * stride_wk + offs_p[None, :] * stride_wn
+    cols_ok = tl.full((1, BN // 2), 1, tl.int1) if EVEN_N else p_ok[None, :]
     even_ok = 2 * offs_p < N
     odd_ok = 2 * offs_p + 1 < N
     xw = tl.load(words_ptr + tl.arange(0, BK // 4))
@@ -509,14 +487,7 @@ def w4a8_partial(x_ptr, w_ptr, words_ptr, xs_ptr, k_lo, k_hi, threshold, offs_n,
         sg = s_ptr + (k0 // GROUP) * stride_sg + 2 * offs_p
         s_even = tl.load(sg, mask=even_ok, other=0.0).to(tl.float32) * xs
         s_odd = tl.load(sg + 1, mask=odd_ok, other=0.0).to(tl.float32) * xs
-        if EVEN_N:
-            c = tl.full((1, BN // 2), 1, tl.int1)
-        else:
-            c = p_ok[None, :]
-        p0 = tl.load(p, mask=((xw & 0xFF) != 0)[:, None] & c, eviction_policy="evict_first")
-        p1 = tl.load(p + stride_wk, mask=((xw & 0xFF00) != 0)[:, None] & c, eviction_policy="evict_first")
-        p2 = tl.load(p + 2 * stride_wk, mask=((xw & 0xFF0000) != 0)[:, None] & c, eviction_policy="evict_first")
-        p3 = tl.load(p + 3 * stride_wk, mask=((xw >> 24) != 0)[:, None] & c, eviction_policy="evict_first")
+        p0, p1, p2, p3 = load_row_quads(p, stride_wk, xw, cols_ok)
         lo, hi = int4_dot4(p0, p1, p2, p3, xw[:, None], ASM)
         offset = 8 * tl.sum(x_byte_sum(xw, ASM), axis=0)
         acc_lo += exact_float(tl.sum(lo, axis=0) - offset) * s_even  # |sum| <= 32 x 15 x 127 < 2^22
