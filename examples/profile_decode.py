@@ -1,6 +1,7 @@
 """Where the time of one decode step goes: GPU kernel time vs wall time, top kernels, CUDA-graph skips.
 
     python examples/profile_decode.py [--layers 32] [--sparsity 0.5] [--steps 32] [--trace-dir DIR]
+                                      [--weights int8|int4 [--activations int8] [--quantize-lm-head]]
 
 For the lean loop (teal_fx.generate, mode="reduce-overhead") with Inductor dense and with the teal backend, on the
 Llama-3-8B-shaped model of bench_decode.py, it prints: wall ms/step, GPU busy ms/step (sum of kernel durations
@@ -89,6 +90,9 @@ def main() -> int:
     ap.add_argument("--dense", action=argparse.BooleanOptionalAction, default=True, help="also profile Inductor dense")
     ap.add_argument("--hf", action="store_true", help="also time Hugging Face generate() with both backends")
     ap.add_argument("--sync-debug", action="store_true", help="print the Python stack of every host-device sync")
+    ap.add_argument("--weights", choices=["int8", "int4"], default=None, help="teal on weights quantized in place")
+    ap.add_argument("--activations", choices=["int8"], default=None, help="with --weights: x rounded to int8")
+    ap.add_argument("--quantize-lm-head", action="store_true", help="with --weights: the output head in int8")
     ap.add_argument("--variant", action="append", default=[], metavar="LABEL=JSON",
                     help="profile the teal path with these backend options (Inductor config patches included), "
                          "e.g. 'combo={\"combo_kernels\": true}'; repeatable; default: one run with no options")
@@ -100,12 +104,14 @@ def main() -> int:
     if args.dense:
         profile_path("inductor dense", model, ids, args.steps, "inductor", args.trace_dir, args.sync_debug, args.top)
     plan = teal_fx.calibrate(model, torch.randint(0, model.config.vocab_size, (2, 256)), sparsity=args.sparsity,
-                             method="uniform", num_sequences=2, seq_len=256, progress=False)
+                             method="uniform", num_sequences=2, seq_len=256, progress=False, weights=args.weights,
+                             quantize_lm_head=args.quantize_lm_head, activations=args.activations)
     torch.compiler.reset()
     teal_fx.attach_plan(model, plan, check=False)
     for label, options in [v.split("=", 1) for v in args.variant] or [("", "{}")]:
         torch.compiler.reset()
-        name = f"teal {args.sparsity:.0%}" + (f" {label}" if label else "")
+        name = (f"teal {args.sparsity:.0%}" + (f" {args.weights}" if args.weights else "")
+                + (" x int8" if args.activations else "") + (f" {label}" if label else ""))
         profile_path(name, model, ids, args.steps, "teal", args.trace_dir, args.sync_debug, args.top,
                      json.loads(options) or None)
     if args.hf:

@@ -4,11 +4,13 @@
     sparse_gemv.py             launchers of the sparse GEMV (one, grouped, SwiGLU, add + RMSNorm)
       sparse_gemv_config.py    its launch config, a typed value, and the rule that picks it
       sparse_gemv_triton.py    its jitted Triton kernels
+        x_int8_triton.py       their loops with x rounded to int8 (dp4a; a plan's activations="int8")
     decode_attention.py        launcher (and config) of the decode attention
       decode_attention_triton.py   its jitted Triton kernel
     quantize.py                int8 / int4 weight formats and the QuantizedLinear module that holds them
     dequant_matmul.py          launcher of the prefill GEMM on quantized weights
       dequant_matmul_triton.py     its jitted Triton kernel
+    int_weights_triton.py      int8 / int4 values to floats in Triton, for both GEMV and GEMM
     reference.py               the one reference implementation of every op (CPU, prefill, tests)
     pdl.py, workspace.py, triton_support.py   what the launchers share
 

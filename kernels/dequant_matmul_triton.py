@@ -8,7 +8,8 @@ per column after the loop, int4 per tile of one group.
 import triton
 import triton.language as tl
 
-from teal_fx.kernels.sparse_gemv_triton import exact_float, load_needed_rows
+from teal_fx.kernels.int_weights_triton import exact_float
+from teal_fx.kernels.sparse_gemv_triton import load_needed_rows
 
 
 @triton.jit

@@ -16,6 +16,16 @@ Either way every launch leaves the workspace and counters zero.
 import triton
 import triton.language as tl
 
+from teal_fx.kernels.int_weights_triton import (
+    INT4_OFFSET,
+    INT8_OFFSET,
+    int4_as_fp32,
+    int4_as_halves,
+    int8_as_fp16,
+    int8_as_fp32,
+)
+from teal_fx.kernels.x_int8_triton import packed_quads_partial, w4a8_partial, w8a8_partial
+
 
 @triton.jit
 def load_needed_rows(w_ptr, offs_k, offs_n, need, n_ok, stride_wk, stride_wn, EVEN_N: tl.constexpr):
@@ -26,78 +36,6 @@ def load_needed_rows(w_ptr, offs_k, offs_n, need, n_ok, stride_wk, stride_wn, EV
         mask = need[:, None] & n_ok[None, :]
     return tl.load(w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn, mask=mask, other=0.0,
                    eviction_policy="evict_first")
-
-@triton.jit
-def exact_float(v):
-    """int32 v in [-2^22, 2^22) as fp32, exactly, without the integer-to-float conversion unit: v + 2^23 + 2^22 is a
-    float's mantissa under the exponent of 2^23, so the bit pattern (0x4B400000 + v) is the float 2^23 + 2^22 + v;
-    subtracting that constant leaves v. Two full-rate operations where the conversion runs at a quarter of the
-    rate, which made the int8/int4 loops compute-bound (docs/perf-log.md, "Quantized weights")."""
-    return (v + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
-
-
-@triton.jit
-def int8_as_fp16(q, ASM: tl.constexpr):
-    """int8 q as fp16, exactly: the byte q + 128 under the exponent of 1024 is the half 1152 + q, so two byte
-    permutes build four halves in two registers and two paired subtractions remove 1152 (five instructions for four
-    weights; a plain conversion is a quarter-rate I2F each). ASM false: the same bit pattern in Triton arithmetic
-    (the CPU interpreter, which runs no PTX)."""
-    if ASM:
-        w = tl.inline_asm_elementwise(
-            asm="""{
-            .reg .b32 t, c;
-            xor.b32 t, $2, 0x80808080;
-            prmt.b32 $0, t, 0x64646464, 0x5140;
-            prmt.b32 $1, t, 0x64646464, 0x7362;
-            mov.b32 c, 0x64806480;
-            sub.f16x2 $0, $0, c;
-            sub.f16x2 $1, $1, c;
-            }""",
-            constraints="=r,=r,r", args=[q], dtype=tl.float16, is_pure=True, pack=4)
-    else:
-        u = q.to(tl.uint8, bitcast=True).to(tl.int32)
-        w = ((u ^ 0x80) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - 1152.0
-    return w
-
-
-def _int4_halves_ptx(exponent_byte: str, finish: list[str], finish_regs: str) -> str:
-    """PTX for four packed int4 bytes ($4) -> eight halves in four registers: low nibbles to $0, $1, high to $2, $3,
-    each under ``exponent_byte``, then ``finish`` removes the offset (128 + 8 in bf16, 1024 + 8 in fp16)."""
-    lines = [f".reg .b32 l, h, {finish_regs};", "and.b32 l, $4, 0x0F0F0F0F;", "shr.u32 h, $4, 4;",
-             "and.b32 h, h, 0x0F0F0F0F;"]
-    lines += [f"prmt.b32 ${i}, {src}, 0x{exponent_byte * 4}, 0x{sel};"
-              for i, (src, sel) in enumerate((("l", "5140"), ("l", "7362"), ("h", "5140"), ("h", "7362")))]
-    return "{\n" + "\n".join(lines + finish) + "\n}"
-
-
-# bf16: fma.bf16x2 (sm_80+) h * 1 - 136; fp16: h - 1032
-_INT4_AS_BF16: tl.constexpr = tl.constexpr(_int4_halves_ptx(
-    "43", ["mov.b32 one, 0x3F803F80;", "mov.b32 off, 0xC308C308;"]
-    + [f"fma.rn.bf16x2 ${i}, ${i}, one, off;" for i in range(4)], "one, off"))
-_INT4_AS_F16: tl.constexpr = tl.constexpr(_int4_halves_ptx(
-    "64", ["mov.b32 off, 0x64086408;"] + [f"sub.f16x2 ${i}, ${i}, off;" for i in range(4)], "off"))
-
-
-@triton.jit
-def int4_as_halves(p, BF16: tl.constexpr, ASM: tl.constexpr):
-    """Packed int4 bytes [BK, BN / 2] as two tiles, the low nibbles (even columns) and the high (odd), each nibble
-    minus 8, in bf16 (BF16) or fp16, exactly: a nibble n under the exponent of 128 (bf16) or 1024 (fp16) is the half
-    128 + n or 1024 + n, so masks and byte permutes build eight halves in four registers and four paired operations
-    remove the offset (1.4 instructions a weight). ASM false: the same values in Triton arithmetic."""
-    if ASM:
-        if BF16:
-            lo, hi = tl.inline_asm_elementwise(asm=_INT4_AS_BF16, constraints="=r,=r,=r,=r,r", args=[p],
-                                               dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
-        else:
-            lo, hi = tl.inline_asm_elementwise(asm=_INT4_AS_F16, constraints="=r,=r,=r,=r,r", args=[p],
-                                               dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
-    else:
-        v = p.to(tl.int32)
-        ty = tl.bfloat16 if BF16 else tl.float16
-        lo = ((v & 15) - 8).to(tl.float32).to(ty)
-        hi = ((v >> 4) - 8).to(tl.float32).to(ty)
-    return lo, hi
-
 
 @triton.jit
 def store_survivors(idx_ptr, offs_c, keep_c):
@@ -207,69 +145,6 @@ def int4_dot_partial(x_ptr, w_ptr, idx_ptr, k_lo, k_hi, threshold, offs_m, m_ok,
     return tl.interleave(acc_lo, acc_hi)
 
 
-def _bytes_as_fp32_ptx(regs: str, prologue: list[str], sources: list[str], offset: str | None) -> str:
-    """PTX for byte permutes into floats: each byte of each register in ``sources`` (built by ``prologue`` from the
-    input, four packed bytes) becomes the low byte of the float 2^23 + byte, in output order; then ``offset`` (2^23
-    plus the byte's bias) is subtracted from each. ``offset`` None: the byte goes to bits 8-15 under the exponent of
-    2^15 instead (the float 32768 + byte), and nothing is subtracted."""
-    exponent, select = ("0x4B000000", "0x744{b}") if offset else ("0x47000000", "0x74{b}4")
-    lines = [f".reg .b32 {regs};", *prologue, f"mov.b32 c, {exponent};"]
-    lines += [f"prmt.b32 ${4 * i + b}, {src}, c, {select.format(b=b)};" for i, src in enumerate(sources)
-              for b in range(4)]
-    lines += [f"sub.f32 ${j}, ${j}, {offset};" for j in range(4 * len(sources)) if offset]
-    return "{\n" + "\n".join(lines) + "\n}"
-
-
-# int8: q + 128 (the sign bit flipped), minus 2^23 + 128; int4: the low and high nibbles, minus 2^23 + 8. The
-# offset forms leave 32768 + 128 + q and 32768 + 8 + q
-_INT8_BYTES = ("t, c", ["xor.b32 t, $4, 0x80808080;"], ["t"])
-_INT4_BYTES = ("l, h, c", ["and.b32 l, $8, 0x0F0F0F0F;", "shr.u32 h, $8, 4;", "and.b32 h, h, 0x0F0F0F0F;"],
-               ["l", "h"])
-_INT8_AS_FP32: tl.constexpr = tl.constexpr(_bytes_as_fp32_ptx(*_INT8_BYTES, "0f4B000080"))
-_INT4_AS_FP32: tl.constexpr = tl.constexpr(_bytes_as_fp32_ptx(*_INT4_BYTES, "0f4B000008"))
-_INT8_AS_OFFSET_FP32: tl.constexpr = tl.constexpr(_bytes_as_fp32_ptx(*_INT8_BYTES, None))
-_INT4_AS_OFFSET_FP32: tl.constexpr = tl.constexpr(_bytes_as_fp32_ptx(*_INT4_BYTES, None))
-INT8_OFFSET: tl.constexpr = tl.constexpr(32896.0)  # what the offset forms add to q
-INT4_OFFSET: tl.constexpr = tl.constexpr(32776.0)
-
-
-@triton.jit
-def int8_as_fp32(q, ASM: tl.constexpr, OFFSET: tl.constexpr = False):
-    """int8 q as fp32, exactly: byte permutes put q + 128 under the exponent of 2^23 (the float 2^23 + 128 + q) and one
-    subtraction removes 2^23 + 128, about one integer operation a weight where ``exact_float`` of a sign-extended q
-    takes two (the integer pipe, half as wide as the float one, bounded the int8 loops; docs/perf-log.md v26).
-    OFFSET: INT8_OFFSET + q, the byte permute alone (the caller subtracts INT8_OFFSET times Σx once per tile)."""
-    if ASM:
-        w = tl.inline_asm_elementwise(
-            asm=_INT8_AS_OFFSET_FP32 if OFFSET else _INT8_AS_FP32,
-            constraints="=r,=r,=r,=r,r", args=[q], dtype=tl.float32, is_pure=True, pack=4)
-    elif OFFSET:
-        w = q.to(tl.float32) + INT8_OFFSET
-    else:
-        w = exact_float(q.to(tl.int32))
-    return w
-
-
-@triton.jit
-def int4_as_fp32(p, ASM: tl.constexpr, OFFSET: tl.constexpr = False):
-    """Packed int4 bytes [BK, BN / 2] as the fp32 tile [BK, BN] of nibble - 8 (low nibble: even column), exactly: the
-    nibbles masked out and permuted under the exponent of 2^23, then 2^23 + 8 subtracted. OFFSET: INT4_OFFSET +
-    nibble - 8, without the subtraction."""
-    if ASM:
-        lo, hi = tl.inline_asm_elementwise(
-            asm=_INT4_AS_OFFSET_FP32 if OFFSET else _INT4_AS_FP32,
-            constraints="=r,=r,=r,=r,=r,=r,=r,=r,r", args=[p], dtype=(tl.float32, tl.float32), is_pure=True,
-            pack=4)
-        w = tl.interleave(lo, hi)
-    else:
-        v = p.to(tl.int32)
-        if OFFSET:
-            w = (tl.interleave(v & 15, v >> 4) - 8).to(tl.float32) + INT4_OFFSET
-        else:
-            w = exact_float(tl.interleave(v & 15, v >> 4) - 8)
-    return w
-
-
 @triton.jit
 def load_weight_tile(w_ptr, offs_k, offs_n, offs_p, need, n_ok, p_ok, stride_wk, stride_wn, EVEN_N: tl.constexpr,
                      WFMT: tl.constexpr, ASM: tl.constexpr):
@@ -328,173 +203,6 @@ def tile_sum(x, q, WFMT: tl.constexpr, WMATH: tl.constexpr, ASM: tl.constexpr):
     else:
         s = tl.sum(x[:, None] * q.to(tl.float32), axis=0)
     return s
-
-
-# W8A8 (weight_math 3): x quantized to int8 in tiles of ACT_TILE inputs, each tile's sum an int32 dot product
-ACT_TILE: tl.constexpr = tl.constexpr(32)
-
-
-def _dot4_ptx(nibbles: bool) -> str:
-    """PTX for four rows' packed bytes (registers $w..$w+3: rows 4i..4i+3, four columns' bytes each) against a word of
-    x ($x: four int8 inputs): a 4 x 4 byte transpose (six permutes: each column's bytes of the four rows in one
-    register), then per column one signed dp4a (int8: $0-$3) or, for int4's two outputs a byte, its low and high
-    nibbles (q + 8, unsigned) into two (even columns $0-$3, odd $4-$7)."""
-    w, x = (8, 12) if nibbles else (4, 8)
-    lines = [".reg .b32 a, b, c, d, t, l, h, z;", "mov.b32 z, 0;",
-             f"prmt.b32 a, ${w}, ${w + 1}, 0x5140;", f"prmt.b32 b, ${w + 2}, ${w + 3}, 0x5140;",
-             f"prmt.b32 c, ${w}, ${w + 1}, 0x7362;", f"prmt.b32 d, ${w + 2}, ${w + 3}, 0x7362;"]
-    for col, (pair, select) in enumerate([("a, b", "0x5410"), ("a, b", "0x7632"), ("c, d", "0x5410"),
-                                          ("c, d", "0x7632")]):
-        lines.append(f"prmt.b32 t, {pair}, {select};")
-        if nibbles:
-            lines += ["and.b32 l, t, 0x0F0F0F0F;", "shr.u32 h, t, 4;", "and.b32 h, h, 0x0F0F0F0F;",
-                      f"dp4a.u32.s32 ${col}, l, ${x}, z;", f"dp4a.u32.s32 ${col + 4}, h, ${x}, z;"]
-        else:
-            lines.append(f"dp4a.s32.s32 ${col}, t, ${x}, z;")
-    return "{\n" + "\n".join(lines) + "\n}"
-
-
-_INT8_DOT4: tl.constexpr = tl.constexpr(_dot4_ptx(False))
-_INT4_DOT4: tl.constexpr = tl.constexpr(_dot4_ptx(True))
-
-
-@triton.jit
-def quantize_x_tiles(x_ptr, words_ptr, xs_ptr, k_lo, k_hi, threshold, CHUNK: tl.constexpr, ASM: tl.constexpr):
-    """W8A8: this program's inputs [k_lo, k_hi) masked by t, quantized to int8 per ACT_TILE inputs (scale max|x| /
-    127, to nearest), packed four to an int32 word (input k_lo + 4i + r in byte r of word i) and stored, with each
-    tile's scale, in the program's scratch slot; the barrier makes them visible to all its threads. Once per program,
-    its threads sharing the work, where the loop would repeat it in every thread (kernels/reference.py,
-    ``quantize_activation_tiles``, is the same math)."""
-    offs = k_lo + tl.arange(0, CHUNK)
-    x = tl.load(x_ptr + offs, mask=offs < k_hi, other=0.0).to(tl.float32)
-    x = tl.where(tl.abs(x) > threshold, x, 0.0)
-    xt = tl.reshape(x, (CHUNK // ACT_TILE, ACT_TILE))
-    amax = tl.max(tl.abs(xt), axis=1)
-    inv = tl.where(amax > 0, tl.math.div_rn(tl.full(amax.shape, 127.0, tl.float32), tl.where(amax > 0, amax, 1.0)), 0.0)
-    r = xt * inv[:, None]
-    if ASM:  # a conversion, so the product is rounded first as the reference rounds it (no fused multiply-add)
-        q = tl.inline_asm_elementwise(asm="cvt.rni.s32.f32 $0, $1;", constraints="=r,r", args=[r], dtype=tl.int32,
-                                      is_pure=True, pack=1)
-    else:  # to nearest, ties to even (|r| <= 127): the float 2^23 + 2^22 + q
-        q = (r + 12582912.0).to(tl.int32, bitcast=True) - 0x4B400000
-    b = tl.reshape(q & 0xFF, (CHUNK // 4, 4))
-    words = tl.sum(b << (tl.arange(0, 4) * 8)[None, :], axis=1)  # disjoint bytes: the sum is the OR
-    tl.store(words_ptr + tl.arange(0, CHUNK // 4), words)
-    tl.store(xs_ptr + tl.arange(0, CHUNK // ACT_TILE), amax / 127.0)
-    tl.debug_barrier()  # the CTA's global stores are visible to all its threads after the barrier
-
-
-@triton.jit
-def int8_dot4(w0, w1, w2, w3, xw, ASM: tl.constexpr):
-    """[R, BN] int32: Σ_r w_r[i, n] x_r[i], w_r [R, BN] int8 the weight rows 4i + r, xw [R, 1] int32 the words of x
-    (byte r: input 4i + r). On the GPU a 4 x 4 byte transpose (six permutes) and four dp4a for sixteen weights
-    (``_dot4_ptx``), no conversion to floats (docs/perf-log.md v32)."""
-    if ASM:
-        d = tl.inline_asm_elementwise(asm=_INT8_DOT4, constraints="=r,=r,=r,=r,r,r,r,r,r,r,r,r",
-                                      args=[w0, w1, w2, w3, tl.broadcast_to(xw, w0.shape)], dtype=tl.int32,
-                                      is_pure=True, pack=4)
-    else:
-        d = (w0.to(tl.int32) * ((xw << 24) >> 24) + w1.to(tl.int32) * ((xw << 16) >> 24)
-             + w2.to(tl.int32) * ((xw << 8) >> 24) + w3.to(tl.int32) * (xw >> 24))
-    return d
-
-
-@triton.jit
-def int4_dot4(p0, p1, p2, p3, xw, ASM: tl.constexpr):
-    """(even, odd), each [R, BN / 2] int32: Σ_r nibble_r x_r over the rows 4i + r of packed int4 bytes p_r [R, BN / 2]
-    (low nibble: the even column, high: the odd one; nibbles are q + 8, the caller removes 8 Σx), xw as ``int8_dot4``."""
-    if ASM:
-        lo, hi = tl.inline_asm_elementwise(
-            asm=_INT4_DOT4, constraints="=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r,r,r,r,r",
-            args=[p0, p1, p2, p3, tl.broadcast_to(xw, p0.shape)], dtype=(tl.int32, tl.int32), is_pure=True, pack=4)
-    else:
-        x0, x1, x2, x3 = (xw << 24) >> 24, (xw << 16) >> 24, (xw << 8) >> 24, xw >> 24
-        v0, v1, v2, v3 = p0.to(tl.int32), p1.to(tl.int32), p2.to(tl.int32), p3.to(tl.int32)
-        lo = (v0 & 15) * x0 + (v1 & 15) * x1 + (v2 & 15) * x2 + (v3 & 15) * x3
-        hi = (v0 >> 4) * x0 + (v1 >> 4) * x1 + (v2 >> 4) * x2 + (v3 >> 4) * x3
-    return lo, hi
-
-
-@triton.jit
-def x_byte_sum(xw, ASM: tl.constexpr):
-    """Σ of the four signed bytes of each word xw (one dp4a against 0x01010101 on the GPU)."""
-    if ASM:
-        s = tl.inline_asm_elementwise(asm="dp4a.s32.s32 $0, $1, 0x01010101, 0;", constraints="=r,r", args=[xw],
-                                      dtype=tl.int32, is_pure=True, pack=1)
-    else:
-        s = ((xw << 24) >> 24) + ((xw << 16) >> 24) + ((xw << 8) >> 24) + (xw >> 24)
-    return s
-
-
-@triton.jit
-def load_row_quads(p, stride_wk, xw, cols_ok):
-    """The weight rows 4i + r (r = 0..3) at p + r * stride_wk, each read only where byte r of x's word i is nonzero. A
-    row not read is left undefined, not zeroed: its x byte is 0, and an integer product with 0 is 0 whatever the
-    register holds."""
-    w0 = tl.load(p, mask=((xw & 0xFF) != 0)[:, None] & cols_ok, eviction_policy="evict_first")
-    w1 = tl.load(p + stride_wk, mask=((xw & 0xFF00) != 0)[:, None] & cols_ok, eviction_policy="evict_first")
-    w2 = tl.load(p + 2 * stride_wk, mask=((xw & 0xFF0000) != 0)[:, None] & cols_ok, eviction_policy="evict_first")
-    w3 = tl.load(p + 3 * stride_wk, mask=((xw >> 24) != 0)[:, None] & cols_ok, eviction_policy="evict_first")
-    return w0, w1, w2, w3
-
-
-@triton.jit
-def w8a8_partial(x_ptr, w_ptr, words_ptr, xs_ptr, k_lo, k_hi, threshold, offs_n, n_ok, stride_wk, stride_wn,
-                 BK: tl.constexpr, BN: tl.constexpr, CHUNK: tl.constexpr, EVEN_N: tl.constexpr, ASM: tl.constexpr):
-    """Σ_k x_k W[k, offs_n] (int8 W, unscaled) over [k_lo, k_hi) with x quantized per ACT_TILE inputs
-    (``quantize_x_tiles``): each BK-row tile as four [BK / 4, BN] loads of rows 4i + r, an input whose int8 value
-    is 0 (dropped, or rounded to 0) leaving its row unread, int32 products and sums (``int8_dot4``), one conversion
-    and the tile's x scale per column per tile."""
-    quantize_x_tiles(x_ptr, words_ptr, xs_ptr, k_lo, k_hi, threshold, CHUNK, ASM)
-    acc = tl.zeros((BN,), dtype=tl.float32)
-    # the row pointers advance a tile at a time (an add each, where recomputing row * stride + column took three
-    # instructions a row)
-    p = w_ptr + (k_lo + 4 * tl.arange(0, BK // 4))[:, None] * stride_wk + offs_n[None, :] * stride_wn
-    cols_ok = tl.full((1, BN), 1, tl.int1) if EVEN_N else n_ok[None, :]
-    xw = tl.load(words_ptr + tl.arange(0, BK // 4))
-    for k0 in range(k_lo, k_hi, BK):
-        j = k0 - k_lo
-        nxt = (j + BK) // 4 + tl.arange(0, BK // 4)
-        xw_next = tl.load(words_ptr + nxt, mask=nxt < CHUNK // 4, other=0)
-        xs = tl.load(xs_ptr + j // ACT_TILE)
-        w0, w1, w2, w3 = load_row_quads(p, stride_wk, xw, cols_ok)
-        s = tl.sum(int8_dot4(w0, w1, w2, w3, xw[:, None], ASM), axis=0)
-        acc += exact_float(s) * xs  # |s| <= 32 x 127 x 127 < 2^22
-        xw = xw_next
-        p += BK * stride_wk
-    return acc
-
-
-@triton.jit
-def w4a8_partial(x_ptr, w_ptr, words_ptr, xs_ptr, k_lo, k_hi, threshold, offs_n, offs_p, p_ok, stride_wk, stride_wn,
-                 s_ptr, stride_sg, BK: tl.constexpr, BN: tl.constexpr, CHUNK: tl.constexpr, EVEN_N: tl.constexpr,
-                 GROUP: tl.constexpr, N, ASM: tl.constexpr):
-    """``w8a8_partial`` over packed int4 weights (bytes ``offs_p``: columns 2p and 2p + 1), scaled: each tile's
-    int32 sums less 8 Σx (the nibbles are q + 8), times the tile's x scale and its group's scales. Returns [BN]."""
-    quantize_x_tiles(x_ptr, words_ptr, xs_ptr, k_lo, k_hi, threshold, CHUNK, ASM)
-    acc_lo = tl.zeros((BN // 2,), dtype=tl.float32)
-    acc_hi = tl.zeros((BN // 2,), dtype=tl.float32)
-    p = w_ptr + (k_lo + 4 * tl.arange(0, BK // 4))[:, None] * stride_wk + offs_p[None, :] * stride_wn
-    cols_ok = tl.full((1, BN // 2), 1, tl.int1) if EVEN_N else p_ok[None, :]
-    even_ok = 2 * offs_p < N
-    odd_ok = 2 * offs_p + 1 < N
-    xw = tl.load(words_ptr + tl.arange(0, BK // 4))
-    for k0 in range(k_lo, k_hi, BK):
-        j = k0 - k_lo
-        nxt = (j + BK) // 4 + tl.arange(0, BK // 4)
-        xw_next = tl.load(words_ptr + nxt, mask=nxt < CHUNK // 4, other=0)
-        xs = tl.load(xs_ptr + j // ACT_TILE)
-        sg = s_ptr + (k0 // GROUP) * stride_sg + 2 * offs_p
-        s_even = tl.load(sg, mask=even_ok, other=0.0).to(tl.float32) * xs
-        s_odd = tl.load(sg + 1, mask=odd_ok, other=0.0).to(tl.float32) * xs
-        p0, p1, p2, p3 = load_row_quads(p, stride_wk, xw, cols_ok)
-        lo, hi = int4_dot4(p0, p1, p2, p3, xw[:, None], ASM)
-        offset = 8 * tl.sum(x_byte_sum(xw, ASM), axis=0)
-        acc_lo += exact_float(tl.sum(lo, axis=0) - offset) * s_even  # |sum| <= 32 x 15 x 127 < 2^22
-        acc_hi += exact_float(tl.sum(hi, axis=0) - offset) * s_odd
-        xw = xw_next
-        p += BK * stride_wk
-    return tl.interleave(acc_lo, acc_hi)
 
 
 @triton.jit
@@ -785,6 +493,16 @@ def sparse_gemv_kernel(
         acc = in_thread_rows_partial(x_ptr, w_ptr, k_lo, k_hi, threshold, offs_m, m_ok, stride_xm, offs_n, n_ok,
                                       stride_wk, stride_wn, BM, BK, BN, EVEN_N, offs_p, p_ok, s_ptr, stride_sg,
                                       WFMT, GROUP, M, SHARED, ASM)
+    elif IN_THREAD and WMATH == 3 and COMPACT:  # W8A8 / W4A8 over the packed nonzero inputs: a slot of 2 CHUNK
+        slot = (seg * SPLIT_K + pk) * 2 * CHUNK
+        if WFMT == 2:
+            acc = tl.reshape(packed_quads_partial(x_ptr, w_ptr, idx_ptr + slot, xv_ptr + slot, k_lo, k_hi, threshold,
+                                                  offs_p, p_ok, stride_wk, stride_wn, s_ptr, stride_sg, BK, BN, CHUNK,
+                                                  EVEN_N, WFMT, GROUP, N, ASM), (1, BN))
+        else:
+            acc = tl.reshape(packed_quads_partial(x_ptr, w_ptr, idx_ptr + slot, xv_ptr + slot, k_lo, k_hi, threshold,
+                                                  offs_n, n_ok, stride_wk, stride_wn, s_ptr, stride_sg, BK, BN, CHUNK,
+                                                  EVEN_N, WFMT, GROUP, N, ASM), (1, BN))
     elif IN_THREAD and WMATH == 3:  # W8A8 / W4A8: x's int8 words and tile scales in this split's scratch slot
         slot = (seg * SPLIT_K + pk) * CHUNK
         if WFMT == 2:
