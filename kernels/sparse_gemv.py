@@ -289,15 +289,12 @@ def _launch(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tens
     if config is None and cfg.weight_math in (1, 2) and x.dtype == torch.float32:
         # the rule's cheaper sums round at a bf16 output's error (fp16 would also round fp32 x): fp32 x, exact sums
         cfg = replace(cfg, weight_math=0)
-    if cfg.weight_math and not (wfmt and M == 1 and cfg.in_thread and (not cfg.compact or cfg.weight_math == 3)):
+    if cfg.weight_math and not (wfmt and M == 1 and cfg.in_thread and not cfg.compact):
         raise ValueError(f"weight_math applies to one row of int8/int4 in the masked in-thread loop: {cfg}")
     if cfg.weight_math == 3 and (ACT_TILE % cfg.block_k or cfg.block_k % 4 or cfg.k_per_split % ACT_TILE):
         # one x scale per tile: a tile within one scale tile of x (and so of an int4 group), a program's inputs whole
         # scale tiles (x is quantized from k_lo); rows come four to a word
         raise ValueError(f"weight_math 3 (int8 x) takes block_k dividing {ACT_TILE} and k_per_split a multiple: {cfg}")
-    if cfg.weight_math == 3 and cfg.compact and cfg.chunk != cfg.k_per_split:
-        # the slot holds 2 CHUNK entries a split: reserve_workspace's bound holds for CHUNK = K_PER_SPLIT
-        raise ValueError(f"the packed int8-x loop takes k_per_split a power of two: {cfg}")
     if cfg.weight_math == 2 and (x.dtype == torch.float32 or (wfmt == 1 and cfg.block_k > 32)):
         # fp16 would round fp32 x; 32 int8 products of at most 128 x 8 bound a tile's fp16 sum (``half_scaled``)
         raise ValueError(f"weight_math 2 (fp16 sums) takes fp16/bf16 x and, for int8, block_k <= 32: {cfg}, {x.dtype}")
@@ -306,8 +303,7 @@ def _launch(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tens
             raise ValueError(f"int4 on tensor cores needs k_per_split dividing {INT4_GROUP}: {cfg}")
         if cfg.block_n < 32:  # each nibble's dot takes half the tile's columns, at least 16 (masks cover the rest)
             cfg = replace(cfg, block_n=32)
-    if wfmt == 2 and not cfg.use_dot and (INT4_GROUP % (cfg.k_per_split if cfg.compact and cfg.weight_math != 3
-                                                        else cfg.block_k)):
+    if wfmt == 2 and not cfg.use_dot and (INT4_GROUP % (cfg.k_per_split if cfg.compact else cfg.block_k)):
         # the CUDA-core loops scale each tile's sums (a tile within one group) or, packed, the program's (the
         # survivors of the whole program within one group)
         raise ValueError(f"int4 on CUDA cores needs block_k (packed: k_per_split) dividing {INT4_GROUP}: {cfg}")
@@ -325,8 +321,6 @@ def _launch(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tens
     total_tiles = sum(tiles)
     # a CHUNK slot per K split and segment: the packed survivors, or W8A8's int8 words of x and their scales
     packed = nseg * cfg.split_k * cfg.chunk if cfg.compact or cfg.weight_math == 3 else 1
-    if cfg.compact and cfg.weight_math == 3:  # the packed int8-x loop: x's words and counts, then the inputs' indices
-        packed *= 2
     # xv: the packed x values, one fp32 a slot entry (one row), or BM of x's dtype (the tensor-core loop's columns)
     ws, cnt, idx, xv = _WORKSPACE.get(x.device, ws=BM * total_tiles * BN, cnt=total_tiles, idx=packed,
                                       xv=packed * (BM if cfg.use_dot else 1))

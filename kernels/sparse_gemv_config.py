@@ -56,10 +56,6 @@ def _mlp_sized(N: int, K: int) -> bool:
     return (N // 256) * (K // 16) >= 8000
 
 
-# x_int8 (one row): the sparsity from which the down projection's launch loops over the packed nonzero inputs only
-X_INT8_PACKED_FROM = 0.65
-
-
 def compact_from(N: int, K: int) -> float:
     """The expected sparsity from which one row loops over the packed survivors only: where the rows it skips repay
     the packing's fixed cost (x, a scan, a scratch round trip). Timed per shape with dependent launches: on the MLP
@@ -78,13 +74,6 @@ def choose_config(M: int, N: int, K: int, sparsity: Optional[float] = None,
         if weight_format is None or M != 1:
             raise ValueError("x_int8 takes one row against int8/int4 weights")
         mlp = _mlp_sized(N, K)
-        if mlp and K > N and sparsity is not None and sparsity >= X_INT8_PACKED_FROM:
-            # the down projection at high sparsity: the loop over the packed nonzero inputs (``packed_quads_partial``),
-            # 8 rows an iteration, 2 tiles of 32 a program. H200, 70%: int4 9.2 µs vs the masked loop's 10.6, int8 10.0
-            # vs 10.3; at 50% even or slower, and slower on every other shape (docs/perf-log.md v33)
-            BN, nw = (2048, 2) if weight_format == "int4" else (1024, 2)
-            return make_config(N, K, BN=BN, BK=8, iters=8, use_dot=False, num_warps=nw, num_stages=1, compact=True,
-                               weight_math=3)
         # the masked dp4a loop (``w8a8_partial``), 16 bytes of a row a thread except int8 on the attention shapes (8).
         # H200 (docs/perf-log.md v32, v33): int4 gate/up 11.0 µs at 50% (its fp-x rule 13.3), q+k+v 7.0 (9.2). 4 tiles
         # a program where 2 would need more than one wave of one-warp programs (int4's loop holds 255 registers: 8 an

@@ -24,7 +24,7 @@ from teal_fx.kernels.int_weights_triton import (
     int8_as_fp16,
     int8_as_fp32,
 )
-from teal_fx.kernels.x_int8_triton import packed_quads_partial, w4a8_partial, w8a8_partial
+from teal_fx.kernels.x_int8_triton import w4a8_partial, w8a8_partial
 
 
 @triton.jit
@@ -493,16 +493,6 @@ def sparse_gemv_kernel(
         acc = in_thread_rows_partial(x_ptr, w_ptr, k_lo, k_hi, threshold, offs_m, m_ok, stride_xm, offs_n, n_ok,
                                       stride_wk, stride_wn, BM, BK, BN, EVEN_N, offs_p, p_ok, s_ptr, stride_sg,
                                       WFMT, GROUP, M, SHARED, ASM)
-    elif IN_THREAD and WMATH == 3 and COMPACT:  # W8A8 / W4A8 over the packed nonzero inputs: a slot of 2 CHUNK
-        slot = (seg * SPLIT_K + pk) * 2 * CHUNK
-        if WFMT == 2:
-            acc = tl.reshape(packed_quads_partial(x_ptr, w_ptr, idx_ptr + slot, xv_ptr + slot, k_lo, k_hi, threshold,
-                                                  offs_p, p_ok, stride_wk, stride_wn, s_ptr, stride_sg, BK, BN, CHUNK,
-                                                  EVEN_N, WFMT, GROUP, N, ASM), (1, BN))
-        else:
-            acc = tl.reshape(packed_quads_partial(x_ptr, w_ptr, idx_ptr + slot, xv_ptr + slot, k_lo, k_hi, threshold,
-                                                  offs_n, n_ok, stride_wk, stride_wn, s_ptr, stride_sg, BK, BN, CHUNK,
-                                                  EVEN_N, WFMT, GROUP, N, ASM), (1, BN))
     elif IN_THREAD and WMATH == 3:  # W8A8 / W4A8: x's int8 words and tile scales in this split's scratch slot
         slot = (seg * SPLIT_K + pk) * CHUNK
         if WFMT == 2:

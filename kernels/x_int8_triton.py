@@ -2,10 +2,10 @@
 
 A program rounds its K split's masked x to int8 per ACT_TILE inputs (scale max|x| / 127), packs four inputs a word
 into its scratch slot, and multiplies the weight rows four at a time: a 4 x 4 byte transpose and ``dp4a`` (int4: on
-the nibbles, 8 Σx taken off), int32 sums a tile, one conversion and scale per column per tile. Two loops: over every
-input, a row whose x byte is 0 left unread (``w8a8_partial``, ``w4a8_partial``), or over the packed nonzero inputs
-only (``packed_quads_partial``). The reference is kernels/reference.py's ``quantize_activation_tiles``; why and what
-was measured: docs/perf-log.md v32-v33.
+the nibbles, 8 Σx taken off), int32 sums a tile, one conversion and scale per column per tile. The loops walk every
+input; a row whose x byte is 0 is left unread (``w8a8_partial``, ``w4a8_partial``). A loop over the packed nonzero
+inputs only was slower at 50% (docs/perf-log.md v33). The reference is kernels/reference.py's
+``quantize_activation_tiles``; why and what was measured: docs/perf-log.md v32-v33.
 """
 import triton
 import triton.language as tl
@@ -41,10 +41,12 @@ _INT4_DOT4: tl.constexpr = tl.constexpr(_dot4_ptx(True))
 
 
 @triton.jit
-def int8_tiles(x_ptr, k_lo, k_hi, threshold, CHUNK: tl.constexpr, ASM: tl.constexpr):
-    """This program's inputs [k_lo, k_hi) masked by t and rounded to int8 per ACT_TILE inputs (scale max|x| / 127, to
-    nearest): ([CHUNK / ACT_TILE, ACT_TILE] int32 in [-127, 127], [CHUNK / ACT_TILE] max|x|), the math of
-    kernels/reference.py's ``quantize_activation_tiles``."""
+def quantize_x_tiles(x_ptr, words_ptr, xs_ptr, k_lo, k_hi, threshold, CHUNK: tl.constexpr, ASM: tl.constexpr):
+    """W8A8: this program's inputs [k_lo, k_hi) masked by t, quantized to int8 per ACT_TILE inputs (scale max|x| /
+    127, to nearest), packed four to an int32 word (input k_lo + 4i + r in byte r of word i) and stored, with each
+    tile's scale, in the program's scratch slot; the barrier makes them visible to all its threads. Once per program,
+    its threads sharing the work, where the loop would repeat it in every thread (kernels/reference.py,
+    ``quantize_activation_tiles``, is the same math)."""
     offs = k_lo + tl.arange(0, CHUNK)
     x = tl.load(x_ptr + offs, mask=offs < k_hi, other=0.0).to(tl.float32)
     x = tl.where(tl.abs(x) > threshold, x, 0.0)
@@ -57,43 +59,9 @@ def int8_tiles(x_ptr, k_lo, k_hi, threshold, CHUNK: tl.constexpr, ASM: tl.conste
                                       is_pure=True, pack=1)
     else:  # to nearest, ties to even (|r| <= 127): the float 2^23 + 2^22 + q
         q = (r + 12582912.0).to(tl.int32, bitcast=True) - 0x4B400000
-    return q, amax
-
-
-@triton.jit
-def quantize_x_tiles(x_ptr, words_ptr, xs_ptr, k_lo, k_hi, threshold, CHUNK: tl.constexpr, ASM: tl.constexpr):
-    """W8A8: ``int8_tiles`` packed four to an int32 word (input k_lo + 4i + r in byte r of word i) and stored, with
-    each tile's scale, in the program's scratch slot; the barrier makes them visible to all its threads. Once per
-    program, its threads sharing the work, where the loop would repeat it in every thread."""
-    q, amax = int8_tiles(x_ptr, k_lo, k_hi, threshold, CHUNK, ASM)
     b = tl.reshape(q & 0xFF, (CHUNK // 4, 4))
     words = tl.sum(b << (tl.arange(0, 4) * 8)[None, :], axis=1)  # disjoint bytes: the sum is the OR
     tl.store(words_ptr + tl.arange(0, CHUNK // 4), words)
-    tl.store(xs_ptr + tl.arange(0, CHUNK // ACT_TILE), amax / 127.0)
-    tl.debug_barrier()  # the CTA's global stores are visible to all its threads after the barrier
-
-
-@triton.jit
-def pack_x_quads(x_ptr, slot_ptr, xs_ptr, k_lo, k_hi, threshold, CHUNK: tl.constexpr, ASM: tl.constexpr):
-    """W8A8, packed (``packed_quads_partial``): per ACT_TILE tile of ``int8_tiles``, the inputs whose int8 value is
-    not 0, in order. The slot (2 CHUNK int32) holds tile t's bytes four a word at [t * ACT_TILE / 4, + ACT_TILE / 4),
-    zero past its count; the counts at [CHUNK / 4, + CHUNK / ACT_TILE); the inputs' indices at [CHUNK + t * ACT_TILE,
-    + ACT_TILE) (past the count: some input of the tile, never read, its byte being 0). Scales to xs_ptr as
-    ``quantize_x_tiles``. Every position is written, so nothing of an earlier launch is read."""
-    q, amax = int8_tiles(x_ptr, k_lo, k_hi, threshold, CHUNK, ASM)
-    keep = q != 0
-    pos = tl.cumsum(keep.to(tl.int32), axis=1) - 1
-    n = tl.sum(keep.to(tl.int32), axis=1)
-    i = tl.arange(0, ACT_TILE)[None, :]
-    base = (tl.arange(0, CHUNK // ACT_TILE) * ACT_TILE)[:, None]
-    k = k_lo + base + i
-    fill = i >= n[:, None]  # the positions past the count, disjoint from the kept ones' [0, n)
-    bytes_ptr = slot_ptr.to(tl.pointer_type(tl.int8))
-    tl.store(bytes_ptr + base + pos, q.to(tl.int8), mask=keep)
-    tl.store(bytes_ptr + base + i, tl.zeros(q.shape, tl.int8), mask=fill)
-    tl.store(slot_ptr + CHUNK + base + pos, k, mask=keep)
-    tl.store(slot_ptr + CHUNK + base + i, k, mask=fill)
-    tl.store(slot_ptr + CHUNK // 4 + tl.arange(0, CHUNK // ACT_TILE), n)
     tl.store(xs_ptr + tl.arange(0, CHUNK // ACT_TILE), amax / 127.0)
     tl.debug_barrier()  # the CTA's global stores are visible to all its threads after the barrier
 
@@ -209,65 +177,3 @@ def w4a8_partial(x_ptr, w_ptr, words_ptr, xs_ptr, k_lo, k_hi, threshold, offs_n,
         xw = xw_next
         p += BK * stride_wk
     return tl.interleave(acc_lo, acc_hi)
-
-
-@triton.jit
-def packed_quads_partial(x_ptr, w_ptr, slot_ptr, xs_ptr, k_lo, k_hi, threshold, offs_c, c_ok, stride_wk, stride_wn,
-                         s_ptr, stride_sg, BK: tl.constexpr, BN: tl.constexpr, CHUNK: tl.constexpr,
-                         EVEN_N: tl.constexpr, WFMT: tl.constexpr, GROUP: tl.constexpr, N, ASM: tl.constexpr):
-    """``w8a8_partial`` / ``w4a8_partial`` over the packed nonzero inputs only (``pack_x_quads``): per x tile, its
-    kept rows four at a time, BK rows an iteration, as many iterations as the tile's count needs. The masked loops
-    issue their transposes and dp4a for every input, dropped or not, and were bound by that at 50% (docs/perf-log.md
-    v33); here the instructions fall with the sparsity. ``offs_c``: the columns (int8) or packed bytes (int4) of this
-    program, ``c_ok`` their bound. Returns [BN] (int8 unscaled by its channel scales, int4 scaled)."""
-    pack_x_quads(x_ptr, slot_ptr, xs_ptr, k_lo, k_hi, threshold, CHUNK, ASM)
-    BC: tl.constexpr = BN // 2 if WFMT == 2 else BN
-    acc_lo = tl.zeros((BC,), dtype=tl.float32)
-    acc_hi = tl.zeros((BC,), dtype=tl.float32)
-    cols_ok = tl.full((1, BC), 1, tl.int1) if EVEN_N else c_ok[None, :]
-    cols = offs_c[None, :] * stride_wn
-    for k0 in range(k_lo, k_hi, ACT_TILE):
-        t = (k0 - k_lo) // ACT_TILE
-        quads = (tl.load(slot_ptr + CHUNK // 4 + t) + 3) // 4
-        xs = tl.load(xs_ptr + t)
-        s_lo = tl.zeros((BC,), dtype=tl.int32)
-        s_hi = tl.zeros((BC,), dtype=tl.int32)
-        sx = tl.zeros((BK // 4,), dtype=tl.int32)
-        for q0 in range(0, quads, BK // 4):
-            qi = q0 + tl.arange(0, BK // 4)
-            in_tile = qi < ACT_TILE // 4  # past the count the words are 0: no row read, nothing added
-            xw = tl.load(slot_ptr + t * (ACT_TILE // 4) + qi, mask=in_tile, other=0)
-            rows = slot_ptr + CHUNK + t * ACT_TILE + 4 * qi
-            r0 = tl.load(rows, mask=in_tile, other=0)
-            r1 = tl.load(rows + 1, mask=in_tile, other=0)
-            r2 = tl.load(rows + 2, mask=in_tile, other=0)
-            r3 = tl.load(rows + 3, mask=in_tile, other=0)
-            w0 = tl.load(w_ptr + r0[:, None] * stride_wk + cols, mask=((xw & 0xFF) != 0)[:, None] & cols_ok,
-                         eviction_policy="evict_first")
-            w1 = tl.load(w_ptr + r1[:, None] * stride_wk + cols, mask=((xw & 0xFF00) != 0)[:, None] & cols_ok,
-                         eviction_policy="evict_first")
-            w2 = tl.load(w_ptr + r2[:, None] * stride_wk + cols, mask=((xw & 0xFF0000) != 0)[:, None] & cols_ok,
-                         eviction_policy="evict_first")
-            w3 = tl.load(w_ptr + r3[:, None] * stride_wk + cols, mask=((xw >> 24) != 0)[:, None] & cols_ok,
-                         eviction_policy="evict_first")
-            if WFMT == 2:
-                lo, hi = int4_dot4(w0, w1, w2, w3, xw[:, None], ASM)
-                s_lo += tl.sum(lo, axis=0)
-                s_hi += tl.sum(hi, axis=0)
-                sx += x_byte_sum(xw, ASM)
-            else:
-                s_lo += tl.sum(int8_dot4(w0, w1, w2, w3, xw[:, None], ASM), axis=0)
-        if WFMT == 2:  # nibbles are q + 8: 8 Σx off; each tile within one group (ACT_TILE divides GROUP)
-            offset = 8 * tl.sum(sx, axis=0)
-            sg = s_ptr + (k0 // GROUP) * stride_sg + 2 * offs_c
-            s_even = tl.load(sg, mask=2 * offs_c < N, other=0.0).to(tl.float32) * xs
-            s_odd = tl.load(sg + 1, mask=2 * offs_c + 1 < N, other=0.0).to(tl.float32) * xs
-            acc_lo += exact_float(s_lo - offset) * s_even  # |sum| <= 32 x 15 x 127 < 2^22
-            acc_hi += exact_float(s_hi - offset) * s_odd
-        else:
-            acc_lo += exact_float(s_lo) * xs  # |s| <= 32 x 127 x 127 < 2^22
-    if WFMT == 2:
-        out = tl.interleave(acc_lo, acc_hi)
-    else:
-        out = acc_lo
-    return out

@@ -17,7 +17,7 @@ from teal_fx.kernels.reference import quantize_activation_tiles, reference_rmsno
 triton = pytest.importorskip("triton")
 from teal_fx.kernels import dequant_matmul as dm  # noqa: E402
 from teal_fx.kernels import sparse_gemv as sg  # noqa: E402
-from teal_fx.kernels.sparse_gemv_config import X_INT8_PACKED_FROM, choose_config, make_config  # noqa: E402
+from teal_fx.kernels.sparse_gemv_config import choose_config, make_config  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
 if not ON_GPU and os.environ.get("TRITON_INTERPRET") != "1":
@@ -316,19 +316,6 @@ def test_x_int8_grouped_swiglu_and_add_rmsnorm(fmt, packed):
     assert rel_err(got.cpu(), reference_rmsnorm(want_h, nw.cpu().double(), 1e-6)) <= 1e-5
 
 
-@pytest.mark.parametrize("fmt", ["int8", "int4"])
-def test_x_int8_rule_packs_only_the_down_projection_at_high_sparsity(fmt):
-    """The packed loop wins only on the down projection from X_INT8_PACKED_FROM (docs/perf-log.md v33); its config
-    satisfies the launcher's checks (whole x tiles, CHUNK = K_PER_SPLIT)."""
-    down = choose_config(1, 4096, 14336, X_INT8_PACKED_FROM, fmt, x_int8=True)
-    assert down.compact and down.weight_math == 3 and down.chunk == down.k_per_split
-    assert down.k_per_split % ACT_TILE == 0 and ACT_TILE % down.block_k == 0
-    assert not choose_config(1, 4096, 14336, X_INT8_PACKED_FROM - 0.1, fmt, x_int8=True).compact
-    assert not choose_config(1, 4096, 14336, None, fmt, x_int8=True).compact
-    for N, K in ((28672, 4096), (14336, 4096), (6144, 4096), (4096, 4096)):
-        assert not choose_config(1, N, K, 0.9, fmt, x_int8=True).compact
-
-
 def test_x_int8_is_a_choice_of_result_not_a_config():
     x, q, s, _ = operands(1, 64, 96, torch.float32, "int8", 0)
     wm3 = x_int8_config(64, 96, 32, 16, 2)
@@ -348,8 +335,8 @@ def test_x_int8_is_a_choice_of_result_not_a_config():
     with pytest.raises(ValueError, match="k_per_split"):  # a program's inputs whole tiles of x's scales
         sg.sparse_gemv(x, q, None, 0.1, config=make_config(64, 96, BN=32, BK=8, iters=3, use_dot=False,
                                                            in_thread=True, weight_math=3), scales=s, x_int8=True)
-    with pytest.raises(ValueError, match="power of two"):  # the packed loop's scratch slot holds 2 k_per_split
-        sg.sparse_gemv(x, q, None, 0.1, config=make_config(64, 96, BN=32, BK=8, iters=12, use_dot=False,
+    with pytest.raises(ValueError, match="weight_math applies"):  # no packed int8-x loop (perf-log v33)
+        sg.sparse_gemv(x, q, None, 0.1, config=make_config(64, 96, BN=32, BK=8, iters=4, use_dot=False,
                                                            compact=True, weight_math=3), scales=s, x_int8=True)
     assert not sg.supports(torch.cat([x, x]), q, s, x_int8=True)  # the ops round x themselves for batches
 
