@@ -263,26 +263,23 @@ def reference_x_int8(x, q, s, b, t):
                                    None if b is None else b.double(), t, x_int8=True)
 
 
-def x_int8_config(N, K, BN, BK, iters, packed=False):
-    """A program's inputs whole tiles of 32 (one x scale each), in tiles of BK rows. ``packed``: the loop over the
-    nonzero inputs only, BK rows an iteration, a power of two of tiles a program."""
-    tiles = 1 << (iters - 1).bit_length() if packed else iters
-    return make_config(N, K, BN=BN, BK=BK, iters=tiles * (ACT_TILE // BK), use_dot=False, in_thread=True,
-                       compact=packed, weight_math=3)
+def x_int8_config(N, K, BN, BK, iters):
+    """A program's inputs whole tiles of 32 (one x scale each), in tiles of BK rows."""
+    return make_config(N, K, BN=BN, BK=BK, iters=iters * (ACT_TILE // BK), use_dot=False, in_thread=True,
+                       weight_math=3)
 
 
 @settings(max_examples=16, deadline=None)
 @given(fmt=st.sampled_from(["int8", "int4"]), N=st.integers(1, 70).map(lambda n: 2 * n), K=st.integers(1, 300),
        dtype=st.sampled_from([torch.float32, torch.bfloat16]), t=st.floats(0.0, 1.5), bias=st.booleans(),
        seed=st.integers(0, 1000), BN=st.sampled_from([None, 32, 64]), BK=st.sampled_from([4, 8, 16, 32]),
-       iters=st.integers(1, 5), packed=st.booleans())
-def test_x_int8_gemv_matches_float64_of_its_grid(fmt, N, K, dtype, t, bias, seed, BN, BK, iters, packed):
-    """The dp4a loops (four rows a word, the 4 x 4 byte transpose; int4's nibbles less 8 Σx), over every input or
-    the packed nonzero ones, against float64 of the same math: odd N, K ending mid-tile and mid-group, 4-32 rows an
-    iteration, thresholds from none to most inputs dropped. BN None: the rule's config. fp32 x agrees to rounding: a
-    swapped byte, a wrong scale, offset or packed index is off by far more."""
+       iters=st.integers(1, 5))
+def test_x_int8_gemv_matches_float64_of_its_grid(fmt, N, K, dtype, t, bias, seed, BN, BK, iters):
+    """The dp4a loop (four rows a word, the 4 x 4 byte transpose; int4's nibbles less 8 Σx) against float64 of the
+    same math: odd N, K ending mid-tile and mid-group, tiles of 4-32 rows. BN None: the rule's config. fp32 x
+    agrees to rounding: a swapped byte, a wrong scale or offset is off by far more."""
     x, q, s, b = operands(1, N, K, dtype, fmt, seed, bias)
-    cfg = None if BN is None else x_int8_config(N, K, BN, BK, iters, packed)
+    cfg = None if BN is None else x_int8_config(N, K, BN, BK, iters)
     y = torch.full((1, N), float("nan"), dtype=dtype, device=DEVICE)
     for _ in range(2):  # the scratch slots and counters are left clean
         sg.sparse_gemv(x, q, b, t, config=cfg, out=y, scales=s, x_int8=True)
@@ -291,29 +288,38 @@ def test_x_int8_gemv_matches_float64_of_its_grid(fmt, N, K, dtype, t, bias, seed
         assert rel_err(y.cpu(), reference(x.cpu(), q, s, None if b is None else b.cpu(), t)) < 0.05
 
 
-@pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
-def test_x_int8_grouped_swiglu_and_add_rmsnorm(fmt, packed):
-    """Each segment quantizes its own x (its own threshold) into its own scratch slot; packed: 16-row iterations,
-    two tiles a program. Not packed: the rule's configs."""
+def test_x_int8_grouped_swiglu_and_add_rmsnorm(fmt):
     K, dtype = 200, torch.float32
-    cfg = (lambda N: x_int8_config(N, K, 32, 16, 2, packed=True)) if packed else (lambda N: None)
     parts = [operands(1, N, K, dtype, fmt, i) for i, N in enumerate((64, 32, 32))]
     x, ts = parts[0][0], [0.2, 0.5, 0.9]
-    ys = sg.sparse_gemv_group(x, [p[1] for p in parts], [None] * 3, ts, scales=[p[2] for p in parts], x_int8=True,
-                              config=cfg(128))
+    ys = sg.sparse_gemv_group(x, [p[1] for p in parts], [None] * 3, ts, scales=[p[2] for p in parts], x_int8=True)
     for (_, q, s, _), t, y in zip(parts, ts, ys):  # each segment its own threshold, so its own int8 x
         assert rel_err(y.cpu(), reference_x_int8(x.cpu(), q, s, None, t)) <= 1e-5
     (_, qg, sg_, _), (_, qu, su, _) = operands(1, 48, K, dtype, fmt, 5), operands(1, 48, K, dtype, fmt, 6)
-    h = sg.sparse_gemv_swiglu(x, qg, qu, 0.3, 0.5, scales_gate=sg_, scales_up=su, x_int8=True, config=cfg(96))
+    h = sg.sparse_gemv_swiglu(x, qg, qu, 0.3, 0.5, scales_gate=sg_, scales_up=su, x_int8=True)
     ref = torch.nn.functional.silu(reference_x_int8(x.cpu(), qg, sg_, None, 0.3)) * \
         reference_x_int8(x.cpu(), qu, su, None, 0.5)
     assert rel_err(h.cpu(), ref) <= 1e-5
     r, nw = torch.randn(1, 48, device=DEVICE), torch.rand(48, device=DEVICE) + 0.5
-    got_h, got = sg.sparse_gemv_add_rmsnorm(x, qg, None, 0.3, r, nw, 1e-6, scales=sg_, x_int8=True, config=cfg(48))
+    got_h, got = sg.sparse_gemv_add_rmsnorm(x, qg, None, 0.3, r, nw, 1e-6, scales=sg_, x_int8=True)
     want_h = r.cpu().double() + reference_x_int8(x.cpu(), qg, sg_, None, 0.3)
     assert rel_err(got_h.cpu(), want_h) <= 1e-5
     assert rel_err(got.cpu(), reference_rmsnorm(want_h, nw.cpu().double(), 1e-6)) <= 1e-5
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_x_int8_rule_on_the_8b_shapes(fmt):
+    """The rule's configs pass the launcher's checks (whole x tiles a program, a tile within one scale), and int4's
+    one-warp programs (255 registers: 8 an SM) stay within about one wave: gate+up takes 4 tiles a program
+    (docs/perf-log.md v33)."""
+    for N, K in ((28672, 4096), (14336, 4096), (4096, 14336), (6144, 4096), (4096, 4096), (1024, 4096)):
+        cfg = choose_config(1, N, K, 0.5, fmt, x_int8=True)
+        assert cfg.weight_math == 3 and cfg.in_thread and not cfg.compact and cfg.num_warps == 1
+        assert cfg.k_per_split % ACT_TILE == 0 and ACT_TILE % cfg.block_k == 0
+        if fmt == "int4":
+            assert -(-N // cfg.block_n) * cfg.split_k <= 1100
+    assert choose_config(1, 28672, 4096, 0.5, "int4", x_int8=True).k_per_split == 128
 
 
 def test_x_int8_is_a_choice_of_result_not_a_config():
@@ -335,7 +341,7 @@ def test_x_int8_is_a_choice_of_result_not_a_config():
     with pytest.raises(ValueError, match="k_per_split"):  # a program's inputs whole tiles of x's scales
         sg.sparse_gemv(x, q, None, 0.1, config=make_config(64, 96, BN=32, BK=8, iters=3, use_dot=False,
                                                            in_thread=True, weight_math=3), scales=s, x_int8=True)
-    with pytest.raises(ValueError, match="weight_math applies"):  # no packed int8-x loop (perf-log v33)
+    with pytest.raises(ValueError, match="weight_math applies"):  # no packed int8-x loop (docs/perf-log.md v33)
         sg.sparse_gemv(x, q, None, 0.1, config=make_config(64, 96, BN=32, BK=8, iters=4, use_dot=False,
                                                            compact=True, weight_math=3), scales=s, x_int8=True)
     assert not sg.supports(torch.cat([x, x]), q, s, x_int8=True)  # the ops round x themselves for batches
