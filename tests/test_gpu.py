@@ -339,8 +339,9 @@ def test_inductor_kernels_wait_before_their_first_access_next_to_the_teal_ops():
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
 def test_quantized_model_decodes_in_cuda_graphs_like_its_masked_reference(fmt):
     """calibrate(weights=fmt) on the GPU: the memory falls, the lean loop (CUDA graphs, the quantized sparse ops and
-    the dequantizing GEMM of the prefill) gives the greedy tokens of the eager quantized model with masked inputs."""
-    model = tiny_model("llama", hidden=256, inter=512, dtype=torch.bfloat16).cuda()
+    the dequantizing GEMM of the prefill) generates, and fed its own tokens gives the logits of the eager quantized
+    model with masked inputs at every step."""
+    model = tiny_model("llama", hidden=256, inter=512, dtype=torch.float32).cuda()
     weight_bytes = lambda: sum(p.numel() * p.element_size() for p in model.parameters())  # noqa: E731
     before = weight_bytes()
     data = torch.randint(3, 128, (4, 64))
@@ -352,10 +353,18 @@ def test_quantized_model_decodes_in_cuda_graphs_like_its_masked_reference(fmt):
     assert q.weight.is_cuda and q.weight.t().is_contiguous()
     ids = torch.randint(3, 128, (2, 20), device="cuda")  # a 20-token prefill: the dequantizing GEMM
     out = teal_fx.generate(model, ids, 10, mode="reduce-overhead", eos_token_id=-1)
+    assert out.shape == (2, 30)
+    # fed the same tokens (teacher forcing), the logits of every step agree. In fp32: in bf16 the two paths' roundings
+    # flip near-threshold inputs, which compounds through the cache (11% apart on the H200, as the shared plan's test
+    # below found for its masks)
+    from teal_fx.generate import decode_logits
+
+    got = decode_logits(model, out, 20, mode="reduce-overhead")
     with masked_inputs(model, plan, sparse_from=1.0):
-        ref = teal_fx.generate(model, ids, 10, backend="none", eos_token_id=-1)
-    agree = float((out == ref).float().mean())
-    assert agree >= 0.9, (out, ref)  # bf16: a near-tie may part the two paths late; most tokens agree
+        ref = decode_logits(model, out, 20, backend="none")
+    err = float((got - ref).norm() / ref.norm())
+    print(f"{fmt}: logits rel. error {err:.2e}")
+    assert err < 1e-3, err
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
