@@ -1,7 +1,8 @@
 """The sparse GEMV's Triton kernels: y = (x ⊙ 1[|x| > t]) Wᵀ + b for 1 to 8 rows, W stored column-major.
 
 Only the jitted code lives here; the launchers, which pick a config and hold the scratch, are in ``sparse_gemv.py``
-(docs/design.md, "Sparse GEMV" says why each choice was made).
+(docs/design.md, "Sparse GEMV" says why each choice was made). The loops with x rounded to int8 are in
+``x_int8_triton.py``, the int8 / int4 to float conversions in ``int_weights_triton.py``.
 
 Layout: with W column-major (strides (1, N)), input k's weights are one contiguous row of N values, so a zero x[k]
 skips one contiguous stretch of memory. The kernel takes W's strides, so a row-major W also works (slowly). int8 and
