@@ -384,10 +384,22 @@ def registers(fmt: str, N: int, K: int, cfg) -> tuple[int, int]:
                             target=GPUTarget("cuda", 90, 32),
                             options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
     bin_dir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    # first the ptxas Triton compiles with (it chose the PTX version: a CUDA 13 torch's can be newer than the bundled
+    # ptxas, which then refuses it), then the bundled ones, newest first (ptxas-blackwell reads newer PTX versions)
+    tools = sorted(bin_dir.glob("ptxas*"), reverse=True)
+    try:
+        from triton.backends.nvidia import compiler as nvidia
+
+        try:
+            tools.insert(0, Path(nvidia.get_ptxas(90).path))  # newer Tritons take the arch
+        except TypeError:
+            tools.insert(0, Path(nvidia.get_ptxas().path))
+    except Exception:  # an older Triton without the helper: the bundled ones
+        pass
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
         f.write(kernel.asm["ptx"])
     try:
-        for ptxas in sorted(bin_dir.glob("ptxas*"), reverse=True):  # ptxas-blackwell reads newer PTX versions
+        for ptxas in tools:
             out = subprocess.run([str(ptxas), "-arch=sm_90a", "-v", f.name, "-o", os.devnull], capture_output=True,
                                  text=True)
             regs = re.search(r"Used (\d+) registers", out.stderr + out.stdout)
