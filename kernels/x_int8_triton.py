@@ -10,10 +10,10 @@ inputs only was slower at 50% (docs/perf-log.md v33). The reference is kernels/r
 import triton
 import triton.language as tl
 
+from teal_fx.kernels import quantize
 from teal_fx.kernels.int_weights_triton import exact_float
 
-# inputs per int8 scale of x (kernels/quantize.py's ACT_TILE, which the launcher checks configs against)
-ACT_TILE: tl.constexpr = tl.constexpr(32)
+ACT_TILE: tl.constexpr = tl.constexpr(quantize.ACT_TILE)  # inputs per int8 scale of x: one value for kernel and reference
 
 
 def _dot4_ptx(nibbles: bool) -> str:
