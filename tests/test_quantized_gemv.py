@@ -166,12 +166,17 @@ def test_half_dot_refuses_fp32_x():
        iters=st.integers(1, 4))
 def test_cheaper_tile_sums_stay_within_the_output_precision(fmt, math, N, K, dtype, t, magnitude, seed, BK, iters):
     """weight_math 1 (the conversion's offset removed once per tile) and 2 (fp16 products and tile sums, x scaled by a
-    power of two per tile): x from 1e-3 to 2e3 in size, where unscaled fp16 sums of int8 products overflow."""
+    power of two per tile): x from 1e-3 to 2e3 in size, where unscaled fp16 sums of int8 products overflow. A rounded
+    sum errs relative to the sum of its terms' sizes, not to its value, which cancellation can make far smaller (CI
+    drew N = 2 with |y| a tenth of Σ|x||w|: 3.1e-3 of |y|): so the error is measured against Σ |x| |W|."""
     x, q, s, _ = operands(1, N, K, dtype, fmt, seed)
     x = (x.float() * magnitude).to(dtype)
     cfg = make_config(N, K, BN=32, BK=BK, iters=iters, use_dot=False, in_thread=True, weight_math=math)
     y = sg.sparse_gemv(x, q, None, t * magnitude, config=cfg, scales=s)
-    assert rel_err(y.cpu(), reference(x.cpu(), q, s, None, t * magnitude)) <= TOL[dtype]
+    ref = reference(x.cpu(), q, s, None, t * magnitude)
+    kept = torch.where(x.cpu().abs() > t * magnitude, x.cpu().double().abs(), 0.0)
+    size = kept @ dequantize(q.cpu(), s.cpu(), torch.float64).abs().t()  # Σ_k |x_k| |W[n, k]| per output
+    assert float((y.cpu().double() - ref).norm() / size.norm().clamp_min(1e-30)) <= TOL[dtype]
 
 
 def test_fp16_tile_sums_refuse_fp32_x_and_other_loops():
