@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from teal_fx.kernels.quantize import ACT_TILE, INT4_GROUP, dequantize, logical_shape, quantize_int4, quantize_int8
-from teal_fx.kernels.reference import quantize_activation_tiles, reference_rmsnorm, reference_sparse_linear
+from teal_fx.kernels.reference import quantize_activation_tiles, reference_rmsnorm, reference_sparse_linear, sparsify
 
 triton = pytest.importorskip("triton")
 from teal_fx.kernels import dequant_matmul as dm  # noqa: E402
@@ -174,8 +174,7 @@ def test_cheaper_tile_sums_stay_within_the_output_precision(fmt, math, N, K, dty
     cfg = make_config(N, K, BN=32, BK=BK, iters=iters, use_dot=False, in_thread=True, weight_math=math)
     y = sg.sparse_gemv(x, q, None, t * magnitude, config=cfg, scales=s)
     ref = reference(x.cpu(), q, s, None, t * magnitude)
-    kept = torch.where(x.cpu().abs() > t * magnitude, x.cpu().double().abs(), 0.0)
-    size = kept @ dequantize(q.cpu(), s.cpu(), torch.float64).abs().t()  # Σ_k |x_k| |W[n, k]| per output
+    size = sparsify(x.cpu(), t * magnitude).double().abs() @ dequantize(q.cpu(), s.cpu(), torch.float64).abs().t()
     assert float((y.cpu().double() - ref).norm() / size.norm().clamp_min(1e-30)) <= TOL[dtype]
 
 
