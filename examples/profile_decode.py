@@ -4,9 +4,10 @@
                                       [--weights int8|int4 [--activations int8] [--quantize-lm-head]]
 
 For the lean loop (teal_fx.generate, mode="reduce-overhead") with Inductor dense and with the teal backend, on the
-Llama-3-8B-shaped model of bench_decode.py, it prints: wall ms/step, GPU busy ms/step (sum of kernel durations
-from the profiler), their difference (host overhead not hidden behind the GPU), the kernels that take the most
-time, and Inductor's cudagraph counters (a skipped CUDA graph shows up here and in the perf_hints log).
+Llama-3-8B-shaped model of bench_decode.py, it prints: wall ms/step; GPU ms/step, the sum of kernel durations from
+the profiler (PDL overlaps launches, so the sum can exceed the wall); the kernels that take the most time per decode
+step (those of ``steps`` tokens less those of one, the prefill); and Inductor's cudagraph counters (a skipped CUDA
+graph shows up here and in the perf_hints log).
 """
 from __future__ import annotations
 
@@ -41,36 +42,51 @@ def show_syncs(run) -> None:
             torch.cuda.set_sync_debug_mode(0)
 
 
-def profile_path(name: str, model, ids, steps: int, backend: str, trace_dir=None, sync_debug: bool = False,
-                 top: int = 14, options: dict | None = None) -> None:
-    from torch._dynamo.utils import counters
-
-    run = lean(model, ids, backend, ids.shape[1] + steps, options)  # one cache length: every call reuses the same graphs
-    wall = 1e3 / decode_speed(run, steps)[0]
-    if sync_debug:
-        show_syncs(lambda: run(3))
-
+def profile_run(run):
+    """Profile ``run()``: ({kernel name: [µs, launches]} of its CUDA kernels, {host op: [self µs, calls]}, profiler)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        run(steps)
+        run()
         torch.cuda.synchronize()
     kernels = defaultdict(lambda: [0.0, 0])
-    cpu = defaultdict(lambda: [0.0, 0])
-    for e in prof.key_averages():
-        if e.self_cpu_time_total > 0:
-            cpu[e.key[:90]] = [e.self_cpu_time_total, e.count]
     for e in prof.events():
         if e.device_type == torch.autograd.DeviceType.CUDA:
             k = kernels[e.name[:90]]
             k[0] += e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
             k[1] += 1
-    gpu_ms = sum(v[0] for v in kernels.values()) / 1e3 / steps  # includes the prefill: an upper bound
-    print(f"\n== {name}: wall {wall:.3f} ms/step; GPU kernels {gpu_ms:.3f} ms/step (incl. prefill / {steps}); "
-          f"{len(kernels)} distinct kernels, {sum(v[1] for v in kernels.values()) / steps:.0f} launches/step", flush=True)
+    cpu = {e.key[:90]: [e.self_cpu_time_total, e.count] for e in prof.key_averages() if e.self_cpu_time_total > 0}
+    return kernels, cpu, prof
+
+
+def profile_path(name: str, model, ids, steps: int, backend: str, trace_dir=None, sync_debug: bool = False,
+                 top: int = 14, options: dict | None = None) -> None:
+    from torch._dynamo.utils import counters
+
+    if steps < 2:
+        raise SystemExit("--steps must be at least 2 (one prefill and a decode step)")
+    run = lean(model, ids, backend, ids.shape[1] + steps, options)  # one cache length: every call reuses the same graphs
+    wall = 1e3 / decode_speed(run, steps)[0]
+    if sync_debug:
+        show_syncs(lambda: run(3))
+
+    # run(n) is one prefill and n - 1 decode steps: the decode steps' kernels are those of run(steps) less those of
+    # run(1), divided by steps - 1
+    both, cpu, prof = profile_run(lambda: run(steps))
+    prefill, _, _ = profile_run(lambda: run(1))
+    kernels = {}
+    for kname, (us, cnt) in both.items():
+        p_us, p_cnt = prefill.get(kname, (0.0, 0))
+        if cnt > p_cnt:
+            kernels[kname] = (max(us - p_us, 0.0), cnt - p_cnt)
+    n = steps - 1
+    gpu_ms = sum(v[0] for v in kernels.values()) / 1e3 / n
+    print(f"\n== {name}: wall {wall:.3f} ms/step; GPU kernels {gpu_ms:.3f} ms/step (sum of kernel times: launches that "
+          f"overlap count twice); {len(kernels)} distinct kernels, {sum(v[1] for v in kernels.values()) / n:.0f} "
+          f"launches/step", flush=True)
     for kname, (us, cnt) in sorted(kernels.items(), key=lambda kv: -kv[1][0])[:top]:
-        print(f"   {us / steps:9.1f} us/step  {cnt / steps:6.1f} calls/step  {kname}")
-    print("   host side (self CPU time, us/step, calls/step):")
+        print(f"   {us / n:9.1f} us/step  {cnt / n:6.1f} calls/step  {kname}")
+    print("   host side (self CPU time of run(steps) / steps, us/step, calls/step):")
     for kname, (us, cnt) in sorted(cpu.items(), key=lambda kv: -kv[1][0])[:16]:
         print(f"   {us / steps:9.1f} us/step  {cnt / steps:6.1f} calls/step  {kname}")
     print("   cudagraph counters:", {k: v for k, v in counters["inductor"].items() if "cudagraph" in k})
