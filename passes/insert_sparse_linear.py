@@ -80,7 +80,9 @@ def insert_sparse_linear(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule
         if shared:
             batch = _static_batch(x)
             if batch is None:
-                log.warning("teal: %s: batch size not static, the shared mask uses the one-row threshold", m.key)
+                log.warning("teal: %s: batch size not static (a dynamic graph: Hugging Face generate() compiles one "
+                            "unless its CompileConfig has dynamic=False), the shared mask uses the one-row threshold",
+                            m.key)
             threshold = float(plan.linears[m.key].threshold_for(batch))
         else:
             threshold = float(plan.threshold(m.key))

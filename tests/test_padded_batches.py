@@ -69,17 +69,20 @@ def test_more_padding_changes_nothing_and_matches_the_masked_reference(model_and
 @pytest.mark.parametrize("mask_kind", ["per_row", "shared"])
 def test_hf_generate_with_left_padding_through_the_backend(model_and_plans, mask_kind):
     """Hugging Face generate() (static cache, decode step compiled through backend="teal", compiled on the CPU too)
-    on a left-padded batch with its attention mask gives teal_fx.generate's tokens."""
+    on a left-padded batch with its attention mask gives teal_fx.generate's tokens. HF runs first, so it compiles
+    its own graphs (it would otherwise reuse teal_fx.generate's for the same frame). Its default CompileConfig
+    (dynamic=None) recompiles into a dynamic batch, where a shared mask can only take the one-row threshold:
+    dynamic=False keeps the batch's."""
     model, plans = model_and_plans
-    teal_fx.attach_plan(model, plans[mask_kind])
+    teal_fx.attach_plan(model, plans[mask_kind])  # resets torch.compile's caches
     ids, mask = left_pad(PROMPTS, 7)
-    ours = teal_fx.generate(model, ids, 8, eos_token_id=-1, attention_mask=mask)
-    cfg = CompileConfig(backend="teal", fullgraph=False)
+    cfg = CompileConfig(backend="teal", fullgraph=False, dynamic=False)
     cfg._compile_all_devices = True  # transformers compiles only on accelerators unless told
     before = torch._dynamo.utils.counters["teal"]["sparse_graph_calls"]
     hf = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, eos_token_id=None,
                         pad_token_id=PAD, cache_implementation="static", compile_config=cfg)
     assert torch._dynamo.utils.counters["teal"]["sparse_graph_calls"] > before  # the decode steps ran sparse
+    ours = teal_fx.generate(model, ids, 8, eos_token_id=-1, attention_mask=mask)
     assert torch.equal(hf, ours)
     teal_fx.detach_plan(model)
 
