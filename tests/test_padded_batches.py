@@ -69,12 +69,12 @@ def test_more_padding_changes_nothing_and_matches_the_masked_reference(model_and
 @pytest.mark.parametrize("mask_kind", ["per_row", "shared"])
 def test_hf_generate_with_left_padding_through_the_backend(model_and_plans, mask_kind):
     """Hugging Face generate() (static cache, decode step compiled through backend="teal", compiled on the CPU too)
-    on a left-padded batch with its attention mask gives teal_fx.generate's tokens. HF runs first, so it compiles
-    its own graphs (it would otherwise reuse teal_fx.generate's for the same frame). Its default CompileConfig
+    on a left-padded batch with its attention mask gives teal_fx.generate's tokens. HF runs first, so it does not
+    merely reuse what teal_fx.generate compiled for the same frame and shapes (Dynamo's cache is per code object). Its default CompileConfig
     (dynamic=None) recompiles into a dynamic batch, where a shared mask can only take the one-row threshold:
     dynamic=False keeps the batch's."""
     model, plans = model_and_plans
-    teal_fx.attach_plan(model, plans[mask_kind])  # resets torch.compile's caches
+    teal_fx.attach_plan(model, plans[mask_kind])
     ids, mask = left_pad(PROMPTS, 7)
     cfg = CompileConfig(backend="teal", fullgraph=False, dynamic=False)
     cfg._compile_all_devices = True  # transformers compiles only on accelerators unless told
