@@ -70,9 +70,9 @@ def test_more_padding_changes_nothing_and_matches_the_masked_reference(model_and
 def test_hf_generate_with_left_padding_through_the_backend(model_and_plans, mask_kind):
     """Hugging Face generate() (static cache, decode step compiled through backend="teal", compiled on the CPU too)
     on a left-padded batch with its attention mask gives teal_fx.generate's tokens. HF runs first, so it does not
-    merely reuse what teal_fx.generate compiled for the same frame and shapes (Dynamo's cache is per code object). Its default CompileConfig
-    (dynamic=None) recompiles into a dynamic batch, where a shared mask can only take the one-row threshold:
-    dynamic=False keeps the batch's."""
+    merely reuse what teal_fx.generate compiled for the same frame and shapes (Dynamo's cache is per code object).
+    Its default CompileConfig (dynamic=None) recompiles into a dynamic batch, where a shared mask can only take the
+    one-row threshold: dynamic=False keeps the batch's."""
     model, plans = model_and_plans
     teal_fx.attach_plan(model, plans[mask_kind])
     ids, mask = left_pad(PROMPTS, 7)
