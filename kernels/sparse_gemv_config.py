@@ -12,6 +12,9 @@ import torch
 
 from teal_fx.kernels.triton_support import next_pow2
 
+# one wave of int4's int8-x programs: 8 one-warp programs an SM (255 registers each) on 132 SMs (H100, H200)
+INT4_X8_WAVE = 8 * 132
+
 
 @dataclass(frozen=True)
 class GemvConfig:
@@ -80,7 +83,7 @@ def choose_config(M: int, N: int, K: int, sparsity: Optional[float] = None,
         # SM): the block's gate+up 19.2 -> 18.0 µs; int8's down 12.4 -> 11.8
         if weight_format == "int4":
             if mlp:
-                BN, BK, iters = 1024, 32, 4 if -(-N // 1024) * -(-K // 64) > 8 * 132 else 2  # 132 SMs (H100, H200)
+                BN, BK, iters = 1024, 32, 4 if -(-N // 1024) * -(-K // 64) > INT4_X8_WAVE else 2
             else:
                 BN, BK, iters = 512, 32, 2
         elif mlp:

@@ -17,7 +17,7 @@ from teal_fx.kernels.reference import quantize_activation_tiles, reference_rmsno
 triton = pytest.importorskip("triton")
 from teal_fx.kernels import dequant_matmul as dm  # noqa: E402
 from teal_fx.kernels import sparse_gemv as sg  # noqa: E402
-from teal_fx.kernels.sparse_gemv_config import choose_config, make_config  # noqa: E402
+from teal_fx.kernels.sparse_gemv_config import INT4_X8_WAVE, choose_config, make_config  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
 if not ON_GPU and os.environ.get("TRITON_INTERPRET") != "1":
@@ -322,7 +322,7 @@ def test_x_int8_rule_on_the_8b_shapes(fmt):
         assert cfg.weight_math == 3 and cfg.in_thread and not cfg.compact and cfg.num_warps == 1
         assert cfg.k_per_split % ACT_TILE == 0 and ACT_TILE % cfg.block_k == 0
         if fmt == "int4":
-            assert -(-N // cfg.block_n) * cfg.split_k <= 8 * 132  # one wave of 8 an SM on 132 SMs
+            assert -(-N // cfg.block_n) * cfg.split_k <= INT4_X8_WAVE
     assert choose_config(1, 28672, 4096, 0.5, "int4", x_int8=True).k_per_split == 128
 
 
