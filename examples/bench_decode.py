@@ -491,7 +491,8 @@ def write(out: Path, args, bw: float, roof: float, rows: list, notes: list, fast
         f"- date {datetime.date.today()}; {torch.cuda.get_device_name()}; torch {torch.__version__}; "
         f"triton {__import__('triton').__version__}; transformers {__import__('transformers').__version__}",
         f"- prompt {args.prompt} tokens, {args.new_tokens} new tokens; decode tok/s = (n-1) / (T(n) - T(1)), best of 2 "
-        "(prefill excluded); per sequence: a batch-4 row's tok/s counts each sequence's tokens once",
+        "(prefill excluded); per sequence: a batch-4 row's tok/s counts each sequence's tokens once; the lean loop "
+        "picks the greedy token inside the compiled step (teal_fx.generate's greedy_step), dense and teal alike",
         f"- read bandwidth in this run {bw / 1e12:.2f} TB/s; dense roofline {roof:.0f} tok/s "
         f"({WEIGHT_BYTES_PER_TOKEN / 1e9:.2f} GB/token, ANCHORS.md scaled to this bandwidth)",
         "- thresholds: uniform, calibrated on the model's own activations (2 x 256 random-token sequences); "

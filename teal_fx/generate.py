@@ -24,15 +24,16 @@ STOP_CHECK_EVERY = 8  # steps between looks at "have all rows stopped?"
 CACHE_LEN_BUCKET = 256  # the static cache length is rounded up to this, so calls of other lengths reuse graphs
 
 
-def _compiled(model: nn.Module, backend: str, mode: Optional[str], options: Optional[dict]) -> Callable:
-    """One compiled wrapper per (backend, mode, options), kept by ``teal_fx.state`` so later calls reuse its graphs,
-    and made anew when another plan is attached (a recompile, never the old thresholds). Called as
-    ``wrapper(model, **inputs)``: it compiles ``nn.Module.__call__``, the frame ``torch.compile(model)`` compiles,
-    without holding the model."""
+def _compiled(model: nn.Module, backend: str, mode: Optional[str], options: Optional[dict],
+              frame: Callable = nn.Module.__call__) -> Callable:
+    """One compiled wrapper per (frame, backend, mode, options), kept by ``teal_fx.state`` so later calls reuse its
+    graphs, and made anew when another plan is attached (a recompile, never the old thresholds). Called as
+    ``wrapper(model, ...)``: it compiles ``frame``, by default ``nn.Module.__call__`` (the frame ``torch.compile(model)``
+    compiles), without holding the model."""
 
     def make() -> Callable:
         if backend == "none":
-            return nn.Module.__call__
+            return frame
         kw = {"mode": mode} if mode else {}
         if options:  # torch.compile takes a mode or options, not both: fold the mode into the options
             if backend == "teal":
@@ -45,9 +46,23 @@ def _compiled(model: nn.Module, backend: str, mode: Optional[str], options: Opti
                 raise ValueError(f"mode and options together need backend 'teal' or 'inductor', got {backend!r}")
             else:
                 kw = {"options": options}
-        return torch.compile(nn.Module.__call__, backend=backend, dynamic=False, **kw)
+        return torch.compile(frame, backend=backend, dynamic=False, **kw)
 
-    return state.compiled_wrapper(model, (backend, mode, repr(sorted((options or {}).items()))), make)
+    return state.compiled_wrapper(model, (frame, backend, mode, repr(sorted((options or {}).items()))), make)
+
+
+def greedy_step(model: nn.Module, done: Optional[Tensor], eos_token_id: Optional[int],
+                **inputs: Any) -> tuple[Tensor, Optional[Tensor]]:
+    """One model call and its greedy pick, the frame ``_decode_loop`` compiles when it does not sample: the argmax and
+    the stop flags then run inside the step's graph (and CUDA graph), not as ~ten small eager kernels between
+    replays (+0.7 to +1.3% tok/s on the H200, docs/perf-log.md v35). Returns the next tokens [B] and, given an
+    ``eos_token_id``, the stop flags ``done`` [B] updated (a stopped row repeats it)."""
+    logits = model(**inputs).logits[:, -1]
+    nxt = sample_next(logits, do_sample=False, temperature=1.0, top_k=None, top_p=None)
+    if eos_token_id is None:
+        return nxt, None
+    nxt = torch.where(done, eos_token_id, nxt)
+    return nxt, done | (nxt == eos_token_id)
 
 
 def two_stage_argmax(logits: Tensor, chunks: int = 256) -> Tensor:
@@ -263,29 +278,41 @@ def _decode_loop(model, input_ids, max_new_tokens, max_cache_len, backend, mode,
                  sampling, padding: Optional[_LeftPadding] = None) -> Tensor:
     device = input_ids.device
     batch, prompt = input_ids.shape
-    run = _compiled(model, backend, mode, options)
+    greedy = not sampling["do_sample"]
+    run = _compiled(model, backend, mode, options, greedy_step if greedy else nn.Module.__call__)
     cache = {cache_kwarg(model): _reusable_cache(model, batch, max_cache_len)}
-    position = torch.arange(prompt, device=device)
-    logits = _last_logits(run, model, cache, input_ids, position, **(padding.prefill() if padding else {}))
-    position = torch.tensor([prompt], device=device)
-    out = [input_ids]
-    done = torch.zeros(batch, dtype=torch.bool, device=device)
-    all_stopped = _AllStopped(device)
-    for i in range(max_new_tokens):
+
+    def step(ids: Tensor, position: Tensor, done: Optional[Tensor], **pad: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+        """One compiled call: the next tokens [B] and the stop flags (None without an eos token)."""
+        if greedy:
+            nxt, done = run(model, done, eos_token_id, input_ids=ids, **cache, cache_position=position, use_cache=True,
+                            **pad)
+            if mode == "reduce-overhead":  # a CUDA graph's outputs are overwritten by its next replay
+                nxt, done = nxt.clone(), None if done is None else done.clone()
+            return nxt, done
+        logits = _last_logits(run, model, cache, ids, position, **pad)
+        if mode == "reduce-overhead":
+            logits = logits.clone()  # the CUDA graph's output buffer is overwritten by the next replay
         nxt = sample_next(logits, **sampling)
         if eos_token_id is not None:
             nxt = torch.where(done, eos_token_id, nxt)
             done = done | (nxt == eos_token_id)
+        return nxt, done
+
+    done = torch.zeros(batch, dtype=torch.bool, device=device) if eos_token_id is not None else None
+    nxt, done = step(input_ids, torch.arange(prompt, device=device), done, **(padding.prefill() if padding else {}))
+    position = torch.tensor([prompt], device=device)
+    out = [input_ids]
+    all_stopped = _AllStopped(device)
+    for i in range(max_new_tokens):
         out.append(nxt[:, None])
         if streamer is not None:
             streamer(nxt)
         if i == max_new_tokens - 1:
             break
-        if eos_token_id is not None and (i + 1) % STOP_CHECK_EVERY == 0 and all_stopped.check(done):
+        if done is not None and (i + 1) % STOP_CHECK_EVERY == 0 and all_stopped.check(done):
             break
-        logits = _last_logits(run, model, cache, nxt[:, None], position, **(padding.step() if padding else {}))
-        if mode == "reduce-overhead":
-            logits = logits.clone()  # the CUDA graph's output buffer is overwritten by the next replay
+        nxt, done = step(nxt[:, None], position, done, **(padding.step() if padding else {}))
         position.add_(1)
         if padding is not None:
             padding.next_position.add_(1)

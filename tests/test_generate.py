@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import teal_fx
-from teal_fx.generate import sample_next
+from teal_fx.generate import greedy_step, sample_next
 from teal_fx.state import held_kv_cache
 from tests.conftest import masked_inputs, tiny_model
 
@@ -175,3 +175,25 @@ def test_a_mode_and_inductor_options_reach_torch_compile_together(monkeypatch):
     assert seen[2]["mode"] == "reduce-overhead" and "options" not in seen[2]
     with pytest.raises(ValueError, match="mode and options"):
         _compiled(model, "aot_eager", "reduce-overhead", {"x": 1})
+
+
+@pytest.mark.parametrize("eos", ["none", "row 1 stops"])
+def test_greedy_pick_and_stop_flags_compile_with_the_step(monkeypatch, eos):
+    """Greedy decoding compiles ``greedy_step`` (the model call, the argmax and the stop flags in one frame), sampling
+    the model call alone; the compiled greedy loop gives the uncompiled loop's tokens, stops and stream."""
+    frames = []
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: frames.append(fn) or compile_(fn, **kw))
+    model = tiny_model("mistral")
+    ids = torch.randint(3, 128, (3, 4))
+    greedy = teal_fx.generate(model, ids, 6, backend="none", eos_token_id=-1)
+    stop = None if eos == "none" else int(greedy[1, 5])
+    ref = teal_fx.generate(model, ids, 6, backend="none", eos_token_id=stop)
+    streamed = []
+    out = teal_fx.generate(model, ids, 6, backend="aot_eager", eos_token_id=stop, streamer=streamed.append)
+    assert torch.equal(out, ref) and torch.equal(torch.stack(streamed, 1), out[:, 4:])
+    assert frames == [greedy_step]
+    if stop is not None:
+        assert (out[1, 5:] == stop).all() and not (out[0, 4:] == stop).all()
+    teal_fx.generate(model, ids, 3, backend="aot_eager", do_sample=True, generator=torch.Generator().manual_seed(0))
+    assert frames == [greedy_step, torch.nn.Module.__call__]
