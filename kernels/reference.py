@@ -32,6 +32,23 @@ def sparsify(x: Tensor, threshold: float, shared: bool = False) -> Tensor:
     return torch.where(keep_mask(x, threshold, shared), x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
+def sparsify_shared_by_batch(x: Tensor, batch_thresholds: tuple[tuple[int, float], ...], one_row: float) -> Tensor:
+    """``sparsify(x, t, shared=True)`` with t chosen at run time from the rows of ``x`` as
+    ``LinearPlan.threshold_for`` chooses it (the calibrated batch size nearest in log scale; ``one_row`` for one row),
+    in tensor ops only: a graph whose batch is symbolic (Hugging Face generate()'s default ``dynamic=None``) keeps the
+    batch's threshold without a guard on the batch size."""
+    rows = x.shape[0] if x.dim() >= 2 else 1
+    b = torch.scalar_tensor(rows, dtype=torch.float32, device=x.device)
+    sizes = torch.tensor([float(n) for n, _ in batch_thresholds], dtype=torch.float32, device=x.device)
+    table = torch.tensor([t for _, t in batch_thresholds], dtype=torch.float32, device=x.device)
+    # argmin takes the first of equal distances, as min() does in threshold_for; index_select, not table[i]: an
+    # index tensor would make Dynamo read its value
+    nearest = table.index_select(0, (sizes.log2() - b.log2()).abs().argmin().view(1))[0]
+    threshold = torch.where(b <= 1, torch.scalar_tensor(one_row, dtype=torch.float32, device=x.device), nearest)
+    keep = x.abs().float().mean(dim=0, keepdim=True) > threshold if x.dim() >= 2 else x.abs().float() > threshold
+    return torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
 def sparse_token_start(x: Tensor, prefill_sparse_from: float) -> int:
     """Index along the token axis from which tokens are sparsified (0 = all, S = none).
 

@@ -9,8 +9,10 @@ Invariants:
 * The new node computes the same shape and dtype as the linear it replaces: its ``meta["val"]`` /
   ``meta["example_value"]`` is the old node's fake tensor.
 * The threshold is read from the plan by the linear's key, nowhere else (the plan is the one source of truth); a
-  shared-mask plan's threshold is the one for the graph's static batch size (``LinearPlan.threshold_for``; a
-  symbolic batch takes the one-row threshold and says so).
+  shared-mask plan's threshold is the one for the graph's static batch size (``LinearPlan.threshold_for``). Where
+  a decode graph's batch is symbolic, the input is masked in the graph with the threshold chosen from the plan's
+  table at run time (``reference.sparsify_shared_by_batch``) and the op keeps what survives (threshold 0): the
+  same result, one small kernel more a linear. A symbolic batch of a prefill takes the one-row threshold, and says so.
 * A graph whose token dimension is statically longer than one (a prefill) keeps its linears dense unless the plan
   asks for prefill sparsity: the op would take its dense branch anyway, and Inductor keeps cuBLAS and its fusions.
 * On CUDA, where the sparse GEMV cannot beat cuBLAS for the graph's static rows at the plan's sparsity (per-row
@@ -24,9 +26,10 @@ import logging
 
 import torch
 from torch import fx
+from torch._dynamo.utils import counters
 
 import teal_fx.kernels  # noqa: F401  (registers torch.ops.teal)
-from teal_fx.kernels.reference import sparsify
+from teal_fx.kernels.reference import sparsify, sparsify_shared_by_batch
 from teal_fx.kernels.sparse_gemv_config import gpu_name, kernel_pays
 from teal_fx.passes.analysis.dataflow import fake_value, linear_args, linear_scales
 from teal_fx.passes.context import PassContext
@@ -70,7 +73,7 @@ def insert_sparse_linear(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule
     op = torch.ops.teal.sparse_linear.default
     shared = plan.batch_mask == "shared"
     x_int8 = plan.activations == "int8"
-    rewritten, dense = [], []
+    rewritten, dense, runtime_batch = [], [], []
     for m in discovery.matched:
         node = m.node
         x, w, b = linear_args(node)
@@ -78,12 +81,21 @@ def insert_sparse_linear(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule
         if tokens is not None and tokens > 1 and plan.prefill_sparse_from >= 1.0:
             continue
         if shared:
-            batch = _static_batch(x)
-            if batch is None:
-                log.warning("teal: %s: batch size not static (a dynamic graph: Hugging Face generate() compiles one "
-                            "unless its CompileConfig has dynamic=False), the shared mask uses the one-row threshold",
-                            m.key)
-            threshold = float(plan.linears[m.key].threshold_for(batch))
+            batch, lp = _static_batch(x), plan.linears[m.key]
+            if batch is None and tokens == 1 and lp.batch_thresholds:
+                with gm.graph.inserting_before(node):  # the batch's threshold chosen at run time, in the graph
+                    masked = gm.graph.call_function(sparsify_shared_by_batch,
+                                                    (x, tuple(lp.batch_thresholds), float(lp.threshold)))
+                masked.meta.update({k: v for k, v in x.meta.items() if k in ("val", "example_value", "tensor_meta")})
+                node.replace_input_with(x, masked)
+                x, threshold = masked, 0.0
+                runtime_batch.append(m.key)
+            else:
+                if batch is None and lp.batch_thresholds:
+                    log.warning("teal: %s: batch size not static in a graph of several tokens (Hugging Face "
+                                "generate() compiles one unless its CompileConfig has dynamic=False), the shared mask "
+                                "uses the one-row threshold", m.key)
+                threshold = float(lp.threshold_for(batch))
         else:
             threshold = float(plan.threshold(m.key))
         sparsity = plan.linears[m.key].sparsity  # picks the kernel variant only; None (unknown) -> -1
@@ -106,6 +118,11 @@ def insert_sparse_linear(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule
         rewritten.append(m)
         log.debug("teal: rewrote block %d %s (%s) t=%.4g", m.block, m.role, m.key, threshold)
     ctx.rewritten = rewritten
+    if runtime_batch:
+        counters["teal"]["runtime_batch_thresholds"] += len(runtime_batch)
+        log.info("teal: batch size not static: %d shared masks take their threshold from the plan's batch table at run "
+                 "time (one masking kernel a linear more; dynamic=False compiles the batch's threshold in)",
+                 len(runtime_batch))
     if dense:
         log.info("teal: %d linears masked in the graph and left to cuBLAS (the sparse GEMV cannot win for these rows "
                  "at this sparsity): %s", len(dense), ", ".join(dense[:4]) + (", ..." if len(dense) > 4 else ""))

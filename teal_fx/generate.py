@@ -56,7 +56,8 @@ def greedy_step(model: nn.Module, done: Optional[Tensor], eos_token_id: Optional
     """One model call and its greedy pick, the frame ``_decode_loop`` compiles when it does not sample: the argmax and
     the stop flags then run inside the step's graph (and CUDA graph), not as ~ten small eager kernels between
     replays (+0.7 to +1.3% tok/s on the H200, docs/perf-log.md v35). Returns the next tokens [B] and, given an
-    ``eos_token_id``, the stop flags ``done`` [B] updated (a stopped row repeats it)."""
+    ``eos_token_id``, the stop flags ``done`` [B] updated (a stopped row repeats it). The eos id is a constant of the
+    graph: another id compiles another step."""
     logits = model(**inputs).logits[:, -1]
     nxt = sample_next(logits, do_sample=False, temperature=1.0, top_k=None, top_p=None)
     if eos_token_id is None:

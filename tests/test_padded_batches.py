@@ -66,22 +66,25 @@ def test_more_padding_changes_nothing_and_matches_the_masked_reference(model_and
     teal_fx.detach_plan(model)
 
 
-@pytest.mark.parametrize("mask_kind", ["per_row", "shared"])
-def test_hf_generate_with_left_padding_through_the_backend(model_and_plans, mask_kind):
+@pytest.mark.parametrize("mask_kind, dynamic", [("per_row", False), ("shared", False), ("shared", None)])
+def test_hf_generate_with_left_padding_through_the_backend(model_and_plans, mask_kind, dynamic):
     """Hugging Face generate() (static cache, decode step compiled through backend="teal", compiled on the CPU too)
     on a left-padded batch with its attention mask gives teal_fx.generate's tokens. HF runs first, so it does not
     merely reuse what teal_fx.generate compiled for the same frame and shapes (Dynamo's cache is per code object).
-    Its default CompileConfig (dynamic=None) recompiles into a dynamic batch, where a shared mask can only take the
-    one-row threshold: dynamic=False keeps the batch's."""
+    Its default CompileConfig (dynamic=None) recompiles into a dynamic batch, where a shared mask takes the batch's
+    threshold at run time (``reference.sparsify_shared_by_batch``); dynamic=False compiles it in."""
     model, plans = model_and_plans
     teal_fx.attach_plan(model, plans[mask_kind])
     ids, mask = left_pad(PROMPTS, 7)
-    cfg = CompileConfig(backend="teal", fullgraph=False, dynamic=False)
+    cfg = CompileConfig(backend="teal", fullgraph=False, dynamic=dynamic)
     cfg._compile_all_devices = True  # transformers compiles only on accelerators unless told
-    before = torch._dynamo.utils.counters["teal"]["sparse_graph_calls"]
+    counters = torch._dynamo.utils.counters["teal"]
+    before, runtime_before = counters["sparse_graph_calls"], counters["runtime_batch_thresholds"]
     hf = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, eos_token_id=None,
                         pad_token_id=PAD, cache_implementation="static", compile_config=cfg)
-    assert torch._dynamo.utils.counters["teal"]["sparse_graph_calls"] > before  # the decode steps ran sparse
+    assert counters["sparse_graph_calls"] > before  # the decode steps ran sparse
+    # a dynamic batch's shared masks chose their thresholds at run time
+    assert (counters["runtime_batch_thresholds"] > runtime_before) == (mask_kind == "shared" and dynamic is None)
     ours = teal_fx.generate(model, ids, 8, eos_token_id=-1, attention_mask=mask)
     assert torch.equal(hf, ours)
     teal_fx.detach_plan(model)

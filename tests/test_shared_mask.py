@@ -10,7 +10,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from teal_fx.kernels.reference import keep_mask, reference_sparse_linear
+from teal_fx.kernels.reference import keep_mask, reference_sparse_linear, sparsify, sparsify_shared_by_batch
+from teal_fx.plan import LinearPlan
 
 triton = pytest.importorskip("triton")
 from teal_fx.kernels import sparse_gemv as sg  # noqa: E402
@@ -31,6 +32,31 @@ def test_shared_mask_drops_the_same_inputs_for_every_row():
     x3 = torch.randn(4, 5, 8)  # [batch, positions, inputs]: a mask per position, over the batch
     k3 = keep_mask(x3, 0.7, shared=True)
     assert torch.equal(k3[0], x3.abs().mean(0) > 0.7) and torch.equal(k3[1], k3[3])
+
+
+@settings(max_examples=30, deadline=None)
+@given(rows=st.integers(1, 40), sizes=st.lists(st.integers(2, 32), min_size=1, max_size=4, unique=True),
+       three_d=st.booleans(), seed=st.integers(0, 1000))
+def test_batch_threshold_chosen_at_run_time_is_the_plans(rows, sizes, three_d, seed):
+    """In-graph choice (tensor ops, for a symbolic batch) = ``LinearPlan.threshold_for`` at that batch size."""
+    g = torch.Generator().manual_seed(seed)
+    table = tuple((n, float(t)) for n, t in zip(sizes, torch.rand(len(sizes), generator=g) * 1.5))
+    lp = LinearPlan("w", 0, "q", (4, 64), 0.5, 0.8, table)
+    x = torch.randn((rows, 1, 64) if three_d else (rows, 64), generator=g)
+    want = sparsify(x, lp.threshold_for(rows), shared=True)
+    assert torch.equal(sparsify_shared_by_batch(x, table, lp.threshold), want)
+
+
+def test_batch_threshold_compiles_once_for_every_batch_size():
+    table = ((2, 0.5), (4, 0.4), (8, 0.3), (16, 0.2))
+    frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    fn = torch.compile(lambda x: sparsify_shared_by_batch(x, table, 0.7), backend="aot_eager", dynamic=True)
+    lp = LinearPlan("w", 0, "q", (4, 32), 0.5, 0.7, table)
+    for rows in (3, 5, 6, 11, 16, 30):
+        x = torch.randn(rows, 1, 32)
+        assert torch.equal(fn(x), sparsify(x, lp.threshold_for(rows), shared=True))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - frames == 1
+    torch._dynamo.reset()
 
 
 def rel_err(y, ref):
