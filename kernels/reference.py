@@ -7,7 +7,7 @@ unfused graph it replaced.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -16,8 +16,9 @@ from torch import Tensor
 from teal_fx.kernels.quantize import ACT_TILE, dequantize
 
 
-def keep_mask(x: Tensor, threshold: float, shared: bool = False) -> Tensor:
-    """1[|x| > t], compared in float32 whatever the dtype of x (the kernels compare the same way).
+def keep_mask(x: Tensor, threshold: Union[float, Tensor], shared: bool = False) -> Tensor:
+    """1[|x| > t], compared in float32 whatever the dtype of x (the kernels compare the same way); t a number, or a
+    0-d tensor chosen in the graph (``sparsify_shared_by_batch``).
 
     ``shared`` (a plan's ``batch_mask="shared"``, paper §5.4.4): one mask for the whole batch, 1[mean_b |x_b| > t]
     over the batch's rows (dim 0), broadcast to every row; per token position for a [B, S, K] input."""
@@ -27,7 +28,7 @@ def keep_mask(x: Tensor, threshold: float, shared: bool = False) -> Tensor:
     return a > threshold
 
 
-def sparsify(x: Tensor, threshold: float, shared: bool = False) -> Tensor:
+def sparsify(x: Tensor, threshold: Union[float, Tensor], shared: bool = False) -> Tensor:
     """Zero the entries of ``x`` whose magnitude is at most ``threshold`` (TEAL's magnitude mask; ``keep_mask``)."""
     return torch.where(keep_mask(x, threshold, shared), x, torch.zeros((), dtype=x.dtype, device=x.device))
 
@@ -45,8 +46,7 @@ def sparsify_shared_by_batch(x: Tensor, batch_thresholds: tuple[tuple[int, float
     # index tensor would make Dynamo read its value
     nearest = table.index_select(0, (sizes.log2() - b.log2()).abs().argmin().view(1))[0]
     threshold = torch.where(b <= 1, torch.scalar_tensor(one_row, dtype=torch.float32, device=x.device), nearest)
-    keep = x.abs().float().mean(dim=0, keepdim=True) > threshold if x.dim() >= 2 else x.abs().float() > threshold
-    return torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device))
+    return sparsify(x, threshold, shared=True)
 
 
 def sparse_token_start(x: Tensor, prefill_sparse_from: float) -> int:

@@ -66,6 +66,16 @@ def _kernel_pays(x: fx.Node, w: fx.Node, sparsity, shared: bool) -> bool:
     return kernel_pays(rows, sparsity, shared, gpu_name(v.device), int(N), int(K))
 
 
+def _mask_input(gm: fx.GraphModule, node: fx.Node, x: fx.Node, mask_fn, *args) -> fx.Node:
+    """``node`` reads ``mask_fn(x, *args)`` instead of ``x`` (its other readers keep ``x``); the new node carries x's
+    fake value (the same shape and dtype)."""
+    with gm.graph.inserting_before(node):
+        masked = gm.graph.call_function(mask_fn, (x, *args))
+    masked.meta.update({k: v for k, v in x.meta.items() if k in ("val", "example_value", "tensor_meta")})
+    node.replace_input_with(x, masked)
+    return masked
+
+
 def insert_sparse_linear(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     plan, discovery = ctx.plan, ctx.discovery
     if plan is None or discovery is None or not discovery.matched:
@@ -83,12 +93,9 @@ def insert_sparse_linear(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule
         if shared:
             batch, lp = _static_batch(x), plan.linears[m.key]
             if batch is None and tokens == 1 and lp.batch_thresholds:
-                with gm.graph.inserting_before(node):  # the batch's threshold chosen at run time, in the graph
-                    masked = gm.graph.call_function(sparsify_shared_by_batch,
-                                                    (x, tuple(lp.batch_thresholds), float(lp.threshold)))
-                masked.meta.update({k: v for k, v in x.meta.items() if k in ("val", "example_value", "tensor_meta")})
-                node.replace_input_with(x, masked)
-                x, threshold = masked, 0.0
+                # the batch's threshold chosen at run time, in the graph; the op keeps what survives
+                x = _mask_input(gm, node, x, sparsify_shared_by_batch, tuple(lp.batch_thresholds), float(lp.threshold))
+                threshold = 0.0
                 runtime_batch.append(m.key)
             else:
                 if batch is None and lp.batch_thresholds:
@@ -100,10 +107,7 @@ def insert_sparse_linear(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule
             threshold = float(plan.threshold(m.key))
         sparsity = plan.linears[m.key].sparsity  # picks the kernel variant only; None (unknown) -> -1
         if tokens == 1 and linear_scales(node) is None and not _kernel_pays(x, w, sparsity, shared):
-            with gm.graph.inserting_before(node):
-                masked = gm.graph.call_function(sparsify, (x, threshold, shared))
-            masked.meta.update({k: v for k, v in x.meta.items() if k in ("val", "example_value", "tensor_meta")})
-            node.replace_input_with(x, masked)
+            _mask_input(gm, node, x, sparsify, threshold, shared)
             dense.append(m.key)
             continue
         with gm.graph.inserting_after(node):

@@ -59,9 +59,15 @@ def greedy_step(model: nn.Module, done: Optional[Tensor], eos_token_id: Optional
     ``eos_token_id``, the stop flags ``done`` [B] updated (a stopped row repeats it). The eos id is a constant of the
     graph: another id compiles another step."""
     logits = model(**inputs).logits[:, -1]
-    nxt = sample_next(logits, do_sample=False, temperature=1.0, top_k=None, top_p=None)
+    return _with_stops(sample_next(logits, do_sample=False, temperature=1.0, top_k=None, top_p=None), done,
+                       eos_token_id)
+
+
+def _with_stops(nxt: Tensor, done: Optional[Tensor], eos_token_id: Optional[int]) -> tuple[Tensor, Optional[Tensor]]:
+    """The picked tokens and stop flags after the eos rule: a stopped row repeats the eos token, a row that picks it
+    stops (without an eos id: as they are)."""
     if eos_token_id is None:
-        return nxt, None
+        return nxt, done
     nxt = torch.where(done, eos_token_id, nxt)
     return nxt, done | (nxt == eos_token_id)
 
@@ -225,11 +231,16 @@ def _cache_length(need: int, max_cache_len: Optional[int], what: str) -> int:
     return max_cache_len
 
 
-def _last_logits(run, model: nn.Module, cache: dict, input_ids: Tensor, position: Tensor, **padding) -> Tensor:
-    """One compiled call (prefill or decode step) on the static cache, passed as ``{cache_kwarg(model): cache}``
-    (built once per loop): the last position's logits [B, V]. ``padding``: attention_mask and position_ids of a
+def _step_inputs(cache: dict, input_ids: Tensor, position: Tensor, **padding) -> dict:
+    """The model's keyword inputs for one call (prefill or decode step) on the static cache, passed as
+    ``{cache_kwarg(model): cache}`` (built once per loop). ``padding``: attention_mask and position_ids of a
     left-padded batch (``_LeftPadding``)."""
-    return run(model, input_ids=input_ids, **cache, cache_position=position, use_cache=True, **padding).logits[:, -1]
+    return dict(input_ids=input_ids, **cache, cache_position=position, use_cache=True, **padding)
+
+
+def _last_logits(run, model: nn.Module, cache: dict, input_ids: Tensor, position: Tensor, **padding) -> Tensor:
+    """One compiled call of ``model`` (``_step_inputs``): the last position's logits [B, V]."""
+    return run(model, **_step_inputs(cache, input_ids, position, **padding)).logits[:, -1]
 
 
 class _LeftPadding:
@@ -286,19 +297,14 @@ def _decode_loop(model, input_ids, max_new_tokens, max_cache_len, backend, mode,
     def step(ids: Tensor, position: Tensor, done: Optional[Tensor], **pad: Tensor) -> tuple[Tensor, Optional[Tensor]]:
         """One compiled call: the next tokens [B] and the stop flags (None without an eos token)."""
         if greedy:
-            nxt, done = run(model, done, eos_token_id, input_ids=ids, **cache, cache_position=position, use_cache=True,
-                            **pad)
+            nxt, done = run(model, done, eos_token_id, **_step_inputs(cache, ids, position, **pad))
             if mode == "reduce-overhead":  # a CUDA graph's outputs are overwritten by its next replay
                 nxt, done = nxt.clone(), None if done is None else done.clone()
             return nxt, done
         logits = _last_logits(run, model, cache, ids, position, **pad)
         if mode == "reduce-overhead":
             logits = logits.clone()  # the CUDA graph's output buffer is overwritten by the next replay
-        nxt = sample_next(logits, **sampling)
-        if eos_token_id is not None:
-            nxt = torch.where(done, eos_token_id, nxt)
-            done = done | (nxt == eos_token_id)
-        return nxt, done
+        return _with_stops(sample_next(logits, **sampling), done, eos_token_id)
 
     done = torch.zeros(batch, dtype=torch.bool, device=device) if eos_token_id is not None else None
     nxt, done = step(input_ids, torch.arange(prompt, device=device), done, **(padding.prefill() if padding else {}))
