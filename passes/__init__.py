@@ -14,6 +14,7 @@ from teal_fx.passes.insert_sparse_linear import insert_sparse_linear
 from teal_fx.passes.label_block_linears import label_block_linears
 from teal_fx.passes.pass_manager import PASSES, passes_for, run_passes
 from teal_fx.passes.replace_decode_attention import replace_decode_attention
+from teal_fx.passes.replace_outer_product_matmul import replace_outer_product_matmul
 from teal_fx.passes.select_plan import select_plan
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "fuse_swiglu",
     "fuse_add_rmsnorm",
     "replace_decode_attention",
+    "replace_outer_product_matmul",
     "batch_input_increments",
     "discover",
     "Discovery",

@@ -7,7 +7,8 @@ The order is the contract:
 4. ``group_shared_input`` works on the rewritten ops only, ``fuse_swiglu`` on its gate/up groups, and
    ``fuse_add_rmsnorm`` on the single rewritten linears (o, down) that grouping left;
 5. ``replace_decode_attention`` is independent of the plan (it runs in dense compiles too) and comes after them, so
-   discovery sees the graph as traced; ``batch_input_increments`` is independent of everything else.
+   discovery sees the graph as traced; ``replace_outer_product_matmul`` and ``batch_input_increments`` are
+   independent of everything else (last, so no analysis sees a matmul turned into a multiply).
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from teal_fx.passes.group_shared_input import group_shared_input
 from teal_fx.passes.insert_sparse_linear import insert_sparse_linear
 from teal_fx.passes.label_block_linears import label_block_linears
 from teal_fx.passes.replace_decode_attention import replace_decode_attention
+from teal_fx.passes.replace_outer_product_matmul import replace_outer_product_matmul
 from teal_fx.passes.select_plan import select_plan
 
 log = logging.getLogger("teal_fx.passes")
@@ -42,6 +44,7 @@ PASSES: list[tuple[Pass, Optional[str]]] = [
     (fuse_swiglu, "fuse_swiglu"),
     (fuse_add_rmsnorm, "fuse_add_rmsnorm"),
     (replace_decode_attention, "decode_attention"),
+    (replace_outer_product_matmul, "outer_product_multiply"),
     (batch_input_increments, None),
 ]
 

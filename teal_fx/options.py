@@ -26,6 +26,7 @@ class TealOptions:
     fuse_swiglu: bool = True  # the gate/up launch forms silu(gate) * up (passes/fuse_swiglu.py)
     fuse_add_rmsnorm: bool = True  # o and down launches add the residual and apply the RMSNorm (passes/fuse_add_rmsnorm.py)
     decode_attention: bool = True  # decode-step sdpa -> teal::decode_attention (passes/replace_decode_attention.py)
+    outer_product_multiply: bool = True  # a matmul over a dimension of 1 -> a multiply (passes/replace_outer_product_matmul.py)
     inductor_pdl: bool = True  # on Hopper+, Inductor's kernels launch early and wait first (teal_fx/inductor.py)
     inductor: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))  # any other key: Inductor config
 
