@@ -286,6 +286,16 @@ SWEEP_WEIGHT_MATH = {
                                  (1024, 8, 8, 1))))
 }
 
+# ... the packed loop with fp16 tile sums (compact, weight_math 2): the masked loop's math on the survivors only (SASS,
+# sm_90: ~1.8 instructions a dense weight at 50% in the loop, against the masked loop's ~3.0; perf-log v36)
+SWEEP_WEIGHT_MATH["int8"] += [dict(BN=bn, BK=bk, iters=it, use_dot=False, num_warps=nw, num_stages=1, compact=True,
+                                   weight_math=2)
+                              for bn, bk, it, nw in ((1024, 16, 4, 2), (1024, 8, 8, 2), (1024, 16, 8, 2), (512, 16, 4, 1),
+                                                     (2048, 16, 4, 4))]
+SWEEP_WEIGHT_MATH["int4"] += [dict(BN=bn, BK=16, iters=it, use_dot=False, num_warps=nw, num_stages=1, compact=True,
+                                   weight_math=2)  # a program's inputs in one scale group
+                              for bn, it, nw in ((1024, 4, 1), (2048, 4, 2), (1024, 8, 1))]
+
 # ... and x rounded to int8 (weight_math 3, dp4a; timed with x_int8): 8 or 16 bytes of a row a thread, a program's
 # inputs whole tiles of 32 (docs/perf-log.md v32)
 for _fmt, _tiles in (("int8", ((512, 8, 8), (512, 16, 4), (256, 32, 2), (512, 32, 2), (1024, 16, 4))),
@@ -458,7 +468,7 @@ def main() -> int:
     ap.add_argument("--sweep-weights", action="store_true", help="sweep tile configs of the quantized formats")
     ap.add_argument("--sweep-weights-sparsity", type=float, default=0.5)
     ap.add_argument("--sweep-weights-math", action="store_true",
-                    help="with --sweep-weights: only the masked one-row loops, each with weight_math 0, 1 and 2")
+                    help="with --sweep-weights: only the one-row in-thread loops by weight_math (masked: 0, 1, 2, 3; packed: 2)")
     ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True, help="the bf16/fp16 rows")
     ap.add_argument("--batches", default="", help="batch rows: comma-separated batch sizes (e.g. 1,2,4,8,16), per-row "
                     "and shared masks on the block's launch shapes, and the break-even kept fractions")

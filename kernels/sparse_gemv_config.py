@@ -34,8 +34,9 @@ class GemvConfig:
     apart: Optional[bool] = None  # split-K sums finished by a second launch; None: where launches overlap (PDL)
     half_dot: bool = False  # int8 only, with use_dot: fp16 tensor-core operands (the kernel's HALF_DOT)
     weight_math: int = 0  # int8/int4, one row, masked in-thread loop: 0 exact fp32 sums; 1 fp32 with the conversion's
-    # offset removed once per tile; 2 fp16 products and tile sums (the kernel's ``tile_sum``); 3 x quantized to int8
-    # per 32 inputs, int32 dp4a products (``w8a8_partial``: a different result, taken only with the launcher's x_int8)
+    # offset removed once per tile; 2 fp16 products and tile sums (the kernel's ``tile_sum``; also over the packed
+    # survivors, compact); 3 x quantized to int8 per 32 inputs, int32 dp4a products (``w8a8_partial``: a different
+    # result, taken only with the launcher's x_int8)
 
 
 def make_config(N: int, K: int, *, BN: int, BK: int, iters: int, use_dot: bool, num_warps: int = 4,

@@ -234,7 +234,8 @@ def in_thread_partial(x_ptr, w_ptr, idx_ptr, xv_ptr, k_lo, k_hi, threshold, offs
     runs over full tiles of needed weight rows only: at 90% a tenth of the iterations, where a loop over all
     rows pays a memory round trip per tile however few rows it keeps (docs/design.md, "Sparse GEMV: tiles and loops"). Without PACK the loop
     walks every input and masks the rows not needed. WFMT 2 (int4) scales each tile's sum by its group's scales,
-    or, packed, the program's sum (the launcher keeps a packed int4 program inside one group).
+    or, packed, the program's sum (the launcher keeps a packed int4 program inside one group). Packed, WMATH 2 sums
+    each tile of survivors in fp16 as the masked loop does (``tile_sum``), on the stored rows; else exactly in fp32.
     """
     acc = tl.zeros((BN,), dtype=tl.float32)
     if PACK:
@@ -251,12 +252,19 @@ def in_thread_partial(x_ptr, w_ptr, idx_ptr, xv_ptr, k_lo, k_hi, threshold, offs
         k = tl.load(idx_ptr + j, mask=ok, other=0)
         xv = tl.load(xv_ptr + j, mask=ok, other=0.0)
         for j0 in range(0, n_keep, BK):
-            w = load_weight_tile(w_ptr, k, offs_n, offs_p, ok, n_ok, p_ok, stride_wk, stride_wn, EVEN_N, WFMT, ASM)
+            if WMATH == 2:  # the stored rows, summed as the masked loop's fp16 tiles (``tile_sum``)
+                w = load_needed_rows(w_ptr, k, offs_p if WFMT == 2 else offs_n, ok, p_ok if WFMT == 2 else n_ok,
+                                     stride_wk, stride_wn, EVEN_N)
+            else:
+                w = load_weight_tile(w_ptr, k, offs_n, offs_p, ok, n_ok, p_ok, stride_wk, stride_wn, EVEN_N, WFMT, ASM)
             jn = j0 + BK + tl.arange(0, BK)
             ok_next = jn < n_keep
             k_next = tl.load(idx_ptr + jn, mask=ok_next, other=0)
             xv_next = tl.load(xv_ptr + jn, mask=ok_next, other=0.0)
-            acc += tl.sum(xv[:, None] * w.to(tl.float32), axis=0)
+            if WMATH == 2:
+                acc += tile_sum(xv, w, WFMT, WMATH, ASM)
+            else:
+                acc += tl.sum(xv[:, None] * w.to(tl.float32), axis=0)
             k, xv, ok = k_next, xv_next, ok_next
         if WFMT == 2:  # int4: the launcher keeps a packed program inside one scale group
             acc = acc * group_scales(s_ptr, k_lo, offs_n, n_ok, stride_sg, GROUP)
@@ -351,8 +359,8 @@ def sparse_gemv_kernel(
     # inline PTX allowed (an NVIDIA GPU; not the CPU interpreter): the int8 -> fp16 byte permutes of HALF_DOT
     ASM: tl.constexpr = False,
     # how the one-row masked in-thread loop sums int8/int4 tiles (``tile_sum``): 0 exact fp32, 1 fp32 with the
-    # conversion's offset subtracted per tile, 2 fp16 products and sums; 3 (int8, W8A8) x quantized to int8 per 32
-    # inputs, int32 products (``w8a8_partial``)
+    # conversion's offset subtracted per tile, 2 fp16 products and sums (also in the packed loop); 3 (int8, W8A8) x
+    # quantized to int8 per 32 inputs, int32 products (``w8a8_partial``)
     WMATH: tl.constexpr = 0,
 ):
     """Program (N tile, K split) of y = (x ⊙ 1[|x| > t]) Wᵀ + b; segments 1 and 2 as segment 0, other pointers.
