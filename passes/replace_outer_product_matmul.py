@@ -34,6 +34,7 @@ log = logging.getLogger("teal_fx.passes")
 
 _FUNCTIONS = {operator.matmul, torch.matmul, torch.bmm, torch.mm}
 _METHODS = {"matmul", "bmm"}
+_KEPT_META = ("example_value", "val", "tensor_meta", "stack_trace", "nn_module_stack")
 
 
 def _is_matmul(n: fx.Node) -> bool:
@@ -65,7 +66,8 @@ def replace_outer_product_matmul(gm: fx.GraphModule, ctx: Optional[PassContext] 
         if _is_matmul(n) and _outer_product(n):
             with graph.inserting_before(n):
                 mul = graph.call_function(operator.mul, tuple(n.args))
-            mul.meta.update(n.meta)  # same value, shape and dtype: the matmul's fake value and source
+            # the same value, shape and dtype: the matmul's fake value; and where it came from (not what it was)
+            mul.meta.update({k: n.meta[k] for k in _KEPT_META if k in n.meta})
             n.replace_all_uses_with(mul)
             graph.erase_node(n)
             matched += 1
