@@ -150,3 +150,17 @@ def real_model(name: str):
 @pytest.fixture(scope="session")
 def smollm2():
     return real_model("smollm2")
+
+
+def compiled_through(graph_pass, fn, **compile_kwargs):
+    """``fn`` compiled whole (fullgraph) by a backend that runs the one graph pass ``graph_pass`` and then the graph as
+    rewritten: (the compiled function, the list its rewritten graphs are appended to as they are compiled)."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        gm = graph_pass(gm)
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    return torch.compile(fn, backend=backend, fullgraph=True, **compile_kwargs), graphs

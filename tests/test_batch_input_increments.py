@@ -5,6 +5,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from teal_fx.passes import batch_input_increments
+from tests.conftest import compiled_through
 
 COUNTERS = 3
 
@@ -26,19 +27,6 @@ def _program(ops):
     return f
 
 
-def _rewritten(fn, args):
-    graphs = []
-
-    def backend(gm, example_inputs):
-        gm = batch_input_increments(gm)
-        graphs.append(gm)
-        return gm.forward
-
-    torch._dynamo.reset()
-    compiled = torch.compile(fn, backend=backend, fullgraph=True)
-    return compiled, graphs
-
-
 def _counters():
     return [torch.tensor(v) for v in (3, 10, 100)]
 
@@ -54,7 +42,7 @@ def test_same_outputs_and_final_inputs(ops):
     x = torch.tensor([1])
     eager_cs = _counters()
     want = fn(x, *eager_cs)
-    compiled, _ = _rewritten(fn, None)
+    compiled, _ = compiled_through(batch_input_increments, fn)
     cs = _counters()
     got = compiled(x, *cs)
     assert torch.equal(got, want)
@@ -71,7 +59,7 @@ def _foreach_and_adds(gm):
 def test_counters_read_then_incremented_become_one_foreach_at_the_end():
     # the pattern of a static cache in a decode step: each layer reads its counter, then increments it
     fn = _program([("read", 0, 1), ("inc", 0, 1), ("read", 1, 1), ("inc", 1, 1), ("read", 2, 1), ("inc", 2, 1)])
-    compiled, graphs = _rewritten(fn, None)
+    compiled, graphs = compiled_through(batch_input_increments, fn)
     cs = _counters()
     compiled(torch.tensor([1]), *cs)
     foreach, adds = _foreach_and_adds(graphs[0])
@@ -84,7 +72,7 @@ def test_a_read_after_the_increment_keeps_it_in_place():
     # counter 1 is read after its increment, directly or through a view made before it: it must stay where it is
     for ops in ([("inc", 0, 1), ("inc", 1, 1), ("read", 1, 1), ("inc", 2, 1)],
                 [("alias", 1, 1), ("inc", 0, 1), ("inc", 1, 1), ("read_alias", 1, 1), ("inc", 2, 1)]):
-        compiled, graphs = _rewritten(_program(ops), None)
+        compiled, graphs = compiled_through(batch_input_increments, _program(ops))
         compiled(torch.tensor([1]), *_counters())
         foreach, adds = _foreach_and_adds(graphs[0])
         assert len(foreach) == 1 and len(foreach[0].args[0]) == 2

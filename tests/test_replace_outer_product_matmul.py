@@ -8,19 +8,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from teal_fx.passes import replace_outer_product_matmul
+from tests.conftest import compiled_through
 
 
 def _rewritten(fn, *args):
-    graphs = []
-
-    def backend(gm, example_inputs):
-        gm = replace_outer_product_matmul(gm)
-        graphs.append(gm)
-        return gm.forward
-
-    torch._dynamo.reset()
-    out = torch.compile(fn, backend=backend, fullgraph=True, dynamic=False)(*args)
-    return out, graphs[0]
+    compiled, graphs = compiled_through(replace_outer_product_matmul, fn, dynamic=False)
+    return compiled(*args), graphs[0]
 
 
 def _targets(gm):
