@@ -321,7 +321,8 @@ def _launch(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tens
     tiles = [-(-N // BN) for N in Ns]
     total_tiles = sum(tiles)
     # a CHUNK slot per K split and segment: the packed survivors, or W8A8's int8 words of x and their scales
-    packed = nseg * cfg.split_k * cfg.chunk if cfg.compact or cfg.weight_math == 3 else 1
+    # (the packed fp16 loop reads whole tiles of a slot, up to block_k entries past the last one)
+    packed = nseg * cfg.split_k * cfg.chunk + cfg.block_k if cfg.compact or cfg.weight_math == 3 else 1
     # xv: the packed x values, one fp32 a slot entry (one row), or BM of x's dtype (the tensor-core loop's columns)
     ws, cnt, idx, xv = _WORKSPACE.get(x.device, ws=BM * total_tiles * BN, cnt=total_tiles, idx=packed,
                                       xv=packed * (BM if cfg.use_dot else 1))

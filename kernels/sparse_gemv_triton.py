@@ -259,10 +259,16 @@ def in_thread_partial(x_ptr, w_ptr, idx_ptr, xv_ptr, k_lo, k_hi, threshold, offs
                 w = load_weight_tile(w_ptr, k, offs_n, offs_p, ok, n_ok, p_ok, stride_wk, stride_wn, EVEN_N, WFMT, ASM)
             jn = j0 + BK + tl.arange(0, BK)
             ok_next = jn < n_keep
-            k_next = tl.load(idx_ptr + jn, mask=ok_next, other=0)
-            xv_next = tl.load(xv_ptr + jn, mask=ok_next, other=0.0)
+            if WMATH == 2:  # whole tiles of the slot, unmasked: 16-byte loads where masked ones came one entry at a time
+                # (~150 instructions a tile fewer, SASS). Entries past n_keep (the next slot's, or the launcher's BK of
+                # padding) are never used: their rows are unread and their x is selected away below
+                k_next = tl.load(idx_ptr + jn)
+                xv_next = tl.load(xv_ptr + jn)
+            else:
+                k_next = tl.load(idx_ptr + jn, mask=ok_next, other=0)
+                xv_next = tl.load(xv_ptr + jn, mask=ok_next, other=0.0)
             if WMATH == 2:
-                acc += tile_sum(xv, w, WFMT, WMATH, ASM)
+                acc += tile_sum(tl.where(ok, xv, 0.0), w, WFMT, WMATH, ASM)
             else:
                 acc += tl.sum(xv[:, None] * w.to(tl.float32), axis=0)
             k, xv, ok = k_next, xv_next, ok_next
