@@ -31,7 +31,7 @@ from torch._dynamo.utils import counters
 import teal_fx.kernels  # noqa: F401  (registers torch.ops.teal)
 from teal_fx.kernels.reference import sparsify, sparsify_shared_by_batch
 from teal_fx.kernels.sparse_gemv_config import gpu_name, kernel_pays
-from teal_fx.passes.analysis.dataflow import fake_value, linear_args, linear_scales
+from teal_fx.passes.analysis.dataflow import carry_fake_value, fake_value, linear_args, linear_scales
 from teal_fx.passes.context import PassContext
 from teal_fx.passes.finish import finish
 
@@ -71,7 +71,7 @@ def _mask_input(gm: fx.GraphModule, node: fx.Node, x: fx.Node, mask_fn, *args) -
     fake value (the same shape and dtype)."""
     with gm.graph.inserting_before(node):
         masked = gm.graph.call_function(mask_fn, (x, *args))
-    masked.meta.update({k: v for k, v in x.meta.items() if k in ("val", "example_value", "tensor_meta")})
+    carry_fake_value(masked, x)
     node.replace_input_with(x, masked)
     return masked
 

@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 from torch import fx
 
-from teal_fx.passes.analysis.dataflow import fake_value
+from teal_fx.passes.analysis.dataflow import carry_fake_value, fake_value
 from teal_fx.passes.context import PassContext
 from teal_fx.passes.finish import finish
 
@@ -34,7 +34,6 @@ log = logging.getLogger("teal_fx.passes")
 
 _FUNCTIONS = {operator.matmul, torch.matmul, torch.bmm, torch.mm}
 _METHODS = {"matmul", "bmm"}
-_KEPT_META = ("example_value", "val", "tensor_meta", "stack_trace", "nn_module_stack")
 
 
 def _is_matmul(n: fx.Node) -> bool:
@@ -66,8 +65,7 @@ def replace_outer_product_matmul(gm: fx.GraphModule, ctx: Optional[PassContext] 
         if _is_matmul(n) and _outer_product(n):
             with graph.inserting_before(n):
                 mul = graph.call_function(operator.mul, tuple(n.args))
-            # the same value, shape and dtype: the matmul's fake value; and where it came from (not what it was)
-            mul.meta.update({k: n.meta[k] for k in _KEPT_META if k in n.meta})
+            carry_fake_value(mul, n)  # the same value, shape and dtype
             n.replace_all_uses_with(mul)
             graph.erase_node(n)
             matched += 1

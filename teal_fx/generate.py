@@ -15,6 +15,7 @@ from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_map_only
 
 from teal_fx import state
 from teal_fx.capture import recompile_limits
@@ -297,14 +298,12 @@ def _decode_loop(model, input_ids, max_new_tokens, max_cache_len, backend, mode,
     def step(ids: Tensor, position: Tensor, done: Optional[Tensor], **pad: Tensor) -> tuple[Tensor, Optional[Tensor]]:
         """One compiled call: the next tokens [B] and the stop flags (None without an eos token)."""
         if greedy:
-            nxt, done = run(model, done, eos_token_id, **_step_inputs(cache, ids, position, **pad))
-            if mode == "reduce-overhead":  # a CUDA graph's outputs are overwritten by its next replay
-                nxt, done = nxt.clone(), None if done is None else done.clone()
-            return nxt, done
-        logits = _last_logits(run, model, cache, ids, position, **pad)
-        if mode == "reduce-overhead":
-            logits = logits.clone()  # the CUDA graph's output buffer is overwritten by the next replay
-        return _with_stops(sample_next(logits, **sampling), done, eos_token_id)
+            out = run(model, done, eos_token_id, **_step_inputs(cache, ids, position, **pad))
+        else:
+            out = _last_logits(run, model, cache, ids, position, **pad)
+        if mode == "reduce-overhead":  # a CUDA graph's outputs are overwritten by its next replay
+            out = tree_map_only(Tensor, torch.clone, out)
+        return out if greedy else _with_stops(sample_next(out, **sampling), done, eos_token_id)
 
     done = torch.zeros(batch, dtype=torch.bool, device=device) if eos_token_id is not None else None
     nxt, done = step(input_ids, torch.arange(prompt, device=device), done, **(padding.prefill() if padding else {}))

@@ -168,6 +168,12 @@ def fake_value(n: fx.Node) -> Any:
     return n.meta.get("val", n.meta.get("example_value"))
 
 
+def carry_fake_value(dst: fx.Node, src: fx.Node) -> None:
+    """``dst`` computes a value of ``src``'s shape and dtype: give it ``src``'s fake tensor (Dynamo's
+    ``example_value``, AOT's ``val``, ``tensor_meta``), and nothing else of ``src``'s meta."""
+    dst.meta.update({k: v for k, v in src.meta.items() if k in ("val", "example_value", "tensor_meta")})
+
+
 def static_shape(n: object) -> Optional[tuple[int, ...]]:
     """The shape of a node's fake tensor when every dimension is a plain int (None: no tensor, or symbolic)."""
     v = fake_value(n) if isinstance(n, fx.Node) else None
