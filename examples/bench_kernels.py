@@ -450,8 +450,8 @@ def _format(label: str) -> tuple:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true", help="bf16 at 0 and 50% only")
-    ap.add_argument("--sweep", action="store_true", help="search tile configs on the main shapes at 50%")
+    ap.add_argument("--quick", action="store_true", help="bf16 at 0 and 50%% only")
+    ap.add_argument("--sweep", action="store_true", help="search tile configs on the main shapes at 50%%")
     ap.add_argument("--out", help="default: examples/results/kernels_<gpu>.md (kernels_h100.md on an H100)")
     ap.add_argument("--sweep-shapes", default="q/o 4096x4096,gate/up 14336x4096,down 4096x14336")
     ap.add_argument("--sweep-batch", type=int, default=1)
@@ -464,7 +464,7 @@ def main() -> int:
                     help="sweep only the one-warp loops over every input, only the packed loops (compact), or "
                     "with --sweep-shared only the packed tensor-core loops")
     ap.add_argument("--weights", default="int8,int4",
-                    help="quantized formats measured at 0 and 50% ('' for none; 'int4+x8': x rounded to int8 too)")
+                    help="quantized formats measured at 0 and 50%% ('' for none; 'int4+x8': x rounded to int8 too)")
     ap.add_argument("--sweep-weights", action="store_true", help="sweep tile configs of the quantized formats")
     ap.add_argument("--sweep-weights-sparsity", type=float, default=0.5)
     ap.add_argument("--sweep-weights-math", action="store_true",
