@@ -68,6 +68,14 @@ def compact_from(N: int, K: int) -> float:
     return 0.7 if _mlp_sized(N, K) else 0.85
 
 
+def int4_packed_from(N: int, K: int) -> float:
+    """int4, one row, the MLP shapes: the expected sparsity from which the packed loop with fp16 tile sums beats the
+    masked loop. int4's masked loop is bound by issuing its per-nibble instructions, so packing pays far earlier than
+    for bf16 (``compact_from``) or int8 (where it never did). H200 sweep (docs/perf-log.md v37): gate+up ahead from
+    30% (21.5 vs 23.7 µs; even at 20%), down only from 50% (40%: 13.3-13.9 vs 13.8; 30%: behind)."""
+    return 0.3 if N > K else 0.45
+
+
 def choose_config(M: int, N: int, K: int, sparsity: Optional[float] = None,
                   weight_format: Optional[str] = None, shared: bool = False, x_int8: bool = False) -> GemvConfig:
     """The launch config for M rows of x against a [N, K] weight (N summed over a grouped launch's segments).
@@ -164,7 +172,13 @@ def _choose_quantized(M: int, N: int, K: int, sparsity: Optional[float], fmt: st
                 # tensor cores 11.0; q+k+v 9.3 vs 16.1)
                 return make_config(N, K, BN=512, BK=16, iters=4, use_dot=False, num_warps=1, num_stages=1,
                                    in_thread=True, weight_math=2)
-            # the MLP shapes: 16 bytes (32 nibbles) a thread, the offset removed per tile (gate/up 13.4 µs; exact sums
+            # the MLP shapes from ``int4_packed_from``: the survivors packed, summed as fp16 tiles, 16 bytes (32
+            # nibbles) a thread; gate+up takes 8 tiles a program from 45% (H200: gate+up 17.8 µs at 50% where the
+            # masked loop below takes 22.9, 19.6 / 23.5 at 40%; down 12.3 / 13.6 at 50%; docs/perf-log.md v37)
+            if sparsity is not None and sparsity >= int4_packed_from(N, K):
+                return make_config(N, K, BN=2048, BK=16, iters=8 if N > K and sparsity >= 0.45 else 4,
+                                   use_dot=False, num_warps=2, num_stages=1, compact=True, weight_math=2)
+            # below: 16 bytes (32 nibbles) a thread, the offset removed per tile (gate/up 13.4 µs; exact sums
             # 15.3, fp16 sums 15.1)
             return make_config(N, K, BN=1024, BK=16, iters=4, use_dot=False, num_warps=1, num_stages=1,
                                in_thread=True, weight_math=1)

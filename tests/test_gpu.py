@@ -383,6 +383,34 @@ def test_quantized_sparse_ops_on_the_8b_shapes(fmt, rows):
         assert float((y.double() - ref).norm() / ref.norm()) < 1e-2
 
 
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+@pytest.mark.parametrize("sparsity", [0.3, 0.5])
+def test_quantized_fused_launches_on_the_8b_shapes(fmt, sparsity):
+    """One row through the backend's MLP launches on Llama-3-8B's shapes, the rule's configs (int4 packs gate+up from
+    30% and down from 45%): gate+up with silu(gate) * up, down with the residual add and RMSNorm, against float64."""
+    from teal_fx.kernels import sparse_gemv as sg
+    from teal_fx.kernels.quantize import dequantize, quantize_int4, quantize_int8
+    from teal_fx.kernels.reference import reference_rmsnorm, reference_swiglu
+
+    quantize = quantize_int8 if fmt == "int8" else quantize_int4
+    g = torch.Generator(device="cuda").manual_seed(int(sparsity * 10))
+    w = lambda N, K: quantize(torch.randn(N, K, device="cuda", generator=g, dtype=torch.bfloat16) / K**0.5)  # noqa: E731
+    (qg, s_gate), (qu, s_up), (qd, s_down) = w(14336, 4096), w(14336, 4096), w(4096, 14336)
+    x = torch.randn(1, 4096, device="cuda", generator=g, dtype=torch.bfloat16)
+    t = float(x.float().abs().quantile(sparsity))
+    y = sg.sparse_gemv_swiglu(x, qg, qu, t, t, sparsity=sparsity, scales_gate=s_gate, scales_up=s_up)
+    ref = reference_swiglu(x.double(), dequantize(qg, s_gate, torch.float64), dequantize(qu, s_up, torch.float64), t, t)
+    assert float((y.double() - ref).norm() / ref.norm()) < 1e-2
+    xd = torch.randn(1, 14336, device="cuda", generator=g, dtype=torch.bfloat16)
+    td = float(xd.float().abs().quantile(sparsity))
+    res, nw = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16), torch.rand(4096, device="cuda").bfloat16()
+    h, out = sg.sparse_gemv_add_rmsnorm(xd, qd, None, td, res, nw, 1e-5, sparsity=sparsity, scales=s_down)
+    h_ref = res.double() + reference_sparse_linear(xd.double(), dequantize(qd, s_down, torch.float64), None, td)
+    assert float((h.double() - h_ref).norm() / h_ref.norm()) < 1e-2
+    out_ref = reference_rmsnorm(h_ref, nw.double(), 1e-5)
+    assert float((out.double() - out_ref).norm() / out_ref.norm()) < 1e-2
+
+
 @pytest.mark.parametrize("rows", [2, 8, 16])
 def test_shared_mask_ops_on_the_8b_shapes(rows):
     """One mask for the batch on the default configs of Llama-3-8B's shapes (grouped q/k/v, SwiGLU gate/up, down),

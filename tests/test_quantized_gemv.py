@@ -349,6 +349,34 @@ def test_x_int8_rule_on_the_8b_shapes(fmt):
     assert choose_config(1, 28672, 4096, 0.5, "int4", x_int8=True).k_per_split == 128
 
 
+def test_int4_one_row_packs_the_mlp_launches_where_it_was_measured_faster():
+    """int4, one row: gate+up packs its survivors from 30%, down from 45%, the attention shapes never; the packed
+    configs sum fp16 tiles and keep a program inside one scale group (docs/perf-log.md v37)."""
+    for (N, K), masked_at, packed_at in (((28672, 4096), 0.25, 0.3), ((4096, 14336), 0.4, 0.45)):
+        assert not choose_config(1, N, K, masked_at, "int4").compact
+        cfg = choose_config(1, N, K, packed_at, "int4")
+        assert cfg.compact and cfg.weight_math == 2 and INT4_GROUP % cfg.k_per_split == 0
+        assert not choose_config(1, N, K, None, "int4").compact  # sparsity unknown: the masked loop
+        assert not choose_config(1, N, K, 0.5, "int8").compact  # int8's packed loop was never faster
+    for N, K in ((6144, 4096), (4096, 4096)):
+        assert not choose_config(1, N, K, 0.6, "int4").compact
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rule_shape", [(28672, 4096), (4096, 14336)])
+def test_int4_packed_rule_tiles_on_a_ragged_shape(rule_shape, dtype):
+    """The tiles the rule packs int4 gate+up and down with (2048 nibbles x 16 rows, 2 warps), run on a shape with a
+    ragged column tile, a ragged K split and several scale groups; twice, the scratch left clean."""
+    big = choose_config(1, *rule_shape, 0.5, "int4")
+    N, K = 2100, 300
+    cfg = make_config(N, K, BN=big.block_n, BK=big.block_k, iters=big.k_per_split // big.block_k, use_dot=False,
+                      num_warps=big.num_warps, num_stages=1, compact=True, weight_math=2)
+    x, q, s, _ = operands(1, N, K, dtype, "int4", 3)
+    for _ in range(2):
+        y = sg.sparse_gemv(x, q, None, 0.6, config=cfg, scales=s)
+        assert rel_err(y.cpu(), reference(x.cpu(), q, s, None, 0.6)) <= TOL[dtype]
+
+
 def test_x_int8_is_a_choice_of_result_not_a_config():
     x, q, s, _ = operands(1, 64, 96, torch.float32, "int8", 0)
     wm3 = x_int8_config(64, 96, 32, 16, 2)
