@@ -362,18 +362,20 @@ def test_int4_one_row_packs_the_mlp_launches_where_it_was_measured_faster():
         assert not choose_config(1, N, K, 0.6, "int4").compact
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("rule_shape", [(28672, 4096), (4096, 14336)])
-def test_int4_packed_rule_tiles_on_a_ragged_shape(rule_shape, dtype):
-    """The tiles the rule packs int4 gate+up and down with (2048 nibbles x 16 rows, 2 warps), run on a shape with a
-    ragged column tile, a ragged K split and several scale groups; twice, the scratch left clean."""
+def test_int4_packed_rule_tiles_on_a_ragged_shape(rule_shape, dtype, monkeypatch):
+    """The tiles the rule packs int4 gate+up and down with (2048 columns x 16 rows, 2 warps), chosen by the launcher
+    as the rule's (fp32 x: its fallback to exact sums), on a shape with a ragged column tile, a ragged K split and
+    several scale groups; twice, the scratch left clean."""
     big = choose_config(1, *rule_shape, 0.5, "int4")
     N, K = 2100, 300
     cfg = make_config(N, K, BN=big.block_n, BK=big.block_k, iters=big.k_per_split // big.block_k, use_dot=False,
                       num_warps=big.num_warps, num_stages=1, compact=True, weight_math=2)
+    monkeypatch.setattr(sg, "choose_config", lambda *args, **kwargs: cfg)
     x, q, s, _ = operands(1, N, K, dtype, "int4", 3)
     for _ in range(2):
-        y = sg.sparse_gemv(x, q, None, 0.6, config=cfg, scales=s)
+        y = sg.sparse_gemv(x, q, None, 0.6, sparsity=0.5, scales=s)
         assert rel_err(y.cpu(), reference(x.cpu(), q, s, None, 0.6)) <= TOL[dtype]
 
 
