@@ -167,12 +167,7 @@ def _choose_quantized(M: int, N: int, K: int, sparsity: Optional[float], fmt: st
             return make_config(N, K, BN=1024, BK=16, iters=4, use_dot=False, num_warps=2, num_stages=1, compact=True)
         # one row: the masked in-thread loop, its tile sums cheaper than exact (``weight_math``; x in fp32 takes the
         # exact sums, the launcher's fallback). H200, 50% (docs/perf-log.md v28)
-        if fmt == "int4" and M == 1:
-            if not mlp:  # the attention shapes: int8's tiles, 32 rows of 4 bytes (8 nibbles) a thread, 2 a program,
-                # fp16 sums. H200 at 50%: q+k+v 7.4 µs, 4096² 6.5; 512 x 16 x 4 (v28's rule) 9.1 / 7.8, the tensor
-                # cores 16.1 / 11.0 (docs/perf-log.md v38)
-                return make_config(N, K, BN=256, BK=32, iters=2, use_dot=False, num_warps=1, num_stages=1,
-                                   in_thread=True, weight_math=2)
+        if fmt == "int4" and M == 1 and mlp:
             # the MLP shapes from ``int4_packed_from``: the survivors packed, summed as fp16 tiles, 16 bytes (32
             # nibbles) a thread; gate+up takes 8 tiles a program from 45% (H200: gate+up 17.8 µs at 50% where the
             # masked loop below takes 22.9, 19.6 / 23.5 at 40%; down 12.3 / 13.6 at 50%; docs/perf-log.md v37)
@@ -184,7 +179,8 @@ def _choose_quantized(M: int, N: int, K: int, sparsity: Optional[float], fmt: st
             return make_config(N, K, BN=1024, BK=16, iters=4, use_dot=False, num_warps=1, num_stages=1,
                                in_thread=True, weight_math=1)
         if M == 1:  # int8: 32-row tiles, 2 a program, 8 bytes of a row a thread, fp16 sums (gate/up 12.6 µs, down 12.5,
-            # 4096² 6.5, q+k+v 7.5; exact sums 14.9 / 14.7 / 6.8 / 8.5)
+            # 4096² 6.5, q+k+v 7.5; exact sums 14.9 / 14.7 / 6.8 / 8.5). int4 on the attention shapes too (4 bytes a
+            # thread; H200 at 50%: q+k+v 7.4 µs, 4096² 6.5 against v28's 512 x 16 x 4 9.1 / 7.8; docs/perf-log.md v38)
             return make_config(N, K, BN=256, BK=32, iters=2, use_dot=False, num_warps=1, num_stages=1,
                                in_thread=True, weight_math=2)
         return make_config(N, K, BN=256, BK=16, iters=16 if mlp else 4, use_dot=False, num_warps=1, num_stages=1,
