@@ -58,3 +58,27 @@ def test_compile_and_generate(smollm2, smol_plan):
     text = tok.decode(sparse[0, ids.shape[1]:], skip_special_tokens=True)
     assert len(text.strip()) > 10 and not torch.equal(sparse[:, :ids.shape[1] + 24], dense[:, :ids.shape[1] + 24])
     teal_fx.detach_plan(model)
+
+
+def test_self_generated_text_in_padded_batches(smollm2, monkeypatch):
+    """Data-free calibration samples its sequences in left-padded batches. Under greedy decoding every row must be
+    what the model generates from its prompt alone (the padding masked, each row cut from its own first token);
+    sampled, a seed gives the same text and the caller's random state is left as it was."""
+    from teal_fx.calibrate import NEUTRAL_PROMPTS, self_generated_tokens
+
+    model, tok = smollm2
+    lengths = [len(tok(p).input_ids) for p in NEUTRAL_PROMPTS[:5]]
+    assert len(set(lengths[:2])) > 1 and len(set(lengths[2:])) > 1  # max_batch 3: batches of 2 + 3, both padded
+    sample = model.generate
+    with monkeypatch.context() as m:
+        m.setattr(model, "generate", lambda *a, **k: sample(*a, **{**k, "do_sample": False}))
+        alone = self_generated_tokens(model, tok, 5, 12, max_batch=1, progress=False)
+        together = self_generated_tokens(model, tok, 5, 12, max_batch=3, progress=False)
+    assert together.shape == (5, 12) and torch.equal(together, alone)
+    for row, n, prompt in zip(together, lengths, NEUTRAL_PROMPTS):
+        assert row[:n].tolist() == tok(prompt).input_ids
+    state = torch.random.get_rng_state()
+    first = self_generated_tokens(model, tok, 3, 8, max_batch=2, progress=False)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert torch.equal(self_generated_tokens(model, tok, 3, 8, max_batch=2, progress=False), first)
+    assert not torch.equal(self_generated_tokens(model, tok, 3, 8, max_batch=2, seed=1, progress=False), first)
