@@ -34,12 +34,14 @@ def greedy_path(
     max_sparsity: float = 0.9,
     cap: float = 0.99,
     max_step: Optional[float] = None,
+    accept: Optional[Callable[[Row], None]] = None,
 ) -> list[Row]:
     """The greedy path of one block.
 
     ``evaluate(row)`` is the block's output error with the linears at the sparsities of ``row``; ``step`` is the
     block-level (parameter-weighted) sparsity a step of the largest linear adds; no linear moves by more than
-    ``max_step`` (default 4 x step) in one step; ``cap`` bounds any linear.
+    ``max_step`` (default 4 x step) in one step; ``cap`` bounds any linear. ``accept(row)`` is told each row the
+    path moves to (an evaluator that runs candidates from the current row: teal_fx/block_error.py).
     """
     if not 0 < step < 1:
         raise ValueError(f"step must be in (0, 1), got {step}")
@@ -64,6 +66,8 @@ def greedy_path(
             break
         row, err_now = best, best_err
         path.append(dict(row))
+        if accept is not None:
+            accept(row)
     return path
 
 

@@ -13,13 +13,14 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import torch
 from torch import fx, nn
 from tqdm.auto import tqdm
 
-from teal_fx.allocate import Row, greedy_path
+from teal_fx.allocate import greedy_path
+from teal_fx.block_error import BlockError
 from teal_fx.capture import find_linears, recompile_limits
 from teal_fx.choose_allocation import choose_allocation
 from teal_fx.errors import CalibrationDataError
@@ -273,41 +274,6 @@ class Recorder:
         return run
 
 
-# ------------------------------------------------------------------------------------------------ greedy
-def block_error_fn(
-    block: BlockSubgraph,
-    inputs: list[list],
-    histograms: dict[str, AbsHistogram],
-    error_fraction: float = 0.25,
-) -> Callable[[Row], float]:
-    """``evaluate(row)`` for ``greedy_path``: run the block subgraph on its cached inputs, compare to dense.
-
-    Only the last ``error_fraction`` of positions count (TEAL: early positions, and the first token's outsized
-    activations, would dominate the L2 otherwise).
-    """
-
-    def run(row: Optional[Row]) -> list[torch.Tensor]:
-        block.thresholds.clear()
-        if row:
-            block.thresholds.update({k: histograms[k].quantile(s) for k, s in row.items() if s > 0})
-        with torch.no_grad():
-            return [block.gm(*vals) for vals in inputs]
-
-    def tail(y: torch.Tensor) -> torch.Tensor:
-        if y.dim() < 3:
-            return y.float()
-        start = int(y.shape[-2] * (1 - error_fraction))
-        return y[..., start:, :].float()
-
-    dense = [tail(y) for y in run(None)]
-
-    def evaluate(row: Row) -> float:
-        outs = run(row)
-        return float(sum(((tail(y) - d) ** 2).sum() for y, d in zip(outs, dense)))
-
-    return evaluate
-
-
 # ------------------------------------------------------------------------------------------------ API
 def calibrate(
     model: nn.Module,
@@ -418,9 +384,10 @@ def calibrate(
         blocks = [(st, b) for st in recorder.graphs for b in st.blocks]
         for st, b in tqdm(blocks, desc="teal: greedy allocation", disable=not progress):
             inputs = [[kept[a] for a in b.inputs] for kept in st.kept]
-            evaluate = block_error_fn(b, inputs, plan.histograms, error_fraction)
+            error = BlockError(b, inputs, plan.histograms, error_fraction)
             numel = {m.key: m.shape[0] * m.shape[1] for m in b.linears}
-            plan.greedy_paths[b.block] = greedy_path(evaluate, numel, step=step, max_sparsity=max_sparsity)
+            plan.greedy_paths[b.block] = greedy_path(error, numel, step=step, max_sparsity=max_sparsity,
+                                                     accept=error.accept)
             b.thresholds.clear()
         for st in recorder.graphs:
             st.kept.clear()
