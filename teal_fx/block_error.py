@@ -29,7 +29,9 @@ _MUTATING_FUNCTIONS = {operator.setitem, operator.iadd, operator.isub, operator.
 
 def _mutates(n: fx.Node) -> bool:
     """Whether ``n`` may write to one of its inputs: in-place methods and functions (``add_``, ``relu_``), item
-    assignment, ``inplace=True``, mutable custom ops."""
+    assignment, ``inplace=True``, mutable custom ops, and any submodule but ``ThresholdedLinear`` (not looked into)."""
+    if n.op == "call_module":
+        return not isinstance(n.graph.owning_module.get_submodule(n.target), ThresholdedLinear)
     if n.op not in ("call_function", "call_method"):
         return False
     if n.kwargs.get("inplace") or n.target in _MUTATING_FUNCTIONS:

@@ -101,5 +101,8 @@ def test_nodes_that_write_in_place_are_found():
     reads = [g.call_function(operator.and_, (x, y)), g.call_method("__getitem__", (x, 0)),
              g.call_method("add", (x, y)), g.call_function(torch.nn.functional.silu, (x,)),
              g.call_function(torch.ops.aten.add.Tensor, (x, y))]
+    writes.append(g.call_module("relu", (x,)))  # a submodule is not looked into
+    g.output(x)
+    fx.GraphModule(torch.nn.ModuleDict({"relu": torch.nn.ReLU(inplace=True)}), g)  # owns the graph
     assert [_mutates(n) for n in writes] == [True] * len(writes)
     assert [_mutates(n) for n in reads] == [False] * len(reads)
