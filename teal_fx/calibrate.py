@@ -81,8 +81,8 @@ def self_generated_tokens(model: nn.Module, tokenizer: Any, num_sequences: int, 
     The sequences are sampled together, in batches of at most ``max_batch`` (prompts left-padded under an attention
     mask): small-batch decoding reads the weights once a step whatever the batch, so N sequences take about the time
     of one (the quickstart's 9 x 128 tokens on a 2-core CPU: 21 s, one at a time 88 s; docs/design.md, "Calibration
-    and allocation"). Sampling runs under ``torch.random.fork_rng``: the caller's random state is left
-    as it was, and a seed gives the same text."""
+    and allocation"). Sampling runs under ``torch.random.fork_rng``: the caller's random state is left as it was,
+    and a seed gives the same text."""
     from transformers import LogitsProcessor, LogitsProcessorList
 
     device = next(model.parameters()).device
