@@ -63,6 +63,11 @@ def test_greedy_allocator_takes_the_cheapest_linear_first():
     path2 = greedy_path(lambda row: 0.0, {"big": 400, "small": 100}, step=0.04, max_sparsity=0.1)
     incs = {k: max(r[k] for r in path2[:3]) for k in ("big", "small")}
     assert any(v > 0 for v in incs.values())
+    # an evaluator that runs candidates from the current row (teal_fx/block_error.py) is told each row moved to
+    moved = []
+    path3 = greedy_path(lambda row: sum(cost[k] * row[k] ** 2 for k in row), numel, step=0.05, max_sparsity=0.5,
+                        accept=moved.append)
+    assert path3 == path and moved == path[1:]
 
 
 def test_a_small_linear_moves_in_capped_steps_compared_per_weight_removed():
