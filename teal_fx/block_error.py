@@ -13,35 +13,24 @@ partial run could change a kept value).
 """
 from __future__ import annotations
 
-import operator
 from typing import Any, Optional
 
+import networkx as nx
 import torch
 from torch import fx
 
 from teal_fx.allocate import Row
 from teal_fx.extract_blocks import BlockSubgraph, ThresholdedLinear
 from teal_fx.histogram import AbsHistogram
-
-_MUTATING_FUNCTIONS = {operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv,
-                       operator.iand, operator.ior}
+from teal_fx.passes.analysis.dataflow import dataflow_graph, mutated_arg
 
 
 def _mutates(n: fx.Node) -> bool:
-    """Whether ``n`` may write to one of its inputs: in-place methods and functions (``add_``, ``relu_``), item
-    assignment, ``inplace=True``, mutable custom ops, and any submodule but ``ThresholdedLinear`` (not looked into)."""
+    """Whether ``n`` may write to one of its inputs: an in-place op (``mutated_arg``), or any submodule but
+    ``ThresholdedLinear`` (not looked into)."""
     if n.op == "call_module":
         return not isinstance(n.graph.owning_module.get_submodule(n.target), ThresholdedLinear)
-    if n.op not in ("call_function", "call_method"):
-        return False
-    if n.kwargs.get("inplace") or n.target in _MUTATING_FUNCTIONS:
-        return True
-    if getattr(n.target, "__module__", None) in ("_operator", "operator"):  # and_, or_: not in place
-        return False
-    if isinstance(n.target, torch._ops.OpOverload):
-        return n.target._schema.is_mutable
-    name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
-    return name.endswith("_") and not name.startswith("__")
+    return mutated_arg(n) is not None
 
 
 class _PartialRun(fx.Interpreter):
@@ -73,17 +62,12 @@ class BlockError:
         self.block, self.inputs, self.histograms, self.error_fraction = block, inputs, histograms, error_fraction
         gm = block.gm
         nodes = list(gm.graph.nodes)
+        g = dataflow_graph(gm.graph)
         self.downstream: dict[str, set] = {}
         for n in nodes:
             mod = gm.get_submodule(n.target) if n.op == "call_module" else None
             if isinstance(mod, ThresholdedLinear):
-                seen, stack = set(), [n]
-                while stack:
-                    m = stack.pop()
-                    if m not in seen:
-                        seen.add(m)
-                        stack.extend(m.users)
-                self.downstream[mod.key] = self.downstream.get(mod.key, set()) | seen
+                self.downstream[mod.key] = self.downstream.get(mod.key, set()) | nx.descendants(g, n) | {n}
         self.frontier = {a for down in self.downstream.values() for n in down for a in n.all_input_nodes
                          if a not in down and a.op not in ("placeholder", "get_attr")}
         self.incremental = not any(_mutates(n) for n in nodes)

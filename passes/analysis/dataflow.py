@@ -90,20 +90,29 @@ def is_mul(n: fx.Node) -> bool:
     return is_call(n, MUL_TARGETS, ("mul", "__mul__"))
 
 
+_IN_PLACE_OPERATORS = {operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv,
+                       operator.iand, operator.ior}
+
+
 def mutated_arg(n: fx.Node) -> Optional[fx.Node]:
-    """The tensor an in-place op writes into (``x.index_copy_(...)``, ``x.copy_(...)``, ``aten.index_put_``...)."""
-    name = None
+    """The tensor an in-place op writes into: ``x.index_copy_(...)``, ``x.copy_(...)``, ``torch.relu_(x)``,
+    ``aten.index_put_`` and other mutable ops, ``x[i] = y``, ``x += y``, ``F.silu(x, inplace=True)``. The operator
+    module's ``and_`` / ``or_`` are not in place, for all their names."""
+    if n.op not in ("call_method", "call_function") or not n.args or not isinstance(n.args[0], fx.Node):
+        return None
+    if n.target in _IN_PLACE_OPERATORS or n.kwargs.get("inplace") is True:
+        return n.args[0]
     if n.op == "call_method":
         name = n.target
-    elif n.op == "call_function":
-        name = getattr(n.target, "__name__", "") or ""
-        if isinstance(n.target, torch._ops.OpOverload):
-            name = n.target._schema.name.split("::")[-1]
-    if not name or not name.endswith("_") or name.endswith("__"):
+    elif isinstance(n.target, torch._ops.OpOverload):
+        if n.target._schema.is_mutable:
+            return n.args[0]
+        name = n.target._schema.name.split("::")[-1]
+    elif getattr(n.target, "__module__", None) in ("_operator", "operator"):
         return None
-    if n.args and isinstance(n.args[0], fx.Node):
-        return n.args[0]
-    return None
+    else:
+        name = getattr(n.target, "__name__", "") or ""
+    return n.args[0] if name.endswith("_") and not name.endswith("__") else None
 
 
 def dataflow_graph(graph: fx.Graph) -> nx.DiGraph:
