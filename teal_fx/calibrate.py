@@ -87,6 +87,9 @@ def self_generated_tokens(model: nn.Module, tokenizer: Any, num_sequences: int, 
 
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise ValueError("data-free calibration pads its batched prompts: the tokenizer needs a pad_token_id or an "
+                         "eos_token_id")
     prompts = [tokenizer(NEUTRAL_PROMPTS[i % len(NEUTRAL_PROMPTS)]).input_ids for i in range(num_sequences)]
     batches = -(-num_sequences // max_batch)
     bounds = [num_sequences * b // batches for b in range(batches + 1)]  # near-equal batches

@@ -160,6 +160,10 @@ def test_bad_calibration_data():
         teal_fx.calibrate(model, "some text that needs a tokenizer\nsecond line", progress=False)
     with pytest.raises(ValueError, match="tokenizer"):
         teal_fx.calibrate(model, None, progress=False)
+    no_ids = type("NoSpecialIds", (), {"pad_token_id": None, "eos_token_id": None,
+                                       "__call__": lambda self, text: type("Enc", (), {"input_ids": [5, 6]})()})()
+    with pytest.raises(ValueError, match="pad_token_id or an eos_token_id"):
+        teal_fx.calibrate(model, None, tokenizer=no_ids, progress=False)
     with pytest.raises(TypeError):
         teal_fx.calibrate(model, torch.randn(4, 32), progress=False)
     with torch.no_grad():
