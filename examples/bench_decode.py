@@ -160,6 +160,9 @@ def main() -> int:
     ap.add_argument("--activations", action="store_true",
                     help="each teal int8/int4 row also with its plan's activations='int8' (x rounded to int8 per 32 "
                     "inputs, dp4a products)")
+    ap.add_argument("--fold-rope", action="store_true",
+                    help="each teal int8/int4 row also with options fold_rope=True (RoPE + cache writes in the q/k/v "
+                         "launch), measured next to it")
     ap.add_argument("--quantize-lm-head", action="store_true",
                     help="teal's quantized rows with the output head in int8 too (calibrate(quantize_lm_head=True))")
     ap.add_argument("--batches", default="",
@@ -314,9 +317,12 @@ def quantized_rows(fmt: str, args, ids, calib, cache_len, add, notes, peak_gib):
         for activations in [None, "int8"] if args.activations else [None]:
             teal_fx.attach_plan(model, replace(plan.at(s, "uniform"), activations=activations), check=False)
             torch.cuda.reset_peak_memory_stats()
-            t, first = decode_speed(lean(model, ids, "teal", cache_len), args.new_tokens)
-            add(f"lean loop, teal {fmt} {s:.0%}{', lm_head int8' if head else ''}"
-                f"{', x int8 (dp4a)' if activations else ''}", 1, t, first, peak_gib())
+            for fold in [False, True] if args.fold_rope else [False]:
+                t, first = decode_speed(lean(model, ids, "teal", cache_len, {"fold_rope": True} if fold else None),
+                                        args.new_tokens)
+                add(f"lean loop, teal {fmt} {s:.0%}{', lm_head int8' if head else ''}"
+                    f"{', x int8 (dp4a)' if activations else ''}{', RoPE folded' if fold else ''}", 1, t, first,
+                    peak_gib())
 
 
 def batch_dense_rows(model, batches: list[int], args, cache_len, add, dense) -> None:

@@ -7,6 +7,7 @@ dtypes and row counts) and runs ``reference.py`` everywhere else, so one graph s
     teal::sparse_linear_group(x, [W], [b], [t], ...)                    linears sharing x (q/k/v, gate/up)
     teal::sparse_swiglu(x, W_gate, W_up, t_gate, t_up, ...)             silu(gate) * up
     teal::sparse_linear_add_rmsnorm(x, W, b, t, ..., residual, w, eps)   (h = residual + y, RMSNorm(h))
+    teal::sparse_linear_qkv_rope(x, [Wq, Wk, Wv], ..., cos, sin, pos, k_cache, v_cache)   RoPE(q); cache <- RoPE(k), v
     teal::decode_attention(q, k, v, mask, scale)                        one query position, GQA heads read once
     teal::quantized_linear(x, W_q, scales, b)                           x Wᵀ + b, W int8/int4 (kernels/quantize.py)
 
@@ -42,6 +43,7 @@ from teal_fx.kernels.reference import (
     keep_mask,
     masked_input,
     reference_decode_attention,
+    reference_qkv_rope_,
     reference_rmsnorm,
     reference_sparse_linear,
     reference_swiglu,
@@ -264,6 +266,43 @@ def _(x: Tensor, weight: Tensor, bias: Optional[Tensor], threshold: float, prefi
     dtype = torch.promote_types(residual.dtype, x.dtype)
     h = residual.new_empty(shape, dtype=dtype)
     return h, h.new_empty(shape, dtype=torch.promote_types(dtype, norm_weight.dtype))
+
+
+@torch.library.custom_op("teal::sparse_linear_qkv_rope", mutates_args=("k_cache", "v_cache"))
+def sparse_linear_qkv_rope(
+    x: Tensor, weights: list[Tensor], biases: list[Optional[Tensor]], thresholds: list[float],
+    prefill_sparse_from: float, sparsities: list[float], scales: list[Optional[Tensor]], shared: bool, x_int8: bool,
+    head_dim: int, cos: Tensor, sin: Tensor, cache_position: Tensor, k_cache: Tensor, v_cache: Tensor,
+) -> Tensor:
+    """A grouped q/k/v ``sparse_linear_group`` followed by what a Llama-style attention does next: heads of
+    ``head_dim``, RoPE on q and k (``q * cos + rotate_half(q) * sin``), k and v written into the static cache at
+    ``cache_position`` (in place). Returns the rotated q [B, Hq, S, D], contiguous (``reference_qkv_rope_``).
+
+    On the decode path the grouped launch's finishing launch does the rotation and the cache writes, so neither
+    Inductor's RoPE kernel nor the two ``index_copy_`` run between it and the attention; elsewhere it is the group
+    op followed by the reference. No autograd: the pass that inserts it only rewrites decode graphs."""
+    if x.is_cuda and sparse_token_start(x, prefill_sparse_from) == 0:
+        hint = min(sparsities, default=-1.0)
+        if all(sparse_gemv.supports(x, w, s, shared, x_int8) for w, s in zip(weights, scales)) and \
+                len({b is None for b in biases}) == 1 and \
+                sparse_gemv.can_fold_rope(x, weights, head_dim, cos, sin, cache_position, k_cache, v_cache) and \
+                sparse_gemv.pays(x, sum(w.shape[0] for w in weights), hint, shared, scales[0] is not None):
+            return sparse_gemv.sparse_gemv_qkv_rope(x, weights, biases, thresholds, head_dim, cos, sin, cache_position,
+                                                    k_cache, v_cache, sparsity=hint, scales=scales, shared=shared,
+                                                    x_int8=x_int8)
+    q, k, v = sparse_linear_group(x, weights, biases, thresholds, prefill_sparse_from, sparsities, scales, shared,
+                                  x_int8)
+    return reference_qkv_rope_(q, k, v, head_dim, cos, sin, cache_position, k_cache, v_cache)
+
+
+@sparse_linear_qkv_rope.register_fake
+def _(x: Tensor, weights: list[Tensor], biases: list[Optional[Tensor]], thresholds: list[float],
+      prefill_sparse_from: float, sparsities: list[float], scales: list[Optional[Tensor]], shared: bool,
+      x_int8: bool, head_dim: int, cos: Tensor, sin: Tensor, cache_position: Tensor, k_cache: Tensor,
+      v_cache: Tensor) -> Tensor:
+    torch._check(len(weights) == 3, lambda: "sparse_linear_qkv_rope: three weights (q, k, v)")
+    torch._check(x.dim() == 3, lambda: "sparse_linear_qkv_rope: x is [B, S, K]")
+    return x.new_empty((x.shape[0], logical_shape(weights[0])[0] // head_dim, x.shape[1], head_dim))
 
 
 @torch.library.custom_op("teal::quantized_linear", mutates_args=())

@@ -127,6 +127,29 @@ def reference_rmsnorm(h: Tensor, weight: Tensor, eps: float) -> Tensor:
     return weight * (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)).to(h.dtype)
 
 
+def rotate_half(x: Tensor) -> Tensor:
+    """[x1, x2] -> [-x2, x1] along the last dim (transformers' ``rotate_half``, the RoPE of Llama and its kin)."""
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def reference_qkv_rope_(q: Tensor, k: Tensor, v: Tensor, head_dim: int, cos: Tensor, sin: Tensor,
+                        cache_position: Tensor, k_cache: Tensor, v_cache: Tensor) -> Tensor:
+    """What the graph does after a grouped q/k/v projection, as eager does it: split [B, S, H * D] into heads
+    ([B, H, S, D]), rotate q and k (``q * cos + rotate_half(q) * sin``, cos/sin [B or 1, 1, S, D]), write k and v
+    into the static cache at ``cache_position`` along dim 2 (in place), and return the rotated q (contiguous)."""
+    B, S = q.shape[0], q.shape[1]
+
+    def heads(t: Tensor) -> Tensor:
+        return t.view(B, S, -1, head_dim).transpose(1, 2)
+
+    q, k, v = heads(q), heads(k), heads(v)
+    q_embed = q * cos + rotate_half(q) * sin
+    k_cache.index_copy_(2, cache_position, k * cos + rotate_half(k) * sin)
+    v_cache.index_copy_(2, cache_position, v)
+    return q_embed.contiguous()
+
+
 def reference_decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: float) -> Tensor:
     """softmax(q Kᵀ · scale + mask) V for one query position: sdpa over K/V repeated to the query heads."""
     rep = q.shape[1] // k.shape[1]

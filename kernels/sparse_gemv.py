@@ -35,6 +35,7 @@ MAX_ROWS = 8
 MAX_SHARED_ROWS = 16  # one mask for the batch (``shared``): the union cannot grow, so larger batches still gain
 MAX_SEGMENTS = 3  # linears sharing one input in a grouped launch (q, k, v)
 MAX_NORM_WIDTH = 16384  # the add + RMSNorm finish holds a row's N columns in one program
+MAX_ROPE_HEAD_DIM = 256  # the q/k/v + RoPE finish holds one head's D columns of every row in a program
 
 # ``ws`` the fp32 split-K accumulator and ``cnt`` the arrival counters (zero between launches), ``idx``/``xv`` the
 # packed indices and values of the surviving inputs (compacted loops, up to 16 rows of values; written before
@@ -153,6 +154,34 @@ def can_fuse_add_rmsnorm(x: Tensor, weight: Tensor, residual: Tensor, norm_weigh
             and residual.device == x.device == norm_weight.device)
 
 
+def can_fold_rope(x: Tensor, weights: Sequence[Tensor], head_dim: int, cos: Tensor, sin: Tensor,
+                  cache_position: Tensor, k_cache: Tensor, v_cache: Tensor) -> bool:
+    """Whether ``sparse_gemv_qkv_rope`` takes these: one token per row, three column-major weights of one format
+    (q, k, v) with whole heads of a power-of-two ``head_dim``, cos/sin [B or 1, 1, 1, D] and [B, Hkv, L, D] caches in
+    the input's dtype with unit stride along D, one cache position (the device is the caller's check, ``supports``)."""
+    B = x.shape[0] if x.dim() >= 2 else 1
+    if len(weights) != 3 or x.dim() != 3 or x.shape[1] != 1 or not 1 <= B <= MAX_ROWS:
+        return False
+    if not all(_groupable(w) for w in weights) or len({w.dtype for w in weights}) > 1:
+        return False
+    D = head_dim
+    nq, nk, nv = (logical_shape(w)[0] for w in weights)
+    if D < 2 or D & (D - 1) or D > MAX_ROPE_HEAD_DIM or nq % D or nk % D or nv != nk:
+        return False
+    if x.dtype not in DTYPES or weights[0].dtype != x.dtype and weight_format(weights[0]) is None:
+        return False
+    for t in (cos, sin):
+        if t.dim() != 4 or t.shape[0] not in (1, B) or t.shape[1:] != (1, 1, D) or t.stride(-1) != 1 \
+                or t.dtype != x.dtype or t.device != x.device:
+            return False
+    for c in (k_cache, v_cache):
+        if c.dim() != 4 or c.shape[0] != B or c.shape[1] != nk // D or c.shape[3] != D or c.stride(-1) != 1 \
+                or c.dtype != x.dtype or c.device != x.device:
+            return False
+    return cache_position.numel() == 1 and not cache_position.is_floating_point() \
+        and cache_position.device == x.device
+
+
 # ------------------------------------------------------------------------------------------------ launchers
 def sparse_gemv(x: Tensor, weight: Tensor, bias: Optional[Tensor], threshold: float, *,
                 config: Optional[GemvConfig] = None, out: Optional[Tensor] = None,
@@ -231,6 +260,26 @@ def sparse_gemv_add_rmsnorm(x: Tensor, weight: Tensor, bias: Optional[Tensor], t
     return h.reshape(shape), out.reshape(shape)
 
 
+def sparse_gemv_qkv_rope(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tensor]],
+                         thresholds: Sequence[float], head_dim: int, cos: Tensor, sin: Tensor, cache_position: Tensor,
+                         k_cache: Tensor, v_cache: Tensor, *, config: Optional[GemvConfig] = None,
+                         sparsity: Optional[float] = None, scales: Optional[Sequence[Optional[Tensor]]] = None,
+                         shared: bool = False, x_int8: bool = False) -> Tensor:
+    """The grouped q/k/v launch whose finishing launch also rotates q and k and writes k and v into the static
+    cache: ``reference_qkv_rope_`` of the three projections, in two launches (see ``can_fold_rope``). Returns the
+    rotated q [B, Hq, 1, D]; k and v are written into ``k_cache`` / ``v_cache`` at ``cache_position``."""
+    if not can_fold_rope(x, weights, head_dim, cos, sin, cache_position, k_cache, v_cache):
+        raise ValueError("sparse_gemv_qkv_rope: needs one token a row, column-major q/k/v weights of whole heads, "
+                         "cos/sin [B or 1, 1, 1, D] and [B, Hkv, L, D] caches in x's dtype (see can_fold_rope)")
+    B, D = x.shape[0], head_dim
+    hq = logical_shape(weights[0])[0] // D
+    q_out = torch.empty((B, hq, 1, D), dtype=x.dtype, device=x.device)
+    rope = _QkvRope(D, cos, sin, cache_position.reshape(1), k_cache, v_cache, q_out)
+    _launch(x, weights, biases, thresholds, config, None, sparsity, _Epilogue.QKV_ROPE, scales=scales, shared=shared,
+            x_int8=x_int8, rope=rope)
+    return q_out
+
+
 # ------------------------------------------------------------------------------------------------ the launch
 class _Epilogue(enum.Enum):
     """What the split-K sums become: y (+ bias) per segment; silu(gate) * up of two segments; or h = residual + y
@@ -239,6 +288,18 @@ class _Epilogue(enum.Enum):
     STORE = "store"
     SWIGLU = "swiglu"
     ADD_RMSNORM = "add_rmsnorm"
+    QKV_ROPE = "qkv_rope"
+
+
+@dataclass(frozen=True)
+class _QkvRope:
+    head_dim: int
+    cos: Tensor  # [B or 1, 1, 1, D]
+    sin: Tensor
+    position: Tensor  # [1], the cache row written
+    k_cache: Tensor  # [B, Hkv, L, D]
+    v_cache: Tensor
+    q_out: Tensor  # [B, Hq, 1, D]
 
 
 @dataclass(frozen=True)
@@ -253,7 +314,7 @@ def _launch(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tens
             config: Optional[GemvConfig], outs: Optional[Sequence[Tensor]], sparsity: Optional[float],
             epilogue: _Epilogue, norm: Optional[_AddRMSNorm] = None,
             scales: Optional[Sequence[Optional[Tensor]]] = None, shared: bool = False,
-            x_int8: bool = False) -> list[Tensor]:
+            x_int8: bool = False, rope: Optional[_QkvRope] = None) -> list[Tensor]:
     """The GEMV grid over the segments' N tiles, then, where the epilogue runs apart, its finishing launch."""
     if not HAS_TRITON:
         raise RuntimeError("the Triton sparse GEMV needs triton")
@@ -356,7 +417,9 @@ def _launch(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tens
     # last arriver (docs/design.md, "Launch boundaries"). Not for the tensor-core path, which does not let the next
     # launch start early. The norm needs every column's sum: only a launch after the grid has them.
     apart = use_pdl if cfg.apart is None else cfg.apart
-    apart = (apart and (cfg.split_k > 1 or gated) and not cfg.use_dot) or epilogue is _Epilogue.ADD_RMSNORM
+    # the norm needs every column's sum, the rotation the other half of each head's: only a launch after the grid
+    apart = (apart and (cfg.split_k > 1 or gated) and not cfg.use_dot) or \
+        epilogue in (_Epilogue.ADD_RMSNORM, _Epilogue.QKV_ROPE)
     jit.sparse_gemv_kernel[(total_tiles, cfg.split_k)](
         x2, s0["w"], s0["b"], s0["y"], ws, cnt, idx, xv,
         M, s0["N"], K, s0["t"],
@@ -380,6 +443,16 @@ def _launch(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tens
             ws, s0["b"], norm.residual, norm.norm_weight, s0["y"], norm.out, s0["N"], s0["N"],
             norm.residual.stride(0), s0["sym"], norm.out.stride(0), norm.eps, BN=BN_ROW, HAS_BIAS=has_bias,
             PDL=use_pdl, num_warps=min(8, max(1, BN_ROW // 1024)), **launch_pdl,
+        )
+    elif rope is not None:
+        D, (kc, vc), cos, sin = rope.head_dim, (rope.k_cache, rope.v_cache), rope.cos, rope.sin
+        hq, hkv = Ns[0] // D, Ns[1] // D
+        jit.finish_qkv_rope_kernel[(hq + 2 * hkv,)](
+            ws, s0["b"], extra["b1_ptr"], extra["b2_ptr"], cos, sin, rope.position, rope.q_out, kc, vc,
+            M, total_tiles * BN, tiles[0] * BN, (tiles[0] + tiles[1]) * BN, hq, hkv,
+            cos.stride(0) if cos.shape[0] > 1 else 0, sin.stride(0) if sin.shape[0] > 1 else 0,
+            rope.q_out.stride(0), kc.stride(0), kc.stride(1), kc.stride(2), vc.stride(0), vc.stride(1), vc.stride(2),
+            D=D, BM=next_pow2(M), HAS_BIAS=has_bias, PDL=use_pdl, num_warps=1, **launch_pdl,
         )
     elif apart:
         finish = {k: extra[k] for k in ("y1_ptr", "b1_ptr", "N1", "stride_ym1", "y2_ptr", "b2_ptr", "N2", "stride_ym2",

@@ -1,0 +1,187 @@
+"""Fold a decode step's RoPE and static-cache writes into the q/k/v launch: ``teal::sparse_linear_group`` (q, k, v)
+followed by the heads' ``view`` / ``transpose``, transformers' ``apply_rotary_pos_emb`` on q and k and the two
+``index_copy_`` of a static cache becomes one ``teal::sparse_linear_qkv_rope``.
+
+Why: between the q/k/v launch and the attention a decode step ran Inductor's RoPE kernel and the cache writes
+(~1.4 µs a layer on the H200, mostly waiting for the launch before); the grouped launch's finishing launch already
+holds every head's sums, and cos, sin and the position are ready before it starts (docs/perf-log.md, v38/v40).
+
+Invariants:
+* Matches only a decode graph's pattern, exactly: the group has three segments labelled q, k, v, each read by one
+  ``getitem`` -> ``view`` [B, 1, H, D] -> ``transpose(1, 2)`` [B, H, 1, D]; q's and k's heads go only into
+  ``t * cos + cat((-t[..., D/2:], t[..., :D/2]), -1) * sin`` (either operand order) with the same cos and sin,
+  [B or 1, 1, 1, D] in the heads' dtype; the rotated k and v go only into ``k_cache.index_copy_(2, pos, k)`` and
+  ``v_cache.index_copy_(2, pos, v)`` (same ``pos``, results unused). Nothing requires grad (the op has no autograd).
+  Anything else (partial rotary, q/k norms, interleaved RoPE, a dynamic cache, a prefill) is left alone.
+* The new node is inserted before the first ``index_copy_``; it is refused if a user of the rotated q comes before
+  that point, or if a node between it and the last ``index_copy_`` touches either cache, so every read of the caches
+  still sees the same writes. It computes what the matched nodes computed (its reference is those ops,
+  ``reference_qkv_rope_``), takes over the rotated q's fake value, and carries the q label (``meta["teal"]``); the
+  matched nodes are erased.
+"""
+from __future__ import annotations
+
+import logging
+import operator
+from typing import Optional
+
+import torch
+from torch import fx
+
+import teal_fx.kernels  # noqa: F401  (registers torch.ops.teal)
+from teal_fx.passes.analysis.dataflow import MUL_TARGETS, carry_fake_value, fake_value, is_call, only_user, static_shape
+from teal_fx.passes.context import PassContext
+from teal_fx.passes.finish import finish
+
+log = logging.getLogger("teal_fx.passes")
+
+_ADD = {operator.add, torch.add}
+_NEG = {operator.neg, torch.neg}
+
+
+def _heads(item: fx.Node) -> Optional[tuple[fx.Node, list[fx.Node]]]:
+    """(the [B, H, 1, D] heads, [view, transpose]) of a group's segment, if it is split into heads and nothing else."""
+    view = only_user(item)
+    if view is None or not is_call(view, set(), ("view", "reshape")):
+        return None
+    tr = only_user(view)
+    if tr is None or not is_call(tr, {torch.transpose}, ("transpose",)) or tr.kwargs:
+        return None
+    if tuple(d % 4 for d in tr.args[1:]) not in ((1, 2), (2, 1)):
+        return None
+    v, t = static_shape(view), static_shape(tr)
+    if v is None or t is None or len(v) != 4 or v[1] != 1 or t != (v[0], v[2], 1, v[3]):
+        return None
+    return tr, [view, tr]
+
+
+def _operands(n: fx.Node, targets: set, method: str) -> Optional[tuple]:
+    return tuple(n.args) if is_call(n, targets, (method,)) and len(n.args) == 2 and not n.kwargs else None
+
+
+def _rope(t: fx.Node, D: int) -> Optional[tuple[fx.Node, fx.Node, fx.Node, list[fx.Node]]]:
+    """(rotated, cos, sin, matched nodes) where ``t``'s only users form ``t * cos + rotate_half(t) * sin``."""
+    if len(t.users) != 3:
+        return None
+    halves, m1 = {}, None
+    for u in t.users:
+        ops = _operands(u, {operator.getitem}, "__getitem__")
+        if ops is not None and ops[0] is t and isinstance(ops[1], tuple) and len(ops[1]) == 2 and ops[1][0] is Ellipsis:
+            s = ops[1][1]
+            if isinstance(s, slice) and s.step is None:
+                halves[(s.start, s.stop)] = u
+        elif _operands(u, MUL_TARGETS, "mul") is not None:
+            m1 = u
+    x1, x2 = halves.get((None, D // 2)), halves.get((D // 2, None))
+    if m1 is None or x1 is None or x2 is None or len(halves) != 2:
+        return None
+    cos = next((a for a in m1.args if a is not t), None)
+    neg = only_user(x2)
+    if neg is None or not is_call(neg, _NEG, ("neg", "__neg__")) or tuple(neg.args) != (x2,) or neg.kwargs:
+        return None
+    cat = only_user(neg)
+    if cat is None or only_user(x1) is not cat or not is_call(cat, {torch.cat}, ("cat",)):
+        return None
+    dim = cat.args[1] if len(cat.args) > 1 else cat.kwargs.get("dim", 0)
+    if tuple(cat.args[0]) != (neg, x1) or dim not in (-1, 3):
+        return None
+    m2 = only_user(cat)
+    if m2 is None or _operands(m2, MUL_TARGETS, "mul") is None or cat not in m2.args:
+        return None
+    sin = next((a for a in m2.args if a is not cat), None)
+    add = only_user(m1)
+    if add is None or only_user(m2) is not add or _operands(add, _ADD, "add") is None or set(add.args) != {m1, m2}:
+        return None
+    if not isinstance(cos, fx.Node) or not isinstance(sin, fx.Node):
+        return None
+    return add, cos, sin, [x1, x2, neg, cat, m1, m2, add]
+
+
+def _cache_write(n: fx.Node) -> Optional[tuple[fx.Node, fx.Node, fx.Node]]:
+    """(cache, pos, write) when ``n`` is only written into a cache by ``cache.index_copy_(2, pos, n)``."""
+    w = only_user(n)
+    if w is None or w.op != "call_method" or w.target != "index_copy_" or w.users or w.kwargs or len(w.args) != 4:
+        return None
+    cache, dim, pos, src = w.args
+    if src is not n or dim not in (2, -2) or not isinstance(cache, fx.Node) or not isinstance(pos, fx.Node):
+        return None
+    return cache, pos, w
+
+
+def _match(group: fx.Node, order: dict) -> Optional[dict]:
+    weights = group.args[1]
+    if len(weights) != 3 or len(group.users) != 3:
+        return None
+    items = {}
+    for u in group.users:
+        label = u.meta.get("teal")
+        if u.op != "call_function" or u.target is not operator.getitem or label is None:
+            return None
+        items[label.role] = u
+    if set(items) != {"q", "k", "v"}:
+        return None
+    heads = {r: _heads(items[r]) for r in "qkv"}
+    if any(h is None for h in heads.values()):
+        return None
+    (q, q_nodes), (k, k_nodes), (v, v_nodes) = (heads[r] for r in "qkv")
+    D = static_shape(q)[3]
+    if D % 2 or static_shape(k)[3] != D or static_shape(v) != static_shape(k):
+        return None
+    rq, rk = _rope(q, D), _rope(k, D)
+    if rq is None or rk is None or rq[1:3] != rk[1:3]:
+        return None
+    q_rot, cos, sin, q_rope = rq
+    k_rot, _, _, k_rope = rk
+    dtype = getattr(fake_value(q), "dtype", None)
+    for c in (cos, sin):
+        cs = static_shape(c)
+        if cs is None or len(cs) != 4 or cs[0] not in (1, static_shape(q)[0]) or cs[1:] != (1, 1, D) \
+                or getattr(fake_value(c), "dtype", None) != dtype:
+            return None
+    kw, vw = _cache_write(k_rot), _cache_write(v)
+    if kw is None or vw is None or kw[1] is not vw[1] or kw[0] is vw[0]:
+        return None
+    nodes = [*items.values(), *q_nodes, *k_nodes, *v_nodes, *q_rope, *k_rope]
+    if any(getattr(fake_value(n), "requires_grad", False) for n in nodes):
+        return None
+    first, last = sorted((kw[2], vw[2]), key=order.__getitem__)
+    if any(order[u] < order[first] for u in q_rot.users):
+        return None
+    caches = {kw[0], vw[0]}
+    between = [n for n in first.graph.nodes if order[first] < order[n] < order[last]]
+    if any(caches & set(n.all_input_nodes) for n in between):
+        return None
+    return dict(index={r: items[r].args[1] for r in "qkv"}, D=D, cos=cos, sin=sin, pos=kw[1], k_cache=kw[0],
+                v_cache=vw[0], q_rot=q_rot, first=first, erase=[kw[2], vw[2], *nodes], q_item=items["q"])
+
+
+def fold_rope_into_qkv_finish(gm: fx.GraphModule, ctx: Optional[PassContext] = None) -> fx.GraphModule:
+    op = torch.ops.teal.sparse_linear_group.default
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    folded = 0
+    for group in list(gm.graph.nodes):
+        if group.op != "call_function" or group.target is not op:
+            continue
+        m = _match(group, order)
+        if m is None:
+            continue
+        x, weights, biases, thresholds, psf, sparsities, scales, shared, x_int8 = group.args
+        idx = [m["index"][r] for r in "qkv"]
+        with gm.graph.inserting_before(m["first"]):
+            new = gm.graph.call_function(
+                torch.ops.teal.sparse_linear_qkv_rope.default,
+                (x, [weights[i] for i in idx], [biases[i] for i in idx], [thresholds[i] for i in idx], psf,
+                 [sparsities[i] for i in idx], [scales[i] for i in idx], shared, x_int8, m["D"], m["cos"], m["sin"],
+                 m["pos"], m["k_cache"], m["v_cache"]),
+            )
+        carry_fake_value(new, m["q_rot"])
+        if m["q_item"].meta.get("teal") is not None:
+            new.meta["teal"] = m["q_item"].meta["teal"]
+        m["q_rot"].replace_all_uses_with(new)
+        for n in sorted(m["erase"], key=order.__getitem__, reverse=True):
+            gm.graph.erase_node(n)
+        gm.graph.erase_node(group)
+        order = {n: i for i, n in enumerate(gm.graph.nodes)}
+        folded += 1
+    return finish(gm, "rope_folded", folded,
+                  "%d q/k/v groups with RoPE and the cache writes -> teal::sparse_linear_qkv_rope", folded)

@@ -1,0 +1,120 @@
+"""The q/k/v + RoPE finishing launch (``sparse_gemv_qkv_rope``) against its reference: the grouped GEMV's outputs
+through ``reference_qkv_rope_`` (heads, RoPE as eager rounds it, the cache writes). Poisoned q and caches, so every
+element it should write must be written and no other cache row touched.
+
+Runs on a GPU when there is one, otherwise under TRITON_INTERPRET=1 on the CPU (conftest sets it)."""
+import os
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+triton = pytest.importorskip("triton")
+from teal_fx.kernels import sparse_gemv as sg  # noqa: E402
+from teal_fx.kernels.quantize import quantize_int4, quantize_int8  # noqa: E402
+from teal_fx.kernels.reference import reference_qkv_rope_  # noqa: E402
+
+ON_GPU = torch.cuda.is_available()
+if not ON_GPU and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("no GPU and TRITON_INTERPRET is not set", allow_module_level=True)
+DEVICE = "cuda" if ON_GPU else "cpu"
+# the same sums through both paths, except that on a GPU the split-K sums meet in a varying order, and that the CPU
+# interpreter truncates to bf16 where eager rounds (up to an ulp for each of the finish's roundings)
+TOL = {torch.float32: 1e-5 if ON_GPU else 0.0, torch.float16: 2e-3 if ON_GPU else 0.0, torch.bfloat16: 1e-2}
+
+
+def rel_err(y, ref):
+    return float((y.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30))
+
+
+def operands(B, hq, hkv, D, K, dtype, fmt, bias, per_row_angles, seed, L=6):
+    g = torch.Generator().manual_seed(seed)
+
+    def weight(n):
+        w = (torch.randn(n, K, generator=g) / K**0.5).to(dtype)
+        if fmt is not None:
+            q, s = {"int8": quantize_int8, "int4": quantize_int4}[fmt](w)
+            return q.to(DEVICE), s.to(DEVICE)
+        return w.to(DEVICE).t().contiguous().t(), None
+
+    (wq, sq), (wk, sk), (wv, sv) = weight(hq * D), weight(hkv * D), weight(hkv * D)
+    x = torch.randn(B, 1, K, generator=g).to(dtype).to(DEVICE)
+    biases = [torch.randn(n, generator=g).to(dtype).to(DEVICE) for n in (hq * D, hkv * D, hkv * D)] if bias \
+        else [None] * 3
+    angles = torch.rand(B if per_row_angles else 1, 1, 1, D // 2, generator=g) * 6.3
+    emb = torch.cat((angles, angles), dim=-1)
+    cos, sin = emb.cos().to(dtype).to(DEVICE), emb.sin().to(dtype).to(DEVICE)
+    pos = torch.tensor([int(torch.randint(0, L, (1,), generator=g))], device=DEVICE)
+    caches = [torch.full((B, hkv, L, D), float("nan"), dtype=dtype, device=DEVICE) for _ in range(2)]
+    return x, [wq, wk, wv], biases, [sq, sk, sv], cos, sin, pos, caches
+
+
+@settings(max_examples=25, deadline=None)
+@given(B=st.integers(1, 4), heads=st.sampled_from([(2, 1), (4, 2), (3, 3), (8, 2)]),
+       D=st.sampled_from([16, 32, 64, 128] if ON_GPU else [16, 32, 64]),
+       K=st.integers(16, 80), dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
+       fmt=st.sampled_from([None, "int8", "int4"]), bias=st.booleans(), per_row_angles=st.booleans(),
+       t=st.floats(0.0, 1.0), seed=st.integers(0, 1000))
+def test_matches_group_then_reference(B, heads, D, K, dtype, fmt, bias, per_row_angles, t, seed):
+    hq, hkv = heads
+    if fmt == "int4" and hkv * D < 32:  # a grouped launch takes weights of at least 16 stored rows (_groupable)
+        D = 32
+    x, ws, bs, scales, cos, sin, pos, (kc, vc) = operands(B, hq, hkv, D, K, dtype, fmt, bias, per_row_angles, seed)
+    ts = [t, t / 2, 0.0]
+    q = sg.sparse_gemv_qkv_rope(x, ws, bs, ts, D, cos, sin, pos, kc, vc, scales=scales)
+
+    # the reference from the grouped GEMV's own outputs, so only the finish is compared (the GEMV has its tests)
+    yq, yk, yv = sg.sparse_gemv_group(x, ws, bs, ts, scales=scales)
+    kc_ref, vc_ref = torch.full_like(kc, float("nan")), torch.full_like(vc, float("nan"))
+    q_ref = reference_qkv_rope_(yq, yk, yv, D, cos, sin, pos, kc_ref, vc_ref)
+
+    assert q.shape == q_ref.shape == (B, hq, 1, D)
+    p = int(pos)
+    for got, ref in ((q, q_ref), (kc[:, :, p], kc_ref[:, :, p]), (vc[:, :, p], vc_ref[:, :, p])):
+        assert not torch.isnan(got).any(), "unwritten elements"
+        assert rel_err(got, ref) <= TOL[dtype]
+    others = [i for i in range(kc.shape[2]) if i != p]
+    assert torch.isnan(kc[:, :, others]).all() and torch.isnan(vc[:, :, others]).all(), "another cache row written"
+
+
+def test_rotation_is_rope():
+    """Independently of reference_qkv_rope_: RoPE by its definition, a rotation of each pair (d, d + D/2) by the
+    angle, in float64 from the same fp32 sums (fp32 operands: the finish's roundings are exact enough to compare)."""
+    B, hq, hkv, D, K = 2, 2, 1, 16, 32
+    x, ws, bs, scales, cos, sin, pos, (kc, vc) = operands(B, hq, hkv, D, K, torch.float32, None, True, True, 3)
+    q = sg.sparse_gemv_qkv_rope(x, ws, bs, [0.0] * 3, D, cos, sin, pos, kc, vc)
+    y = torch.nn.functional.linear(x.double(), ws[0].double(), bs[0].double()).view(B, hq, D)
+    c, s = cos.double().view(-1, 1, D)[..., : D // 2], sin.double().view(-1, 1, D)[..., : D // 2]
+    a, b = y[..., : D // 2], y[..., D // 2:]
+    expect = torch.cat((a * c - b * s, a * s + b * c), dim=-1)
+    torch.testing.assert_close(q.double().view(B, hq, D), expect, atol=1e-5, rtol=1e-5)
+
+
+def test_refuses_what_it_cannot_fold():
+    x, ws, bs, scales, cos, sin, pos, (kc, vc) = operands(1, 2, 1, 16, 32, torch.float32, None, False, False, 0)
+    assert sg.can_fold_rope(x, ws, 16, cos, sin, pos, kc, vc)
+    assert not sg.can_fold_rope(x, ws, 12, cos, sin, pos, kc, vc)  # not a power of two
+    assert not sg.can_fold_rope(x.expand(1, 2, 32), ws, 16, cos, sin, pos, kc, vc)  # two tokens: a prefill
+    assert not sg.can_fold_rope(x, ws, 16, cos.double(), sin, pos, kc, vc)  # cos in another dtype
+    assert not sg.can_fold_rope(x, ws, 16, cos, sin, torch.tensor([1, 2]), kc, vc)  # two cache rows
+    assert not sg.can_fold_rope(x, [w.contiguous() for w in ws], 16, cos, sin, pos, kc, vc)  # row-major weights
+    with pytest.raises(ValueError, match="can_fold_rope"):
+        sg.sparse_gemv_qkv_rope(x, ws, bs, [0.0] * 3, 12, cos, sin, pos, kc, vc)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="the Llama-3-8B shape: a GPU's test (the interpreter takes minutes)")
+@pytest.mark.parametrize("fmt", [None, "int8", "int4"])
+@pytest.mark.parametrize("B", [1, 4])
+def test_llama3_8b_heads(fmt, B):
+    """32 query heads and 8 KV heads of 128 over K = 4096, bf16, the configs the decode step picks at 50%."""
+    x, ws, bs, scales, cos, sin, pos, (kc, vc) = operands(B, 32, 8, 128, 4096, torch.bfloat16, fmt, False, True, 7,
+                                                          L=64)
+    ts = [0.1, 0.1, 0.1]
+    q = sg.sparse_gemv_qkv_rope(x, ws, bs, ts, 128, cos, sin, pos, kc, vc, scales=scales, sparsity=0.5)
+    yq, yk, yv = sg.sparse_gemv_group(x, ws, bs, ts, scales=scales, sparsity=0.5)
+    kc_ref, vc_ref = torch.full_like(kc, float("nan")), torch.full_like(vc, float("nan"))
+    q_ref = reference_qkv_rope_(yq, yk, yv, 128, cos, sin, pos, kc_ref, vc_ref)
+    p = int(pos)
+    for got, ref in ((q, q_ref), (kc[:, :, p], kc_ref[:, :, p]), (vc[:, :, p], vc_ref[:, :, p])):
+        assert rel_err(got, ref) <= TOL[torch.bfloat16]
