@@ -55,17 +55,18 @@ def operands(B, hq, hkv, D, K, dtype, fmt, bias, per_row_angles, seed, L=6):
        D=st.sampled_from([16, 32, 64, 128] if ON_GPU else [16, 32, 64]),
        K=st.integers(16, 80), dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
        fmt=st.sampled_from([None, "int8", "int4"]), bias=st.booleans(), per_row_angles=st.booleans(),
-       t=st.floats(0.0, 1.0), seed=st.integers(0, 1000))
-def test_matches_group_then_reference(B, heads, D, K, dtype, fmt, bias, per_row_angles, t, seed):
+       t=st.floats(0.0, 1.0), seed=st.integers(0, 1000), x_int8=st.booleans())
+def test_matches_group_then_reference(B, heads, D, K, dtype, fmt, bias, per_row_angles, t, seed, x_int8):
     hq, hkv = heads
     if fmt == "int4" and hkv * D < 32:  # a grouped launch takes weights of at least 16 stored rows (_groupable)
         D = 32
     x, ws, bs, scales, cos, sin, pos, (kc, vc) = operands(B, hq, hkv, D, K, dtype, fmt, bias, per_row_angles, seed)
     ts = [t, t / 2, 0.0]
-    q = sg.sparse_gemv_qkv_rope(x, ws, bs, ts, D, cos, sin, pos, kc, vc, scales=scales)
+    x_int8 = x_int8 and fmt is not None and B == 1 and dtype != torch.float32  # a plan's activations="int8"
+    q = sg.sparse_gemv_qkv_rope(x, ws, bs, ts, D, cos, sin, pos, kc, vc, scales=scales, x_int8=x_int8)
 
     # the reference from the grouped GEMV's own outputs, so only the finish is compared (the GEMV has its tests)
-    yq, yk, yv = sg.sparse_gemv_group(x, ws, bs, ts, scales=scales)
+    yq, yk, yv = sg.sparse_gemv_group(x, ws, bs, ts, scales=scales, x_int8=x_int8)
     kc_ref, vc_ref = torch.full_like(kc, float("nan")), torch.full_like(vc, float("nan"))
     q_ref = reference_qkv_rope_(yq, yk, yv, D, cos, sin, pos, kc_ref, vc_ref)
 
@@ -76,6 +77,13 @@ def test_matches_group_then_reference(B, heads, D, K, dtype, fmt, bias, per_row_
         assert rel_err(got, ref) <= TOL[dtype]
     others = [i for i in range(kc.shape[2]) if i != p]
     assert torch.isnan(kc[:, :, others]).all() and torch.isnan(vc[:, :, others]).all(), "another cache row written"
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_with_x_on_its_int8_grid(fmt):
+    """A plan's activations="int8" (one row, dp4a): the same finish after the int8-x GEMV."""
+    test_matches_group_then_reference.hypothesis.inner_test(1, (4, 2), 32, 64, torch.bfloat16, fmt, True, False, 0.2,
+                                                             5, True)
 
 
 def test_rotation_is_rope():
