@@ -40,14 +40,19 @@ _NEG = {operator.neg, torch.neg}
 
 
 def _heads(item: fx.Node) -> Optional[tuple[fx.Node, list[fx.Node]]]:
-    """(the [B, H, 1, D] heads, [view, transpose]) of a group's segment, if it is split into heads and nothing else."""
+    """(the [B, H, 1, D] heads, [view, transpose]) of a group's [B, 1, N] segment, if it is split into heads and
+    nothing else."""
+    shape = static_shape(item)
+    if shape is None or len(shape) != 3 or shape[1] != 1:
+        return None
     view = only_user(item)
     if view is None or not is_call(view, set(), ("view", "reshape")):
         return None
     tr = only_user(view)
     if tr is None or not is_call(tr, {torch.transpose}, ("transpose",)) or tr.kwargs:
         return None
-    if tuple(d % 4 for d in tr.args[1:]) not in ((1, 2), (2, 1)):
+    dims = tr.args[1:]
+    if len(dims) != 2 or not all(isinstance(d, int) for d in dims) or {d % 4 for d in dims} != {1, 2}:
         return None
     v, t = static_shape(view), static_shape(tr)
     if v is None or t is None or len(v) != 4 or v[1] != 1 or t != (v[0], v[2], 1, v[3]):

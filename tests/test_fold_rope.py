@@ -50,6 +50,18 @@ def test_folded_step_computes_what_the_graph_computed(arch, batch, prompt, dtype
         assert torch.equal(a, b)  # the cache rows written, and no other
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opcheck(dtype):
+    """The schema's mutations (the two caches, nothing else), the fake's shape and strides, and the CPU path."""
+    x = torch.randn(2, 1, 32, dtype=dtype)
+    ws = [torch.randn(n, 32, dtype=dtype) for n in (64, 32, 32)]
+    cos, sin = torch.randn(2, 1, 1, 16, dtype=dtype), torch.randn(1, 1, 1, 16, dtype=dtype)
+    caches = [torch.zeros(2, 2, 8, 16, dtype=dtype) for _ in range(2)]
+    for bs in ([None] * 3, [torch.randn(n, dtype=dtype) for n in (64, 32, 32)]):
+        torch.library.opcheck(FOLDED, (x, ws, bs, [0.5, 0.1, 0.0], 1.0, [0.5, 0.4, 0.4], [None] * 3, False, False, 16,
+                                       cos, sin, torch.tensor([3]), *caches))
+
+
 def test_leaves_other_shapes_alone():
     """q/k norms before RoPE (Qwen3), a fused qkv (Phi-3), ungrouped q/k/v, and a prefill keep their graphs."""
     ids, prompt = torch.tensor([[5]]), torch.tensor([[4, 6, 7]])
