@@ -79,6 +79,10 @@ def main(model_dir: str, plan_path: str, out: str) -> None:
             logits = decode_logits(model, decode_tokens(vocab), 8, backend="teal_as_torch_2_11",
                                    options={"compiler": "eager"})
             torch.save(logits, os.path.join(out, f"logits_{s}_torch_2_11_rank{rank}.pt"))
+            counters.clear()  # a rank's own heads: its q/k/v shards, its cache, the same cos and sin
+            logits = decode_logits(model, decode_tokens(vocab), 8, options={"compiler": "eager", "fold_rope": True})
+            torch.save(logits, os.path.join(out, f"logits_{s}_folded_rank{rank}.pt"))
+            result[f"{s}_folded"] = dict(counters["teal"])
     with open(os.path.join(out, f"counters_rank{rank}.json"), "w") as f:
         json.dump(result, f)
     dist.destroy_process_group()

@@ -66,6 +66,15 @@ def test_the_graph_torch_2_11_writes_decodes_sparse_too(sharded_run):
         torch.testing.assert_close(got, single[0.5], atol=1e-4, rtol=1e-4)
 
 
+def test_rope_folds_on_each_rank_with_its_own_heads(sharded_run):
+    """fold_rope on a TP rank: its q/k/v shards, its half of the cache; the logits of one process."""
+    plan, single, dense, root = sharded_run
+    for rank in (0, 1):
+        assert json.loads((root / f"counters_rank{rank}.json").read_text())["0.5_folded"]["rope_folded"] == 2
+        got = torch.load(root / f"logits_0.5_folded_rank{rank}.pt")
+        torch.testing.assert_close(got, single[0.5], atol=1e-4, rtol=1e-4)
+
+
 def test_sharded_graph_is_rewritten_and_keeps_the_add_and_norm_after_the_all_reduce(sharded_run):
     """Every linear of every block runs sparse on each rank; q/k/v and gate/up are grouped on their shards; the
     residual add + RMSNorm after o and down is not fused into them (an all-reduce sits between), unlike in one
