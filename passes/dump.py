@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
+import torch
 from torch import fx
 
 from teal_fx.passes.context import PassContext
@@ -44,6 +45,16 @@ def block_dot(gm: fx.GraphModule, block: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+def teal_op_counts(gm: fx.GraphModule) -> dict[str, int]:
+    """How many of each ``teal::`` op the graph calls: what the fusing passes made of the rewritten linears."""
+    counts: dict[str, int] = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload) and n.target.namespace == "teal":
+            name = n.target._schema.name.split("::")[-1]
+            counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
 def write_dump(folder: Path, before_code: Optional[str], gm: fx.GraphModule, ctx: PassContext) -> Path:
     """Write before.py, after.py, linears.txt, summary.txt and block_<first>.dot for one compiled graph."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -57,6 +68,8 @@ def write_dump(folder: Path, before_code: Optional[str], gm: fx.GraphModule, ctx
     summary = disc.summary() if disc else "no discovery"
     summary += f"\nrewritten to teal::sparse_linear: {len(rewritten)}"
     summary += "" if plan is not None else "\nno plan: compiled dense"
+    summary += "\nteal ops in the graph after the passes: " + (", ".join(
+        f"{name} x{n}" for name, n in sorted(teal_op_counts(gm).items())) or "none")
     (folder / "summary.txt").write_text(summary + "\n")
     if disc and disc.matched:
         b = min(m.block for m in disc.matched)

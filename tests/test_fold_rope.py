@@ -113,6 +113,8 @@ def test_dump_shows_the_folded_op(tmp_path):
     _decode_step(model, _plan(model), torch.tensor([[5]]), torch.tensor([[4]]), fold_rope=True, dump=str(tmp_path))
     after = next(tmp_path.rglob("after.py")).read_text()
     assert after.count("teal.sparse_linear_qkv_rope") == 2 and "index_copy_" not in after
+    summary = next(tmp_path.rglob("summary.txt")).read_text()
+    assert "sparse_linear_qkv_rope x2" in summary and "sparse_linear_group" not in summary
 
 
 @pytest.mark.gpu
