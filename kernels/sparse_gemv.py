@@ -168,7 +168,7 @@ def can_fold_rope(x: Tensor, weights: Sequence[Tensor], head_dim: int, cos: Tens
     nq, nk, nv = (logical_shape(w)[0] for w in weights)
     if D < 2 or D & (D - 1) or D > MAX_ROPE_HEAD_DIM or nq % D or nk % D or nv != nk:
         return False
-    if x.dtype not in DTYPES or weights[0].dtype != x.dtype and weight_format(weights[0]) is None:
+    if x.dtype not in DTYPES or (weights[0].dtype != x.dtype and weight_format(weights[0]) is None):
         return False
     for t in (cos, sin):
         if t.dim() != 4 or t.shape[0] not in (1, B) or t.shape[1:] != (1, 1, D) or t.stride(-1) != 1 \
