@@ -31,59 +31,17 @@ import torch.nn.functional as F
 from torch import fx
 
 import teal_fx.kernels  # noqa: F401  (registers torch.ops.teal)
-from teal_fx.passes.analysis.dataflow import MUL_TARGETS, fake_value, is_call, only_user
+from teal_fx.passes.analysis.dataflow import fake_value, is_call, only_user
+from teal_fx.passes.analysis.rmsnorm import ADD_TARGETS, llama_rmsnorm_of, other_operand
 from teal_fx.passes.context import PassContext
 from teal_fx.passes.finish import finish
 
 log = logging.getLogger("teal_fx.passes")
 
-aten = torch.ops.aten
-_ADD = {operator.add, torch.add, aten.add.Tensor}
-_POW = {operator.pow, torch.pow, aten.pow.Tensor_Scalar}
-_MEAN = {torch.mean, aten.mean.dim}
-_RSQRT = {torch.rsqrt, aten.rsqrt.default}
-
-
-def _other(n: fx.Node, one) -> Optional[object]:
-    """The operand of a binary node ``n`` that is not ``one`` (None unless ``n`` has exactly two, one of them ``one``)."""
-    if len(n.args) != 2 or n.kwargs or one not in n.args or n.args[0] is n.args[1]:
-        return None
-    return n.args[1] if n.args[0] is one else n.args[0]
-
-
-def _dtype_cast(n: fx.Node, src: fx.Node) -> Optional[torch.dtype]:
-    """The dtype ``n`` casts ``src`` to (``src.to(dtype)``, ``src.float()``, ``aten._to_copy``), else None."""
-    if n.op == "call_method" and n.target == "float" and n.args == (src,) and not n.kwargs:
-        return torch.float32
-    if n.op == "call_method" and n.target == "to" and n.args[:1] == (src,):
-        rest = list(n.args[1:]) + [v for k, v in n.kwargs.items() if k == "dtype"]
-        if len(rest) == 1 and isinstance(rest[0], torch.dtype) and set(n.kwargs) <= {"dtype"}:
-            return rest[0]
-    if n.op == "call_function" and n.target is aten._to_copy.default and n.args == (src,):
-        if set(n.kwargs) == {"dtype"}:
-            return n.kwargs["dtype"]
-    return None
-
-
-def _is_square(n: fx.Node, src: fx.Node) -> bool:
-    if is_call(n, _POW, ("pow", "__pow__")):
-        return n.args == (src, 2) and not n.kwargs
-    return False
-
-
-def _is_last_dim_mean(n: fx.Node, src: fx.Node, ndim: int) -> bool:
-    if not is_call(n, _MEAN, ("mean",)) or not n.args or n.args[0] is not src:
-        return False
-    dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
-    keep = n.args[2] if len(n.args) > 2 else n.kwargs.get("keepdim", False)
-    if isinstance(dim, (list, tuple)):
-        dim = dim[0] if len(dim) == 1 else None
-    return isinstance(dim, int) and dim % ndim == ndim - 1 and keep is True and set(n.kwargs) <= {"dim", "keepdim"}
-
 
 def _eval_dropout(n: fx.Node) -> bool:
     """``F.dropout(x, p, training=False)``: the identity (Phi-3 has one between each linear and its residual add)."""
-    if not is_call(n, {F.dropout, aten.dropout.default}):
+    if not is_call(n, {F.dropout, torch.ops.aten.dropout.default}):
         return False
     args = list(n.args) + [None] * 4
     training = n.kwargs.get("training", args[2] if args[2] is not None else True)
@@ -96,52 +54,23 @@ def _match(lin: fx.Node) -> Optional[dict]:
     dropout = None
     if add is not None and _eval_dropout(add):
         dropout, add = add, only_user(add)
-    if add is None or not is_call(add, _ADD, ("add", "__add__")):
+    if add is None or not is_call(add, ADD_TARGETS, ("add", "__add__")):
         return None
     src = dropout if dropout is not None else lin
-    residual = _other(add, src)
+    residual = other_operand(add, src)
     h, r = fake_value(add), fake_value(residual) if isinstance(residual, fx.Node) else None
     x = fake_value(lin.args[0])
     if not all(isinstance(v, torch.Tensor) for v in (h, r, x)) or r.shape != h.shape or r.dtype != h.dtype:
         return None
     if not all(isinstance(s, int) for s in x.shape) or not (x.dim() == 2 or x.shape[-2] == 1):
         return None  # decode steps only (see the module docstring)
-    # h.float() feeds the pow (-> mean -> + eps -> rsqrt) and the multiply by its rsqrt
-    casts = [u for u in add.users if _dtype_cast(u, add) == torch.float32]
-    for hf in casts:
-        users = list(hf.users)
-        sq = next((u for u in users if _is_square(u, hf)), None)
-        mul1 = next((u for u in users if u is not sq), None)
-        if len(users) != 2 or sq is None or not is_call(mul1, MUL_TARGETS, ("mul", "__mul__")):
-            continue
-        mean = only_user(sq)
-        if mean is None or not _is_last_dim_mean(mean, sq, h.dim()):
-            continue
-        add_eps = only_user(mean)
-        eps = _other(add_eps, mean) if add_eps is not None and is_call(add_eps, _ADD, ("add", "__add__")) else None
-        if not isinstance(eps, float):
-            continue
-        rsqrt = only_user(add_eps)
-        if rsqrt is None or not is_call(rsqrt, _RSQRT, ("rsqrt",)) or rsqrt.args != (add_eps,) or rsqrt.kwargs:
-            continue
-        if only_user(rsqrt) is not mul1 or _other(mul1, rsqrt) is not hf:
-            continue
-        back = only_user(mul1)
-        if back is None or _dtype_cast(back, mul1) != h.dtype:
-            continue
-        mul2 = only_user(back)
-        if mul2 is None or not is_call(mul2, MUL_TARGETS, ("mul", "__mul__")):
-            continue
-        weight = _other(mul2, back)
-        w = fake_value(weight) if isinstance(weight, fx.Node) else None
-        if not isinstance(w, torch.Tensor) or w.shape != (h.shape[-1],) or w.dtype != h.dtype:
-            continue
-        if any(getattr(fake_value(n), "requires_grad", False) for n in (lin, add, hf, mul1, back, mul2)):
-            return None
-        chain = [mul2, back, mul1, rsqrt, add_eps, mean, sq, hf]
-        tail = [dropout] if dropout is not None else []
-        return dict(add=add, residual=residual, weight=weight, eps=eps, out=mul2, chain=chain, tail=tail)
-    return None
+    norm = llama_rmsnorm_of(add)
+    if norm is None:
+        return None
+    if any(getattr(fake_value(n), "requires_grad", False) for n in (lin, add, *norm.chain)):
+        return None
+    tail = [dropout] if dropout is not None else []
+    return dict(add=add, residual=residual, weight=norm.weight, eps=norm.eps, out=norm.out, chain=norm.chain, tail=tail)
 
 
 def fuse_add_rmsnorm(gm: fx.GraphModule, ctx: Optional[PassContext] = None) -> fx.GraphModule:
