@@ -273,10 +273,12 @@ def sparse_linear_qkv_rope(
     x: Tensor, weights: list[Tensor], biases: list[Optional[Tensor]], thresholds: list[float],
     prefill_sparse_from: float, sparsities: list[float], scales: list[Optional[Tensor]], shared: bool, x_int8: bool,
     head_dim: int, cos: Tensor, sin: Tensor, cache_position: Tensor, k_cache: Tensor, v_cache: Tensor,
+    q_norm: Optional[Tensor], k_norm: Optional[Tensor], norm_eps: float,
 ) -> Tensor:
     """A grouped q/k/v ``sparse_linear_group`` followed by what a Llama-style attention does next: heads of
-    ``head_dim``, RoPE on q and k (``q * cos + rotate_half(q) * sin``), k and v written into the static cache at
-    ``cache_position`` (in place). Returns the rotated q [B, Hq, S, D], contiguous (``reference_qkv_rope_``).
+    ``head_dim`` (with ``q_norm`` / ``k_norm``: Qwen3's per-head RMSNorm, weights [D], ``norm_eps``), RoPE on q and k
+    (``q * cos + rotate_half(q) * sin``), k and v written into the static cache at ``cache_position`` (in place).
+    Returns the rotated q [B, Hq, S, D], contiguous (``reference_qkv_rope_``).
 
     On the decode path the grouped launch's finishing launch does the rotation and the cache writes, so neither
     Inductor's RoPE kernel nor the two ``index_copy_`` run between it and the attention; elsewhere it is the group
@@ -285,21 +287,22 @@ def sparse_linear_qkv_rope(
         hint = min(sparsities, default=-1.0)
         if all(sparse_gemv.supports(x, w, s, shared, x_int8) for w, s in zip(weights, scales)) and \
                 len({b is None for b in biases}) == 1 and \
-                sparse_gemv.can_fold_rope(x, weights, head_dim, cos, sin, cache_position, k_cache, v_cache) and \
+                sparse_gemv.can_fold_rope(x, weights, head_dim, cos, sin, cache_position, k_cache, v_cache,
+                                          q_norm, k_norm) and \
                 sparse_gemv.pays(x, sum(w.shape[0] for w in weights), hint, shared, scales[0] is not None):
             return sparse_gemv.sparse_gemv_qkv_rope(x, weights, biases, thresholds, head_dim, cos, sin, cache_position,
-                                                    k_cache, v_cache, sparsity=hint, scales=scales, shared=shared,
-                                                    x_int8=x_int8)
+                                                    k_cache, v_cache, q_norm, k_norm, norm_eps, sparsity=hint,
+                                                    scales=scales, shared=shared, x_int8=x_int8)
     q, k, v = sparse_linear_group(x, weights, biases, thresholds, prefill_sparse_from, sparsities, scales, shared,
                                   x_int8)
-    return reference_qkv_rope_(q, k, v, head_dim, cos, sin, cache_position, k_cache, v_cache)
+    return reference_qkv_rope_(q, k, v, head_dim, cos, sin, cache_position, k_cache, v_cache, q_norm, k_norm, norm_eps)
 
 
 @sparse_linear_qkv_rope.register_fake
 def _(x: Tensor, weights: list[Tensor], biases: list[Optional[Tensor]], thresholds: list[float],
       prefill_sparse_from: float, sparsities: list[float], scales: list[Optional[Tensor]], shared: bool,
       x_int8: bool, head_dim: int, cos: Tensor, sin: Tensor, cache_position: Tensor, k_cache: Tensor,
-      v_cache: Tensor) -> Tensor:
+      v_cache: Tensor, q_norm: Optional[Tensor], k_norm: Optional[Tensor], norm_eps: float) -> Tensor:
     torch._check(len(weights) == 3, lambda: "sparse_linear_qkv_rope: three weights (q, k, v)")
     torch._check(x.dim() == 3, lambda: "sparse_linear_qkv_rope: x is [B, S, K]")
     return x.new_empty((x.shape[0], logical_shape(weights[0])[0] // head_dim, x.shape[1], head_dim))

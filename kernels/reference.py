@@ -134,16 +134,21 @@ def rotate_half(x: Tensor) -> Tensor:
 
 
 def reference_qkv_rope_(q: Tensor, k: Tensor, v: Tensor, head_dim: int, cos: Tensor, sin: Tensor,
-                        cache_position: Tensor, k_cache: Tensor, v_cache: Tensor) -> Tensor:
+                        cache_position: Tensor, k_cache: Tensor, v_cache: Tensor, q_norm: Optional[Tensor] = None,
+                        k_norm: Optional[Tensor] = None, norm_eps: float = 0.0) -> Tensor:
     """What the graph does after a grouped q/k/v projection, as eager does it: split [B, S, H * D] into heads
-    ([B, H, S, D]), rotate q and k (``q * cos + rotate_half(q) * sin``, cos/sin [B or 1, 1, S, D]), write k and v
-    into the static cache at ``cache_position`` along dim 2 (in place), and return the rotated q (contiguous)."""
+    (``q_norm`` / ``k_norm``: Qwen3's RMSNorm of each head, weights [D]), move them to [B, H, S, D], rotate q and k
+    (``q * cos + rotate_half(q) * sin``, cos/sin [B or 1, 1, S, D]), write k and v into the static cache at
+    ``cache_position`` along dim 2 (in place), and return the rotated q (contiguous)."""
     B, S = q.shape[0], q.shape[1]
 
-    def heads(t: Tensor) -> Tensor:
-        return t.view(B, S, -1, head_dim).transpose(1, 2)
+    def heads(t: Tensor, norm: Optional[Tensor] = None) -> Tensor:
+        t = t.view(B, S, -1, head_dim)
+        if norm is not None:
+            t = reference_rmsnorm(t, norm, norm_eps)
+        return t.transpose(1, 2)
 
-    q, k, v = heads(q), heads(k), heads(v)
+    q, k, v = heads(q, q_norm), heads(k, k_norm), heads(v)
     q_embed = q * cos + rotate_half(q) * sin
     k_cache.index_copy_(2, cache_position, k * cos + rotate_half(k) * sin)
     v_cache.index_copy_(2, cache_position, v)

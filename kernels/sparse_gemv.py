@@ -155,10 +155,12 @@ def can_fuse_add_rmsnorm(x: Tensor, weight: Tensor, residual: Tensor, norm_weigh
 
 
 def can_fold_rope(x: Tensor, weights: Sequence[Tensor], head_dim: int, cos: Tensor, sin: Tensor,
-                  cache_position: Tensor, k_cache: Tensor, v_cache: Tensor) -> bool:
+                  cache_position: Tensor, k_cache: Tensor, v_cache: Tensor, q_norm: Optional[Tensor] = None,
+                  k_norm: Optional[Tensor] = None) -> bool:
     """Whether ``sparse_gemv_qkv_rope`` takes these: one token per row, three column-major weights of one format
     (q, k, v) with whole heads of a power-of-two ``head_dim``, cos/sin [B or 1, 1, 1, D] and [B, Hkv, L, D] caches in
-    the input's dtype with unit stride along D, one cache position (the device is the caller's check, ``supports``)."""
+    the input's dtype with unit stride along D, one cache position, q/k norm weights both [D] or both absent (the
+    device is the caller's check, ``supports``)."""
     B = x.shape[0] if x.dim() >= 2 else 1
     if len(weights) != 3 or x.dim() != 3 or x.shape[1] != 1 or not 1 <= B <= MAX_ROWS:
         return False
@@ -177,6 +179,11 @@ def can_fold_rope(x: Tensor, weights: Sequence[Tensor], head_dim: int, cos: Tens
     for c in (k_cache, v_cache):
         if c.dim() != 4 or c.shape[0] != B or c.shape[1] != nk // D or c.shape[3] != D or c.stride(-1) != 1 \
                 or c.dtype != x.dtype or c.device != x.device:
+            return False
+    if (q_norm is None) != (k_norm is None):
+        return False
+    for nw in (q_norm, k_norm) if q_norm is not None else ():
+        if nw.shape != (D,) or nw.stride(0) != 1 or nw.dtype != x.dtype or nw.device != x.device:
             return False
     return cache_position.numel() == 1 and not cache_position.is_floating_point() \
         and cache_position.device == x.device
@@ -262,19 +269,22 @@ def sparse_gemv_add_rmsnorm(x: Tensor, weight: Tensor, bias: Optional[Tensor], t
 
 def sparse_gemv_qkv_rope(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tensor]],
                          thresholds: Sequence[float], head_dim: int, cos: Tensor, sin: Tensor, cache_position: Tensor,
-                         k_cache: Tensor, v_cache: Tensor, *, config: Optional[GemvConfig] = None,
-                         sparsity: Optional[float] = None, scales: Optional[Sequence[Optional[Tensor]]] = None,
-                         shared: bool = False, x_int8: bool = False) -> Tensor:
-    """The grouped q/k/v launch whose finishing launch also rotates q and k and writes k and v into the static
-    cache: ``reference_qkv_rope_`` of the three projections, in two launches (see ``can_fold_rope``). Returns the
-    rotated q [B, Hq, 1, D]; k and v are written into ``k_cache`` / ``v_cache`` at ``cache_position``."""
-    if not can_fold_rope(x, weights, head_dim, cos, sin, cache_position, k_cache, v_cache):
+                         k_cache: Tensor, v_cache: Tensor, q_norm: Optional[Tensor] = None,
+                         k_norm: Optional[Tensor] = None, norm_eps: float = 0.0, *,
+                         config: Optional[GemvConfig] = None, sparsity: Optional[float] = None,
+                         scales: Optional[Sequence[Optional[Tensor]]] = None, shared: bool = False,
+                         x_int8: bool = False) -> Tensor:
+    """The grouped q/k/v launch whose finishing launch also normalises q and k per head (``q_norm``/``k_norm``, if
+    given), rotates them and writes k and v into the static cache: ``reference_qkv_rope_`` of the three projections,
+    in two launches (see ``can_fold_rope``). Returns the rotated q [B, Hq, 1, D]; k and v are written into
+    ``k_cache`` / ``v_cache`` at ``cache_position``."""
+    if not can_fold_rope(x, weights, head_dim, cos, sin, cache_position, k_cache, v_cache, q_norm, k_norm):
         raise ValueError("sparse_gemv_qkv_rope: needs one token a row, column-major q/k/v weights of whole heads, "
                          "cos/sin [B or 1, 1, 1, D] and [B, Hkv, L, D] caches in x's dtype (see can_fold_rope)")
     B, D = x.shape[0], head_dim
     hq = logical_shape(weights[0])[0] // D
     q_out = torch.empty((B, hq, 1, D), dtype=x.dtype, device=x.device)
-    rope = _QkvRope(D, cos, sin, cache_position.reshape(1), k_cache, v_cache, q_out)
+    rope = _QkvRope(D, cos, sin, cache_position.reshape(1), k_cache, v_cache, q_out, q_norm, k_norm, norm_eps)
     _launch(x, weights, biases, thresholds, config, None, sparsity, _Epilogue.QKV_ROPE, scales=scales, shared=shared,
             x_int8=x_int8, rope=rope)
     return q_out
@@ -300,6 +310,9 @@ class _QkvRope:
     k_cache: Tensor  # [B, Hkv, L, D]
     v_cache: Tensor
     q_out: Tensor  # [B, Hq, 1, D]
+    q_norm: Optional[Tensor]  # [D]: Qwen3's per-head RMSNorm weights (None: no norm)
+    k_norm: Optional[Tensor]
+    norm_eps: float
 
 
 @dataclass(frozen=True)
@@ -449,10 +462,12 @@ def _launch(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tens
         hq, hkv = Ns[0] // D, Ns[1] // D
         jit.finish_qkv_rope_kernel[(hq + 2 * hkv,)](
             ws, s0["b"], extra["b1_ptr"], extra["b2_ptr"], cos, sin, rope.position, rope.q_out, kc, vc,
-            M, total_tiles * BN, tiles[0] * BN, (tiles[0] + tiles[1]) * BN, hq, hkv,
+            rope.q_norm if rope.q_norm is not None else cos, rope.k_norm if rope.k_norm is not None else cos,
+            float(rope.norm_eps), M, total_tiles * BN, tiles[0] * BN, (tiles[0] + tiles[1]) * BN, hq, hkv,
             cos.stride(0) if cos.shape[0] > 1 else 0, sin.stride(0) if sin.shape[0] > 1 else 0,
             rope.q_out.stride(0), kc.stride(0), kc.stride(1), kc.stride(2), vc.stride(0), vc.stride(1), vc.stride(2),
-            D=D, BM=next_pow2(M), HAS_BIAS=has_bias, PDL=use_pdl, num_warps=1, **launch_pdl,
+            D=D, BM=next_pow2(M), HAS_BIAS=has_bias, HAS_NORM=rope.q_norm is not None, PDL=use_pdl, num_warps=1,
+            **launch_pdl,
         )
     elif apart:
         finish = {k: extra[k] for k in ("y1_ptr", "b1_ptr", "N1", "stride_ym1", "y2_ptr", "b2_ptr", "N2", "stride_ym2",

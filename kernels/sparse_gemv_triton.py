@@ -682,18 +682,20 @@ def finish_add_rmsnorm_kernel(ws_ptr, b_ptr, res_ptr, nw_ptr, h_ptr, out_ptr, N,
 
 
 @triton.jit
-def finish_qkv_rope_kernel(ws_ptr, bq_ptr, bk_ptr, bv_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, kc_ptr, vc_ptr,
-                           M, ws_width, K_COL0, V_COL0, HQ, HKV, stride_cb, stride_sb, stride_qb,
+def finish_qkv_rope_kernel(ws_ptr, bq_ptr, bk_ptr, bv_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, kc_ptr, vc_ptr, qn_ptr,
+                           kn_ptr, eps, M, ws_width, K_COL0, V_COL0, HQ, HKV, stride_cb, stride_sb, stride_qb,
                            stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl,
-                           D: tl.constexpr, BM: tl.constexpr, HAS_BIAS: tl.constexpr, PDL: tl.constexpr):
+                           D: tl.constexpr, BM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_NORM: tl.constexpr,
+                           PDL: tl.constexpr):
     """The split-K epilogue of a grouped q/k/v launch that also does what the graph did next: one program per head
-    (q heads, then k heads, then v heads) reads the head's D sums of every row, zeroes them, adds the bias, rotates
-    q and k (``q * cos + rotate_half(q) * sin``) and writes q to ``q_ptr`` [B, HQ, 1, D] and k, v into the static
-    cache's row ``pos`` (replacing Inductor's RoPE kernel and the two ``index_copy_``).
+    (q heads, then k heads, then v heads) reads the head's D sums of every row, zeroes them, adds the bias,
+    normalises q and k (HAS_NORM: Qwen3's per-head RMSNorm), rotates them (``q * cos + rotate_half(q) * sin``) and
+    writes q to ``q_ptr`` [B, HQ, 1, D] and k, v into the static cache's row ``pos`` (replacing Inductor's norm and
+    RoPE kernel and the two ``index_copy_``).
 
-    Rounds where eager rounds (``reference_qkv_rope_``): y, each product and the sum to the output dtype. The half
-    rotation reads the head's sums a second time at columns (d + D/2) mod D, so a program only reads sums it zeroes
-    itself; a barrier keeps every warp's reads before any warp's zeroing."""
+    Rounds where eager rounds (``reference_qkv_rope_``): y, the norm's two products, each RoPE product and the sum
+    to the output dtype. The half rotation reads the head's sums a second time at columns (d + D/2) mod D, so a
+    program only reads sums it zeroes itself; a barrier keeps every warp's reads before any warp's zeroing."""
     pid = tl.program_id(0)
     offs_m = tl.arange(0, BM)
     offs_d = tl.arange(0, D)
@@ -706,24 +708,30 @@ def finish_qkv_rope_kernel(ws_ptr, bq_ptr, bk_ptr, bv_ptr, cos_ptr, sin_ptr, pos
         head = pid
         col = pid * D
         b_ptr = bq_ptr
+        n_ptr = qn_ptr
     elif pid < HQ + HKV:
         head = pid - HQ
         col = K_COL0 + head * D
         b_ptr = bk_ptr
+        n_ptr = kn_ptr
     else:
         head = pid - HQ - HKV
         col = V_COL0 + head * D
         b_ptr = bv_ptr
-    # the op's inputs (cos, sin, the position, the biases) were written before its GEMV grid waited: read them
-    # before this launch's wait (pdl.py)
+        n_ptr = qn_ptr  # read, not used: v has no norm
+    # the op's inputs (cos, sin, the position, the biases, the norm weights) were written before its GEMV grid
+    # waited: read them before this launch's wait (pdl.py)
     pos = tl.load(pos_ptr)
-    cs_offs = offs_m[:, None] * stride_cb + offs_d[None, :]
-    cos = tl.load(cos_ptr + cs_offs, mask=mask, other=0.0, cache_modifier=".cg").to(tl.float32)
+    cos = tl.load(cos_ptr + offs_m[:, None] * stride_cb + offs_d[None, :], mask=mask, other=0.0,
+                  cache_modifier=".cg").to(tl.float32)
     sin = tl.load(sin_ptr + offs_m[:, None] * stride_sb + offs_d[None, :], mask=mask, other=0.0,
                   cache_modifier=".cg").to(tl.float32)
     if HAS_BIAS:
         bias = tl.load(b_ptr + head * D + offs_d, cache_modifier=".cg").to(tl.float32)
         bias_rot = tl.load(b_ptr + head * D + rot_d, cache_modifier=".cg").to(tl.float32)
+    if HAS_NORM:
+        nw = tl.load(n_ptr + offs_d, cache_modifier=".cg").to(tl.float32)
+        nw_rot = tl.load(n_ptr + rot_d, cache_modifier=".cg").to(tl.float32)
     if PDL:
         tl.extra.cuda.gdc_wait()
     row = ws_ptr + offs_m[:, None] * ws_width + col
@@ -735,13 +743,19 @@ def finish_qkv_rope_kernel(ws_ptr, bq_ptr, bk_ptr, bv_ptr, cos_ptr, sin_ptr, pos
         y += bias[None, :]
         y_rot += bias_rot[None, :]
     y = y.to(out_ty)
+    y_rot = y_rot.to(out_ty)
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
     if is_v:
         tl.store(vc_ptr + offs_m[:, None] * stride_vb + head * stride_vh + pos * stride_vl + offs_d[None, :], y,
                  mask=mask)
     else:
-        rot = (y_rot.to(out_ty).to(tl.float32) * sign[None, :]).to(out_ty).to(tl.float32)
+        if HAS_NORM:  # w * (y.float() * rsqrt(mean(y²) + eps)).to(dtype), the head's statistic for both halves
+            yf = y.to(tl.float32)
+            r = 1.0 / tl.sqrt_rn(tl.sum(yf * yf, axis=1) / D + eps)
+            y = (nw[None, :] * (yf * r[:, None]).to(out_ty).to(tl.float32)).to(out_ty)
+            y_rot = (nw_rot[None, :] * (y_rot.to(tl.float32) * r[:, None]).to(out_ty).to(tl.float32)).to(out_ty)
+        rot = y_rot.to(tl.float32) * sign[None, :]
         e = ((y.to(tl.float32) * cos).to(out_ty).to(tl.float32) + (rot * sin).to(out_ty).to(tl.float32)).to(out_ty)
         if pid < HQ:
             tl.store(q_ptr + offs_m[:, None] * stride_qb + head * D + offs_d[None, :], e, mask=mask)

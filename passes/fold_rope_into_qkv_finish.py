@@ -8,11 +8,12 @@ holds every head's sums, and cos, sin and the position are ready before it start
 
 Invariants:
 * Matches only a decode graph's pattern, exactly: the group has three segments labelled q, k, v, each read by one
-  ``getitem`` -> ``view`` [B, 1, H, D] -> ``transpose(1, 2)`` [B, H, 1, D]; q's and k's heads go only into
+  ``getitem`` -> ``view`` [B, 1, H, D] -> ``transpose(1, 2)`` [B, H, 1, D], q and k with Llama's RMSNorm of each head
+  between view and transpose (Qwen3's q/k norms, same eps) or neither; q's and k's heads go only into
   ``t * cos + cat((-t[..., D/2:], t[..., :D/2]), -1) * sin`` (either operand order) with the same cos and sin,
   [B or 1, 1, 1, D] in the heads' dtype; the rotated k and v go only into ``k_cache.index_copy_(2, pos, k)`` and
   ``v_cache.index_copy_(2, pos, v)`` (same ``pos``, results unused). Nothing requires grad (the op has no autograd).
-  Anything else (partial rotary, q/k norms, interleaved RoPE, a dynamic cache, a prefill) is left alone.
+  Anything else (partial rotary, another norm, interleaved RoPE, a dynamic cache, a prefill) is left alone.
 * The new node is inserted before the first ``index_copy_``; it is refused if a user of the rotated q comes before
   that point, or if a node between it and the last ``index_copy_`` touches either cache, so every read of the caches
   still sees the same writes. It computes what the matched nodes computed (its reference is those ops,
@@ -30,6 +31,7 @@ from torch import fx
 
 import teal_fx.kernels  # noqa: F401  (registers torch.ops.teal)
 from teal_fx.passes.analysis.dataflow import MUL_TARGETS, carry_fake_value, fake_value, is_call, only_user, static_shape
+from teal_fx.passes.analysis.rmsnorm import RMSNormMatch, llama_rmsnorm_of
 from teal_fx.passes.context import PassContext
 from teal_fx.passes.finish import finish
 
@@ -39,16 +41,17 @@ _ADD = {operator.add, torch.add}
 _NEG = {operator.neg, torch.neg}
 
 
-def _heads(item: fx.Node) -> Optional[tuple[fx.Node, list[fx.Node]]]:
-    """(the [B, H, 1, D] heads, [view, transpose]) of a group's [B, 1, N] segment, if it is split into heads and
-    nothing else."""
+def _heads(item: fx.Node) -> Optional[tuple[fx.Node, list[fx.Node], Optional[RMSNormMatch]]]:
+    """(the [B, H, 1, D] heads, the matched nodes, Qwen3's per-head RMSNorm or None) of a group's [B, 1, N] segment,
+    if it is split into heads (``view``, a norm of each head at most, ``transpose(1, 2)``) and nothing else."""
     shape = static_shape(item)
     if shape is None or len(shape) != 3 or shape[1] != 1:
         return None
     view = only_user(item)
     if view is None or not is_call(view, set(), ("view", "reshape")):
         return None
-    tr = only_user(view)
+    norm = llama_rmsnorm_of(view) if len(view.users) == 1 else None
+    tr = only_user(norm.out if norm is not None else view)
     if tr is None or not is_call(tr, {torch.transpose}, ("transpose",)) or tr.kwargs:
         return None
     dims = tr.args[1:]
@@ -57,7 +60,7 @@ def _heads(item: fx.Node) -> Optional[tuple[fx.Node, list[fx.Node]]]:
     v, t = static_shape(view), static_shape(tr)
     if v is None or t is None or len(v) != 4 or v[1] != 1 or t != (v[0], v[2], 1, v[3]):
         return None
-    return tr, [view, tr]
+    return tr, [view, *(norm.chain if norm is not None else []), tr], norm
 
 
 def _operands(n: fx.Node, targets: set, method: str) -> Optional[tuple]:
@@ -128,7 +131,9 @@ def _match(group: fx.Node, order: dict) -> Optional[dict]:
     heads = {r: _heads(items[r]) for r in "qkv"}
     if any(h is None for h in heads.values()):
         return None
-    (q, q_nodes), (k, k_nodes), (v, v_nodes) = (heads[r] for r in "qkv")
+    (q, q_nodes, q_norm), (k, k_nodes, k_norm), (v, v_nodes, v_norm) = (heads[r] for r in "qkv")
+    if v_norm is not None or (q_norm is None) != (k_norm is None) or (q_norm and q_norm.eps != k_norm.eps):
+        return None
     D = static_shape(q)[3]
     if D % 2 or static_shape(k)[3] != D or static_shape(v) != static_shape(k):
         return None
@@ -156,7 +161,10 @@ def _match(group: fx.Node, order: dict) -> Optional[dict]:
     between = [n for n in first.graph.nodes if order[first] < order[n] < order[last]]
     if any(caches & set(n.all_input_nodes) for n in between):
         return None
-    return dict(index={r: items[r].args[1] for r in "qkv"}, D=D, cos=cos, sin=sin, pos=kw[1], k_cache=kw[0],
+    norms = (q_norm.weight, k_norm.weight, q_norm.eps) if q_norm is not None else (None, None, 0.0)
+    if any(isinstance(n, fx.Node) and order[n] > order[first] for n in norms):
+        return None
+    return dict(norms=norms, index={r: items[r].args[1] for r in "qkv"}, D=D, cos=cos, sin=sin, pos=kw[1], k_cache=kw[0],
                 v_cache=vw[0], q_rot=q_rot, first=first, erase=[kw[2], vw[2], *nodes], q_item=items["q"])
 
 
@@ -177,7 +185,7 @@ def fold_rope_into_qkv_finish(gm: fx.GraphModule, ctx: Optional[PassContext] = N
                 torch.ops.teal.sparse_linear_qkv_rope.default,
                 (x, [weights[i] for i in idx], [biases[i] for i in idx], [thresholds[i] for i in idx], psf,
                  [sparsities[i] for i in idx], [scales[i] for i in idx], shared, x_int8, m["D"], m["cos"], m["sin"],
-                 m["pos"], m["k_cache"], m["v_cache"]),
+                 m["pos"], m["k_cache"], m["v_cache"], *m["norms"]),
             )
         carry_fake_value(new, m["q_rot"])
         if m["q_item"].meta.get("teal") is not None:

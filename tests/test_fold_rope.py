@@ -35,7 +35,7 @@ def _decode_step(model, plan, ids, prompt, **options):
 
 
 @settings(max_examples=8, deadline=None)
-@given(arch=st.sampled_from(["llama", "mistral", "qwen2", "gemma"]), batch=st.integers(1, 3),
+@given(arch=st.sampled_from(["llama", "mistral", "qwen2", "qwen3", "gemma"]), batch=st.integers(1, 3),
        prompt=st.integers(1, 8), dtype=st.sampled_from([torch.float32, torch.bfloat16]), seed=st.integers(0, 100))
 def test_folded_step_computes_what_the_graph_computed(arch, batch, prompt, dtype, seed):
     model = tiny_model(arch, layers=2, dtype=dtype, seed=seed)
@@ -58,16 +58,16 @@ def test_opcheck(dtype):
     cos, sin = torch.randn(2, 1, 1, 16, dtype=dtype), torch.randn(1, 1, 1, 16, dtype=dtype)
     caches = [torch.zeros(2, 2, 8, 16, dtype=dtype) for _ in range(2)]
     for bs in ([None] * 3, [torch.randn(n, dtype=dtype) for n in (64, 32, 32)]):
-        torch.library.opcheck(FOLDED, (x, ws, bs, [0.5, 0.1, 0.0], 1.0, [0.5, 0.4, 0.4], [None] * 3, False, False, 16,
-                                       cos, sin, torch.tensor([3]), *caches))
+        for norms in ([None, None], [torch.rand(16, dtype=dtype) + 0.5 for _ in range(2)]):
+            torch.library.opcheck(FOLDED, (x, ws, bs, [0.5, 0.1, 0.0], 1.0, [0.5, 0.4, 0.4], [None] * 3, False, False,
+                                           16, cos, sin, torch.tensor([3]), *caches, *norms, 1e-6))
 
 
 def test_leaves_other_shapes_alone():
-    """q/k norms before RoPE (Qwen3), a fused qkv (Phi-3), ungrouped q/k/v, and a prefill keep their graphs."""
+    """A fused qkv (Phi-3), ungrouped q/k/v, and a prefill keep their graphs."""
     ids, prompt = torch.tensor([[5]]), torch.tensor([[4, 6, 7]])
-    for arch in ("qwen3", "phi3"):
-        model = tiny_model(arch)
-        assert _decode_step(model, _plan(model), ids, prompt, fold_rope=True)[3] == 0
+    model = tiny_model("phi3")
+    assert _decode_step(model, _plan(model), ids, prompt, fold_rope=True)[3] == 0
     model = tiny_model("llama")
     assert _decode_step(model, _plan(model), ids, prompt, fold_rope=True, group_shared_input=False)[3] == 0
     counters.clear()
@@ -76,6 +76,15 @@ def test_leaves_other_shapes_alone():
         torch.compile(model, backend="teal", options={"plan": _plan(model), "compiler": "eager", "fold_rope": True})(
             prompt, **{cache_kwarg(model): static_cache(model, 1, 16)}, cache_position=torch.arange(3), use_cache=True)
     assert counters["teal"]["rope_folded"] == 0
+
+
+def test_qwen3_folds_its_q_and_k_norms():
+    """Qwen3's per-head RMSNorm of q and k goes into the op (its weights and eps), and the step is unchanged."""
+    model = tiny_model("qwen3")
+    ids, prompt = torch.tensor([[5], [9]]), torch.tensor([[4, 6, 7], [3, 3, 8]])
+    folded, plain = (_decode_step(model, _plan(model), ids, prompt, fold_rope=f) for f in (True, False))
+    assert folded[3] == 2 and torch.equal(folded[0], plain[0])
+    assert all(torch.equal(a, b) for a, b in zip(folded[1] + folded[2], plain[1] + plain[2]))
 
 
 def test_leaves_an_interleaved_rope_alone(monkeypatch):
@@ -119,14 +128,15 @@ def test_dump_shows_the_folded_op(tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("weights", [None, "int8", "int4"])
-def test_folded_decode_on_the_gpu_follows_the_unfolded(weights):
+@pytest.mark.parametrize("arch,weights", [("llama", None), ("llama", "int8"), ("llama", "int4"), ("qwen3", None),
+                                          ("qwen3", "int8")])
+def test_folded_decode_on_the_gpu_follows_the_unfolded(arch, weights):
     """The kernel path end to end in CUDA graphs: teacher-forced logits with and without the fold agree to the
     split-K sums' rounding, whose order varies between launches. In fp32: in bf16 that rounding flips near-threshold
     inputs, which compounds through the cache (the finish's bf16 rounding is test_qkv_rope_kernel's)."""
     from teal_fx.generate import decode_logits
 
-    model = tiny_model("llama", layers=2, hidden=256, heads=4, kv_heads=2, inter=512).cuda()
+    model = tiny_model(arch, layers=2, hidden=256, heads=4, kv_heads=2, inter=512).cuda()
     teal_fx.calibrate(model, torch.randint(3, 128, (4, 64)), sparsity=0.4, weights=weights, progress=False,
                       num_sequences=4, seq_len=64)
     tokens = torch.randint(3, 128, (2, 24), generator=torch.Generator().manual_seed(0))

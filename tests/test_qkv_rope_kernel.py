@@ -22,6 +22,9 @@ DEVICE = "cuda" if ON_GPU else "cpu"
 # the same sums through both paths, except that on a GPU the split-K sums meet in a varying order, and that the CPU
 # interpreter truncates to bf16 where eager rounds (up to an ulp for each of the finish's roundings)
 TOL = {torch.float32: 1e-5 if ON_GPU else 0.0, torch.float16: 2e-3 if ON_GPU else 0.0, torch.bfloat16: 1e-2}
+# the q/k norm's statistic: 1 / sqrt against torch.rsqrt, and the mean's order of summation (an ulp of r, which can
+# move a rounding of the normed values); the norm adds two bf16 roundings, which the interpreter truncates
+NORM_TOL = {torch.float32: 1e-6, torch.float16: 2e-3, torch.bfloat16: 1e-2 if ON_GPU else 3e-2}
 
 
 def rel_err(y, ref):
@@ -55,26 +58,30 @@ def operands(B, hq, hkv, D, K, dtype, fmt, bias, per_row_angles, seed, L=6):
        D=st.sampled_from([16, 32, 64, 128] if ON_GPU else [16, 32, 64]),
        K=st.integers(16, 80), dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
        fmt=st.sampled_from([None, "int8", "int4"]), bias=st.booleans(), per_row_angles=st.booleans(),
-       t=st.floats(0.0, 1.0), seed=st.integers(0, 1000), x_int8=st.booleans())
-def test_matches_group_then_reference(B, heads, D, K, dtype, fmt, bias, per_row_angles, t, seed, x_int8):
+       t=st.floats(0.0, 1.0), seed=st.integers(0, 1000), x_int8=st.booleans(), qk_norm=st.booleans())
+def test_matches_group_then_reference(B, heads, D, K, dtype, fmt, bias, per_row_angles, t, seed, x_int8, qk_norm):
     hq, hkv = heads
     if fmt == "int4" and hkv * D < 32:  # a grouped launch takes weights of at least 16 stored rows (_groupable)
         D = 32
     x, ws, bs, scales, cos, sin, pos, (kc, vc) = operands(B, hq, hkv, D, K, dtype, fmt, bias, per_row_angles, seed)
     ts = [t, t / 2, 0.0]
     x_int8 = x_int8 and fmt is not None and B == 1 and dtype != torch.float32  # a plan's activations="int8"
-    q = sg.sparse_gemv_qkv_rope(x, ws, bs, ts, D, cos, sin, pos, kc, vc, scales=scales, x_int8=x_int8)
+    # Qwen3's per-head q/k norms (weights around 1, as trained ones are)
+    g = torch.Generator().manual_seed(seed + 1)
+    norms = [(1 + 0.3 * torch.randn(D, generator=g)).to(dtype).to(DEVICE) for _ in range(2)] if qk_norm \
+        else [None, None]
+    q = sg.sparse_gemv_qkv_rope(x, ws, bs, ts, D, cos, sin, pos, kc, vc, *norms, 1e-6, scales=scales, x_int8=x_int8)
 
     # the reference from the grouped GEMV's own outputs, so only the finish is compared (the GEMV has its tests)
     yq, yk, yv = sg.sparse_gemv_group(x, ws, bs, ts, scales=scales, x_int8=x_int8)
     kc_ref, vc_ref = torch.full_like(kc, float("nan")), torch.full_like(vc, float("nan"))
-    q_ref = reference_qkv_rope_(yq, yk, yv, D, cos, sin, pos, kc_ref, vc_ref)
+    q_ref = reference_qkv_rope_(yq, yk, yv, D, cos, sin, pos, kc_ref, vc_ref, *norms, 1e-6)
 
     assert q.shape == q_ref.shape == (B, hq, 1, D)
     p = int(pos)
     for got, ref in ((q, q_ref), (kc[:, :, p], kc_ref[:, :, p]), (vc[:, :, p], vc_ref[:, :, p])):
         assert not torch.isnan(got).any(), "unwritten elements"
-        assert rel_err(got, ref) <= TOL[dtype]
+        assert rel_err(got, ref) <= max(TOL[dtype], NORM_TOL[dtype] if qk_norm else 0.0)
     others = [i for i in range(kc.shape[2]) if i != p]
     assert torch.isnan(kc[:, :, others]).all() and torch.isnan(vc[:, :, others]).all(), "another cache row written"
 
@@ -83,7 +90,7 @@ def test_matches_group_then_reference(B, heads, D, K, dtype, fmt, bias, per_row_
 def test_with_x_on_its_int8_grid(fmt):
     """A plan's activations="int8" (one row, dp4a): the same finish after the int8-x GEMV."""
     test_matches_group_then_reference.hypothesis.inner_test(1, (4, 2), 32, 64, torch.bfloat16, fmt, True, False, 0.2,
-                                                             5, True)
+                                                             5, True, False)
 
 
 def test_rotation_is_rope():
@@ -107,6 +114,10 @@ def test_refuses_what_it_cannot_fold():
     assert not sg.can_fold_rope(x, ws, 16, cos.double(), sin, pos, kc, vc)  # cos in another dtype
     assert not sg.can_fold_rope(x, ws, 16, cos, sin, torch.tensor([1, 2]), kc, vc)  # two cache rows
     assert not sg.can_fold_rope(x, [w.contiguous() for w in ws], 16, cos, sin, pos, kc, vc)  # row-major weights
+    norm = torch.ones(16)
+    assert sg.can_fold_rope(x, ws, 16, cos, sin, pos, kc, vc, norm, norm)
+    assert not sg.can_fold_rope(x, ws, 16, cos, sin, pos, kc, vc, norm, None)  # q normed, k not
+    assert not sg.can_fold_rope(x, ws, 16, cos, sin, pos, kc, vc, torch.ones(8), torch.ones(8))  # not [D]
     with pytest.raises(ValueError, match="can_fold_rope"):
         sg.sparse_gemv_qkv_rope(x, ws, bs, [0.0] * 3, 12, cos, sin, pos, kc, vc)
 
@@ -114,15 +125,18 @@ def test_refuses_what_it_cannot_fold():
 @pytest.mark.skipif(not ON_GPU, reason="the Llama-3-8B shape: a GPU's test (the interpreter takes minutes)")
 @pytest.mark.parametrize("fmt", [None, "int8", "int4"])
 @pytest.mark.parametrize("B", [1, 4])
-def test_llama3_8b_heads(fmt, B):
-    """32 query heads and 8 KV heads of 128 over K = 4096, bf16, the configs the decode step picks at 50%."""
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_llama3_8b_heads(fmt, B, qk_norm):
+    """32 query heads and 8 KV heads of 128 over K = 4096, bf16, the configs the decode step picks at 50% (with the
+    q/k norms: Qwen3-8B's heads)."""
     x, ws, bs, scales, cos, sin, pos, (kc, vc) = operands(B, 32, 8, 128, 4096, torch.bfloat16, fmt, False, True, 7,
                                                           L=64)
+    norms = [torch.full((128,), 1.1, dtype=torch.bfloat16, device=DEVICE)] * 2 if qk_norm else [None, None]
     ts = [0.1, 0.1, 0.1]
-    q = sg.sparse_gemv_qkv_rope(x, ws, bs, ts, 128, cos, sin, pos, kc, vc, scales=scales, sparsity=0.5)
+    q = sg.sparse_gemv_qkv_rope(x, ws, bs, ts, 128, cos, sin, pos, kc, vc, *norms, 1e-6, scales=scales, sparsity=0.5)
     yq, yk, yv = sg.sparse_gemv_group(x, ws, bs, ts, scales=scales, sparsity=0.5)
     kc_ref, vc_ref = torch.full_like(kc, float("nan")), torch.full_like(vc, float("nan"))
-    q_ref = reference_qkv_rope_(yq, yk, yv, 128, cos, sin, pos, kc_ref, vc_ref)
+    q_ref = reference_qkv_rope_(yq, yk, yv, 128, cos, sin, pos, kc_ref, vc_ref, *norms, 1e-6)
     p = int(pos)
     for got, ref in ((q, q_ref), (kc[:, :, p], kc_ref[:, :, p]), (vc[:, :, p], vc_ref[:, :, p])):
         assert rel_err(got, ref) <= TOL[torch.bfloat16]
