@@ -161,8 +161,8 @@ def main() -> int:
                     help="each teal int8/int4 row also with its plan's activations='int8' (x rounded to int8 per 32 "
                     "inputs, dp4a products)")
     ap.add_argument("--fold-rope", action="store_true",
-                    help="each teal int8/int4 row also with options fold_rope=True (RoPE + cache writes in the q/k/v "
-                         "launch), measured next to it")
+                    help="each teal row of batch 1 (bf16, int8, int4) also with options fold_rope=True (RoPE + cache "
+                         "writes in the q/k/v launch), measured next to it")
     ap.add_argument("--quantize-lm-head", action="store_true",
                     help="teal's quantized rows with the output head in int8 too (calibrate(quantize_lm_head=True))")
     ap.add_argument("--batches", default="",
@@ -438,6 +438,9 @@ def lean_teal(model, ids, ids4, plan, sparsities: str, args, cache_len, referenc
         torch.cuda.reset_peak_memory_stats()
         t, first = decode_speed(lean(model, ids, "teal", cache_len), args.new_tokens)
         add(f"lean loop, teal {s:.0%}", 1, t, first, peak_gib())
+        if args.fold_rope:
+            t, first = decode_speed(lean(model, ids, "teal", cache_len, {"fold_rope": True}), args.new_tokens)
+            add(f"lean loop, teal {s:.0%}, RoPE folded", 1, t, first, peak_gib())
         if s == 0.0 and reference is not None:
             notes.append(reference.report(model, ids, cache_len))
         if s == 0.5 and args.batch4:
