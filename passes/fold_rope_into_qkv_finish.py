@@ -30,14 +30,22 @@ import torch
 from torch import fx
 
 import teal_fx.kernels  # noqa: F401  (registers torch.ops.teal)
-from teal_fx.passes.analysis.dataflow import MUL_TARGETS, carry_fake_value, fake_value, is_call, only_user, static_shape
+from teal_fx.passes.analysis.dataflow import (
+    ADD_TARGETS,
+    MUL_TARGETS,
+    carry_fake_value,
+    fake_value,
+    is_call,
+    only_user,
+    other_operand,
+    static_shape,
+)
 from teal_fx.passes.analysis.rmsnorm import RMSNormMatch, llama_rmsnorm_of
 from teal_fx.passes.context import PassContext
 from teal_fx.passes.finish import finish
 
 log = logging.getLogger("teal_fx.passes")
 
-_ADD = {operator.add, torch.add}
 _NEG = {operator.neg, torch.neg}
 
 
@@ -63,27 +71,26 @@ def _heads(item: fx.Node) -> Optional[tuple[fx.Node, list[fx.Node], Optional[RMS
     return tr, [view, *(norm.chain if norm is not None else []), tr], norm
 
 
-def _operands(n: fx.Node, targets: set, method: str) -> Optional[tuple]:
-    return tuple(n.args) if is_call(n, targets, (method,)) and len(n.args) == 2 and not n.kwargs else None
+def _half(u: fx.Node, t: fx.Node) -> Optional[tuple]:
+    """(start, stop) of ``t[..., start:stop]`` when ``u`` is that slice of ``t``, else None."""
+    if u.op != "call_function" or u.target is not operator.getitem or u.kwargs or u.args[0] is not t:
+        return None
+    idx = u.args[1] if len(u.args) == 2 else None
+    if not (isinstance(idx, tuple) and len(idx) == 2 and idx[0] is Ellipsis and isinstance(idx[1], slice)):
+        return None
+    return (idx[1].start, idx[1].stop) if idx[1].step is None else None
 
 
 def _rope(t: fx.Node, D: int) -> Optional[tuple[fx.Node, fx.Node, fx.Node, list[fx.Node]]]:
     """(rotated, cos, sin, matched nodes) where ``t``'s only users form ``t * cos + rotate_half(t) * sin``."""
     if len(t.users) != 3:
         return None
-    halves, m1 = {}, None
-    for u in t.users:
-        ops = _operands(u, {operator.getitem}, "__getitem__")
-        if ops is not None and ops[0] is t and isinstance(ops[1], tuple) and len(ops[1]) == 2 and ops[1][0] is Ellipsis:
-            s = ops[1][1]
-            if isinstance(s, slice) and s.step is None:
-                halves[(s.start, s.stop)] = u
-        elif _operands(u, MUL_TARGETS, "mul") is not None:
-            m1 = u
+    halves = {_half(u, t): u for u in t.users}
     x1, x2 = halves.get((None, D // 2)), halves.get((D // 2, None))
-    if m1 is None or x1 is None or x2 is None or len(halves) != 2:
+    m1 = next((u for u in t.users if is_call(u, MUL_TARGETS, ("mul", "__mul__"))), None)
+    if m1 is None or x1 is None or x2 is None:
         return None
-    cos = next((a for a in m1.args if a is not t), None)
+    cos = other_operand(m1, t)
     neg = only_user(x2)
     if neg is None or not is_call(neg, _NEG, ("neg", "__neg__")) or tuple(neg.args) != (x2,) or neg.kwargs:
         return None
@@ -94,11 +101,12 @@ def _rope(t: fx.Node, D: int) -> Optional[tuple[fx.Node, fx.Node, fx.Node, list[
     if tuple(cat.args[0]) != (neg, x1) or dim not in (-1, 3):
         return None
     m2 = only_user(cat)
-    if m2 is None or _operands(m2, MUL_TARGETS, "mul") is None or cat not in m2.args:
+    if m2 is None or not is_call(m2, MUL_TARGETS, ("mul", "__mul__")):
         return None
-    sin = next((a for a in m2.args if a is not cat), None)
+    sin = other_operand(m2, cat)
     add = only_user(m1)
-    if add is None or only_user(m2) is not add or _operands(add, _ADD, "add") is None or set(add.args) != {m1, m2}:
+    if add is None or only_user(m2) is not add or not is_call(add, ADD_TARGETS, ("add", "__add__")) \
+            or other_operand(add, m1) is not m2:
         return None
     if not isinstance(cos, fx.Node) or not isinstance(sin, fx.Node):
         return None

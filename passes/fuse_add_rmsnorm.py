@@ -31,8 +31,8 @@ import torch.nn.functional as F
 from torch import fx
 
 import teal_fx.kernels  # noqa: F401  (registers torch.ops.teal)
-from teal_fx.passes.analysis.dataflow import fake_value, is_call, only_user
-from teal_fx.passes.analysis.rmsnorm import ADD_TARGETS, llama_rmsnorm_of, other_operand
+from teal_fx.passes.analysis.dataflow import ADD_TARGETS, fake_value, is_call, only_user, other_operand
+from teal_fx.passes.analysis.rmsnorm import llama_rmsnorm_of
 from teal_fx.passes.context import PassContext
 from teal_fx.passes.finish import finish
 

@@ -30,6 +30,7 @@ ACTIVATION_TARGETS = {
 }
 ACTIVATION_METHODS = {"sigmoid", "tanh", "relu", "silu", "gelu"}
 MUL_TARGETS = {operator.mul, torch.mul, aten.mul.Tensor}
+ADD_TARGETS = {operator.add, torch.add, aten.add.Tensor}
 
 
 def is_linear(n: fx.Node) -> bool:
@@ -165,6 +166,13 @@ def _walk(start: Iterable[fx.Node], stop: Callable[[fx.Node], bool],
             continue
         todo.extend(step(n))
     return found, seen
+
+
+def other_operand(n: fx.Node, one) -> Optional[object]:
+    """The operand of a binary node ``n`` that is not ``one`` (None unless ``n`` has exactly two, one of them ``one``)."""
+    if len(n.args) != 2 or n.kwargs or one not in n.args or n.args[0] is n.args[1]:
+        return None
+    return n.args[1] if n.args[0] is one else n.args[0]
 
 
 def only_user(n: fx.Node) -> Optional[fx.Node]:

@@ -13,10 +13,9 @@ from typing import Optional
 import torch
 from torch import fx
 
-from teal_fx.passes.analysis.dataflow import MUL_TARGETS, fake_value, is_call, only_user
+from teal_fx.passes.analysis.dataflow import ADD_TARGETS, MUL_TARGETS, fake_value, is_call, only_user, other_operand
 
 aten = torch.ops.aten
-ADD_TARGETS = {operator.add, torch.add, aten.add.Tensor}
 _POW = {operator.pow, torch.pow, aten.pow.Tensor_Scalar}
 _MEAN = {torch.mean, aten.mean.dim}
 _RSQRT = {torch.rsqrt, aten.rsqrt.default}
@@ -28,13 +27,6 @@ class RMSNormMatch:
     eps: float
     out: fx.Node  # the norm's result
     chain: list[fx.Node]  # the norm's nodes from ``out`` back to h's float32 cast (erasable in this order)
-
-
-def other_operand(n: fx.Node, one) -> Optional[object]:
-    """The operand of a binary node ``n`` that is not ``one`` (None unless ``n`` has exactly two, one of them ``one``)."""
-    if len(n.args) != 2 or n.kwargs or one not in n.args or n.args[0] is n.args[1]:
-        return None
-    return n.args[1] if n.args[0] is one else n.args[0]
 
 
 def dtype_cast(n: fx.Node, src: fx.Node) -> Optional[torch.dtype]:
