@@ -125,6 +125,15 @@ def _backward(ctx, grad_out: Tensor):
 sparse_linear.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _group_on_kernel(x: Tensor, weights: list[Tensor], biases: list[Optional[Tensor]],
+                     scales: list[Optional[Tensor]], hint: float, shared: bool, x_int8: bool) -> bool:
+    """Whether a grouped decode launch takes these linears sharing ``x``: every member on the kernel, all biased or
+    none, and the kernel paying over their summed columns."""
+    return all(sparse_gemv.supports(x, w, s, shared, x_int8) for w, s in zip(weights, scales)) and \
+        len({b is None for b in biases}) == 1 and \
+        sparse_gemv.pays(x, sum(w.shape[0] for w in weights), hint, shared, scales[0] is not None)
+
+
 @torch.library.custom_op("teal::sparse_linear_group", mutates_args=())
 def sparse_linear_group(
     x: Tensor, weights: list[Tensor], biases: list[Optional[Tensor]], thresholds: list[float],
@@ -138,9 +147,7 @@ def sparse_linear_group(
     """
     if x.is_cuda and sparse_token_start(x, prefill_sparse_from) == 0:
         hint = min(sparsities, default=-1.0)
-        if all(sparse_gemv.supports(x, w, s, shared, x_int8) for w, s in zip(weights, scales)) and \
-                len({b is None for b in biases}) == 1 and \
-                sparse_gemv.pays(x, sum(w.shape[0] for w in weights), hint, shared, scales[0] is not None):
+        if _group_on_kernel(x, weights, biases, scales, hint, shared, x_int8):
             return sparse_gemv.sparse_gemv_group(x, weights, biases, thresholds, sparsity=hint, scales=scales,
                                                  shared=shared, x_int8=x_int8)
         if x_int8:  # each member's threshold puts x on its own int8 grid
@@ -285,11 +292,9 @@ def sparse_linear_qkv_rope(
     op followed by the reference. No autograd: the pass that inserts it only rewrites decode graphs."""
     if x.is_cuda and sparse_token_start(x, prefill_sparse_from) == 0:
         hint = min(sparsities, default=-1.0)
-        if all(sparse_gemv.supports(x, w, s, shared, x_int8) for w, s in zip(weights, scales)) and \
-                len({b is None for b in biases}) == 1 and \
-                sparse_gemv.can_fold_rope(x, weights, head_dim, cos, sin, cache_position, k_cache, v_cache,
-                                          q_norm, k_norm) and \
-                sparse_gemv.pays(x, sum(w.shape[0] for w in weights), hint, shared, scales[0] is not None):
+        if _group_on_kernel(x, weights, biases, scales, hint, shared, x_int8) and \
+                sparse_gemv.can_fold_rope(x, weights, head_dim, cos, sin, cache_position, k_cache, v_cache, q_norm,
+                                          k_norm):
             return sparse_gemv.sparse_gemv_qkv_rope(x, weights, biases, thresholds, head_dim, cos, sin, cache_position,
                                                     k_cache, v_cache, q_norm, k_norm, norm_eps, sparsity=hint,
                                                     scales=scales, shared=shared, x_int8=x_int8)
