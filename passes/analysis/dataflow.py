@@ -27,8 +27,10 @@ ACTIVATION_TARGETS = {
     F.silu, F.gelu, F.relu, F.mish, F.elu, F.leaky_relu, F.hardswish, F.softplus, F.sigmoid, F.tanh,
     torch.sigmoid, torch.tanh, torch.relu, torch.nn.functional.relu6,
     aten.silu.default, aten.gelu.default, aten.relu.default, aten.sigmoid.default, aten.tanh.default,
+    # activations written out elementwise: exact GELU by erf, ELU-like branches by exp / expm1 (Apertus' xIELU)
+    torch.erf, torch.exp, torch.expm1, aten.erf.default, aten.exp.default, aten.expm1.default,
 }
-ACTIVATION_METHODS = {"sigmoid", "tanh", "relu", "silu", "gelu"}
+ACTIVATION_METHODS = {"sigmoid", "tanh", "relu", "silu", "gelu", "erf", "exp", "expm1"}
 MUL_TARGETS = {operator.mul, torch.mul, aten.mul.Tensor}
 ADD_TARGETS = {operator.add, torch.add, aten.add.Tensor}
 

@@ -10,16 +10,18 @@ and roles. What ``discover`` guarantees:
   - the nearest linear downstream of the attention output is ``o``;
   - a linear whose input traces back to exactly two linears sharing one input, one through an activation, is
     ``down`` of a gated MLP whose other two are ``gate`` (the activated one) and ``up``; one linear reaching the
-    down linear through a split, an activation and a product is a fused ``gate_up``; a plain
-    ``linear -> activation -> linear`` MLP is ``up``/``down``.
+    down linear through a product of two parts of its output, one activated, is a fused ``gate_up``; a plain
+    ``linear -> activation -> linear`` MLP is ``up``/``down`` (whatever products its activation is written with).
 * Blocks are numbered by the order of their attention sites; an MLP joins the block of the latest attention
-  feeding it (or, in a parallel block, the attention reading the same input).
+  feeding it, or, in a parallel block (GPT-J, Phi, Cohere: one norm; GPT-NeoX: a norm each), of the attention that
+  reads the same residual stream (the same linears upstream).
 * Anything else — lm_head, embeddings, linears in shapes it does not recognise — is never matched, and is reported.
 * Module names are a cross-check only: when every key carries a layer number that differs from the structural
   index by one constant (a graph that starts mid-model after a graph break), the layer numbers are used.
 """
 from __future__ import annotations
 
+import operator
 import re
 from dataclasses import dataclass, field
 from typing import Optional
@@ -250,6 +252,36 @@ def _looks_like_norm(nodes: set[fx.Node]) -> bool:
     return False
 
 
+def _reads_same_stream(g: nx.DiGraph, x: fx.Node, q_input: Optional[fx.Node]) -> bool:
+    """True when an MLP reading ``x`` runs in parallel with the attention whose q projection reads ``q_input``: both
+    read the same residual stream, through one norm (GPT-J, Phi) or one each (GPT-NeoX), so the same linears lie
+    upstream of both. In a sequential block the attention that follows reads the MLP's own output as well."""
+    if q_input is None:
+        return False
+    if q_input is x:
+        return True
+    return {n for n in nx.ancestors(g, x) if is_linear(n)} == {n for n in nx.ancestors(g, q_input) if is_linear(n)}
+
+
+def _halves_multiplied(g: nx.DiGraph, u: fx.Node, path: set[fx.Node]) -> bool:
+    """True for a fused gate/up projection: a product in ``path`` whose two operands come from two different parts
+    of ``u``'s output (chunk / split / slices), ``up * act(gate)``. A plain activation written with products of its
+    own input (``0.5 * x * (1 + tanh(...))``) takes no part of ``u`` apart and is not one."""
+    parts = {m for m in path if m.op == "call_function" and m.target is operator.getitem
+             and isinstance(m.args[0], fx.Node) and (m.args[0] is u or m.args[0] in path and m.args[0].args
+                                                       and m.args[0].args[0] is u)}
+    for m in path:
+        if not is_mul(m):
+            continue
+        ops = [a for a in m.args if isinstance(a, fx.Node) and (a in path or a is u)]
+        if len(ops) != 2:
+            continue
+        seen = [{p for p in parts if p is a or p in nx.ancestors(g, a)} for a in ops]
+        if seen[0] and seen[1] and not seen[0] & seen[1]:
+            return True
+    return False
+
+
 def _match_mlp(g: nx.DiGraph, d: fx.Node, free: set[fx.Node]):
     """Return [(node, role)] for an MLP ending in linear ``d``, or None."""
     src = _nearest_linears_up(g, [linear_args(d)[0]])
@@ -272,11 +304,7 @@ def _match_mlp(g: nx.DiGraph, d: fx.Node, free: set[fx.Node]):
         path = _path_between(g, u, d)
         if _looks_like_norm(path) or not any(map(is_activation, path)):
             return None
-        _, desc = downstream_until(g, [u], lambda m: m is d)
-        fused = any(
-            is_mul(m) and sum(isinstance(a, fx.Node) and a in desc for a in m.args) == 2 for m in path
-        )
-        return [(u, "gate_up"), (d, "down")] if fused else [(u, "up"), (d, "down")]
+        return [(u, "gate_up"), (d, "down")] if _halves_multiplied(g, u, path) else [(u, "up"), (d, "down")]
     return None
 
 
@@ -329,8 +357,7 @@ def discover(graph: fx.Graph) -> Discovery:
         x = linear_args(mlp[0][0])[0]
         anc = nx.ancestors(g, x) | {x}
         j = max((i for i, s in enumerate(site_nodes) if s in anc), default=-1)
-        parallel = q_inputs.get(j + 1) is x
-        block = j + 1 if parallel else j
+        block = j + 1 if _reads_same_stream(g, x, q_inputs.get(j + 1)) else j
         if block < 0:
             continue
         for n, role in mlp:

@@ -1,0 +1,90 @@
+"""Breadth: decoders whose blocks differ in structure from Llama's are found, labelled, calibrated and decoded right.
+
+conftest's ARCHS run through every test of the rewrite; the architectures here each bring a structure of their own
+(parallel attention and MLP with one norm or two, fused q/k/v, multi-query, non-gated MLPs, activations written out
+elementwise, norms after the projections, q/k norms over the whole width) and run one end-to-end path each: discovery
+labels each block as expected, ``calibrate`` allocates on the captured graph, and the lean decode loop through the
+teal backend generates the tokens that hooks masking each linear's input generate.
+"""
+import pytest
+import torch
+import transformers as T
+
+import teal_fx
+from teal_fx.generate import cache_kwarg
+from tests.conftest import masked_inputs
+
+GATED = ["q", "k", "v", "o", "gate", "up", "down"]
+PLAIN = ["q", "k", "v", "o", "up", "down"]
+FUSED_QKV = ["qkv", "o", "up", "down"]
+# name -> (config class name, roles of each block, config overrides)
+STRUCTURES = {
+    "gpt_neox": ("GPTNeoXConfig", FUSED_QKV, {}),  # parallel attention and MLP, one LayerNorm each
+    "phi": ("PhiConfig", PLAIN, {}),  # parallel, one shared LayerNorm; gelu_new written with products of its input
+    "cohere": ("CohereConfig", GATED, {}),  # parallel, shared norm, gated MLP
+    "gptj": ("GPTJConfig", PLAIN, {"rotary_dim": 8}),  # parallel, interleaved rotary
+    "codegen": ("CodeGenConfig", FUSED_QKV, {"rotary_dim": 8}),  # parallel, fused q/v/k in model-parallel order
+    "gpt_bigcode": ("GPTBigCodeConfig", FUSED_QKV, {"multi_query": True}),  # one key/value head in the fused qkv
+    "persimmon": ("PersimmonConfig", FUSED_QKV, {}),  # fused qkv with q/k LayerNorms, relu² MLP
+    "starcoder2": ("Starcoder2Config", PLAIN, {}),  # biases everywhere, non-gated MLP
+    "nemotron": ("NemotronConfig", PLAIN, {}),  # relu² non-gated MLP
+    "apertus": ("ApertusConfig", PLAIN, {}),  # xIELU: an activation of exp / where, no named activation op
+    "olmo2": ("Olmo2Config", GATED, {}),  # norms after attention and MLP, q/k norms over the whole width
+    "gemma3": ("Gemma3TextConfig", GATED, {}),  # q/k norms per head, pre- and post-norms, sliding window layers
+    "glm4": ("Glm4Config", ["q", "k", "v", "o", "gate_up", "down"], {}),  # fused gate/up, post-norms
+    "granite": ("GraniteConfig", GATED, {}),  # residual and attention multipliers
+    "stablelm": ("StableLmConfig", GATED, {}),  # LayerNorm, partial rotary
+}
+MULTI_HEAD_ONLY = {"gpt_neox", "phi", "gptj", "codegen", "gpt_bigcode", "persimmon"}  # no num_key_value_heads
+
+
+def structure_model(name: str) -> torch.nn.Module:
+    cls_name, _, overrides = STRUCTURES[name]
+    cls = getattr(T, cls_name, None)
+    if cls is None:
+        pytest.skip(f"transformers {T.__version__} has no {cls_name}")
+    torch.manual_seed(0)
+    kv = {} if name in MULTI_HEAD_ONLY else {"num_key_value_heads": 2}
+    cfg = cls(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+              max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2, **kv, **overrides)
+    for attr, value in {"n_inner": 96, "ffn_dim": 96}.items():  # the MLP width where a config names it otherwise
+        if hasattr(cfg, attr):
+            setattr(cfg, attr, value)
+    cfg._attn_implementation = "sdpa"
+    model = T.AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():  # a realistic spread of activations (HF's init is tiny)
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 1.0 / p.shape[1] ** 0.5)
+    return model
+
+
+@pytest.mark.parametrize("name", sorted(STRUCTURES))
+def test_structure_labelled_calibrated_and_decoded(name):
+    model = structure_model(name)
+    found = teal_fx.find_linears(model)
+    by_block: dict[int, list] = {}
+    for m in found:
+        by_block.setdefault(m.block, []).append(m)
+    assert sorted(by_block) == [0, 1]
+    for b, ms in by_block.items():
+        assert sorted(m.role for m in ms) == sorted(STRUCTURES[name][1]), (b, [(m.role, m.key) for m in ms])
+        assert all(f".{b}." in m.key for m in ms)  # each linear sits in the block its module path says
+
+    data = torch.randint(3, 128, (4, 48), generator=torch.Generator().manual_seed(1))
+    plan = teal_fx.calibrate(model, data, sparsity=0.5, num_sequences=4, seq_len=48, greedy_sequences=2,
+                             progress=False)
+    assert sorted(plan.linears) == sorted(m.key for m in found)
+    assert plan.model_sparsity() == pytest.approx(0.5, abs=0.05)
+
+    ids = torch.randint(3, 128, (1, 5), generator=torch.Generator().manual_seed(2))
+    out = teal_fx.generate(model, ids, 6, backend="teal", options={"compiler": "eager"})
+    with torch.no_grad():  # the reference: dense prefill, then decode steps with each planned input masked
+        step = model(ids, use_cache=True)
+        tokens, cache = [step.logits[:, -1].argmax(-1, keepdim=True)], step.past_key_values
+        with masked_inputs(model, plan):
+            for _ in range(5):
+                step = model(tokens[-1], **{cache_kwarg(model): cache}, use_cache=True)
+                tokens.append(step.logits[:, -1].argmax(-1, keepdim=True))
+                cache = step.past_key_values
+    assert torch.equal(out, torch.cat([ids, *tokens], 1))
