@@ -15,6 +15,9 @@ Invariants:
   same result, one small kernel more a linear. A symbolic batch of a prefill takes the one-row threshold, and says so.
 * A graph whose token dimension is statically longer than one (a prefill) keeps its linears dense unless the plan
   asks for prefill sparsity: the op would take its dense branch anyway, and Inductor keeps cuBLAS and its fusions.
+  The graph's token count is its 3-D linear inputs' [B, S, K]; a linear whose input is flattened to [B·S, K] (OPT's
+  MLP) has lost the positions, so in a graph of several tokens (or a symbolic number) it stays dense unless the plan
+  sparsifies every prefill token (``prefill_sparse_from`` 0), where a row is a token either way.
 * On CUDA, where the sparse GEMV cannot beat cuBLAS for the graph's static rows at the plan's sparsity (per-row
   masks over several rows, whose union keeps nearly every weight row: ``sparse_gemv_config.kernel_pays``), a float
   linear keeps its node and gets its input masked in the graph (``reference.sparsify``): the same result, and
@@ -44,6 +47,20 @@ def _static_tokens(x: fx.Node):
         return 1
     s = v.shape[-2]
     return int(s) if isinstance(s, int) else None  # None: symbolic, decided at run time by the op
+
+
+def _graph_tokens(xs: list[fx.Node]):
+    """The token count of a graph from its linears' inputs ``xs``: S of the [B, S, K] ones (None: symbolic; 1 where
+    every input is 2-D, as a decode step's rows)."""
+    counts = {_static_tokens(x) for x in xs if (v := fake_value(x)) is not None and v.dim() >= 3}
+    if None in counts:
+        return None
+    return max(counts, default=1)
+
+
+def _flattened(x: fx.Node) -> bool:
+    v = fake_value(x)
+    return v is not None and v.dim() == 2
 
 
 def _static_batch(x: fx.Node):
@@ -83,11 +100,17 @@ def insert_sparse_linear(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule
     op = torch.ops.teal.sparse_linear.default
     shared = plan.batch_mask == "shared"
     x_int8 = plan.activations == "int8"
-    rewritten, dense, runtime_batch = [], [], []
+    rewritten, dense, runtime_batch, flattened = [], [], [], []
+    graph_tokens = _graph_tokens([linear_args(m.node)[0] for m in discovery.matched])
     for m in discovery.matched:
         node = m.node
         x, w, b = linear_args(node)
         tokens = _static_tokens(x)
+        if _flattened(x) and graph_tokens != 1:
+            tokens = graph_tokens
+            if plan.prefill_sparse_from > 0.0:
+                flattened.append(m.key)
+                continue
         if tokens is not None and tokens > 1 and plan.prefill_sparse_from >= 1.0:
             continue
         if shared:
@@ -130,6 +153,9 @@ def insert_sparse_linear(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule
     if dense:
         log.info("teal: %d linears masked in the graph and left to cuBLAS (the sparse GEMV cannot win for these rows "
                  "at this sparsity): %s", len(dense), ", ".join(dense[:4]) + (", ..." if len(dense) > 4 else ""))
+    if flattened:
+        log.info("teal: %d linears read their tokens flattened to rows in a graph of several tokens (%s): left dense, "
+                 "the prefill's positions are not known there", len(flattened), ", ".join(flattened[:4]))
     if not rewritten and not dense:
         log.info("teal: prefill graph (static length > 1): %d block linears left dense", len(discovery.matched))
     return finish(gm, "linears_rewritten", len(rewritten), "%d linears -> teal::sparse_linear", len(rewritten))

@@ -17,7 +17,7 @@ log = logging.getLogger("teal_fx.passes")
 
 
 def label_block_linears(gm: fx.GraphModule, ctx: Optional[PassContext] = None) -> fx.GraphModule:
-    result = discover(gm.graph)
+    result = discover(gm.graph, ctx.weight_names if ctx is not None else None)
     gm.meta["teal_discovery"] = result
     for m in result.matched:
         log.debug("teal: matched block %d %s %s %s", m.block, m.role, m.key, m.shape)

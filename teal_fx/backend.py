@@ -25,7 +25,7 @@ from teal_fx.kernels import sparse_gemv
 from teal_fx.kernels.quantize import logical_shape
 from teal_fx.options import TealOptions
 from teal_fx.passes import Discovery, PassContext, run_passes
-from teal_fx.passes.analysis import is_tensor_parallel, unsharded
+from teal_fx.passes.analysis import is_tensor_parallel, unsharded, weight_names
 from teal_fx.plan import Plan
 
 log = logging.getLogger("teal_fx")
@@ -45,7 +45,9 @@ class _PlanKeyedGraph:
     Why: Dynamo serves one compiled graph to every model of a class whose tensors pass its guards (parameters are
     graph inputs, not constants), and goes on serving it after a plan is attached, replaced or detached; the
     thresholds a variant bakes in are its own plan's, so the plan has to be part of the key (docs/design.md,
-    "Plans and compiled graphs"). The lookup costs one weak-dictionary read per call.
+    "Plans and compiled graphs"). So is the weight's key in that plan: a graph of one layer (traced after a graph
+    break) could be served to another layer, whose thresholds differ. The lookup costs two weak-dictionary reads a
+    call.
     """
 
     def __init__(self, gm: fx.GraphModule, opts: TealOptions) -> None:
@@ -55,14 +57,14 @@ class _PlanKeyedGraph:
         self.given = opts.plan
         self.stamp = _file_stamp(opts.plan_path)
         self.weight_index: Optional[int] = None  # the placeholder of a matched weight: whose plan applies
-        self.variants: dict[int, tuple[Optional[Plan], Callable]] = {}  # id(plan) -> (plan, compiled)
+        self.variants: dict[tuple, tuple[Optional[Plan], Callable]] = {}  # (id(plan), weight key) -> (plan, compiled)
 
     def compile_first(self, example_inputs: list) -> Callable:
         plan, compiled = self._compile(self.captured, example_inputs, first=True)
         self.captured = None  # rewritten and compiled: only the pristine copy serves later plans
         if self.weight_index is None:  # no block linear: no plan changes what this graph computes
             return compiled
-        self.variants[id(plan)] = (plan, compiled)
+        self.variants[(id(plan), state.key_of_weight(example_inputs[self.weight_index]))] = (plan, compiled)
 
         def run(*args: Any) -> Any:
             return self(*args)
@@ -71,10 +73,11 @@ class _PlanKeyedGraph:
 
     def __call__(self, *args: Any) -> Any:
         plan = self._plan_now(args)
-        entry = self.variants.get(id(plan))
+        key = (id(plan), state.key_of_weight(args[self.weight_index]))
+        entry = self.variants.get(key)
         if entry is None or entry[0] is not plan:
-            log.info("teal: compiling a graph again for the plan that now applies to it")
-            entry = self.variants[id(plan)] = (plan, self._compile(_copy_graph(self.pristine), list(args), plan)[1])
+            log.info("teal: compiling a graph again for the plan (or the layer) that now applies to it")
+            entry = self.variants[key] = (plan, self._compile(_copy_graph(self.pristine), list(args), plan)[1])
         if plan is not None:  # what says a sparse variant ran, compiled now or served from Dynamo's cache (evaluate.py)
             counters["teal"]["sparse_graph_calls"] += 1
         return entry[1](*args)
@@ -111,7 +114,8 @@ class _PlanKeyedGraph:
             _prepare_weights(weights)
             return chosen
 
-        ctx = PassContext(options=self.opts, resolve_plan=resolve)
+        ctx = PassContext(options=self.opts, resolve_plan=resolve,
+                          weight_names=weight_names(gm.graph, example_inputs, state.key_of_weight))
         gm = run_passes(gm, ctx)
         if first:
             disc = ctx.discovery

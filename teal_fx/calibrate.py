@@ -28,7 +28,7 @@ from teal_fx.extract_blocks import BlockSubgraph, extract_blocks
 from teal_fx.histogram import AbsHistogram
 from teal_fx.kernels.reference import sparsify
 from teal_fx.models import model_name
-from teal_fx.passes.analysis.discovery import Discovery, discover
+from teal_fx.passes.analysis.discovery import Discovery, discover, parameter_names, weight_names
 from teal_fx.plan import ACTIVATION_FORMATS, BATCH_MASKS, WEIGHT_FORMATS, LinearPlan, Plan
 from teal_fx.shared_thresholds import read_batch_histograms, spread_batches, with_batch_histograms
 from teal_fx.state import attach_plan
@@ -243,8 +243,9 @@ class _RecordingInterpreter(fx.Interpreter):
 class Recorder:
     """A Dynamo backend that runs each captured graph through ``_RecordingInterpreter``."""
 
-    def __init__(self, greedy: bool, thresholds: Optional[dict[str, float]] = None,
+    def __init__(self, model: nn.Module, greedy: bool, thresholds: Optional[dict[str, float]] = None,
                  shared_counts: bool = False, masked: bool = False) -> None:
+        self.name_of = parameter_names(model)  # keys by the weights' own names, whatever frame Dynamo traced
         self.greedy = greedy
         self.masked = masked  # with thresholds: each linear's input masked by its own, as a sparse run masks it
         # key -> [at or below threshold, total, threshold]: exact counts of what a plan would zero (shared_counts: of
@@ -256,7 +257,7 @@ class Recorder:
         self.keep_next = False
 
     def __call__(self, gm: fx.GraphModule, example_inputs):
-        disc = discover(gm.graph)
+        disc = discover(gm.graph, weight_names(gm.graph, example_inputs, self.name_of))
         record: dict[fx.Node, list[str]] = {}
         for m in disc.matched:
             record.setdefault(m.node.args[0], []).append(m.key)
@@ -355,7 +356,7 @@ def calibrate(
         source = str(data) if isinstance(data, (str, Path)) and len(str(data)) < 200 else type(data).__name__
     seqs, held = _hold_back(seqs, held_back)
 
-    recorder = Recorder(greedy=method == "greedy")
+    recorder = Recorder(model, greedy=method == "greedy")
     compiled = torch.compile(model, backend=recorder, dynamic=False)
     with torch.no_grad(), recompile_limits(1024, 4096):
         for i in tqdm(range(len(seqs)), desc="teal: calibrating", disable=not progress):
@@ -432,7 +433,7 @@ def realised_sparsity(model: nn.Module, plan: Plan, data: Data, *, tokenizer: An
     sparse run (teal_fx/shared_thresholds.py; docs/perf-log.md v30-v31)."""
     seqs = token_sequences(data, tokenizer, num_sequences=num_sequences, seq_len=seq_len)
     shared = batch > 1 and plan.batch_mask == "shared"
-    recorder = Recorder(greedy=False, thresholds={k: lp.threshold_for(batch if shared else 1)
+    recorder = Recorder(model, greedy=False, thresholds={k: lp.threshold_for(batch if shared else 1)
                                                   for k, lp in plan.linears.items()}, shared_counts=shared,
                         masked=sparse_run)
     compiled = torch.compile(model, backend=recorder, dynamic=False)

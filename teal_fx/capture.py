@@ -11,7 +11,7 @@ from typing import Any, Callable, ContextManager, Optional
 import torch
 from torch import fx, nn
 
-from teal_fx.passes.analysis.discovery import Discovery, MatchedLinear, discover
+from teal_fx.passes.analysis.discovery import Discovery, MatchedLinear, discover, parameter_names, weight_names
 from teal_fx.tensor_parallel import whole_shape
 
 
@@ -60,9 +60,11 @@ def capture_graphs(
     """
     inputs = example_inputs_for(model) if inputs is None else inputs
     graphs: list[CapturedGraph] = []
+    name_of = parameter_names(model)
 
     def backend(gm: fx.GraphModule, example_inputs):
-        graphs.append(CapturedGraph(gm, list(example_inputs), discover(gm.graph)))
+        names = weight_names(gm.graph, example_inputs, name_of)
+        graphs.append(CapturedGraph(gm, list(example_inputs), discover(gm.graph, names)))
         return runner(gm) if runner is not None else gm.forward
 
     compiled = torch.compile(model, backend=backend, dynamic=False)

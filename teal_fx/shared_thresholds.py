@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from teal_fx.capture import recompile_limits
 from teal_fx.errors import CalibrationDataError, PlanError
 from teal_fx.histogram import AbsHistogram
-from teal_fx.passes.analysis.discovery import discover
+from teal_fx.passes.analysis.discovery import discover, parameter_names, weight_names
 from teal_fx.plan import BATCH_SIZES, Plan
 from teal_fx.tensor_parallel import reduce_histograms, tp_group
 
@@ -61,7 +61,7 @@ def read_batch_histograms(model: nn.Module, plan: Plan, seqs: torch.Tensor, *,
     device = next(model.parameters()).device
     histograms: dict[str, dict[int, AbsHistogram]] = {}
     work = [(b, rows) for b in batch_sizes for rows in spread_batches(len(seqs), b)]
-    reader = _SparseRunReader({k: lp.sparsity for k, lp in plan.linears.items()})
+    reader = _SparseRunReader(model, {k: lp.sparsity for k, lp in plan.linears.items()})
     compiled = torch.compile(model, backend=reader, dynamic=False)
     with torch.no_grad(), recompile_limits(1024, 4096):
         for b, rows in tqdm(work, desc="teal: shared thresholds (sparse run)", disable=not progress):
@@ -113,12 +113,14 @@ class _SparseRunReader:
     """A Dynamo backend: interprets each captured graph with every planned linear's input masked by the batch's mean
     |x| at the linear's sparsity (``batch_quantile_mask``), recording the histogram of those means."""
 
-    def __init__(self, sparsities: dict[str, float]) -> None:
+    def __init__(self, model: nn.Module, sparsities: dict[str, float]) -> None:
+        self.name_of = parameter_names(model)
         self.sparsities = sparsities
         self.histograms: dict[str, AbsHistogram] = {}
 
     def __call__(self, gm: fx.GraphModule, example_inputs):
-        keys = {m.node: m.key for m in discover(gm.graph).matched if m.key in self.sparsities}
+        names = weight_names(gm.graph, example_inputs, self.name_of)
+        keys = {m.node: m.key for m in discover(gm.graph, names).matched if m.key in self.sparsities}
         return lambda *args: _MaskedBatchInterpreter(gm, keys, self).run(*args)
 
 

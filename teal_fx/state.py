@@ -25,6 +25,7 @@ from teal_fx.weights import apply_weight_format
 
 _PLAN_OF_MODEL: "weakref.WeakKeyDictionary[nn.Module, Plan]" = weakref.WeakKeyDictionary()
 _PLAN_OF_WEIGHT: WeakIdKeyDictionary = WeakIdKeyDictionary()  # weight tensor -> the plan of the model it belongs to
+_KEY_OF_WEIGHT: WeakIdKeyDictionary = WeakIdKeyDictionary()  # weight tensor -> its key in that plan
 _WRAPPERS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()  # key -> (plan, wrapper)
 _KV_CACHES: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()  # (key, cache)
 
@@ -44,8 +45,9 @@ def attach_plan(model: nn.Module, plan: PlanLike, *, check: bool = True) -> Plan
     if problem:
         warnings.warn(problem, stacklevel=2)
     apply_weight_format(model, list(plan.linears), plan.weights, plan.lm_head)
-    for w in store_column_major(model, plan):
+    for key, w in zip(plan.linears, store_column_major(model, plan)):
         _PLAN_OF_WEIGHT[w] = _PLAN_OF_WEIGHT[local_tensor(w)] = plan  # a graph may take a TP rank's shard instead
+        _KEY_OF_WEIGHT[w] = _KEY_OF_WEIGHT[local_tensor(w)] = key
     _PLAN_OF_MODEL[model] = plan
     return plan
 
@@ -74,8 +76,9 @@ def detach_plan(model: nn.Module) -> None:
             w = model.get_parameter(key)
         except AttributeError:
             continue
-        _PLAN_OF_WEIGHT.pop(w, None)
-        _PLAN_OF_WEIGHT.pop(local_tensor(w), None)
+        for table in (_PLAN_OF_WEIGHT, _KEY_OF_WEIGHT):
+            table.pop(w, None)
+            table.pop(local_tensor(w), None)
 
 
 def attached_plan(model: nn.Module) -> Optional[Plan]:
@@ -87,6 +90,12 @@ def plan_of_weight(weight: Tensor) -> Optional[Plan]:
     """The plan attached to the model owning ``weight`` (None: none). One weak-dictionary read: a compiled graph asks
     this at every call."""
     return _PLAN_OF_WEIGHT.get(weight)
+
+
+def key_of_weight(weight: Any) -> Optional[str]:
+    """The plan key of ``weight`` in the plan attached to its model (None: none): its qualified name, whichever frame
+    Dynamo traced it in (discovery.weight_names)."""
+    return _KEY_OF_WEIGHT.get(weight) if isinstance(weight, Tensor) else None
 
 
 def plan_for_weights(weights: Iterable[Tensor]) -> Optional[Plan]:

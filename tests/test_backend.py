@@ -8,7 +8,7 @@ import torch
 
 import teal_fx
 from teal_fx.plan import Plan
-from tests.conftest import tiny_model
+from tests.conftest import masked_inputs, tiny_model
 
 
 def test_registered_by_import_and_entry_point():
@@ -77,3 +77,23 @@ def test_a_graph_copied_for_another_plan_keeps_what_marks_its_static_inputs():
     assert [n._dynamo_source for n in new] == [n._dynamo_source for n in old]
     assert getattr(copy, "_param_name_to_source", None) is getattr(gm, "_param_name_to_source", None)
     assert copy.meta.get("dynamo_compile_id") == gm.meta.get("dynamo_compile_id")
+
+
+def test_regional_compilation_one_graph_served_to_every_layer():
+    """``layer.compile(backend="teal")`` per decoder layer (regional compilation): Dynamo traces the layer's forward
+    once, in a frame whose source paths start at the layer, and serves that graph to every layer. Keys come from
+    the weights' identities, and each layer gets the variant compiled for its own thresholds."""
+    model = tiny_model("llama", layers=3)
+    plan = teal_fx.calibrate(model, torch.randint(3, 128, (4, 48), generator=torch.Generator().manual_seed(0)),
+                             sparsity=0.5, num_sequences=4, seq_len=48, greedy_sequences=2, progress=False)
+    assert len({plan.threshold(k) for k in plan.linears if ".q_proj." in k}) == 3  # the layers' thresholds differ
+    for layer in model.model.layers:
+        layer.compile(backend="teal", options={"compiler": "eager"})
+    ids = torch.randint(3, 128, (2, 1), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        out = model(ids, use_cache=False).logits
+        for layer in model.model.layers:
+            layer._compiled_call_impl = None
+        with masked_inputs(model, plan):
+            ref = model(ids, use_cache=False).logits
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)

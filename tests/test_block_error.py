@@ -23,7 +23,7 @@ def blocks():
     for arch in ARCHS:
         torch._dynamo.reset()
         model = tiny_model(arch)
-        recorder = Recorder(greedy=True)
+        recorder = Recorder(model, greedy=True)
         compiled = torch.compile(model, backend=recorder, dynamic=False)
         with torch.no_grad():
             for seed in range(2):

@@ -1,5 +1,14 @@
 """Analyses the passes share, which never change a graph: data flow over FX nodes, block discovery, and the RMSNorm
 pattern (``rmsnorm.py``)."""
-from teal_fx.passes.analysis.discovery import Discovery, MatchedLinear, discover, is_tensor_parallel, unsharded
+from teal_fx.passes.analysis.discovery import (
+    Discovery,
+    MatchedLinear,
+    discover,
+    is_tensor_parallel,
+    parameter_names,
+    unsharded,
+    weight_names,
+)
 
-__all__ = ["Discovery", "MatchedLinear", "discover", "is_tensor_parallel", "unsharded"]
+__all__ = ["Discovery", "MatchedLinear", "discover", "is_tensor_parallel", "parameter_names", "unsharded",
+           "weight_names"]

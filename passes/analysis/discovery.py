@@ -18,13 +18,17 @@ and roles. What ``discover`` guarantees:
 * Anything else — lm_head, embeddings, linears in shapes it does not recognise — is never matched, and is reported.
 * Module names are a cross-check only: when every key carries a layer number that differs from the structural
   index by one constant (a graph that starts mid-model after a graph break), the layer numbers are used.
+* Keys are the weights' qualified names. Given ``names`` (``weight_names``: the placeholders whose example input is a
+  known parameter, by identity), a key is the parameter's own name; otherwise it is read from Dynamo's source path,
+  which is relative to the traced frame: after a graph break before the layer loop (OPT, BioGPT and XGLM with a
+  static cache) that frame is a layer, not the model.
 """
 from __future__ import annotations
 
 import operator
 import re
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import networkx as nx
 import torch
@@ -146,10 +150,31 @@ def _placeholder_path(name: str) -> Optional[str]:
     return ".".join(parts)
 
 
-def linear_key(n: fx.Node) -> str:
-    """The stable key of a linear: its weight's qualified name, from the module stack or the weight node."""
+WeightNames = Mapping[fx.Node, str]
+
+
+def weight_names(graph: fx.Graph, example_inputs: Sequence, name_of: Callable[[Any], Optional[str]]) -> dict[fx.Node, str]:
+    """The placeholders of ``graph`` whose example input ``name_of`` names (a parameter, by identity) -> that name."""
+    names = {}
+    for ph, value in zip((n for n in graph.nodes if n.op == "placeholder"), example_inputs):
+        name = name_of(value) if isinstance(value, torch.Tensor) else None
+        if name is not None:
+            names[ph] = name
+    return names
+
+
+def parameter_names(model: torch.nn.Module) -> Callable[[Any], Optional[str]]:
+    """``name_of`` for ``weight_names``: a parameter of ``model`` (as it is now) -> its qualified name."""
+    by_id = {id(p): name for name, p in model.named_parameters(remove_duplicate=False)}
+    return lambda t: by_id.get(id(t))
+
+
+def linear_key(n: fx.Node, names: Optional[WeightNames] = None) -> str:
+    """The stable key of a linear: its weight's qualified name, from ``names``, the module stack or the weight node."""
     _, w, _ = linear_args(n)
     w = unsharded(w)
+    if names and w in names:
+        return names[w]
     if isinstance(w, fx.Node) and w.op == "get_attr":
         return str(w.target)
     stack = n.meta.get("nn_module_stack") or {}
@@ -309,8 +334,8 @@ def _match_mlp(g: nx.DiGraph, d: fx.Node, free: set[fx.Node]):
 
 
 # --------------------------------------------------------------------------------------------- the pass
-def discover(graph: fx.Graph) -> Discovery:
-    """Label every block linear of ``graph`` by structure (see the module docstring)."""
+def discover(graph: fx.Graph, names: Optional[WeightNames] = None) -> Discovery:
+    """Label every block linear of ``graph`` by structure (see the module docstring); ``names``: ``weight_names``."""
     g = dataflow_graph(graph)
     order = {n: i for i, n in enumerate(graph.nodes)}
     linears = [n for n in graph.nodes if is_linear(n)]
@@ -365,7 +390,7 @@ def discover(graph: fx.Graph) -> Discovery:
             free.discard(n)
 
     # structural index -> key layer numbers, when they agree up to one offset (graph breaks mid-model)
-    keys = {n: linear_key(n) for n in linears}
+    keys = {n: linear_key(n, names) for n in linears}
     offsets = {(_layer_number(keys[n]) - b) if _layer_number(keys[n]) is not None else None for n, (b, _) in label.items()}
     offset = next(iter(offsets)) if len(offsets) == 1 and None not in offsets else 0
     if len(offsets) > 1 and label:
