@@ -12,9 +12,10 @@ from teal_fx.passes.fuse_swiglu import fuse_swiglu
 from teal_fx.passes.group_shared_input import group_shared_input
 from teal_fx.passes.insert_sparse_linear import insert_sparse_linear
 from teal_fx.passes.label_block_linears import label_block_linears
-from teal_fx.passes.pass_manager import PASSES, passes_for, run_passes
+from teal_fx.passes.pass_manager import PASSES, passes_for, prepare_for_discovery, run_passes
 from teal_fx.passes.replace_decode_attention import replace_decode_attention
 from teal_fx.passes.replace_outer_product_matmul import replace_outer_product_matmul
+from teal_fx.passes.rewrite_matmul_as_linear import rewrite_matmul_as_linear
 from teal_fx.passes.select_plan import select_plan
 
 __all__ = [
@@ -22,6 +23,8 @@ __all__ = [
     "PassContext",
     "passes_for",
     "run_passes",
+    "prepare_for_discovery",
+    "rewrite_matmul_as_linear",
     "label_block_linears",
     "select_plan",
     "insert_sparse_linear",

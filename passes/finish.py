@@ -12,14 +12,14 @@ log = logging.getLogger("teal_fx.passes")
 
 # What a pass may leave without users and the clean-up may erase: reads and views, never a node that writes
 # (``x.index_copy_`` as a ``call_method`` is a KV-cache update, which FX's own purity test would call pure).
-_ERASABLE_METHODS = {"expand", "reshape", "view", "unsqueeze", "contiguous", "transpose", "float", "to"}
+_ERASABLE_METHODS = {"expand", "reshape", "view", "unsqueeze", "contiguous", "transpose", "permute", "t", "float", "to"}
 
 
 def _erasable(n: fx.Node) -> bool:
     if n.op == "call_method":
         return n.target in _ERASABLE_METHODS
     if n.op == "call_function":
-        return n.target is operator.getitem or (
+        return n.target in (operator.getitem, getattr, torch.t) or (
             isinstance(n.target, torch._ops.OpOverload) and n.target.namespace == "teal"
             and not n.target._schema.is_mutable)
     return False

@@ -1,6 +1,8 @@
 """The ordered list of passes, what turns each on, and the manager that runs them, dumping the graph before/after.
 
 The order is the contract:
+0. ``BEFORE_DISCOVERY`` (``rewrite_matmul_as_linear``) puts linears in the one form discovery reads; calibration and
+   capture run these too (``prepare_for_discovery``), so every reader of a model sees the same linears and keys;
 1. ``label_block_linears`` (analysis) labels the block linears;
 2. ``select_plan`` (analysis) chooses the plan for, and checks it against, what was found;
 3. ``insert_sparse_linear`` rewrites the labelled linears with the plan's thresholds;
@@ -31,14 +33,19 @@ from teal_fx.passes.insert_sparse_linear import insert_sparse_linear
 from teal_fx.passes.label_block_linears import label_block_linears
 from teal_fx.passes.replace_decode_attention import replace_decode_attention
 from teal_fx.passes.replace_outer_product_matmul import replace_outer_product_matmul
+from teal_fx.passes.rewrite_matmul_as_linear import rewrite_matmul_as_linear
 from teal_fx.passes.select_plan import select_plan
 
 log = logging.getLogger("teal_fx.passes")
 
 Pass = Callable[[fx.GraphModule, PassContext], fx.GraphModule]
 
+# canonical forms every reader of a graph needs before discovery (the backend, calibration, capture)
+BEFORE_DISCOVERY: list[Pass] = [rewrite_matmul_as_linear]
+
 # (pass, the TealOptions flag that turns it on; None: always runs)
 PASSES: list[tuple[Pass, Optional[str]]] = [
+    *((p, None) for p in BEFORE_DISCOVERY),
     (label_block_linears, None),
     (select_plan, None),
     (insert_sparse_linear, None),
@@ -50,6 +57,13 @@ PASSES: list[tuple[Pass, Optional[str]]] = [
     (replace_outer_product_matmul, "outer_product_multiply"),
     (batch_input_increments, None),
 ]
+
+
+def prepare_for_discovery(gm: fx.GraphModule) -> fx.GraphModule:
+    """``gm`` with the ``BEFORE_DISCOVERY`` rewrites done, for a reader that discovers without the other passes."""
+    for p in BEFORE_DISCOVERY:
+        gm = p(gm, None)
+    return gm
 
 
 def passes_for(options: TealOptions) -> list[Pass]:

@@ -29,6 +29,7 @@ from teal_fx.histogram import AbsHistogram
 from teal_fx.kernels.reference import sparsify
 from teal_fx.models import model_name
 from teal_fx.passes.analysis.discovery import Discovery, discover, parameter_names, weight_names
+from teal_fx.passes.pass_manager import prepare_for_discovery
 from teal_fx.plan import ACTIVATION_FORMATS, BATCH_MASKS, WEIGHT_FORMATS, LinearPlan, Plan
 from teal_fx.shared_thresholds import read_batch_histograms, spread_batches, with_batch_histograms
 from teal_fx.state import attach_plan
@@ -257,6 +258,7 @@ class Recorder:
         self.keep_next = False
 
     def __call__(self, gm: fx.GraphModule, example_inputs):
+        gm = prepare_for_discovery(gm)
         disc = discover(gm.graph, weight_names(gm.graph, example_inputs, self.name_of))
         record: dict[fx.Node, list[str]] = {}
         for m in disc.matched:

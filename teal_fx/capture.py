@@ -12,6 +12,7 @@ import torch
 from torch import fx, nn
 
 from teal_fx.passes.analysis.discovery import Discovery, MatchedLinear, discover, parameter_names, weight_names
+from teal_fx.passes.pass_manager import prepare_for_discovery
 from teal_fx.tensor_parallel import whole_shape
 
 
@@ -63,6 +64,7 @@ def capture_graphs(
     name_of = parameter_names(model)
 
     def backend(gm: fx.GraphModule, example_inputs):
+        gm = prepare_for_discovery(gm)
         names = weight_names(gm.graph, example_inputs, name_of)
         graphs.append(CapturedGraph(gm, list(example_inputs), discover(gm.graph, names)))
         return runner(gm) if runner is not None else gm.forward

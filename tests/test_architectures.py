@@ -34,6 +34,9 @@ STRUCTURES = {
     "glm4": ("Glm4Config", ["q", "k", "v", "o", "gate_up", "down"], {}),  # fused gate/up, post-norms
     "granite": ("GraniteConfig", GATED, {}),  # residual and attention multipliers
     "stablelm": ("StableLmConfig", GATED, {}),  # LayerNorm, partial rotary
+    # projections written as ``x @ W.T + b`` (FalconLinear), read as linears by rewrite_matmul_as_linear
+    "falcon": ("FalconConfig", FUSED_QKV, {"new_decoder_architecture": True, "num_kv_heads": 2, "bias": True}),
+    "falcon_mqa": ("FalconConfig", FUSED_QKV, {"multi_query": True, "parallel_attn": True}),  # Falcon-7B's layout
     # a static cache's get_seq_length() breaks the graph before the layer loop: the layers are traced in frames of
     # their own, where only the weights' identities give their names; OPT flattens its MLP's tokens to rows
     "opt": ("OPTConfig", PLAIN, {"ffn_dim": 96, "word_embed_proj_dim": 64}),
@@ -41,7 +44,8 @@ STRUCTURES = {
     "xglm": ("XGLMConfig", PLAIN, {"ffn_dim": 96, "d_model": 64, "num_layers": 2, "attention_heads": 4}),
 }
 EAGER_ATTENTION = {"xglm"}  # transformers has no SDPA path for it
-MULTI_HEAD_ONLY = {"gpt_neox", "phi", "gptj", "codegen", "gpt_bigcode", "persimmon", "opt", "biogpt", "xglm"}  # no num_key_value_heads
+MULTI_HEAD_ONLY = {"falcon", "falcon_mqa", "gpt_neox", "phi", "gptj", "codegen", "gpt_bigcode", "persimmon", "opt",
+                   "biogpt", "xglm"}  # no num_key_value_heads
 
 
 def structure_model(name: str) -> torch.nn.Module:
