@@ -1,9 +1,12 @@
 """Calibration: cut a labelled graph into one subgraph per decoder block, for the greedy allocator.
 
-A block's output is the residual stream after it: the last node on the post-dominator chain of its ``down``
-linear (every path from ``down`` to the graph output passes through it) that no linear of a later block, nor
-the lm_head, feeds. A block's subgraph is every node that output needs and the previous block's output does not;
-everything it reads from outside (the previous block's output, RoPE tables, masks, weights) becomes a placeholder.
+A block's output is the residual stream after it: the last node on the post-dominator chain of its last matched
+linear, ``down`` (every path from it to the graph output passes through it), that no later linear feeds (of a later
+block, the lm_head, a mixture's router). In a block whose MLP is not matched (a mixture of experts) the last is
+``o``, and its output the residual stream after the attention: the greedy search weighs the attention's linears
+alone, and the next block's subgraph runs the experts, dense. A block's subgraph is every node that output needs and
+the previous block's output does not; everything it reads from outside (the previous block's output, RoPE tables,
+masks, weights) becomes a placeholder.
 
 Invariants: the source graph is not changed; each block subgraph computes exactly the values the full graph
 computes for its output, given the same external values; its matched linears are ``call_module`` nodes to
@@ -67,11 +70,12 @@ def _block_outputs(gm: fx.GraphModule, matched: list[MatchedLinear]) -> dict[int
     blocks = sorted(by_block)
     other_linears = [n for n in gm.graph.nodes if is_linear(n) and "teal" not in n.meta]
     outputs = {}
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
     for i, b in enumerate(blocks):
-        last = next((m.node for m in by_block[b] if m.role == "down"), None)
-        if last is None:
-            raise BlockExtractionError(f"block {b} has no down projection; greedy allocation needs whole blocks")
-        later = [m.node for bb in blocks[i + 1 :] for m in by_block[bb]] + other_linears
+        last = max((m.node for m in by_block[b]), key=order.get)
+        # linears after this block's last: later blocks', and unmatched ones (lm_head, a mixture's router)
+        later = [m.node for bb in blocks[i + 1 :] for m in by_block[bb]] + [n for n in other_linears
+                                                                            if order[n] > order[last]]
         foreign = set(later)
         for n in later:
             foreign |= nx.descendants(g, n)

@@ -2,9 +2,11 @@
 
 conftest's ARCHS run through every test of the rewrite; the architectures here each bring a structure of their own
 (parallel attention and MLP with one norm or two, fused q/k/v, multi-query, non-gated MLPs, activations written out
-elementwise, norms after the projections, q/k norms over the whole width) and run one end-to-end path each: discovery
-labels each block as expected, ``calibrate`` allocates on the captured graph, and the lean decode loop through the
-teal backend generates the tokens that hooks masking each linear's input generate.
+elementwise, norms after the projections, q/k norms over the whole width, projections written as matmuls, mixtures of
+experts whose attention alone is sparsified, layers traced in frames of their own after a graph break) and run one
+end-to-end path each: discovery labels each block as expected, ``calibrate`` allocates on the captured graph, and the
+lean decode loop through the teal backend computes, teacher-forced, the logits that hooks masking each planned
+linear's input compute.
 """
 import pytest
 import torch
@@ -17,6 +19,7 @@ from tests.conftest import masked_inputs
 GATED = ["q", "k", "v", "o", "gate", "up", "down"]
 PLAIN = ["q", "k", "v", "o", "up", "down"]
 FUSED_QKV = ["qkv", "o", "up", "down"]
+ATTENTION_ONLY = ["q", "k", "v", "o"]
 # name -> (config class name, roles of each block, config overrides)
 STRUCTURES = {
     "gpt_neox": ("GPTNeoXConfig", FUSED_QKV, {}),  # parallel attention and MLP, one LayerNorm each
@@ -37,6 +40,9 @@ STRUCTURES = {
     # projections written as ``x @ W.T + b`` (FalconLinear), read as linears by rewrite_matmul_as_linear
     "falcon": ("FalconConfig", FUSED_QKV, {"new_decoder_architecture": True, "num_kv_heads": 2, "bias": True}),
     "falcon_mqa": ("FalconConfig", FUSED_QKV, {"multi_query": True, "parallel_attn": True}),  # Falcon-7B's layout
+    # mixtures of experts: the attention is sparsified, greedy over its four linears; the experts stay dense
+    "mixtral": ("MixtralConfig", ATTENTION_ONLY, {"num_local_experts": 4}),
+    "qwen3_moe": ("Qwen3MoeConfig", ATTENTION_ONLY, {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32}),
     # a static cache's get_seq_length() breaks the graph before the layer loop: the layers are traced in frames of
     # their own, where only the weights' identities give their names; OPT flattens its MLP's tokens to rows
     "opt": ("OPTConfig", PLAIN, {"ffn_dim": 96, "word_embed_proj_dim": 64}),
@@ -80,6 +86,9 @@ def test_structure_labelled_calibrated_and_decoded(name):
     for b, ms in by_block.items():
         assert sorted(m.role for m in ms) == sorted(STRUCTURES[name][1]), (b, [(m.role, m.key) for m in ms])
         assert all(f".{b}." in m.key for m in ms)  # each linear sits in the block its module path says
+    if STRUCTURES[name][1] == ATTENTION_ONLY:  # the user is told the MLPs stay dense
+        (graph,), _ = teal_fx.capture_graphs(model)
+        assert "its MLP not (a mixture of experts" in graph.discovery.summary()
 
     data = torch.randint(3, 128, (4, 48), generator=torch.Generator().manual_seed(1))
     plan = teal_fx.calibrate(model, data, sparsity=0.5, num_sequences=4, seq_len=48, greedy_sequences=2,

@@ -428,5 +428,8 @@ def _check_blocks(result: Discovery) -> None:
         rs = set(roles)
         attn_ok = {"q", "k", "v", "o"} <= rs or {"qkv", "o"} <= rs
         mlp_ok = {"gate", "up", "down"} <= rs or {"gate_up", "down"} <= rs or {"up", "down"} <= rs
-        if not (attn_ok and mlp_ok):
+        if attn_ok and not rs - {"q", "k", "v", "qkv", "o"}:
+            result.problems.append(f"block {b}: attention matched, its MLP not (a mixture of experts, or a shape not "
+                                   "recognised): the MLP stays dense")
+        elif not (attn_ok and mlp_ok):
             result.problems.append(f"block {b}: partial match ({','.join(roles)})")
