@@ -90,14 +90,33 @@ def test_structure_labelled_calibrated_and_decoded(name):
         (graph,), _ = teal_fx.capture_graphs(model)
         assert "its MLP not (a mixture of experts" in graph.discovery.summary()
 
-    data = torch.randint(3, 128, (4, 48), generator=torch.Generator().manual_seed(1))
-    plan = teal_fx.calibrate(model, data, sparsity=0.5, num_sequences=4, seq_len=48, greedy_sequences=2,
-                             progress=False)
+    plan = _calibrated(model)
     assert sorted(plan.linears) == sorted(m.key for m in found)
     assert plan.model_sparsity() == pytest.approx(0.5, abs=0.05)
+    _check_decode(model, plan)
 
-    # teacher-forced on one random sequence: the logits each position's token is chosen by, the prefill dense and each
-    # decode step sparse, against hooks masking each planned linear's input in the plain model
+
+@pytest.mark.parametrize("weights", ["int8", "int4"])
+@pytest.mark.parametrize("name", ["falcon", "gpt_neox", "opt"])
+def test_structure_with_quantized_weights(name, weights):
+    """Quantized weights compose with these structures: a matmul-written projection, a parallel block, flattened
+    tokens, each quantized in place and decoded against the hooks on the quantized model."""
+    model = structure_model(name)
+    plan = _calibrated(model, weights=weights)
+    assert plan.weights == weights
+    assert sum(type(m).__name__ == "QuantizedLinear" for m in model.modules()) == len(plan.linears)
+    _check_decode(model, plan)
+
+
+def _calibrated(model, **kwargs):
+    data = torch.randint(3, 128, (4, 48), generator=torch.Generator().manual_seed(1))
+    return teal_fx.calibrate(model, data, sparsity=0.5, num_sequences=4, seq_len=48, greedy_sequences=2,
+                             progress=False, **kwargs)
+
+
+def _check_decode(model, plan) -> None:
+    """Teacher-forced on one random sequence, the logits each position's token is chosen by (the prefill dense, each
+    decode step sparse) equal those of hooks masking each planned linear's input in the plain model."""
     tokens = torch.randint(3, 128, (1, 12), generator=torch.Generator().manual_seed(2))
     prompt = 5
     got = teal_fx.decode_logits(model, tokens, prompt, backend="teal", options={"compiler": "eager"})
