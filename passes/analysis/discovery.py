@@ -301,7 +301,7 @@ def _halves_multiplied(g: nx.DiGraph, u: fx.Node, path: set[fx.Node]) -> bool:
         ops = [a for a in m.args if isinstance(a, fx.Node) and (a in path or a is u)]
         if len(ops) != 2:
             continue
-        seen = [{p for p in parts if p is a or p in nx.ancestors(g, a)} for a in ops]
+        seen = [parts & (nx.ancestors(g, a) | {a}) for a in ops]
         if seen[0] and seen[1] and not seen[0] & seen[1]:
             return True
     return False
