@@ -40,6 +40,7 @@ STRUCTURES = {
     # projections written as ``x @ W.T + b`` (FalconLinear), read as linears by rewrite_matmul_as_linear
     "falcon": ("FalconConfig", FUSED_QKV, {"new_decoder_architecture": True, "num_kv_heads": 2, "bias": True}),
     "falcon_mqa": ("FalconConfig", FUSED_QKV, {"multi_query": True, "parallel_attn": True}),  # Falcon-7B's layout
+    "bloom": ("BloomConfig", FUSED_QKV, {}),  # eager attention whose scores are baddbmm(alibi, q, k)
     # mixtures of experts: the attention is sparsified, greedy over its four linears; the experts stay dense
     "mixtral": ("MixtralConfig", ATTENTION_ONLY, {"num_local_experts": 4}),
     "qwen3_moe": ("Qwen3MoeConfig", ATTENTION_ONLY, {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32}),
@@ -49,9 +50,9 @@ STRUCTURES = {
     "biogpt": ("BioGptConfig", PLAIN, {}),
     "xglm": ("XGLMConfig", PLAIN, {"ffn_dim": 96, "d_model": 64, "num_layers": 2, "attention_heads": 4}),
 }
-EAGER_ATTENTION = {"xglm"}  # transformers has no SDPA path for it
+EAGER_ATTENTION = {"xglm", "bloom"}  # transformers has no SDPA path for it
 MULTI_HEAD_ONLY = {"falcon", "falcon_mqa", "gpt_neox", "phi", "gptj", "codegen", "gpt_bigcode", "persimmon", "opt",
-                   "biogpt", "xglm"}  # no num_key_value_heads
+                   "biogpt", "xglm", "bloom"}  # no num_key_value_heads
 
 
 def structure_model(name: str) -> torch.nn.Module:

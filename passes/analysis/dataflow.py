@@ -22,7 +22,8 @@ QUANTIZED_LINEAR_TARGETS = {torch.ops.teal.quantized_linear, torch.ops.teal.quan
 LINEAR_TARGETS = {torch._C._nn.linear, F.linear, aten.linear.default} | QUANTIZED_LINEAR_TARGETS
 SDPA_TARGETS = {F.scaled_dot_product_attention, aten.scaled_dot_product_attention.default}
 SOFTMAX_TARGETS = {torch.softmax, F.softmax, torch.Tensor.softmax, aten._softmax.default, aten.softmax.int}
-MATMUL_TARGETS = {torch.matmul, operator.matmul, torch.bmm, aten.bmm.default, aten.matmul.default, torch.einsum}
+MATMUL_TARGETS = {torch.matmul, operator.matmul, torch.bmm, aten.bmm.default, aten.matmul.default, torch.einsum,
+                  torch.baddbmm, aten.baddbmm.default}
 ACTIVATION_TARGETS = {
     F.silu, F.gelu, F.relu, F.mish, F.elu, F.leaky_relu, F.hardswish, F.softplus, F.sigmoid, F.tanh,
     torch.sigmoid, torch.tanh, torch.relu, torch.nn.functional.relu6,
@@ -76,7 +77,16 @@ def is_softmax(n: fx.Node) -> bool:
 
 
 def is_matmul(n: fx.Node) -> bool:
-    return is_call(n, MATMUL_TARGETS, ("matmul", "bmm", "__matmul__"))
+    return is_call(n, MATMUL_TARGETS, ("matmul", "bmm", "__matmul__", "baddbmm"))
+
+
+def matmul_operands(n: fx.Node) -> Optional[tuple[Any, Any]]:
+    """The two multiplied operands of a matmul node (``baddbmm(input, batch1, batch2)``'s batch1 and batch2, as Bloom
+    adds its alibi bias to the scores), or None where they are not given."""
+    if n.target in (torch.baddbmm, aten.baddbmm.default, "baddbmm"):
+        args = list(n.args[1:3]) + [n.kwargs.get(k) for k in ("batch1", "batch2")][len(n.args[1:3]):]
+        return (args[0], args[1]) if len(args) == 2 and all(a is not None for a in args) else None
+    return (n.args[0], n.args[1]) if len(n.args) >= 2 else None
 
 
 def is_activation(n: fx.Node) -> bool:

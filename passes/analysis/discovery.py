@@ -46,6 +46,7 @@ from teal_fx.passes.analysis.dataflow import (
     is_sdpa,
     is_softmax,
     linear_args,
+    matmul_operands,
     mutated_arg,
     upstream_until,
 )
@@ -246,12 +247,14 @@ def find_attention_sites(graph: fx.Graph, g: nx.DiGraph) -> list[AttentionSite]:
             outs, _ = downstream_until(g, [n], lambda m: is_matmul(m) or is_linear(m))
             scores = [m for m in scores if is_matmul(m)]
             outs = [m for m in outs if is_matmul(m)]
-            if len(scores) != 1 or len(outs) != 1 or len(scores[0].args) < 2 or len(outs[0].args) < 2:
+            if len(scores) != 1 or len(outs) != 1:
                 continue
             s, o = scores[0], outs[0]
-            sites.append(
-                AttentionSite(o, _arg_sources(g, s.args[0], s), _arg_sources(g, s.args[1], s), _arg_sources(g, o.args[1], o), "eager")
-            )
+            qk, pv = matmul_operands(s), matmul_operands(o)
+            if qk is None or pv is None:
+                continue
+            sites.append(AttentionSite(o, _arg_sources(g, qk[0], s), _arg_sources(g, qk[1], s), _arg_sources(g, pv[1], o),
+                                       "eager"))
     order = {n: i for i, n in enumerate(graph.nodes)}
     return sorted(sites, key=lambda s: order[s.node])
 
