@@ -94,6 +94,13 @@ def dequantize(q: Tensor, scales: Tensor, dtype: Optional[torch.dtype] = None) -
     raise TypeError(f"not a quantized weight: {q.dtype}")
 
 
+def stored_in_by_out(module: nn.Module) -> bool:
+    """Whether ``module`` is a projection that stores its weight [in, out] and computes ``addmm(bias, x, weight)``:
+    transformers' ``Conv1D`` (GPT-2). Its weight is already laid out as the sparse GEMV reads it (one contiguous row
+    per input); the graph reads it through a transpose (``passes/rewrite_matmul_as_linear.py``)."""
+    return type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers")
+
+
 class QuantizedLinear(nn.Module):
     """An ``nn.Linear`` whose weight is stored int8 or int4 (module docstring), computing
     ``teal::quantized_linear``. ``weight`` keeps the name (and the plan's key) of the linear it replaces; it is a
@@ -111,10 +118,12 @@ class QuantizedLinear(nn.Module):
         return weight_format(self.weight)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, fmt: str) -> "QuantizedLinear":
+    def from_linear(cls, linear: nn.Module, fmt: str) -> "QuantizedLinear":
+        """From an ``nn.Linear``, or a module storing its weight [in, out] (``stored_in_by_out``: GPT-2's Conv1D)."""
         if fmt not in FORMATS:
             raise ValueError(f"weight format must be one of {FORMATS}, got {fmt!r}")
-        q, scales = (quantize_int8 if fmt == "int8" else quantize_int4)(linear.weight)
+        weight = linear.weight.t() if stored_in_by_out(linear) else linear.weight
+        q, scales = (quantize_int8 if fmt == "int8" else quantize_int4)(weight)
         return cls(q, scales, linear.bias)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -138,7 +147,7 @@ def quantize_linears_(model: nn.Module, keys: list[str], fmt: str) -> int:
             if module.format != fmt:
                 raise ValueError(f"{path} is already quantized to {module.format}, not {fmt}")
             continue
-        if not isinstance(module, nn.Linear):
+        if not (isinstance(module, nn.Linear) or stored_in_by_out(module)):
             raise ValueError(f"{path} is a {type(module).__name__}, not an nn.Linear: cannot quantize it")
         parent_path, _, name = path.rpartition(".")
         parent = model.get_submodule(parent_path) if parent_path else model

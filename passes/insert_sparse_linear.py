@@ -49,9 +49,21 @@ def _static_tokens(x: fx.Node):
     return int(s) if isinstance(s, int) else None  # None: symbolic, decided at run time by the op
 
 
+def _unflattened(x: fx.Node) -> fx.Node:
+    """The [B, S, K] tensor a 2-D linear input was flattened from by a view or reshape (OPT's MLP, GPT-2's Conv1D),
+    else ``x``."""
+    if x.op in ("call_method", "call_function") and getattr(x.target, "__name__", x.target) in ("view", "reshape") \
+            and x.args and isinstance(x.args[0], fx.Node):
+        v = fake_value(x.args[0])
+        if v is not None and v.dim() >= 3:
+            return x.args[0]
+    return x
+
+
 def _graph_tokens(xs: list[fx.Node]):
-    """The token count of a graph from its linears' inputs ``xs``: S of the [B, S, K] ones (None: symbolic; 1 where
-    every input is 2-D, as a decode step's rows)."""
+    """The token count of a graph from its linears' inputs ``xs``: S of the [B, S, K] ones, or of the tensors the 2-D
+    ones were flattened from (None: symbolic; 1 where there are none, as a decode step's rows)."""
+    xs = [_unflattened(x) for x in xs]
     counts = {_static_tokens(x) for x in xs if (v := fake_value(x)) is not None and v.dim() >= 3}
     if None in counts:
         return None

@@ -1,18 +1,23 @@
-"""Rewrite: ``x @ W.T`` with W a 2-D graph input becomes ``F.linear(x, W)``.
+"""Rewrite: a projection written as a matmul with a weight becomes ``F.linear``, the form discovery reads.
 
-Why: some decoders write their projections as a matmul with the transposed weight rather than through
-``nn.Linear``'s ``F.linear`` (Falcon's ``FalconLinear``: ``input @ self.weight.T``, then ``+ self.bias``). Discovery,
-calibration and the sparse rewrite recognise linears by ``F.linear``; in this form the same projection is one.
+Why: some decoders do not call ``nn.Linear``. Falcon's ``FalconLinear`` computes ``input @ self.weight.T`` (then
+``+ self.bias``); GPT-2's ``Conv1D`` stores its weight [in, out] and computes ``torch.addmm(bias, x2d, weight)``.
+Discovery, calibration and the sparse rewrite recognise linears by ``F.linear``; in these forms the same projections
+are ones.
 
-Matches ``operator.matmul`` / ``torch.matmul`` / the ``matmul`` method with no keyword arguments, whose second operand
-is W transposed (``W.T``, ``W.t()``, ``torch.t(W)``, ``W.transpose(0, 1)`` in any spelling of the two dimensions,
-``W.permute(1, 0)``) of a placeholder or ``get_attr`` whose fake value is 2-D, in the first operand's dtype. A bias
-added after it stays an add: ``F.linear`` with a bias adds it before rounding (addmm), one rounding fewer in bf16.
+Matches, with no keyword arguments (``addmm``'s beta and alpha left at 1):
+* ``x @ W.T`` (``operator.matmul``, ``torch.matmul``, the ``matmul`` method; W transposed in any spelling,
+  ``dataflow.transposed_input``) -> ``F.linear(x, W)``. A bias added after it stays an add: ``F.linear`` with a bias
+  adds it before rounding (addmm), one rounding fewer in bf16.
+* ``torch.addmm(b, x, W)`` (x 2-D) -> ``F.linear(x, torch.t(W), b)``, which is ``addmm(b, x, W)`` again.
+W is a 2-D graph input (placeholder or ``get_attr``) in x's dtype; b (if any) a 1-D graph input.
 
 Invariants:
-* ``F.linear(x, W)`` is ``x @ W.T``, the same product (bit for bit on the CPU in fp32 and bf16, a property test); the
-  new node carries the old node's metadata (``meta["example_value"]`` / ``meta["val"]``, the module stack).
-* Nothing else is touched; the transpose is left for dead-code elimination (``finish``).
+* Each rewrite is the same computation (bit for bit on the CPU in fp32 and bf16, a property test); the new node
+  carries the old node's metadata (``meta["example_value"]`` / ``meta["val"]``, the module stack), and a new
+  ``torch.t(W)`` node the fake value of W transposed. A linear's weight may therefore be a transposed view of the
+  parameter: ``discovery.weight_param`` looks through it for the parameter's name.
+* Nothing else is touched; a transpose left without users goes at dead-code elimination (``finish``).
 * It runs before discovery wherever discovery runs (the backend's passes, calibration, capture), so all of them see
   the same linears and keys.
 """
@@ -26,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from teal_fx.passes.analysis.dataflow import fake_value
+from teal_fx.passes.analysis.dataflow import fake_value, transposed_input
 from teal_fx.passes.context import PassContext
 from teal_fx.passes.finish import finish
 
@@ -35,46 +40,51 @@ log = logging.getLogger("teal_fx.passes")
 _MATMULS = {operator.matmul, torch.matmul}
 
 
-def _graph_input(n: object) -> bool:
-    return isinstance(n, fx.Node) and n.op in ("placeholder", "get_attr")
-
-
-def _transposed_weight(t: object) -> Optional[fx.Node]:
-    """W where ``t`` is W transposed and W a 2-D graph input, else None."""
-    if not isinstance(t, fx.Node) or t.kwargs:
+def _graph_input_of(n: object, dims: int) -> Optional[torch.Tensor]:
+    """The fake value of ``n`` if it is a graph input (placeholder or ``get_attr``) of ``dims`` dimensions."""
+    if not (isinstance(n, fx.Node) and n.op in ("placeholder", "get_attr")):
         return None
-    w, rest = (t.args[0], t.args[1:]) if t.args else (None, ())
-    if t.op == "call_function" and t.target is getattr and rest == ("T",):
-        pass
-    elif (t.op == "call_method" and t.target == "t" or t.op == "call_function" and t.target is torch.t) and not rest:
-        pass
-    elif (t.op == "call_method" and t.target == "transpose" or t.op == "call_function" and t.target is torch.transpose) \
-            and len(rest) == 2 and {d % 2 for d in rest if isinstance(d, int)} == {0, 1}:
-        pass
-    elif t.op == "call_method" and t.target == "permute" and tuple(rest) in (((1, 0),), (1, 0), ((-1, -2),), (-1, -2)):
-        pass
+    v = fake_value(n)
+    return v if isinstance(v, torch.Tensor) and v.dim() == dims else None
+
+
+def _same_dtype(x: object, w: fx.Node) -> bool:
+    vx = fake_value(x) if isinstance(x, fx.Node) else None
+    return isinstance(vx, torch.Tensor) and vx.dtype == fake_value(w).dtype
+
+
+def _as_linear(gm: fx.GraphModule, n: fx.Node) -> Optional[str]:
+    """Rewrite ``n`` if it is one of the matched forms; the weight's name, or None."""
+    if n.kwargs or len(n.args) != (3 if n.target is torch.addmm else 2):
+        return None
+    if n.op == "call_function" and n.target in _MATMULS or n.op == "call_method" and n.target == "matmul":
+        x, t = n.args
+        w = transposed_input(t)
+        if w is None or not _same_dtype(x, w):
+            return None
+        args = (x, w)
+    elif n.op == "call_function" and n.target is torch.addmm:
+        b, x, w = n.args
+        vx, vw = fake_value(x) if isinstance(x, fx.Node) else None, _graph_input_of(w, 2)
+        if vw is None or not isinstance(vx, torch.Tensor) or vx.dim() != 2 or not _same_dtype(x, w) \
+                or b is not None and _graph_input_of(b, 1) is None:
+            return None
+        with gm.graph.inserting_before(n):
+            wt = gm.graph.call_function(torch.t, (w,))
+        wt.meta["example_value"] = vw.t()
+        args = (x, wt, b)
     else:
         return None
-    v = fake_value(w) if _graph_input(w) else None
-    return w if isinstance(v, torch.Tensor) and v.dim() == 2 else None
+    with gm.graph.inserting_after(n):
+        linear = gm.graph.call_function(F.linear, args)
+    linear.meta.update(n.meta)
+    n.replace_all_uses_with(linear)
+    gm.graph.erase_node(n)
+    return str(w.target)
 
 
 def rewrite_matmul_as_linear(gm: fx.GraphModule, ctx: Optional[PassContext] = None) -> fx.GraphModule:
-    matched = []
-    for mm in list(gm.graph.nodes):
-        if not ((mm.op == "call_function" and mm.target in _MATMULS or mm.op == "call_method" and mm.target == "matmul")
-                and len(mm.args) == 2 and not mm.kwargs):
-            continue
-        x, t = mm.args
-        w = _transposed_weight(t)
-        vx = fake_value(x) if isinstance(x, fx.Node) else None
-        if w is None or not isinstance(vx, torch.Tensor) or vx.dtype != fake_value(w).dtype or vx.dim() < 1:
-            continue
-        with gm.graph.inserting_after(mm):
-            linear = gm.graph.call_function(F.linear, (x, w))
-        linear.meta.update(mm.meta)
-        mm.replace_all_uses_with(linear)
-        gm.graph.erase_node(mm)
-        matched.append(str(w.target))
-    return finish(gm, "matmuls_as_linear", len(matched), "%d matmuls with a transposed weight -> F.linear (%s)",
+    matched = [name for n in list(gm.graph.nodes) if n.op in ("call_function", "call_method")
+               and (name := _as_linear(gm, n)) is not None]
+    return finish(gm, "matmuls_as_linear", len(matched), "%d matmuls with a weight -> F.linear (%s)",
                   len(matched), ", ".join(matched[:3]) + (", ..." if len(matched) > 3 else ""))

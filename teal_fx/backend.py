@@ -25,7 +25,7 @@ from teal_fx.kernels import sparse_gemv
 from teal_fx.kernels.quantize import logical_shape
 from teal_fx.options import TealOptions
 from teal_fx.passes import Discovery, PassContext, run_passes
-from teal_fx.passes.analysis import is_tensor_parallel, unsharded, weight_names
+from teal_fx.passes.analysis import is_tensor_parallel, weight_names, weight_param
 from teal_fx.plan import Plan
 
 log = logging.getLogger("teal_fx")
@@ -97,7 +97,7 @@ class _PlanKeyedGraph:
         def resolve(g: fx.GraphModule, discovery: Discovery) -> Optional[Plan]:
             placeholders = [n for n in g.graph.nodes if n.op == "placeholder"]
             tensors = dict(zip(placeholders, example_inputs))
-            params = [unsharded(m.node.args[1]) for m in discovery.matched]  # a TP rank's shard: its DTensor
+            params = [weight_param(m.node.args[1]) for m in discovery.matched]  # a TP rank's shard: its DTensor
             weights = [w for p in params if isinstance(w := tensors.get(p), torch.Tensor)]
             chosen = plan
             if first:

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torch.utils.weak import WeakIdKeyDictionary
 
 from teal_fx.capture import find_linears
+from teal_fx.kernels.quantize import stored_in_by_out
 from teal_fx.kernels.sparse_gemv import local_tensor, to_column_major_
 from teal_fx.plan import Plan, PlanLike, as_plan
 from teal_fx.weights import apply_weight_format
@@ -54,14 +55,16 @@ def attach_plan(model: nn.Module, plan: PlanLike, *, check: bool = True) -> Plan
 
 def store_column_major(model: nn.Module, plan: Plan) -> list:
     """The plan's weights of ``model``, stored column-major in place on CUDA (``to_column_major_``): the layout the
-    sparse GEMV reads. Done before compiling, never by the backend during a compile (backend._prepare_weights)."""
+    sparse GEMV reads. Done before compiling, never by the backend during a compile (backend._prepare_weights). A
+    weight stored [in, out] (GPT-2's Conv1D) already is, seen through the transpose the graph reads it with."""
     weights = []
     for key in plan.linears:
         try:
             w = model.get_parameter(key)
         except AttributeError as e:
             raise ValueError(f"plan key {key!r} is not a parameter of {type(model).__name__}") from e
-        to_column_major_(w)
+        if not stored_in_by_out(model.get_submodule(key.rpartition(".")[0])):
+            to_column_major_(w)
         weights.append(w)
     return weights
 

@@ -36,7 +36,7 @@ _import_installed("kernels")
 import pytest  # noqa: E402
 import transformers as T  # noqa: E402
 
-from teal_fx.kernels.quantize import QuantizedLinear  # noqa: E402
+from teal_fx.kernels.quantize import QuantizedLinear, stored_in_by_out  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
@@ -97,13 +97,13 @@ def int8_tiles(x):
 @contextlib.contextmanager
 def masked_inputs(model, plan, sparse_from: float = 0.0):
     """The independent reference: forward pre-hooks that mask each planned linear's input by its threshold (an
-    ``nn.Linear``, or a ``QuantizedLinear`` of a quantized model). A shared-mask plan masks by the batch's mean |x|
+    ``nn.Linear``, a ``QuantizedLinear`` of a quantized model, or GPT-2's ``Conv1D``). A shared-mask plan masks by the batch's mean |x|
     against its threshold for that batch size."""
     handles = []
     shared = plan.batch_mask == "shared"
     for name, mod in model.named_modules():
         key = name + ".weight"
-        if isinstance(mod, (torch.nn.Linear, QuantizedLinear)) and key in plan:
+        if (isinstance(mod, (torch.nn.Linear, QuantizedLinear)) or stored_in_by_out(mod)) and key in plan:
             lp = plan.linears[key]
 
             def hook(mod, args, lp=lp):

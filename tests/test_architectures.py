@@ -41,6 +41,7 @@ STRUCTURES = {
     "falcon": ("FalconConfig", FUSED_QKV, {"new_decoder_architecture": True, "num_kv_heads": 2, "bias": True}),
     "falcon_mqa": ("FalconConfig", FUSED_QKV, {"multi_query": True, "parallel_attn": True}),  # Falcon-7B's layout
     "bloom": ("BloomConfig", FUSED_QKV, {}),  # eager attention whose scores are baddbmm(alibi, q, k)
+    "gpt2": ("GPT2Config", FUSED_QKV, {}),  # Conv1D: weights stored [in, out], addmm(bias, x, W)
     # mixtures of experts: the attention is sparsified, greedy over its four linears; the experts stay dense
     "mixtral": ("MixtralConfig", ATTENTION_ONLY, {"num_local_experts": 4}),
     "qwen3_moe": ("Qwen3MoeConfig", ATTENTION_ONLY, {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32}),
@@ -52,7 +53,7 @@ STRUCTURES = {
 }
 EAGER_ATTENTION = {"xglm", "bloom"}  # transformers has no SDPA path for it
 MULTI_HEAD_ONLY = {"falcon", "falcon_mqa", "gpt_neox", "phi", "gptj", "codegen", "gpt_bigcode", "persimmon", "opt",
-                   "biogpt", "xglm", "bloom"}  # no num_key_value_heads
+                   "biogpt", "xglm", "bloom", "gpt2"}  # no num_key_value_heads
 
 
 def structure_model(name: str) -> torch.nn.Module:
@@ -98,13 +99,20 @@ def test_structure_labelled_calibrated_and_decoded(name):
 
 
 @pytest.mark.parametrize("weights", ["int8", "int4"])
-@pytest.mark.parametrize("name", ["falcon", "gpt_neox", "opt"])
+@pytest.mark.parametrize("name", ["falcon", "gpt_neox", "opt", "gpt2"])
 def test_structure_with_quantized_weights(name, weights):
     """Quantized weights compose with these structures: a matmul-written projection, a parallel block, flattened
-    tokens, each quantized in place and decoded against the hooks on the quantized model."""
+    tokens, weights stored [in, out], each quantized in place and decoded against the hooks on the quantized model."""
     model = structure_model(name)
+    ids = torch.randint(3, 128, (1, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        before = model(ids).logits
     plan = _calibrated(model, weights=weights)
     assert plan.weights == weights
+    with torch.no_grad():  # dense, the quantized model stays the float one up to rounding (not a transposed weight)
+        after = model(ids).logits
+    agree = torch.nn.functional.cosine_similarity(before.flatten(), after.flatten(), dim=0)
+    assert agree > (0.999 if weights == "int8" else 0.95), agree
     assert sum(type(m).__name__ == "QuantizedLinear" for m in model.modules()) == len(plan.linears)
     _check_decode(model, plan)
 

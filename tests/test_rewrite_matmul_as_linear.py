@@ -1,5 +1,6 @@
-"""``rewrite_matmul_as_linear``: a matmul with a transposed 2-D weight becomes F.linear with the same value, bit for bit
-(a bias added after it stays an add); matmuls of anything else are left alone."""
+"""``rewrite_matmul_as_linear``: a matmul with a transposed 2-D weight, or GPT-2's ``addmm(bias, x, W)``, becomes
+F.linear with the same value, bit for bit (a bias added after a matmul stays an add); matmuls of anything else are left
+alone."""
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
@@ -76,3 +77,31 @@ def test_other_matmuls_are_left_alone():
         for a, b in zip(fn(q, k), model(q, k)):
             torch.testing.assert_close(a, b)
     assert _linears(graphs[0]) == []
+
+
+class StoredInByOut(torch.nn.Module):
+    """GPT-2's Conv1D: the weight [in, out], ``addmm(bias, x2d, W)`` on the flattened tokens."""
+
+    def __init__(self, k: int, n: int) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(k, n))
+        self.bias = torch.nn.Parameter(torch.randn(n))
+
+    def forward(self, x):
+        return torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight).view(x.shape[:-1] + (-1,))
+
+
+@settings(max_examples=15, deadline=None)
+@given(lead=st.lists(st.integers(1, 3), min_size=1, max_size=2), n=st.integers(1, 9), k=st.integers(1, 9),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]))
+def test_addmm_with_a_weight_becomes_linear_of_its_transpose(lead, n, k, dtype):
+    torch.manual_seed(0)
+    model = StoredInByOut(k, n).to(dtype)
+    x = torch.randn(*lead, k, dtype=dtype)
+    fn, graphs = compiled_through(rewrite_matmul_as_linear, model)
+    with torch.no_grad():
+        torch.testing.assert_close(fn(x), model(x), atol=0, rtol=0)
+    (linear,) = _linears(graphs[0])
+    x2d, wt, b = linear.args
+    assert wt.target is torch.t and wt.args[0].op == "placeholder" and b.op == "placeholder"
+    assert wt.meta["example_value"].shape == (n, k)

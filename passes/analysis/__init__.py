@@ -8,7 +8,8 @@ from teal_fx.passes.analysis.discovery import (
     parameter_names,
     unsharded,
     weight_names,
+    weight_param,
 )
 
 __all__ = ["Discovery", "MatchedLinear", "discover", "is_tensor_parallel", "parameter_names", "unsharded",
-           "weight_names"]
+           "weight_names", "weight_param"]

@@ -53,6 +53,24 @@ def linear_args(n: fx.Node) -> tuple[fx.Node, fx.Node, Optional[fx.Node]]:
     return x, w, b
 
 
+def transposed_input(t: object) -> Optional[fx.Node]:
+    """W where ``t`` is a transpose of W (``W.T``, ``W.t()``, ``torch.t(W)``, ``W.transpose(0, 1)`` in any spelling
+    of the two dimensions, ``W.permute(1, 0)``) and W a 2-D graph input (placeholder or ``get_attr``), else None."""
+    if not isinstance(t, fx.Node) or t.kwargs or not t.args:
+        return None
+    w, rest = t.args[0], tuple(t.args[1:])
+    if not (t.op == "call_function" and t.target is getattr and rest == ("T",)
+            or (t.op == "call_method" and t.target == "t" or t.op == "call_function" and t.target is torch.t)
+            and not rest
+            or (t.op == "call_method" and t.target == "transpose" or t.op == "call_function"
+                and t.target is torch.transpose) and len(rest) == 2
+            and {d % 2 for d in rest if isinstance(d, int)} == {0, 1}
+            or t.op == "call_method" and t.target == "permute" and rest in (((1, 0),), (1, 0), ((-1, -2),), (-1, -2))):
+        return None
+    v = fake_value(w) if isinstance(w, fx.Node) and w.op in ("placeholder", "get_attr") else None
+    return w if isinstance(v, torch.Tensor) and v.dim() == 2 else None
+
+
 def linear_scales(n: fx.Node) -> Optional[fx.Node]:
     """The scales of a quantized linear node (None for a float one)."""
     if n.target not in QUANTIZED_LINEAR_TARGETS:

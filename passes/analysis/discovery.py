@@ -48,6 +48,7 @@ from teal_fx.passes.analysis.dataflow import (
     linear_args,
     matmul_operands,
     mutated_arg,
+    transposed_input,
     upstream_until,
 )
 
@@ -172,8 +173,7 @@ def parameter_names(model: torch.nn.Module) -> Callable[[Any], Optional[str]]:
 
 def linear_key(n: fx.Node, names: Optional[WeightNames] = None) -> str:
     """The stable key of a linear: its weight's qualified name, from ``names``, the module stack or the weight node."""
-    _, w, _ = linear_args(n)
-    w = unsharded(w)
+    w = weight_param(linear_args(n)[1])
     if names and w in names:
         return names[w]
     if isinstance(w, fx.Node) and w.op == "get_attr":
@@ -203,6 +203,14 @@ def unsharded(w: object) -> object:
                                                                                                 "__qualname__"))):
         return w.args[0]
     return w
+
+
+def weight_param(w: object) -> object:
+    """The node of the parameter behind a linear's weight operand: through a tensor-parallel rank's ``to_local``
+    (``unsharded``) and a transpose of a weight stored [in, out] (GPT-2's ``Conv1D``, as ``rewrite_matmul_as_linear``
+    writes it)."""
+    w = unsharded(w)
+    return transposed_input(w) or w
 
 
 def is_tensor_parallel(graph: fx.Graph) -> bool:
