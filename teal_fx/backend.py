@@ -26,6 +26,7 @@ from teal_fx.kernels.quantize import logical_shape
 from teal_fx.options import TealOptions
 from teal_fx.passes import Discovery, PassContext, run_passes
 from teal_fx.passes.analysis import is_tensor_parallel, weight_names, weight_param
+from teal_fx.passes.analysis.dataflow import transposed_input
 from teal_fx.plan import Plan
 
 log = logging.getLogger("teal_fx")
@@ -111,7 +112,9 @@ class _PlanKeyedGraph:
                               "teal: no plan for this model (run teal_fx.calibrate(model, ...) or pass options={'plan': "
                               "...}); compiling dense", stacklevel=2)
                 return None
-            _prepare_weights(weights)
+            # as the ops read them: a weight stored [in, out] (GPT-2's Conv1D) through its transpose
+            _prepare_weights([w.t() if transposed_input(m.node.args[1]) is not None else w
+                              for m, p in zip(discovery.matched, params) if isinstance(w := tensors.get(p), torch.Tensor)])
             return chosen
 
         ctx = PassContext(options=self.opts, resolve_plan=resolve,
