@@ -31,21 +31,13 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from teal_fx.passes.analysis.dataflow import fake_value, transposed_input
+from teal_fx.passes.analysis.dataflow import fake_value, graph_input_value, transposed_input
 from teal_fx.passes.context import PassContext
 from teal_fx.passes.finish import finish
 
 log = logging.getLogger("teal_fx.passes")
 
 _MATMULS = {operator.matmul, torch.matmul}
-
-
-def _graph_input_of(n: object, dims: int) -> Optional[torch.Tensor]:
-    """The fake value of ``n`` if it is a graph input (placeholder or ``get_attr``) of ``dims`` dimensions."""
-    if not (isinstance(n, fx.Node) and n.op in ("placeholder", "get_attr")):
-        return None
-    v = fake_value(n)
-    return v if isinstance(v, torch.Tensor) and v.dim() == dims else None
 
 
 def _same_dtype(x: object, w: fx.Node) -> bool:
@@ -65,9 +57,9 @@ def _as_linear(gm: fx.GraphModule, n: fx.Node) -> Optional[str]:
         args = (x, w)
     elif n.op == "call_function" and n.target is torch.addmm:
         b, x, w = n.args
-        vx, vw = fake_value(x) if isinstance(x, fx.Node) else None, _graph_input_of(w, 2)
+        vx, vw = fake_value(x) if isinstance(x, fx.Node) else None, graph_input_value(w, 2)
         if vw is None or not isinstance(vx, torch.Tensor) or vx.dim() != 2 or not _same_dtype(x, w) \
-                or b is not None and _graph_input_of(b, 1) is None:
+                or b is not None and graph_input_value(b, 1) is None:
             return None
         with gm.graph.inserting_before(n):
             wt = gm.graph.call_function(torch.t, (w,))

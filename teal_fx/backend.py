@@ -47,7 +47,7 @@ class _PlanKeyedGraph:
     graph inputs, not constants), and goes on serving it after a plan is attached, replaced or detached; the
     thresholds a variant bakes in are its own plan's, so the plan has to be part of the key (docs/design.md,
     "Plans and compiled graphs"). So is the weight's key in that plan: a graph of one layer (traced after a graph
-    break) could be served to another layer, whose thresholds differ. The lookup costs two weak-dictionary reads a
+    break) could be served to another layer, whose thresholds differ. Both come from one weak-dictionary read a
     call.
     """
 
@@ -73,8 +73,8 @@ class _PlanKeyedGraph:
         return run
 
     def __call__(self, *args: Any) -> Any:
-        plan = self._plan_now(args)
-        key = (id(plan), state.key_of_weight(args[self.weight_index]))
+        plan, weight_key = self._plan_now(args)
+        key = (id(plan), weight_key)
         entry = self.variants.get(key)
         if entry is None or entry[0] is not plan:
             log.info("teal: compiling a graph again for the plan (or the layer) that now applies to it")
@@ -83,13 +83,15 @@ class _PlanKeyedGraph:
             counters["teal"]["sparse_graph_calls"] += 1
         return entry[1](*args)
 
-    def _plan_now(self, args: tuple) -> Optional[Plan]:
+    def _plan_now(self, args: tuple) -> tuple[Optional[Plan], Optional[str]]:
+        """The plan that applies to this call, and the key of the graph's first matched weight in the attached plan."""
         if self.opts.plan_path is not None:
             stamp = _file_stamp(self.opts.plan_path)
             if stamp != self.stamp:
                 self.given, self.stamp = Plan.load(self.opts.plan_path), stamp
                 log.info("teal: %s changed on disk: using the plan it holds now", self.opts.plan_path)
-        return self.given if self.given is not None else state.plan_of_weight(args[self.weight_index])
+        attached, weight_key = state.planned_weight(args[self.weight_index])
+        return (self.given if self.given is not None else attached), weight_key
 
     def _compile(self, gm: fx.GraphModule, example_inputs: list, plan: Optional[Plan] = None,
                  first: bool = False) -> tuple[Optional[Plan], Callable]:

@@ -21,15 +21,14 @@ from tqdm.auto import tqdm
 
 from teal_fx.allocate import greedy_path
 from teal_fx.block_error import BlockError
-from teal_fx.capture import find_linears, recompile_limits
+from teal_fx.capture import discover_captured, find_linears, recompile_limits
 from teal_fx.choose_allocation import choose_allocation
 from teal_fx.errors import CalibrationDataError
 from teal_fx.extract_blocks import BlockSubgraph, extract_blocks
 from teal_fx.histogram import AbsHistogram
 from teal_fx.kernels.reference import sparsify
 from teal_fx.models import model_name
-from teal_fx.passes.analysis.discovery import Discovery, discover, parameter_names, weight_names
-from teal_fx.passes.pass_manager import prepare_for_discovery
+from teal_fx.passes.analysis.discovery import Discovery, parameter_names
 from teal_fx.plan import ACTIVATION_FORMATS, BATCH_MASKS, WEIGHT_FORMATS, LinearPlan, Plan
 from teal_fx.shared_thresholds import read_batch_histograms, spread_batches, with_batch_histograms
 from teal_fx.state import attach_plan
@@ -258,8 +257,7 @@ class Recorder:
         self.keep_next = False
 
     def __call__(self, gm: fx.GraphModule, example_inputs):
-        gm = prepare_for_discovery(gm)
-        disc = discover(gm.graph, weight_names(gm.graph, example_inputs, self.name_of))
+        gm, disc = discover_captured(gm, example_inputs, self.name_of)
         record: dict[fx.Node, list[str]] = {}
         for m in disc.matched:
             record.setdefault(m.node.args[0], []).append(m.key)

@@ -23,6 +23,15 @@ class CapturedGraph:
     discovery: Discovery
 
 
+def discover_captured(gm: fx.GraphModule, example_inputs: list,
+                      name_of: Callable[[Any], Optional[str]]) -> tuple[fx.GraphModule, Discovery]:
+    """What every reader of a captured graph does first (capture, calibration, the shared-threshold reader): the
+    rewrites discovery needs (``prepare_for_discovery``), then discovery, keyed by the weights' identities (``name_of``:
+    ``parameter_names(model)``)."""
+    gm = prepare_for_discovery(gm)
+    return gm, discover(gm.graph, weight_names(gm.graph, example_inputs, name_of))
+
+
 def recompile_limits(recompiles: int, accumulated: Optional[int] = None, fail: bool = False) -> ContextManager[None]:
     """A ``torch._dynamo.config.patch`` raising Dynamo's recompile limits, for loops that compile the model's
     (shared) forward code again and again. Past the limit Dynamo would run the code uncompiled, silently;
@@ -64,9 +73,8 @@ def capture_graphs(
     name_of = parameter_names(model)
 
     def backend(gm: fx.GraphModule, example_inputs):
-        gm = prepare_for_discovery(gm)
-        names = weight_names(gm.graph, example_inputs, name_of)
-        graphs.append(CapturedGraph(gm, list(example_inputs), discover(gm.graph, names)))
+        gm, discovery = discover_captured(gm, example_inputs, name_of)
+        graphs.append(CapturedGraph(gm, list(example_inputs), discovery))
         return runner(gm) if runner is not None else gm.forward
 
     compiled = torch.compile(model, backend=backend, dynamic=False)

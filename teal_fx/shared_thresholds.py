@@ -26,11 +26,10 @@ import torch
 from torch import fx, nn
 from tqdm.auto import tqdm
 
-from teal_fx.capture import recompile_limits
+from teal_fx.capture import discover_captured, recompile_limits
 from teal_fx.errors import CalibrationDataError, PlanError
 from teal_fx.histogram import AbsHistogram
-from teal_fx.passes.analysis.discovery import discover, parameter_names, weight_names
-from teal_fx.passes.pass_manager import prepare_for_discovery
+from teal_fx.passes.analysis.discovery import parameter_names
 from teal_fx.plan import BATCH_SIZES, Plan
 from teal_fx.tensor_parallel import reduce_histograms, tp_group
 
@@ -120,9 +119,8 @@ class _SparseRunReader:
         self.histograms: dict[str, AbsHistogram] = {}
 
     def __call__(self, gm: fx.GraphModule, example_inputs):
-        gm = prepare_for_discovery(gm)
-        names = weight_names(gm.graph, example_inputs, self.name_of)
-        keys = {m.node: m.key for m in discover(gm.graph, names).matched if m.key in self.sparsities}
+        gm, discovery = discover_captured(gm, example_inputs, self.name_of)
+        keys = {m.node: m.key for m in discovery.matched if m.key in self.sparsities}
         return lambda *args: _MaskedBatchInterpreter(gm, keys, self).run(*args)
 
 

@@ -25,8 +25,8 @@ from teal_fx.plan import Plan, PlanLike, as_plan
 from teal_fx.weights import apply_weight_format
 
 _PLAN_OF_MODEL: "weakref.WeakKeyDictionary[nn.Module, Plan]" = weakref.WeakKeyDictionary()
-_PLAN_OF_WEIGHT: WeakIdKeyDictionary = WeakIdKeyDictionary()  # weight tensor -> the plan of the model it belongs to
-_KEY_OF_WEIGHT: WeakIdKeyDictionary = WeakIdKeyDictionary()  # weight tensor -> its key in that plan
+# weight tensor -> (the plan of the model it belongs to, its key in that plan)
+_PLANNED_WEIGHT: WeakIdKeyDictionary = WeakIdKeyDictionary()
 _WRAPPERS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()  # key -> (plan, wrapper)
 _KV_CACHES: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()  # (key, cache)
 
@@ -47,8 +47,7 @@ def attach_plan(model: nn.Module, plan: PlanLike, *, check: bool = True) -> Plan
         warnings.warn(problem, stacklevel=2)
     apply_weight_format(model, list(plan.linears), plan.weights, plan.lm_head)
     for key, w in zip(plan.linears, store_column_major(model, plan)):
-        _PLAN_OF_WEIGHT[w] = _PLAN_OF_WEIGHT[local_tensor(w)] = plan  # a graph may take a TP rank's shard instead
-        _KEY_OF_WEIGHT[w] = _KEY_OF_WEIGHT[local_tensor(w)] = key
+        _PLANNED_WEIGHT[w] = _PLANNED_WEIGHT[local_tensor(w)] = (plan, key)  # a graph may take a TP rank's shard
     _PLAN_OF_MODEL[model] = plan
     return plan
 
@@ -79,9 +78,8 @@ def detach_plan(model: nn.Module) -> None:
             w = model.get_parameter(key)
         except AttributeError:
             continue
-        for table in (_PLAN_OF_WEIGHT, _KEY_OF_WEIGHT):
-            table.pop(w, None)
-            table.pop(local_tensor(w), None)
+        _PLANNED_WEIGHT.pop(w, None)
+        _PLANNED_WEIGHT.pop(local_tensor(w), None)
 
 
 def attached_plan(model: nn.Module) -> Optional[Plan]:
@@ -89,21 +87,21 @@ def attached_plan(model: nn.Module) -> Optional[Plan]:
     return _PLAN_OF_MODEL.get(model)
 
 
-def plan_of_weight(weight: Tensor) -> Optional[Plan]:
-    """The plan attached to the model owning ``weight`` (None: none). One weak-dictionary read: a compiled graph asks
-    this at every call."""
-    return _PLAN_OF_WEIGHT.get(weight)
+def planned_weight(weight: Any) -> tuple[Optional[Plan], Optional[str]]:
+    """(the plan attached to the model owning ``weight``, the weight's key in it), or (None, None). The key is the
+    weight's qualified name whichever frame Dynamo traced it in (discovery.weight_names). One weak-dictionary read: a
+    compiled graph asks this at every call."""
+    return _PLANNED_WEIGHT.get(weight, (None, None)) if isinstance(weight, Tensor) else (None, None)
 
 
 def key_of_weight(weight: Any) -> Optional[str]:
-    """The plan key of ``weight`` in the plan attached to its model (None: none): its qualified name, whichever frame
-    Dynamo traced it in (discovery.weight_names)."""
-    return _KEY_OF_WEIGHT.get(weight) if isinstance(weight, Tensor) else None
+    """The key of ``weight`` in the plan attached to its model (None: none)."""
+    return planned_weight(weight)[1]
 
 
 def plan_for_weights(weights: Iterable[Tensor]) -> Optional[Plan]:
     """The plan attached to the model owning these weights (None: none; an error if they belong to several)."""
-    plans = {id(p): p for w in weights if (p := _PLAN_OF_WEIGHT.get(w)) is not None}
+    plans = {id(p): p for w in weights if (p := planned_weight(w)[0]) is not None}
     if len(plans) > 1:
         raise ValueError("the linears of this graph belong to models with different attached plans")
     return next(iter(plans.values()), None)

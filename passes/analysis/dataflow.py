@@ -53,22 +53,34 @@ def linear_args(n: fx.Node) -> tuple[fx.Node, fx.Node, Optional[fx.Node]]:
     return x, w, b
 
 
+def graph_input_value(n: object, dims: int) -> Optional[torch.Tensor]:
+    """The fake value of ``n`` if it is a graph input (placeholder or ``get_attr``) of ``dims`` dimensions, else None."""
+    if not (isinstance(n, fx.Node) and n.op in ("placeholder", "get_attr")):
+        return None
+    v = fake_value(n)
+    return v if isinstance(v, torch.Tensor) and v.dim() == dims else None
+
+
+def _swaps_two_dims(t: fx.Node, rest: tuple) -> bool:
+    """``t`` (applied to its first argument, with ``rest`` after it) swaps the two dimensions of a matrix."""
+    if t.op == "call_function" and t.target is getattr:
+        return rest == ("T",)
+    if t.target in ("t", torch.t):
+        return not rest
+    if t.target in ("transpose", torch.transpose):
+        return len(rest) == 2 and {d % 2 for d in rest if isinstance(d, int)} == {0, 1}
+    if t.target == "permute":
+        return rest in (((1, 0),), (1, 0), ((-1, -2),), (-1, -2))
+    return False
+
+
 def transposed_input(t: object) -> Optional[fx.Node]:
     """W where ``t`` is a transpose of W (``W.T``, ``W.t()``, ``torch.t(W)``, ``W.transpose(0, 1)`` in any spelling
     of the two dimensions, ``W.permute(1, 0)``) and W a 2-D graph input (placeholder or ``get_attr``), else None."""
-    if not isinstance(t, fx.Node) or t.kwargs or not t.args:
+    if not (isinstance(t, fx.Node) and t.op in ("call_function", "call_method") and t.args and not t.kwargs):
         return None
-    w, rest = t.args[0], tuple(t.args[1:])
-    if not (t.op == "call_function" and t.target is getattr and rest == ("T",)
-            or (t.op == "call_method" and t.target == "t" or t.op == "call_function" and t.target is torch.t)
-            and not rest
-            or (t.op == "call_method" and t.target == "transpose" or t.op == "call_function"
-                and t.target is torch.transpose) and len(rest) == 2
-            and {d % 2 for d in rest if isinstance(d, int)} == {0, 1}
-            or t.op == "call_method" and t.target == "permute" and rest in (((1, 0),), (1, 0), ((-1, -2),), (-1, -2))):
-        return None
-    v = fake_value(w) if isinstance(w, fx.Node) and w.op in ("placeholder", "get_attr") else None
-    return w if isinstance(v, torch.Tensor) and v.dim() == 2 else None
+    w = t.args[0]
+    return w if _swaps_two_dims(t, tuple(t.args[1:])) and graph_input_value(w, 2) is not None else None
 
 
 def linear_scales(n: fx.Node) -> Optional[fx.Node]:
