@@ -112,12 +112,12 @@ def test_refuses_what_it_cannot_fold():
     assert not sg.can_fold_rope(x, ws, 12, cos, sin, pos, kc, vc)  # not a power of two
     assert not sg.can_fold_rope(x.expand(1, 2, 32), ws, 16, cos, sin, pos, kc, vc)  # two tokens: a prefill
     assert not sg.can_fold_rope(x, ws, 16, cos.double(), sin, pos, kc, vc)  # cos in another dtype
-    assert not sg.can_fold_rope(x, ws, 16, cos, sin, torch.tensor([1, 2]), kc, vc)  # two cache rows
+    assert not sg.can_fold_rope(x, ws, 16, cos, sin, torch.tensor([1, 2], device=x.device), kc, vc)  # two cache rows
     assert not sg.can_fold_rope(x, [w.contiguous() for w in ws], 16, cos, sin, pos, kc, vc)  # row-major weights
-    norm = torch.ones(16)
+    norm = torch.ones(16, device=x.device)
     assert sg.can_fold_rope(x, ws, 16, cos, sin, pos, kc, vc, norm, norm)
     assert not sg.can_fold_rope(x, ws, 16, cos, sin, pos, kc, vc, norm, None)  # q normed, k not
-    assert not sg.can_fold_rope(x, ws, 16, cos, sin, pos, kc, vc, torch.ones(8), torch.ones(8))  # not [D]
+    assert not sg.can_fold_rope(x, ws, 16, cos, sin, pos, kc, vc, norm[:8], norm[:8])  # not [D]
     with pytest.raises(ValueError, match="can_fold_rope"):
         sg.sparse_gemv_qkv_rope(x, ws, bs, [0.0] * 3, 12, cos, sin, pos, kc, vc)
 
