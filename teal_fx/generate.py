@@ -121,21 +121,43 @@ def _cache_kwarg_of(cls: type) -> str:
 
 def static_cache(model: nn.Module, batch: int, max_len: int) -> Any:
     """A StaticCache allocated now, outside any compiled region or CUDA graph pool (transformers otherwise
-    allocates it lazily inside the first compiled step)."""
+    allocates it lazily inside the first compiled step).
+
+    With ``num_key_value_heads`` in the config the shapes are known; without it (multi-head configs, and multi-query
+    ones of older transformers, Falcon-7B's in 5.17) two eager tokens (a prefill: a model that cannot fill a static cache
+    says so here) let transformers size each layer from the keys it is given, and the cache is then zeroed."""
     from transformers import StaticCache
 
     cfg = model.config
     cache = StaticCache(config=cfg, max_cache_len=max_len)
-    if hasattr(cache, "early_initialization"):
-        heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-        tp = tp_degree(model)  # tensor parallel: each rank caches its own heads
-        if heads % tp:
-            raise ValueError(f"{heads} key/value heads do not split over {tp} tensor-parallel ranks")
-        heads //= tp
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        p = next(model.parameters())
-        cache.early_initialization(batch, heads, head_dim, p.dtype, p.device)
+    if not hasattr(cache, "early_initialization"):
+        return cache
+    heads = getattr(cfg, "num_key_value_heads", None)
+    if heads is None:
+        _initialize_by_a_prefill(model, cache, batch)
+        return cache
+    tp = tp_degree(model)  # tensor parallel: each rank caches its own heads
+    if heads % tp:
+        raise ValueError(f"{heads} key/value heads do not split over {tp} tensor-parallel ranks")
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    p = next(model.parameters())
+    cache.early_initialization(batch, heads // tp, head_dim, p.dtype, p.device)
     return cache
+
+
+@torch.no_grad()
+def _initialize_by_a_prefill(model: nn.Module, cache: Any, batch: int) -> None:
+    plain = getattr(model, "_orig_mod", model)
+    device = next(plain.parameters()).device
+    try:
+        plain(torch.zeros(batch, 2, dtype=torch.long, device=device), **{cache_kwarg(plain): cache},
+              cache_position=torch.arange(2, device=device), use_cache=True)
+    except RuntimeError as e:
+        import transformers
+
+        raise ValueError(f"{type(plain).__name__} cannot decode into a static cache under transformers "
+                         f"{transformers.__version__} (dense, eager: {e}); teal's decode loop needs one") from e
+    cache.reset()
 
 
 class _AllStopped:

@@ -68,7 +68,9 @@ def structure_model(name: str) -> torch.nn.Module:
     for attr, value in {"n_inner": 96, "ffn_dim": 96}.items():  # the MLP width where a config names it otherwise
         if hasattr(cfg, attr):
             setattr(cfg, attr, value)
-    cfg._attn_implementation = "eager" if name in EAGER_ATTENTION else "sdpa"
+    model_cls = T.AutoModelForCausalLM._model_mapping[type(cfg)]
+    sdpa = name not in EAGER_ATTENTION and getattr(model_cls, "_supports_sdpa", True)  # GPT-J, CodeGen: 5.2x only
+    cfg._attn_implementation = "sdpa" if sdpa else "eager"
     model = T.AutoModelForCausalLM.from_config(cfg).eval()
     with torch.no_grad():  # a realistic spread of activations (HF's init is tiny)
         for p in model.parameters():
@@ -128,7 +130,12 @@ def _check_decode(model, plan) -> None:
     decode step sparse) equal those of hooks masking each planned linear's input in the plain model."""
     tokens = torch.randint(3, 128, (1, 12), generator=torch.Generator().manual_seed(2))
     prompt = 5
-    got = teal_fx.decode_logits(model, tokens, prompt, backend="teal", options={"compiler": "eager"})
+    try:
+        got = teal_fx.decode_logits(model, tokens, prompt, backend="teal", options={"compiler": "eager"})
+    except ValueError as e:  # the user is told when transformers' own model cannot (Bloom in 5.17: ALiBi's length)
+        if "cannot decode into a static cache" not in str(e):
+            raise
+        pytest.skip(str(e))
     with torch.no_grad():
         step = model(tokens[:, :prompt], use_cache=True)
         ref, dense, cache = [step.logits[:, -1]], [step.logits[:, -1]], step.past_key_values
@@ -145,3 +152,4 @@ def _check_decode(model, plan) -> None:
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(got[:, 0], dense[:, 0], atol=1e-4, rtol=1e-4)  # the prefill stays dense
     assert (got[:, 1:] - dense[:, 1:]).abs().max() > 1e-2  # the decode steps are sparse
+

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import teal_fx
-from teal_fx.generate import greedy_step, sample_next
+from teal_fx.generate import greedy_step, sample_next, static_cache
 from teal_fx.state import held_kv_cache
 from tests.conftest import masked_inputs, tiny_model
 
@@ -96,6 +96,28 @@ def test_reuses_one_static_cache_per_size():
     assert held_kv_cache(model) is not cache
     with torch.no_grad():
         assert torch.equal(teal_fx.generate(model, ids, 6, backend="none", eos_token_id=-1), a)
+
+
+def test_a_cache_whose_heads_the_config_does_not_give_is_sized_by_the_model():
+    """Without ``num_key_value_heads`` in the config (multi-query Falcon in transformers 5.17), the heads are the
+    ones the model's keys have (2 here, not the 4 query heads), and the cache comes back zeroed."""
+    model = tiny_model("llama", heads=4, kv_heads=2)
+    model.config.num_key_value_heads = None
+    cache = static_cache(model, 3, 16)
+    assert all(layer.keys.shape == (3, 2, 16, 16) and not layer.keys.any() and not layer.values.any()
+               for layer in cache.layers)
+
+
+def test_a_model_that_cannot_fill_a_static_cache_is_named(monkeypatch):
+    model = tiny_model("llama")
+    model.config.num_key_value_heads = None
+
+    def forward(*args, **kwargs):  # as Bloom's ALiBi under transformers 5.17: sized by the tokens, not the cache
+        raise RuntimeError("The expanded size of the tensor (16) must match the existing size (2)")
+
+    monkeypatch.setattr(model, "forward", forward)
+    with pytest.raises(ValueError, match="LlamaForCausalLM cannot decode into a static cache under transformers"):
+        static_cache(model, 1, 16)
 
 
 def test_max_cache_len_too_small_is_refused():
