@@ -20,6 +20,7 @@ import shlex
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -161,8 +162,8 @@ def main() -> int:
                     help="each teal int8/int4 row also with its plan's activations='int8' (x rounded to int8 per 32 "
                     "inputs, dp4a products)")
     ap.add_argument("--fold-rope", action="store_true",
-                    help="each teal row of batch 1 (bf16, int8, int4) also with options fold_rope=True (RoPE + cache "
-                         "writes in the q/k/v launch), measured next to it")
+                    help="each teal row of batch 1 (bf16, int8, int4) twice, with options fold_rope=False and True "
+                         "(RoPE + cache writes in the q/k/v launch, the default): the fold's gain, measured side by side")
     ap.add_argument("--quantize-lm-head", action="store_true",
                     help="teal's quantized rows with the output head in int8 too (calibrate(quantize_lm_head=True))")
     ap.add_argument("--batches", default="",
@@ -317,12 +318,10 @@ def quantized_rows(fmt: str, args, ids, calib, cache_len, add, notes, peak_gib):
         for activations in [None, "int8"] if args.activations else [None]:
             teal_fx.attach_plan(model, replace(plan.at(s, "uniform"), activations=activations), check=False)
             torch.cuda.reset_peak_memory_stats()
-            for fold in [False, True] if args.fold_rope else [False]:
-                t, first = decode_speed(lean(model, ids, "teal", cache_len, {"fold_rope": True} if fold else None),
-                                        args.new_tokens)
+            for fold in [False, True] if args.fold_rope else [None]:
+                t, first = decode_speed(lean(model, ids, "teal", cache_len, _fold_option(fold)), args.new_tokens)
                 add(f"lean loop, teal {fmt} {s:.0%}{', lm_head int8' if head else ''}"
-                    f"{', x int8 (dp4a)' if activations else ''}{', RoPE folded' if fold else ''}", 1, t, first,
-                    peak_gib())
+                    f"{', x int8 (dp4a)' if activations else ''}{_fold_label(fold)}", 1, t, first, peak_gib())
 
 
 def batch_dense_rows(model, batches: list[int], args, cache_len, add, dense) -> None:
@@ -432,15 +431,22 @@ def batch_teal_rows(model, calib, batches: list[int], args, cache_len, add, note
                  "the position, which decode steps see: docs/perf-log.md v30-v31)")
 
 
+def _fold_option(fold: Optional[bool]) -> Optional[dict]:
+    """--fold-rope's A/B: the backend's default (None), or fold_rope set either way."""
+    return None if fold is None else {"fold_rope": fold}
+
+
+def _fold_label(fold: Optional[bool]) -> str:
+    return {None: "", False: ", RoPE not folded", True: ", RoPE folded"}[fold]
+
+
 def lean_teal(model, ids, ids4, plan, sparsities: str, args, cache_len, reference, add, notes, peak_gib) -> None:
     for s in [float(x) for x in sparsities.split(",") if x]:
         teal_fx.attach_plan(model, plan.at(s, "uniform"), check=False)  # resets torch.compile caches
         torch.cuda.reset_peak_memory_stats()
-        t, first = decode_speed(lean(model, ids, "teal", cache_len), args.new_tokens)
-        add(f"lean loop, teal {s:.0%}", 1, t, first, peak_gib())
-        if args.fold_rope:
-            t, first = decode_speed(lean(model, ids, "teal", cache_len, {"fold_rope": True}), args.new_tokens)
-            add(f"lean loop, teal {s:.0%}, RoPE folded", 1, t, first, peak_gib())
+        for fold in [False, True] if args.fold_rope else [None]:
+            t, first = decode_speed(lean(model, ids, "teal", cache_len, _fold_option(fold)), args.new_tokens)
+            add(f"lean loop, teal {s:.0%}{_fold_label(fold)}", 1, t, first, peak_gib())
         if s == 0.0 and reference is not None:
             notes.append(reference.report(model, ids, cache_len))
         if s == 0.5 and args.batch4:
@@ -506,7 +512,8 @@ def write(out: Path, args, bw: float, roof: float, rows: list, notes: list, fast
         f"({WEIGHT_BYTES_PER_TOKEN / 1e9:.2f} GB/token, ANCHORS.md scaled to this bandwidth)",
         "- thresholds: uniform, calibrated on the model's own activations (2 x 256 random-token sequences); "
         "teal = q/k/v and gate/up grouped (4 sparse launches per block, silu(gate) * up formed by the gate/up "
-        "launch, the residual add and the next RMSNorm by the o and down launches), the decode step's attention as "
+        "launch, the residual add and the next RMSNorm by the o and down launches, RoPE and the cache writes by the "
+        "q/k/v launch), the decode step's attention as "
         "teal::decode_attention (rows marked 'sdpa attention' keep sdpa, as "
         "Inductor dense does), the cache counters' increments as one launch, programmatic dependent launches "
         "of teal's kernels and of Inductor's (each Inductor kernel waiting before its first access: docs/design.md, "

@@ -25,7 +25,7 @@ class TealOptions:
     group_shared_input: bool = True  # q/k/v and gate/up each in one launch (passes/group_shared_input.py)
     fuse_swiglu: bool = True  # the gate/up launch forms silu(gate) * up (passes/fuse_swiglu.py)
     fuse_add_rmsnorm: bool = True  # o and down launches add the residual and apply the RMSNorm (passes/fuse_add_rmsnorm.py)
-    fold_rope: bool = False  # RoPE + static-cache writes in the q/k/v launch's finish (passes/fold_rope_into_qkv_finish.py)
+    fold_rope: bool = True  # RoPE + static-cache writes in the q/k/v launch's finish (passes/fold_rope_into_qkv_finish.py)
     decode_attention: bool = True  # decode-step sdpa -> teal::decode_attention (passes/replace_decode_attention.py)
     outer_product_multiply: bool = True  # a matmul over a dimension of 1 -> a multiply (passes/replace_outer_product_matmul.py)
     inductor_pdl: bool = True  # on Hopper+, Inductor's kernels launch early and wait first (teal_fx/inductor.py)

@@ -14,11 +14,10 @@ from teal_fx.passes.finish import finish
 
 def test_options_pick_the_passes_and_keep_their_order():
     everything = [p for p, _ in PASSES]
-    # every pass but fold_rope's, which stays off by default until measured on a GPU
-    assert passes_for(TealOptions(fold_rope=True)) == everything
-    assert [p.__name__ for p in passes_for(TealOptions())] == [p.__name__ for p in everything
-                                                              if p.__name__ != "fold_rope_into_qkv_finish"]
-    off = TealOptions(fuse_swiglu=False, decode_attention=False, fold_rope=True)
+    assert passes_for(TealOptions()) == everything  # every pass is on by default
+    assert [p.__name__ for p in passes_for(TealOptions(fold_rope=False))] == [p.__name__ for p in everything
+                                                                             if p.__name__ != "fold_rope_into_qkv_finish"]
+    off = TealOptions(fuse_swiglu=False, decode_attention=False)
     assert [p.__name__ for p in passes_for(off)] == [p.__name__ for p in everything
                                                      if p.__name__ not in ("fuse_swiglu", "replace_decode_attention")]
     assert all(flag is None or hasattr(TealOptions, flag) for _, flag in PASSES)
