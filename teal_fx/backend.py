@@ -101,7 +101,10 @@ class _PlanKeyedGraph:
             placeholders = [n for n in g.graph.nodes if n.op == "placeholder"]
             tensors = dict(zip(placeholders, example_inputs))
             params = [weight_param(m.node.args[1]) for m in discovery.matched]  # a TP rank's shard: its DTensor
-            weights = [w for p in params if isinstance(w := tensors.get(p), torch.Tensor)]
+            # each matched weight, and whether the op reads it through a transpose (GPT-2's Conv1D stores [in, out])
+            found = [(w, transposed_input(m.node.args[1]) is not None) for m, p in zip(discovery.matched, params)
+                     if isinstance(w := tensors.get(p), torch.Tensor)]
+            weights = [w for w, _ in found]
             chosen = plan
             if first:
                 w0 = params[0]
@@ -114,9 +117,7 @@ class _PlanKeyedGraph:
                               "teal: no plan for this model (run teal_fx.calibrate(model, ...) or pass options={'plan': "
                               "...}); compiling dense", stacklevel=2)
                 return None
-            # as the ops read them: a weight stored [in, out] (GPT-2's Conv1D) through its transpose
-            _prepare_weights([w.t() if transposed_input(m.node.args[1]) is not None else w
-                              for m, p in zip(discovery.matched, params) if isinstance(w := tensors.get(p), torch.Tensor)])
+            _prepare_weights([w.t() if transposed else w for w, transposed in found])  # as the ops read them
             return chosen
 
         ctx = PassContext(options=self.opts, resolve_plan=resolve,
