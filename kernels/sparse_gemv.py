@@ -378,10 +378,12 @@ def _launch(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tens
             raise ValueError(f"int4 on tensor cores needs k_per_split dividing {INT4_GROUP}: {cfg}")
         if cfg.block_n < 32:  # each nibble's dot takes half the tile's columns, at least 16 (masks cover the rest)
             cfg = replace(cfg, block_n=32)
-    if wfmt == 2 and not cfg.use_dot and (INT4_GROUP % (cfg.k_per_split if cfg.compact else cfg.block_k)):
-        # the CUDA-core loops scale each tile's sums (a tile within one group) or, packed, the program's (the
-        # survivors of the whole program within one group)
-        raise ValueError(f"int4 on CUDA cores needs block_k (packed: k_per_split) dividing {INT4_GROUP}: {cfg}")
+    packed_groups_ok = cfg.compact and (INT4_GROUP % cfg.k_per_split == 0 or cfg.k_per_split % INT4_GROUP == 0)
+    if wfmt == 2 and not cfg.use_dot and (INT4_GROUP % cfg.block_k or (cfg.compact and not packed_groups_ok)):
+        # the CUDA-core loops scale each tile's sums (a tile within one group) or, packed, each group's (a program's
+        # inputs within one group, or whole groups, each packed and summed in turn)
+        raise ValueError(f"int4 on CUDA cores needs block_k dividing {INT4_GROUP} and, packed, k_per_split dividing "
+                         f"it or a multiple of it: {cfg}")
     BN = cfg.block_n
     if cfg.use_dot:
         BM = max(16, next_pow2(M))

@@ -219,6 +219,48 @@ def silu_times_up(gate, up, out_ty: tl.constexpr):
     return act * up.to(out_ty).to(tl.float32)
 
 @triton.jit
+def packed_sum(x_ptr, w_ptr, idx_ptr, xv_ptr, k_lo, k_hi, threshold, offs_n, n_ok, stride_wk, stride_wn,
+               BK: tl.constexpr, BN: tl.constexpr, CHUNK: tl.constexpr, EVEN_N: tl.constexpr, offs_p, p_ok,
+               WFMT: tl.constexpr, ASM: tl.constexpr, WMATH: tl.constexpr):
+    """Σ_k x_k W[k, offs_n] over the survivors of [k_lo, k_hi) (at most CHUNK inputs, one row), unscaled: they are
+    packed into the slot at idx_ptr / xv_ptr first, then summed a tile of BK stored rows at a time."""
+    acc = tl.zeros((BN,), dtype=tl.float32)
+    offs = k_lo + tl.arange(0, CHUNK)
+    x = tl.load(x_ptr + offs, mask=offs < k_hi, other=0.0).to(tl.float32)
+    keep = tl.abs(x) > threshold
+    slot, n_keep = store_survivors(idx_ptr, offs, keep)
+    tl.store(xv_ptr + slot, x, mask=keep)
+    tl.debug_barrier()  # the CTA's global stores are visible to all its threads after the barrier
+    # one tile in flight, the next tile's indices requested before this tile's FMAs: keeping two tiles' rows in
+    # flight (requested a tile ahead) ran int8 gate/up at 50% in 60-75 µs instead of 16 (docs/perf-log.md v26)
+    j = tl.arange(0, BK)
+    ok = j < n_keep
+    k = tl.load(idx_ptr + j, mask=ok, other=0)
+    xv = tl.load(xv_ptr + j, mask=ok, other=0.0)
+    for j0 in range(0, n_keep, BK):
+        if WMATH == 2:  # the stored rows, summed as the masked loop's fp16 tiles (``tile_sum``)
+            w = load_needed_rows(w_ptr, k, offs_p if WFMT == 2 else offs_n, ok, p_ok if WFMT == 2 else n_ok,
+                                 stride_wk, stride_wn, EVEN_N)
+        else:
+            w = load_weight_tile(w_ptr, k, offs_n, offs_p, ok, n_ok, p_ok, stride_wk, stride_wn, EVEN_N, WFMT, ASM)
+        jn = j0 + BK + tl.arange(0, BK)
+        ok_next = jn < n_keep
+        if WMATH == 2:  # whole tiles of the slot, unmasked: 16-byte loads where masked ones came one entry at a time
+            # (~150 instructions a tile fewer, SASS). Entries past n_keep (the next slot's, or the launcher's BK of
+            # padding) are never used: their rows are unread and their x is selected away below
+            k_next = tl.load(idx_ptr + jn)
+            xv_next = tl.load(xv_ptr + jn)
+        else:
+            k_next = tl.load(idx_ptr + jn, mask=ok_next, other=0)
+            xv_next = tl.load(xv_ptr + jn, mask=ok_next, other=0.0)
+        if WMATH == 2:
+            acc += tile_sum(tl.where(ok, xv, 0.0), w, WFMT, WMATH, ASM)
+        else:
+            acc += tl.sum(xv[:, None] * w.to(tl.float32), axis=0)
+        k, xv, ok = k_next, xv_next, ok_next
+    return acc
+
+@triton.jit
 def in_thread_partial(x_ptr, w_ptr, idx_ptr, xv_ptr, k_lo, k_hi, threshold, offs_n, n_ok, stride_wk, stride_wn,
                        BK: tl.constexpr, BN: tl.constexpr, CHUNK: tl.constexpr, EVEN_N: tl.constexpr,
                        PACK: tl.constexpr, offs_p, p_ok, s_ptr, stride_sg, WFMT: tl.constexpr, GROUP: tl.constexpr,
@@ -234,46 +276,24 @@ def in_thread_partial(x_ptr, w_ptr, idx_ptr, xv_ptr, k_lo, k_hi, threshold, offs
     runs over full tiles of needed weight rows only: at 90% a tenth of the iterations, where a loop over all
     rows pays a memory round trip per tile however few rows it keeps (docs/design.md, "Sparse GEMV: tiles and loops"). Without PACK the loop
     walks every input and masks the rows not needed. WFMT 2 (int4) scales each tile's sum by its group's scales,
-    or, packed, the program's sum (the launcher keeps a packed int4 program inside one group). Packed, WMATH 2 sums
+    or, packed, each group's sum (a program's inputs lie in one group, or are whole groups packed in turn). Packed, WMATH 2 sums
     each tile of survivors in fp16 as the masked loop does (``tile_sum``), on the stored rows; else exactly in fp32.
     """
     acc = tl.zeros((BN,), dtype=tl.float32)
     if PACK:
-        offs = k_lo + tl.arange(0, CHUNK)
-        x = tl.load(x_ptr + offs, mask=offs < k_hi, other=0.0).to(tl.float32)
-        keep = tl.abs(x) > threshold
-        slot, n_keep = store_survivors(idx_ptr, offs, keep)
-        tl.store(xv_ptr + slot, x, mask=keep)
-        tl.debug_barrier()  # the CTA's global stores are visible to all its threads after the barrier
-        # one tile in flight, the next tile's indices requested before this tile's FMAs: keeping two tiles' rows in
-        # flight (requested a tile ahead) ran int8 gate/up at 50% in 60-75 µs instead of 16 (docs/perf-log.md v26)
-        j = tl.arange(0, BK)
-        ok = j < n_keep
-        k = tl.load(idx_ptr + j, mask=ok, other=0)
-        xv = tl.load(xv_ptr + j, mask=ok, other=0.0)
-        for j0 in range(0, n_keep, BK):
-            if WMATH == 2:  # the stored rows, summed as the masked loop's fp16 tiles (``tile_sum``)
-                w = load_needed_rows(w_ptr, k, offs_p if WFMT == 2 else offs_n, ok, p_ok if WFMT == 2 else n_ok,
-                                     stride_wk, stride_wn, EVEN_N)
-            else:
-                w = load_weight_tile(w_ptr, k, offs_n, offs_p, ok, n_ok, p_ok, stride_wk, stride_wn, EVEN_N, WFMT, ASM)
-            jn = j0 + BK + tl.arange(0, BK)
-            ok_next = jn < n_keep
-            if WMATH == 2:  # whole tiles of the slot, unmasked: 16-byte loads where masked ones came one entry at a time
-                # (~150 instructions a tile fewer, SASS). Entries past n_keep (the next slot's, or the launcher's BK of
-                # padding) are never used: their rows are unread and their x is selected away below
-                k_next = tl.load(idx_ptr + jn)
-                xv_next = tl.load(xv_ptr + jn)
-            else:
-                k_next = tl.load(idx_ptr + jn, mask=ok_next, other=0)
-                xv_next = tl.load(xv_ptr + jn, mask=ok_next, other=0.0)
-            if WMATH == 2:
-                acc += tile_sum(tl.where(ok, xv, 0.0), w, WFMT, WMATH, ASM)
-            else:
-                acc += tl.sum(xv[:, None] * w.to(tl.float32), axis=0)
-            k, xv, ok = k_next, xv_next, ok_next
-        if WFMT == 2:  # int4: the launcher keeps a packed program inside one scale group
-            acc = acc * group_scales(s_ptr, k_lo, offs_n, n_ok, stride_sg, GROUP)
+        if WFMT == 2 and CHUNK > GROUP:
+            # int4 over whole scale groups: each group packed into its own part of the slot (the other programs of
+            # this K split write the same values there, whichever group they are at), summed, then scaled
+            for g0 in range(k_lo, k_hi, GROUP):
+                part = packed_sum(x_ptr, w_ptr, idx_ptr + (g0 - k_lo), xv_ptr + (g0 - k_lo), g0,
+                                  tl.minimum(g0 + GROUP, k_hi), threshold, offs_n, n_ok, stride_wk, stride_wn, BK, BN,
+                                  GROUP, EVEN_N, offs_p, p_ok, WFMT, ASM, WMATH)
+                acc += part * group_scales(s_ptr, g0, offs_n, n_ok, stride_sg, GROUP)
+        else:
+            acc = packed_sum(x_ptr, w_ptr, idx_ptr, xv_ptr, k_lo, k_hi, threshold, offs_n, n_ok, stride_wk, stride_wn,
+                             BK, BN, CHUNK, EVEN_N, offs_p, p_ok, WFMT, ASM, WMATH)
+            if WFMT == 2:  # int4: the program's inputs lie in one scale group
+                acc = acc * group_scales(s_ptr, k_lo, offs_n, n_ok, stride_sg, GROUP)
     else:
         offs_k = k_lo + tl.arange(0, BK)
         x = tl.load(x_ptr + offs_k, mask=offs_k < k_hi, other=0.0).to(tl.float32)

@@ -89,7 +89,9 @@ LOOPS = ["tile", "in_thread", "compact", "dot"]
 
 
 def config_for(loop, M, N, K, BK=16, iters=2, fmt=None):
-    if loop in ("dot", "compact") and fmt == "int4":  # a program's sums scaled once: its inputs in one group
+    if loop == "compact" and fmt == "int4" and BK * iters >= INT4_GROUP:  # packed: whole groups, each scaled
+        iters = BK * iters // INT4_GROUP * INT4_GROUP // BK
+    elif loop in ("dot", "compact") and fmt == "int4":  # a program's sums scaled once: its inputs in one group
         iters = 1 << min(iters.bit_length() - 1, (INT4_GROUP // BK).bit_length() - 1)
     return make_config(N, K, BN=32, BK=BK, iters=iters, use_dot=loop == "dot", compact=loop == "compact",
                        in_thread=loop == "in_thread")
@@ -191,15 +193,16 @@ def test_cheaper_tile_sums_stay_within_the_output_precision(fmt, math, N, K, dty
     assert float((y.cpu().double() - ref).norm() / size.norm().clamp_min(1e-30)) <= TOL[dtype]
 
 
-@pytest.mark.parametrize("fmt", ["int8", "int4"])
-def test_the_packed_fp16_loop_ignores_its_scratch_past_the_survivors(fmt):
+@pytest.mark.parametrize("fmt, iters", [("int8", 8), ("int4", 8), ("int4", 16)])
+def test_the_packed_fp16_loop_ignores_its_scratch_past_the_survivors(fmt, iters):
     """The packed loop with fp16 sums reads whole tiles of its scratch slot unmasked: the entries past a K split's
-    survivors (the next slot's, the launcher's padding) hold anything and must not count, neither as rows nor in a
-    tile's x scale. So the scratch is poisoned first; 90 of 128 inputs kept, not a whole number of 16-row tiles."""
+    survivors (the next slot's, the next scale group's part of it, the launcher's padding) hold anything and must not
+    count, neither as rows nor in a tile's x scale. So the scratch is poisoned first; 90 of 128 inputs kept, not a
+    whole number of 16-row tiles. int4 with 16 tiles: a program over two scale groups, each packed in turn."""
     N, K = 64, 256
     x, q, s, _ = operands(1, N, K, torch.bfloat16, fmt, 5)
     t = float(x.float().abs().quantile(0.3))
-    cfg = make_config(N, K, BN=64, BK=16, iters=8, use_dot=False, num_warps=1, num_stages=1, compact=True,
+    cfg = make_config(N, K, BN=64, BK=16, iters=iters, use_dot=False, num_warps=1, num_stages=1, compact=True,
                       weight_math=2)
     sg.sparse_gemv(x, q, None, t, config=cfg, scales=s)  # the scratch exists
     for (_, name), buf in sg._WORKSPACE.bufs.items():
@@ -221,8 +224,9 @@ def test_fp16_tile_sums_refuse_fp32_x_and_other_loops():
 
 def test_int4_refuses_a_packed_loop_or_a_tile_across_groups():
     x, q, s, _ = operands(1, 32, 256, torch.float32, "int4", 0)
-    with pytest.raises(ValueError, match="int4"):
-        sg.sparse_gemv(x, q, None, 0.1, config=config_for("compact", 1, 32, 256, iters=16), scales=s)
+    with pytest.raises(ValueError, match="int4"):  # a packed program of 1.5 groups (whole ones are summed in turn)
+        sg.sparse_gemv(x, q, None, 0.1, config=make_config(32, 256, BN=32, BK=16, iters=12, use_dot=False,
+                                                           compact=True), scales=s)
     with pytest.raises(ValueError, match="int4"):
         sg.sparse_gemv(x, q, None, 0.1, config=make_config(32, 256, BN=32, BK=256, iters=1, use_dot=False), scales=s)
     with pytest.raises(ValueError, match="tensor cores"):  # a program's 256 inputs span two scale groups
