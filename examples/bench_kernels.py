@@ -293,8 +293,9 @@ SWEEP_WEIGHT_MATH["int8"] += [dict(BN=bn, BK=bk, iters=it, use_dot=False, num_wa
                               for bn, bk, it, nw in ((1024, 16, 4, 2), (1024, 8, 8, 2), (1024, 16, 8, 2), (512, 16, 4, 1),
                                                      (2048, 16, 4, 4))]
 SWEEP_WEIGHT_MATH["int4"] += [dict(BN=bn, BK=16, iters=it, use_dot=False, num_warps=nw, num_stages=1, compact=True,
-                                   weight_math=2)  # a program's inputs in one scale group
-                              for bn, it, nw in ((1024, 4, 1), (2048, 4, 2), (1024, 8, 1))]
+                                   weight_math=2)  # a program's inputs in one scale group, or 2-4 whole groups
+                              for bn, it, nw in ((1024, 4, 1), (2048, 4, 2), (1024, 8, 1), (2048, 8, 2), (1024, 16, 1),
+                                                 (2048, 16, 2), (1024, 32, 1), (2048, 32, 2))]
 
 # ... and x rounded to int8 (weight_math 3, dp4a; timed with x_int8): 8 or 16 bytes of a row a thread, a program's
 # inputs whole tiles of 32 (docs/perf-log.md v32)
