@@ -296,6 +296,14 @@ SWEEP_WEIGHT_MATH["int4"] += [dict(BN=bn, BK=16, iters=it, use_dot=False, num_wa
                                    weight_math=2)  # a program's inputs in one scale group, or 2-4 whole groups
                               for bn, it, nw in ((1024, 4, 1), (2048, 4, 2), (1024, 8, 1), (2048, 8, 2), (1024, 16, 1),
                                                  (2048, 16, 2), (1024, 32, 1), (2048, 32, 2))]
+# ... and int4's nibbles as subnormal halves (weight_math 4: masks instead of permutes; SASS, sm_90: the packed rule
+# tile 1649 -> 1032 instructions, the attention shapes' masked 256 x 32 x 2 1002 -> 786; perf-log v43), on the
+# rule's tiles and their neighbours
+SWEEP_WEIGHT_MATH["int4"] += [dict(BN=bn, BK=16, iters=it, use_dot=False, num_warps=nw, num_stages=1, compact=True,
+                                   weight_math=4)
+                              for bn, it, nw in ((1024, 4, 1), (2048, 4, 2), (1024, 8, 1), (2048, 8, 2), (4096, 8, 4))]
+SWEEP_WEIGHT_MATH["int4"] += [dict(BN=bn, BK=bk, iters=it, use_dot=False, num_warps=1, num_stages=1, in_thread=True,
+                                   weight_math=4) for bn, bk, it in ((256, 32, 2), (512, 16, 4), (1024, 16, 4))]
 
 # ... and x rounded to int8 (weight_math 3, dp4a; timed with x_int8): 8 or 16 bytes of a row a thread, a program's
 # inputs whole tiles of 32 (docs/perf-log.md v32)

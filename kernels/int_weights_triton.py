@@ -142,3 +142,36 @@ def int4_as_fp32(p, ASM: tl.constexpr, OFFSET: tl.constexpr = False):
         else:
             w = exact_float(tl.interleave(v & 15, v >> 4) - 8)
     return w
+
+
+@triton.jit
+def swap_middle_of_fours(v):
+    """v [4n] with elements 1 and 2 of every four swapped (the column order ``int4_as_subnormal_halves`` yields)."""
+    n: tl.constexpr = v.shape[0]
+    return tl.reshape(tl.permute(tl.reshape(v, (n // 4, 2, 2)), (0, 2, 1)), (n,))
+
+
+@triton.jit
+def int4_as_subnormal_halves(p, ASM: tl.constexpr):
+    """Packed int4 bytes [BK, BN / 2] as two fp16 tiles of the nibbles n (0..15, not n - 8) as subnormal halves: the
+    low nibbles n x 2^-24, the high n x 2^-20, each word's four bytes in the order 0, 2, 1, 3 (``swap_middle_of_fours``
+    undoes it). A mask leaves a nibble in a half's mantissa as it is: one shift and four ANDs a word, no permute and
+    no subtraction (the caller subtracts 8 Σx)."""
+    if ASM:
+        lo, hi = tl.inline_asm_elementwise(
+            asm="""{
+            .reg .b32 s;
+            shr.u32 s, $4, 8;
+            and.b32 $0, $4, 0x000F000F;
+            and.b32 $1, s, 0x000F000F;
+            and.b32 $2, $4, 0x00F000F0;
+            and.b32 $3, s, 0x00F000F0;
+            }""",
+            constraints="=r,=r,=r,=r,r", args=[p], dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
+    else:
+        rows: tl.constexpr = p.shape[0]
+        cols: tl.constexpr = p.shape[1]
+        v = tl.reshape(tl.permute(tl.reshape(p.to(tl.int32), (rows, cols // 4, 2, 2)), (0, 1, 3, 2)), (rows, cols))
+        lo = ((v & 15).to(tl.float32) * 5.960464477539063e-08).to(tl.float16)  # n x 2^-24
+        hi = ((v >> 4).to(tl.float32) * 9.5367431640625e-07).to(tl.float16)  # n x 2^-20
+    return lo, hi

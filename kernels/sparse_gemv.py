@@ -360,12 +360,15 @@ def _launch(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tens
                          f"{cfg}")
     if cfg.half_dot and (wfmt != 1 or x.dtype == torch.float32):  # fp16 operands would round fp32 x
         raise ValueError(f"half_dot takes int8 weights and fp16/bf16 x only: {cfg}, x {x.dtype}")
-    if config is None and cfg.weight_math in (1, 2) and x.dtype == torch.float32:
+    if config is None and cfg.weight_math in (1, 2, 4) and x.dtype == torch.float32:
         # the rule's cheaper sums round at a bf16 output's error (fp16 would also round fp32 x): fp32 x, exact sums
         cfg = replace(cfg, weight_math=0)
-    if cfg.weight_math and not (wfmt and M == 1 and cfg.in_thread and (not cfg.compact or cfg.weight_math == 2)):
-        raise ValueError(f"weight_math applies to one row of int8/int4 in the masked in-thread loop (2 also in the "
-                         f"packed loop): {cfg}")
+    if cfg.weight_math and not (wfmt and M == 1 and cfg.in_thread and (not cfg.compact or cfg.weight_math in (2, 4))):
+        raise ValueError(f"weight_math applies to one row of int8/int4 in the masked in-thread loop (2 and 4 also in "
+                         f"the packed loop): {cfg}")
+    if cfg.weight_math == 4 and (wfmt != 2 or x.dtype == torch.float32):
+        raise ValueError(f"weight_math 4 (int4 nibbles as subnormal halves) takes int4 weights and fp16/bf16 x: {cfg}, "
+                         f"{x.dtype}")
     if cfg.weight_math == 3 and (ACT_TILE % cfg.block_k or cfg.block_k % 4 or cfg.k_per_split % ACT_TILE):
         # one x scale per tile: a tile within one scale tile of x (and so of an int4 group), a program's inputs whole
         # scale tiles (x is quantized from k_lo); rows come four to a word

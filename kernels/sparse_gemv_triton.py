@@ -22,8 +22,10 @@ from teal_fx.kernels.int_weights_triton import (
     INT8_OFFSET,
     int4_as_fp32,
     int4_as_halves,
+    int4_as_subnormal_halves,
     int8_as_fp16,
     int8_as_fp32,
+    swap_middle_of_fours,
 )
 from teal_fx.kernels.x_int8_triton import w4a8_partial, w8a8_partial
 
@@ -163,12 +165,12 @@ def load_weight_tile(w_ptr, offs_k, offs_n, offs_p, need, n_ok, p_ok, stride_wk,
 
 
 @triton.jit
-def half_scaled(x):
+def half_scaled(x, TOP: tl.constexpr = 129):
     """x [BK] (fp32 holding bf16/fp16 values) times 2^s in fp16, 2^s putting max|x| in [4, 8), and 2^-s. A tile's fp16
     sum of up to 32 products with int8 (|q| <= 128) stays below 32 x 128 x 8 = 32768, inside fp16's range, and bf16
     values keep every mantissa bit (those below 2^-14 of the largest lose some). 2^s from the exponent bits."""
     e = (tl.max(tl.abs(x), axis=0).to(tl.int32, bitcast=True) >> 23) & 255  # biased exponent of max|x| (0: all zero)
-    s = tl.minimum(tl.maximum(129 - e, -100), 100)  # max|x| in [2^(e-127), 2^(e-126)) -> [4, 8)
+    s = tl.minimum(tl.maximum(TOP - e, -100), 100)  # max|x| in [2^(e-127), 2^(e-126)) -> [4, 8) (TOP 129)
     scale = ((s + 127) << 23).to(tl.float32, bitcast=True)
     unscale = ((127 - s) << 23).to(tl.float32, bitcast=True)
     return (x * scale).to(tl.float16), unscale
@@ -183,7 +185,9 @@ def tile_sum(x, q, WFMT: tl.constexpr, WMATH: tl.constexpr, ASM: tl.constexpr):
     constant c (``INT8_OFFSET``, ``INT4_OFFSET``), and c Σx is subtracted once per tile: one float operation a weight
     fewer, at the cost of rounding sums c / |q| times larger (int8 ~3e-4 of a tile's sum, int4 ~2e-3; perf-log v28).
     2: fp16 products and sums (paired HFMA2, half the float instructions), x scaled per tile by a power of two into
-    fp16's range (``half_scaled``); a tile's sum rounds at fp16's 2^-11."""
+    fp16's range (``half_scaled``); a tile's sum rounds at fp16's 2^-11. 4 (int4): as 2 over the nibbles 0..15 as
+    subnormal halves, masked out of their bytes (no permutes, no offset subtraction: 8 Σx is subtracted per tile in
+    fp32); the unsigned sums round ~3x coarser than 2's (docs/perf-log.md v43)."""
     if WMATH == 1:
         if WFMT == 2:
             s = tl.sum(x[:, None] * int4_as_fp32(q, ASM, True), axis=0) - INT4_OFFSET * tl.sum(x, axis=0)
@@ -197,6 +201,13 @@ def tile_sum(x, q, WFMT: tl.constexpr, WMATH: tl.constexpr, ASM: tl.constexpr):
                               tl.sum(xs[:, None] * hi, axis=0).to(tl.float32)) * unscale
         else:
             s = tl.sum(xs[:, None] * int8_as_fp16(q, ASM), axis=0).to(tl.float32) * unscale
+    elif WMATH == 4:  # int4: the nibbles n as subnormal halves, x times 2^s into [2^14, 2^15) (normal products)
+        xs, unscale = half_scaled(x, 141)
+        lo, hi = int4_as_subnormal_halves(q, ASM)
+        x8 = 8.0 * tl.sum(x, axis=0)  # Σ x (n - 8) = Σ x n - 8 Σ x
+        s = tl.interleave(
+            swap_middle_of_fours(tl.sum(xs[:, None] * lo, axis=0).to(tl.float32) * (unscale * 16777216.0) - x8),
+            swap_middle_of_fours(tl.sum(xs[:, None] * hi, axis=0).to(tl.float32) * (unscale * 1048576.0) - x8))
     elif WFMT == 2:
         s = tl.sum(x[:, None] * int4_as_fp32(q, ASM), axis=0)
     elif WFMT == 1:
@@ -238,14 +249,14 @@ def packed_sum(x_ptr, w_ptr, idx_ptr, xv_ptr, k_lo, k_hi, threshold, offs_n, n_o
     k = tl.load(idx_ptr + j, mask=ok, other=0)
     xv = tl.load(xv_ptr + j, mask=ok, other=0.0)
     for j0 in range(0, n_keep, BK):
-        if WMATH == 2:  # the stored rows, summed as the masked loop's fp16 tiles (``tile_sum``)
+        if WMATH == 2 or WMATH == 4:  # the stored rows, summed as the masked loop's fp16 tiles (``tile_sum``)
             w = load_needed_rows(w_ptr, k, offs_p if WFMT == 2 else offs_n, ok, p_ok if WFMT == 2 else n_ok,
                                  stride_wk, stride_wn, EVEN_N)
         else:
             w = load_weight_tile(w_ptr, k, offs_n, offs_p, ok, n_ok, p_ok, stride_wk, stride_wn, EVEN_N, WFMT, ASM)
         jn = j0 + BK + tl.arange(0, BK)
         ok_next = jn < n_keep
-        if WMATH == 2:  # whole tiles of the slot, unmasked: 16-byte loads where masked ones came one entry at a time
+        if WMATH == 2 or WMATH == 4:  # whole tiles of the slot, unmasked: 16-byte loads where masked ones came one entry at a time
             # (~150 instructions a tile fewer, SASS). Entries past n_keep (the next slot's, or the launcher's BK of
             # padding) are never used: their rows are unread and their x is selected away below
             k_next = tl.load(idx_ptr + jn)
@@ -253,7 +264,7 @@ def packed_sum(x_ptr, w_ptr, idx_ptr, xv_ptr, k_lo, k_hi, threshold, offs_n, n_o
         else:
             k_next = tl.load(idx_ptr + jn, mask=ok_next, other=0)
             xv_next = tl.load(xv_ptr + jn, mask=ok_next, other=0.0)
-        if WMATH == 2:
+        if WMATH == 2 or WMATH == 4:
             acc += tile_sum(tl.where(ok, xv, 0.0), w, WFMT, WMATH, ASM)
         else:
             acc += tl.sum(xv[:, None] * w.to(tl.float32), axis=0)
@@ -276,7 +287,7 @@ def in_thread_partial(x_ptr, w_ptr, idx_ptr, xv_ptr, k_lo, k_hi, threshold, offs
     runs over full tiles of needed weight rows only: at 90% a tenth of the iterations, where a loop over all
     rows pays a memory round trip per tile however few rows it keeps (docs/design.md, "Sparse GEMV: tiles and loops"). Without PACK the loop
     walks every input and masks the rows not needed. WFMT 2 (int4) scales each tile's sum by its group's scales,
-    or, packed, each group's sum (a program's inputs lie in one group, or are whole groups packed in turn). Packed, WMATH 2 sums
+    or, packed, each group's sum (a program's inputs lie in one group, or are whole groups packed in turn). Packed, WMATH 2 (4) sums
     each tile of survivors in fp16 as the masked loop does (``tile_sum``), on the stored rows; else exactly in fp32.
     """
     acc = tl.zeros((BN,), dtype=tl.float32)

@@ -17,6 +17,7 @@ from teal_fx.kernels.reference import quantize_activation_tiles, reference_rmsno
 triton = pytest.importorskip("triton")
 from teal_fx.kernels import dequant_matmul as dm  # noqa: E402
 from teal_fx.kernels import sparse_gemv as sg  # noqa: E402
+from teal_fx.kernels import sparse_gemv_config  # noqa: E402
 from teal_fx.kernels.sparse_gemv_config import INT4_X8_WAVE, choose_config, make_config  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
@@ -170,7 +171,7 @@ def test_half_dot_refuses_fp32_x():
 
 
 @settings(max_examples=24, deadline=None)
-@given(fmt=st.sampled_from(["int8", "int4"]), math=st.sampled_from([1, 2]), N=st.integers(1, 40).map(lambda n: 2 * n),
+@given(fmt=st.sampled_from(["int8", "int4"]), math=st.sampled_from([1, 2, 4]), N=st.integers(1, 40).map(lambda n: 2 * n),
        K=st.integers(1, 300), dtype=st.sampled_from([torch.float16, torch.bfloat16]), t=st.floats(0.0, 1.5),
        magnitude=st.sampled_from([1e-3, 1.0, 2e3]), seed=st.integers(0, 1000), BK=st.sampled_from([16, 32]),
        iters=st.integers(1, 4), packed=st.booleans())
@@ -180,8 +181,9 @@ def test_cheaper_tile_sums_stay_within_the_output_precision(fmt, math, N, K, dty
     power of two per tile; in the masked loop or over the packed survivors): x from 1e-3 to 2e3 in size, where
     unscaled fp16 sums of int8 products overflow. A rounded sum errs relative to the sum of its terms' sizes, not to
     its value, which cancellation can make far smaller (CI drew N = 2 with |y| a tenth of Σ|x||w|: 3.1e-3 of |y|): so
-    the error is measured against Σ |x| |W|."""
-    packed = packed and math == 2  # the packed loop sums exactly or in fp16 tiles
+    the error is measured against Σ |x| |W|. 4 (int4): as 2 over the nibbles as subnormal halves."""
+    fmt = "int4" if math == 4 else fmt
+    packed = packed and math in (2, 4)  # the packed loop sums exactly or in fp16 tiles
     assume(not (packed and fmt == "int4" and INT4_GROUP % (BK * iters)))  # a packed int4 program in one group
     x, q, s, _ = operands(1, N, K, dtype, fmt, seed)
     x = (x.float() * magnitude).to(dtype)
@@ -193,8 +195,8 @@ def test_cheaper_tile_sums_stay_within_the_output_precision(fmt, math, N, K, dty
     assert float((y.cpu().double() - ref).norm() / size.norm().clamp_min(1e-30)) <= TOL[dtype]
 
 
-@pytest.mark.parametrize("fmt, iters", [("int8", 8), ("int4", 8), ("int4", 16)])
-def test_the_packed_fp16_loop_ignores_its_scratch_past_the_survivors(fmt, iters):
+@pytest.mark.parametrize("fmt, iters, math", [("int8", 8, 2), ("int4", 8, 2), ("int4", 16, 2), ("int4", 8, 4)])
+def test_the_packed_fp16_loop_ignores_its_scratch_past_the_survivors(fmt, iters, math):
     """The packed loop with fp16 sums reads whole tiles of its scratch slot unmasked: the entries past a K split's
     survivors (the next slot's, the next scale group's part of it, the launcher's padding) hold anything and must not
     count, neither as rows nor in a tile's x scale. So the scratch is poisoned first; 90 of 128 inputs kept, not a
@@ -203,13 +205,21 @@ def test_the_packed_fp16_loop_ignores_its_scratch_past_the_survivors(fmt, iters)
     x, q, s, _ = operands(1, N, K, torch.bfloat16, fmt, 5)
     t = float(x.float().abs().quantile(0.3))
     cfg = make_config(N, K, BN=64, BK=16, iters=iters, use_dot=False, num_warps=1, num_stages=1, compact=True,
-                      weight_math=2)
+                      weight_math=math)
     sg.sparse_gemv(x, q, None, t, config=cfg, scales=s)  # the scratch exists
     for (_, name), buf in sg._WORKSPACE.bufs.items():
         if name in ("idx", "xv"):
             buf.fill_(3 if name == "idx" else 1e30)  # a tile scale set by it would flush the real x to zero
     y = sg.sparse_gemv(x, q, None, t, config=cfg, scales=s)
     assert rel_err(y.cpu(), reference(x.cpu(), q, s, None, t)) <= TOL[torch.bfloat16]
+
+
+def test_subnormal_nibble_sums_refuse_int8_and_fp32_x():
+    for fmt, dtype in (("int8", torch.bfloat16), ("int4", torch.float32)):
+        x, q, s, _ = operands(1, 64, 128, dtype, fmt, 0)
+        with pytest.raises(ValueError, match="weight_math 4"):
+            sg.sparse_gemv(x, q, None, 0.1, config=make_config(64, 128, BN=32, BK=16, iters=2, use_dot=False,
+                                                               in_thread=True, weight_math=4), scales=s)
 
 
 def test_fp16_tile_sums_refuse_fp32_x_and_other_loops():
@@ -376,14 +386,17 @@ def test_int4_one_row_packs_the_mlp_launches_where_it_was_measured_faster():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("rule_shape", [(28672, 4096), (4096, 14336)])
-def test_int4_packed_rule_tiles_on_a_ragged_shape(rule_shape, dtype, monkeypatch):
-    """The tiles the rule packs int4 gate+up and down with (2048 columns x 16 rows, 2 warps), chosen by the launcher
-    as the rule's (fp32 x: its fallback to exact sums), on a shape with a ragged column tile, a ragged K split and
-    several scale groups; twice, the scratch left clean."""
+@pytest.mark.parametrize("tile_math", [2, 4])
+def test_int4_packed_rule_tiles_on_a_ragged_shape(rule_shape, dtype, tile_math, monkeypatch):
+    """The tiles the rule packs int4 gate+up and down with (2048 columns x 16 rows, 2 warps), with either tile sum
+    (``INT4_TILE_MATH``), chosen by the launcher as the rule's (fp32 x: its fallback to exact sums), on a shape with a
+    ragged column tile, a ragged K split and several scale groups; twice, the scratch left clean."""
+    monkeypatch.setattr(sparse_gemv_config, "INT4_TILE_MATH", tile_math)
     big = choose_config(1, *rule_shape, 0.5, "int4")
+    assert big.weight_math == tile_math
     N, K = 2100, 300
     cfg = make_config(N, K, BN=big.block_n, BK=big.block_k, iters=big.k_per_split // big.block_k, use_dot=False,
-                      num_warps=big.num_warps, num_stages=1, compact=True, weight_math=2)
+                      num_warps=big.num_warps, num_stages=1, compact=True, weight_math=big.weight_math)
     monkeypatch.setattr(sg, "choose_config", lambda *args, **kwargs: cfg)
     x, q, s, _ = operands(1, N, K, dtype, "int4", 3)
     for _ in range(2):
