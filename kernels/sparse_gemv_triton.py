@@ -168,7 +168,8 @@ def load_weight_tile(w_ptr, offs_k, offs_n, offs_p, need, n_ok, p_ok, stride_wk,
 def half_scaled(x, TOP: tl.constexpr = 129):
     """x [BK] (fp32 holding bf16/fp16 values) times 2^s in fp16, 2^s putting max|x| in [4, 8), and 2^-s. A tile's fp16
     sum of up to 32 products with int8 (|q| <= 128) stays below 32 x 128 x 8 = 32768, inside fp16's range, and bf16
-    values keep every mantissa bit (those below 2^-14 of the largest lose some). 2^s from the exponent bits."""
+    values keep every mantissa bit (those below 2^-14 of the largest lose some). 2^s from the exponent bits. TOP 141:
+    max|x| in [2^14, 2^15) instead (int4's subnormal nibbles, < 2^-20 x 16: their products stay normal halves)."""
     e = (tl.max(tl.abs(x), axis=0).to(tl.int32, bitcast=True) >> 23) & 255  # biased exponent of max|x| (0: all zero)
     s = tl.minimum(tl.maximum(TOP - e, -100), 100)  # max|x| in [2^(e-127), 2^(e-126)) -> [4, 8) (TOP 129)
     scale = ((s + 127) << 23).to(tl.float32, bitcast=True)
@@ -256,9 +257,9 @@ def packed_sum(x_ptr, w_ptr, idx_ptr, xv_ptr, k_lo, k_hi, threshold, offs_n, n_o
             w = load_weight_tile(w_ptr, k, offs_n, offs_p, ok, n_ok, p_ok, stride_wk, stride_wn, EVEN_N, WFMT, ASM)
         jn = j0 + BK + tl.arange(0, BK)
         ok_next = jn < n_keep
-        if WMATH == 2 or WMATH == 4:  # whole tiles of the slot, unmasked: 16-byte loads where masked ones came one entry at a time
-            # (~150 instructions a tile fewer, SASS). Entries past n_keep (the next slot's, or the launcher's BK of
-            # padding) are never used: their rows are unread and their x is selected away below
+        if WMATH == 2 or WMATH == 4:  # whole tiles of the slot, unmasked: 16-byte loads where masked ones came one
+            # entry at a time (~150 instructions a tile fewer, SASS). Entries past n_keep (the next slot's, or the
+            # launcher's BK of padding) are never used: their rows are unread and their x is selected away below
             k_next = tl.load(idx_ptr + jn)
             xv_next = tl.load(xv_ptr + jn)
         else:
@@ -287,8 +288,9 @@ def in_thread_partial(x_ptr, w_ptr, idx_ptr, xv_ptr, k_lo, k_hi, threshold, offs
     runs over full tiles of needed weight rows only: at 90% a tenth of the iterations, where a loop over all
     rows pays a memory round trip per tile however few rows it keeps (docs/design.md, "Sparse GEMV: tiles and loops"). Without PACK the loop
     walks every input and masks the rows not needed. WFMT 2 (int4) scales each tile's sum by its group's scales,
-    or, packed, each group's sum (a program's inputs lie in one group, or are whole groups packed in turn). Packed, WMATH 2 (4) sums
-    each tile of survivors in fp16 as the masked loop does (``tile_sum``), on the stored rows; else exactly in fp32.
+    or, packed, each group's sum (a program's inputs lie in one group, or are whole groups packed in turn). Packed,
+    WMATH 2 (and 4) sums each tile of survivors in fp16 as the masked loop does (``tile_sum``), on the stored rows;
+    else exactly in fp32.
     """
     acc = tl.zeros((BN,), dtype=tl.float32)
     if PACK:

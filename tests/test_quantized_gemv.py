@@ -171,7 +171,8 @@ def test_half_dot_refuses_fp32_x():
 
 
 @settings(max_examples=24, deadline=None)
-@given(fmt=st.sampled_from(["int8", "int4"]), math=st.sampled_from([1, 2, 4]), N=st.integers(1, 40).map(lambda n: 2 * n),
+@given(fmt=st.sampled_from(["int8", "int4"]), math=st.sampled_from([1, 2, 4]),
+       N=st.integers(1, 40).map(lambda n: 2 * n),
        K=st.integers(1, 300), dtype=st.sampled_from([torch.float16, torch.bfloat16]), t=st.floats(0.0, 1.5),
        magnitude=st.sampled_from([1e-3, 1.0, 2e3]), seed=st.integers(0, 1000), BK=st.sampled_from([16, 32]),
        iters=st.integers(1, 4), packed=st.booleans())
