@@ -304,6 +304,9 @@ SWEEP_WEIGHT_MATH["int4"] += [dict(BN=bn, BK=16, iters=it, use_dot=False, num_wa
                               for bn, it, nw in ((1024, 4, 1), (2048, 4, 2), (1024, 8, 1), (2048, 8, 2), (4096, 8, 4))]
 SWEEP_WEIGHT_MATH["int4"] += [dict(BN=bn, BK=bk, iters=it, use_dot=False, num_warps=1, num_stages=1, in_thread=True,
                                    weight_math=4) for bn, bk, it in ((256, 32, 2), (512, 16, 4), (1024, 16, 4))]
+# ... and int8's q + 128 as subnormal halves (the rule's 256 x 32 x 2: 788 -> 677 instructions a tile)
+SWEEP_WEIGHT_MATH["int8"] += [dict(BN=bn, BK=bk, iters=it, use_dot=False, num_warps=1, num_stages=1, in_thread=True,
+                                   weight_math=4) for bn, bk, it in ((256, 32, 2), (256, 32, 4), (512, 16, 4))]
 
 # ... and x rounded to int8 (weight_math 3, dp4a; timed with x_int8): 8 or 16 bytes of a row a thread, a program's
 # inputs whole tiles of 32 (docs/perf-log.md v32)

@@ -366,9 +366,10 @@ def _launch(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tens
     if cfg.weight_math and not (wfmt and M == 1 and cfg.in_thread and (not cfg.compact or cfg.weight_math in (2, 4))):
         raise ValueError(f"weight_math applies to one row of int8/int4 in the masked in-thread loop (2 and 4 also in "
                          f"the packed loop): {cfg}")
-    if cfg.weight_math == 4 and (wfmt != 2 or x.dtype == torch.float32):
-        raise ValueError(f"weight_math 4 (int4 nibbles as subnormal halves) takes int4 weights and fp16/bf16 x: {cfg}, "
-                         f"{x.dtype}")
+    if cfg.weight_math == 4 and (x.dtype == torch.float32 or (wfmt == 1 and cfg.block_k > 32)):
+        # fp16 would round fp32 x; a tile's sum of up to 32 products (q + 128) x 2^-24 x 2^15 stays below 2^4
+        raise ValueError(f"weight_math 4 (unsigned integers as subnormal halves) takes fp16/bf16 x and, for int8, "
+                         f"block_k <= 32: {cfg}, {x.dtype}")
     if cfg.weight_math == 3 and (ACT_TILE % cfg.block_k or cfg.block_k % 4 or cfg.k_per_split % ACT_TILE):
         # one x scale per tile: a tile within one scale tile of x (and so of an int4 group), a program's inputs whole
         # scale tiles (x is quantized from k_lo); rows come four to a word

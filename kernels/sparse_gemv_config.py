@@ -12,9 +12,10 @@ import torch
 
 from teal_fx.kernels.triton_support import next_pow2
 
-# int4's fp16 tile sums in the rule: 2 (nibbles by permutes) or 4 (nibbles as subnormal halves: fewer instructions,
-# sums ~3x coarser; SASS-screened, not yet timed: docs/perf-log.md v43)
+# the fp16 tile sums the one-row rule takes: 2 (integers converted by permutes) or 4 (as subnormal halves: fewer
+# instructions, sums ~3-4x coarser; SASS-screened, not yet timed: docs/perf-log.md v43)
 INT4_TILE_MATH = 2
+INT8_TILE_MATH = 2
 
 # one wave of int4's int8-x programs: 8 one-warp programs an SM (255 registers each) on 132 SMs (H100, H200)
 INT4_X8_WAVE = 8 * 132
@@ -40,8 +41,8 @@ class GemvConfig:
     weight_math: int = 0  # int8/int4, one row, masked in-thread loop: 0 exact fp32 sums; 1 fp32 with the conversion's
     # offset removed once per tile; 2 fp16 products and tile sums (the kernel's ``tile_sum``; also over the packed
     # survivors, compact); 3 x quantized to int8 per 32 inputs, int32 dp4a products (``w8a8_partial``: a different
-    # result, taken only with the launcher's x_int8); 4 int4 only, as 2 with the nibbles as subnormal halves (masks,
-    # no permutes: ~37% fewer instructions in the packed loop; swept, not yet the rule: docs/perf-log.md v43)
+    # result, taken only with the launcher's x_int8); 4 as 2 with the unsigned integers as subnormal halves (masks,
+    # no permutes: int4's packed loop ~37% fewer instructions; swept, not yet the rule: docs/perf-log.md v43)
 
 
 def make_config(N: int, K: int, *, BN: int, BK: int, iters: int, use_dot: bool, num_warps: int = 4,
@@ -187,7 +188,7 @@ def _choose_quantized(M: int, N: int, K: int, sparsity: Optional[float], fmt: st
             # 4096² 6.5, q+k+v 7.5; exact sums 14.9 / 14.7 / 6.8 / 8.5). int4 on the attention shapes too (4 bytes a
             # thread; H200 at 50%: q+k+v 7.4 µs, 4096² 6.5 against v28's 512 x 16 x 4 9.1 / 7.8; docs/perf-log.md v38)
             return make_config(N, K, BN=256, BK=32, iters=2, use_dot=False, num_warps=1, num_stages=1,
-                               in_thread=True, weight_math=INT4_TILE_MATH if fmt == "int4" else 2)
+                               in_thread=True, weight_math=INT4_TILE_MATH if fmt == "int4" else INT8_TILE_MATH)
         return make_config(N, K, BN=256, BK=16, iters=16 if mlp else 4, use_dot=False, num_warps=1, num_stages=1,
                            in_thread=True)  # 2-4 rows: the bf16 rule's tiles (a thread's registers hold rows x BK x 8)
     if fmt == "int4" and M > 1:  # the in-thread rows loop (the v22 rule, from before int4 could take tensor cores)

@@ -25,6 +25,7 @@ from teal_fx.kernels.int_weights_triton import (
     int4_as_subnormal_halves,
     int8_as_fp16,
     int8_as_fp32,
+    int8_as_subnormal_halves,
     swap_middle_of_fours,
 )
 from teal_fx.kernels.x_int8_triton import w4a8_partial, w8a8_partial
@@ -186,9 +187,9 @@ def tile_sum(x, q, WFMT: tl.constexpr, WMATH: tl.constexpr, ASM: tl.constexpr):
     constant c (``INT8_OFFSET``, ``INT4_OFFSET``), and c Σx is subtracted once per tile: one float operation a weight
     fewer, at the cost of rounding sums c / |q| times larger (int8 ~3e-4 of a tile's sum, int4 ~2e-3; perf-log v28).
     2: fp16 products and sums (paired HFMA2, half the float instructions), x scaled per tile by a power of two into
-    fp16's range (``half_scaled``); a tile's sum rounds at fp16's 2^-11. 4 (int4): as 2 over the nibbles 0..15 as
-    subnormal halves, masked out of their bytes (no permutes, no offset subtraction: 8 Σx is subtracted per tile in
-    fp32); the unsigned sums round ~3x coarser than 2's (docs/perf-log.md v43)."""
+    fp16's range (``half_scaled``); a tile's sum rounds at fp16's 2^-11. 4: as 2 over the unsigned values (int4's
+    nibbles 0..15, int8's q + 128) as subnormal halves, masked out of their bytes (no permutes, no offset subtraction:
+    8 Σx or 128 Σx is subtracted per tile in fp32); the unsigned sums round ~3-4x coarser than 2's (perf-log v43)."""
     if WMATH == 1:
         if WFMT == 2:
             s = tl.sum(x[:, None] * int4_as_fp32(q, ASM, True), axis=0) - INT4_OFFSET * tl.sum(x, axis=0)
@@ -202,13 +203,18 @@ def tile_sum(x, q, WFMT: tl.constexpr, WMATH: tl.constexpr, ASM: tl.constexpr):
                               tl.sum(xs[:, None] * hi, axis=0).to(tl.float32)) * unscale
         else:
             s = tl.sum(xs[:, None] * int8_as_fp16(q, ASM), axis=0).to(tl.float32) * unscale
-    elif WMATH == 4:  # int4: the nibbles n as subnormal halves, x times 2^s into [2^14, 2^15) (normal products)
-        xs, unscale = half_scaled(x, 141)
+    elif WMATH == 4 and WFMT == 2:  # int4: the nibbles n as subnormal halves, x times 2^s into [2^14, 2^15)
+        xs, unscale = half_scaled(x, 141)  # (the products normal halves)
         lo, hi = int4_as_subnormal_halves(q, ASM)
         x8 = 8.0 * tl.sum(x, axis=0)  # Σ x (n - 8) = Σ x n - 8 Σ x
         s = tl.interleave(
             swap_middle_of_fours(tl.sum(xs[:, None] * lo, axis=0).to(tl.float32) * (unscale * 16777216.0) - x8),
             swap_middle_of_fours(tl.sum(xs[:, None] * hi, axis=0).to(tl.float32) * (unscale * 1048576.0) - x8))
+    elif WMATH == 4:  # int8: q + 128 as subnormal halves, the same scaling (a tile of 32 sums below 2^4)
+        xs, unscale = half_scaled(x, 141)
+        w = int8_as_subnormal_halves(q, ASM)
+        s = swap_middle_of_fours(tl.sum(xs[:, None] * w, axis=0).to(tl.float32) * (unscale * 16777216.0)
+                                 - 128.0 * tl.sum(x, axis=0))
     elif WFMT == 2:
         s = tl.sum(x[:, None] * int4_as_fp32(q, ASM), axis=0)
     elif WFMT == 1:

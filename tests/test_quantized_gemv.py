@@ -182,8 +182,7 @@ def test_cheaper_tile_sums_stay_within_the_output_precision(fmt, math, N, K, dty
     power of two per tile; in the masked loop or over the packed survivors): x from 1e-3 to 2e3 in size, where
     unscaled fp16 sums of int8 products overflow. A rounded sum errs relative to the sum of its terms' sizes, not to
     its value, which cancellation can make far smaller (CI drew N = 2 with |y| a tenth of Σ|x||w|: 3.1e-3 of |y|): so
-    the error is measured against Σ |x| |W|. 4 (int4): as 2 over the nibbles as subnormal halves."""
-    fmt = "int4" if math == 4 else fmt
+    the error is measured against Σ |x| |W|. 4: as 2 over the unsigned integers as subnormal halves."""
     packed = packed and math in (2, 4)  # the packed loop sums exactly or in fp16 tiles
     assume(not (packed and fmt == "int4" and INT4_GROUP % (BK * iters)))  # a packed int4 program in one group
     x, q, s, _ = operands(1, N, K, dtype, fmt, seed)
@@ -196,7 +195,8 @@ def test_cheaper_tile_sums_stay_within_the_output_precision(fmt, math, N, K, dty
     assert float((y.cpu().double() - ref).norm() / size.norm().clamp_min(1e-30)) <= TOL[dtype]
 
 
-@pytest.mark.parametrize("fmt, iters, math", [("int8", 8, 2), ("int4", 8, 2), ("int4", 16, 2), ("int4", 8, 4)])
+@pytest.mark.parametrize("fmt, iters, math", [("int8", 8, 2), ("int4", 8, 2), ("int4", 16, 2), ("int8", 8, 4),
+                                               ("int4", 8, 4)])
 def test_the_packed_fp16_loop_ignores_its_scratch_past_the_survivors(fmt, iters, math):
     """The packed loop with fp16 sums reads whole tiles of its scratch slot unmasked: the entries past a K split's
     survivors (the next slot's, the next scale group's part of it, the launcher's padding) hold anything and must not
@@ -215,11 +215,11 @@ def test_the_packed_fp16_loop_ignores_its_scratch_past_the_survivors(fmt, iters,
     assert rel_err(y.cpu(), reference(x.cpu(), q, s, None, t)) <= TOL[torch.bfloat16]
 
 
-def test_subnormal_nibble_sums_refuse_int8_and_fp32_x():
-    for fmt, dtype in (("int8", torch.bfloat16), ("int4", torch.float32)):
+def test_subnormal_sums_refuse_fp32_x_and_long_int8_tiles():
+    for fmt, dtype, BK in (("int8", torch.float32, 16), ("int4", torch.float32, 16), ("int8", torch.bfloat16, 64)):
         x, q, s, _ = operands(1, 64, 128, dtype, fmt, 0)
         with pytest.raises(ValueError, match="weight_math 4"):
-            sg.sparse_gemv(x, q, None, 0.1, config=make_config(64, 128, BN=32, BK=16, iters=2, use_dot=False,
+            sg.sparse_gemv(x, q, None, 0.1, config=make_config(64, 128, BN=32, BK=BK, iters=2, use_dot=False,
                                                                in_thread=True, weight_math=4), scales=s)
 
 
