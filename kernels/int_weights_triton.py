@@ -152,6 +152,14 @@ def swap_middle_of_fours(v):
 
 
 @triton.jit
+def _swap_middle_of_fours_in_rows(v):
+    """``swap_middle_of_fours`` along each row of v [rows, 4n]: the subnormal conversions' order, for their twins."""
+    rows: tl.constexpr = v.shape[0]
+    cols: tl.constexpr = v.shape[1]
+    return tl.reshape(tl.permute(tl.reshape(v, (rows, cols // 4, 2, 2)), (0, 1, 3, 2)), (rows, cols))
+
+
+@triton.jit
 def int4_as_subnormal_halves(p, ASM: tl.constexpr):
     """Packed int4 bytes [BK, BN / 2] as two fp16 tiles of the nibbles n (0..15, not n - 8) as subnormal halves: the
     low nibbles n x 2^-24, the high n x 2^-20, each word's four bytes in the order 0, 2, 1, 3 (``swap_middle_of_fours``
@@ -169,9 +177,7 @@ def int4_as_subnormal_halves(p, ASM: tl.constexpr):
             }""",
             constraints="=r,=r,=r,=r,r", args=[p], dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
     else:
-        rows: tl.constexpr = p.shape[0]
-        cols: tl.constexpr = p.shape[1]
-        v = tl.reshape(tl.permute(tl.reshape(p.to(tl.int32), (rows, cols // 4, 2, 2)), (0, 1, 3, 2)), (rows, cols))
+        v = _swap_middle_of_fours_in_rows(p.to(tl.int32))
         lo = ((v & 15).to(tl.float32) * 5.960464477539063e-08).to(tl.float16)  # n x 2^-24
         hi = ((v >> 4).to(tl.float32) * 9.5367431640625e-07).to(tl.float16)  # n x 2^-20
     return lo, hi
@@ -192,8 +198,6 @@ def int8_as_subnormal_halves(q, ASM: tl.constexpr):
             }""",
             constraints="=r,=r,r", args=[q], dtype=tl.float16, is_pure=True, pack=4)
     else:
-        rows: tl.constexpr = q.shape[0]
-        cols: tl.constexpr = q.shape[1]
-        v = tl.reshape(tl.permute(tl.reshape(q.to(tl.int32), (rows, cols // 4, 2, 2)), (0, 1, 3, 2)), (rows, cols))
+        v = _swap_middle_of_fours_in_rows(q.to(tl.int32))
         w = ((v + 128).to(tl.float32) * 5.960464477539063e-08).to(tl.float16)  # (q + 128) x 2^-24
     return w

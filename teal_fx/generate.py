@@ -147,6 +147,7 @@ def static_cache(model: nn.Module, batch: int, max_len: int) -> Any:
 
 @torch.no_grad()
 def _initialize_by_a_prefill(model: nn.Module, cache: Any, batch: int) -> None:
+    """Two eager tokens of the uncompiled model into ``cache`` (transformers sizes each layer from them), then zeros."""
     plain = getattr(model, "_orig_mod", model)
     device = next(plain.parameters()).device
     try:

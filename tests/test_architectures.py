@@ -152,4 +152,3 @@ def _check_decode(model, plan) -> None:
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(got[:, 0], dense[:, 0], atol=1e-4, rtol=1e-4)  # the prefill stays dense
     assert (got[:, 1:] - dense[:, 1:]).abs().max() > 1e-2  # the decode steps are sparse
-
