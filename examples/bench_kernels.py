@@ -308,6 +308,18 @@ SWEEP_WEIGHT_MATH["int4"] += [dict(BN=bn, BK=bk, iters=it, use_dot=False, num_wa
 SWEEP_WEIGHT_MATH["int8"] += [dict(BN=bn, BK=bk, iters=it, use_dot=False, num_warps=1, num_stages=1, in_thread=True,
                                    weight_math=4) for bn, bk, it in ((256, 32, 2), (256, 32, 4), (512, 16, 4))]
 
+# ... and the packed loop a stored row at a time in PTX (weight_math 5: a predicated 16-byte load a row, no zero fill,
+# fp16x2 FMAs; SASS, sm_90, instructions a tile of 16 survivors: int4 741 against weight_math 4's 1032 and the rule's
+# 1649, int8 454; perf-log v44), 16 rows (int4 165 registers) or 8 (122) to a fp16 chain
+SWEEP_WEIGHT_MATH["int8"] += [dict(BN=bn, BK=bk, iters=it, use_dot=False, num_warps=nw, num_stages=1, compact=True,
+                                   weight_math=5)
+                              for bn, bk, it, nw in ((512, 16, 4, 1), (512, 16, 8, 1), (1024, 16, 8, 2), (512, 8, 16, 1),
+                                                     (1024, 8, 16, 2))]
+SWEEP_WEIGHT_MATH["int4"] += [dict(BN=bn, BK=bk, iters=it, use_dot=False, num_warps=nw, num_stages=1, compact=True,
+                                   weight_math=5)
+                              for bn, bk, it, nw in ((1024, 16, 4, 1), (2048, 16, 4, 2), (1024, 16, 8, 1), (2048, 16, 8, 2),
+                                                     (1024, 8, 16, 1), (2048, 8, 16, 2))]
+
 # ... and x rounded to int8 (weight_math 3, dp4a; timed with x_int8): 8 or 16 bytes of a row a thread, a program's
 # inputs whole tiles of 32 (docs/perf-log.md v32)
 for _fmt, _tiles in (("int8", ((512, 8, 8), (512, 16, 4), (256, 32, 2), (512, 32, 2), (1024, 16, 4))),
@@ -480,7 +492,10 @@ def main() -> int:
     ap.add_argument("--sweep-weights", action="store_true", help="sweep tile configs of the quantized formats")
     ap.add_argument("--sweep-weights-sparsity", type=float, default=0.5)
     ap.add_argument("--sweep-weights-math", action="store_true",
-                    help="with --sweep-weights: only the one-row in-thread loops by weight_math (masked: 0, 1, 2, 3; packed: 2)")
+                    help="with --sweep-weights: only the one-row in-thread loops by weight_math (masked: 0-4; packed: "
+                    "2, 4, 5)")
+    ap.add_argument("--sweep-math-only", default="",
+                    help="with --sweep-weights-math: only these weight_math values (comma-separated, e.g. 4,5)")
     ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True, help="the bf16/fp16 rows")
     ap.add_argument("--batches", default="", help="batch rows: comma-separated batch sizes (e.g. 1,2,4,8,16), per-row "
                     "and shared masks on the block's launch shapes, and the break-even kept fractions")
@@ -493,7 +508,10 @@ def main() -> int:
     if args.registers:
         N, K = SHAPES["gate/up 14336x4096"]
         for fmt in [f for f in args.weights.split(",") if f]:
+            only = {int(v) for v in args.sweep_math_only.split(",") if v}
             for p in (SWEEP_WEIGHT_MATH if args.sweep_weights_math else SWEEP_QUANTIZED)[fmt]:
+                if only and p.get("weight_math") not in only:
+                    continue
                 try:
                     regs, spill = registers(fmt, N, K, make_config(N, K, **p))
                 except Exception as e:  # a config this Triton cannot build
@@ -567,7 +585,8 @@ def main() -> int:
                 N, K = SHAPES[name]
                 res = []
                 sweep = SWEEP_WEIGHT_MATH if args.sweep_weights_math else SWEEP_QUANTIZED
-                for p in [None, *sweep[fmt]]:
+                only = {int(v) for v in args.sweep_math_only.split(",") if v}
+                for p in [None, *[p for p in sweep[fmt] if not only or p.get("weight_math") in only]]:
                     cfg = make_config(N, K, **p) if p else None
                     try:
                         r = bench_quantized(N, K, 1, args.sweep_weights_sparsity, fmt, bw, l2, config=cfg, calls=16,

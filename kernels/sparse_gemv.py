@@ -22,7 +22,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from teal_fx.kernels import pdl
+from teal_fx.kernels import pdl, sparse_gemv_config
 from teal_fx.kernels.quantize import ACT_TILE, INT4_GROUP, logical_shape, weight_format
 from teal_fx.kernels.sparse_gemv_config import GemvConfig, choose_config, gpu_name, kernel_pays
 from teal_fx.kernels.triton_support import DTYPES, HAS_TRITON, inline_ptx, interpreter_upcasts, next_pow2
@@ -323,6 +323,16 @@ class _AddRMSNorm:
     out: Tensor  # [rows, N]: the normalised h
 
 
+def _packed_rows_fit(x: Tensor, weights: Sequence[Tensor], Ns: Sequence[int], cfg: GemvConfig, wfmt: int) -> bool:
+    """Whether weight_math 5 can read these weights: a thread's 16 bytes of a row (an aligned 16-byte load: the weight
+    column-major from a 16-byte boundary) hold 16 int8 or 32 int4 columns, a chunk wholly inside N or past it; the
+    rows' byte offsets fit int32; fp16 chains of at most 32 rows."""
+    cols = 32 if wfmt == 2 else 16
+    return (cfg.block_k <= 32 and cfg.block_n % cols == 0 and all(N % cols == 0 for N in Ns)
+            and all(w.stride(0) == 1 and w.data_ptr() % 16 == 0 for w in weights)
+            and x.shape[-1] * max(w.stride(1) for w in weights) < 2**31)
+
+
 def _launch(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tensor]], thresholds: Sequence[float],
             config: Optional[GemvConfig], outs: Optional[Sequence[Tensor]], sparsity: Optional[float],
             epilogue: _Epilogue, norm: Optional[_AddRMSNorm] = None,
@@ -360,12 +370,22 @@ def _launch(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tens
                          f"{cfg}")
     if cfg.half_dot and (wfmt != 1 or x.dtype == torch.float32):  # fp16 operands would round fp32 x
         raise ValueError(f"half_dot takes int8 weights and fp16/bf16 x only: {cfg}, x {x.dtype}")
-    if config is None and cfg.weight_math in (1, 2, 4) and x.dtype == torch.float32:
+    if config is None and cfg.weight_math == 5 and not _packed_rows_fit(x, weights, Ns, cfg, wfmt):
+        # the rule's rows in PTX where a segment's N is not whole chunks: the packed loop with fp16 tile sums
+        cfg = replace(cfg, weight_math=sparse_gemv_config.INT4_TILE_MATH if wfmt == 2 else
+                      sparse_gemv_config.INT8_TILE_MATH)
+    if config is None and cfg.weight_math in (1, 2, 4, 5) and x.dtype == torch.float32:
         # the rule's cheaper sums round at a bf16 output's error (fp16 would also round fp32 x): fp32 x, exact sums
         cfg = replace(cfg, weight_math=0)
-    if cfg.weight_math and not (wfmt and M == 1 and cfg.in_thread and (not cfg.compact or cfg.weight_math in (2, 4))):
+    if cfg.weight_math and not (wfmt and M == 1 and cfg.in_thread and (cfg.compact or cfg.weight_math != 5)
+                                and (not cfg.compact or cfg.weight_math in (2, 4, 5))):
         raise ValueError(f"weight_math applies to one row of int8/int4 in the masked in-thread loop (2 and 4 also in "
-                         f"the packed loop): {cfg}")
+                         f"the packed loop, 5 only there): {cfg}")
+    if cfg.weight_math == 5 and (x.dtype == torch.float32 or not _packed_rows_fit(x, weights, Ns, cfg, wfmt)):
+        cols = 32 if wfmt == 2 else 16
+        raise ValueError(f"weight_math 5 (the packed loop a row at a time in PTX) takes fp16/bf16 x, block_k <= 32, "
+                         f"block_n and every N a multiple of {cols} ({fmt}), column-major weights from 16-byte "
+                         f"boundaries, K x row bytes < 2^31: {cfg}, x {x.dtype}, N {Ns}, K {K}")
     if cfg.weight_math == 4 and (x.dtype == torch.float32 or (wfmt == 1 and cfg.block_k > 32)):
         # fp16 would round fp32 x; a tile's sum of up to 32 products (q + 128) x 2^-24 x 2^15 stays below 2^4
         raise ValueError(f"weight_math 4 (unsigned integers as subnormal halves) takes fp16/bf16 x and, for int8, "

@@ -196,12 +196,13 @@ def test_cheaper_tile_sums_stay_within_the_output_precision(fmt, math, N, K, dty
 
 
 @pytest.mark.parametrize("fmt, iters, math", [("int8", 8, 2), ("int4", 8, 2), ("int4", 16, 2), ("int8", 8, 4),
-                                               ("int4", 8, 4)])
+                                               ("int4", 8, 4), ("int8", 8, 5), ("int4", 16, 5)])
 def test_the_packed_fp16_loop_ignores_its_scratch_past_the_survivors(fmt, iters, math):
     """The packed loop with fp16 sums reads whole tiles of its scratch slot unmasked: the entries past a K split's
     survivors (the next slot's, the next scale group's part of it, the launcher's padding) hold anything and must not
     count, neither as rows nor in a tile's x scale. So the scratch is poisoned first; 90 of 128 inputs kept, not a
-    whole number of 16-row tiles. int4 with 16 tiles: a program over two scale groups, each packed in turn."""
+    whole number of 16-row tiles. int4 with 16 tiles: a program over two scale groups, each packed in turn. 5 (rows
+    in PTX) reads whole tiles too, and zeroes x past its survivors to the slot's end: the poison must stop there."""
     N, K = 64, 256
     x, q, s, _ = operands(1, N, K, torch.bfloat16, fmt, 5)
     t = float(x.float().abs().quantile(0.3))
@@ -213,6 +214,100 @@ def test_the_packed_fp16_loop_ignores_its_scratch_past_the_survivors(fmt, iters,
             buf.fill_(3 if name == "idx" else 1e30)  # a tile scale set by it would flush the real x to zero
     y = sg.sparse_gemv(x, q, None, t, config=cfg, scales=s)
     assert rel_err(y.cpu(), reference(x.cpu(), q, s, None, t)) <= TOL[torch.bfloat16]
+
+
+@settings(max_examples=10, deadline=None)
+@given(fmt=st.sampled_from(["int8", "int4"]), chunks=st.integers(1, 3), K=st.integers(1, 300),
+       dtype=st.sampled_from([torch.float16, torch.bfloat16]), t=st.floats(0.0, 1.5),
+       magnitude=st.sampled_from([1e-3, 1.0, 2e3]), seed=st.integers(0, 1000), BK=st.sampled_from([8, 16, 32]),
+       iters=st.integers(1, 16), bias=st.booleans())
+def test_packed_rows_in_ptx_stay_within_the_output_precision(fmt, chunks, K, dtype, t, magnitude, seed, BK, iters,
+                                                              bias):
+    """weight_math 5, the packed loop a stored row at a time (``packed_rows_sum``): x from 1e-3 to 2e3, N a few
+    16-byte chunks (16 int8 / 32 int4 columns each) against 64-column tiles (the last partly past N), K ending
+    mid-tile, int4 programs within one scale group or over whole ones, split K or one program, a bias. The error is
+    measured against Σ |x| |W| (see the tile sums' test)."""
+    cols = 32 if fmt == "int4" else 16
+    k_per = BK * iters
+    assume(fmt == "int8" or INT4_GROUP % k_per == 0 or k_per % INT4_GROUP == 0)
+    N = chunks * cols
+    x, q, s, b = operands(1, N, K, dtype, fmt, seed, bias)
+    x = (x.float() * magnitude).to(dtype)
+    cfg = make_config(N, K, BN=64, BK=BK, iters=iters, use_dot=False, num_warps=1, num_stages=1, compact=True,
+                      weight_math=5)
+    y = sg.sparse_gemv(x, q, b, t * magnitude, config=cfg, scales=s)
+    ref = reference(x.cpu(), q, s, None if b is None else b.cpu(), t * magnitude)
+    size = sparsify(x.cpu(), t * magnitude).double().abs() @ dequantize(q.cpu(), s.cpu(), torch.float64).abs().t()
+    if b is not None:
+        size = size + b.cpu().double().abs()
+    assert float((y.cpu().double() - ref).norm() / size.norm().clamp_min(1e-30)) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("fmt, apart", [("int8", False), ("int4", True)])
+def test_packed_rows_in_grouped_swiglu_and_add_rmsnorm_launches(fmt, apart):
+    """weight_math 5's column-wise atomics in the launches that share one workspace: three segments (q, k, v sizes),
+    gate and up finished by SwiGLU, o by add + RMSNorm; the split-K sums finished by the grid's last program or by a
+    second launch."""
+    K, dtype = 100, torch.bfloat16
+    cfg = replace(make_config(96, K, BN=64, BK=16, iters=4, use_dot=False, num_warps=1, num_stages=1, compact=True,
+                              weight_math=5), apart=apart)
+    parts = [operands(1, N, K, dtype, fmt, 7 + i) for i, N in enumerate((64, 32, 32))]
+    x = parts[0][0]
+    ys = sg.sparse_gemv_group(x, [p[1] for p in parts], [None] * 3, [0.2, 0.4, 0.6], config=cfg,
+                              scales=[p[2] for p in parts])
+    for (_, q, s, _), t, y in zip(parts, (0.2, 0.4, 0.6), ys):
+        assert rel_err(y.cpu(), reference(x.cpu(), q, s, None, t)) <= TOL[dtype]
+    _, qg, sg_, _ = parts[1]
+    _, qu, su, _ = operands(1, 32, K, dtype, fmt, 11)
+    h = sg.sparse_gemv_swiglu(x, qg, qu, 0.3, 0.5, config=cfg, scales_gate=sg_, scales_up=su)
+    ref = torch.nn.functional.silu(reference(x.cpu(), qg, sg_, None, 0.3)) * reference(x.cpu(), qu, su, None, 0.5)
+    assert rel_err(h.cpu(), ref) <= TOL[dtype]
+    r = torch.randn(1, 64, device=DEVICE).to(dtype)
+    nw = (torch.rand(64, device=DEVICE) + 0.5).to(dtype)
+    got_h, _ = sg.sparse_gemv_add_rmsnorm(x, parts[0][1], None, 0.3, r, nw, 1e-6, config=cfg, scales=parts[0][2])
+    assert rel_err(got_h.cpu(), r.cpu().double() + reference(x.cpu(), parts[0][1], parts[0][2], None, 0.3)) <= 2e-2
+
+
+def test_packed_rows_are_the_rule_only_where_switched_on(monkeypatch):
+    """``PACKED_ROWS_FROM`` (None until timed) switches one row's rule to weight_math 5 from a sparsity on; where a
+    segment's N is not whole 16-byte chunks the launcher falls back to the packed fp16 tile loop, same tiles."""
+    for fmt in ("int8", "int4"):
+        for N, K in ((28672, 4096), (4096, 14336), (6144, 4096), (4096, 4096)):
+            assert choose_config(1, N, K, 0.5, fmt).weight_math != 5
+    monkeypatch.setitem(sparse_gemv_config.PACKED_ROWS_FROM, "int8", 0.4)
+    monkeypatch.setitem(sparse_gemv_config.PACKED_ROWS_FROM, "int4", 0.4)
+    for fmt in ("int8", "int4"):
+        for N, K in ((28672, 4096), (4096, 14336), (6144, 4096), (4096, 4096)):
+            cfg = choose_config(1, N, K, 0.5, fmt)
+            assert cfg.weight_math == 5 and cfg.compact and cfg.block_n % (32 * cfg.num_warps) == 0
+            assert fmt == "int8" or INT4_GROUP % cfg.k_per_split == 0
+            assert choose_config(1, N, K, 0.3, fmt).weight_math != 5
+    big = choose_config(1, 2048, 256, 0.5, "int8")
+    monkeypatch.setattr(sg, "choose_config", lambda *args, **kwargs: big)
+    x, q, s, _ = operands(1, 40, 256, torch.bfloat16, "int8", 4)  # 40 columns: not whole 16-column chunks
+    with pytest.raises(ValueError, match="weight_math 5"):  # asked for explicitly: refused
+        sg.sparse_gemv(x, q, None, 0.6, config=big, scales=s)
+    y = sg.sparse_gemv(x, q, None, 0.6, sparsity=0.5, scales=s)  # the rule's: the fp16 tile loop instead
+    assert rel_err(y.cpu(), reference(x.cpu(), q, s, None, 0.6)) <= TOL[torch.bfloat16]
+
+
+def test_packed_rows_refuse_what_their_chunks_cannot_hold():
+    """weight_math 5 reads 16 bytes of a row a thread: fp16/bf16 x, a tile and every N a multiple of 16 int8 / 32
+    int4 columns, chains of at most 32 rows, the packed loop only."""
+    for fmt, dtype, N, BN, BK, compact in (("int8", torch.float32, 64, 64, 16, True), ("int8", torch.bfloat16, 40, 64,
+                                           16, True), ("int4", torch.bfloat16, 64, 16, 16, True),
+                                           ("int8", torch.bfloat16, 64, 64, 64, True)):
+        x, q, s, _ = operands(1, N, 128, dtype, fmt, 0)
+        with pytest.raises(ValueError, match="weight_math 5"):
+            sg.sparse_gemv(x, q, None, 0.1, config=make_config(N, 128, BN=BN, BK=BK, iters=2, use_dot=False,
+                                                               compact=compact, weight_math=5), scales=s)
+    x, q, s, _ = operands(1, 72, 128, torch.bfloat16, "int8", 0)
+    with pytest.raises(ValueError, match="weight_math 5"):  # 64 outputs from byte 8 on: rows off 16-byte boundaries
+        sg.sparse_gemv(x, q[8:], None, 0.1, config=make_config(64, 128, BN=64, BK=16, iters=2, use_dot=False,
+                                                                compact=True, weight_math=5), scales=s[8:])
+    with pytest.raises(ValueError, match="5 only there"):
+        sg.sparse_gemv(x, q, None, 0.1, config=make_config(64, 128, BN=64, BK=16, iters=2, use_dot=False,
+                                                           in_thread=True, weight_math=5), scales=s)
 
 
 def test_subnormal_sums_refuse_fp32_x_and_long_int8_tiles():
