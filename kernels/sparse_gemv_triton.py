@@ -2,7 +2,8 @@
 
 Only the jitted code lives here; the launchers, which pick a config and hold the scratch, are in ``sparse_gemv.py``
 (docs/design.md, "Sparse GEMV" says why each choice was made). The loops with x rounded to int8 are in
-``x_int8_triton.py``, the int8 / int4 to float conversions in ``int_weights_triton.py``.
+``x_int8_triton.py``, the int8 / int4 to float conversions in ``int_weights_triton.py``, the inline PTX of the packed
+loop a stored row at a time (``weight_math`` 5) in ``row_ptx_triton.py``.
 
 Layout: with W column-major (strides (1, N)), input k's weights are one contiguous row of N values, so a zero x[k]
 skips one contiguous stretch of memory. The kernel takes W's strides, so a row-major W also works (slowly). int8 and
@@ -20,16 +21,21 @@ import triton.language as tl
 from teal_fx.kernels.int_weights_triton import (
     INT4_OFFSET,
     INT8_OFFSET,
-    fp16x2_as_fp32,
     int4_as_fp32,
     int4_as_halves,
     int4_as_subnormal_halves,
     int8_as_fp16,
     int8_as_fp32,
     int8_as_subnormal_halves,
+    swap_middle_of_fours,
+)
+from teal_fx.kernels.row_ptx_triton import (
+    column_zeros,
+    columns_add,
+    columns_atomic_add,
+    fp16x2_as_fp32,
     l2_evict_first_policy,
     row_fma,
-    swap_middle_of_fours,
 )
 from teal_fx.kernels.x_int8_triton import w4a8_partial, w8a8_partial
 
@@ -345,55 +351,6 @@ def packed_rows_sum(x_ptr, w_ptr, idx_ptr, xv_ptr, k_lo, k_hi, threshold, pn, N,
         else:  # c = 4w + 2h + k <- m = 4w + 2k + h
             cols = cols + (f[(c // 4) * 4 + 2 * (c % 2) + (c % 4) // 2] * (unscale * 16777216.0) - offset * x_sum,)
     return cols
-
-
-@triton.jit
-def column_zeros(BN: tl.constexpr, WFMT: tl.constexpr):
-    """Zero sums for ``packed_rows_sum``'s columns: a tuple of CPT [BC] vectors."""
-    CPT: tl.constexpr = 32 if WFMT == 2 else 16
-    cols = ()
-    for _ in tl.static_range(CPT):
-        cols = cols + (tl.zeros((BN // CPT,), tl.float32),)
-    return cols
-
-
-@triton.jit
-def columns_add(acc, part, s_ptr, pn, N, BN: tl.constexpr, WFMT: tl.constexpr):
-    """acc + part x scales, column by column (tuples of ``packed_rows_sum``): s_ptr the scales of the tile's
-    columns' row (int8: per channel; int4: the group's), read one column at a time."""
-    CPT: tl.constexpr = 32 if WFMT == 2 else 16
-    col0 = pn * BN + tl.arange(0, BN // CPT) * CPT
-    out = ()
-    for c in tl.static_range(CPT):
-        s = tl.load(s_ptr + col0 + c, mask=col0 + c < N, other=0.0).to(tl.float32)
-        out = out + (acc[c] + part[c] * s,)
-    return out
-
-
-# $1 += {$2, $3, $4, $5} (fp32 bit patterns) where $6 != 0: the relaxed vector atomic Triton's own atomics emit
-ATOMIC_ADD_V4: tl.constexpr = tl.constexpr(
-    "{\n.reg .pred p;\n.reg .b32 t<4>;\nsetp.ne.b32 p, $6, 0;\n"
-    "@p atom.global.gpu.relaxed.add.v4.f32 {t0, t1, t2, t3}, [$1], {$2, $3, $4, $5};\nmov.b32 $0, 0;\n}")
-
-
-@triton.jit
-def columns_atomic_add(ws_ptr, cols, pn, N, BN: tl.constexpr, WFMT: tl.constexpr, ASM: tl.constexpr):
-    """Add ``packed_rows_sum``'s columns into the workspace row at ws_ptr (columns pn * BN on): four columns of a
-    chunk a 16-byte vector atomic (``atom.add.v4.f32``, as Triton's own atomics), no layout conversion."""
-    CPT: tl.constexpr = 32 if WFMT == 2 else 16
-    col0 = pn * BN + tl.arange(0, BN // CPT) * CPT
-    ok = col0 < N  # a chunk lies wholly inside N or past it (the launcher: N a multiple of CPT)
-    for q in tl.static_range(CPT // 4):
-        if ASM:
-            tl.inline_asm_elementwise(
-                ATOMIC_ADD_V4, "=r,l,r,r,r,r,r",
-                [(ws_ptr + col0 + 4 * q).to(tl.int64, bitcast=True), cols[4 * q].to(tl.int32, bitcast=True),
-                 cols[4 * q + 1].to(tl.int32, bitcast=True), cols[4 * q + 2].to(tl.int32, bitcast=True),
-                 cols[4 * q + 3].to(tl.int32, bitcast=True), ok.to(tl.int32)],
-                dtype=tl.int32, is_pure=False, pack=1)
-        else:
-            for i in tl.static_range(4):
-                tl.atomic_add(ws_ptr + col0 + 4 * q + i, cols[4 * q + i], mask=ok, sem="relaxed")
 
 
 @triton.jit

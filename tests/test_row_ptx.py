@@ -13,8 +13,7 @@ import torch
 triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 
-from teal_fx.kernels import int_weights_triton as iw  # noqa: E402
-from teal_fx.kernels import sparse_gemv_triton as sgt  # noqa: E402
+from teal_fx.kernels import row_ptx_triton as rp  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -104,7 +103,7 @@ def _twin_rows(w_ptr, x_ptr, a_ptr, out_ptr, NA: tl.constexpr, WFMT: tl.constexp
     for i in tl.static_range(NA):
         a = a + (tl.load(a_ptr + pid * NA + i + one),)
     x_pair = tl.load(x_ptr + pid)
-    a = iw.row_fma(w_ptr + pid * 16 + one * 0, x_pair, 0, one * 0 + 1, a, WFMT, True, False)
+    a = rp.row_fma(w_ptr + pid * 16 + one * 0, x_pair, 0, one * 0 + 1, a, WFMT, True, False)
     for i in tl.static_range(NA):
         tl.store(out_ptr + pid * NA + i + one, a[i])
 
@@ -124,7 +123,7 @@ def test_the_row_step_ptx_is_its_twin(fmt):
     x_pairs = [(_bits16(float(x)) * 0x10001) if x != 0 else 0 for x in xs]
     acc = rng.standard_normal((rows, n)).astype(np.float16)
     acc_bits = [[int(b) * 0x10001 ^ (int(rng.integers(0, 2)) << 31) for b in acc[r].view(np.uint16)] for r in range(rows)]
-    ptx = str(iw._INT4_ROW.value if int4 else iw._INT8_ROW.value)
+    ptx = str(rp._INT4_ROW.value if int4 else rp._INT8_ROW.value)
     got = []
     for r in range(rows):
         memory = bytearray(w[r].tobytes())
@@ -149,10 +148,10 @@ def test_the_halves_ptx_and_the_vector_atomic():
     rng = np.random.default_rng(1)
     for v in rng.integers(0, 2**32, size=50):
         v = int(v) & 0x7BFF7BFF  # finite halves
-        lo, hi = run_ptx(str(iw._HALVES_AS_FP32.value), 2, [v], bytearray(), rng)
+        lo, hi = run_ptx(str(rp._HALVES_AS_FP32.value), 2, [v], bytearray(), rng)
         assert (lo, hi) == (_f16(v), _f16(v >> 16))
     memory = bytearray(np.arange(8, dtype=np.float32).tobytes())
     vals = [int(np.array([f], dtype=np.float32).view(np.uint32)[0]) for f in (0.5, 1.5, -2.0, 4.0)]
-    run_ptx(str(sgt.ATOMIC_ADD_V4.value), 1, [16, *vals, 1], memory, rng)
-    run_ptx(str(sgt.ATOMIC_ADD_V4.value), 1, [0, *vals, 0], memory, rng)
+    run_ptx(str(rp.ATOMIC_ADD_V4.value), 1, [16, *vals, 1], memory, rng)
+    run_ptx(str(rp.ATOMIC_ADD_V4.value), 1, [0, *vals, 0], memory, rng)
     assert np.frombuffer(memory, dtype=np.float32).tolist() == [0, 1, 2, 3, 4.5, 6.5, 4, 11]
