@@ -505,12 +505,12 @@ def main() -> int:
                     "for each one-row config of --sweep-weights (or --sweep-weights-math; sm_90, the MLP shape "
                     "14336x4096), then stop")
     args = ap.parse_args()
+    math_only = {int(v) for v in args.sweep_math_only.split(",") if v}
     if args.registers:
         N, K = SHAPES["gate/up 14336x4096"]
         for fmt in [f for f in args.weights.split(",") if f]:
-            only = {int(v) for v in args.sweep_math_only.split(",") if v}
             for p in (SWEEP_WEIGHT_MATH if args.sweep_weights_math else SWEEP_QUANTIZED)[fmt]:
-                if only and p.get("weight_math") not in only:
+                if math_only and p.get("weight_math") not in math_only:
                     continue
                 try:
                     regs, spill = registers(fmt, N, K, make_config(N, K, **p))
@@ -585,8 +585,7 @@ def main() -> int:
                 N, K = SHAPES[name]
                 res = []
                 sweep = SWEEP_WEIGHT_MATH if args.sweep_weights_math else SWEEP_QUANTIZED
-                only = {int(v) for v in args.sweep_math_only.split(",") if v}
-                for p in [None, *[p for p in sweep[fmt] if not only or p.get("weight_math") in only]]:
+                for p in [None, *[p for p in sweep[fmt] if not math_only or p.get("weight_math") in math_only]]:
                     cfg = make_config(N, K, **p) if p else None
                     try:
                         r = bench_quantized(N, K, 1, args.sweep_weights_sparsity, fmt, bw, l2, config=cfg, calls=16,

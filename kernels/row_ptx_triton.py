@@ -106,7 +106,7 @@ def row_fma(rows, x_pair, pol, c_ok, a, WFMT: tl.constexpr, EVEN_N: tl.constexpr
             (rows.to(tl.int64, bitcast=True), x_pair, pol) + bound + a, dtype=(tl.int32,) * len(a), is_pure=True,
             pack=1)
     else:
-        read = ((c_ok + 0 * x_pair) != 0) & ((x_pair + 0 * c_ok) != 0)
+        read = c_ok * (x_pair != 0).to(tl.int32) != 0  # (a [BC] mask: the interpreter refuses a scalar's)
         xh, _ = _halves(x_pair)
         out = ()
         words = rows.to(tl.pointer_type(tl.int32))  # the chunk's four words (16-byte aligned)
@@ -149,10 +149,10 @@ def column_zeros(BN: tl.constexpr, WFMT: tl.constexpr):
 
 
 @triton.jit
-def columns_add(acc, part, s_ptr, pn, N, BN: tl.constexpr, WFMT: tl.constexpr):
+def columns_add(acc, part, s_ptr, pn, N, BN: tl.constexpr):
     """acc + part x scales, column by column (tuples of ``packed_rows_sum``): s_ptr the scales of the tile's
     columns' row (int8: per channel; int4: the group's), read one column at a time."""
-    CPT: tl.constexpr = 32 if WFMT == 2 else 16
+    CPT: tl.constexpr = len(part)
     col0 = pn * BN + tl.arange(0, BN // CPT) * CPT
     out = ()
     for c in tl.static_range(CPT):
@@ -168,10 +168,23 @@ ATOMIC_ADD_V4: tl.constexpr = tl.constexpr(
 
 
 @triton.jit
-def columns_atomic_add(ws_ptr, cols, pn, N, BN: tl.constexpr, WFMT: tl.constexpr, ASM: tl.constexpr):
+def columns_store(y_ptr, b_ptr, cols, pn, N, BN: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Store ``packed_rows_sum``'s columns (a launch of one K split, finished by its own programs) to y's row, the
+    bias added, one column at a time."""
+    CPT: tl.constexpr = len(cols)
+    col0 = pn * BN + tl.arange(0, BN // CPT) * CPT
+    for c in tl.static_range(CPT):
+        v = cols[c]
+        if HAS_BIAS:
+            v += tl.load(b_ptr + col0 + c, mask=col0 + c < N, other=0.0).to(tl.float32)
+        tl.store(y_ptr + col0 + c, v.to(y_ptr.dtype.element_ty), mask=col0 + c < N)
+
+
+@triton.jit
+def columns_atomic_add(ws_ptr, cols, pn, N, BN: tl.constexpr, ASM: tl.constexpr):
     """Add ``packed_rows_sum``'s columns into the workspace row at ws_ptr (columns pn * BN on): four columns of a
     chunk a 16-byte vector atomic (``atom.add.v4.f32``, as Triton's own atomics), no layout conversion."""
-    CPT: tl.constexpr = 32 if WFMT == 2 else 16
+    CPT: tl.constexpr = len(cols)
     col0 = pn * BN + tl.arange(0, BN // CPT) * CPT
     ok = col0 < N  # a chunk lies wholly inside N or past it (the launcher: N a multiple of CPT)
     for q in tl.static_range(CPT // 4):

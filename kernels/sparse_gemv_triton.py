@@ -33,6 +33,7 @@ from teal_fx.kernels.row_ptx_triton import (
     column_zeros,
     columns_add,
     columns_atomic_add,
+    columns_store,
     fp16x2_as_fp32,
     l2_evict_first_policy,
     row_fma,
@@ -386,7 +387,7 @@ def in_thread_partial(x_ptr, w_ptr, idx_ptr, xv_ptr, k_lo, k_hi, threshold, offs
                     part = packed_rows_sum(x_ptr, w_ptr, idx_ptr + (g0 - k_lo), xv_ptr + (g0 - k_lo), g0,
                                            tl.minimum(g0 + GROUP, k_hi), threshold, pn, N, stride_wk, BN, BK, GROUP,
                                            EVEN_N, WFMT, ASM)
-                    acc = columns_add(acc, part, s_ptr + (g0 // GROUP) * stride_sg, pn, N, BN, WFMT)
+                    acc = columns_add(acc, part, s_ptr + (g0 // GROUP) * stride_sg, pn, N, BN)
                 else:
                     part = packed_sum(x_ptr, w_ptr, idx_ptr + (g0 - k_lo), xv_ptr + (g0 - k_lo), g0,
                                       tl.minimum(g0 + GROUP, k_hi), threshold, offs_n, n_ok, stride_wk, stride_wn, BK,
@@ -396,7 +397,7 @@ def in_thread_partial(x_ptr, w_ptr, idx_ptr, xv_ptr, k_lo, k_hi, threshold, offs
             part = packed_rows_sum(x_ptr, w_ptr, idx_ptr, xv_ptr, k_lo, k_hi, threshold, pn, N, stride_wk, BN, BK,
                                    CHUNK, EVEN_N, WFMT, ASM)
             scales = s_ptr + (k_lo // GROUP) * stride_sg if WFMT == 2 else s_ptr
-            acc = columns_add(column_zeros(BN, WFMT), part, scales, pn, N, BN, WFMT)
+            acc = columns_add(column_zeros(BN, WFMT), part, scales, pn, N, BN)
         else:
             acc = packed_sum(x_ptr, w_ptr, idx_ptr, xv_ptr, k_lo, k_hi, threshold, offs_n, n_ok, stride_wk,
                              stride_wn, BK, BN, CHUNK, EVEN_N, offs_p, p_ok, WFMT, ASM, WMATH)
@@ -686,14 +687,8 @@ def sparse_gemv_kernel(
     y_offs = offs_m[:, None] * stride_ym + offs_n[None, :]
     y_mask = m_ok[:, None] & n_ok[None, :]
     if SPLIT_K == 1 and not GATED and not APART:
-        if WMATH == 5:  # columns (one row): stored one column at a time
-            CPT: tl.constexpr = 32 if WFMT == 2 else 16
-            cn = pn * BN + tl.arange(0, BN // CPT) * CPT
-            for c in tl.static_range(CPT):
-                v = acc[c]
-                if HAS_BIAS:
-                    v += tl.load(b_ptr + cn + c, mask=cn + c < N, other=0.0).to(tl.float32)
-                tl.store(y_ptr + cn + c, v.to(y_ptr.dtype.element_ty), mask=cn + c < N)
+        if WMATH == 5:
+            columns_store(y_ptr, b_ptr, acc, pn, N, BN, HAS_BIAS)
         else:
             if HAS_BIAS:
                 acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -704,7 +699,7 @@ def sparse_gemv_kernel(
         # launch, adds the bias and writes y.
         ws_offs = offs_m[:, None] * ws_width + col0 + offs_n[None, :]
         if WMATH == 5:
-            columns_atomic_add(ws_ptr + col0, acc, pn, N, BN, WFMT, ASM)
+            columns_atomic_add(ws_ptr + col0, acc, pn, N, BN, ASM)
         else:
             tl.atomic_add(ws_ptr + ws_offs, acc, mask=y_mask, sem="relaxed")
         # APART: _finish_kernel, launched next, reads the sums back once this grid has completed
