@@ -54,6 +54,16 @@ EXPECTED_ROLES = {a: ["q", "k", "v", "o", "gate", "up", "down"] for a in ARCHS}
 EXPECTED_ROLES["phi3"] = ["qkv", "o", "gate_up", "down"]
 
 
+def kernel_device() -> str:
+    """Where the Triton kernel tests run: "cuda", or "cpu" under TRITON_INTERPRET=1 (conftest sets it without a GPU);
+    neither skips the calling test module."""
+    if torch.cuda.is_available():
+        return "cuda"
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("no GPU and TRITON_INTERPRET is not set", allow_module_level=True)
+    return "cpu"
+
+
 def tiny_model(arch: str, *, layers: int = 2, hidden: int = 64, heads: int = 4, kv_heads: int = 2,
                inter: int = 96, vocab: int = 128, dtype=torch.float32, attn: str = "sdpa", seed: int = 0):
     torch.manual_seed(seed)

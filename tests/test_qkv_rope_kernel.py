@@ -3,7 +3,6 @@ through ``reference_qkv_rope_`` (heads, RoPE as eager rounds it, the cache write
 element it should write must be written and no other cache row touched.
 
 Runs on a GPU when there is one, otherwise under TRITON_INTERPRET=1 on the CPU (conftest sets it)."""
-import os
 
 import pytest
 import torch
@@ -14,11 +13,10 @@ triton = pytest.importorskip("triton")
 from teal_fx.kernels import sparse_gemv as sg  # noqa: E402
 from teal_fx.kernels.quantize import quantize_int4, quantize_int8  # noqa: E402
 from teal_fx.kernels.reference import reference_qkv_rope_  # noqa: E402
+from tests.conftest import kernel_device  # noqa: E402
 
-ON_GPU = torch.cuda.is_available()
-if not ON_GPU and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("no GPU and TRITON_INTERPRET is not set", allow_module_level=True)
-DEVICE = "cuda" if ON_GPU else "cpu"
+DEVICE = kernel_device()
+ON_GPU = DEVICE == "cuda"
 # the same sums through both paths, except that on a GPU the split-K sums meet in a varying order, and that the CPU
 # interpreter truncates to bf16 where eager rounds (up to an ulp for each of the finish's roundings)
 TOL = {torch.float32: 1e-5 if ON_GPU else 0.0, torch.float16: 2e-3 if ON_GPU else 0.0, torch.bfloat16: 1e-2}

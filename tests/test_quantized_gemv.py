@@ -19,11 +19,10 @@ from teal_fx.kernels import dequant_matmul as dm  # noqa: E402
 from teal_fx.kernels import sparse_gemv as sg  # noqa: E402
 from teal_fx.kernels import sparse_gemv_config  # noqa: E402
 from teal_fx.kernels.sparse_gemv_config import INT4_X8_WAVE, choose_config, make_config  # noqa: E402
+from tests.conftest import kernel_device  # noqa: E402
 
-ON_GPU = torch.cuda.is_available()
-if not ON_GPU and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("no GPU and TRITON_INTERPRET is not set", allow_module_level=True)
-DEVICE = "cuda" if ON_GPU else "cpu"
+DEVICE = kernel_device()
+ON_GPU = DEVICE == "cuda"
 TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 QUANTIZE = {"int8": quantize_int8, "int4": quantize_int4}
 

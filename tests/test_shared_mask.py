@@ -2,7 +2,6 @@
 GEMV's shared-mask loops (tensor cores, in-thread rows; up to 16 rows; grouped, SwiGLU) against a float64 reference.
 
 Runs on a GPU when there is one, otherwise under TRITON_INTERPRET=1 (set by conftest before triton is imported)."""
-import os
 from dataclasses import replace
 
 import pytest
@@ -16,11 +15,10 @@ from teal_fx.plan import LinearPlan
 triton = pytest.importorskip("triton")
 from teal_fx.kernels import sparse_gemv as sg  # noqa: E402
 from teal_fx.kernels.sparse_gemv_config import make_config  # noqa: E402
+from tests.conftest import kernel_device  # noqa: E402
 
-ON_GPU = torch.cuda.is_available()
-if not ON_GPU and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("no GPU and TRITON_INTERPRET is not set", allow_module_level=True)
-DEVICE = "cuda" if ON_GPU else "cpu"
+DEVICE = kernel_device()
+ON_GPU = DEVICE == "cuda"
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 
 

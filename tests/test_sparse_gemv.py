@@ -3,7 +3,6 @@ thresholds; the output is poisoned first so that every element must be written.
 
 Runs on a GPU when there is one, otherwise under TRITON_INTERPRET=1 on the CPU (set before triton is imported:
 run this file in its own process, as .ci/run and the README's test command do through conftest)."""
-import os
 
 import pytest
 import torch
@@ -16,11 +15,10 @@ from dataclasses import replace  # noqa: E402
 from teal_fx.kernels import sparse_gemv as sg  # noqa: E402
 from teal_fx.kernels.reference import reference_rmsnorm, reference_sparse_linear  # noqa: E402
 from teal_fx.kernels.sparse_gemv_config import choose_config, make_config  # noqa: E402
+from tests.conftest import kernel_device  # noqa: E402
 
-ON_GPU = torch.cuda.is_available()
-if not ON_GPU and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("no GPU and TRITON_INTERPRET is not set", allow_module_level=True)
-DEVICE = "cuda" if ON_GPU else "cpu"
+DEVICE = kernel_device()
+ON_GPU = DEVICE == "cuda"
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 # the SwiGLU epilogue rounds three times, as eager silu(gate) * up does (gate, silu, product): up to 3 bf16 ulps
 # against the exact product (the CPU interpreter truncates to bf16, so each rounding can cost a whole ulp there)
