@@ -121,6 +121,14 @@ def load_row_quads(p, stride_wk, xw, cols_ok):
 
 
 @triton.jit
+def next_x_words(words_ptr, xs_ptr, j, BK: tl.constexpr, CHUNK: tl.constexpr):
+    """The next tile's x words (loaded a tile ahead, as the weight rows they gate are) and the scale of the tile at
+    input j of the chunk."""
+    nxt = (j + BK) // 4 + tl.arange(0, BK // 4)
+    return tl.load(words_ptr + nxt, mask=nxt < CHUNK // 4, other=0), tl.load(xs_ptr + j // ACT_TILE)
+
+
+@triton.jit
 def w8a8_partial(x_ptr, w_ptr, words_ptr, xs_ptr, k_lo, k_hi, threshold, offs_n, n_ok, stride_wk, stride_wn,
                  BK: tl.constexpr, BN: tl.constexpr, CHUNK: tl.constexpr, EVEN_N: tl.constexpr, ASM: tl.constexpr):
     """Σ_k x_k W[k, offs_n] (int8 W, unscaled) over [k_lo, k_hi) with x quantized per ACT_TILE inputs
@@ -135,10 +143,7 @@ def w8a8_partial(x_ptr, w_ptr, words_ptr, xs_ptr, k_lo, k_hi, threshold, offs_n,
     cols_ok = tl.full((1, BN), 1, tl.int1) if EVEN_N else n_ok[None, :]
     xw = tl.load(words_ptr + tl.arange(0, BK // 4))
     for k0 in range(k_lo, k_hi, BK):
-        j = k0 - k_lo
-        nxt = (j + BK) // 4 + tl.arange(0, BK // 4)
-        xw_next = tl.load(words_ptr + nxt, mask=nxt < CHUNK // 4, other=0)
-        xs = tl.load(xs_ptr + j // ACT_TILE)
+        xw_next, xs = next_x_words(words_ptr, xs_ptr, k0 - k_lo, BK, CHUNK)
         w0, w1, w2, w3 = load_row_quads(p, stride_wk, xw, cols_ok)
         s = tl.sum(int8_dot4(w0, w1, w2, w3, xw[:, None], ASM), axis=0)
         acc += exact_float(s) * xs  # |s| <= 32 x 127 x 127 < 2^22
@@ -162,10 +167,7 @@ def w4a8_partial(x_ptr, w_ptr, words_ptr, xs_ptr, k_lo, k_hi, threshold, offs_n,
     odd_ok = 2 * offs_p + 1 < N
     xw = tl.load(words_ptr + tl.arange(0, BK // 4))
     for k0 in range(k_lo, k_hi, BK):
-        j = k0 - k_lo
-        nxt = (j + BK) // 4 + tl.arange(0, BK // 4)
-        xw_next = tl.load(words_ptr + nxt, mask=nxt < CHUNK // 4, other=0)
-        xs = tl.load(xs_ptr + j // ACT_TILE)
+        xw_next, xs = next_x_words(words_ptr, xs_ptr, k0 - k_lo, BK, CHUNK)
         sg = s_ptr + (k0 // GROUP) * stride_sg + 2 * offs_p
         s_even = tl.load(sg, mask=even_ok, other=0.0).to(tl.float32) * xs
         s_odd = tl.load(sg + 1, mask=odd_ok, other=0.0).to(tl.float32) * xs
