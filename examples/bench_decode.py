@@ -27,7 +27,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import teal_fx
-from bench_common import decode_speed, default_out, read_bandwidth  # the same measurement as the kernel table's
+
+# decode_speed: the same measurement as the kernel table's
+from bench_common import add_rule_arguments, apply_rule_arguments, decode_speed, default_out, read_bandwidth
 from teal_fx.allocate import block_sparsity
 from teal_fx.generate import argmax_disagreements, decode_logits
 from teal_fx.inductor import CUDA_INDUCTOR_DEFAULTS
@@ -179,7 +181,12 @@ def main() -> int:
     ap.add_argument("--tp", type=int, default=0,
                     help="tensor parallel over this many GPUs: runs examples/bench_decode_tp.py under torchrun with "
                          "the arguments after '--' (default 0: one GPU, this script's rows)")
+    add_rule_arguments(ap)
     args, rest = ap.parse_known_args()
+    try:
+        rule_switches = apply_rule_arguments(args)
+    except ValueError as e:
+        ap.error(str(e))
     if set(args.batch_masks.split(",")) - {"per_row", "shared"}:
         ap.error(f"--batch-masks takes per_row and/or shared, got {args.batch_masks!r}")
     if args.tp:
@@ -203,6 +210,8 @@ def main() -> int:
     ids4 = torch.randint(0, vocab, (4, args.prompt), device="cuda")
     cache_len = args.prompt + args.new_tokens
     rows, notes = [], []
+    if rule_switches:
+        notes.append(f"launch rule switched for this run: {rule_switches}")
     dense = {}
     fastest = {}  # (path, batch) -> the fastest dense row's tok/s
     out = Path(args.out)

@@ -20,7 +20,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bench_common import default_out, dependent_launches, graph_time_us, read_bandwidth
+from bench_common import (
+    add_rule_arguments,
+    apply_rule_arguments,
+    default_out,
+    dependent_launches,
+    graph_time_us,
+    read_bandwidth,
+)
 from teal_fx.kernels import sparse_gemv as sg
 from teal_fx.kernels.quantize import INT4_GROUP, dequantize, quantize_int4, quantize_int8
 from teal_fx.kernels.reference import reference_sparse_linear
@@ -504,7 +511,14 @@ def main() -> int:
     ap.add_argument("--registers", action="store_true", help="no GPU needed: the registers and spills ptxas reports "
                     "for each one-row config of --sweep-weights (or --sweep-weights-math; sm_90, the MLP shape "
                     "14336x4096), then stop")
+    add_rule_arguments(ap)
     args = ap.parse_args()
+    try:
+        rule_switches = apply_rule_arguments(args)
+    except ValueError as e:
+        ap.error(str(e))
+    if rule_switches:
+        print(f"rule switches: {rule_switches}", flush=True)
     math_only = {int(v) for v in args.sweep_math_only.split(",") if v}
     if args.registers:
         N, K = SHAPES["gate/up 14336x4096"]
@@ -695,6 +709,8 @@ def main() -> int:
                          f"{bf16_block[s] / b['us']:.2f}x |")
         lines.append("")
     lines += batch_lines
+    if rule_switches:
+        lines += [f"Rule switched for this run: {rule_switches}", ""]
     lines += [f"Command: `{shlex.join(['python', 'examples/bench_kernels.py', *sys.argv[1:]])}`", ""]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,49 @@
+"""The benches' switches of the quantized launch rule (``--packed-rows-from``, ``--tile-math``): they set what the rule
+reads, the rule then picks the switched loop, and a value the rule does not know is refused, not ignored."""
+import argparse
+import sys
+from pathlib import Path
+
+import pytest
+
+from teal_fx.kernels import sparse_gemv_config as cfg
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "examples"))
+from bench_common import add_rule_arguments, apply_rule_arguments  # noqa: E402
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    ap = argparse.ArgumentParser()
+    add_rule_arguments(ap)
+    return ap.parse_args(list(argv))
+
+
+@pytest.fixture
+def restored(monkeypatch):
+    """The module's switches as they were after the test (apply_rule_arguments assigns them)."""
+    for name in ("PACKED_ROWS_FROM", "INT8_TILE_MATH", "INT4_TILE_MATH"):
+        monkeypatch.setattr(cfg, name, getattr(cfg, name))
+
+
+def test_defaults_change_nothing(restored):
+    before = (dict(cfg.PACKED_ROWS_FROM), cfg.INT8_TILE_MATH, cfg.INT4_TILE_MATH)
+    assert apply_rule_arguments(parse()) == ""
+    assert (cfg.PACKED_ROWS_FROM, cfg.INT8_TILE_MATH, cfg.INT4_TILE_MATH) == before
+
+
+def test_switches_reach_the_rule(restored):
+    said = apply_rule_arguments(parse("--packed-rows-from", "int4:0.3", "--tile-math", "4,2"))
+    assert cfg.PACKED_ROWS_FROM["int4"] == 0.3 and (cfg.INT8_TILE_MATH, cfg.INT4_TILE_MATH) == (4, 2)
+    assert "PACKED_ROWS_FROM" in said and "INT8_TILE_MATH=4" in said
+    assert cfg.choose_config(1, 14336, 4096, 0.5, "int4").weight_math == 5
+    assert cfg.choose_config(1, 14336, 4096, 0.2, "int4").weight_math != 5  # below the switch's sparsity
+    if cfg.PACKED_ROWS_FROM["int8"] is None:  # int8 untouched by an int4-only switch
+        assert cfg.choose_config(1, 14336, 4096, 0.5, "int8").weight_math != 5
+
+
+@pytest.mark.parametrize("argv", [("--packed-rows-from", "int3:0.3"), ("--packed-rows-from", "int8:1.5"),
+                                  ("--packed-rows-from", "int8"), ("--packed-rows-from", "int8:half"),
+                                  ("--tile-math", "4"), ("--tile-math", "3,4"), ("--tile-math", "x,4")])
+def test_unknown_values_are_refused(restored, argv):
+    with pytest.raises(ValueError, match=argv[0]):
+        apply_rule_arguments(parse(*argv))
