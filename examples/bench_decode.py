@@ -187,6 +187,8 @@ def main() -> int:
         rule_switches = apply_rule_arguments(args)
     except ValueError as e:
         ap.error(str(e))
+    if rule_switches and args.tp:  # the tensor-parallel script runs in other processes, with its own arguments
+        ap.error("--packed-rows-from / --tile-math switch this process's rule: not with --tp")
     if set(args.batch_masks.split(",")) - {"per_row", "shared"}:
         ap.error(f"--batch-masks takes per_row and/or shared, got {args.batch_masks!r}")
     if args.tp:
