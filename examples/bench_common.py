@@ -117,8 +117,11 @@ def add_rule_arguments(ap: argparse.ArgumentParser) -> None:
                     help="one row's packed PTX loop (weight_math 5) from that expected sparsity on, per weight format "
                          "(sparse_gemv_config.PACKED_ROWS_FROM), e.g. int8:0.25,int4:0.25")
     ap.add_argument("--tile-math", default="", metavar="INT8,INT4",
-                    help="the fp16 tile sums one row's rule takes for int8 and int4 weights, 2 or 4 each "
-                         "(sparse_gemv_config.INT8_TILE_MATH, INT4_TILE_MATH)")
+                    help="the fp16 tile sums one row's rule takes for int8 and int4 weights on the attention "
+                         "shapes, 2 or 4 each (sparse_gemv_config.INT8_TILE_MATH, INT4_TILE_MATH)")
+    ap.add_argument("--mlp-tile-math", default="", metavar="N",
+                    help="the fp16 tile sums one row's rule takes for int8 and int4 weights on the MLP shapes, 2 "
+                         "or 4 (sparse_gemv_config.MLP_TILE_MATH)")
 
 
 def apply_rule_arguments(args: argparse.Namespace) -> str:
@@ -147,6 +150,11 @@ def apply_rule_arguments(args: argparse.Namespace) -> str:
             raise ValueError(f"--tile-math: {args.tile_math!r} is not INT8,INT4 with each 2 or 4")
         cfg.INT8_TILE_MATH, cfg.INT4_TILE_MATH = (int(v) for v in maths)
         said.append(f"INT8_TILE_MATH={maths[0]}, INT4_TILE_MATH={maths[1]}")
+    if args.mlp_tile_math:
+        if args.mlp_tile_math not in ("2", "4"):
+            raise ValueError(f"--mlp-tile-math: {args.mlp_tile_math!r} is not 2 or 4")
+        cfg.MLP_TILE_MATH = int(args.mlp_tile_math)
+        said.append(f"MLP_TILE_MATH={args.mlp_tile_math}")
     return "; ".join(said)
 
 

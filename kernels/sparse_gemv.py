@@ -372,8 +372,7 @@ def _launch(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tens
         raise ValueError(f"half_dot takes int8 weights and fp16/bf16 x only: {cfg}, x {x.dtype}")
     if config is None and cfg.weight_math == 5 and not _packed_rows_fit(x, weights, Ns, cfg, wfmt):
         # the rule's rows in PTX where a segment's N is not whole chunks: the packed loop with fp16 tile sums
-        cfg = replace(cfg, weight_math=sparse_gemv_config.INT4_TILE_MATH if wfmt == 2 else
-                      sparse_gemv_config.INT8_TILE_MATH)
+        cfg = replace(cfg, weight_math=sparse_gemv_config.tile_math(fmt, sum(Ns), K))
     if config is None and cfg.weight_math in (1, 2, 4, 5) and x.dtype == torch.float32:
         # the rule's cheaper sums round at a bf16 output's error (fp16 would also round fp32 x): fp32 x, exact sums
         cfg = replace(cfg, weight_math=0)

@@ -13,12 +13,21 @@ import torch
 from teal_fx.kernels.triton_support import next_pow2
 
 # the fp16 tile sums the one-row rule takes: 2 (integers converted by permutes) or 4 (as subnormal halves: fewer
-# instructions, sums ~3-4x coarser; SASS-screened, not yet timed: docs/perf-log.md v43)
+# instructions, sums ~1.5x coarser; docs/perf-log.md v43). The MLP shapes take 4 (H200 at 50%: int4 packed gate+up
+# 14.3 µs against 17.7, down 10.0 / 12.0; int8 masked 256 x 32 x 4 19.4 / 20.2, 12.2 / 12.5; v46); the attention
+# shapes keep 2 (4 untimed there)
+MLP_TILE_MATH = 4
 INT4_TILE_MATH = 2
 INT8_TILE_MATH = 2
 # the expected sparsity from which one row's rule packs the survivors and sums them a stored row at a time in PTX
-# (weight_math 5), per format; None: never. Not yet timed (SASS-screened: docs/perf-log.md v44): a run sets it
+# (weight_math 5), per format; None: never. Timed slower than the tile loops (H200 at 50%: int8 gate+up 25.8 µs
+# against 20.5, int4 down 12.8 / 12.1; docs/perf-log.md v46): kept for A/B runs, off
 PACKED_ROWS_FROM: dict = {"int8": None, "int4": None}
+
+
+def tile_math(fmt: str, N: int, K: int) -> int:
+    """The fp16 tile sums (``weight_math`` 2 or 4) of one row's rule for ``fmt`` weights of an [N, K] launch."""
+    return MLP_TILE_MATH if _mlp_sized(N, K) else INT4_TILE_MATH if fmt == "int4" else INT8_TILE_MATH
 
 # one wave of int4's int8-x programs: 8 one-warp programs an SM (255 registers each) on 132 SMs (H100, H200)
 INT4_X8_WAVE = 8 * 132
@@ -192,7 +201,7 @@ def _choose_quantized(M: int, N: int, K: int, sparsity: Optional[float], fmt: st
             # masked loop below takes 22.9, 19.6 / 23.5 at 40%; down 12.3 / 13.6 at 50%; docs/perf-log.md v37)
             if sparsity is not None and sparsity >= int4_packed_from(N, K):
                 return make_config(N, K, BN=2048, BK=16, iters=8 if N > K and sparsity >= 0.45 else 4,
-                                   use_dot=False, num_warps=2, num_stages=1, compact=True, weight_math=INT4_TILE_MATH)
+                                   use_dot=False, num_warps=2, num_stages=1, compact=True, weight_math=MLP_TILE_MATH)
             # below: 16 bytes (32 nibbles) a thread, the offset removed per tile (gate/up 13.4 µs; exact sums
             # 15.3, fp16 sums 15.1)
             return make_config(N, K, BN=1024, BK=16, iters=4, use_dot=False, num_warps=1, num_stages=1,
@@ -200,8 +209,10 @@ def _choose_quantized(M: int, N: int, K: int, sparsity: Optional[float], fmt: st
         if M == 1:  # int8: 32-row tiles, 2 a program, 8 bytes of a row a thread, fp16 sums (gate/up 12.6 µs, down 12.5,
             # 4096² 6.5, q+k+v 7.5; exact sums 14.9 / 14.7 / 6.8 / 8.5). int4 on the attention shapes too (4 bytes a
             # thread; H200 at 50%: q+k+v 7.4 µs, 4096² 6.5 against v28's 512 x 16 x 4 9.1 / 7.8; docs/perf-log.md v38)
-            return make_config(N, K, BN=256, BK=32, iters=2, use_dot=False, num_warps=1, num_stages=1,
-                               in_thread=True, weight_math=INT4_TILE_MATH if fmt == "int4" else INT8_TILE_MATH)
+            # int8 on the MLP shapes: 4 tiles a program with weight_math 4 (H200 at 50%: gate+up 19.4 µs against 20.0
+            # with 2 tiles, down 12.2 / 12.9; docs/perf-log.md v46)
+            return make_config(N, K, BN=256, BK=32, iters=4 if mlp else 2, use_dot=False, num_warps=1, num_stages=1,
+                               in_thread=True, weight_math=tile_math(fmt, N, K))
         return make_config(N, K, BN=256, BK=16, iters=16 if mlp else 4, use_dot=False, num_warps=1, num_stages=1,
                            in_thread=True)  # 2-4 rows: the bf16 rule's tiles (a thread's registers hold rows x BK x 8)
     if fmt == "int4" and M > 1:  # the in-thread rows loop (the v22 rule, from before int4 could take tensor cores)

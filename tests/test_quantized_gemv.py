@@ -468,15 +468,29 @@ def test_x_int8_rule_on_the_8b_shapes(fmt):
 
 def test_int4_one_row_packs_the_mlp_launches_where_it_was_measured_faster():
     """int4, one row: gate+up packs its survivors from 30%, down from 45%, the attention shapes never; the packed
-    configs sum fp16 tiles and keep a program inside one scale group (docs/perf-log.md v37)."""
+    configs sum fp16 tiles as subnormal halves and keep a program inside one scale group (docs/perf-log.md v37,
+    v46)."""
     for (N, K), masked_at, packed_at in (((28672, 4096), 0.25, 0.3), ((4096, 14336), 0.4, 0.45)):
         assert not choose_config(1, N, K, masked_at, "int4").compact
         cfg = choose_config(1, N, K, packed_at, "int4")
-        assert cfg.compact and cfg.weight_math == 2 and INT4_GROUP % cfg.k_per_split == 0
+        assert cfg.compact and cfg.weight_math == 4 and INT4_GROUP % cfg.k_per_split == 0
         assert not choose_config(1, N, K, None, "int4").compact  # sparsity unknown: the masked loop
         assert not choose_config(1, N, K, 0.5, "int8").compact  # int8's packed loop was never faster
     for N, K in ((6144, 4096), (4096, 4096)):
         assert not choose_config(1, N, K, 0.6, "int4").compact
+
+
+def test_one_row_tile_sums_per_shape_class():
+    """One row's fp16 tile sums: the MLP shapes take ``MLP_TILE_MATH`` (int8's masked tiles 4 a program), the
+    attention shapes ``INT8_TILE_MATH`` / ``INT4_TILE_MATH`` (2 tiles a program; docs/perf-log.md v46)."""
+    for N, K in ((28672, 4096), (4096, 14336)):
+        cfg = choose_config(1, N, K, 0.5, "int8")
+        assert not cfg.compact and cfg.weight_math == sparse_gemv_config.MLP_TILE_MATH == 4
+        assert cfg.k_per_split == 4 * cfg.block_k
+    for N, K in ((6144, 4096), (4096, 4096)):
+        for fmt, name in (("int8", "INT8_TILE_MATH"), ("int4", "INT4_TILE_MATH")):
+            cfg = choose_config(1, N, K, 0.5, fmt)
+            assert cfg.weight_math == getattr(sparse_gemv_config, name) and cfg.k_per_split == 2 * cfg.block_k
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
@@ -484,9 +498,9 @@ def test_int4_one_row_packs_the_mlp_launches_where_it_was_measured_faster():
 @pytest.mark.parametrize("tile_math", [2, 4])
 def test_int4_packed_rule_tiles_on_a_ragged_shape(rule_shape, dtype, tile_math, monkeypatch):
     """The tiles the rule packs int4 gate+up and down with (2048 columns x 16 rows, 2 warps), with either tile sum
-    (``INT4_TILE_MATH``), chosen by the launcher as the rule's (fp32 x: its fallback to exact sums), on a shape with a
+    (``MLP_TILE_MATH``), chosen by the launcher as the rule's (fp32 x: its fallback to exact sums), on a shape with a
     ragged column tile, a ragged K split and several scale groups; twice, the scratch left clean."""
-    monkeypatch.setattr(sparse_gemv_config, "INT4_TILE_MATH", tile_math)
+    monkeypatch.setattr(sparse_gemv_config, "MLP_TILE_MATH", tile_math)
     big = choose_config(1, *rule_shape, 0.5, "int4")
     assert big.weight_math == tile_math
     N, K = 2100, 300
