@@ -15,7 +15,7 @@ from teal_fx.kernels.triton_support import next_pow2
 # the fp16 tile sums the one-row rule takes: 2 (integers converted by permutes) or 4 (as subnormal halves: fewer
 # instructions, sums ~1.5x coarser; docs/perf-log.md v43). The MLP shapes take 4 (H200 at 50%: int4 packed gate+up
 # 14.3 µs against 17.7, down 10.0 / 12.0; int8 masked 256 x 32 x 4 19.4 / 20.2, 12.2 / 12.5; v46); the attention
-# shapes keep 2 (4 untimed there)
+# shapes keep 2 (4 there inside the noise on an H100, v46)
 MLP_TILE_MATH = 4
 INT4_TILE_MATH = 2
 INT8_TILE_MATH = 2
