@@ -188,7 +188,7 @@ def main() -> int:
     except ValueError as e:
         ap.error(str(e))
     if rule_switches and args.tp:  # the tensor-parallel script runs in other processes, with its own arguments
-        ap.error("--packed-rows-from / --tile-math switch this process's rule: not with --tp")
+        ap.error(f"the launch rule's switches ({rule_switches}) apply to this process only: not with --tp")
     if set(args.batch_masks.split(",")) - {"per_row", "shared"}:
         ap.error(f"--batch-masks takes per_row and/or shared, got {args.batch_masks!r}")
     if args.tp:

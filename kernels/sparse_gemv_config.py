@@ -25,10 +25,6 @@ INT8_TILE_MATH = 2
 PACKED_ROWS_FROM: dict = {"int8": None, "int4": None}
 
 
-def tile_math(fmt: str, N: int, K: int) -> int:
-    """The fp16 tile sums (``weight_math`` 2 or 4) of one row's rule for ``fmt`` weights of an [N, K] launch."""
-    return MLP_TILE_MATH if _mlp_sized(N, K) else INT4_TILE_MATH if fmt == "int4" else INT8_TILE_MATH
-
 # one wave of int4's int8-x programs: 8 one-warp programs an SM (255 registers each) on 132 SMs (H100, H200)
 INT4_X8_WAVE = 8 * 132
 
@@ -78,6 +74,11 @@ def _mlp_sized(N: int, K: int) -> bool:
     """Whether a one-warp grid of 256 x 16 tiles has >= 8000 of them: the MLP shapes (gate/up, down, gate+up) but
     not the attention ones (4096x4096, q+k+v), which the sweeps tile differently."""
     return (N // 256) * (K // 16) >= 8000
+
+
+def tile_math(fmt: str, N: int, K: int) -> int:
+    """The fp16 tile sums (``weight_math`` 2 or 4) of one row's rule for ``fmt`` weights of an [N, K] launch."""
+    return MLP_TILE_MATH if _mlp_sized(N, K) else INT4_TILE_MATH if fmt == "int4" else INT8_TILE_MATH
 
 
 def compact_from(N: int, K: int) -> float:
@@ -201,7 +202,8 @@ def _choose_quantized(M: int, N: int, K: int, sparsity: Optional[float], fmt: st
             # masked loop below takes 22.9, 19.6 / 23.5 at 40%; down 12.3 / 13.6 at 50%; docs/perf-log.md v37)
             if sparsity is not None and sparsity >= int4_packed_from(N, K):
                 return make_config(N, K, BN=2048, BK=16, iters=8 if N > K and sparsity >= 0.45 else 4,
-                                   use_dot=False, num_warps=2, num_stages=1, compact=True, weight_math=MLP_TILE_MATH)
+                                   use_dot=False, num_warps=2, num_stages=1, compact=True,
+                                   weight_math=tile_math(fmt, N, K))
             # below: 16 bytes (32 nibbles) a thread, the offset removed per tile (gate/up 13.4 µs; exact sums
             # 15.3, fp16 sums 15.1)
             return make_config(N, K, BN=1024, BK=16, iters=4, use_dot=False, num_warps=1, num_stages=1,
