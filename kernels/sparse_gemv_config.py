@@ -92,9 +92,10 @@ def compact_from(N: int, K: int) -> float:
 def int4_packed_from(N: int, K: int) -> float:
     """int4, one row, the MLP shapes: the expected sparsity from which the packed loop with fp16 tile sums beats the
     masked loop. int4's masked loop is bound by issuing its per-nibble instructions, so packing pays far earlier than
-    for bf16 (``compact_from``) or int8 (where it never did). H200 sweep (docs/perf-log.md v37): gate+up ahead from
-    30% (21.5 vs 23.7 µs; even at 20%), down only from 50% (40%: 13.3-13.9 vs 13.8; 30%: behind)."""
-    return 0.3 if N > K else 0.45
+    for bf16 (``compact_from``) or int8 (where it never did). Against the masked 256 x 32 tiles with weight_math 4
+    (H100 sweep, docs/perf-log.md v47): gate+up ahead at 40% (18.6 vs 19.1 µs), behind at 25% (21.8 vs 20.5); down
+    ahead at 50% (11.1 vs 11.6), behind at 40% (12.4 vs 12.1)."""
+    return 0.35 if N > K else 0.45
 
 
 def choose_config(M: int, N: int, K: int, sparsity: Optional[float] = None,
@@ -198,23 +199,21 @@ def _choose_quantized(M: int, N: int, K: int, sparsity: Optional[float], fmt: st
         # exact sums, the launcher's fallback). H200, 50% (docs/perf-log.md v28)
         if fmt == "int4" and M == 1 and mlp:
             # the MLP shapes from ``int4_packed_from``: the survivors packed, summed as fp16 tiles, 16 bytes (32
-            # nibbles) a thread; gate+up takes 8 tiles a program from 45% (H200: gate+up 17.8 µs at 50% where the
-            # masked loop below takes 22.9, 19.6 / 23.5 at 40%; down 12.3 / 13.6 at 50%; docs/perf-log.md v37)
+            # nibbles) a thread, gate+up 8 tiles a program (H100 at 40%: 18.6 µs, 4 tiles 21.0), down 4 (H200 at
+            # 50%: 10.0; docs/perf-log.md v37, v46, v47). Below, the masked loop of the attention shapes (next)
             if sparsity is not None and sparsity >= int4_packed_from(N, K):
-                return make_config(N, K, BN=2048, BK=16, iters=8 if N > K and sparsity >= 0.45 else 4,
-                                   use_dot=False, num_warps=2, num_stages=1, compact=True,
-                                   weight_math=tile_math(fmt, N, K))
-            # below: 16 bytes (32 nibbles) a thread, the offset removed per tile (gate/up 13.4 µs; exact sums
-            # 15.3, fp16 sums 15.1)
-            return make_config(N, K, BN=1024, BK=16, iters=4, use_dot=False, num_warps=1, num_stages=1,
-                               in_thread=True, weight_math=1)
+                return make_config(N, K, BN=2048, BK=16, iters=8 if N > K else 4, use_dot=False, num_warps=2,
+                                   num_stages=1, compact=True, weight_math=tile_math(fmt, N, K))
         if M == 1:  # int8: 32-row tiles, 2 a program, 8 bytes of a row a thread, fp16 sums (gate/up 12.6 µs, down 12.5,
             # 4096² 6.5, q+k+v 7.5; exact sums 14.9 / 14.7 / 6.8 / 8.5). int4 on the attention shapes too (4 bytes a
             # thread; H200 at 50%: q+k+v 7.4 µs, 4096² 6.5 against v28's 512 x 16 x 4 9.1 / 7.8; docs/perf-log.md v38)
             # int8 on the MLP shapes: 4 tiles a program with weight_math 4 (H200 at 50%: gate+up 19.4 µs against 20.0
-            # with 2 tiles, down 12.2 / 12.9; docs/perf-log.md v46)
-            return make_config(N, K, BN=256, BK=32, iters=4 if mlp else 2, use_dot=False, num_warps=1, num_stages=1,
-                               in_thread=True, weight_math=tile_math(fmt, N, K))
+            # with 2 tiles, down 12.2 / 12.9; docs/perf-log.md v46). int4 on the MLP shapes below its packing: 2
+            # tiles a program with weight_math 4 (H100, µs, against v28's 1024 x 16 x 4 with the offset removed per
+            # tile: gate+up 23.3 / 30.3 at 0%, 20.5 / 25.2 at 25%; down 14.8 / 16.1, 13.0 / 15.0, 12.1 / 14.4 at
+            # 40%; docs/perf-log.md v47)
+            return make_config(N, K, BN=256, BK=32, iters=4 if mlp and fmt == "int8" else 2, use_dot=False,
+                               num_warps=1, num_stages=1, in_thread=True, weight_math=tile_math(fmt, N, K))
         return make_config(N, K, BN=256, BK=16, iters=16 if mlp else 4, use_dot=False, num_warps=1, num_stages=1,
                            in_thread=True)  # 2-4 rows: the bf16 rule's tiles (a thread's registers hold rows x BK x 8)
     if fmt == "int4" and M > 1:  # the in-thread rows loop (the v22 rule, from before int4 could take tensor cores)

@@ -467,14 +467,17 @@ def test_x_int8_rule_on_the_8b_shapes(fmt):
 
 
 def test_int4_one_row_packs_the_mlp_launches_where_it_was_measured_faster():
-    """int4, one row: gate+up packs its survivors from 30%, down from 45%, the attention shapes never; the packed
-    configs sum fp16 tiles as subnormal halves and keep a program inside one scale group (docs/perf-log.md v37,
-    v46)."""
-    for (N, K), masked_at, packed_at in (((28672, 4096), 0.25, 0.3), ((4096, 14336), 0.4, 0.45)):
-        assert not choose_config(1, N, K, masked_at, "int4").compact
+    """int4, one row: gate+up packs its survivors from 35%, down from 45%, the attention shapes never; the packed
+    configs sum fp16 tiles as subnormal halves and keep a program inside one scale group; below, the masked loop
+    takes the attention shapes' 256 x 32 tiles, 2 a program, with the MLP's tile sums (docs/perf-log.md v37, v46,
+    v47)."""
+    for (N, K), masked_at, packed_at in (((28672, 4096), 0.3, 0.35), ((4096, 14336), 0.4, 0.45)):
+        for below in (0.0, masked_at, None):  # None: sparsity unknown, the masked loop
+            cfg = choose_config(1, N, K, below, "int4")
+            assert not cfg.compact and cfg.in_thread and (cfg.block_n, cfg.block_k) == (256, 32)
+            assert cfg.k_per_split == 2 * cfg.block_k and cfg.weight_math == sparse_gemv_config.MLP_TILE_MATH
         cfg = choose_config(1, N, K, packed_at, "int4")
         assert cfg.compact and cfg.weight_math == 4 and INT4_GROUP % cfg.k_per_split == 0
-        assert not choose_config(1, N, K, None, "int4").compact  # sparsity unknown: the masked loop
         assert not choose_config(1, N, K, 0.5, "int8").compact  # int8's packed loop was never faster
     for N, K in ((6144, 4096), (4096, 4096)):
         assert not choose_config(1, N, K, 0.6, "int4").compact
