@@ -195,23 +195,17 @@ def _choose_quantized(M: int, N: int, K: int, sparsity: Optional[float], fmt: st
         # the masked loop below is faster since its conversions became byte permutes: gate/up 14.7 µs vs 16.1)
         if fmt == "int8" and M == 1 and sparsity is not None and sparsity >= compact_from(N, K):
             return make_config(N, K, BN=1024, BK=16, iters=4, use_dot=False, num_warps=2, num_stages=1, compact=True)
-        # one row: the masked in-thread loop, its tile sums cheaper than exact (``weight_math``; x in fp32 takes the
-        # exact sums, the launcher's fallback). H200, 50% (docs/perf-log.md v28)
-        if fmt == "int4" and M == 1 and mlp:
-            # the MLP shapes from ``int4_packed_from``: the survivors packed, summed as fp16 tiles, 16 bytes (32
-            # nibbles) a thread, gate+up 8 tiles a program (H100 at 40%: 18.6 µs, 4 tiles 21.0), down 4 (H200 at
-            # 50%: 10.0; docs/perf-log.md v37, v46, v47). Below, the masked loop of the attention shapes (next)
-            if sparsity is not None and sparsity >= int4_packed_from(N, K):
-                return make_config(N, K, BN=2048, BK=16, iters=8 if N > K else 4, use_dot=False, num_warps=2,
-                                   num_stages=1, compact=True, weight_math=tile_math(fmt, N, K))
-        if M == 1:  # int8: 32-row tiles, 2 a program, 8 bytes of a row a thread, fp16 sums (gate/up 12.6 µs, down 12.5,
-            # 4096² 6.5, q+k+v 7.5; exact sums 14.9 / 14.7 / 6.8 / 8.5). int4 on the attention shapes too (4 bytes a
-            # thread; H200 at 50%: q+k+v 7.4 µs, 4096² 6.5 against v28's 512 x 16 x 4 9.1 / 7.8; docs/perf-log.md v38)
-            # int8 on the MLP shapes: 4 tiles a program with weight_math 4 (H200 at 50%: gate+up 19.4 µs against 20.0
-            # with 2 tiles, down 12.2 / 12.9; docs/perf-log.md v46). int4 on the MLP shapes below its packing: 2
-            # tiles a program with weight_math 4 (H100, µs, against v28's 1024 x 16 x 4 with the offset removed per
-            # tile: gate+up 23.3 / 30.3 at 0%, 20.5 / 25.2 at 25%; down 14.8 / 16.1, 13.0 / 15.0, 12.1 / 14.4 at
-            # 40%; docs/perf-log.md v47)
+        # int4, one row, the MLP shapes from ``int4_packed_from``: the survivors packed, summed as fp16 tiles, 16
+        # bytes (32 nibbles) a thread; gate+up 8 tiles a program, down 4 (docs/perf-log.md v37, v46, v47)
+        if fmt == "int4" and M == 1 and mlp and sparsity is not None and sparsity >= int4_packed_from(N, K):
+            return make_config(N, K, BN=2048, BK=16, iters=8 if N > K else 4, use_dot=False, num_warps=2,
+                               num_stages=1, compact=True, weight_math=tile_math(fmt, N, K))
+        # one row otherwise: the masked in-thread loop, 32-row tiles, fp16 tile sums (``tile_math``; fp32 x takes
+        # the exact sums, the launcher's fallback): 2 tiles a program, int8 on the MLP shapes 4. H200 at 50%: int8
+        # gate+up 19.4 µs with 4 tiles, 20.0 with 2 (v46); int4 q+k+v 7.4 against v28's 512 x 16 x 4 9.1 (v38);
+        # int4's MLP shapes below their packing, H100: gate+up 23.3 µs at 0% against v28's 1024 x 16 x 4 30.3,
+        # down 12.1 at 40% against 14.4 (docs/perf-log.md v47)
+        if M == 1:
             return make_config(N, K, BN=256, BK=32, iters=4 if mlp and fmt == "int8" else 2, use_dot=False,
                                num_warps=1, num_stages=1, in_thread=True, weight_math=tile_math(fmt, N, K))
         return make_config(N, K, BN=256, BK=16, iters=16 if mlp else 4, use_dot=False, num_warps=1, num_stages=1,
