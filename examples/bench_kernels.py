@@ -314,6 +314,13 @@ SWEEP_WEIGHT_MATH["int4"] += [dict(BN=bn, BK=bk, iters=it, use_dot=False, num_wa
 # ... and int8's q + 128 as subnormal halves (the rule's 256 x 32 x 2: 788 -> 677 instructions a tile)
 SWEEP_WEIGHT_MATH["int8"] += [dict(BN=bn, BK=bk, iters=it, use_dot=False, num_warps=1, num_stages=1, in_thread=True,
                                    weight_math=4) for bn, bk, it in ((256, 32, 2), (256, 32, 4), (512, 16, 4))]
+# ... and the rules' masked 256-column warps two or four to a program: a half or a quarter of the programs, where a
+# launch of ~1500 one-warp programs costs ~5-6 µs with no row kept (H100, docs/perf-log.md v48)
+for _fmt in ("int8", "int4"):
+    SWEEP_WEIGHT_MATH[_fmt] += [p for p in (dict(BN=256 * nw, BK=32, iters=it, use_dot=False, num_warps=nw, num_stages=1,
+                                                 in_thread=True, weight_math=wm)
+                                            for wm in (2, 4) for nw in (2, 4) for it in (2, 4))
+                                if p not in SWEEP_WEIGHT_MATH[_fmt]]
 
 # ... and the packed loop a stored row at a time in PTX (weight_math 5: a predicated 16-byte load a row, no zero fill,
 # fp16x2 FMAs; SASS, sm_90, instructions a tile of 16 survivors: int4 741 against weight_math 4's 1032 and the rule's
