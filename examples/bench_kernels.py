@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import math
 import platform
 import shlex
@@ -317,10 +318,11 @@ SWEEP_WEIGHT_MATH["int8"] += [dict(BN=bn, BK=bk, iters=it, use_dot=False, num_wa
 # ... and the rules' masked 256-column warps two or four to a program: a half or a quarter of the programs, where a
 # launch of ~1500 one-warp programs costs ~5-6 µs with no row kept (H100, docs/perf-log.md v48)
 for _fmt in ("int8", "int4"):
-    SWEEP_WEIGHT_MATH[_fmt] += [p for p in (dict(BN=256 * nw, BK=32, iters=it, use_dot=False, num_warps=nw, num_stages=1,
-                                                 in_thread=True, weight_math=wm)
-                                            for wm in (2, 4) for nw in (2, 4) for it in (2, 4))
-                                if p not in SWEEP_WEIGHT_MATH[_fmt]]
+    for _wm, _nw, _it in itertools.product((2, 4), (2, 4), (2, 4)):
+        _p = dict(BN=256 * _nw, BK=32, iters=_it, use_dot=False, num_warps=_nw, num_stages=1, in_thread=True,
+                  weight_math=_wm)
+        if _p not in SWEEP_WEIGHT_MATH[_fmt]:  # int8's 512 x 32 x 2 with 2 warps is swept above
+            SWEEP_WEIGHT_MATH[_fmt].append(_p)
 
 # ... and the packed loop a stored row at a time in PTX (weight_math 5: a predicated 16-byte load a row, no zero fill,
 # fp16x2 FMAs; SASS, sm_90, instructions a tile of 16 survivors: int4 741 against weight_math 4's 1032 and the rule's
