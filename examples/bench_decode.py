@@ -14,6 +14,7 @@ rewritten after every row, so a run cut short keeps what it measured.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import os
 import shlex
@@ -53,6 +54,8 @@ def build_model(layers: int):
     return model
 
 
+# the backend's on/off options --ab-option can time side by side (teal_fx/options.py)
+AB_OPTIONS = tuple(f.name for f in dataclasses.fields(teal_fx.TealOptions) if isinstance(f.default, bool))
 BLOCK_LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -163,9 +166,9 @@ def main() -> int:
     ap.add_argument("--activations", action="store_true",
                     help="each teal int8/int4 row also with its plan's activations='int8' (x rounded to int8 per 32 "
                     "inputs, dp4a products)")
-    ap.add_argument("--fold-rope", action="store_true",
-                    help="each teal row of batch 1 (bf16, int8, int4) twice, with options fold_rope=False and True "
-                         "(RoPE + cache writes in the q/k/v launch, the default): the fold's gain, measured side by side")
+    ap.add_argument("--ab-option", choices=AB_OPTIONS,
+                    help="each teal row of batch 1 (bf16, int8, int4) twice, with this backend option False, then "
+                         "True (e.g. fold_swiglu, fold_rope): its gain, measured side by side in one process")
     ap.add_argument("--quantize-lm-head", action="store_true",
                     help="teal's quantized rows with the output head in int8 too (calibrate(quantize_lm_head=True))")
     ap.add_argument("--batches", default="",
@@ -329,10 +332,10 @@ def quantized_rows(fmt: str, args, ids, calib, cache_len, add, notes, peak_gib):
         for activations in [None, "int8"] if args.activations else [None]:
             teal_fx.attach_plan(model, replace(plan.at(s, "uniform"), activations=activations), check=False)
             torch.cuda.reset_peak_memory_stats()
-            for fold in [False, True] if args.fold_rope else [None]:
-                t, first = decode_speed(lean(model, ids, "teal", cache_len, _fold_option(fold)), args.new_tokens)
+            for value in [False, True] if args.ab_option else [None]:
+                t, first = decode_speed(lean(model, ids, "teal", cache_len, _ab_options(args, value)), args.new_tokens)
                 add(f"lean loop, teal {fmt} {s:.0%}{', lm_head int8' if head else ''}"
-                    f"{', x int8 (dp4a)' if activations else ''}{_fold_label(fold)}", 1, t, first, peak_gib())
+                    f"{', x int8 (dp4a)' if activations else ''}{_ab_label(args, value)}", 1, t, first, peak_gib())
 
 
 def batch_dense_rows(model, batches: list[int], args, cache_len, add, dense) -> None:
@@ -442,22 +445,22 @@ def batch_teal_rows(model, calib, batches: list[int], args, cache_len, add, note
                  "the position, which decode steps see: docs/perf-log.md v30-v31)")
 
 
-def _fold_option(fold: Optional[bool]) -> Optional[dict]:
-    """--fold-rope's A/B: the backend's default (None), or fold_rope set either way."""
-    return None if fold is None else {"fold_rope": fold}
+def _ab_options(args, value: Optional[bool]) -> Optional[dict]:
+    """--ab-option's A/B: the backend's defaults (None), or the option set either way."""
+    return None if value is None else {args.ab_option: value}
 
 
-def _fold_label(fold: Optional[bool]) -> str:
-    return {None: "", False: ", RoPE not folded", True: ", RoPE folded"}[fold]
+def _ab_label(args, value: Optional[bool]) -> str:
+    return "" if value is None else f", {args.ab_option}={value}"
 
 
 def lean_teal(model, ids, ids4, plan, sparsities: str, args, cache_len, reference, add, notes, peak_gib) -> None:
     for s in [float(x) for x in sparsities.split(",") if x]:
         teal_fx.attach_plan(model, plan.at(s, "uniform"), check=False)  # resets torch.compile caches
         torch.cuda.reset_peak_memory_stats()
-        for fold in [False, True] if args.fold_rope else [None]:
-            t, first = decode_speed(lean(model, ids, "teal", cache_len, _fold_option(fold)), args.new_tokens)
-            add(f"lean loop, teal {s:.0%}{_fold_label(fold)}", 1, t, first, peak_gib())
+        for value in [False, True] if args.ab_option else [None]:
+            t, first = decode_speed(lean(model, ids, "teal", cache_len, _ab_options(args, value)), args.new_tokens)
+            add(f"lean loop, teal {s:.0%}{_ab_label(args, value)}", 1, t, first, peak_gib())
         if s == 0.0 and reference is not None:
             notes.append(reference.report(model, ids, cache_len))
         if s == 0.5 and args.batch4:

@@ -185,11 +185,14 @@ def break_even(points: list[tuple[float, float]]) -> float:
 BLOCK_LINEARS = [(4096, 4096), (1024, 4096), (1024, 4096), (4096, 4096), (14336, 4096), (14336, 4096), (4096, 14336)]
 BLOCK_GROUPS = [[0, 1, 2], [3], [4, 5], [6]]
 def bench_block(sparsity: float, dtype, bw: float, l2: int, layers: int = 4, grouped: bool = True,
-                fmt=None, x_int8: bool = False) -> dict:
+                fmt=None, x_int8: bool = False, mlp: str = "swiglu") -> dict:
     """One Llama-3-8B block at ``sparsity`` as the backend issues it: grouped, 4 launches (q+k+v, o, gate+up with
     silu(gate) * up formed in the launch, down; passes/group_shared_input.py, passes/fuse_swiglu.py), or one launch
     per linear (7). Each input has its own threshold; each launch takes the launcher's config. ``fmt``: int8/int4
-    weights (kernels/quantize.py); ``x_int8``: x rounded to int8, dp4a products (a plan's activations="int8")."""
+    weights (kernels/quantize.py); ``x_int8``: x rounded to int8, dp4a products (a plan's activations="int8").
+    ``mlp`` (grouped): "swiglu" as above; "add_rmsnorm": down with the residual add + RMSNorm finish, as the backend
+    issues it after fuse_add_rmsnorm; "folded": gate/up and down as one ``sparse_gemv_mlp_add_rmsnorm`` (the backend's
+    fold_swiglu: the SwiGLU finish folded into down). Its µs are per block however many launches it makes."""
     shapes = BLOCK_LINEARS
     launches = BLOCK_GROUPS if grouped else [[j] for j in range(len(shapes))]
     layer_ws, layer_ss = [], []
@@ -206,9 +209,21 @@ def bench_block(sparsity: float, dtype, bw: float, l2: int, layers: int = 4, gro
             x_of[j] = x
     ts = [float(torch.quantile(x_of[j].float().abs().flatten(), sparsity)) for j in range(len(shapes))]
     outs = [torch.empty(1, N, dtype=dtype, device="cuda") for N, _ in shapes]
+    res, nw = torch.randn(1, 4096, dtype=dtype, device="cuda"), torch.rand(4096, dtype=dtype, device="cuda") + 0.5
     calls = []
     for ws, ss in zip(layer_ws, layer_ss):
         for group in launches:
+            if group == [4, 5] and mlp == "folded":  # gate, up and down: the SwiGLU finish folded into down
+                calls.append(lambda ws=ws, ss=ss: sg.sparse_gemv_mlp_add_rmsnorm(
+                    x_of[4], ws[4], ws[5], ws[6], ts[4], ts[5], ts[6], res, nw, 1e-5,
+                    sparsities=(sparsity, sparsity), scales=(ss[4], ss[5], ss[6])))
+                continue
+            if group == [6] and mlp == "folded":
+                continue
+            if group == [6] and mlp == "add_rmsnorm":
+                calls.append(lambda ws=ws, ss=ss: sg.sparse_gemv_add_rmsnorm(
+                    x_of[6], ws[6], None, ts[6], res, nw, 1e-5, sparsity=sparsity, scales=ss[6], x_int8=x_int8))
+                continue
             if group == [4, 5]:  # gate, up: the SwiGLU launch
                 calls.append(lambda ws=ws, ss=ss: sg.sparse_gemv_swiglu(
                     x_of[4], ws[4], ws[5], ts[4], ts[5], out=outs[4], sparsity=sparsity, scales_gate=ss[4],
@@ -217,7 +232,7 @@ def bench_block(sparsity: float, dtype, bw: float, l2: int, layers: int = 4, gro
             calls.append(lambda ws=ws, ss=ss, g=group: sg.sparse_gemv_group(
                 x_of[g[0]], [ws[j] for j in g], [None] * len(g), [ts[j] for j in g], outs=[outs[j] for j in g],
                 sparsity=sparsity, scales=[ss[j] for j in g], x_int8=x_int8))
-    us = graph_time_us(calls) * len(launches)
+    us = graph_time_us(calls) * len(calls) / layers
     per_weight = {None: 2, "int8": 1, "int4": 0.5}[fmt]
     roof = sum((1 - sparsity) * N * K * per_weight for N, K in shapes) / bw * 1e6
     return dict(us=us, roof_us=roof)
@@ -388,14 +403,15 @@ SWEEP_BATCH = (
 
 
 _PTR_TYPES = {"x_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16", "ws_ptr": "*fp32", "cnt_ptr": "*i32",
-              "idx_ptr": "*i32", "xv_ptr": "*fp32", "s_ptr": "*bf16"}
+              "idx_ptr": "*i32", "xv_ptr": "*fp32", "s_ptr": "*bf16", "g_ptr": "*fp32", "u_ptr": "*fp32"}
 
 
-def registers(fmt: str, N: int, K: int, cfg) -> tuple[int, int]:
+def registers(fmt: str, N: int, K: int, cfg, x_swiglu: bool = False) -> tuple[int, int]:
     """(registers per thread, spill-store bytes) of the one-row GEMV kernel for ``cfg`` on sm_90, as ptxas reports
     them: compiled here, no GPU needed (Triton's bundled ptxas). One segment, bf16 x, PDL and the apart finish, the
-    16-byte divisibility the launcher's tensors have. Triton's compile API differs between versions: a tool for
-    screening configs before spending device time, not a figure of speed."""
+    16-byte divisibility the launcher's tensors have; ``x_swiglu``: x formed from gate/up sums (the folded MLP's
+    down launch). Triton's compile API differs between versions: a tool for screening configs before spending
+    device time, not a figure of speed."""
     import os
     import re
     import subprocess
@@ -412,7 +428,7 @@ def registers(fmt: str, N: int, K: int, cfg) -> tuple[int, int]:
                  USE_DOT=cfg.use_dot, IEEE=False, UPCAST=False, EVEN_N=N % cfg.block_n == 0,
                  EVEN_K=K % cfg.k_per_split == 0, IN_THREAD=cfg.in_thread, COMPACT=cfg.compact, CHUNK=cfg.chunk,
                  NSEG=1, GATED=False, PDL=True, APART=True, WFMT={None: 0, "int8": 1, "int4": 2}[fmt], GROUP=INT4_GROUP,
-                 HALF_DOT=cfg.half_dot, SHARED=False, ASM=True, WMATH=cfg.weight_math)
+                 HALF_DOT=cfg.half_dot, SHARED=False, ASM=True, WMATH=cfg.weight_math, X_SWIGLU=x_swiglu)
     sig, constexprs, attrs = {}, {}, {}
     for i, prm in enumerate(fn.params):
         n = prm.name
@@ -423,12 +439,14 @@ def registers(fmt: str, N: int, K: int, cfg) -> tuple[int, int]:
             sig[n], constexprs[n] = "constexpr", 1
         elif n[-5:-4].isdigit() or n[-4:] in ("1_ptr", "2_ptr"):  # the other segments' pointers: None
             sig[n], constexprs[n] = "constexpr", None
+        elif n in ("g_ptr", "u_ptr", "stride_gm") and not x_swiglu:
+            sig[n], constexprs[n] = "constexpr", None if n.endswith("_ptr") else 0
         elif n.endswith("_ptr"):
             sig[n] = {"int8": "*i8", "int4": "*u8"}.get(fmt, "*bf16") if n == "w_ptr" else _PTR_TYPES[n]
             attrs[(i,)] = [["tt.divisibility", 16]]
         else:
             sig[n] = "fp32" if n.startswith("threshold") else "i32"
-            if n in ("K", "N", "stride_xm", "stride_wk", "stride_ym", "K_PER_SPLIT"):
+            if n in ("K", "N", "stride_xm", "stride_wk", "stride_ym", "K_PER_SPLIT", "stride_gm"):
                 attrs[(i,)] = [["tt.divisibility", 16]]
     kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs),
                             target=GPUTarget("cuda", 90, 32),
@@ -513,6 +531,9 @@ def main() -> int:
     ap.add_argument("--sweep-math-only", default="",
                     help="with --sweep-weights-math: only these weight_math values (comma-separated, e.g. 4,5)")
     ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True, help="the bf16/fp16 rows")
+    ap.add_argument("--block-mlp", action="store_true", help="the quantized blocks' MLP also with down's add + "
+                    "RMSNorm finish, unfolded and folded (fold_swiglu: the SwiGLU finish in the down launch), side "
+                    "by side")
     ap.add_argument("--batches", default="", help="batch rows: comma-separated batch sizes (e.g. 1,2,4,8,16), per-row "
                     "and shared masks on the block's launch shapes, and the break-even kept fractions")
     ap.add_argument("--batch-sparsities", default="0,0.25,0.5,0.75")
@@ -644,6 +665,12 @@ def main() -> int:
                for fmt in formats for s in (0.0, 0.5)}
     for (fmt, s), b in qblocks.items():
         print(f"Llama-3-8B block @{s:.0%} {fmt}: {b['us']:.1f} us, roofline {b['roof_us']:.1f} us", flush=True)
+    mlp_blocks = []  # A / B / A: unfolded, folded, unfolded again (the spread of two unfolded runs is the noise)
+    for fmt in [f for f in formats if not _format(f)[1]] if args.block_mlp else []:
+        for s in (0.0, 0.5):
+            for mlp in ("add_rmsnorm", "folded", "add_rmsnorm"):
+                mlp_blocks.append((fmt, s, mlp, bench_block(s, torch.bfloat16, bw, l2, fmt=fmt, mlp=mlp)["us"]))
+                print(f"Llama-3-8B block @{s:.0%} {fmt}, MLP {mlp}: {mlp_blocks[-1][3]:.1f} us", flush=True)
 
     dtypes = ([torch.bfloat16] if args.quick else [torch.bfloat16, torch.float16]) if args.bf16 else []
     sparsities = (0.0, 0.5) if args.quick else SPARSITIES
@@ -716,6 +743,12 @@ def main() -> int:
         for (fmt, s), b in qblocks.items():
             lines.append(f"| {fmt} | {s:.2f} | {b['us']:.1f} | {b['roof_us']:.1f} | {b['roof_us'] / b['us']:.2f} | "
                          f"{bf16_block[s] / b['us']:.2f}x |")
+        lines.append("")
+    if mlp_blocks:
+        lines += ["The block with down's add + RMSNorm finish, its MLP unfolded (swiglu, then down: 4 launches) and "
+                  "folded (fold_swiglu: 3), in the order run:", "", "| weights | sparsity | MLP | µs |",
+                  "| --- | --- | --- | --- |"]
+        lines += [f"| {fmt} | {s:.2f} | {mlp} | {us:.1f} |" for fmt, s, mlp, us in mlp_blocks]
         lines.append("")
     lines += batch_lines
     if rule_switches:

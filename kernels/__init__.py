@@ -1,7 +1,8 @@
 """Kernels and the custom ops the rewrite passes insert, by layer:
 
     ops.py                     torch.library registrations of teal::* (fakes, autograd), dispatching to:
-    sparse_gemv.py             launchers of the sparse GEMV (one, grouped, SwiGLU, add + RMSNorm, q/k/v + RoPE)
+    sparse_gemv.py             launchers of the sparse GEMV (one, grouped, SwiGLU, add + RMSNorm, the MLP with
+                               both, q/k/v + RoPE)
       sparse_gemv_config.py    its launch config, a typed value, and the rule that picks it
       sparse_gemv_triton.py    its jitted Triton kernels
         x_int8_triton.py       their loops with x rounded to int8 (dp4a; a plan's activations="int8")
@@ -29,6 +30,7 @@ else:
         sparse_linear_add_rmsnorm,
         sparse_linear_group,
         sparse_linear_qkv_rope,
+        sparse_mlp_add_rmsnorm,
         sparse_swiglu,
     )
     from teal_fx.kernels.reference import (
@@ -41,6 +43,6 @@ else:
     )
 
     __all__ = ["sparse_linear", "sparse_linear_group", "sparse_swiglu", "sparse_linear_add_rmsnorm",
-               "sparse_linear_qkv_rope", "reference_sparse_linear", "reference_swiglu", "reference_rmsnorm",
+               "sparse_mlp_add_rmsnorm", "sparse_linear_qkv_rope", "reference_sparse_linear", "reference_swiglu", "reference_rmsnorm",
                "reference_decode_attention", "reference_qkv_rope_",
                "sparsify"]

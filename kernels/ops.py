@@ -7,6 +7,7 @@ dtypes and row counts) and runs ``reference.py`` everywhere else, so one graph s
     teal::sparse_linear_group(x, [W], [b], [t], ...)                    linears sharing x (q/k/v, gate/up)
     teal::sparse_swiglu(x, W_gate, W_up, t_gate, t_up, ...)             silu(gate) * up
     teal::sparse_linear_add_rmsnorm(x, W, b, t, ..., residual, w, eps)   (h = residual + y, RMSNorm(h))
+    teal::sparse_mlp_add_rmsnorm(x, W_gate, W_up, W_down, ...)          the two above, down over silu(gate) * up
     teal::sparse_linear_qkv_rope(x, [Wq, Wk, Wv], ..., cos, sin, pos, k_cache, v_cache)   RoPE(q); cache <- RoPE(k), v
     teal::decode_attention(q, k, v, mask, scale)                        one query position, GQA heads read once
     teal::quantized_linear(x, W_q, scales, b)                           x Wᵀ + b, W int8/int4 (kernels/quantize.py)
@@ -269,6 +270,53 @@ def _(x: Tensor, weight: Tensor, bias: Optional[Tensor], threshold: float, prefi
     N = logical_shape(weight)[0]
     torch._check(x.shape[-1] == weight.shape[1], lambda: "sparse_linear_add_rmsnorm: x and weight disagree on in_features")
     torch._check(residual.shape[-1] == N, lambda: "sparse_linear_add_rmsnorm: residual and weight differ")
+    shape = torch.broadcast_shapes(residual.shape, (*x.shape[:-1], N))
+    dtype = torch.promote_types(residual.dtype, x.dtype)
+    h = residual.new_empty(shape, dtype=dtype)
+    return h, h.new_empty(shape, dtype=torch.promote_types(dtype, norm_weight.dtype))
+
+
+@torch.library.custom_op("teal::sparse_mlp_add_rmsnorm", mutates_args=())
+def sparse_mlp_add_rmsnorm(
+    x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, b_down: Optional[Tensor], t_gate: float, t_up: float,
+    t_down: float, prefill_sparse_from: float, sparsities: list[float], residual: Tensor, norm_weight: Tensor,
+    eps: float, scales_gate: Optional[Tensor] = None, scales_up: Optional[Tensor] = None,
+    scales_down: Optional[Tensor] = None, shared: bool = False, x_int8: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """``sparse_linear_add_rmsnorm(sparse_swiglu(x, ...), w_down, ...)``: a gated MLP (``sparsities`` gate, up, down)
+    and the residual add + RMSNorm after it, returning (h, RMSNorm(h)).
+
+    On the decode path the down launch forms its input silu(gate) * up from the gate/up launch's sums itself
+    (``sparse_gemv_mlp_add_rmsnorm``), so the SwiGLU finishing launch between them goes away; elsewhere it is the two
+    ops. No autograd: the pass that inserts it leaves graphs that need gradients alone."""
+    if x.is_cuda and sparse_token_start(x, prefill_sparse_from) == 0:
+        hint = min(sparsities[:2], default=-1.0)
+        weights = ((w_gate, scales_gate), (w_up, scales_up), (w_down, scales_down))
+        if all(sparse_gemv.supports(x, w, s, shared, x_int8) for w, s in weights) \
+                and sparse_gemv.can_fold_swiglu(x, w_gate, w_up, w_down, residual, norm_weight, shared, x_int8) \
+                and sparse_gemv.pays(x, 2 * w_gate.shape[0], hint, shared, scales_gate is not None) \
+                and sparse_gemv.pays(x, w_down.shape[0], sparsities[2], shared, scales_down is not None,
+                                     in_features=w_down.shape[1]):
+            return sparse_gemv.sparse_gemv_mlp_add_rmsnorm(
+                x, w_gate, w_up, w_down, t_gate, t_up, t_down, residual, norm_weight, eps, b_down=b_down,
+                sparsities=(hint, sparsities[2]), scales=(scales_gate, scales_up, scales_down), shared=shared)
+    act = sparse_swiglu(x, w_gate, w_up, t_gate, t_up, prefill_sparse_from, sparsities[:2], scales_gate, scales_up,
+                        shared, x_int8)
+    return sparse_linear_add_rmsnorm(act, w_down, b_down, t_down, prefill_sparse_from, sparsities[2], residual,
+                                     norm_weight, eps, scales_down, shared, x_int8)
+
+
+@sparse_mlp_add_rmsnorm.register_fake
+def _(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, b_down: Optional[Tensor], t_gate: float, t_up: float,
+      t_down: float, prefill_sparse_from: float, sparsities: list[float], residual: Tensor, norm_weight: Tensor,
+      eps: float, scales_gate: Optional[Tensor] = None, scales_up: Optional[Tensor] = None,
+      scales_down: Optional[Tensor] = None, shared: bool = False, x_int8: bool = False) -> tuple[Tensor, Tensor]:
+    torch._check(w_gate.shape == w_up.shape, lambda: "sparse_mlp_add_rmsnorm: gate and up weights differ in shape")
+    torch._check(x.shape[-1] == w_gate.shape[1], lambda: "sparse_mlp_add_rmsnorm: x and gate disagree on in_features")
+    torch._check(w_down.shape[1] == logical_shape(w_gate)[0],
+                 lambda: "sparse_mlp_add_rmsnorm: down does not take gate's outputs")
+    N = logical_shape(w_down)[0]
+    torch._check(residual.shape[-1] == N, lambda: "sparse_mlp_add_rmsnorm: residual and down differ")
     shape = torch.broadcast_shapes(residual.shape, (*x.shape[:-1], N))
     dtype = torch.promote_types(residual.dtype, x.dtype)
     h = residual.new_empty(shape, dtype=dtype)

@@ -4,6 +4,7 @@
     sparse_gemv_group(x, [wq, wk, wv], ...)       up to three linears that share x (q/k/v, gate/up): one launch
     sparse_gemv_swiglu(x, w_gate, w_up, ...)      silu(gate) * up formed by the gate/up launch
     sparse_gemv_add_rmsnorm(x, w, b, t, r, nw, eps)   h = r + linear, RMSNorm(h), in the finishing launch
+    sparse_gemv_mlp_add_rmsnorm(x, wg, wu, wd, ...)   the two above as one op, silu(gate) * up formed by down
 
 Every launcher takes ``scales`` for int8/int4 weights (kernels/quantize.py: the format follows the weight's dtype).
 The kernels are in ``sparse_gemv_triton.py``, the launch config in ``sparse_gemv_config.py``, the reference in
@@ -36,6 +37,8 @@ MAX_SHARED_ROWS = 16  # one mask for the batch (``shared``): the union cannot gr
 MAX_SEGMENTS = 3  # linears sharing one input in a grouped launch (q, k, v)
 MAX_NORM_WIDTH = 16384  # the add + RMSNorm finish holds a row's N columns in one program
 MAX_ROPE_HEAD_DIM = 256  # the q/k/v + RoPE finish holds one head's D columns of every row in a program
+MAX_FOLD_ROWS = 4  # the folded MLP's rows: each down program holds its rows x its K split of x at once (the
+# in-thread loops' 1-4 rows; 5-8 take tensor cores, 16 padded rows x 512 inputs a program)
 
 # ``ws`` the fp32 split-K accumulator and ``cnt`` the arrival counters (zero between launches), ``idx``/``xv`` the
 # packed indices and values of the surviving inputs (compacted loops, up to 16 rows of values; written before
@@ -102,12 +105,14 @@ def supports(x: Tensor, weight: Tensor, scales: Optional[Tensor] = None, shared:
     )
 
 
-def pays(x: Tensor, N: int, sparsity: Optional[float], shared: bool, quantized: bool = False) -> bool:
+def pays(x: Tensor, N: int, sparsity: Optional[float], shared: bool, quantized: bool = False,
+         in_features: Optional[int] = None) -> bool:
     """Whether the ops should launch the kernel over ``N`` output columns (summed over a grouped launch) rather than
     cuBLAS on the masked input (``kernel_pays``, by this GPU's measured break-even). Quantized weights always take
-    the kernel: their dense alternative is no cuBLAS call."""
-    K = x.shape[-1]
-    return quantized or kernel_pays(x.numel() // max(1, K), sparsity, shared, gpu_name(x.device), N, K)
+    the kernel: their dense alternative is no cuBLAS call. ``in_features``: the launch's K where it is not x's
+    (a down launch whose input is formed from x's MLP)."""
+    rows = x.numel() // max(1, x.shape[-1])
+    return quantized or kernel_pays(rows, sparsity, shared, gpu_name(x.device), N, in_features or x.shape[-1])
 
 
 _warned_deterministic = False
@@ -152,6 +157,17 @@ def can_fuse_add_rmsnorm(x: Tensor, weight: Tensor, residual: Tensor, norm_weigh
     return (weight.dim() == 2 and N <= MAX_NORM_WIDTH and residual.shape == (*x.shape[:-1], N)
             and norm_weight.shape == (N,) and residual.dtype == norm_weight.dtype == x.dtype
             and residual.device == x.device == norm_weight.device)
+
+
+def can_fold_swiglu(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, residual: Tensor, norm_weight: Tensor,
+                    shared: bool = False, x_int8: bool = False) -> bool:
+    """Whether ``sparse_gemv_mlp_add_rmsnorm`` takes these: what ``sparse_gemv_swiglu`` and
+    ``sparse_gemv_add_rmsnorm`` take, down reading gate's outputs, at most MAX_FOLD_ROWS rows of float x (x_int8
+    quantizes x in its own prologue: not folded)."""
+    rows = x.numel() // max(1, x.shape[-1])
+    return (not x_int8 and 1 <= rows <= MAX_FOLD_ROWS and can_fuse_swiglu(x, w_gate, w_up, shared)
+            and w_down.dim() == 2 and w_down.shape[1] == logical_shape(w_gate)[0]
+            and can_fuse_add_rmsnorm(x, w_down, residual, norm_weight))
 
 
 def can_fold_rope(x: Tensor, weights: Sequence[Tensor], head_dim: int, cos: Tensor, sin: Tensor,
@@ -267,6 +283,33 @@ def sparse_gemv_add_rmsnorm(x: Tensor, weight: Tensor, bias: Optional[Tensor], t
     return h.reshape(shape), out.reshape(shape)
 
 
+def sparse_gemv_mlp_add_rmsnorm(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, t_gate: float, t_up: float,
+                                t_down: float, residual: Tensor, norm_weight: Tensor, eps: float, *,
+                                b_down: Optional[Tensor] = None, sparsities: Sequence[Optional[float]] = (None, None),
+                                scales: Sequence[Optional[Tensor]] = (None, None, None), shared: bool = False,
+                                configs: Sequence[Optional[GemvConfig]] = (None, None)) -> tuple[Tensor, Tensor]:
+    """A gated MLP and the residual add + RMSNorm after it, h = residual + down(silu(gate(x)) * up(x)) (+ b_down) and
+    out = RMSNorm(h) · norm_weight, in three launches where ``sparse_gemv_swiglu`` then ``sparse_gemv_add_rmsnorm``
+    take four: the gate/up grid leaves its sums in the workspace; each down program forms its K split of
+    x = silu(gate) * up from them (rounded as the SwiGLU finish rounds, the finish folded in); the down finish adds,
+    normalises and zeroes the gate/up sums. Same result. ``sparsities``: (gate/up, down) hints; ``scales``: gate's,
+    up's and down's (int8/int4); ``configs``: (gate/up, down) or the rule. Returns (h, out) in the residual's shape."""
+    if not can_fold_swiglu(x, w_gate, w_up, w_down, residual, norm_weight, shared):
+        raise ValueError(f"sparse_gemv_mlp_add_rmsnorm: needs what sparse_gemv_swiglu and sparse_gemv_add_rmsnorm "
+                         f"take, down over gate's outputs, 1 to {MAX_FOLD_ROWS} rows (see can_fold_swiglu)")
+    rows = x.numel() // x.shape[-1]
+    gate, up = _launch(x, [w_gate, w_up], [None, None], [t_gate, t_up], configs[0], None, sparsities[0],
+                       _Epilogue.SWIGLU_SUMS, scales=scales[:2], shared=shared)
+    act = torch.empty((rows, gate.shape[1]), dtype=x.dtype, device=x.device)  # each down program writes its split
+    N = logical_shape(w_down)[0]
+    h, out = (torch.empty((rows, N), dtype=x.dtype, device=x.device) for _ in range(2))
+    norm = _AddRMSNorm(residual.reshape(rows, -1).contiguous(), norm_weight.contiguous(), float(eps), out)
+    used = -(-rows * gate.stride(0) // 64) * 64  # the down launch's sums after them, 256-byte aligned
+    _launch(act, [w_down], [b_down], [t_down], configs[1], [h], sparsities[1], _Epilogue.ADD_RMSNORM, norm,
+            scales=[scales[2]], shared=shared, x_sums=(gate, up), ws_offset=used)
+    return h.reshape(residual.shape), out.reshape(residual.shape)
+
+
 def sparse_gemv_qkv_rope(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tensor]],
                          thresholds: Sequence[float], head_dim: int, cos: Tensor, sin: Tensor, cache_position: Tensor,
                          k_cache: Tensor, v_cache: Tensor, q_norm: Optional[Tensor] = None,
@@ -292,11 +335,13 @@ def sparse_gemv_qkv_rope(x: Tensor, weights: Sequence[Tensor], biases: Sequence[
 
 # ------------------------------------------------------------------------------------------------ the launch
 class _Epilogue(enum.Enum):
-    """What the split-K sums become: y (+ bias) per segment; silu(gate) * up of two segments; or h = residual + y
-    and its RMSNorm (always in a finishing launch: the norm needs every column's sum)."""
+    """What the split-K sums become: y (+ bias) per segment; silu(gate) * up of two segments; the two segments'
+    sums left as they are (the next launch reads them: ``sparse_gemv_mlp_add_rmsnorm``); h = residual + y and its
+    RMSNorm; q/k/v with RoPE (both always in a finishing launch: the norm needs every column's sum)."""
 
     STORE = "store"
     SWIGLU = "swiglu"
+    SWIGLU_SUMS = "swiglu_sums"  # gate/up sums left in the workspace for the down launch to form x from
     ADD_RMSNORM = "add_rmsnorm"
     QKV_ROPE = "qkv_rope"
 
@@ -337,8 +382,13 @@ def _launch(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tens
             config: Optional[GemvConfig], outs: Optional[Sequence[Tensor]], sparsity: Optional[float],
             epilogue: _Epilogue, norm: Optional[_AddRMSNorm] = None,
             scales: Optional[Sequence[Optional[Tensor]]] = None, shared: bool = False,
-            x_int8: bool = False, rope: Optional[_QkvRope] = None) -> list[Tensor]:
-    """The GEMV grid over the segments' N tiles, then, where the epilogue runs apart, its finishing launch."""
+            x_int8: bool = False, rope: Optional[_QkvRope] = None,
+            x_sums: Optional[tuple[Tensor, Tensor]] = None, ws_offset: int = 0) -> list[Tensor]:
+    """The GEMV grid over the segments' N tiles, then, where the epilogue runs apart, its finishing launch.
+
+    ``x_sums`` (gate, up): fp32 [M, K] views of the sums a SWIGLU_SUMS launch left in the workspace; this launch
+    forms x = silu(gate) * up from them into ``x`` (written, not read), keeps its own sums ``ws_offset`` floats on,
+    past them, and its finish (ADD_RMSNORM only) zeroes them. SWIGLU_SUMS returns those views."""
     if not HAS_TRITON:
         raise RuntimeError("the Triton sparse GEMV needs triton")
     nseg = len(weights)
@@ -365,6 +415,9 @@ def _launch(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tens
     cfg = config or choose_config(M, sum(Ns), K, sparsity, fmt, shared, x_int8)
     if (cfg.weight_math == 3) != x_int8:  # x quantized or not is the caller's choice of result, never a config's
         raise ValueError(f"weight_math 3 is the x_int8 kernel: config {cfg} with x_int8={x_int8}")
+    if x_sums is not None and (epilogue is not _Epilogue.ADD_RMSNORM or cfg.weight_math == 3 or x_int8
+                               or any(t.shape != (M, K) or t.stride(1) != 1 for t in x_sums)):
+        raise ValueError("x from gate/up sums takes [M, K] sums, a float-x config and the add + RMSNorm finish")
     if cfg.use_dot and cfg.compact and not (shared or M == 1):
         raise ValueError(f"packed survivors on tensor cores need one mask for all rows (a shared mask, or one row): "
                          f"{cfg}")
@@ -416,15 +469,19 @@ def _launch(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tens
         BM = 1
     else:
         raise ValueError("the [BK, BN] tile loop and the packed loop take one row; batches take use_dot or in_thread")
-    ys = list(outs) if outs is not None else [torch.empty((M, N), dtype=x.dtype, device=x.device) for N in Ns]
+    if epilogue is _Epilogue.SWIGLU_SUMS:
+        ys = [x2] * nseg  # never written: the sums stay in the workspace
+    else:
+        ys = list(outs) if outs is not None else [torch.empty((M, N), dtype=x.dtype, device=x.device) for N in Ns]
     tiles = [-(-N // BN) for N in Ns]
     total_tiles = sum(tiles)
     # a CHUNK slot per K split and segment: the packed survivors, or W8A8's int8 words of x and their scales
     # (the packed fp16 loop reads whole tiles of a slot, up to block_k entries past the last one)
     packed = nseg * cfg.split_k * cfg.chunk + cfg.block_k if cfg.compact or cfg.weight_math == 3 else 1
     # xv: the packed x values, one fp32 a slot entry (one row), or BM of x's dtype (the tensor-core loop's columns)
-    ws, cnt, idx, xv = _WORKSPACE.get(x.device, ws=BM * total_tiles * BN, cnt=total_tiles, idx=packed,
+    ws, cnt, idx, xv = _WORKSPACE.get(x.device, ws=ws_offset + BM * total_tiles * BN, cnt=total_tiles, idx=packed,
                                       xv=packed * (BM if cfg.use_dot else 1))
+    ws = ws[ws_offset:]  # (had it grown, x_sums still hold the old buffer, which the finish zeroes before it goes)
     if cfg.use_dot and cfg.compact:
         xv = xv.view(x.dtype)
     has_bias = biases[0] is not None
@@ -450,14 +507,16 @@ def _launch(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tens
     s0 = seg[0]
     use_pdl = pdl.enabled(x.device)
     launch_pdl = {"launch_pdl": True} if use_pdl else {}
-    gated = epilogue is _Epilogue.SWIGLU
+    gated = epilogue in (_Epilogue.SWIGLU, _Epilogue.SWIGLU_SUMS)
     # the split-K epilogue as a second launch where launches overlap (PDL): ~1 µs less per GEMV than the grid's own
     # last arriver (docs/design.md, "Launch boundaries"). Not for the tensor-core path, which does not let the next
     # launch start early. The norm needs every column's sum: only a launch after the grid has them.
     apart = use_pdl if cfg.apart is None else cfg.apart
     # the norm needs every column's sum, the rotation the other half of each head's: only a launch after the grid
     apart = (apart and (cfg.split_k > 1 or gated) and not cfg.use_dot) or \
-        epilogue in (_Epilogue.ADD_RMSNORM, _Epilogue.QKV_ROPE)
+        epilogue in (_Epilogue.ADD_RMSNORM, _Epilogue.QKV_ROPE, _Epilogue.SWIGLU_SUMS)
+    swiglu_x = {} if x_sums is None else dict(X_SWIGLU=True, g_ptr=x_sums[0], u_ptr=x_sums[1],
+                                              stride_gm=x_sums[0].stride(0))
     jit.sparse_gemv_kernel[(total_tiles, cfg.split_k)](
         x2, s0["w"], s0["b"], s0["y"], ws, cnt, idx, xv,
         M, s0["N"], K, s0["t"],
@@ -473,14 +532,19 @@ def _launch(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tens
         WMATH=cfg.weight_math,
         ASM=inline_ptx(x.device),
         s_ptr=s0["s"],
-        stride_sg=s0["ssg"], **extra, **launch_pdl,
+        stride_sg=s0["ssg"], **extra, **swiglu_x, **launch_pdl,
     )
+    if epilogue is _Epilogue.SWIGLU_SUMS:  # [M, N] views, rows N_TOTAL apart (gate's tiles, then up's)
+        sums = ws[:M * total_tiles * BN].view(M, total_tiles * BN)
+        return [sums[:, :Ns[0]], sums[:, tiles[0] * BN:tiles[0] * BN + Ns[1]]]
     if norm is not None:
         BN_ROW = next_pow2(s0["N"])
-        jit.finish_add_rmsnorm_kernel[(M,)](
+        # x's gate/up sums, rows 0..M-1 of theirs: zeroed by programs past the rows' once this grid has read them
+        zero = {} if x_sums is None else dict(M=M, z_ptr=x_sums[0], Z_N=M * x_sums[0].stride(0), ZERO=True)
+        jit.finish_add_rmsnorm_kernel[(M + (-(-zero["Z_N"] // BN_ROW) if zero else 0),)](
             ws, s0["b"], norm.residual, norm.norm_weight, s0["y"], norm.out, s0["N"], s0["N"],
             norm.residual.stride(0), s0["sym"], norm.out.stride(0), norm.eps, BN=BN_ROW, HAS_BIAS=has_bias,
-            PDL=use_pdl, num_warps=min(8, max(1, BN_ROW // 1024)), **launch_pdl,
+            PDL=use_pdl, num_warps=min(8, max(1, BN_ROW // 1024)), **zero, **launch_pdl,
         )
     elif rope is not None:
         D, (kc, vc), cos, sin = rope.head_dim, (rope.k_cache, rope.v_cache), rope.cos, rope.sin

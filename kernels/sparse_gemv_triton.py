@@ -247,6 +247,21 @@ def silu_times_up(gate, up, out_ty: tl.constexpr):
     return act * up.to(out_ty).to(tl.float32)
 
 @triton.jit
+def store_swiglu_x(g_ptr, u_ptr, stride_gm, x_ptr, stride_xm, offs_m, m_ok, k_lo, k_hi, CHUNK: tl.constexpr):
+    """x[:, k_lo:k_hi] = silu(gate) * up from the fp32 sums a gate/up launch left in the workspace (``X_SWIGLU``):
+    what its finishing launch would have written, rounded as it rounds. Every program of a K split writes the same
+    values and reads back only its own split, after the barrier, so no program waits on another."""
+    offs_k = k_lo + tl.arange(0, CHUNK)
+    mask = m_ok[:, None] & (offs_k < k_hi)[None, :]
+    offs = offs_m[:, None] * stride_gm + offs_k[None, :]
+    # .cg: the sums were added at L2 by the launch before; both requested before either is used
+    gate = tl.load(g_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg")
+    up = tl.load(u_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg")
+    x = silu_times_up(gate, up, x_ptr.dtype.element_ty)
+    tl.store(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], x.to(x_ptr.dtype.element_ty), mask=mask)
+    tl.debug_barrier()  # the CTA's global stores are visible to all its threads after the barrier
+
+@triton.jit
 def packed_sum(x_ptr, w_ptr, idx_ptr, xv_ptr, k_lo, k_hi, threshold, offs_n, n_ok, stride_wk, stride_wn,
                BK: tl.constexpr, BN: tl.constexpr, CHUNK: tl.constexpr, EVEN_N: tl.constexpr, offs_p, p_ok,
                WFMT: tl.constexpr, ASM: tl.constexpr, WMATH: tl.constexpr):
@@ -498,6 +513,10 @@ def sparse_gemv_kernel(
     # quantized to int8 per 32 inputs, int32 products (``w8a8_partial``); 4 as 2 over unsigned subnormal halves; 5
     # the packed loop a stored row at a time in PTX (``packed_rows_sum``)
     WMATH: tl.constexpr = 0,
+    # x is silu(gate) * up of the gate/up launch before this one, formed here from the sums it left in the
+    # workspace (g_ptr / u_ptr [M, K], rows stride_gm) and stored to x_ptr for this program's split
+    # (``store_swiglu_x``): the SwiGLU finishing launch folded into this one (``sparse_gemv_mlp_add_rmsnorm``)
+    X_SWIGLU: tl.constexpr = False, g_ptr=None, u_ptr=None, stride_gm=0,
 ):
     """Program (N tile, K split) of y = (x ⊙ 1[|x| > t]) Wᵀ + b; segments 1 and 2 as segment 0, other pointers.
 
@@ -550,6 +569,8 @@ def sparse_gemv_kernel(
     m_ok = offs_m < M
     k_lo = pk * K_PER_SPLIT
     k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
+    if X_SWIGLU:
+        store_swiglu_x(g_ptr, u_ptr, stride_gm, x_ptr, stride_xm, offs_m, m_ok, k_lo, k_hi, CHUNK)
     if USE_DOT and WFMT == 2:
         acc = int4_dot_partial(x_ptr, w_ptr, idx_ptr + (seg * SPLIT_K + pk) * CHUNK, k_lo, k_hi, threshold, offs_m,
                                m_ok, stride_xm, offs_p, p_ok, stride_wk, stride_wn, M, BM, BN, BK, CHUNK, EVEN_N,
@@ -786,13 +807,35 @@ def finish_kernel(
 
 @triton.jit
 def finish_add_rmsnorm_kernel(ws_ptr, b_ptr, res_ptr, nw_ptr, h_ptr, out_ptr, N, ws_width, stride_res, stride_h,
-                               stride_out, eps, BN: tl.constexpr, HAS_BIAS: tl.constexpr, PDL: tl.constexpr):
+                               stride_out, eps, BN: tl.constexpr, HAS_BIAS: tl.constexpr, PDL: tl.constexpr,
+                               M=1, z_ptr=None, Z_N=0, ZERO: tl.constexpr = False):
     """The split-K epilogue of a linear followed by a residual add and an RMSNorm (Llama's), one program per row
     holding all N columns: y = sums (+ bias), h = residual + y, out = norm_weight * (h * rsqrt(mean(h²) + eps)).
 
     Rounds where eager rounds (``LlamaRMSNorm`` in the model's dtype): y and h to the output dtype, the norm in
     fp32, its result to the dtype before the weight's product. Replaces the Inductor reduction kernel that
-    otherwise runs after every o and down projection (docs/design.md, "Grouped launches and fusions")."""
+    otherwise runs after every o and down projection (docs/design.md, "Grouped launches and fusions").
+
+    ZERO: programs M and on zero z_ptr[0, Z_N) a BN at a time, the sums of a gate/up launch that the GEMV grid
+    before this one read as its x (``X_SWIGLU``): once that grid has completed, nothing reads them."""
+    if ZERO:
+        if tl.program_id(0) >= M:
+            if PDL:
+                tl.extra.cuda.gdc_wait()
+            offs_z = (tl.program_id(0) - M) * BN + tl.arange(0, BN)
+            tl.store(z_ptr + offs_z, tl.zeros((BN,), dtype=tl.float32), mask=offs_z < Z_N)
+        else:
+            add_rmsnorm_row(ws_ptr, b_ptr, res_ptr, nw_ptr, h_ptr, out_ptr, N, ws_width, stride_res, stride_h,
+                            stride_out, eps, BN, HAS_BIAS, PDL)
+    else:
+        add_rmsnorm_row(ws_ptr, b_ptr, res_ptr, nw_ptr, h_ptr, out_ptr, N, ws_width, stride_res, stride_h,
+                        stride_out, eps, BN, HAS_BIAS, PDL)
+
+
+@triton.jit
+def add_rmsnorm_row(ws_ptr, b_ptr, res_ptr, nw_ptr, h_ptr, out_ptr, N, ws_width, stride_res, stride_h, stride_out,
+                    eps, BN: tl.constexpr, HAS_BIAS: tl.constexpr, PDL: tl.constexpr):
+    """Row ``program_id(0)`` of ``finish_add_rmsnorm_kernel``."""
     row = tl.program_id(0)
     offs = tl.arange(0, BN)
     ok = offs < N

@@ -7,6 +7,7 @@ through ``finish`` (dead code, lint, recompile, log, ``torch._dynamo.utils.count
 from teal_fx.passes.analysis import Discovery, MatchedLinear, discover
 from teal_fx.passes.batch_input_increments import batch_input_increments
 from teal_fx.passes.context import PassContext
+from teal_fx.passes.fold_swiglu_into_down import fold_swiglu_into_down
 from teal_fx.passes.fuse_add_rmsnorm import fuse_add_rmsnorm
 from teal_fx.passes.fuse_swiglu import fuse_swiglu
 from teal_fx.passes.group_shared_input import group_shared_input
@@ -31,6 +32,7 @@ __all__ = [
     "group_shared_input",
     "fuse_swiglu",
     "fuse_add_rmsnorm",
+    "fold_swiglu_into_down",
     "replace_decode_attention",
     "replace_outer_product_matmul",
     "batch_input_increments",

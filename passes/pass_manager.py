@@ -7,8 +7,9 @@ The order is the contract:
 2. ``select_plan`` (analysis) chooses the plan for, and checks it against, what was found;
 3. ``insert_sparse_linear`` rewrites the labelled linears with the plan's thresholds;
 4. ``group_shared_input`` works on the rewritten ops only, ``fuse_swiglu`` on its gate/up groups,
-   ``fuse_add_rmsnorm`` on the single rewritten linears (o, down) that grouping left, and
-   ``fold_rope_into_qkv_finish`` on the q/k/v groups (it reads their q/k/v labels);
+   ``fuse_add_rmsnorm`` on the single rewritten linears (o, down) that grouping left, ``fold_swiglu_into_down``
+   on what those two made of an MLP, and ``fold_rope_into_qkv_finish`` on the q/k/v groups (it reads their q/k/v
+   labels);
 5. ``replace_decode_attention`` is independent of the plan (it runs in dense compiles too) and comes after them, so
    discovery sees the graph as traced; ``replace_outer_product_matmul`` and ``batch_input_increments`` are
    independent of everything else (last, so no analysis sees a matmul turned into a multiply).
@@ -26,6 +27,7 @@ from teal_fx.passes.batch_input_increments import batch_input_increments
 from teal_fx.passes.context import PassContext
 from teal_fx.passes.dump import write_dump
 from teal_fx.passes.fold_rope_into_qkv_finish import fold_rope_into_qkv_finish
+from teal_fx.passes.fold_swiglu_into_down import fold_swiglu_into_down
 from teal_fx.passes.fuse_add_rmsnorm import fuse_add_rmsnorm
 from teal_fx.passes.fuse_swiglu import fuse_swiglu
 from teal_fx.passes.group_shared_input import group_shared_input
@@ -52,6 +54,7 @@ PASSES: list[tuple[Pass, Optional[str]]] = [
     (group_shared_input, "group_shared_input"),
     (fuse_swiglu, "fuse_swiglu"),
     (fuse_add_rmsnorm, "fuse_add_rmsnorm"),
+    (fold_swiglu_into_down, "fold_swiglu"),
     (fold_rope_into_qkv_finish, "fold_rope"),
     (replace_decode_attention, "decode_attention"),
     (replace_outer_product_matmul, "outer_product_multiply"),

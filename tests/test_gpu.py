@@ -585,3 +585,86 @@ def test_other_structures_decode_in_cuda_graphs_like_their_masked_reference(name
         ref = decode_logits(model, out, 20, backend="none")
     err = float((got - ref).norm() / ref.norm())
     assert err < 1e-3, err
+
+
+@pytest.mark.parametrize("pdl", [True, False])
+def test_folded_mlps_back_to_back_in_a_cuda_graph(pdl, monkeypatch):
+    """``sparse_gemv_mlp_add_rmsnorm`` four times in one CUDA graph, each MLP's h the next one's residual and its norm
+    the next one's x: each down launch reads the gate/up sums of the launch before, and each down finish must leave
+    them zero before the next gate/up launch adds into them (with PDL that launch starts early). Against the same
+    chain through the unfolded launchers (swiglu, then add + RMSNorm), replay after replay."""
+    from teal_fx.kernels import sparse_gemv as sg
+
+    monkeypatch.setenv("TEAL_PDL", "1" if pdl else "0")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    H, inter = 1024, 2816
+    col = lambda n, k: (torch.randn(n, k, device="cuda", generator=g) / k**0.5).t().contiguous().t()  # noqa: E731
+    mlps = [(col(inter, H), col(inter, H), col(H, inter)) for _ in range(4)]
+    nw = torch.rand(H, device="cuda", generator=g) + 0.5
+    x_static, h_static = torch.randn(1, H, device="cuda"), torch.randn(1, H, device="cuda")
+
+    def chain(x, h, folded):
+        for wg, wu, wd in mlps:
+            if folded:
+                h, x = sg.sparse_gemv_mlp_add_rmsnorm(x, wg, wu, wd, 0.3, 0.3, 0.05, h, nw, 1e-6, sparsities=(0.4, 0.4))
+            else:
+                act = sg.sparse_gemv_swiglu(x, wg, wu, 0.3, 0.3, sparsity=0.4)
+                h, x = sg.sparse_gemv_add_rmsnorm(act, wd, None, 0.05, h, nw, 1e-6, sparsity=0.4)
+        return h, x
+
+    chain(x_static, h_static, True)  # compile and reserve the workspace outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        h_out, x_out = chain(x_static, h_static, True)
+    for seed in range(3):
+        g.manual_seed(seed + 1)
+        x_static.copy_(torch.randn(1, H, device="cuda", generator=g))
+        h_static.copy_(torch.randn(1, H, device="cuda", generator=g))
+        graph.replay()
+        h_ref, x_ref = chain(x_static.clone(), h_static.clone(), False)
+        for got, ref in ((h_out, h_ref), (x_out, x_ref)):
+            assert float((got - ref).norm() / ref.norm()) < 1e-4
+
+
+@pytest.mark.parametrize("fmt", [None, "int8", "int4"])
+@pytest.mark.parametrize("sparsity", [0.3, 0.5, 0.75])
+def test_folded_mlp_on_the_8b_shapes(fmt, sparsity):
+    """The folded MLP launcher on Llama-3-8B's MLP with the rule's configs (the masked and the packed loops of every
+    format) against the unfolded launchers: the same sums, met in another order."""
+    from teal_fx.kernels import sparse_gemv as sg
+    from teal_fx.kernels.quantize import quantize_int4, quantize_int8
+
+    g = torch.Generator(device="cuda").manual_seed(int(sparsity * 100))
+
+    def w(N, K):
+        t = torch.randn(N, K, device="cuda", generator=g, dtype=torch.bfloat16) / K**0.5
+        if fmt is None:
+            return t.t().contiguous().t(), None
+        return (quantize_int8 if fmt == "int8" else quantize_int4)(t)
+
+    (qg, s_gate), (qu, s_up), (qd, s_down) = w(14336, 4096), w(14336, 4096), w(4096, 14336)
+    x = torch.randn(1, 1, 4096, device="cuda", generator=g, dtype=torch.bfloat16)
+    res, nw = torch.randn(1, 1, 4096, device="cuda", dtype=torch.bfloat16), torch.rand(4096, device="cuda").bfloat16()
+    t = float(x.float().abs().quantile(sparsity))
+    act = sg.sparse_gemv_swiglu(x, qg, qu, t, t, sparsity=sparsity, scales_gate=s_gate, scales_up=s_up)
+    td = float(act.float().abs().quantile(sparsity))
+    h_ref, out_ref = sg.sparse_gemv_add_rmsnorm(act, qd, None, td, res, nw, 1e-5, sparsity=sparsity, scales=s_down)
+    h, out = sg.sparse_gemv_mlp_add_rmsnorm(x, qg, qu, qd, t, t, td, res, nw, 1e-5, sparsities=(sparsity, sparsity),
+                                            scales=(s_gate, s_up, s_down))
+    for got, ref in ((h, h_ref), (out, out_ref)):
+        assert float((got.double() - ref.double()).norm() / ref.double().norm()) < 1e-2
+
+
+@pytest.mark.parametrize("fmt", [None, "int8", "int4"])
+def test_folded_swiglu_decodes_like_the_unfolded_step(fmt):
+    """The backend with ``fold_swiglu``: the lean loop (CUDA graphs) fed the same tokens gives the unfolded step's
+    logits (fp32: the sums met in another order, nothing else)."""
+    from teal_fx.generate import decode_logits
+
+    model = tiny_model("llama", hidden=256, inter=512, dtype=torch.float32).cuda()
+    teal_fx.calibrate(model, torch.randint(3, 128, (4, 64)), sparsity=0.5, weights=fmt, progress=False,
+                      num_sequences=4, seq_len=64)
+    tokens = torch.randint(3, 128, (2, 24), device="cuda")
+    folded, plain = (decode_logits(model, tokens, 12, mode="reduce-overhead", options={"fold_swiglu": f})
+                     for f in (True, False))
+    assert float((folded - plain).norm() / plain.norm()) < 1e-4

@@ -1,0 +1,92 @@
+"""fold_swiglu_into_down: a decode graph's ``teal::sparse_swiglu`` read only by down's
+``teal::sparse_linear_add_rmsnorm`` becomes one teal::sparse_mlp_add_rmsnorm, and the step computes what it computed
+(on the CPU the op runs the two ops it replaced: the same logits, bit for bit). The kernel's own test is
+tests/test_mlp_add_rmsnorm_kernel.py."""
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch._dynamo.utils import counters
+
+import teal_fx
+from teal_fx.passes import PassContext, fold_swiglu_into_down, run_passes
+from teal_fx.passes.analysis.dataflow import fake_value
+from tests.conftest import logits_per_option, tiny_model
+
+FOLDED = torch.ops.teal.sparse_mlp_add_rmsnorm.default
+SWIGLU = torch.ops.teal.sparse_swiglu.default
+ADD_RMSNORM = torch.ops.teal.sparse_linear_add_rmsnorm.default
+
+
+def _passes(model, ids, **options):
+    plan = teal_fx.Plan.from_thresholds(teal_fx.find_linears(model), 0.3)
+    (cg,) = teal_fx.capture_graphs(model, dict(input_ids=ids, use_cache=False))[0]
+    return run_passes(cg.gm, PassContext(options=teal_fx.TealOptions(**options), plan=plan))
+
+
+def _count(gm, target):
+    return sum(n.target is target for n in gm.graph.nodes)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "mistral"])
+def test_folds_every_mlp_of_a_decode_graph(arch):
+    gm = _passes(tiny_model(arch, layers=3), torch.tensor([[4], [7]]), fold_swiglu=True)
+    assert _count(gm, FOLDED) == 3 and _count(gm, SWIGLU) == 0
+    assert _count(gm, ADD_RMSNORM) == 3  # o's stay
+    node = next(n for n in gm.graph.nodes if n.target is FOLDED)
+    assert [node.meta[k].role for k in ("teal", "teal_up", "teal_down")] == ["gate", "up", "down"]
+    h, out = fake_value(node)  # the (h, norm) pair of the node it replaced
+    assert h.shape == out.shape == (2, 1, 64)
+
+
+def test_off_by_default_and_leaves_what_it_cannot_fold():
+    model = tiny_model("llama", layers=2)
+    assert _count(_passes(model, torch.tensor([[4]])), FOLDED) == 0  # off until timed (options.py)
+    assert _count(_passes(model, torch.tensor([[4, 5, 6]]), fold_swiglu=True), FOLDED) == 0  # prefill: no add_rmsnorm
+    assert _count(_passes(model, torch.tensor([[4]]), fold_swiglu=True, fuse_swiglu=False), FOLDED) == 0
+    assert _count(_passes(tiny_model("phi3"), torch.tensor([[4]]), fold_swiglu=True), FOLDED) == 0  # fused gate_up
+
+
+def test_leaves_a_swiglu_with_another_reader_alone():
+    gm = _passes(tiny_model("llama", layers=1), torch.tensor([[4]]))
+    act = next(n for n in gm.graph.nodes if n.target is SWIGLU)
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    with gm.graph.inserting_before(out):  # a second reader of silu(gate) * up
+        extra = gm.graph.call_function(torch.ops.aten.sum.default, (act,))
+    out.args = ((*out.args[0], extra),) if isinstance(out.args[0], tuple) else out.args
+    gm.recompile()
+    assert len(act.users) == 2
+    assert _count(fold_swiglu_into_down(gm), FOLDED) == 0
+
+
+@settings(max_examples=6, deadline=None)
+@given(arch=st.sampled_from(["llama", "qwen2", "qwen3", "mistral"]), batch=st.integers(1, 3),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]), sparsity=st.sampled_from([0.0, 0.4, 0.7]),
+       seed=st.integers(0, 100))
+def test_folded_step_computes_what_the_graph_computed(arch, batch, dtype, sparsity, seed):
+    model = tiny_model(arch, layers=2, dtype=dtype, seed=seed)
+    plan = teal_fx.Plan.from_thresholds(teal_fx.find_linears(model), sparsity)
+    ids = torch.randint(3, 128, (batch, 1), generator=torch.Generator().manual_seed(seed))
+    counters.clear()
+    folded, plain = logits_per_option(model, plan, ids, "fold_swiglu")
+    assert counters["teal"]["swiglu_folded"] == 2  # both blocks, in the folded compile only
+    torch.testing.assert_close(folded, plain, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("fmt", [None, "int8", "int4"])
+def test_opcheck(fmt):
+    """The schema (no mutation), the fake's shapes and strides, and the CPU path (the two ops' references)."""
+    from teal_fx.kernels.quantize import quantize_int4, quantize_int8
+
+    g = torch.Generator().manual_seed(0)
+    x, res = torch.randn(2, 1, 32, generator=g), torch.randn(2, 1, 32, generator=g)
+    ws = [torch.randn(n, k, generator=g) / k**0.5 for n, k in ((48, 32), (48, 32), (32, 48))]
+    scales = [None] * 3
+    if fmt is not None:
+        ws, scales = map(list, zip(*({"int8": quantize_int8, "int4": quantize_int4}[fmt](w) for w in ws)))
+    args = (x, *ws, None, 0.1, 0.2, 0.05, 1.0, [0.3, 0.3, 0.3], res, torch.ones(32), 1e-6, *scales)
+    torch.library.opcheck(FOLDED, args, test_utils=("test_schema", "test_faketensor"))
+    h, out = FOLDED(*args)
+    act = torch.ops.teal.sparse_swiglu(x, ws[0], ws[1], 0.1, 0.2, 1.0, [0.3, 0.3], scales[0], scales[1])
+    h_ref, out_ref = ADD_RMSNORM(act, ws[2], None, 0.05, 1.0, 0.3, res, torch.ones(32), 1e-6, scales[2])
+    assert torch.equal(h, h_ref) and torch.equal(out, out_ref)
