@@ -81,6 +81,22 @@ def tiny_model(arch: str, *, layers: int = 2, hidden: int = 64, heads: int = 4, 
     return model
 
 
+def decode_graph_after_passes(model, ids, sparsity: float = 0.3, **options):
+    """The graph Dynamo captures for ``model(ids)`` after the backend's passes under ``options``, with a plan of
+    uniform thresholds at ``sparsity`` (one token per row in ``ids``: a decode graph)."""
+    import teal_fx
+    from teal_fx.passes import PassContext, run_passes
+
+    plan = teal_fx.Plan.from_thresholds(teal_fx.find_linears(model), sparsity)
+    (cg,) = teal_fx.capture_graphs(model, dict(input_ids=ids, use_cache=False))[0]
+    return run_passes(cg.gm, PassContext(options=teal_fx.TealOptions(**options), plan=plan))
+
+
+def count_calls(gm, target) -> int:
+    """How many nodes of ``gm`` call ``target``."""
+    return sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target is target)
+
+
 def logits_per_option(model, plan, ids, option: str, values=(True, False)) -> list:
     """The logits of ``model(ids)`` compiled through the teal backend (eager inner compiler) once per value of a
     backend option, for tests that an optimisation leaves results unchanged."""

@@ -18,7 +18,7 @@ from teal_fx.kernels.reference import reference_decode_attention
 from teal_fx.options import TealOptions
 from teal_fx.passes import PassContext, replace_decode_attention, run_passes
 from teal_fx.passes.analysis.dataflow import is_sdpa
-from tests.conftest import ARCHS, tiny_model
+from tests.conftest import ARCHS, count_calls, tiny_model
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
@@ -122,10 +122,6 @@ def decode_graph(model, batch: int = 1, prompt: int = 5):
     return decode
 
 
-def _count(gm, target) -> int:
-    return sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target is target)
-
-
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(arch=st.sampled_from(sorted(a for a in ARCHS if a != "gemma2")),  # gemma2's tiny config runs eager attention
        heads_kv=st.sampled_from([(4, 1), (4, 2), (4, 4), (8, 2)]), batch=st.integers(1, 2),
@@ -138,7 +134,7 @@ def test_rewrite_preserves_the_decode_step(arch, heads_kv, batch, seed):
     with torch.no_grad():
         before = gm(*inputs)
         after_gm = replace_decode_attention(gm, None)
-        assert _count(after_gm, torch.ops.teal.decode_attention.default) == 2
+        assert count_calls(after_gm, torch.ops.teal.decode_attention.default) == 2
         assert not any(is_sdpa(n) for n in after_gm.graph.nodes)
         after = after_gm(*clone)
     for a, b in zip(before, after):
@@ -166,11 +162,11 @@ def test_prefill_and_option_off_leave_sdpa():
     gm, _ = rec.graphs[-1]
     torch._dynamo.reset()
     n_sdpa = sum(1 for n in gm.graph.nodes if is_sdpa(n))
-    assert n_sdpa == 2 and _count(replace_decode_attention(gm, None), torch.ops.teal.decode_attention.default) == 0
+    assert n_sdpa == 2 and count_calls(replace_decode_attention(gm, None), torch.ops.teal.decode_attention.default) == 0
     # the pass manager runs it only with the option on
     off = run_passes(decode_graph(model)[0], PassContext(options=TealOptions(decode_attention=False)))
-    assert _count(off, torch.ops.teal.decode_attention.default) == 0
-    assert _count(run_passes(decode_graph(model)[0], PassContext()), torch.ops.teal.decode_attention.default) == 2
+    assert count_calls(off, torch.ops.teal.decode_attention.default) == 0
+    assert count_calls(run_passes(decode_graph(model)[0], PassContext()), torch.ops.teal.decode_attention.default) == 2
 
 
 def test_backend_generates_the_same_tokens_with_and_without_it():

@@ -9,30 +9,20 @@ from hypothesis import strategies as st
 from torch._dynamo.utils import counters
 
 import teal_fx
-from teal_fx.passes import PassContext, fold_swiglu_into_down, run_passes
+from teal_fx.passes import fold_swiglu_into_down
 from teal_fx.passes.analysis.dataflow import fake_value
-from tests.conftest import logits_per_option, tiny_model
+from tests.conftest import count_calls, decode_graph_after_passes, logits_per_option, tiny_model
 
 FOLDED = torch.ops.teal.sparse_mlp_add_rmsnorm.default
 SWIGLU = torch.ops.teal.sparse_swiglu.default
 ADD_RMSNORM = torch.ops.teal.sparse_linear_add_rmsnorm.default
 
 
-def _passes(model, ids, **options):
-    plan = teal_fx.Plan.from_thresholds(teal_fx.find_linears(model), 0.3)
-    (cg,) = teal_fx.capture_graphs(model, dict(input_ids=ids, use_cache=False))[0]
-    return run_passes(cg.gm, PassContext(options=teal_fx.TealOptions(**options), plan=plan))
-
-
-def _count(gm, target):
-    return sum(n.target is target for n in gm.graph.nodes)
-
-
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "mistral"])
 def test_folds_every_mlp_of_a_decode_graph(arch):
-    gm = _passes(tiny_model(arch, layers=3), torch.tensor([[4], [7]]), fold_swiglu=True)
-    assert _count(gm, FOLDED) == 3 and _count(gm, SWIGLU) == 0
-    assert _count(gm, ADD_RMSNORM) == 3  # o's stay
+    gm = decode_graph_after_passes(tiny_model(arch, layers=3), torch.tensor([[4], [7]]), fold_swiglu=True)
+    assert count_calls(gm, FOLDED) == 3 and count_calls(gm, SWIGLU) == 0
+    assert count_calls(gm, ADD_RMSNORM) == 3  # o's stay
     node = next(n for n in gm.graph.nodes if n.target is FOLDED)
     assert [node.meta[k].role for k in ("teal", "teal_up", "teal_down")] == ["gate", "up", "down"]
     h, out = fake_value(node)  # the (h, norm) pair of the node it replaced
@@ -41,14 +31,15 @@ def test_folds_every_mlp_of_a_decode_graph(arch):
 
 def test_off_by_default_and_leaves_what_it_cannot_fold():
     model = tiny_model("llama", layers=2)
-    assert _count(_passes(model, torch.tensor([[4]])), FOLDED) == 0  # off until timed (options.py)
-    assert _count(_passes(model, torch.tensor([[4, 5, 6]]), fold_swiglu=True), FOLDED) == 0  # prefill: no add_rmsnorm
-    assert _count(_passes(model, torch.tensor([[4]]), fold_swiglu=True, fuse_swiglu=False), FOLDED) == 0
-    assert _count(_passes(tiny_model("phi3"), torch.tensor([[4]]), fold_swiglu=True), FOLDED) == 0  # fused gate_up
+    folded = lambda m, ids, **o: count_calls(decode_graph_after_passes(m, torch.tensor(ids), **o), FOLDED)  # noqa: E731
+    assert folded(model, [[4]]) == 0  # off until timed (options.py)
+    assert folded(model, [[4, 5, 6]], fold_swiglu=True) == 0  # prefill: no add_rmsnorm
+    assert folded(model, [[4]], fold_swiglu=True, fuse_swiglu=False) == 0
+    assert folded(tiny_model("phi3"), [[4]], fold_swiglu=True) == 0  # Phi-3's fused gate_up
 
 
 def test_leaves_a_swiglu_with_another_reader_alone():
-    gm = _passes(tiny_model("llama", layers=1), torch.tensor([[4]]))
+    gm = decode_graph_after_passes(tiny_model("llama", layers=1), torch.tensor([[4]]))
     act = next(n for n in gm.graph.nodes if n.target is SWIGLU)
     out = next(n for n in gm.graph.nodes if n.op == "output")
     with gm.graph.inserting_before(out):  # a second reader of silu(gate) * up
@@ -56,7 +47,7 @@ def test_leaves_a_swiglu_with_another_reader_alone():
     out.args = ((*out.args[0], extra),) if isinstance(out.args[0], tuple) else out.args
     gm.recompile()
     assert len(act.users) == 2
-    assert _count(fold_swiglu_into_down(gm), FOLDED) == 0
+    assert count_calls(fold_swiglu_into_down(gm), FOLDED) == 0
 
 
 @settings(max_examples=6, deadline=None)

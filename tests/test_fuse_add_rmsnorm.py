@@ -6,39 +6,29 @@ import torch
 
 import teal_fx
 from teal_fx.passes import PassContext, run_passes
-from tests.conftest import logits_per_option, tiny_model
+from tests.conftest import count_calls, decode_graph_after_passes, logits_per_option, tiny_model
 
 FUSED = torch.ops.teal.sparse_linear_add_rmsnorm.default
 LINEAR = torch.ops.teal.sparse_linear.default
 
 
-def _passes(model, ids, **options):
-    plan = teal_fx.Plan.from_thresholds(teal_fx.find_linears(model), 0.3)
-    (cg,) = teal_fx.capture_graphs(model, dict(input_ids=ids, use_cache=False))[0]
-    return run_passes(cg.gm, PassContext(options=teal_fx.TealOptions(**options), plan=plan))
-
-
-def _count(gm, target):
-    return sum(n.target is target for n in gm.graph.nodes)
-
-
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "phi3"])
 def test_fuses_every_o_and_down_of_a_decode_graph(arch):
     model = tiny_model(arch, layers=3)
-    gm = _passes(model, torch.tensor([[4], [7]]))
+    gm = decode_graph_after_passes(model, torch.tensor([[4], [7]]))
     # Phi-3's fused qkv and gate_up projections stay plain sparse linears (no residual add after them)
-    assert _count(gm, FUSED) == 2 * 3 and _count(gm, LINEAR) == (2 * 3 if arch == "phi3" else 0)
+    assert count_calls(gm, FUSED) == 2 * 3 and count_calls(gm, LINEAR) == (2 * 3 if arch == "phi3" else 0)
     # the chains are gone: 6 norms fewer (Qwen3's q/k norms and the first input norm, after the embedding, stay)
-    unfused = _passes(model, torch.tensor([[4], [7]]), fuse_add_rmsnorm=False)
+    unfused = decode_graph_after_passes(model, torch.tensor([[4], [7]]), fuse_add_rmsnorm=False)
     rsqrts = [sum("rsqrt" in str(n.target) for n in g.graph.nodes) for g in (gm, unfused)]
     assert rsqrts[1] - rsqrts[0] == 6
 
 
 def test_leaves_prefill_graphs_and_other_norms_alone():
-    assert _count(_passes(tiny_model("llama"), torch.tensor([[4, 5, 6]])), FUSED) == 0  # prefill: Inductor's norm
-    assert _count(_passes(tiny_model("gemma"), torch.tensor([[4]])), FUSED) == 0  # Gemma: (1 + w), fp32 product
-    gm = _passes(tiny_model("llama"), torch.tensor([[4]]), fuse_add_rmsnorm=False)
-    assert _count(gm, FUSED) == 0 and _count(gm, LINEAR) == 2 * 2
+    assert count_calls(decode_graph_after_passes(tiny_model("llama"), torch.tensor([[4, 5, 6]])), FUSED) == 0  # prefill: Inductor's norm
+    assert count_calls(decode_graph_after_passes(tiny_model("gemma"), torch.tensor([[4]])), FUSED) == 0  # Gemma: (1 + w), fp32 product
+    gm = decode_graph_after_passes(tiny_model("llama"), torch.tensor([[4]]), fuse_add_rmsnorm=False)
+    assert count_calls(gm, FUSED) == 0 and count_calls(gm, LINEAR) == 2 * 2
 
 
 def test_leaves_a_linear_with_another_reader_alone():
@@ -68,7 +58,7 @@ def test_leaves_a_linear_with_another_reader_alone():
             n.replace_all_uses_with(new)
             gm.graph.erase_node(n)
     gm.recompile()
-    assert _count(fuse_add_rmsnorm(gm), FUSED) == 0
+    assert count_calls(fuse_add_rmsnorm(gm), FUSED) == 0
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -89,4 +79,4 @@ def test_not_under_autograd():
         v = n.meta.get("example_value")
         if isinstance(v, torch.Tensor) and v.is_floating_point() and n.op != "placeholder":
             n.meta["example_value"] = torch.empty(v.shape, dtype=v.dtype, requires_grad=True)
-    assert _count(run_passes(cg.gm, PassContext(plan=plan)), FUSED) == 0
+    assert count_calls(run_passes(cg.gm, PassContext(plan=plan)), FUSED) == 0
