@@ -192,7 +192,8 @@ def bench_block(sparsity: float, dtype, bw: float, l2: int, layers: int = 4, gro
     weights (kernels/quantize.py); ``x_int8``: x rounded to int8, dp4a products (a plan's activations="int8").
     ``mlp`` (grouped): "swiglu" as above; "add_rmsnorm": down with the residual add + RMSNorm finish, as the backend
     issues it after fuse_add_rmsnorm; "folded": gate/up and down as one ``sparse_gemv_mlp_add_rmsnorm`` (the backend's
-    fold_swiglu: the SwiGLU finish folded into down). Its µs are per block however many launches it makes."""
+    fold_swiglu: the SwiGLU finish folded into down); in both, down reads the layer's silu(gate) * up with its
+    threshold at that input's quantile (the same rows kept either way). µs per block, however many launches."""
     shapes = BLOCK_LINEARS
     launches = BLOCK_GROUPS if grouped else [[j] for j in range(len(shapes))]
     layer_ws, layer_ss = [], []
@@ -212,17 +213,21 @@ def bench_block(sparsity: float, dtype, bw: float, l2: int, layers: int = 4, gro
     res, nw = torch.randn(1, 4096, dtype=dtype, device="cuda"), torch.rand(4096, dtype=dtype, device="cuda") + 0.5
     calls = []
     for ws, ss in zip(layer_ws, layer_ss):
+        if mlp != "swiglu":  # down reads this layer's silu(gate) * up, either way: its threshold is that input's
+            act = sg.sparse_gemv_swiglu(x_of[4], ws[4], ws[5], ts[4], ts[5], sparsity=sparsity, scales_gate=ss[4],
+                                        scales_up=ss[5])
+            t_down = float(torch.quantile(act.float().abs().flatten(), sparsity))
         for group in launches:
             if group == [4, 5] and mlp == "folded":  # gate, up and down: the SwiGLU finish folded into down
-                calls.append(lambda ws=ws, ss=ss: sg.sparse_gemv_mlp_add_rmsnorm(
-                    x_of[4], ws[4], ws[5], ws[6], ts[4], ts[5], ts[6], res, nw, 1e-5,
+                calls.append(lambda ws=ws, ss=ss, td=t_down: sg.sparse_gemv_mlp_add_rmsnorm(
+                    x_of[4], ws[4], ws[5], ws[6], ts[4], ts[5], td, res, nw, 1e-5,
                     sparsities=(sparsity, sparsity), scales=(ss[4], ss[5], ss[6])))
                 continue
             if group == [6] and mlp == "folded":
                 continue
-            if group == [6] and mlp == "add_rmsnorm":
-                calls.append(lambda ws=ws, ss=ss: sg.sparse_gemv_add_rmsnorm(
-                    x_of[6], ws[6], None, ts[6], res, nw, 1e-5, sparsity=sparsity, scales=ss[6], x_int8=x_int8))
+            if group == [6] and mlp == "add_rmsnorm":  # down over the SwiGLU launch's output, as the backend runs it
+                calls.append(lambda ws=ws, ss=ss, td=t_down: sg.sparse_gemv_add_rmsnorm(
+                    outs[4], ws[6], None, td, res, nw, 1e-5, sparsity=sparsity, scales=ss[6], x_int8=x_int8))
                 continue
             if group == [4, 5]:  # gate, up: the SwiGLU launch
                 calls.append(lambda ws=ws, ss=ss: sg.sparse_gemv_swiglu(
