@@ -10,7 +10,7 @@ Inductor lowers the call to cuDNN behind four copy kernels: ~15 µs per layer on
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -105,13 +105,60 @@ def decode_attention_gpu(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]
                          config: Optional[AttentionConfig] = None, out: Optional[Tensor] = None) -> Tensor:
     """Launch the kernel (see ``supports``); ``mask`` broadcastable to [B, H, 1, L]; returns [B, H, 1, D]
     (into ``out`` if given). ``config`` overrides ``launch_config`` (tests use it to force splits)."""
+    B, H, _, D = q.shape
+    if out is None:
+        out = torch.empty((B, H, 1, D), dtype=q.dtype, device=q.device)
+    return _launch(q, k, v, mask, scale, config, out, {})
+
+
+def can_fold_qkv(head_dim: int, k_cache: Tensor, mask: Optional[Tensor]) -> bool:
+    """Whether ``decode_attention_from_qkv_sums`` takes a cache of these heads (what ``supports`` takes, and heads
+    of at least 16 columns, so a program's [G, D] tile has no padding columns for the norm's mean; the device is
+    the caller's check)."""
+    return (HAS_TRITON and 16 <= head_dim <= MAX_HEAD_DIM and k_cache.dim() == 4
+            and k_cache.shape[3] == head_dim and (mask is None or mask.dtype == torch.bool
+                                                  or mask.dtype.is_floating_point))
+
+
+def decode_attention_from_qkv_sums(sums: Sequence[Tensor], biases: Sequence[Optional[Tensor]], head_dim: int,
+                                   cos: Tensor, sin: Tensor, cache_position: Tensor, k_cache: Tensor, v_cache: Tensor,
+                                   q_norm: Optional[Tensor], k_norm: Optional[Tensor], norm_eps: float,
+                                   mask: Optional[Tensor], scale: float,
+                                   config: Optional[AttentionConfig] = None) -> Tensor:
+    """The attention of a decode step whose q, k and v are the fp32 sums a q/k/v GEMV launch left in its workspace
+    (``sums``: [B, N] views of one buffer's rows, q's, k's, v's; ``sparse_gemv.sparse_gemv_sums``): each program
+    forms its G query heads (bias, Qwen3's q norm, RoPE with ``cos`` / ``sin`` [B or 1, 1, 1, D]), the program holding
+    ``cache_position`` writes the new k and v row into the caches first, and the last program of each KV head zeroes
+    the sums it read: the q/k/v + RoPE finishing launch (``sparse_gemv_qkv_rope``) folded in. Returns [B, H, 1, D]."""
+    q_sums, k_sums, v_sums = sums
+    B, D = q_sums.shape[0], head_dim
+    if not can_fold_qkv(D, k_cache, mask) or q_sums.shape[1] % D or k_sums.shape != v_sums.shape \
+            or k_sums.shape[1] != k_cache.shape[1] * D or any(t.stride(1) != 1 or t.stride(0) != q_sums.stride(0)
+                                                                for t in (k_sums, v_sums)):
+        raise ValueError("decode_attention_from_qkv_sums: needs q/k/v sums of whole heads in one buffer's rows and "
+                         "a cache of those heads (see can_fold_qkv)")
+    H = q_sums.shape[1] // D
+    out = torch.empty((B, H, 1, D), dtype=k_cache.dtype, device=k_cache.device)
+    col = lambda t: (t.data_ptr() - q_sums.data_ptr()) // t.element_size()  # noqa: E731
+    has_bias = biases[0] is not None
+    fold = dict(QKV_SUMS=True, s_ptr=q_sums, stride_sum_b=q_sums.stride(0), K_COL0=col(k_sums), V_COL0=col(v_sums),
+                bq_ptr=biases[0] if has_bias else q_sums, bk_ptr=biases[1] if has_bias else q_sums,
+                bv_ptr=biases[2] if has_bias else q_sums, cos_ptr=cos, sin_ptr=sin,
+                stride_cos_b=cos.stride(0) if cos.shape[0] > 1 else 0,
+                stride_sin_b=sin.stride(0) if sin.shape[0] > 1 else 0, pos_ptr=cache_position.reshape(1),
+                qn_ptr=q_norm if q_norm is not None else cos, kn_ptr=k_norm if k_norm is not None else cos,
+                eps=float(norm_eps), HAS_BIAS=has_bias, HAS_NORM=q_norm is not None)
+    return _launch(out, k_cache, v_cache, mask, scale, config, out, fold)
+
+
+def _launch(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: float,
+            config: Optional[AttentionConfig], out: Tensor, fold: dict) -> Tensor:
+    """The kernel's grid; ``fold``: the QKV_SUMS arguments (``q`` is then only a shape, never read)."""
     if not HAS_TRITON:
         raise RuntimeError("the Triton decode attention needs triton")
     B, H, _, D = q.shape
     HKV, L = k.shape[1], k.shape[2]
     cfg = config or launch_config(B, H, HKV, L, D, q.device)
-    if out is None:
-        out = torch.empty((B, H, 1, D), dtype=q.dtype, device=q.device)
     acc, ml, cnt = _WORKSPACE.get(q.device, **_workspace_sizes(cfg, B, HKV))
     if mask is not None:
         mask = mask.expand(B, H, 1, L)  # stride 0 along broadcast dims
@@ -132,7 +179,7 @@ def decode_attention_gpu(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]
         MASK=kind,
         MASK_ROW=m_strides[1] == 0 or H == 1, IEEE=q.dtype == torch.float32,
         UPCAST=interpreter_upcasts(q.dtype),
-        PDL=use_pdl, num_warps=4, num_stages=2, **({"launch_pdl": True} if use_pdl else {}),
+        PDL=use_pdl, num_warps=4, num_stages=2, **fold, **({"launch_pdl": True} if use_pdl else {}),
     )
     return out
 

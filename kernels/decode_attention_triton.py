@@ -6,9 +6,14 @@ One program reads a slice of one KV head's cache once for the G query heads that
 to 16 rows); a position that every head masks (the unused tail of a static cache) is not read; the cache length is
 split over programs (flash-decoding) and the last program of a KV head to arrive merges the partial softmax states
 (an arrival counter, as the sparse GEMV's split-K): one launch. The launcher is ``decode_attention.py``.
+
+QKV_SUMS: q is not given but formed, with the new k/v cache row, from the split-K sums a q/k/v GEMV launch left in
+its workspace (the q/k/v + RoPE finishing launch folded in: ``qkv_from_sums``).
 """
 import triton
 import triton.language as tl
+
+from teal_fx.kernels.sparse_gemv_triton import normed_rotated
 
 
 @triton.jit
@@ -76,6 +81,69 @@ def merge_splits(acc_ptr, ml_ptr, first_slot, offs_g, offs_d, GP: tl.constexpr, 
     return out, l_tot
 
 @triton.jit
+def heads_from_sums(row_ptr, cols, offs_d, rot_d, sign, mask, b_ptr, cos, sin, n_ptr, eps, D: tl.constexpr,
+                    out_ty: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_NORM: tl.constexpr, ROTATE: tl.constexpr):
+    """Heads [R, DP] from a q/k/v launch's fp32 sums of one row (``row_ptr``; head r's at columns ``cols[r]`` +
+    d), as ``finish_qkv_rope_kernel`` makes them: + bias, in ``out_ty``; ROTATE: normalised (HAS_NORM) and rotated
+    (``normed_rotated``, cos / sin [1, DP])."""
+    y = tl.load(row_ptr + cols[:, None] + offs_d[None, :], mask=mask, other=0.0, cache_modifier=".cg")
+    if HAS_BIAS:
+        y += tl.load(b_ptr + cols[:, None] + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+    y = y.to(out_ty)
+    if ROTATE:
+        y_rot = tl.load(row_ptr + cols[:, None] + rot_d[None, :], mask=mask, other=0.0, cache_modifier=".cg")
+        if HAS_BIAS:
+            y_rot += tl.load(b_ptr + cols[:, None] + rot_d[None, :], mask=mask, other=0.0).to(tl.float32)
+        nw, nw_rot = None, None
+        if HAS_NORM:
+            nw = tl.load(n_ptr + offs_d, mask=offs_d < D, other=0.0).to(tl.float32)
+            nw_rot = tl.load(n_ptr + rot_d, mask=offs_d < D, other=0.0).to(tl.float32)
+        y = normed_rotated(y, y_rot.to(out_ty), sign, cos, sin, nw, nw_rot, eps, D, out_ty, HAS_NORM)
+    return y
+
+
+@triton.jit
+def qkv_from_sums(s_ptr, b, stride_sum_b, hk, K_COL0, V_COL0, bq_ptr, bk_ptr, bv_ptr, cos_ptr, sin_ptr, stride_cos_b,
+                  stride_sin_b, pos, qn_ptr, kn_ptr, eps, k_row_ptr, v_row_ptr, stride_kd, stride_vd, lo, hi,
+                  offs_g, offs_d, gd_mask, G: tl.constexpr, D: tl.constexpr, out_ty: tl.constexpr,
+                  HAS_BIAS: tl.constexpr, HAS_NORM: tl.constexpr):
+    """The q of KV head ``hk``'s G query heads in row ``b`` [GP, DP], from the q/k/v sums (q's columns, then k's from
+    K_COL0, v's from V_COL0); the program whose positions [lo, hi) hold the new one also forms that KV head's k and
+    v row and writes it into the cache (``k_row_ptr`` / ``v_row_ptr``: the row at that position), before its loop
+    reads it (the barrier). Every program of the KV head reads these sums; the last to arrive zeroes them."""
+    d_ok = offs_d < D
+    rot_d = (offs_d + D // 2) % D
+    sign = tl.where(offs_d < D // 2, -1.0, 1.0)
+    cos = tl.load(cos_ptr + b * stride_cos_b + offs_d, mask=d_ok, other=0.0).to(tl.float32)[None, :]
+    sin = tl.load(sin_ptr + b * stride_sin_b + offs_d, mask=d_ok, other=0.0).to(tl.float32)[None, :]
+    row = s_ptr + b * stride_sum_b
+    q = heads_from_sums(row, (hk * G + offs_g) * D, offs_d, rot_d, sign, gd_mask, bq_ptr, cos, sin, qn_ptr, eps, D,
+                        out_ty, HAS_BIAS, HAS_NORM, True)
+    if (pos >= lo) & (pos < hi):
+        one = tl.zeros((1,), tl.int32)
+        kv_mask = d_ok[None, :]
+        k = heads_from_sums(row + K_COL0, one + hk * D, offs_d, rot_d, sign, kv_mask, bk_ptr, cos, sin, kn_ptr, eps,
+                            D, out_ty, HAS_BIAS, HAS_NORM, True)
+        v = heads_from_sums(row + V_COL0, one + hk * D, offs_d, rot_d, sign, kv_mask, bv_ptr, cos, sin, kn_ptr, eps,
+                            D, out_ty, HAS_BIAS, False, False)
+        tl.store(k_row_ptr + offs_d[None, :] * stride_kd, k, mask=kv_mask)
+        tl.store(v_row_ptr + offs_d[None, :] * stride_vd, v, mask=kv_mask)
+    tl.debug_barrier()  # the CTA's global stores are visible to all its threads after the barrier
+    return q
+
+
+@triton.jit
+def zero_qkv_sums(s_ptr, b, stride_sum_b, hk, K_COL0, V_COL0, offs_g, offs_d, gd_mask, G: tl.constexpr, D: tl.constexpr):
+    """Zero the sums ``qkv_from_sums`` read for KV head ``hk`` of row ``b`` (its query heads', its k's and v's)."""
+    row = s_ptr + b * stride_sum_b
+    tl.store(row + (hk * G + offs_g)[:, None] * D + offs_d[None, :], tl.zeros(gd_mask.shape, tl.float32),
+             mask=gd_mask)
+    d_ok = offs_d < D
+    tl.store(row + K_COL0 + hk * D + offs_d, tl.zeros(offs_d.shape, tl.float32), mask=d_ok)
+    tl.store(row + V_COL0 + hk * D + offs_d, tl.zeros(offs_d.shape, tl.float32), mask=d_ok)
+
+
+@triton.jit
 def decode_attention_kernel(
     q_ptr, k_ptr, v_ptr, mask_ptr, o_ptr, acc_ptr, ml_ptr, cnt_ptr,
     L, L_PER_SPLIT, HKV, qk_scale,
@@ -88,6 +156,13 @@ def decode_attention_kernel(
     NSPLIT: tl.constexpr, MASK: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
     MASK_ROW: tl.constexpr = True,  # the mask is the same for every head (or there is none)
     PDL: tl.constexpr = False,  # programmatic dependent launch (kernels/pdl.py)
+    # q (and the new k/v row, written to the cache at pos_ptr[0]) formed from a q/k/v GEMV's sums (``qkv_from_sums``;
+    # s_ptr [B, >= V_COL0 + HKV * D], rows stride_sum_b), its biases (HAS_BIAS), RoPE's cos / sin ([B or 1, D], rows
+    # stride_cos_b / stride_sin_b, 0 when shared) and Qwen3's q/k norms (HAS_NORM); the sums zeroed by the last program
+    # of each KV head. q_ptr is then not read.
+    QKV_SUMS: tl.constexpr = False, s_ptr=None, stride_sum_b=0, K_COL0=0, V_COL0=0, bq_ptr=None, bk_ptr=None,
+    bv_ptr=None, cos_ptr=None, sin_ptr=None, stride_cos_b=0, stride_sin_b=0, pos_ptr=None, qn_ptr=None, kn_ptr=None,
+    eps=0.0, HAS_BIAS: tl.constexpr = False, HAS_NORM: tl.constexpr = False,
 ):
     """Program (b·HKV + kv head, split): the G query heads of one KV head over L_PER_SPLIT positions.
 
@@ -110,15 +185,23 @@ def decode_attention_kernel(
     d_ok = offs_d < D
     heads = hk * G + offs_g
     gd_mask = g_ok[:, None] & d_ok[None, :]
-    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd, mask=gd_mask,
-                other=0.0)
+    lo = split * L_PER_SPLIT
+    hi = tl.minimum(lo + L_PER_SPLIT, L)
+    if QKV_SUMS:
+        pos = tl.load(pos_ptr)
+        q = qkv_from_sums(s_ptr, b, stride_sum_b, hk, K_COL0, V_COL0, bq_ptr, bk_ptr, bv_ptr, cos_ptr, sin_ptr,
+                          stride_cos_b, stride_sin_b, pos, qn_ptr, kn_ptr, eps,
+                          k_ptr + b * stride_kb + hk * stride_kh + pos * stride_kl,
+                          v_ptr + b * stride_vb + hk * stride_vh + pos * stride_vl, stride_kd, stride_vd, lo, hi,
+                          offs_g, offs_d, gd_mask, G, D, o_ptr.dtype.element_ty, HAS_BIAS, HAS_NORM)
+    else:
+        q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd, mask=gd_mask,
+                    other=0.0)
     if UPCAST:  # the CPU interpreter mis-computes bf16 dots; the GPU never takes this branch
         q = q.to(tl.float32)
     m_i = tl.full((GP,), float("-inf"), tl.float32)
     l_i = tl.zeros((GP,), tl.float32)
     acc = tl.zeros((GP, DP), tl.float32)
-    lo = split * L_PER_SPLIT
-    hi = tl.minimum(lo + L_PER_SPLIT, L)
     for start in range(lo, hi, BLOCK_L):
         offs_l = start + tl.arange(0, BLOCK_L)
         k_blk = k_ptr + b * stride_kb + hk * stride_kh + offs_l[:, None] * stride_kl + offs_d[None, :] * stride_kd
@@ -158,6 +241,8 @@ def decode_attention_kernel(
     if NSPLIT == 1:
         l_i = tl.where(g_ok, l_i, 1.0)  # the padding heads (never stored) divide by 1, not 0
         tl.store(o_ptr + o_offs, (acc / l_i[:, None]).to(o_ptr.dtype.element_ty), mask=gd_mask)
+        if QKV_SUMS:  # (every warp read them in the prologue, before its barrier)
+            zero_qkv_sums(s_ptr, b, stride_sum_b, hk, K_COL0, V_COL0, offs_g, offs_d, gd_mask, G, D)
     else:
         # this split's softmax state (running max, sum, unnormalised output) to the workspace; the last split of
         # this KV head to arrive merges all of them and resets the counter for the next launch
@@ -171,5 +256,7 @@ def decode_attention_kernel(
             out, l_tot = merge_splits(acc_ptr, ml_ptr, bh * NSPLIT, offs_g, offs_d, GP, DP, NSPLIT)
             l_tot = tl.where(g_ok, l_tot, 1.0)
             tl.store(o_ptr + o_offs, (out / l_tot[:, None]).to(o_ptr.dtype.element_ty), mask=gd_mask)
+            if QKV_SUMS:  # every program of this KV head has read them: it arrived
+                zero_qkv_sums(s_ptr, b, stride_sum_b, hk, K_COL0, V_COL0, offs_g, offs_d, gd_mask, G, D)
             tl.atomic_xchg(cnt_ptr + bh, 0)
 

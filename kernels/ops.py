@@ -10,6 +10,7 @@ dtypes and row counts) and runs ``reference.py`` everywhere else, so one graph s
     teal::sparse_mlp_add_rmsnorm(x, W_gate, W_up, W_down, ...)          the two above, down over silu(gate) * up
     teal::sparse_linear_qkv_rope(x, [Wq, Wk, Wv], ..., cos, sin, pos, k_cache, v_cache)   RoPE(q); cache <- RoPE(k), v
     teal::decode_attention(q, k, v, mask, scale)                        one query position, GQA heads read once
+    teal::sparse_qkv_rope_attention(x, [Wq, Wk, Wv], ..., mask, scale)  the two above, q formed by the attention
     teal::quantized_linear(x, W_q, scales, b)                           x Wᵀ + b, W int8/int4 (kernels/quantize.py)
 
 The sparse ops take int8/int4 weights too, with their ``scales`` (None: a float weight), ``shared``: one mask for
@@ -396,3 +397,47 @@ def _(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: float) -> 
     torch._check(q.dim() == 4 and k.dim() == 4 and v.dim() == 4, lambda: "decode_attention: 4-D q, k, v")
     torch._check(q.shape[1] % k.shape[1] == 0, lambda: "decode_attention: query heads must be a multiple of kv heads")
     return q.new_empty(q.shape)
+
+
+@torch.library.custom_op("teal::sparse_qkv_rope_attention", mutates_args=("k_cache", "v_cache"))
+def sparse_qkv_rope_attention(
+    x: Tensor, weights: list[Tensor], biases: list[Optional[Tensor]], thresholds: list[float],
+    prefill_sparse_from: float, sparsities: list[float], scales: list[Optional[Tensor]], shared: bool, x_int8: bool,
+    head_dim: int, cos: Tensor, sin: Tensor, cache_position: Tensor, k_cache: Tensor, v_cache: Tensor,
+    q_norm: Optional[Tensor], k_norm: Optional[Tensor], norm_eps: float, mask: Optional[Tensor], scale: float,
+) -> Tensor:
+    """``decode_attention(sparse_linear_qkv_rope(x, ...), k_cache, v_cache, mask, scale)``: a decode step's q/k/v
+    projections, RoPE, the cache writes and the attention, returning the attention's [B, H, 1, D].
+
+    On the decode path the attention launch forms q and the new k/v row from the q/k/v launch's sums itself
+    (``decode_attention_from_qkv_sums``), so the q/k/v + RoPE finishing launch between them goes away; elsewhere it
+    is the two ops. No autograd: the pass that inserts it only rewrites decode graphs."""
+    if x.is_cuda and sparse_token_start(x, prefill_sparse_from) == 0:
+        hint = min(sparsities, default=-1.0)
+        hq = logical_shape(weights[0])[0] // head_dim if head_dim else 0
+        if _group_on_kernel(x, weights, biases, scales, hint, shared, x_int8) and \
+                sparse_gemv.can_fold_rope(x, weights, head_dim, cos, sin, cache_position, k_cache, v_cache, q_norm,
+                                          k_norm) and \
+                attention_launcher.can_fold_qkv(head_dim, k_cache, mask) and hq % k_cache.shape[1] == 0:
+            sums = sparse_gemv.sparse_gemv_sums(x, weights, thresholds, sparsity=hint, scales=scales, shared=shared,
+                                                x_int8=x_int8)
+            return attention_launcher.decode_attention_from_qkv_sums(
+                sums, biases, head_dim, cos, sin, cache_position, k_cache, v_cache, q_norm, k_norm, norm_eps, mask,
+                scale)
+    q = sparse_linear_qkv_rope(x, weights, biases, thresholds, prefill_sparse_from, sparsities, scales, shared, x_int8,
+                               head_dim, cos, sin, cache_position, k_cache, v_cache, q_norm, k_norm, norm_eps)
+    return decode_attention(q, k_cache, v_cache, mask, scale)
+
+
+@sparse_qkv_rope_attention.register_fake
+def _(x: Tensor, weights: list[Tensor], biases: list[Optional[Tensor]], thresholds: list[float],
+      prefill_sparse_from: float, sparsities: list[float], scales: list[Optional[Tensor]], shared: bool,
+      x_int8: bool, head_dim: int, cos: Tensor, sin: Tensor, cache_position: Tensor, k_cache: Tensor,
+      v_cache: Tensor, q_norm: Optional[Tensor], k_norm: Optional[Tensor], norm_eps: float, mask: Optional[Tensor],
+      scale: float) -> Tensor:
+    torch._check(len(weights) == 3, lambda: "sparse_qkv_rope_attention: three weights (q, k, v)")
+    torch._check(x.dim() == 3, lambda: "sparse_qkv_rope_attention: x is [B, S, K]")
+    heads = logical_shape(weights[0])[0] // head_dim
+    torch._check(heads % k_cache.shape[1] == 0, lambda: "sparse_qkv_rope_attention: query heads must be a multiple "
+                                                         "of the cache's kv heads")
+    return x.new_empty((x.shape[0], heads, x.shape[1], head_dim))

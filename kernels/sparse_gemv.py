@@ -5,6 +5,7 @@
     sparse_gemv_swiglu(x, w_gate, w_up, ...)      silu(gate) * up formed by the gate/up launch
     sparse_gemv_add_rmsnorm(x, w, b, t, r, nw, eps)   h = r + linear, RMSNorm(h), in the finishing launch
     sparse_gemv_mlp_add_rmsnorm(x, wg, wu, wd, ...)   the two above as one op, silu(gate) * up formed by down
+    sparse_gemv_sums(x, [w], [t])                 the grouped launch's sums left for the next launch to read
 
 Every launcher takes ``scales`` for int8/int4 weights (kernels/quantize.py: the format follows the weight's dtype).
 The kernels are in ``sparse_gemv_triton.py``, the launch config in ``sparse_gemv_config.py``, the reference in
@@ -245,6 +246,21 @@ def sparse_gemv_group(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Opt
                    shared=shared, x_int8=x_int8)
 
 
+def sparse_gemv_sums(x: Tensor, weights: Sequence[Tensor], thresholds: Sequence[float], *,
+                     config: Optional[GemvConfig] = None, sparsity: Optional[float] = None,
+                     scales: Optional[Sequence[Optional[Tensor]]] = None, shared: bool = False,
+                     x_int8: bool = False) -> list[Tensor]:
+    """The grouped launch without its finish: each linear's fp32 sums (x ⊙ 1[|x| > t_i]) W_iᵀ, no bias, left in the
+    workspace, returned as [rows, N_i] views of its rows. The next launch must read them (forming its own input from
+    them) and a launch after it zero them before any other GEMV adds into the workspace: ``sparse_gemv_mlp_add_rmsnorm``
+    and ``decode_attention.decode_attention_from_qkv_sums`` do. One launch a layer fewer than a finish."""
+    if not 1 <= len(weights) <= MAX_SEGMENTS or (len(weights) > 1 and not all(_groupable(w) for w in weights)) \
+            or len({w.dtype for w in weights}) > 1:
+        raise ValueError(f"sparse_gemv_sums: 1 to {MAX_SEGMENTS} weights of one dtype, column-major if several")
+    return _launch(x, weights, [None] * len(weights), thresholds, config, None, sparsity, _Epilogue.SUMS,
+                   scales=scales, shared=shared, x_int8=x_int8)
+
+
 def sparse_gemv_swiglu(x: Tensor, w_gate: Tensor, w_up: Tensor, t_gate: float, t_up: float, *,
                        config: Optional[GemvConfig] = None, out: Optional[Tensor] = None,
                        sparsity: Optional[float] = None, scales_gate: Optional[Tensor] = None,
@@ -298,8 +314,8 @@ def sparse_gemv_mlp_add_rmsnorm(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down:
         raise ValueError(f"sparse_gemv_mlp_add_rmsnorm: needs what sparse_gemv_swiglu and sparse_gemv_add_rmsnorm "
                          f"take, down over gate's outputs, 1 to {MAX_FOLD_ROWS} rows (see can_fold_swiglu)")
     rows = x.numel() // x.shape[-1]
-    gate, up = _launch(x, [w_gate, w_up], [None, None], [t_gate, t_up], configs[0], None, sparsities[0],
-                       _Epilogue.SWIGLU_SUMS, scales=scales[:2], shared=shared)
+    gate, up = sparse_gemv_sums(x, [w_gate, w_up], [t_gate, t_up], config=configs[0], sparsity=sparsities[0],
+                                scales=scales[:2], shared=shared)
     act = torch.empty((rows, gate.shape[1]), dtype=x.dtype, device=x.device)  # each down program writes its split
     N = logical_shape(w_down)[0]
     h, out = (torch.empty((rows, N), dtype=x.dtype, device=x.device) for _ in range(2))
@@ -335,13 +351,13 @@ def sparse_gemv_qkv_rope(x: Tensor, weights: Sequence[Tensor], biases: Sequence[
 
 # ------------------------------------------------------------------------------------------------ the launch
 class _Epilogue(enum.Enum):
-    """What the split-K sums become: y (+ bias) per segment; silu(gate) * up of two segments; the two segments'
-    sums left as they are (the next launch reads them: ``sparse_gemv_mlp_add_rmsnorm``); h = residual + y and its
+    """What the split-K sums become: y (+ bias) per segment; silu(gate) * up of two segments; the segments' sums
+    left as they are (the next launch reads them: ``sparse_gemv_mlp_add_rmsnorm``); h = residual + y and its
     RMSNorm; q/k/v with RoPE (both always in a finishing launch: the norm needs every column's sum)."""
 
     STORE = "store"
     SWIGLU = "swiglu"
-    SWIGLU_SUMS = "swiglu_sums"  # gate/up sums left in the workspace for the down launch to form x from
+    SUMS = "sums"  # left in the workspace for the next launch to read (and a later one to zero)
     ADD_RMSNORM = "add_rmsnorm"
     QKV_ROPE = "qkv_rope"
 
@@ -386,9 +402,9 @@ def _launch(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tens
             x_sums: Optional[tuple[Tensor, Tensor]] = None, ws_offset: int = 0) -> list[Tensor]:
     """The GEMV grid over the segments' N tiles, then, where the epilogue runs apart, its finishing launch.
 
-    ``x_sums`` (gate, up): fp32 [M, K] views of the sums a SWIGLU_SUMS launch left in the workspace; this launch
+    ``x_sums`` (gate, up): fp32 [M, K] views of the sums a gate/up launch left in the workspace (SUMS); this launch
     forms x = silu(gate) * up from them into ``x`` (written, not read), keeps its own sums ``ws_offset`` floats on,
-    past them, and its finish (ADD_RMSNORM only) zeroes them. SWIGLU_SUMS returns those views."""
+    past them, and its finish (ADD_RMSNORM only) zeroes them. SUMS returns a [M, N] view of each segment's sums."""
     if not HAS_TRITON:
         raise RuntimeError("the Triton sparse GEMV needs triton")
     nseg = len(weights)
@@ -469,7 +485,7 @@ def _launch(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tens
         BM = 1
     else:
         raise ValueError("the [BK, BN] tile loop and the packed loop take one row; batches take use_dot or in_thread")
-    if epilogue is _Epilogue.SWIGLU_SUMS:
+    if epilogue is _Epilogue.SUMS:
         ys = [x2] * nseg  # never written: the sums stay in the workspace
     else:
         ys = list(outs) if outs is not None else [torch.empty((M, N), dtype=x.dtype, device=x.device) for N in Ns]
@@ -507,14 +523,14 @@ def _launch(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tens
     s0 = seg[0]
     use_pdl = pdl.enabled(x.device)
     launch_pdl = {"launch_pdl": True} if use_pdl else {}
-    gated = epilogue in (_Epilogue.SWIGLU, _Epilogue.SWIGLU_SUMS)
+    gated = epilogue is _Epilogue.SWIGLU
     # the split-K epilogue as a second launch where launches overlap (PDL): ~1 µs less per GEMV than the grid's own
     # last arriver (docs/design.md, "Launch boundaries"). Not for the tensor-core path, which does not let the next
     # launch start early. The norm needs every column's sum: only a launch after the grid has them.
     apart = use_pdl if cfg.apart is None else cfg.apart
     # the norm needs every column's sum, the rotation the other half of each head's: only a launch after the grid
     apart = (apart and (cfg.split_k > 1 or gated) and not cfg.use_dot) or \
-        epilogue in (_Epilogue.ADD_RMSNORM, _Epilogue.QKV_ROPE, _Epilogue.SWIGLU_SUMS)
+        epilogue in (_Epilogue.ADD_RMSNORM, _Epilogue.QKV_ROPE, _Epilogue.SUMS)
     swiglu_x = {} if x_sums is None else dict(X_SWIGLU=True, g_ptr=x_sums[0], u_ptr=x_sums[1],
                                               stride_gm=x_sums[0].stride(0))
     jit.sparse_gemv_kernel[(total_tiles, cfg.split_k)](
@@ -534,9 +550,10 @@ def _launch(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tens
         s_ptr=s0["s"],
         stride_sg=s0["ssg"], **extra, **swiglu_x, **launch_pdl,
     )
-    if epilogue is _Epilogue.SWIGLU_SUMS:  # [M, N] views, rows N_TOTAL apart (gate's tiles, then up's)
+    if epilogue is _Epilogue.SUMS:  # [M, N] views, rows N_TOTAL apart (each segment's tiles in turn)
         sums = ws[:M * total_tiles * BN].view(M, total_tiles * BN)
-        return [sums[:, :Ns[0]], sums[:, tiles[0] * BN:tiles[0] * BN + Ns[1]]]
+        cols = [sum(tiles[:i]) * BN for i in range(nseg)]
+        return [sums[:, c:c + N] for c, N in zip(cols, Ns)]
     if norm is not None:
         BN_ROW = next_pow2(s0["N"])
         # x's gate/up sums, rows 0..M-1 of theirs: zeroed by programs past the rows' once this grid has read them

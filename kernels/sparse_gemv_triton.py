@@ -866,6 +866,21 @@ def add_rmsnorm_row(ws_ptr, b_ptr, res_ptr, nw_ptr, h_ptr, out_ptr, N, ws_width,
 
 
 @triton.jit
+def normed_rotated(y, y_rot, sign, cos, sin, nw, nw_rot, eps, D: tl.constexpr, out_ty: tl.constexpr,
+                   HAS_NORM: tl.constexpr):
+    """Rows of one head's values y [R, D] (y_rot: the same at columns (d + D/2) mod D; both in ``out_ty``),
+    normalised (HAS_NORM: Qwen3's per-head RMSNorm, weights nw / nw_rot [D]) and rotated (``y * cos +
+    rotate_half(y) * sin``, ``sign`` -1 on the first half), rounded where eager rounds (``reference_qkv_rope_``)."""
+    if HAS_NORM:  # w * (y.float() * rsqrt(mean(y²) + eps)).to(dtype), the head's statistic for both halves
+        yf = y.to(tl.float32)
+        r = 1.0 / tl.sqrt_rn(tl.sum(yf * yf, axis=1) / D + eps)
+        y = (nw[None, :] * (yf * r[:, None]).to(out_ty).to(tl.float32)).to(out_ty)
+        y_rot = (nw_rot[None, :] * (y_rot.to(tl.float32) * r[:, None]).to(out_ty).to(tl.float32)).to(out_ty)
+    rot = y_rot.to(tl.float32) * sign[None, :]
+    return ((y.to(tl.float32) * cos).to(out_ty).to(tl.float32) + (rot * sin).to(out_ty).to(tl.float32)).to(out_ty)
+
+
+@triton.jit
 def finish_qkv_rope_kernel(ws_ptr, bq_ptr, bk_ptr, bv_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, kc_ptr, vc_ptr, qn_ptr,
                            kn_ptr, eps, M, ws_width, K_COL0, V_COL0, HQ, HKV, stride_cb, stride_sb, stride_qb,
                            stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl,
@@ -913,6 +928,7 @@ def finish_qkv_rope_kernel(ws_ptr, bq_ptr, bk_ptr, bv_ptr, cos_ptr, sin_ptr, pos
     if HAS_BIAS:
         bias = tl.load(b_ptr + head * D + offs_d, cache_modifier=".cg").to(tl.float32)
         bias_rot = tl.load(b_ptr + head * D + rot_d, cache_modifier=".cg").to(tl.float32)
+    nw, nw_rot = None, None
     if HAS_NORM:
         nw = tl.load(n_ptr + offs_d, cache_modifier=".cg").to(tl.float32)
         nw_rot = tl.load(n_ptr + rot_d, cache_modifier=".cg").to(tl.float32)
@@ -934,13 +950,7 @@ def finish_qkv_rope_kernel(ws_ptr, bq_ptr, bk_ptr, bv_ptr, cos_ptr, sin_ptr, pos
         tl.store(vc_ptr + offs_m[:, None] * stride_vb + head * stride_vh + pos * stride_vl + offs_d[None, :], y,
                  mask=mask)
     else:
-        if HAS_NORM:  # w * (y.float() * rsqrt(mean(y²) + eps)).to(dtype), the head's statistic for both halves
-            yf = y.to(tl.float32)
-            r = 1.0 / tl.sqrt_rn(tl.sum(yf * yf, axis=1) / D + eps)
-            y = (nw[None, :] * (yf * r[:, None]).to(out_ty).to(tl.float32)).to(out_ty)
-            y_rot = (nw_rot[None, :] * (y_rot.to(tl.float32) * r[:, None]).to(out_ty).to(tl.float32)).to(out_ty)
-        rot = y_rot.to(tl.float32) * sign[None, :]
-        e = ((y.to(tl.float32) * cos).to(out_ty).to(tl.float32) + (rot * sin).to(out_ty).to(tl.float32)).to(out_ty)
+        e = normed_rotated(y, y_rot, sign, cos, sin, nw, nw_rot, eps, D, out_ty, HAS_NORM)
         if pid < HQ:
             tl.store(q_ptr + offs_m[:, None] * stride_qb + head * D + offs_d[None, :], e, mask=mask)
         else:

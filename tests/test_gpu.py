@@ -656,16 +656,17 @@ def test_folded_mlp_on_the_8b_shapes(fmt, sparsity):
 
 
 @pytest.mark.parametrize("fmt", [None, "int8", "int4"])
-def test_folded_swiglu_decodes_like_the_unfolded_step(fmt):
-    """The backend with ``fold_swiglu``: the lean loop (CUDA graphs) fed the same tokens gives the unfolded step's
-    logits (fp32: the sums met in another order, which can flip an input at its threshold: the bound of the
-    quantized decode's test above)."""
+@pytest.mark.parametrize("folds", [("fold_swiglu",), ("fold_qkv_attention",), ("fold_swiglu", "fold_qkv_attention")])
+def test_folded_finishes_decode_like_the_unfolded_step(fmt, folds):
+    """The backend with ``fold_swiglu`` and / or ``fold_qkv_attention``: the lean loop (CUDA graphs) fed the same
+    tokens gives the unfolded step's logits (fp32: the sums met in another order, which can flip an input at its
+    threshold: the bound of the quantized decode's test above)."""
     from teal_fx.generate import decode_logits
 
     model = tiny_model("llama", hidden=256, inter=512, dtype=torch.float32).cuda()
     teal_fx.calibrate(model, torch.randint(3, 128, (4, 64)), sparsity=0.5, weights=fmt, progress=False,
                       num_sequences=4, seq_len=64)
     tokens = torch.randint(3, 128, (2, 24), device="cuda")
-    folded, plain = (decode_logits(model, tokens, 12, mode="reduce-overhead", options={"fold_swiglu": f})
+    folded, plain = (decode_logits(model, tokens, 12, mode="reduce-overhead", options=dict.fromkeys(folds, f))
                      for f in (True, False))
     assert float((folded - plain).norm() / plain.norm()) < 1e-3

@@ -138,3 +138,73 @@ def test_llama3_8b_heads(fmt, B, qk_norm):
     p = int(pos)
     for got, ref in ((q, q_ref), (kc[:, :, p], kc_ref[:, :, p]), (vc[:, :, p], vc_ref[:, :, p])):
         assert rel_err(got, ref) <= TOL[torch.bfloat16]
+
+
+@settings(max_examples=20, deadline=None)
+@given(B=st.integers(1, 3), heads=st.sampled_from([(2, 1), (4, 2), (3, 3), (8, 2)]), D=st.sampled_from([16, 32]),
+       K=st.integers(16, 64), dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
+       fmt=st.sampled_from([None, "int8", "int4"]), bias=st.booleans(), per_row_angles=st.booleans(),
+       t=st.floats(0.0, 1.0), seed=st.integers(0, 1000), qk_norm=st.booleans(),
+       mask=st.sampled_from([None, "bool", "float"]), splits=st.integers(1, 3))
+def test_attention_from_sums_matches_finish_then_attention(B, heads, D, K, dtype, fmt, bias, per_row_angles, t, seed,
+                                                           qk_norm, mask, splits):
+    """The q/k/v + RoPE finish folded into the attention (``decode_attention_from_qkv_sums``) against the finish
+    then the attention (the same configs): the output and both caches bit for bit on the interpreter, with 1-3 splits
+    of the cache (the position in any of them); the workspaces zero after."""
+    from teal_fx.kernels import decode_attention as da
+
+    hq, hkv = heads
+    if fmt == "int4" and hkv * D < 32:
+        D = 32
+    x, ws, bs, scales, cos, sin, pos, _ = operands(B, hq, hkv, D, K, dtype, fmt, bias, per_row_angles, seed)
+    g = torch.Generator().manual_seed(seed + 2)
+    L = 6
+    caches = [torch.randn(B, hkv, L, D, generator=g).to(dtype).to(DEVICE) for _ in range(2)]
+    attend = torch.arange(L, device=DEVICE) <= pos  # the static cache's rows up to the new one
+    m = {None: None, "bool": attend.view(1, 1, 1, L),
+         "float": torch.where(attend, 0.0, float("-inf")).to(dtype).view(1, 1, 1, L)}[mask]
+    norms = [(1 + 0.3 * torch.randn(D, generator=g)).to(dtype).to(DEVICE) for _ in range(2)] if qk_norm \
+        else [None, None]
+    ts = [t, t / 2, 0.0]
+    cfg = da.split_cache(da.launch_config(B, hq, hkv, L, D, x.device), L, splits, block_l=2)
+
+    kc_ref, vc_ref = (c.clone() for c in caches)
+    q = sg.sparse_gemv_qkv_rope(x, ws, bs, ts, D, cos, sin, pos, kc_ref, vc_ref, *norms, 1e-6, scales=scales)
+    ref = da.decode_attention_gpu(q, kc_ref, vc_ref, m, 0.3, config=cfg)
+    kc, vc = (c.clone() for c in caches)
+    sums = sg.sparse_gemv_sums(x, ws, ts, scales=scales)
+    out = da.decode_attention_from_qkv_sums(sums, bs, D, cos, sin, pos, kc, vc, *norms, 1e-6, m, 0.3, config=cfg)
+    assert all(not s.any() for s in sums), "the q/k/v sums left in the workspace"
+    assert all(not buf.any() for (_, name), buf in da._WORKSPACE.bufs.items() if name == "cnt")
+    if ON_GPU:  # the sums meet in another order: a rounding of q may move
+        assert rel_err(out, ref) <= max(TOL[dtype], NORM_TOL[dtype])
+        assert rel_err(kc, kc_ref) <= NORM_TOL[dtype] and rel_err(vc, vc_ref) <= NORM_TOL[dtype]
+    else:
+        assert torch.equal(out, ref) and torch.equal(kc, kc_ref) and torch.equal(vc, vc_ref)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="the Llama-3-8B shape: a GPU's test (the interpreter takes minutes)")
+@pytest.mark.parametrize("fmt", [None, "int8", "int4"])
+@pytest.mark.parametrize("B", [1, 4])
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_llama3_8b_attention_from_sums(fmt, B, qk_norm):
+    """The fold on Llama-3-8B's heads (Qwen3-8B's with the norms) over a 2048-position cache (the launcher's own
+    splits, the new row at 1000), the configs the decode step picks at 50%, against the finish then the attention."""
+    from teal_fx.kernels import decode_attention as da
+
+    x, ws, bs, scales, cos, sin, _, _ = operands(B, 32, 8, 128, 4096, torch.bfloat16, fmt, False, True, 7)
+    L, pos = 2048, torch.tensor([1000], device=DEVICE)
+    caches = [torch.randn(B, 8, L, 128, device=DEVICE, dtype=torch.bfloat16) for _ in range(2)]
+    mask = (torch.arange(L, device=DEVICE) <= pos).view(1, 1, 1, L)
+    norms = [torch.full((128,), 1.1, dtype=torch.bfloat16, device=DEVICE)] * 2 if qk_norm else [None, None]
+    ts = [0.1, 0.1, 0.1]
+    kc_ref, vc_ref = (c.clone() for c in caches)
+    q = sg.sparse_gemv_qkv_rope(x, ws, bs, ts, 128, cos, sin, pos, kc_ref, vc_ref, *norms, 1e-6, scales=scales,
+                                sparsity=0.5)
+    ref = da.decode_attention_gpu(q, kc_ref, vc_ref, mask, 128**-0.5)
+    kc, vc = (c.clone() for c in caches)
+    sums = sg.sparse_gemv_sums(x, ws, ts, scales=scales, sparsity=0.5)
+    out = da.decode_attention_from_qkv_sums(sums, bs, 128, cos, sin, pos, kc, vc, *norms, 1e-6, mask, 128**-0.5)
+    assert all(not s.any() for s in sums)
+    for got, want in ((out, ref), (kc, kc_ref), (vc, vc_ref)):
+        assert rel_err(got, want) <= NORM_TOL[torch.bfloat16]
