@@ -2,11 +2,11 @@
 
     ops.py                     torch.library registrations of teal::* (fakes, autograd), dispatching to:
     sparse_gemv.py             launchers of the sparse GEMV (one, grouped, SwiGLU, add + RMSNorm, the MLP with
-                               both, q/k/v + RoPE)
+                               both, q/k/v + RoPE, the sums left for the next launch)
       sparse_gemv_config.py    its launch config, a typed value, and the rule that picks it
       sparse_gemv_triton.py    its jitted Triton kernels
         x_int8_triton.py       their loops with x rounded to int8 (dp4a; a plan's activations="int8")
-    decode_attention.py        launcher (and config) of the decode attention
+    decode_attention.py        launcher (and config) of the decode attention, also from q/k/v sums
       decode_attention_triton.py   its jitted Triton kernel
     quantize.py                int8 / int4 weight formats and the QuantizedLinear module that holds them
     dequant_matmul.py          launcher of the prefill GEMM on quantized weights
