@@ -25,9 +25,9 @@ class TealOptions:
     group_shared_input: bool = True  # q/k/v and gate/up each in one launch (passes/group_shared_input.py)
     fuse_swiglu: bool = True  # the gate/up launch forms silu(gate) * up (passes/fuse_swiglu.py)
     fuse_add_rmsnorm: bool = True  # o and down launches add the residual and apply the RMSNorm (passes/fuse_add_rmsnorm.py)
-    # the down launch forms silu(gate) * up itself, one launch a layer fewer (passes/fold_swiglu_into_down.py):
-    # off until timed on a GPU (docs/perf-log.md v49)
-    fold_swiglu: bool = False
+    # the down launch forms silu(gate) * up itself, one launch a layer fewer (passes/fold_swiglu_into_down.py);
+    # docs/perf-log.md v49: int4 + 50% decode +5.8%, int8 +1.5%, bf16 +0.6% (H100)
+    fold_swiglu: bool = True
     fold_rope: bool = True  # RoPE + static-cache writes in the q/k/v launch's finish (passes/fold_rope_into_qkv_finish.py)
     decode_attention: bool = True  # decode-step sdpa -> teal::decode_attention (passes/replace_decode_attention.py)
     # the attention forms q and the new k/v row itself (passes/fold_qkv_finish_into_attention.py): off until timed

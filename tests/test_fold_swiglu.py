@@ -20,7 +20,7 @@ ADD_RMSNORM = torch.ops.teal.sparse_linear_add_rmsnorm.default
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "mistral"])
 def test_folds_every_mlp_of_a_decode_graph(arch):
-    gm = decode_graph_after_passes(tiny_model(arch, layers=3), torch.tensor([[4], [7]]), fold_swiglu=True)
+    gm = decode_graph_after_passes(tiny_model(arch, layers=3), torch.tensor([[4], [7]]))
     assert count_calls(gm, FOLDED) == 3 and count_calls(gm, SWIGLU) == 0
     assert count_calls(gm, ADD_RMSNORM) == 3  # o's stay
     node = next(n for n in gm.graph.nodes if n.target is FOLDED)
@@ -29,17 +29,18 @@ def test_folds_every_mlp_of_a_decode_graph(arch):
     assert h.shape == out.shape == (2, 1, 64)
 
 
-def test_off_by_default_and_leaves_what_it_cannot_fold():
+def test_on_by_default_and_leaves_what_it_cannot_fold():
     model = tiny_model("llama", layers=2)
     folded = lambda m, ids, **o: count_calls(decode_graph_after_passes(m, torch.tensor(ids), **o), FOLDED)  # noqa: E731
-    assert folded(model, [[4]]) == 0  # off until timed (options.py)
-    assert folded(model, [[4, 5, 6]], fold_swiglu=True) == 0  # prefill: no add_rmsnorm
-    assert folded(model, [[4]], fold_swiglu=True, fuse_swiglu=False) == 0
-    assert folded(tiny_model("phi3"), [[4]], fold_swiglu=True) == 0  # Phi-3's fused gate_up
+    assert folded(model, [[4]]) == 2  # on by default (options.py: timed in docs/perf-log.md v49)
+    assert folded(model, [[4]], fold_swiglu=False) == 0
+    assert folded(model, [[4, 5, 6]]) == 0  # prefill: no add_rmsnorm
+    assert folded(model, [[4]], fuse_swiglu=False) == 0
+    assert folded(tiny_model("phi3"), [[4]]) == 0  # Phi-3's fused gate_up
 
 
 def test_leaves_a_swiglu_with_another_reader_alone():
-    gm = decode_graph_after_passes(tiny_model("llama", layers=1), torch.tensor([[4]]))
+    gm = decode_graph_after_passes(tiny_model("llama", layers=1), torch.tensor([[4]]), fold_swiglu=False)
     act = next(n for n in gm.graph.nodes if n.target is SWIGLU)
     out = next(n for n in gm.graph.nodes if n.op == "output")
     with gm.graph.inserting_before(out):  # a second reader of silu(gate) * up

@@ -15,7 +15,7 @@ LINEAR = torch.ops.teal.sparse_linear.default
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "phi3"])
 def test_fuses_every_o_and_down_of_a_decode_graph(arch):
     model = tiny_model(arch, layers=3)
-    gm = decode_graph_after_passes(model, torch.tensor([[4], [7]]))
+    gm = decode_graph_after_passes(model, torch.tensor([[4], [7]]), fold_swiglu=False)  # down's op stays its own
     # Phi-3's fused qkv and gate_up projections stay plain sparse linears (no residual add after them)
     assert count_calls(gm, FUSED) == 2 * 3 and count_calls(gm, LINEAR) == (2 * 3 if arch == "phi3" else 0)
     # the chains are gone: 6 norms fewer (Qwen3's q/k norms and the first input norm, after the embedding, stay)

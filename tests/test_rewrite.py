@@ -87,36 +87,41 @@ def test_rewritten_nodes_are_exactly_the_block_linears(arch):
     (cg,) = graphs
     ctx = PassContext(plan=plan)
     gm = run_passes(cg.gm, ctx)
-    # sparse_linear, sparse_linear_add_rmsnorm, getitems of a group, sparse_swiglu
+    # sparse_linear, sparse_linear_add_rmsnorm, getitems of a group, sparse_swiglu, sparse_mlp_add_rmsnorm
     ops = [n for n in gm.graph.nodes if "teal" in n.meta]
     swiglus = [n for n in ops if n.target is torch.ops.teal.sparse_swiglu.default]  # each stands for gate and up
-    assert len(ops) + len(swiglus) == len(EXPECTED_ROLES[arch]) * 3
+    mlps = [n for n in ops if n.target is torch.ops.teal.sparse_mlp_add_rmsnorm.default]  # gate, up and down
+    assert len(ops) + len(swiglus) + 2 * len(mlps) == len(EXPECTED_ROLES[arch]) * 3
     group_op = torch.ops.teal.sparse_linear_group.default
     fused_norm = torch.ops.teal.sparse_linear_add_rmsnorm.default
     singles = [n for n in ops if n.target in (torch.ops.teal.sparse_linear.default, fused_norm)]
     # a decode graph: o and down take their residual add and the next RMSNorm where it is Llama's (not Gemma's 1 + w)
     llama_norm = not arch.startswith("gemma")
-    assert sum(n.target is fused_norm for n in singles) == (2 * 3 if llama_norm else 0)
+    assert sum(n.target is fused_norm for n in singles) + len(mlps) == (2 * 3 if llama_norm else 0)
     groups = [n for n in gm.graph.nodes if n.target is group_op]
     roles = set(EXPECTED_ROLES[arch])
     if {"q", "k", "v", "gate", "up"} <= roles:  # separate projections sharing an input: q/k/v and gate/up grouped
-        # silu(gate) * up is fused into one op; Gemma's gelu MLP is left as a gate/up group
+        # silu(gate) * up is fused into one op, folded into down's where down takes the add + RMSNorm; Gemma's gelu
+        # MLP is left as a gate/up group
         silu = "silu" in (getattr(model.config, "hidden_act", None), getattr(model.config, "hidden_activation", None))
-        assert len(groups) == (1 if silu else 2) * 3 and len(swiglus) == (3 if silu else 0)
-        assert {n.meta["teal"].role for n in singles} == {"o", "down"}
+        assert len(groups) == (1 if silu else 2) * 3 and len(swiglus) + len(mlps) == (3 if silu else 0)
+        assert len(mlps) == (3 if silu and llama_norm else 0)
+        assert {n.meta["teal"].role for n in singles} | {n.meta["teal_down"].role for n in mlps} == {"o", "down"}
         for g in groups:
             assert {u.meta["teal"].role for u in g.users} in ({"q", "k", "v"}, {"gate", "up"})
-        assert all((n.meta["teal"].role, n.meta["teal_up"].role) == ("gate", "up") for n in swiglus)
+        assert all((n.meta["teal"].role, n.meta["teal_up"].role) == ("gate", "up") for n in swiglus + mlps)
+        assert all(n.meta["teal_down"].role == "down" for n in mlps)
     else:  # fused qkv / gate_up weights (Phi-3): nothing shares an input
-        assert not groups and not swiglus and len(singles) == len(ops)
-    keys = [n.meta["teal"].key for n in ops] + [n.meta["teal_up"].key for n in swiglus]
+        assert not groups and not swiglus and not mlps and len(singles) == len(ops)
+    keys = [n.meta["teal"].key for n in ops] + [n.meta["teal_up"].key for n in swiglus + mlps] + \
+        [n.meta["teal_down"].key for n in mlps]
     assert sorted(keys) == sorted(plan.linears)
     remaining = [n for n in gm.graph.nodes if is_linear(n)]
     assert len(remaining) == 1 and "lm_head" in str(remaining[0].meta.get("nn_module_stack"))
     for n in ops:  # the fake value is still the right one
         v = n.meta["example_value"]
-        v = v[0] if n.target is fused_norm else v  # (h, norm(h))
-        assert v.shape[-1] == n.meta["teal"].shape[0]
+        v = v[0] if n.target is fused_norm or n in mlps else v  # (h, norm(h))
+        assert v.shape[-1] == n.meta["teal_down" if n in mlps else "teal"].shape[0]
 
 
 def test_plan_sparsity_reaches_the_ops():
@@ -139,6 +144,8 @@ def test_plan_sparsity_reaches_the_ops():
                 seen[item.meta["teal"].key] = n.args[5][item.args[1]]
         elif n.target is torch.ops.teal.sparse_swiglu.default:  # (gate, up)
             seen[n.meta["teal"].key], seen[n.meta["teal_up"].key] = n.args[6]
+        elif n.target is torch.ops.teal.sparse_mlp_add_rmsnorm.default:  # (gate, up, down)
+            seen[n.meta["teal"].key], seen[n.meta["teal_up"].key], seen[n.meta["teal_down"].key] = n.args[9]
     assert seen == {k: -1.0 if h is None else h for k, h in hints.items()}
 
 
