@@ -97,8 +97,13 @@ def supports(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]) -> bool:
         and k.shape[0] == q.shape[0]
         and k.shape[3] == q.shape[3] <= MAX_HEAD_DIM
         and q.shape[1] % k.shape[1] == 0
-        and (mask is None or mask.dtype == torch.bool or mask.dtype.is_floating_point)
+        and _takes_mask(mask)
     )
+
+
+def _takes_mask(mask: Optional[Tensor]) -> bool:
+    """No mask, a boolean one, or an additive float one."""
+    return mask is None or mask.dtype == torch.bool or mask.dtype.is_floating_point
 
 
 def decode_attention_gpu(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: float,
@@ -115,9 +120,8 @@ def can_fold_qkv(head_dim: int, k_cache: Tensor, mask: Optional[Tensor]) -> bool
     """Whether ``decode_attention_from_qkv_sums`` takes a cache of these heads (what ``supports`` takes, and heads
     of at least 16 columns, so a program's [G, D] tile has no padding columns for the norm's mean; the device is
     the caller's check)."""
-    return (HAS_TRITON and 16 <= head_dim <= MAX_HEAD_DIM and k_cache.dim() == 4
-            and k_cache.shape[3] == head_dim and (mask is None or mask.dtype == torch.bool
-                                                  or mask.dtype.is_floating_point))
+    return (HAS_TRITON and 16 <= head_dim <= MAX_HEAD_DIM and k_cache.dim() == 4 and k_cache.shape[3] == head_dim
+            and _takes_mask(mask))
 
 
 def decode_attention_from_qkv_sums(sums: Sequence[Tensor], biases: Sequence[Optional[Tensor]], head_dim: int,

@@ -289,14 +289,10 @@ def sparse_gemv_add_rmsnorm(x: Tensor, weight: Tensor, bias: Optional[Tensor], t
     if not can_fuse_add_rmsnorm(x, weight, residual, norm_weight):
         raise ValueError("sparse_gemv_add_rmsnorm: needs a residual of the output's shape and a [N] norm weight, in "
                          f"the input's dtype, N <= {MAX_NORM_WIDTH} (see can_fuse_add_rmsnorm)")
-    rows = x.numel() // x.shape[-1]
-    N = logical_shape(weight)[0]
-    h, out = outs if outs is not None else [torch.empty((rows, N), dtype=x.dtype, device=x.device) for _ in range(2)]
-    norm = _AddRMSNorm(residual.reshape(rows, -1).contiguous(), norm_weight.contiguous(), float(eps), out)
+    h, norm = _add_rmsnorm_outputs(x, logical_shape(weight)[0], residual, norm_weight, eps, outs)
     _launch(x, [weight], [bias], [threshold], config, [h], sparsity, _Epilogue.ADD_RMSNORM, norm, scales=[scales],
             shared=shared, x_int8=x_int8)
-    shape = residual.shape
-    return h.reshape(shape), out.reshape(shape)
+    return h.reshape(residual.shape), norm.out.reshape(residual.shape)
 
 
 def sparse_gemv_mlp_add_rmsnorm(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, t_gate: float, t_up: float,
@@ -317,13 +313,11 @@ def sparse_gemv_mlp_add_rmsnorm(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down:
     gate, up = sparse_gemv_sums(x, [w_gate, w_up], [t_gate, t_up], config=configs[0], sparsity=sparsities[0],
                                 scales=scales[:2], shared=shared)
     act = torch.empty((rows, gate.shape[1]), dtype=x.dtype, device=x.device)  # each down program writes its split
-    N = logical_shape(w_down)[0]
-    h, out = (torch.empty((rows, N), dtype=x.dtype, device=x.device) for _ in range(2))
-    norm = _AddRMSNorm(residual.reshape(rows, -1).contiguous(), norm_weight.contiguous(), float(eps), out)
+    h, norm = _add_rmsnorm_outputs(x, logical_shape(w_down)[0], residual, norm_weight, eps)
     used = -(-rows * gate.stride(0) // 64) * 64  # the down launch's sums after them, 256-byte aligned
     _launch(act, [w_down], [b_down], [t_down], configs[1], [h], sparsities[1], _Epilogue.ADD_RMSNORM, norm,
             scales=[scales[2]], shared=shared, x_sums=(gate, up), ws_offset=used)
-    return h.reshape(residual.shape), out.reshape(residual.shape)
+    return h.reshape(residual.shape), norm.out.reshape(residual.shape)
 
 
 def sparse_gemv_qkv_rope(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tensor]],
@@ -382,6 +376,14 @@ class _AddRMSNorm:
     norm_weight: Tensor  # [N]
     eps: float
     out: Tensor  # [rows, N]: the normalised h
+
+
+def _add_rmsnorm_outputs(x: Tensor, N: int, residual: Tensor, norm_weight: Tensor, eps: float,
+                         outs: Optional[tuple[Tensor, Tensor]] = None) -> tuple[Tensor, _AddRMSNorm]:
+    """h ([rows, N], ``outs[0]`` if given) and the ADD_RMSNORM finish's operands, whose ``out`` is the normalised h."""
+    rows = x.numel() // x.shape[-1]
+    h, out = outs if outs is not None else [torch.empty((rows, N), dtype=x.dtype, device=x.device) for _ in range(2)]
+    return h, _AddRMSNorm(residual.reshape(rows, -1).contiguous(), norm_weight.contiguous(), float(eps), out)
 
 
 def _packed_rows_fit(x: Tensor, weights: Sequence[Tensor], Ns: Sequence[int], cfg: GemvConfig, wfmt: int) -> bool:
