@@ -513,6 +513,13 @@ class ZeroCheck:
                 f"{float(noise.median()):.4f}); {verdict}")
 
 
+def _swiglu_where() -> str:
+    """Where the backend's defaults form silu(gate) * up (the results' header says what the teal rows ran)."""
+    if teal_fx.TealOptions().fold_swiglu:
+        return "each down program from the gate/up launch's sums (fold_swiglu)"
+    return "the gate/up launch"
+
+
 def write(out: Path, args, bw: float, roof: float, rows: list, notes: list, fastest: dict) -> None:
     lines = [
         "# End-to-end decode: Llama-3-8B shape (random weights, bf16)",
@@ -525,9 +532,9 @@ def write(out: Path, args, bw: float, roof: float, rows: list, notes: list, fast
         f"- read bandwidth in this run {bw / 1e12:.2f} TB/s; dense roofline {roof:.0f} tok/s "
         f"({WEIGHT_BYTES_PER_TOKEN / 1e9:.2f} GB/token, ANCHORS.md scaled to this bandwidth)",
         "- thresholds: uniform, calibrated on the model's own activations (2 x 256 random-token sequences); "
-        "teal = q/k/v and gate/up grouped (4 sparse launches per block, silu(gate) * up formed by the gate/up "
-        "launch, the residual add and the next RMSNorm by the o and down launches, RoPE and the cache writes by the "
-        "q/k/v launch), the decode step's attention as "
+        "teal = q/k/v and gate/up grouped (4 sparse launches per block, silu(gate) * up formed by "
+        f"{_swiglu_where()}, the residual add and the next RMSNorm by the o and down launches, RoPE and the cache "
+        "writes by the q/k/v launch), the decode step's attention as "
         "teal::decode_attention (rows marked 'sdpa attention' keep sdpa, as "
         "Inductor dense does), the cache counters' increments as one launch, programmatic dependent launches "
         "of teal's kernels and of Inductor's (each Inductor kernel waiting before its first access: docs/design.md, "
