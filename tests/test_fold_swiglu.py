@@ -29,6 +29,13 @@ def test_folds_every_mlp_of_a_decode_graph(arch):
     assert h.shape == out.shape == (2, 1, 64)
 
 
+def test_the_block_dump_names_the_linears_the_folded_op_stands_for():
+    from teal_fx.passes.dump import block_dot
+
+    dot = block_dot(decode_graph_after_passes(tiny_model("llama", layers=2), torch.tensor([[4]])), 0)
+    assert "gate+up+down" in dot and '"gate\\n' not in dot
+
+
 def test_on_by_default_and_leaves_what_it_cannot_fold():
     model = tiny_model("llama", layers=2)
     folded = lambda m, ids, **o: count_calls(decode_graph_after_passes(m, torch.tensor(ids), **o), FOLDED)  # noqa: E731
