@@ -11,10 +11,13 @@ import contextlib
 import os
 import re
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
+
+_START = time.perf_counter()  # the progress lines' clock: seconds since the script imported this module
 
 
 def read_bandwidth(gib: int = 4) -> float:
@@ -49,8 +52,11 @@ def decode_speed(run, new_tokens: int) -> tuple[float, float]:
     """(tokens/s of the decode steps, seconds of the first call incl. compilation and CUDA-graph capture).
 
     ``run(n)`` generates n tokens; decode speed = (n - 1) / (T(n) - T(1)), best of 2, so the prefill is excluded.
+    A progress line on stderr after the first call says, in a log cut short, which row's compile had finished.
     """
     first = timed(lambda: run(4))
+    print(f"[{time.perf_counter() - _START:.0f} s] first call incl. compile {first:.0f} s; timing", file=sys.stderr,
+          flush=True)
     best = {n: min(timed(lambda n=n: run(n)) for _ in range(2)) for n in (1, new_tokens)}
     return (new_tokens - 1) / (best[new_tokens] - best[1]), first
 
