@@ -166,9 +166,10 @@ def main() -> int:
     ap.add_argument("--activations", action="store_true",
                     help="each teal int8/int4 row also with its plan's activations='int8' (x rounded to int8 per 32 "
                     "inputs, dp4a products)")
-    ap.add_argument("--ab-option", choices=AB_OPTIONS,
+    ap.add_argument("--ab-option", type=_ab_option_list,
                     help="each teal row of batch 1 (bf16, int8, int4) twice, with this backend option False, then "
-                         "True (e.g. fold_swiglu, fold_rope): its gain, measured side by side in one process")
+                         "True (e.g. fold_swiglu, fold_rope): its gain, measured side by side in one process. Several, "
+                         "comma-separated: all False, each True alone, then all True")
     ap.add_argument("--quantize-lm-head", action="store_true",
                     help="teal's quantized rows with the output head in int8 too (calibrate(quantize_lm_head=True))")
     ap.add_argument("--batches", default="",
@@ -332,10 +333,10 @@ def quantized_rows(fmt: str, args, ids, calib, cache_len, add, notes, peak_gib):
         for activations in [None, "int8"] if args.activations else [None]:
             teal_fx.attach_plan(model, replace(plan.at(s, "uniform"), activations=activations), check=False)
             torch.cuda.reset_peak_memory_stats()
-            for value in [False, True] if args.ab_option else [None]:
-                t, first = decode_speed(lean(model, ids, "teal", cache_len, _ab_options(args, value)), args.new_tokens)
+            for options in _ab_variants(args):
+                t, first = decode_speed(lean(model, ids, "teal", cache_len, options), args.new_tokens)
                 add(f"lean loop, teal {fmt} {s:.0%}{', lm_head int8' if head else ''}"
-                    f"{', x int8 (dp4a)' if activations else ''}{_ab_label(args, value)}", 1, t, first, peak_gib())
+                    f"{', x int8 (dp4a)' if activations else ''}{_ab_label(options)}", 1, t, first, peak_gib())
 
 
 def batch_dense_rows(model, batches: list[int], args, cache_len, add, dense) -> None:
@@ -445,22 +446,37 @@ def batch_teal_rows(model, calib, batches: list[int], args, cache_len, add, note
                  "the position, which decode steps see: docs/perf-log.md v30-v31)")
 
 
-def _ab_options(args, value: Optional[bool]) -> Optional[dict]:
-    """--ab-option's A/B: the backend's defaults (None), or the option set either way."""
-    return None if value is None else {args.ab_option: value}
+def _ab_option_list(text: str) -> list[str]:
+    names = [n for n in text.split(",") if n]
+    bad = [n for n in names if n not in AB_OPTIONS]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"--ab-option takes the backend's on/off options {AB_OPTIONS}, got {bad or text!r}")
+    return names
 
 
-def _ab_label(args, value: Optional[bool]) -> str:
-    return "" if value is None else f", {args.ab_option}={value}"
+def _ab_variants(args) -> list[Optional[dict]]:
+    """--ab-option's rows: the backend's defaults ([None]); one option False then True; several all False, each True
+    alone, then all True."""
+    names = args.ab_option
+    if not names:
+        return [None]
+    rows = [dict.fromkeys(names, False)]
+    if len(names) > 1:
+        rows += [{**dict.fromkeys(names, False), n: True} for n in names]
+    return rows + [dict.fromkeys(names, True)]
+
+
+def _ab_label(options: Optional[dict]) -> str:
+    return "" if options is None else ", " + ", ".join(f"{k}={v}" for k, v in options.items())
 
 
 def lean_teal(model, ids, ids4, plan, sparsities: str, args, cache_len, reference, add, notes, peak_gib) -> None:
     for s in [float(x) for x in sparsities.split(",") if x]:
         teal_fx.attach_plan(model, plan.at(s, "uniform"), check=False)  # resets torch.compile caches
         torch.cuda.reset_peak_memory_stats()
-        for value in [False, True] if args.ab_option else [None]:
-            t, first = decode_speed(lean(model, ids, "teal", cache_len, _ab_options(args, value)), args.new_tokens)
-            add(f"lean loop, teal {s:.0%}{_ab_label(args, value)}", 1, t, first, peak_gib())
+        for options in _ab_variants(args):
+            t, first = decode_speed(lean(model, ids, "teal", cache_len, options), args.new_tokens)
+            add(f"lean loop, teal {s:.0%}{_ab_label(options)}", 1, t, first, peak_gib())
         if s == 0.0 and reference is not None:
             notes.append(reference.report(model, ids, cache_len))
         if s == 0.5 and args.batch4:

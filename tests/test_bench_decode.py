@@ -27,3 +27,19 @@ def test_thresholds_read_from_decode_steps_hold_the_plans_sparsity_while_decodin
     got, lo, hi = bd.realised_decode_sparsity(model, fixed, 8, prompt=16, steps=24)
     assert abs(got - 0.5) < 0.02, (got, lo, hi)
     assert 0.3 < lo <= hi < 0.7
+
+
+def test_ab_option_rows():
+    import argparse
+
+    import pytest
+
+    rows = lambda text: bd._ab_variants(argparse.Namespace(ab_option=bd._ab_option_list(text) if text else None))  # noqa: E731
+    assert rows("") == [None]
+    assert rows("fold_swiglu") == [{"fold_swiglu": False}, {"fold_swiglu": True}]
+    assert rows("fold_mlp_norm,fold_qkv_attention") == [
+        {"fold_mlp_norm": False, "fold_qkv_attention": False}, {"fold_mlp_norm": True, "fold_qkv_attention": False},
+        {"fold_mlp_norm": False, "fold_qkv_attention": True}, {"fold_mlp_norm": True, "fold_qkv_attention": True}]
+    assert bd._ab_label({"fold_mlp_norm": True}) == ", fold_mlp_norm=True"
+    with pytest.raises(argparse.ArgumentTypeError, match="on/off options"):
+        bd._ab_option_list("fold_swiglu,plan")
