@@ -263,27 +263,34 @@ def store_swiglu_x(g_ptr, u_ptr, stride_gm, x_ptr, stride_xm, offs_m, m_ok, k_lo
 
 @triton.jit
 def store_add_rmsnorm_x(o_ptr, ob_ptr, res_ptr, nw_ptr, x_ptr, k_lo, k_hi, K, eps, ROW: tl.constexpr,
-                        HAS_OBIAS: tl.constexpr, PDL: tl.constexpr):
+                        CHUNK: tl.constexpr, HAS_OBIAS: tl.constexpr, PDL: tl.constexpr):
     """x[k_lo:k_hi] = RMSNorm(residual + o) · norm_weight for one row, from the fp32 sums of the o launch before
     (``X_NORM``): what o's add + RMSNorm finish would have written, rounded as ``add_rmsnorm_row`` rounds (the norm's
-    sum over the row may add in another order). Every program reads the whole row for the statistic and stores only
-    its own split; the inputs of the op (residual, norm weight, bias) are read before the wait (``pdl.py``)."""
+    sum over the row may add in another order). Every program reads the whole row for the statistic and its own
+    split again for x (the same round trip: neither waits on the other; the row's h is not held for the split), and
+    stores only its split; the op's inputs (residual, norm weight, bias) are read before the wait (``pdl.py``)."""
     offs = tl.arange(0, ROW)
     ok = offs < K
-    mine = ok & (offs >= k_lo) & (offs < k_hi)
-    res = tl.load(res_ptr + offs, mask=ok, other=0.0, cache_modifier=".cg").to(tl.float32)
-    nw = tl.load(nw_ptr + offs, mask=mine, other=0.0, cache_modifier=".cg").to(tl.float32)
+    offs_c = k_lo + tl.arange(0, CHUNK)
+    mine = offs_c < k_hi
+    res = tl.load(res_ptr + offs, mask=ok, other=0.0, cache_modifier=".cg")  # (in its dtype: half the registers)
+    res_c = tl.load(res_ptr + offs_c, mask=mine, other=0.0, cache_modifier=".cg").to(tl.float32)
+    nw_c = tl.load(nw_ptr + offs_c, mask=mine, other=0.0, cache_modifier=".cg").to(tl.float32)
     if HAS_OBIAS:
         bias = tl.load(ob_ptr + offs, mask=ok, other=0.0, cache_modifier=".cg").to(tl.float32)
+        bias_c = tl.load(ob_ptr + offs_c, mask=mine, other=0.0, cache_modifier=".cg").to(tl.float32)
     if PDL:
         tl.extra.cuda.gdc_wait()
     y = tl.load(o_ptr + offs, mask=ok, other=0.0, cache_modifier=".cg")  # added at L2 by the launch before
+    y_c = tl.load(o_ptr + offs_c, mask=mine, other=0.0, cache_modifier=".cg")
     if HAS_OBIAS:
         y += bias
+        y_c += bias_c
     out_ty = x_ptr.dtype.element_ty
-    hf = (res + y.to(out_ty).to(tl.float32)).to(out_ty).to(tl.float32)  # 0 past K
+    hf = (res.to(tl.float32) + y.to(out_ty).to(tl.float32)).to(out_ty).to(tl.float32)  # 0 past K
     r = 1.0 / tl.sqrt_rn(tl.sum(hf * hf, axis=0) / K + eps)
-    tl.store(x_ptr + offs, (nw * (hf * r).to(out_ty).to(tl.float32)).to(out_ty), mask=mine)
+    hf_c = (res_c + y_c.to(out_ty).to(tl.float32)).to(out_ty).to(tl.float32)
+    tl.store(x_ptr + offs_c, (nw_c * (hf_c * r).to(out_ty).to(tl.float32)).to(out_ty), mask=mine)
     tl.debug_barrier()  # the CTA's global stores are visible to all its threads after the barrier
 
 @triton.jit
@@ -602,7 +609,8 @@ def sparse_gemv_kernel(
     if X_SWIGLU:
         store_swiglu_x(g_ptr, u_ptr, stride_gm, x_ptr, stride_xm, offs_m, m_ok, k_lo, k_hi, CHUNK)
     if X_NORM:
-        store_add_rmsnorm_x(o_ptr, ob_ptr, res_ptr, nw_ptr, x_ptr, k_lo, k_hi, K, norm_eps, ROW, HAS_OBIAS, PDL)
+        store_add_rmsnorm_x(o_ptr, ob_ptr, res_ptr, nw_ptr, x_ptr, k_lo, k_hi, K, norm_eps, ROW, CHUNK, HAS_OBIAS,
+                            PDL)
     if USE_DOT and WFMT == 2:
         acc = int4_dot_partial(x_ptr, w_ptr, idx_ptr + (seg * SPLIT_K + pk) * CHUNK, k_lo, k_hi, threshold, offs_m,
                                m_ok, stride_xm, offs_p, p_ok, stride_wk, stride_wn, M, BM, BN, BK, CHUNK, EVEN_N,
