@@ -372,6 +372,7 @@ def sparse_gemv_o_mlp_add_rmsnorm(a: Tensor, w_o: Tensor, b_o: Optional[Tensor],
     rows = a.numel() // a.shape[-1]
     K = logical_shape(w_o)[0]
     n_gu = 2 * logical_shape(w_gate)[0]
+    # (the decision's config only: the launches take configs[1] as given, so the rule's adjustments still apply)
     cfg_gu = configs[1] or choose_config(rows, n_gu, K, sparsities[1], weight_format(w_gate), shared, False)
     if fold is None:
         fold = folds_mlp_norm(rows, cfg_gu, n_gu)
@@ -382,13 +383,13 @@ def sparse_gemv_o_mlp_add_rmsnorm(a: Tensor, w_o: Tensor, b_o: Optional[Tensor],
                                         sparsity=sparsities[0], scales=scales[0], shared=shared)
         return sparse_gemv_mlp_add_rmsnorm(x, w_gate, w_up, w_down, t_gate, t_up, t_down, h1, mlp_norm_weight,
                                            mlp_eps, b_down=b_down, sparsities=sparsities[1:], scales=scales[1:],
-                                           shared=shared, configs=(cfg_gu, configs[2]))
+                                           shared=shared, configs=configs[1:])
     (o,) = sparse_gemv_sums(a, [w_o], [t_o], config=configs[0], sparsity=sparsities[0], scales=scales[:1],
                             shared=shared)
     used_o = -(-o.stride(0) // 64) * 64  # gate/up's sums after o's, 256-byte aligned
     x = torch.empty((1, K), dtype=a.dtype, device=a.device)  # each gate/up program writes its split
     x_norm = _XNorm(o, b_o, residual.reshape(1, K).contiguous(), attn_norm_weight.contiguous(), float(attn_eps))
-    gate, up = _launch(x, [w_gate, w_up], [None, None], [t_gate, t_up], cfg_gu, None, sparsities[1],
+    gate, up = _launch(x, [w_gate, w_up], [None, None], [t_gate, t_up], configs[1], None, sparsities[1],
                        _Epilogue.SUMS, scales=scales[1:3], shared=shared, x_norm=x_norm, ws_offset=used_o)
     act = torch.empty((1, gate.shape[1]), dtype=a.dtype, device=a.device)
     h, norm = _add_rmsnorm_outputs(a, logical_shape(w_down)[0], residual, mlp_norm_weight, mlp_eps)

@@ -95,3 +95,22 @@ def test_refuses_what_it_cannot_fold():
     with pytest.raises(ValueError, match="one row"):
         sg.sparse_gemv_o_mlp_add_rmsnorm(a.expand(2, 32), wo, None, 0.1, res.expand(2, 32), nw, 1e-6, wg, wg, wd,
                                          None, 0.1, 0.1, 0.1, nw, 1e-6, fold=True)
+
+
+def test_fp32_x_takes_the_rules_adjusted_configs():
+    """The rule's configs with fp16 sums (weight_math 2 at gate/up's 2048 x 256) are exact-sum configs for fp32 x
+    once the launcher adjusts them; the folded launcher leaves the rule to the launches (it reads a config only to
+    decide), so fp32 x runs, folded and not, with the same result."""
+    g = torch.Generator().manual_seed(0)
+    (wo, so), (wg, sg_), (wu, su), (wd, sd) = (weight(256, 256, torch.float32, "int4", g),
+                                               *(weight(1024, 256, torch.float32, "int4", g) for _ in range(2)),
+                                               weight(256, 1024, torch.float32, "int4", g))
+    assert choose_config(1, 2048, 256, 0.5, "int4").weight_math == 2
+    a, res = (torch.randn(1, 1, 256, generator=g).to(DEVICE) for _ in range(2))
+    nw = (torch.rand(256, generator=g) + 0.5).to(DEVICE)
+    args = (a, wo, None, 0.3, res, nw, 1e-5, wg, wu, wd, None, 0.3, 0.3, 0.3, nw, 1e-6)
+    kw = dict(sparsities=(0.5, 0.5, 0.5), scales=(so, sg_, su, sd))
+    h, out = sg.sparse_gemv_o_mlp_add_rmsnorm(*args, fold=True, **kw)
+    h_ref, out_ref = sg.sparse_gemv_o_mlp_add_rmsnorm(*args, fold=False, **kw)
+    assert rel_err(h, h_ref) <= TOL[torch.float32] and rel_err(out, out_ref) <= TOL[torch.float32]
+    assert workspace_is_zero()
