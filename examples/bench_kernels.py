@@ -408,19 +408,15 @@ SWEEP_BATCH = (
 
 
 _PTR_TYPES = {"x_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16", "ws_ptr": "*fp32", "cnt_ptr": "*i32",
-              "idx_ptr": "*i32", "xv_ptr": "*fp32", "s_ptr": "*bf16", "g_ptr": "*fp32", "u_ptr": "*fp32",
-              "o_ptr": "*fp32", "res_ptr": "*bf16", "nw_ptr": "*bf16"}
-_X_SWIGLU_ARGS = ("g_ptr", "u_ptr", "stride_gm")
-_X_NORM_ARGS = ("o_ptr", "ob_ptr", "res_ptr", "nw_ptr", "norm_eps")
+              "idx_ptr": "*i32", "xv_ptr": "*fp32", "s_ptr": "*bf16", "g_ptr": "*fp32", "u_ptr": "*fp32"}
 
 
-def registers(fmt: str, N: int, K: int, cfg, x_swiglu: bool = False, x_norm: bool = False) -> tuple[int, int]:
+def registers(fmt: str, N: int, K: int, cfg, x_swiglu: bool = False) -> tuple[int, int]:
     """(registers per thread, spill-store bytes) of the one-row GEMV kernel for ``cfg`` on sm_90, as ptxas reports
     them: compiled here, no GPU needed (Triton's bundled ptxas). One segment, bf16 x, PDL and the apart finish, the
     16-byte divisibility the launcher's tensors have; ``x_swiglu``: x formed from gate/up sums (the folded MLP's
-    down launch); ``x_norm``: x formed from o's sums (the gate/up launch with o's norm folded in, no o bias).
-    Triton's compile API differs between versions: a tool for screening configs before spending device time, not a
-    figure of speed."""
+    down launch). Triton's compile API differs between versions: a tool for screening configs before spending
+    device time, not a figure of speed."""
     import os
     import re
     import subprocess
@@ -437,8 +433,7 @@ def registers(fmt: str, N: int, K: int, cfg, x_swiglu: bool = False, x_norm: boo
                  USE_DOT=cfg.use_dot, IEEE=False, UPCAST=False, EVEN_N=N % cfg.block_n == 0,
                  EVEN_K=K % cfg.k_per_split == 0, IN_THREAD=cfg.in_thread, COMPACT=cfg.compact, CHUNK=cfg.chunk,
                  NSEG=1, GATED=False, PDL=True, APART=True, WFMT={None: 0, "int8": 1, "int4": 2}[fmt], GROUP=INT4_GROUP,
-                 HALF_DOT=cfg.half_dot, SHARED=False, ASM=True, WMATH=cfg.weight_math, X_SWIGLU=x_swiglu,
-                 X_NORM=x_norm, ROW=1 << (K - 1).bit_length(), HAS_OBIAS=False)
+                 HALF_DOT=cfg.half_dot, SHARED=False, ASM=True, WMATH=cfg.weight_math, X_SWIGLU=x_swiglu)
     sig, constexprs, attrs = {}, {}, {}
     for i, prm in enumerate(fn.params):
         n = prm.name
@@ -449,13 +444,13 @@ def registers(fmt: str, N: int, K: int, cfg, x_swiglu: bool = False, x_norm: boo
             sig[n], constexprs[n] = "constexpr", 1
         elif n[-5:-4].isdigit() or n[-4:] in ("1_ptr", "2_ptr"):  # the other segments' pointers: None
             sig[n], constexprs[n] = "constexpr", None
-        elif (n in _X_SWIGLU_ARGS and not x_swiglu) or (n in _X_NORM_ARGS and not x_norm) or n == "ob_ptr":
+        elif n in ("g_ptr", "u_ptr", "stride_gm") and not x_swiglu:
             sig[n], constexprs[n] = "constexpr", None if n.endswith("_ptr") else 0
         elif n.endswith("_ptr"):
             sig[n] = {"int8": "*i8", "int4": "*u8"}.get(fmt, "*bf16") if n == "w_ptr" else _PTR_TYPES[n]
             attrs[(i,)] = [["tt.divisibility", 16]]
         else:
-            sig[n] = "fp32" if n.startswith("threshold") or n == "norm_eps" else "i32"
+            sig[n] = "fp32" if n.startswith("threshold") else "i32"
             if n in ("K", "N", "stride_xm", "stride_wk", "stride_ym", "K_PER_SPLIT", "stride_gm"):
                 attrs[(i,)] = [["tt.divisibility", 16]]
     kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs),

@@ -31,7 +31,6 @@ else:
         sparse_linear_group,
         sparse_linear_qkv_rope,
         sparse_mlp_add_rmsnorm,
-        sparse_o_mlp_add_rmsnorm,
         sparse_qkv_rope_attention,
         sparse_swiglu,
     )
@@ -45,6 +44,6 @@ else:
     )
 
     __all__ = ["sparse_linear", "sparse_linear_group", "sparse_swiglu", "sparse_linear_add_rmsnorm",
-               "sparse_mlp_add_rmsnorm", "sparse_o_mlp_add_rmsnorm", "sparse_linear_qkv_rope", "sparse_qkv_rope_attention",
+               "sparse_mlp_add_rmsnorm", "sparse_linear_qkv_rope", "sparse_qkv_rope_attention",
                "reference_sparse_linear", "reference_swiglu", "reference_rmsnorm", "reference_decode_attention",
                "reference_qkv_rope_", "sparsify"]

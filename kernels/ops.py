@@ -8,7 +8,6 @@ dtypes and row counts) and runs ``reference.py`` everywhere else, so one graph s
     teal::sparse_swiglu(x, W_gate, W_up, t_gate, t_up, ...)             silu(gate) * up
     teal::sparse_linear_add_rmsnorm(x, W, b, t, ..., residual, w, eps)   (h = residual + y, RMSNorm(h))
     teal::sparse_mlp_add_rmsnorm(x, W_gate, W_up, W_down, ...)          the two above, down over silu(gate) * up
-    teal::sparse_o_mlp_add_rmsnorm(a, W_o, ..., W_gate, W_up, W_down, ...)  o's add + RMSNorm, then the MLP above
     teal::sparse_linear_qkv_rope(x, [Wq, Wk, Wv], ..., cos, sin, pos, k_cache, v_cache)   RoPE(q); cache <- RoPE(k), v
     teal::decode_attention(q, k, v, mask, scale)                        one query position, GQA heads read once
     teal::sparse_qkv_rope_attention(x, [Wq, Wk, Wv], ..., mask, scale)  the two above, q formed by the attention
@@ -323,65 +322,6 @@ def _(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, b_down: Optional[
     dtype = torch.promote_types(residual.dtype, x.dtype)
     h = residual.new_empty(shape, dtype=dtype)
     return h, h.new_empty(shape, dtype=torch.promote_types(dtype, norm_weight.dtype))
-
-
-@torch.library.custom_op("teal::sparse_o_mlp_add_rmsnorm", mutates_args=())
-def sparse_o_mlp_add_rmsnorm(
-    a: Tensor, w_o: Tensor, b_o: Optional[Tensor], t_o: float, residual: Tensor, attn_norm_weight: Tensor,
-    attn_eps: float, w_gate: Tensor, w_up: Tensor, w_down: Tensor, b_down: Optional[Tensor], t_gate: float,
-    t_up: float, t_down: float, prefill_sparse_from: float, sparsities: list[float], mlp_norm_weight: Tensor,
-    mlp_eps: float, scales_o: Optional[Tensor] = None, scales_gate: Optional[Tensor] = None,
-    scales_up: Optional[Tensor] = None, scales_down: Optional[Tensor] = None, shared: bool = False,
-    x_int8: bool = False,
-) -> tuple[Tensor, Tensor]:
-    """``sparse_mlp_add_rmsnorm(x, ..., residual=h1)`` over ``(h1, x) = sparse_linear_add_rmsnorm(a, w_o, ...)``: a
-    block's o projection, its residual add and the MLP's RMSNorm, then the gated MLP and the add + RMSNorm after it
-    (``sparsities`` o, gate, up, down), returning the MLP's (h, RMSNorm(h)).
-
-    On the decode path of one row, where gate/up's grid is small (``sparse_gemv.folds_mlp_norm``), each gate/up
-    program forms its split of the norm's output from o's sums itself (``sparse_gemv_o_mlp_add_rmsnorm``), so o's
-    finishing launch goes away; elsewhere it is the two ops. No autograd: the pass that inserts it leaves graphs
-    that need gradients alone."""
-    if a.is_cuda and sparse_token_start(a, prefill_sparse_from) == 0:
-        weights = ((w_o, scales_o), (w_gate, scales_gate), (w_up, scales_up), (w_down, scales_down))
-        hint = min(sparsities[1:3], default=-1.0)
-        if all(sparse_gemv.supports(a, w, s, shared, x_int8) for w, s in weights) \
-                and sparse_gemv.can_fold_mlp_norm(a, w_o, residual, attn_norm_weight, w_gate, w_up, w_down,
-                                                  mlp_norm_weight, shared, x_int8) \
-                and sparse_gemv.pays(a, w_o.shape[0], sparsities[0], shared, scales_o is not None) \
-                and sparse_gemv.pays(a, 2 * w_gate.shape[0], hint, shared, scales_gate is not None) \
-                and sparse_gemv.pays(a, w_down.shape[0], sparsities[3], shared, scales_down is not None,
-                                     in_features=w_down.shape[1]):
-            return sparse_gemv.sparse_gemv_o_mlp_add_rmsnorm(
-                a, w_o, b_o, t_o, residual, attn_norm_weight, attn_eps, w_gate, w_up, w_down, b_down, t_gate, t_up,
-                t_down, mlp_norm_weight, mlp_eps, sparsities=(sparsities[0], hint, sparsities[3]),
-                scales=(scales_o, scales_gate, scales_up, scales_down), shared=shared)
-    h1, x = sparse_linear_add_rmsnorm(a, w_o, b_o, t_o, prefill_sparse_from, sparsities[0], residual,
-                                      attn_norm_weight, attn_eps, scales_o, shared, x_int8)
-    return sparse_mlp_add_rmsnorm(x, w_gate, w_up, w_down, b_down, t_gate, t_up, t_down, prefill_sparse_from,
-                                  sparsities[1:], h1, mlp_norm_weight, mlp_eps, scales_gate, scales_up, scales_down,
-                                  shared, x_int8)
-
-
-@sparse_o_mlp_add_rmsnorm.register_fake
-def _(a: Tensor, w_o: Tensor, b_o: Optional[Tensor], t_o: float, residual: Tensor, attn_norm_weight: Tensor,
-      attn_eps: float, w_gate: Tensor, w_up: Tensor, w_down: Tensor, b_down: Optional[Tensor], t_gate: float,
-      t_up: float, t_down: float, prefill_sparse_from: float, sparsities: list[float], mlp_norm_weight: Tensor,
-      mlp_eps: float, scales_o: Optional[Tensor] = None, scales_gate: Optional[Tensor] = None,
-      scales_up: Optional[Tensor] = None, scales_down: Optional[Tensor] = None, shared: bool = False,
-      x_int8: bool = False) -> tuple[Tensor, Tensor]:
-    N = logical_shape(w_o)[0]
-    torch._check(a.shape[-1] == w_o.shape[1], lambda: "sparse_o_mlp_add_rmsnorm: a and o disagree on in_features")
-    torch._check(residual.shape[-1] == N, lambda: "sparse_o_mlp_add_rmsnorm: residual and o differ")
-    torch._check(w_gate.shape == w_up.shape, lambda: "sparse_o_mlp_add_rmsnorm: gate and up weights differ in shape")
-    torch._check(w_gate.shape[1] == N, lambda: "sparse_o_mlp_add_rmsnorm: gate does not take o's outputs")
-    torch._check(w_down.shape[1] == logical_shape(w_gate)[0],
-                 lambda: "sparse_o_mlp_add_rmsnorm: down does not take gate's outputs")
-    torch._check(logical_shape(w_down)[0] == N, lambda: "sparse_o_mlp_add_rmsnorm: down and o differ in outputs")
-    shape = torch.broadcast_shapes(residual.shape, (*a.shape[:-1], N))
-    dtype = torch.promote_types(residual.dtype, a.dtype)
-    h = residual.new_empty(shape, dtype=dtype)
-    return h, h.new_empty(shape, dtype=torch.promote_types(dtype, mlp_norm_weight.dtype))
 
 
 @torch.library.custom_op("teal::sparse_linear_qkv_rope", mutates_args=("k_cache", "v_cache"))

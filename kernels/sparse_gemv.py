@@ -5,7 +5,6 @@
     sparse_gemv_swiglu(x, w_gate, w_up, ...)      silu(gate) * up formed by the gate/up launch
     sparse_gemv_add_rmsnorm(x, w, b, t, r, nw, eps)   h = r + linear, RMSNorm(h), in the finishing launch
     sparse_gemv_mlp_add_rmsnorm(x, wg, wu, wd, ...)   the two above as one op, silu(gate) * up formed by down
-    sparse_gemv_o_mlp_add_rmsnorm(a, wo, ..., wd, ...)  o's add + RMSNorm, then the MLP above: o's norm formed by gate/up
     sparse_gemv_sums(x, [w], [t])                 the grouped launch's sums left for the next launch to read
 
 Every launcher takes ``scales`` for int8/int4 weights (kernels/quantize.py: the format follows the weight's dtype).
@@ -41,10 +40,6 @@ MAX_NORM_WIDTH = 16384  # the add + RMSNorm finish holds a row's N columns in on
 MAX_ROPE_HEAD_DIM = 256  # the q/k/v + RoPE finish holds one head's D columns of every row in a program
 MAX_FOLD_ROWS = 4  # the folded MLP's rows: each down program holds its rows x its K split of x at once (the
 # in-thread loops' 1-4 rows; 5-8 take tensor cores, 16 padded rows x 512 inputs a program)
-
-MAX_NORM_FOLD_PROGRAMS = 1024  # o's add + RMSNorm folded into gate/up only where gate/up's grid is at most this:
-# every program reads o's whole row of sums (16 KB at 4096): int4's packed 448 programs 7 MB of L2 a layer, int8's
-# masked 3584 programs 57 MB (docs/perf-log.md v51)
 
 # ``ws`` the fp32 split-K accumulator and ``cnt`` the arrival counters (zero between launches), ``idx``/``xv`` the
 # packed indices and values of the surviving inputs (compacted loops, up to 16 rows of values; written before
@@ -174,27 +169,6 @@ def can_fold_swiglu(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, res
     return (not x_int8 and 1 <= rows <= MAX_FOLD_ROWS and can_fuse_swiglu(x, w_gate, w_up, shared)
             and w_down.dim() == 2 and w_down.shape[1] == logical_shape(w_gate)[0]
             and can_fuse_add_rmsnorm(x, w_down, residual, norm_weight))
-
-
-def can_fold_mlp_norm(a: Tensor, w_o: Tensor, residual: Tensor, attn_norm_weight: Tensor, w_gate: Tensor,
-                      w_up: Tensor, w_down: Tensor, mlp_norm_weight: Tensor, shared: bool = False,
-                      x_int8: bool = False) -> bool:
-    """Whether ``sparse_gemv_o_mlp_add_rmsnorm`` takes these: o with its add + RMSNorm as ``sparse_gemv_add_rmsnorm``
-    takes it, then the MLP as ``sparse_gemv_mlp_add_rmsnorm`` takes it, over o's outputs. Whether o's finish is then
-    folded into gate/up is the launcher's choice (``folds_mlp_norm``); the result is the same either way."""
-    N = logical_shape(w_o)[0]
-    x = a.new_empty((*a.shape[:-1], N))  # (metadata only: the MLP's input, o's output)
-    return (can_fuse_add_rmsnorm(a, w_o, residual, attn_norm_weight)
-            and can_fold_swiglu(x, w_gate, w_up, w_down, residual, mlp_norm_weight, shared, x_int8)
-            and (weight_format(w_o) or a.dtype) == (weight_format(w_gate) or a.dtype))
-
-
-def folds_mlp_norm(rows: int, gate_up: GemvConfig, n_gate_up: int, x_int8: bool = False) -> bool:
-    """Whether the gate/up launch forms its own x from o's sums (``X_NORM``): one row, float x, and a grid small
-    enough that every program reading o's whole row costs less than the finishing launch it replaces."""
-    tiles = -(-n_gate_up // gate_up.block_n)
-    return (rows == 1 and not x_int8 and gate_up.weight_math != 3
-            and tiles * gate_up.split_k <= MAX_NORM_FOLD_PROGRAMS)
 
 
 def can_fold_rope(x: Tensor, weights: Sequence[Tensor], head_dim: int, cos: Tensor, sin: Tensor,
@@ -346,59 +320,6 @@ def sparse_gemv_mlp_add_rmsnorm(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down:
     return h.reshape(residual.shape), norm.out.reshape(residual.shape)
 
 
-def sparse_gemv_o_mlp_add_rmsnorm(a: Tensor, w_o: Tensor, b_o: Optional[Tensor], t_o: float, residual: Tensor,
-                                  attn_norm_weight: Tensor, attn_eps: float, w_gate: Tensor, w_up: Tensor,
-                                  w_down: Tensor, b_down: Optional[Tensor], t_gate: float, t_up: float, t_down: float,
-                                  mlp_norm_weight: Tensor, mlp_eps: float, *,
-                                  sparsities: Sequence[Optional[float]] = (None, None, None),
-                                  scales: Sequence[Optional[Tensor]] = (None, None, None, None),
-                                  shared: bool = False,
-                                  configs: Sequence[Optional[GemvConfig]] = (None, None, None),
-                                  fold: Optional[bool] = None) -> tuple[Tensor, Tensor]:
-    """A block's second half: h1 = residual + o(a) (+ b_o), x = RMSNorm(h1) · attn_norm_weight, then the gated MLP
-    over x and h2 = h1 + down(silu(gate(x)) * up(x)) (+ b_down), out = RMSNorm(h2) · mlp_norm_weight. Returns (h2,
-    out) in the residual's shape.
-
-    Folded (``fold``, default ``folds_mlp_norm``), four launches where the unfolded ops take five: o leaves its sums
-    in the workspace; each gate/up program reads o's whole row, forms the norm's statistic and writes its own K
-    split of x (``X_NORM``); down forms silu(gate) * up as in ``sparse_gemv_mlp_add_rmsnorm``; down's finish forms
-    h1 from o's sums again, adds down, normalises and zeroes all three launches' sums. Unfolded:
-    ``sparse_gemv_add_rmsnorm`` then ``sparse_gemv_mlp_add_rmsnorm``. Same result up to the order of the norm's sum.
-    ``sparsities``: (o, gate/up, down) hints; ``scales``: o's, gate's, up's, down's; ``configs``: (o, gate/up,
-    down) or the rule."""
-    if not can_fold_mlp_norm(a, w_o, residual, attn_norm_weight, w_gate, w_up, w_down, mlp_norm_weight, shared):
-        raise ValueError("sparse_gemv_o_mlp_add_rmsnorm: needs what sparse_gemv_add_rmsnorm takes for o and "
-                         "sparse_gemv_mlp_add_rmsnorm for the MLP over o's outputs (see can_fold_mlp_norm)")
-    rows = a.numel() // a.shape[-1]
-    K = logical_shape(w_o)[0]
-    n_gu = 2 * logical_shape(w_gate)[0]
-    # (the decision's config only: the launches take configs[1] as given, so the rule's adjustments still apply)
-    cfg_gu = configs[1] or choose_config(rows, n_gu, K, sparsities[1], weight_format(w_gate), shared, False)
-    if fold is None:
-        fold = folds_mlp_norm(rows, cfg_gu, n_gu)
-    elif fold and rows != 1:
-        raise ValueError(f"sparse_gemv_o_mlp_add_rmsnorm: the folded norm takes one row, got {rows}")
-    if not fold:
-        h1, x = sparse_gemv_add_rmsnorm(a, w_o, b_o, t_o, residual, attn_norm_weight, attn_eps, config=configs[0],
-                                        sparsity=sparsities[0], scales=scales[0], shared=shared)
-        return sparse_gemv_mlp_add_rmsnorm(x, w_gate, w_up, w_down, t_gate, t_up, t_down, h1, mlp_norm_weight,
-                                           mlp_eps, b_down=b_down, sparsities=sparsities[1:], scales=scales[1:],
-                                           shared=shared, configs=configs[1:])
-    (o,) = sparse_gemv_sums(a, [w_o], [t_o], config=configs[0], sparsity=sparsities[0], scales=scales[:1],
-                            shared=shared)
-    used_o = -(-o.stride(0) // 64) * 64  # gate/up's sums after o's, 256-byte aligned
-    x = torch.empty((1, K), dtype=a.dtype, device=a.device)  # each gate/up program writes its split
-    x_norm = _XNorm(o, b_o, residual.reshape(1, K).contiguous(), attn_norm_weight.contiguous(), float(attn_eps))
-    gate, up = _launch(x, [w_gate, w_up], [None, None], [t_gate, t_up], configs[1], None, sparsities[1],
-                       _Epilogue.SUMS, scales=scales[1:3], shared=shared, x_norm=x_norm, ws_offset=used_o)
-    act = torch.empty((1, gate.shape[1]), dtype=a.dtype, device=a.device)
-    h, norm = _add_rmsnorm_outputs(a, logical_shape(w_down)[0], residual, mlp_norm_weight, mlp_eps)
-    used = used_o + -(-gate.stride(0) // 64) * 64
-    _launch(act, [w_down], [b_down], [t_down], configs[2], [h], sparsities[2], _Epilogue.ADD_RMSNORM, norm,
-            scales=[scales[3]], shared=shared, x_sums=(gate, up), ws_offset=used, o_sums=(o, b_o))
-    return h.reshape(residual.shape), norm.out.reshape(residual.shape)
-
-
 def sparse_gemv_qkv_rope(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tensor]],
                          thresholds: Sequence[float], head_dim: int, cos: Tensor, sin: Tensor, cache_position: Tensor,
                          k_cache: Tensor, v_cache: Tensor, q_norm: Optional[Tensor] = None,
@@ -457,16 +378,6 @@ class _AddRMSNorm:
     out: Tensor  # [rows, N]: the normalised h
 
 
-@dataclass(frozen=True)
-class _XNorm:
-    """X_NORM's operands: x = RMSNorm(residual + o (+ bias)) · norm_weight, formed by each program for its split."""
-    o_sums: Tensor  # [1, K] fp32 view of the workspace: an o launch's sums (SUMS)
-    o_bias: Optional[Tensor]  # [K]
-    residual: Tensor  # [1, K], contiguous
-    norm_weight: Tensor  # [K]
-    eps: float
-
-
 def _add_rmsnorm_outputs(x: Tensor, N: int, residual: Tensor, norm_weight: Tensor, eps: float,
                          outs: Optional[tuple[Tensor, Tensor]] = None) -> tuple[Tensor, _AddRMSNorm]:
     """h ([rows, N], ``outs[0]`` if given) and the ADD_RMSNORM finish's operands, whose ``out`` is the normalised h."""
@@ -490,16 +401,12 @@ def _launch(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tens
             epilogue: _Epilogue, norm: Optional[_AddRMSNorm] = None,
             scales: Optional[Sequence[Optional[Tensor]]] = None, shared: bool = False,
             x_int8: bool = False, rope: Optional[_QkvRope] = None,
-            x_sums: Optional[tuple[Tensor, Tensor]] = None, ws_offset: int = 0,
-            x_norm: Optional[_XNorm] = None,
-            o_sums: Optional[tuple[Tensor, Optional[Tensor]]] = None) -> list[Tensor]:
+            x_sums: Optional[tuple[Tensor, Tensor]] = None, ws_offset: int = 0) -> list[Tensor]:
     """The GEMV grid over the segments' N tiles, then, where the epilogue runs apart, its finishing launch.
 
     ``x_sums`` (gate, up): fp32 [M, K] views of the sums a gate/up launch left in the workspace (SUMS); this launch
     forms x = silu(gate) * up from them into ``x`` (written, not read), keeps its own sums ``ws_offset`` floats on,
-    past them, and its finish (ADD_RMSNORM only) zeroes them. SUMS returns a [M, N] view of each segment's sums.
-    ``x_norm``: x = RMSNorm(residual + o) from an o launch's sums, formed into ``x`` likewise (one row); ``o_sums``
-    (sums, bias): the ADD_RMSNORM finish adds them to the residual first and zeroes them (the fold's last launch)."""
+    past them, and its finish (ADD_RMSNORM only) zeroes them. SUMS returns a [M, N] view of each segment's sums."""
     if not HAS_TRITON:
         raise RuntimeError("the Triton sparse GEMV needs triton")
     nseg = len(weights)
@@ -529,12 +436,6 @@ def _launch(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tens
     if x_sums is not None and (epilogue is not _Epilogue.ADD_RMSNORM or cfg.weight_math == 3 or x_int8
                                or any(t.shape != (M, K) or t.stride(1) != 1 for t in x_sums)):
         raise ValueError("x from gate/up sums takes [M, K] sums, a float-x config and the add + RMSNorm finish")
-    if x_norm is not None and (M != 1 or x_sums is not None or cfg.weight_math == 3 or x_int8
-                               or x_norm.o_sums.shape != (1, K) or x_norm.residual.shape != (1, K)):
-        raise ValueError("x from o's sums takes one row, [1, K] sums and residual, a float-x config")
-    if o_sums is not None and (epilogue is not _Epilogue.ADD_RMSNORM or o_sums[0].shape != (M, logical_shape(
-            weights[0])[0]) or o_sums[0].stride(1) != 1):
-        raise ValueError("o's sums in the finish take the add + RMSNorm finish and [M, N] sums")
     if cfg.use_dot and cfg.compact and not (shared or M == 1):
         raise ValueError(f"packed survivors on tensor cores need one mask for all rows (a shared mask, or one row): "
                          f"{cfg}")
@@ -634,10 +535,6 @@ def _launch(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tens
         epilogue in (_Epilogue.ADD_RMSNORM, _Epilogue.QKV_ROPE, _Epilogue.SUMS)
     swiglu_x = {} if x_sums is None else dict(X_SWIGLU=True, g_ptr=x_sums[0], u_ptr=x_sums[1],
                                               stride_gm=x_sums[0].stride(0))
-    if x_norm is not None:
-        swiglu_x = dict(X_NORM=True, o_ptr=x_norm.o_sums, ob_ptr=x_norm.o_bias if x_norm.o_bias is not None else x2,
-                        res_ptr=x_norm.residual, nw_ptr=x_norm.norm_weight, norm_eps=x_norm.eps, ROW=next_pow2(K),
-                        HAS_OBIAS=x_norm.o_bias is not None)
     jit.sparse_gemv_kernel[(total_tiles, cfg.split_k)](
         x2, s0["w"], s0["b"], s0["y"], ws, cnt, idx, xv,
         M, s0["N"], K, s0["t"],
@@ -663,10 +560,7 @@ def _launch(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tens
         BN_ROW = next_pow2(s0["N"])
         # x's gate/up sums, rows 0..M-1 of theirs: zeroed by programs past the rows' once this grid has read them
         zero = {} if x_sums is None else dict(M=M, z_ptr=x_sums[0], Z_N=M * x_sums[0].stride(0), ZERO=True)
-        if o_sums is not None:  # o's sums, rows stride_o apart: read and zeroed by each row's program
-            zero.update(o_ptr=o_sums[0], ob_ptr=o_sums[1] if o_sums[1] is not None else s0["b"],
-                        stride_o=o_sums[0].stride(0), O_SUMS=True, HAS_OBIAS=o_sums[1] is not None)
-        jit.finish_add_rmsnorm_kernel[(M + (-(-zero["Z_N"] // BN_ROW) if "Z_N" in zero else 0),)](
+        jit.finish_add_rmsnorm_kernel[(M + (-(-zero["Z_N"] // BN_ROW) if zero else 0),)](
             ws, s0["b"], norm.residual, norm.norm_weight, s0["y"], norm.out, s0["N"], s0["N"],
             norm.residual.stride(0), s0["sym"], norm.out.stride(0), norm.eps, BN=BN_ROW, HAS_BIAS=has_bias,
             PDL=use_pdl, num_warps=min(8, max(1, BN_ROW // 1024)), **zero, **launch_pdl,

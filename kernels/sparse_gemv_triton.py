@@ -262,38 +262,6 @@ def store_swiglu_x(g_ptr, u_ptr, stride_gm, x_ptr, stride_xm, offs_m, m_ok, k_lo
     tl.debug_barrier()  # the CTA's global stores are visible to all its threads after the barrier
 
 @triton.jit
-def store_add_rmsnorm_x(o_ptr, ob_ptr, res_ptr, nw_ptr, x_ptr, k_lo, k_hi, K, eps, ROW: tl.constexpr,
-                        CHUNK: tl.constexpr, HAS_OBIAS: tl.constexpr, PDL: tl.constexpr):
-    """x[k_lo:k_hi] = RMSNorm(residual + o) · norm_weight for one row, from the fp32 sums of the o launch before
-    (``X_NORM``): what o's add + RMSNorm finish would have written, rounded as ``add_rmsnorm_row`` rounds (the norm's
-    sum over the row may add in another order). Every program reads the whole row for the statistic and its own
-    split again for x (the same round trip: neither waits on the other; the row's h is not held for the split), and
-    stores only its split; the op's inputs (residual, norm weight, bias) are read before the wait (``pdl.py``)."""
-    offs = tl.arange(0, ROW)
-    ok = offs < K
-    offs_c = k_lo + tl.arange(0, CHUNK)
-    mine = offs_c < k_hi
-    res = tl.load(res_ptr + offs, mask=ok, other=0.0, cache_modifier=".cg")  # (in its dtype: half the registers)
-    res_c = tl.load(res_ptr + offs_c, mask=mine, other=0.0, cache_modifier=".cg").to(tl.float32)
-    nw_c = tl.load(nw_ptr + offs_c, mask=mine, other=0.0, cache_modifier=".cg").to(tl.float32)
-    if HAS_OBIAS:
-        bias = tl.load(ob_ptr + offs, mask=ok, other=0.0, cache_modifier=".cg").to(tl.float32)
-        bias_c = tl.load(ob_ptr + offs_c, mask=mine, other=0.0, cache_modifier=".cg").to(tl.float32)
-    if PDL:
-        tl.extra.cuda.gdc_wait()
-    y = tl.load(o_ptr + offs, mask=ok, other=0.0, cache_modifier=".cg")  # added at L2 by the launch before
-    y_c = tl.load(o_ptr + offs_c, mask=mine, other=0.0, cache_modifier=".cg")
-    if HAS_OBIAS:
-        y += bias
-        y_c += bias_c
-    out_ty = x_ptr.dtype.element_ty
-    hf = (res.to(tl.float32) + y.to(out_ty).to(tl.float32)).to(out_ty).to(tl.float32)  # 0 past K
-    r = 1.0 / tl.sqrt_rn(tl.sum(hf * hf, axis=0) / K + eps)
-    hf_c = (res_c + y_c.to(out_ty).to(tl.float32)).to(out_ty).to(tl.float32)
-    tl.store(x_ptr + offs_c, (nw_c * (hf_c * r).to(out_ty).to(tl.float32)).to(out_ty), mask=mine)
-    tl.debug_barrier()  # the CTA's global stores are visible to all its threads after the barrier
-
-@triton.jit
 def packed_sum(x_ptr, w_ptr, idx_ptr, xv_ptr, k_lo, k_hi, threshold, offs_n, n_ok, stride_wk, stride_wn,
                BK: tl.constexpr, BN: tl.constexpr, CHUNK: tl.constexpr, EVEN_N: tl.constexpr, offs_p, p_ok,
                WFMT: tl.constexpr, ASM: tl.constexpr, WMATH: tl.constexpr):
@@ -549,11 +517,6 @@ def sparse_gemv_kernel(
     # workspace (g_ptr / u_ptr [M, K], rows stride_gm) and stored to x_ptr for this program's split
     # (``store_swiglu_x``): the SwiGLU finishing launch folded into this one (``sparse_gemv_mlp_add_rmsnorm``)
     X_SWIGLU: tl.constexpr = False, g_ptr=None, u_ptr=None, stride_gm=0,
-    # x (one row) is RMSNorm(residual + o) · norm_weight, o the sums an o launch before this one left in the
-    # workspace (o_ptr [K], its bias ob_ptr), formed here for this program's split (``store_add_rmsnorm_x``): o's add +
-    # RMSNorm finishing launch folded into this one (``sparse_gemv_o_mlp_add_rmsnorm``); ROW = next_pow2(K)
-    X_NORM: tl.constexpr = False, o_ptr=None, ob_ptr=None, res_ptr=None, nw_ptr=None, norm_eps=0.0,
-    ROW: tl.constexpr = 1, HAS_OBIAS: tl.constexpr = False,
 ):
     """Program (N tile, K split) of y = (x ⊙ 1[|x| > t]) Wᵀ + b; segments 1 and 2 as segment 0, other pointers.
 
@@ -571,7 +534,7 @@ def sparse_gemv_kernel(
     IEEE: fp32 dots in full precision; UPCAST: the CPU interpreter's bf16 dots, computed in fp32; EVEN_N / EVEN_K:
     the tiles divide N / K (no bounds masks).
     """
-    if PDL and not X_NORM:  # (X_NORM reads the op's own inputs first, then waits)
+    if PDL:
         tl.extra.cuda.gdc_wait()
     pn_all = tl.program_id(0)
     pk = tl.program_id(1)
@@ -608,9 +571,6 @@ def sparse_gemv_kernel(
     k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
     if X_SWIGLU:
         store_swiglu_x(g_ptr, u_ptr, stride_gm, x_ptr, stride_xm, offs_m, m_ok, k_lo, k_hi, CHUNK)
-    if X_NORM:
-        store_add_rmsnorm_x(o_ptr, ob_ptr, res_ptr, nw_ptr, x_ptr, k_lo, k_hi, K, norm_eps, ROW, CHUNK, HAS_OBIAS,
-                            PDL)
     if USE_DOT and WFMT == 2:
         acc = int4_dot_partial(x_ptr, w_ptr, idx_ptr + (seg * SPLIT_K + pk) * CHUNK, k_lo, k_hi, threshold, offs_m,
                                m_ok, stride_xm, offs_p, p_ok, stride_wk, stride_wn, M, BM, BN, BK, CHUNK, EVEN_N,
@@ -848,9 +808,7 @@ def finish_kernel(
 @triton.jit
 def finish_add_rmsnorm_kernel(ws_ptr, b_ptr, res_ptr, nw_ptr, h_ptr, out_ptr, N, ws_width, stride_res, stride_h,
                                stride_out, eps, BN: tl.constexpr, HAS_BIAS: tl.constexpr, PDL: tl.constexpr,
-                               M=1, z_ptr=None, Z_N=0, ZERO: tl.constexpr = False,
-                               o_ptr=None, ob_ptr=None, stride_o=0, O_SUMS: tl.constexpr = False,
-                               HAS_OBIAS: tl.constexpr = False):
+                               M=1, z_ptr=None, Z_N=0, ZERO: tl.constexpr = False):
     """The split-K epilogue of a linear followed by a residual add and an RMSNorm (Llama's), one program per row
     holding all N columns: y = sums (+ bias), h = residual + y, out = norm_weight * (h * rsqrt(mean(h²) + eps)).
 
@@ -859,11 +817,7 @@ def finish_add_rmsnorm_kernel(ws_ptr, b_ptr, res_ptr, nw_ptr, h_ptr, out_ptr, N,
     otherwise runs after every o and down projection (docs/design.md, "Grouped launches and fusions").
 
     ZERO: programs M and on zero z_ptr[0, Z_N) a BN at a time, the sums of a gate/up launch that the GEMV grid
-    before this one read as its x (``X_SWIGLU``): once that grid has completed, nothing reads them.
-
-    O_SUMS: the residual is first h = residual + o, o the fp32 sums (+ ob) of an o launch whose add + RMSNorm finish
-    was folded into the gate/up launch (``X_NORM``): that h, rounded as o's finish rounds it, is what the block's
-    second residual add takes; each row's program reads o's sums and zeroes them with its own."""
+    before this one read as its x (``X_SWIGLU``): once that grid has completed, nothing reads them."""
     if ZERO:
         if tl.program_id(0) >= M:
             if PDL:
@@ -872,16 +826,15 @@ def finish_add_rmsnorm_kernel(ws_ptr, b_ptr, res_ptr, nw_ptr, h_ptr, out_ptr, N,
             tl.store(z_ptr + offs_z, tl.zeros((BN,), dtype=tl.float32), mask=offs_z < Z_N)
         else:
             add_rmsnorm_row(ws_ptr, b_ptr, res_ptr, nw_ptr, h_ptr, out_ptr, N, ws_width, stride_res, stride_h,
-                            stride_out, eps, BN, HAS_BIAS, PDL, o_ptr, ob_ptr, stride_o, O_SUMS, HAS_OBIAS)
+                            stride_out, eps, BN, HAS_BIAS, PDL)
     else:
         add_rmsnorm_row(ws_ptr, b_ptr, res_ptr, nw_ptr, h_ptr, out_ptr, N, ws_width, stride_res, stride_h,
-                        stride_out, eps, BN, HAS_BIAS, PDL, o_ptr, ob_ptr, stride_o, O_SUMS, HAS_OBIAS)
+                        stride_out, eps, BN, HAS_BIAS, PDL)
 
 
 @triton.jit
 def add_rmsnorm_row(ws_ptr, b_ptr, res_ptr, nw_ptr, h_ptr, out_ptr, N, ws_width, stride_res, stride_h, stride_out,
-                    eps, BN: tl.constexpr, HAS_BIAS: tl.constexpr, PDL: tl.constexpr, o_ptr=None, ob_ptr=None,
-                    stride_o=0, O_SUMS: tl.constexpr = False, HAS_OBIAS: tl.constexpr = False):
+                    eps, BN: tl.constexpr, HAS_BIAS: tl.constexpr, PDL: tl.constexpr):
     """Row ``program_id(0)`` of ``finish_add_rmsnorm_kernel``."""
     row = tl.program_id(0)
     offs = tl.arange(0, BN)
@@ -893,23 +846,14 @@ def add_rmsnorm_row(ws_ptr, b_ptr, res_ptr, nw_ptr, h_ptr, out_ptr, N, ws_width,
     nw = tl.load(nw_ptr + offs, mask=ok, other=0.0, cache_modifier=".cg").to(tl.float32)
     if HAS_BIAS:
         bias = tl.load(b_ptr + offs, mask=ok, other=0.0, cache_modifier=".cg").to(tl.float32)
-    if HAS_OBIAS:
-        obias = tl.load(ob_ptr + offs, mask=ok, other=0.0, cache_modifier=".cg").to(tl.float32)
     if PDL:
         tl.extra.cuda.gdc_wait()
     ws = ws_ptr + row * ws_width + offs
     y = tl.load(ws, mask=ok, other=0.0, cache_modifier=".cg")
-    if O_SUMS:
-        o = tl.load(o_ptr + row * stride_o + offs, mask=ok, other=0.0, cache_modifier=".cg")
     # every warp has read its sums before any zeroes them: the store's layout need not be the load's, so another
     # warp may own an element's store (without the barrier, 4 warps lost some sums on the H100)
     tl.debug_barrier()
     tl.store(ws, tl.zeros((BN,), dtype=tl.float32), mask=ok)
-    if O_SUMS:
-        tl.store(o_ptr + row * stride_o + offs, tl.zeros((BN,), dtype=tl.float32), mask=ok)
-        if HAS_OBIAS:
-            o += obias
-        res = (res + o.to(h_ptr.dtype.element_ty).to(tl.float32)).to(h_ptr.dtype.element_ty).to(tl.float32)
     if HAS_BIAS:
         y += bias
     h = (res + y.to(out_ty).to(tl.float32)).to(out_ty)

@@ -7,7 +7,6 @@ through ``finish`` (dead code, lint, recompile, log, ``torch._dynamo.utils.count
 from teal_fx.passes.analysis import Discovery, MatchedLinear, discover
 from teal_fx.passes.batch_input_increments import batch_input_increments
 from teal_fx.passes.context import PassContext
-from teal_fx.passes.fold_mlp_norm_into_gate_up import fold_mlp_norm_into_gate_up
 from teal_fx.passes.fold_qkv_finish_into_attention import fold_qkv_finish_into_attention
 from teal_fx.passes.fold_swiglu_into_down import fold_swiglu_into_down
 from teal_fx.passes.fuse_add_rmsnorm import fuse_add_rmsnorm
@@ -35,7 +34,6 @@ __all__ = [
     "fuse_swiglu",
     "fuse_add_rmsnorm",
     "fold_swiglu_into_down",
-    "fold_mlp_norm_into_gate_up",
     "replace_decode_attention",
     "fold_qkv_finish_into_attention",
     "replace_outer_product_matmul",

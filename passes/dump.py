@@ -32,9 +32,8 @@ def block_dot(gm: fx.GraphModule, block: int) -> str:
     for n in keep:
         m = n.meta.get("teal")
         target = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", str(n.target))
-        if m is not None:  # a fused or folded op stands for several linears: gate+up, gate+up+down, o+gate+up+down
-            labels = (m, n.meta.get("teal_gate"), n.meta.get("teal_up"), n.meta.get("teal_down"))
-            roles = "+".join(lab.role for lab in labels if lab is not None)
+        if m is not None:  # a fused or folded op stands for several linears: gate+up, gate+up+down
+            roles = "+".join(lab.role for lab in (m, n.meta.get("teal_up"), n.meta.get("teal_down")) if lab is not None)
             label = f"{roles}\\n{n.name}\\n{m.shape[0]}x{m.shape[1]}"
             lines.append(f'  "{n.name}" [label="{label}", fillcolor="{_ROLE_COLOURS.get(m.role, "#dddddd")}", penwidth=2];')
         else:

@@ -8,8 +8,8 @@ The order is the contract:
 3. ``insert_sparse_linear`` rewrites the labelled linears with the plan's thresholds;
 4. ``group_shared_input`` works on the rewritten ops only, ``fuse_swiglu`` on its gate/up groups,
    ``fuse_add_rmsnorm`` on the single rewritten linears (o, down) that grouping left, ``fold_swiglu_into_down``
-   on what those two made of an MLP, ``fold_mlp_norm_into_gate_up`` on that MLP and the o before it, and
-   ``fold_rope_into_qkv_finish`` on the q/k/v groups (it reads their q/k/v labels);
+   on what those two made of an MLP, and ``fold_rope_into_qkv_finish`` on the q/k/v groups (it reads their q/k/v
+   labels);
 5. ``replace_decode_attention`` is independent of the plan (it runs in dense compiles too) and comes after them, so
    discovery sees the graph as traced; ``fold_qkv_finish_into_attention`` then joins its result to the q/k/v op;
    ``replace_outer_product_matmul`` and ``batch_input_increments`` are independent of everything else (last, so no
@@ -27,7 +27,6 @@ from teal_fx.options import TealOptions
 from teal_fx.passes.batch_input_increments import batch_input_increments
 from teal_fx.passes.context import PassContext
 from teal_fx.passes.dump import write_dump
-from teal_fx.passes.fold_mlp_norm_into_gate_up import fold_mlp_norm_into_gate_up
 from teal_fx.passes.fold_qkv_finish_into_attention import fold_qkv_finish_into_attention
 from teal_fx.passes.fold_rope_into_qkv_finish import fold_rope_into_qkv_finish
 from teal_fx.passes.fold_swiglu_into_down import fold_swiglu_into_down
@@ -58,7 +57,6 @@ PASSES: list[tuple[Pass, Optional[str]]] = [
     (fuse_swiglu, "fuse_swiglu"),
     (fuse_add_rmsnorm, "fuse_add_rmsnorm"),
     (fold_swiglu_into_down, "fold_swiglu"),
-    (fold_mlp_norm_into_gate_up, "fold_mlp_norm"),
     (fold_rope_into_qkv_finish, "fold_rope"),
     (replace_decode_attention, "decode_attention"),
     (fold_qkv_finish_into_attention, "fold_qkv_attention"),

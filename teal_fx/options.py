@@ -28,9 +28,6 @@ class TealOptions:
     # the down launch forms silu(gate) * up itself, one launch a layer fewer (passes/fold_swiglu_into_down.py);
     # docs/perf-log.md v49: int4 + 50% decode +5.8%, int8 +1.5%, bf16 +0.6% (H100)
     fold_swiglu: bool = True
-    # o's add + RMSNorm formed by the gate/up launch where its grid is small (int4's packed loop), one launch a layer
-    # fewer (passes/fold_mlp_norm_into_gate_up.py): off until timed
-    fold_mlp_norm: bool = False
     fold_rope: bool = True  # RoPE + static-cache writes in the q/k/v launch's finish (passes/fold_rope_into_qkv_finish.py)
     decode_attention: bool = True  # decode-step sdpa -> teal::decode_attention (passes/replace_decode_attention.py)
     # the attention forms q and the new k/v row itself (passes/fold_qkv_finish_into_attention.py): off until timed

@@ -37,9 +37,9 @@ def test_ab_option_rows():
     rows = lambda text: bd._ab_variants(argparse.Namespace(ab_option=bd._ab_option_list(text) if text else None))  # noqa: E731
     assert rows("") == [None]
     assert rows("fold_swiglu") == [{"fold_swiglu": False}, {"fold_swiglu": True}]
-    assert rows("fold_mlp_norm,fold_qkv_attention") == [
-        {"fold_mlp_norm": False, "fold_qkv_attention": False}, {"fold_mlp_norm": True, "fold_qkv_attention": False},
-        {"fold_mlp_norm": False, "fold_qkv_attention": True}, {"fold_mlp_norm": True, "fold_qkv_attention": True}]
-    assert bd._ab_label({"fold_mlp_norm": True}) == ", fold_mlp_norm=True"
+    assert rows("fold_swiglu,fold_qkv_attention") == [
+        {"fold_swiglu": False, "fold_qkv_attention": False}, {"fold_swiglu": True, "fold_qkv_attention": False},
+        {"fold_swiglu": False, "fold_qkv_attention": True}, {"fold_swiglu": True, "fold_qkv_attention": True}]
+    assert bd._ab_label({"fold_swiglu": True}) == ", fold_swiglu=True"
     with pytest.raises(argparse.ArgumentTypeError, match="on/off options"):
         bd._ab_option_list("fold_swiglu,plan")
