@@ -447,6 +447,7 @@ def batch_teal_rows(model, calib, batches: list[int], args, cache_len, add, note
 
 
 def _ab_option_list(text: str) -> list[str]:
+    """--ab-option's comma-separated names, each one of the backend's on/off options (``AB_OPTIONS``)."""
     names = [n for n in text.split(",") if n]
     bad = [n for n in names if n not in AB_OPTIONS]
     if bad or not names:

@@ -1,8 +1,11 @@
 """bench_decode.py's shared-mask rows time a random-weight model at thresholds read from its own decode steps
-(``with_decode_thresholds``): the check that those keep the plan's sparsity while decoding, on the CPU."""
+(``with_decode_thresholds``): the check that those keep the plan's sparsity while decoding, on the CPU; and the rows
+its ``--ab-option`` times."""
+import argparse
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 import teal_fx
@@ -30,10 +33,7 @@ def test_thresholds_read_from_decode_steps_hold_the_plans_sparsity_while_decodin
 
 
 def test_ab_option_rows():
-    import argparse
-
-    import pytest
-
+    """--ab-option's rows: one option off then on; several all off, each alone, then all on; unknown names refused."""
     rows = lambda text: bd._ab_variants(argparse.Namespace(ab_option=bd._ab_option_list(text) if text else None))  # noqa: E731
     assert rows("") == [None]
     assert rows("fold_swiglu") == [{"fold_swiglu": False}, {"fold_swiglu": True}]
