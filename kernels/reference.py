@@ -39,12 +39,13 @@ def sparsify_shared_by_batch(x: Tensor, batch_thresholds: tuple[tuple[int, float
     in tensor ops only: a graph whose batch is symbolic (Hugging Face generate()'s default ``dynamic=None``) keeps the
     batch's threshold without a guard on the batch size."""
     rows = x.shape[0] if x.dim() >= 2 else 1
-    b = torch.scalar_tensor(rows, dtype=torch.float32, device=x.device)
-    sizes = torch.tensor([float(n) for n, _ in batch_thresholds], dtype=torch.float32, device=x.device)
+    b = torch.scalar_tensor(rows, dtype=torch.float64, device=x.device)
+    sizes = torch.tensor([float(n) for n, _ in batch_thresholds], dtype=torch.float64, device=x.device)
     table = torch.tensor([t for _, t in batch_thresholds], dtype=torch.float32, device=x.device)
-    # argmin takes the first of equal distances, as min() does in threshold_for; index_select, not table[i]: an
+    # the log-scale distance as threshold_for computes it, max / min in fp64 (the same correctly rounded division,
+    # so the same ties); argmin takes the first of equal distances, as min() does; index_select, not table[i]: an
     # index tensor would make Dynamo read its value
-    nearest = table.index_select(0, (sizes.log2() - b.log2()).abs().argmin().view(1))[0]
+    nearest = table.index_select(0, (torch.maximum(sizes, b) / torch.minimum(sizes, b)).argmin().view(1))[0]
     threshold = torch.where(b <= 1, torch.scalar_tensor(one_row, dtype=torch.float32, device=x.device), nearest)
     return sparsify(x, threshold, shared=True)
 

@@ -50,7 +50,10 @@ class LinearPlan:
         size nearest in log scale (one row, or no table: ``threshold``)."""
         if not self.batch_thresholds or not batch or batch <= 1:
             return self.threshold
-        return min(self.batch_thresholds, key=lambda bt: abs(math.log2(bt[0]) - math.log2(batch)))[1]
+        # the distance in log scale as the ratio max / min (log2 of it, monotonic): one correctly rounded division,
+        # so a size exactly as far as another (4 and 9 from 6) ties here and in ``sparsify_shared_by_batch`` alike,
+        # and both take the first; differences of log2s round apart (the in-graph fp32 took 9, this took 4)
+        return min(self.batch_thresholds, key=lambda bt: max(bt[0], batch) / min(bt[0], batch))[1]
 
     @property
     def numel(self) -> int:
