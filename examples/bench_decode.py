@@ -537,6 +537,13 @@ def _swiglu_where() -> str:
     return "the gate/up launch"
 
 
+def _qkv_finish_where() -> str:
+    """Where the backend's defaults form q (RoPE) and the new k/v cache row."""
+    if teal_fx.TealOptions().fold_qkv_attention:
+        return "each attention program from the q/k/v launch's sums (fold_qkv_attention)"
+    return "the q/k/v launch"
+
+
 def write(out: Path, args, bw: float, roof: float, rows: list, notes: list, fastest: dict) -> None:
     lines = [
         "# End-to-end decode: Llama-3-8B shape (random weights, bf16)",
@@ -551,7 +558,7 @@ def write(out: Path, args, bw: float, roof: float, rows: list, notes: list, fast
         "- thresholds: uniform, calibrated on the model's own activations (2 x 256 random-token sequences); "
         "teal = q/k/v and gate/up grouped (4 sparse launches per block, silu(gate) * up formed by "
         f"{_swiglu_where()}, the residual add and the next RMSNorm by the o and down launches, RoPE and the cache "
-        "writes by the q/k/v launch), the decode step's attention as "
+        f"writes by {_qkv_finish_where()}), the decode step's attention as "
         "teal::decode_attention (rows marked 'sdpa attention' keep sdpa, as "
         "Inductor dense does), the cache counters' increments as one launch, programmatic dependent launches "
         "of teal's kernels and of Inductor's (each Inductor kernel waiting before its first access: docs/design.md, "

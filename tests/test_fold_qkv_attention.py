@@ -30,19 +30,19 @@ def test_folded_step_computes_what_the_graph_computed(arch, batch, prompt, dtype
     g = torch.Generator().manual_seed(seed)
     ids, prompt_ids = torch.randint(3, 128, (batch, 1), generator=g), torch.randint(3, 128, (batch, prompt), generator=g)
     counters.clear()
-    folded = _decode_step(model, plan, ids, prompt_ids, fold_qkv_attention=True)
+    folded = _decode_step(model, plan, ids, prompt_ids)  # on by default
     assert counters["teal"]["qkv_finish_folded"] == 2  # every block
-    plain = _decode_step(model, plan, ids, prompt_ids)
+    plain = _decode_step(model, plan, ids, prompt_ids, fold_qkv_attention=False)
     assert torch.equal(folded[0], plain[0])
     for a, b in zip(folded[1] + folded[2], plain[1] + plain[2]):
         assert torch.equal(a, b)
 
 
-def test_default_step_keeps_its_ops():
+def test_switched_off_the_step_keeps_its_ops():
     model = tiny_model("llama", layers=2)
     counters.clear()
     _decode_step(model, teal_fx.Plan.from_thresholds(teal_fx.find_linears(model), 0.3), torch.tensor([[5]]),
-                 torch.tensor([[4, 6]]))
+                 torch.tensor([[4, 6]]), fold_qkv_attention=False)
     assert counters["teal"]["qkv_finish_folded"] == 0 and counters["teal"]["rope_folded"] == 2
 
 

@@ -14,14 +14,12 @@ from teal_fx.passes.finish import finish
 
 def test_options_pick_the_passes_and_keep_their_order():
     everything = [p for p, _ in PASSES]
-    # every pass is on by default but the attention's fold of the q/k/v finish (off until timed on a GPU)
-    untimed = dict(fold_qkv_attention=True)
-    assert passes_for(TealOptions(**untimed)) == everything
-    assert [p.__name__ for p in passes_for(TealOptions())] == \
+    assert passes_for(TealOptions()) == everything  # every pass is on by default
+    assert [p.__name__ for p in passes_for(TealOptions(fold_qkv_attention=False))] == \
         [p.__name__ for p in everything if p.__name__ != "fold_qkv_finish_into_attention"]
-    assert [p.__name__ for p in passes_for(TealOptions(fold_rope=False, **untimed))] == \
+    assert [p.__name__ for p in passes_for(TealOptions(fold_rope=False))] == \
         [p.__name__ for p in everything if p.__name__ != "fold_rope_into_qkv_finish"]
-    off = TealOptions(fuse_swiglu=False, decode_attention=False, **untimed)
+    off = TealOptions(fuse_swiglu=False, decode_attention=False)
     assert [p.__name__ for p in passes_for(off)] == [p.__name__ for p in everything
                                                      if p.__name__ not in ("fuse_swiglu", "replace_decode_attention")]
     assert all(flag is None or hasattr(TealOptions, flag) for _, flag in PASSES)
