@@ -396,6 +396,19 @@ def _packed_rows_fit(x: Tensor, weights: Sequence[Tensor], Ns: Sequence[int], cf
             and x.shape[-1] * max(w.stride(1) for w in weights) < 2**31)
 
 
+def _subnormal_halves_fit(weights: Sequence[Tensor], cfg: GemvConfig, wfmt: int) -> bool:
+    """Whether weight_math 4's inline PTX gets the words it assumes: each 32-bit word four consecutive stored bytes of
+    one row (its output comes back in the order 0, 2, 1, 3, put back after the tile's sum). Triton packs a thread's
+    elements four at a time in its layout's order, so this needs every thread to hold runs of at least four
+    consecutive bytes of a row: at least 4 bytes a thread across the tile's columns (int8 128 columns a warp, int4
+    256) and rows on 16-byte boundaries (the base and the row stride), without which the loads are not vectorized.
+    On an H100 both cases summed wrong otherwise (32 columns a warp; 2100 int8 columns a row: docs/perf-log.md v52);
+    on the interpreter the order is always right."""
+    row_bytes_per_thread = cfg.block_n // (2 if wfmt == 2 else 1) // (32 * cfg.num_warps)
+    return row_bytes_per_thread >= 4 and all(
+        w.data_ptr() % 16 == 0 and (w.shape[1] == 1 or w.stride(1) * w.element_size() % 16 == 0) for w in weights)
+
+
 def _launch(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tensor]], thresholds: Sequence[float],
             config: Optional[GemvConfig], outs: Optional[Sequence[Tensor]], sparsity: Optional[float],
             epilogue: _Epilogue, norm: Optional[_AddRMSNorm] = None,
@@ -444,6 +457,8 @@ def _launch(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tens
     if config is None and cfg.weight_math == 5 and not _packed_rows_fit(x, weights, Ns, cfg, wfmt):
         # the rule's rows in PTX where a segment's N is not whole chunks: the packed loop with fp16 tile sums
         cfg = replace(cfg, weight_math=sparse_gemv_config.tile_math(fmt, sum(Ns), K))
+    if config is None and cfg.weight_math == 4 and not _subnormal_halves_fit(weights, cfg, wfmt):
+        cfg = replace(cfg, weight_math=2)  # the permutes' fp16 sums, whatever the layout
     if config is None and cfg.weight_math in (1, 2, 4, 5) and x.dtype == torch.float32:
         # the rule's cheaper sums round at a bf16 output's error (fp16 would also round fp32 x): fp32 x, exact sums
         cfg = replace(cfg, weight_math=0)
@@ -460,6 +475,14 @@ def _launch(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tens
         # fp16 would round fp32 x; a tile's sum of up to 32 products (q + 128) x 2^-24 x 2^15 stays below 2^4
         raise ValueError(f"weight_math 4 (unsigned integers as subnormal halves) takes fp16/bf16 x and, for int8, "
                          f"block_k <= 32: {cfg}, {x.dtype}")
+    if cfg.weight_math == 5 and inline_ptx(x.device) and cfg.block_n < (32 if wfmt == 2 else 16) * 32 * cfg.num_warps:
+        # fewer 16-byte chunks than lanes: on an H100 the lanes past the tile repeated its column-wise adds (int8, 64
+        # columns a warp: 8x the sums; docs/perf-log.md v52); the interpreter has no lanes, so its tests run narrow
+        raise ValueError(f"weight_math 5 on a GPU takes a 16-byte chunk of a row for every thread: {cfg}")
+    if cfg.weight_math == 4 and not _subnormal_halves_fit(weights, cfg, wfmt):
+        raise ValueError(f"weight_math 4 (unsigned integers as subnormal halves) takes at least 4 bytes of a row a "
+                         f"thread and rows on 16-byte boundaries: {cfg}, row strides "
+                         f"{[w.stride(1) * w.element_size() for w in weights]} bytes")
     if cfg.weight_math == 3 and (ACT_TILE % cfg.block_k or cfg.block_k % 4 or cfg.k_per_split % ACT_TILE):
         # one x scale per tile: a tile within one scale tile of x (and so of an int4 group), a program's inputs whole
         # scale tiles (x is quantized from k_lo); rows come four to a word

@@ -15,13 +15,15 @@ from teal_fx.kernels.triton_support import next_pow2
 # the fp16 tile sums the one-row rule takes: 2 (integers converted by permutes) or 4 (as subnormal halves: fewer
 # instructions, sums ~1.5x coarser; docs/perf-log.md v43). The MLP shapes take 4 (H200 at 50%: int4 packed gate+up
 # 14.3 µs against 17.7, down 10.0 / 12.0; int8 masked 256 x 32 x 4 19.4 / 20.2, 12.2 / 12.5; v46); the attention
-# shapes keep 2 (4 there inside the noise on an H100, v46)
+# shapes too since v52 (H100 at 50%, the same 256 x 32 x 2 tiles: int4 q+k+v 7.07 µs against 7.54, q/o 6.26 / 6.67;
+# int8 7.68 / 7.80, 6.81 / 7.03; decode int4 + 50% +2.1%, int8 +1.1%). Kept apart for --tile-math A/B runs
 MLP_TILE_MATH = 4
-INT4_TILE_MATH = 2
-INT8_TILE_MATH = 2
+INT4_TILE_MATH = 4
+INT8_TILE_MATH = 4
 # the expected sparsity from which one row's rule packs the survivors and sums them a stored row at a time in PTX
 # (weight_math 5), per format; None: never. Timed slower than the tile loops (H200 at 50%: int8 gate+up 25.8 µs
-# against 20.5, int4 down 12.8 / 12.1; docs/perf-log.md v46): kept for A/B runs, off
+# against 20.5, int4 down 12.8 / 12.1; docs/perf-log.md v46): kept for A/B runs, off. Its GPU tests ran only in part
+# (v52: tiles narrower than a warp's chunks summed wrong there, now refused on a GPU; the rule's tiles are whole)
 PACKED_ROWS_FROM: dict = {"int8": None, "int4": None}
 
 

@@ -32,14 +32,14 @@ def test_defaults_change_nothing(restored):
 
 
 def test_switches_reach_the_rule(restored):
-    said = apply_rule_arguments(parse("--packed-rows-from", "int4:0.3", "--tile-math", "4,2"))
-    assert cfg.PACKED_ROWS_FROM["int4"] == 0.3 and (cfg.INT8_TILE_MATH, cfg.INT4_TILE_MATH) == (4, 2)
-    assert "PACKED_ROWS_FROM" in said and "INT8_TILE_MATH=4" in said
+    said = apply_rule_arguments(parse("--packed-rows-from", "int4:0.3", "--tile-math", "2,4"))
+    assert cfg.PACKED_ROWS_FROM["int4"] == 0.3 and (cfg.INT8_TILE_MATH, cfg.INT4_TILE_MATH) == (2, 4)
+    assert "PACKED_ROWS_FROM" in said and "INT8_TILE_MATH=2" in said
     assert cfg.choose_config(1, 14336, 4096, 0.5, "int4").weight_math == 5
     assert cfg.choose_config(1, 14336, 4096, 0.2, "int4").weight_math != 5  # below the switch's sparsity
     if cfg.PACKED_ROWS_FROM["int8"] is None:  # int8 untouched by an int4-only switch
         assert cfg.choose_config(1, 14336, 4096, 0.5, "int8").weight_math != 5
-    assert cfg.choose_config(1, 4096, 4096, 0.5, "int8").weight_math == 4  # the attention shapes: --tile-math
+    assert cfg.choose_config(1, 4096, 4096, 0.5, "int8").weight_math == 2  # the attention shapes: --tile-math
 
 
 def test_mlp_switch_reaches_the_mlp_shapes_only(restored):

@@ -183,11 +183,14 @@ def test_cheaper_tile_sums_stay_within_the_output_precision(fmt, math, N, K, dty
     its value, which cancellation can make far smaller (CI drew N = 2 with |y| a tenth of Σ|x||w|: 3.1e-3 of |y|): so
     the error is measured against Σ |x| |W|. 4: as 2 over the unsigned integers as subnormal halves."""
     packed = packed and math in (2, 4)  # the packed loop sums exactly or in fp16 tiles
+    BN, warps = 32, 4
+    if math == 4:  # subnormal halves: 4 bytes of a row a thread, rows on 16-byte boundaries (the test below)
+        N, BN, warps = 256 + -(-N // 32) * 32, 256, 1
     assume(not (packed and fmt == "int4" and INT4_GROUP % (BK * iters)))  # a packed int4 program in one group
     x, q, s, _ = operands(1, N, K, dtype, fmt, seed)
     x = (x.float() * magnitude).to(dtype)
-    cfg = make_config(N, K, BN=32, BK=BK, iters=iters, use_dot=False, in_thread=True, compact=packed,
-                      weight_math=math)
+    cfg = make_config(N, K, BN=BN, BK=BK, iters=iters, use_dot=False, num_warps=warps, in_thread=True,
+                      compact=packed, weight_math=math)
     y = sg.sparse_gemv(x, q, None, t * magnitude, config=cfg, scales=s)
     ref = reference(x.cpu(), q, s, None, t * magnitude)
     size = sparsify(x.cpu(), t * magnitude).double().abs() @ dequantize(q.cpu(), s.cpu(), torch.float64).abs().t()
@@ -202,10 +205,10 @@ def test_the_packed_fp16_loop_ignores_its_scratch_past_the_survivors(fmt, iters,
     count, neither as rows nor in a tile's x scale. So the scratch is poisoned first; 90 of 128 inputs kept, not a
     whole number of 16-row tiles. int4 with 16 tiles: a program over two scale groups, each packed in turn. 5 (rows
     in PTX) reads whole tiles too, and zeroes x past its survivors to the slot's end: the poison must stop there."""
-    N, K = 64, 256
+    N, K = 256 if math == 4 else 64, 256  # (4: 4 bytes of a row a thread)
     x, q, s, _ = operands(1, N, K, torch.bfloat16, fmt, 5)
     t = float(x.float().abs().quantile(0.3))
-    cfg = make_config(N, K, BN=64, BK=16, iters=iters, use_dot=False, num_warps=1, num_stages=1, compact=True,
+    cfg = make_config(N, K, BN=N, BK=16, iters=iters, use_dot=False, num_warps=1, num_stages=1, compact=True,
                       weight_math=math)
     sg.sparse_gemv(x, q, None, t, config=cfg, scales=s)  # the scratch exists
     for (_, name), buf in sg._WORKSPACE.bufs.items():
@@ -311,10 +314,33 @@ def test_packed_rows_refuse_what_their_chunks_cannot_hold():
 
 def test_subnormal_sums_refuse_fp32_x_and_long_int8_tiles():
     for fmt, dtype, BK in (("int8", torch.float32, 16), ("int4", torch.float32, 16), ("int8", torch.bfloat16, 64)):
-        x, q, s, _ = operands(1, 64, 128, dtype, fmt, 0)
-        with pytest.raises(ValueError, match="weight_math 4"):
-            sg.sparse_gemv(x, q, None, 0.1, config=make_config(64, 128, BN=32, BK=BK, iters=2, use_dot=False,
-                                                               in_thread=True, weight_math=4), scales=s)
+        x, q, s, _ = operands(1, 256, 128, dtype, fmt, 0)
+        with pytest.raises(ValueError, match="weight_math 4 .* takes fp16/bf16 x"):
+            sg.sparse_gemv(x, q, None, 0.1, config=make_config(256, 128, BN=256, BK=BK, iters=2, use_dot=False,
+                                                               num_warps=1, in_thread=True, weight_math=4), scales=s)
+
+
+def test_subnormal_sums_need_rows_on_16_byte_boundaries():
+    """weight_math 4's inline PTX takes each word's four bytes as four consecutive columns, which Triton's layout
+    gives only with at least 4 bytes of a row a thread and rows on 16-byte boundaries (on an H100, 32 columns a warp
+    and 2100 int8 columns a row each summed wrong: docs/perf-log.md v52). Asked for, it is refused there; the rule
+    takes the permutes' fp16 sums (weight_math 2) instead, and keeps 4 where it fits."""
+    for fmt in ("int8", "int4"):
+        x, q, s, _ = operands(1, 2100, 300, torch.bfloat16, fmt, 0)
+        rule = choose_config(1, 2100, 300, 0.5, fmt)
+        assert rule.weight_math == 4
+        with pytest.raises(ValueError, match="16-byte"):
+            sg.sparse_gemv(x, q, None, 0.6, config=rule, scales=s)
+        permutes = sg.sparse_gemv(x, q, None, 0.6, config=replace(rule, weight_math=2), scales=s)
+        assert torch.equal(sg.sparse_gemv(x, q, None, 0.6, sparsity=0.5, scales=s), permutes)
+        x, q, s, _ = operands(1, 2112, 256, torch.bfloat16, fmt, 0)  # rows on 16-byte boundaries: the rule's 4
+        rule = choose_config(1, 2112, 256, 0.5, fmt)
+        subnormal = sg.sparse_gemv(x, q, None, 0.6, config=rule, scales=s)
+        assert torch.equal(sg.sparse_gemv(x, q, None, 0.6, sparsity=0.5, scales=s), subnormal)
+        assert not torch.equal(subnormal, sg.sparse_gemv(x, q, None, 0.6, config=replace(rule, weight_math=2),
+                                                         scales=s))
+        with pytest.raises(ValueError, match="4 bytes of a row a thread"):  # 64 columns a warp
+            sg.sparse_gemv(x, q, None, 0.6, config=replace(rule, block_n=64), scales=s)
 
 
 def test_fp16_tile_sums_refuse_fp32_x_and_other_loops():
@@ -494,6 +520,19 @@ def test_one_row_tile_sums_per_shape_class():
         for fmt, name in (("int8", "INT8_TILE_MATH"), ("int4", "INT4_TILE_MATH")):
             cfg = choose_config(1, N, K, 0.5, fmt)
             assert cfg.weight_math == getattr(sparse_gemv_config, name) and cfg.k_per_split == 2 * cfg.block_k
+
+
+def test_the_8b_shapes_keep_the_subnormal_sums():
+    """The launcher takes weight_math 4 back to 2 where its PTX cannot run (the test above it); on Llama-3-8B's
+    shapes, stored column-major as quantization stores them, the rule's 4 stands at every sparsity the decode uses."""
+    for N, K in ((28672, 4096), (4096, 14336), (6144, 4096), (4096, 4096)):
+        for fmt in ("int8", "int4"):
+            stored = (torch.empty(K, N, dtype=torch.int8) if fmt == "int8"
+                      else torch.empty(K, N // 2, dtype=torch.uint8)).t()  # [N (/ 2), K], rows of N (/ 2) bytes
+            for sparsity in (0.0, 0.25, 0.4, 0.5, 0.75):
+                cfg = choose_config(1, N, K, sparsity, fmt)
+                if cfg.weight_math == 4:
+                    assert sg._subnormal_halves_fit([stored], cfg, 2 if fmt == "int4" else 1), (N, K, fmt, cfg)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
