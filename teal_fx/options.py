@@ -30,8 +30,9 @@ class TealOptions:
     fold_swiglu: bool = True
     fold_rope: bool = True  # RoPE + static-cache writes in the q/k/v launch's finish (passes/fold_rope_into_qkv_finish.py)
     decode_attention: bool = True  # decode-step sdpa -> teal::decode_attention (passes/replace_decode_attention.py)
-    # the attention forms q and the new k/v row itself, one launch a layer fewer (passes/fold_qkv_finish_into_attention.py);
-    # docs/perf-log.md v52: int4 + 50% decode +0.6 / +0.7%, int8 +0.5 / +0.8% (two A/Bs, H100)
+    # the attention forms q and the new k/v row itself, one launch a layer fewer
+    # (passes/fold_qkv_finish_into_attention.py); docs/perf-log.md v52: int4 + 50% decode +0.6 / +0.7%, int8 +0.5 /
+    # +0.8% (two A/Bs, H100)
     fold_qkv_attention: bool = True
     outer_product_multiply: bool = True  # a matmul over a dimension of 1 -> a multiply (passes/replace_outer_product_matmul.py)
     inductor_pdl: bool = True  # on Hopper+, Inductor's kernels launch early and wait first (teal_fx/inductor.py)

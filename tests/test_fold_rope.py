@@ -119,9 +119,9 @@ def test_generate_through_inductor_is_unchanged():
 
 def test_dump_shows_the_folded_op(tmp_path):
     model = tiny_model("llama")
-    # the attention's fold (on by default) would take this op into sparse_qkv_rope_attention: this test is the RoPE fold's
-    _decode_step(model, _plan(model), torch.tensor([[5]]), torch.tensor([[4]]), fold_rope=True, fold_qkv_attention=False,
-                 dump=str(tmp_path))
+    # the attention's fold (on by default) would take this op into sparse_qkv_rope_attention: this is the RoPE fold's
+    _decode_step(model, _plan(model), torch.tensor([[5]]), torch.tensor([[4]]), fold_rope=True,
+                 fold_qkv_attention=False, dump=str(tmp_path))
     after = next(tmp_path.rglob("after.py")).read_text()
     assert after.count("teal.sparse_linear_qkv_rope") == 2 and "index_copy_" not in after
     summary = next(tmp_path.rglob("summary.txt")).read_text()

@@ -320,7 +320,7 @@ def test_subnormal_sums_refuse_fp32_x_and_long_int8_tiles():
                                                                num_warps=1, in_thread=True, weight_math=4), scales=s)
 
 
-def test_subnormal_sums_need_rows_on_16_byte_boundaries():
+def test_subnormal_sums_only_where_each_word_holds_four_columns():
     """weight_math 4's inline PTX takes each word's four bytes as four consecutive columns, which Triton's layout
     gives only with at least 4 bytes of a row a thread and rows on 16-byte boundaries (on an H100, 32 columns a warp
     and 2100 int8 columns a row each summed wrong: docs/perf-log.md v52). Asked for, it is refused there; the rule
@@ -523,8 +523,10 @@ def test_one_row_tile_sums_per_shape_class():
 
 
 def test_the_8b_shapes_keep_the_subnormal_sums():
-    """The launcher takes weight_math 4 back to 2 where its PTX cannot run (the test above it); on Llama-3-8B's
-    shapes, stored column-major as quantization stores them, the rule's 4 stands at every sparsity the decode uses."""
+    """The launcher takes weight_math 4 back to 2 where its PTX cannot run
+    (``test_subnormal_sums_only_where_each_word_holds_four_columns``); on Llama-3-8B's shapes, stored column-major as
+    quantization stores them, the rule's 4 stands at every sparsity the decode uses."""
+    subnormal = 0
     for N, K in ((28672, 4096), (4096, 14336), (6144, 4096), (4096, 4096)):
         for fmt in ("int8", "int4"):
             stored = (torch.empty(K, N, dtype=torch.int8) if fmt == "int8"
@@ -532,7 +534,9 @@ def test_the_8b_shapes_keep_the_subnormal_sums():
             for sparsity in (0.0, 0.25, 0.4, 0.5, 0.75):
                 cfg = choose_config(1, N, K, sparsity, fmt)
                 if cfg.weight_math == 4:
+                    subnormal += 1
                     assert sg._subnormal_halves_fit([stored], cfg, 2 if fmt == "int4" else 1), (N, K, fmt, cfg)
+    assert subnormal >= 30  # the attention shapes at every sparsity, the MLP's below int8's packing
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
