@@ -389,11 +389,14 @@ def _add_rmsnorm_outputs(x: Tensor, N: int, residual: Tensor, norm_weight: Tenso
 def _packed_rows_fit(x: Tensor, weights: Sequence[Tensor], Ns: Sequence[int], cfg: GemvConfig, wfmt: int) -> bool:
     """Whether weight_math 5 can read these weights: a thread's 16 bytes of a row (an aligned 16-byte load: the weight
     column-major from a 16-byte boundary) hold 16 int8 or 32 int4 columns, a chunk wholly inside N or past it; the
-    rows' byte offsets fit int32; fp16 chains of at most 32 rows."""
+    rows' byte offsets fit int32; fp16 chains of at most 32 rows. On a GPU a chunk for every thread: with fewer
+    chunks than lanes the lanes past the tile repeated its column-wise adds on an H100 (int8, 64 columns a warp: 8x
+    the sums; docs/perf-log.md v52); the interpreter has no lanes, so its tests run narrow tiles."""
     cols = 32 if wfmt == 2 else 16
     return (cfg.block_k <= 32 and cfg.block_n % cols == 0 and all(N % cols == 0 for N in Ns)
             and all(w.stride(0) == 1 and w.data_ptr() % 16 == 0 for w in weights)
-            and x.shape[-1] * max(w.stride(1) for w in weights) < 2**31)
+            and x.shape[-1] * max(w.stride(1) for w in weights) < 2**31
+            and (not inline_ptx(x.device) or cfg.block_n >= cols * 32 * cfg.num_warps))
 
 
 def _subnormal_halves_fit(weights: Sequence[Tensor], cfg: GemvConfig, wfmt: int) -> bool:
@@ -470,15 +473,12 @@ def _launch(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tens
         cols = 32 if wfmt == 2 else 16
         raise ValueError(f"weight_math 5 (the packed loop a row at a time in PTX) takes fp16/bf16 x, block_k <= 32, "
                          f"block_n and every N a multiple of {cols} ({fmt}), column-major weights from 16-byte "
-                         f"boundaries, K x row bytes < 2^31: {cfg}, x {x.dtype}, N {Ns}, K {K}")
+                         f"boundaries, K x row bytes < 2^31, on a GPU a 16-byte chunk of a row for every thread: "
+                         f"{cfg}, x {x.dtype}, N {Ns}, K {K}")
     if cfg.weight_math == 4 and (x.dtype == torch.float32 or (wfmt == 1 and cfg.block_k > 32)):
         # fp16 would round fp32 x; a tile's sum of up to 32 products (q + 128) x 2^-24 x 2^15 stays below 2^4
         raise ValueError(f"weight_math 4 (unsigned integers as subnormal halves) takes fp16/bf16 x and, for int8, "
                          f"block_k <= 32: {cfg}, {x.dtype}")
-    if cfg.weight_math == 5 and inline_ptx(x.device) and cfg.block_n < (32 if wfmt == 2 else 16) * 32 * cfg.num_warps:
-        # fewer 16-byte chunks than lanes: on an H100 the lanes past the tile repeated its column-wise adds (int8, 64
-        # columns a warp: 8x the sums; docs/perf-log.md v52); the interpreter has no lanes, so its tests run narrow
-        raise ValueError(f"weight_math 5 on a GPU takes a 16-byte chunk of a row for every thread: {cfg}")
     if cfg.weight_math == 4 and not _subnormal_halves_fit(weights, cfg, wfmt):
         raise ValueError(f"weight_math 4 (unsigned integers as subnormal halves) takes at least 4 bytes of a row a "
                          f"thread and rows on 16-byte boundaries: {cfg}, row strides "
