@@ -119,9 +119,6 @@ def dependent_launches(on: bool):
 def add_rule_arguments(ap: argparse.ArgumentParser) -> None:
     """Switches of the quantized launch rule that are not on by default, for A/B runs on one machine (the table's
     command line records them)."""
-    ap.add_argument("--packed-rows-from", default="", metavar="FMT:SPARSITY,...",
-                    help="one row's packed PTX loop (weight_math 5) from that expected sparsity on, per weight format "
-                         "(sparse_gemv_config.PACKED_ROWS_FROM), e.g. int8:0.25,int4:0.25")
     ap.add_argument("--tile-math", default="", metavar="INT8,INT4",
                     help="the fp16 tile sums one row's rule takes for int8 and int4 weights on the attention "
                          "shapes, 2 or 4 each (sparse_gemv_config.INT8_TILE_MATH, INT4_TILE_MATH)")
@@ -132,24 +129,10 @@ def add_rule_arguments(ap: argparse.ArgumentParser) -> None:
 
 def apply_rule_arguments(args: argparse.Namespace) -> str:
     """Set the rule's switches from ``add_rule_arguments``' options; returns a line naming them (empty: defaults).
-    Raises ValueError on a format, sparsity or weight_math the rule does not know."""
+    Raises ValueError on a weight_math the rule does not know."""
     from teal_fx.kernels import sparse_gemv_config as cfg
 
     said = []
-    if args.packed_rows_from:
-        rows_from = dict(cfg.PACKED_ROWS_FROM)
-        for item in args.packed_rows_from.split(","):
-            fmt, _, value = item.partition(":")
-            try:
-                sparsity = float(value)
-            except ValueError:
-                sparsity = float("nan")
-            if fmt not in rows_from or not 0.0 <= sparsity <= 1.0:
-                raise ValueError(f"--packed-rows-from: {item!r} is not FMT:SPARSITY with FMT one of "
-                                 f"{sorted(rows_from)} and SPARSITY in [0, 1]")
-            rows_from[fmt] = sparsity
-        cfg.PACKED_ROWS_FROM = rows_from
-        said.append(f"PACKED_ROWS_FROM={rows_from}")
     if args.tile_math:
         maths = args.tile_math.split(",")
         if len(maths) != 2 or not set(maths) <= {"2", "4"}:

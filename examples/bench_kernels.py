@@ -344,18 +344,6 @@ for _fmt in ("int8", "int4"):
         if _p not in SWEEP_WEIGHT_MATH[_fmt]:  # int8's 512 x 32 x 2 with 2 warps is swept above
             SWEEP_WEIGHT_MATH[_fmt].append(_p)
 
-# ... and the packed loop a stored row at a time in PTX (weight_math 5: a predicated 16-byte load a row, no zero fill,
-# fp16x2 FMAs; SASS, sm_90, instructions a tile of 16 survivors: int4 741 against weight_math 4's 1032 and the rule's
-# 1649, int8 454; perf-log v44), 16 rows (int4 165 registers) or 8 (122) to a fp16 chain
-SWEEP_WEIGHT_MATH["int8"] += [dict(BN=bn, BK=bk, iters=it, use_dot=False, num_warps=nw, num_stages=1, compact=True,
-                                   weight_math=5)
-                              for bn, bk, it, nw in ((512, 16, 4, 1), (512, 16, 8, 1), (1024, 16, 8, 2), (512, 8, 16, 1),
-                                                     (1024, 8, 16, 2))]
-SWEEP_WEIGHT_MATH["int4"] += [dict(BN=bn, BK=bk, iters=it, use_dot=False, num_warps=nw, num_stages=1, compact=True,
-                                   weight_math=5)
-                              for bn, bk, it, nw in ((1024, 16, 4, 1), (2048, 16, 4, 2), (1024, 16, 8, 1), (2048, 16, 8, 2),
-                                                     (1024, 8, 16, 1), (2048, 8, 16, 2))]
-
 # ... and x rounded to int8 (weight_math 3, dp4a; timed with x_int8): 8 or 16 bytes of a row a thread, a program's
 # inputs whole tiles of 32 (docs/perf-log.md v32)
 for _fmt, _tiles in (("int8", ((512, 8, 8), (512, 16, 4), (256, 32, 2), (512, 32, 2), (1024, 16, 4))),
@@ -532,9 +520,9 @@ def main() -> int:
     ap.add_argument("--sweep-weights-sparsity", type=float, default=0.5)
     ap.add_argument("--sweep-weights-math", action="store_true",
                     help="with --sweep-weights: only the one-row in-thread loops by weight_math (masked: 0-4; packed: "
-                    "2, 4, 5)")
+                    "2, 4)")
     ap.add_argument("--sweep-math-only", default="",
-                    help="with --sweep-weights-math: only these weight_math values (comma-separated, e.g. 4,5)")
+                    help="with --sweep-weights-math: only these weight_math values (comma-separated, e.g. 2,4)")
     ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True, help="the bf16/fp16 rows")
     ap.add_argument("--block-mlp", action="store_true", help="the quantized blocks' MLP also with down's add + "
                     "RMSNorm finish, unfolded and folded (fold_swiglu: the SwiGLU finish in the down launch), side "

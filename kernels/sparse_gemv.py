@@ -24,7 +24,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from teal_fx.kernels import pdl, sparse_gemv_config
+from teal_fx.kernels import pdl
 from teal_fx.kernels.quantize import ACT_TILE, INT4_GROUP, logical_shape, weight_format
 from teal_fx.kernels.sparse_gemv_config import GemvConfig, choose_config, gpu_name, kernel_pays
 from teal_fx.kernels.triton_support import DTYPES, HAS_TRITON, inline_ptx, interpreter_upcasts, next_pow2
@@ -386,19 +386,6 @@ def _add_rmsnorm_outputs(x: Tensor, N: int, residual: Tensor, norm_weight: Tenso
     return h, _AddRMSNorm(residual.reshape(rows, -1).contiguous(), norm_weight.contiguous(), float(eps), out)
 
 
-def _packed_rows_fit(x: Tensor, weights: Sequence[Tensor], Ns: Sequence[int], cfg: GemvConfig, wfmt: int) -> bool:
-    """Whether weight_math 5 can read these weights: a thread's 16 bytes of a row (an aligned 16-byte load: the weight
-    column-major from a 16-byte boundary) hold 16 int8 or 32 int4 columns, a chunk wholly inside N or past it; the
-    rows' byte offsets fit int32; fp16 chains of at most 32 rows. On a GPU a chunk for every thread: with fewer
-    chunks than lanes the lanes past the tile repeated its column-wise adds on an H100 (int8, 64 columns a warp: 8x
-    the sums; docs/perf-log.md v52); the interpreter has no lanes, so its tests run narrow tiles."""
-    cols = 32 if wfmt == 2 else 16
-    return (cfg.block_k <= 32 and cfg.block_n % cols == 0 and all(N % cols == 0 for N in Ns)
-            and all(w.stride(0) == 1 and w.data_ptr() % 16 == 0 for w in weights)
-            and x.shape[-1] * max(w.stride(1) for w in weights) < 2**31
-            and (not inline_ptx(x.device) or cfg.block_n >= cols * 32 * cfg.num_warps))
-
-
 def _subnormal_halves_fit(weights: Sequence[Tensor], cfg: GemvConfig, wfmt: int) -> bool:
     """Whether weight_math 4's inline PTX gets the words it assumes: each 32-bit word four consecutive stored bytes of
     one row (its output comes back in the order 0, 2, 1, 3, put back after the tile's sum). Triton packs a thread's
@@ -406,10 +393,12 @@ def _subnormal_halves_fit(weights: Sequence[Tensor], cfg: GemvConfig, wfmt: int)
     consecutive bytes of a row: at least 4 bytes a thread across the tile's columns (int8 128 columns a warp, int4
     256) and rows on 16-byte boundaries (the base and the row stride), without which the loads are not vectorized.
     On an H100 both cases summed wrong otherwise (32 columns a warp; 2100 int8 columns a row: docs/perf-log.md v52);
-    on the interpreter the order is always right."""
+    on the interpreter the order is always right. One input is no exception: PyTorch gives its [N, 1] weight a row
+    stride of 1, which Triton takes as a constant, so the row's alignment is unknown (an H200 summed 288 x 1 with
+    signs flipped, v53)."""
     row_bytes_per_thread = cfg.block_n // (2 if wfmt == 2 else 1) // (32 * cfg.num_warps)
     return row_bytes_per_thread >= 4 and all(
-        w.data_ptr() % 16 == 0 and (w.shape[1] == 1 or w.stride(1) * w.element_size() % 16 == 0) for w in weights)
+        w.data_ptr() % 16 == 0 and w.stride(1) * w.element_size() % 16 == 0 for w in weights)
 
 
 def _launch(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tensor]], thresholds: Sequence[float],
@@ -457,24 +446,16 @@ def _launch(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tens
                          f"{cfg}")
     if cfg.half_dot and (wfmt != 1 or x.dtype == torch.float32):  # fp16 operands would round fp32 x
         raise ValueError(f"half_dot takes int8 weights and fp16/bf16 x only: {cfg}, x {x.dtype}")
-    if config is None and cfg.weight_math == 5 and not _packed_rows_fit(x, weights, Ns, cfg, wfmt):
-        # the rule's rows in PTX where a segment's N is not whole chunks: the packed loop with fp16 tile sums
-        cfg = replace(cfg, weight_math=sparse_gemv_config.tile_math(fmt, sum(Ns), K))
     if config is None and cfg.weight_math == 4 and not _subnormal_halves_fit(weights, cfg, wfmt):
         cfg = replace(cfg, weight_math=2)  # the permutes' fp16 sums, whatever the layout
-    if config is None and cfg.weight_math in (1, 2, 4, 5) and x.dtype == torch.float32:
+    if config is None and cfg.weight_math in (1, 2, 4) and x.dtype == torch.float32:
         # the rule's cheaper sums round at a bf16 output's error (fp16 would also round fp32 x): fp32 x, exact sums
         cfg = replace(cfg, weight_math=0)
-    if cfg.weight_math and not (wfmt and M == 1 and cfg.in_thread and (cfg.compact or cfg.weight_math != 5)
-                                and (not cfg.compact or cfg.weight_math in (2, 4, 5))):
+    if cfg.weight_math not in range(5):
+        raise ValueError(f"weight_math is one of 0-4 (kernels/sparse_gemv_triton.py, WMATH): {cfg}")
+    if cfg.weight_math and not (wfmt and M == 1 and cfg.in_thread and (not cfg.compact or cfg.weight_math in (2, 4))):
         raise ValueError(f"weight_math applies to one row of int8/int4 in the masked in-thread loop (2 and 4 also in "
-                         f"the packed loop, 5 only there): {cfg}")
-    if cfg.weight_math == 5 and (x.dtype == torch.float32 or not _packed_rows_fit(x, weights, Ns, cfg, wfmt)):
-        cols = 32 if wfmt == 2 else 16
-        raise ValueError(f"weight_math 5 (the packed loop a row at a time in PTX) takes fp16/bf16 x, block_k <= 32, "
-                         f"block_n and every N a multiple of {cols} ({fmt}), column-major weights from 16-byte "
-                         f"boundaries, K x row bytes < 2^31, on a GPU a 16-byte chunk of a row for every thread: "
-                         f"{cfg}, x {x.dtype}, N {Ns}, K {K}")
+                         f"the packed loop): {cfg}")
     if cfg.weight_math == 4 and (x.dtype == torch.float32 or (wfmt == 1 and cfg.block_k > 32)):
         # fp16 would round fp32 x; a tile's sum of up to 32 products (q + 128) x 2^-24 x 2^15 stays below 2^4
         raise ValueError(f"weight_math 4 (unsigned integers as subnormal halves) takes fp16/bf16 x and, for int8, "

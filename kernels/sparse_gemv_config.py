@@ -20,11 +20,6 @@ from teal_fx.kernels.triton_support import next_pow2
 MLP_TILE_MATH = 4
 INT4_TILE_MATH = 4
 INT8_TILE_MATH = 4
-# the expected sparsity from which one row's rule packs the survivors and sums them a stored row at a time in PTX
-# (weight_math 5), per format; None: never. Timed slower than the tile loops (H200 at 50%: int8 gate+up 25.8 µs
-# against 20.5, int4 down 12.8 / 12.1; docs/perf-log.md v46): kept for A/B runs, off. Its GPU tests ran only in part
-# (v52: tiles narrower than a warp's chunks summed wrong there, now refused on a GPU; the rule's tiles are whole)
-PACKED_ROWS_FROM: dict = {"int8": None, "int4": None}
 
 
 # one wave of int4's int8-x programs: 8 one-warp programs an SM (255 registers each) on 132 SMs (H100, H200)
@@ -52,9 +47,8 @@ class GemvConfig:
     # offset removed once per tile; 2 fp16 products and tile sums (the kernel's ``tile_sum``; also over the packed
     # survivors, compact); 3 x quantized to int8 per 32 inputs, int32 dp4a products (``w8a8_partial``: a different
     # result, taken only with the launcher's x_int8); 4 as 2 with the unsigned integers as subnormal halves (masks,
-    # no permutes: int4's packed loop ~37% fewer instructions; swept, not yet the rule: docs/perf-log.md v43); 5 the
-    # packed loop (compact only) a stored row at a time in inline PTX, 16 bytes of each row a thread (block_n a
-    # multiple of 16 int8 / 32 int4 columns a thread; ``packed_rows_sum``; SASS-screened, not yet timed: v44)
+    # no permutes: int4's packed loop ~37% fewer instructions; the rule since v46/v52: docs/perf-log.md v43). (5, a
+    # stored row at a time in inline PTX, was timed slower and summed wrong on a GPU: removed, v53.)
 
 
 def make_config(N: int, K: int, *, BN: int, BK: int, iters: int, use_dot: bool, num_warps: int = 4,
@@ -185,14 +179,6 @@ def _choose_quantized(M: int, N: int, K: int, sparsity: Optional[float], fmt: st
     v22, v26); 2-8 rows keep the v22 rule (not re-swept)."""
     if M <= 4 and N >= 2048:
         mlp = _mlp_sized(N, K)
-        rows_from = PACKED_ROWS_FROM.get(fmt)
-        if M == 1 and rows_from is not None and sparsity is not None and sparsity >= rows_from:
-            # 16 bytes of each row a thread: int8 512 columns a warp, int4 1024; 128 inputs a program on the MLP
-            # shapes (one int4 scale group), 64 on the attention shapes (more programs for fewer columns)
-            BN = 2048 if fmt == "int4" and mlp else 1024 if fmt == "int4" else 512
-            return make_config(N, K, BN=BN, BK=16, iters=8 if mlp else 4, use_dot=False,
-                               num_warps=BN // (1024 if fmt == "int4" else 512), num_stages=1, compact=True,
-                               weight_math=5)
         # int8, one row: the packed survivors only where the bf16 rule takes them (unmeasured for int8 there; at 50%
         # the masked loop below is faster since its conversions became byte permutes: gate/up 14.7 µs vs 16.1)
         if fmt == "int8" and M == 1 and sparsity is not None and sparsity >= compact_from(N, K):

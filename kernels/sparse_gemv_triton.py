@@ -2,8 +2,7 @@
 
 Only the jitted code lives here; the launchers, which pick a config and hold the scratch, are in ``sparse_gemv.py``
 (docs/design.md, "Sparse GEMV" says why each choice was made). The loops with x rounded to int8 are in
-``x_int8_triton.py``, the int8 / int4 to float conversions in ``int_weights_triton.py``, the inline PTX of the packed
-loop a stored row at a time (``weight_math`` 5) in ``row_ptx_triton.py``.
+``x_int8_triton.py``, the int8 / int4 to float conversions in ``int_weights_triton.py``.
 
 Layout: with W column-major (strides (1, N)), input k's weights are one contiguous row of N values, so a zero x[k]
 skips one contiguous stretch of memory. The kernel takes W's strides, so a row-major W also works (slowly). int8 and
@@ -28,15 +27,6 @@ from teal_fx.kernels.int_weights_triton import (
     int8_as_fp32,
     int8_as_subnormal_halves,
     swap_middle_of_fours,
-)
-from teal_fx.kernels.row_ptx_triton import (
-    column_zeros,
-    columns_add,
-    columns_atomic_add,
-    columns_store,
-    fp16x2_as_fp32,
-    l2_evict_first_policy,
-    row_fma,
 )
 from teal_fx.kernels.x_int8_triton import w4a8_partial, w8a8_partial
 
@@ -304,76 +294,10 @@ def packed_sum(x_ptr, w_ptr, idx_ptr, xv_ptr, k_lo, k_hi, threshold, offs_n, n_o
     return acc
 
 @triton.jit
-def packed_rows_sum(x_ptr, w_ptr, idx_ptr, xv_ptr, k_lo, k_hi, threshold, pn, N, stride_wk, BN: tl.constexpr,
-                    BK: tl.constexpr, CHUNK: tl.constexpr, EVEN_N: tl.constexpr, WFMT: tl.constexpr,
-                    ASM: tl.constexpr):
-    """Σ_k x_k q[k, n] over the survivors of [k_lo, k_hi) (at most CHUNK inputs, one row) for the BN columns of
-    column tile ``pn``, unscaled (int4: q the nibble - 8; int8: q): ``weight_math`` 5. Returned as columns, a tuple
-    of CPT [BC] vectors, column c of every chunk (a thread's 16 bytes of a row hold CPT columns): joined into one [BN]
-    vector, Triton 3.6's layout choices cost ~30 layout conversions (~600 instructions a program, SASS), so the
-    caller scales and adds them column by column (``columns_add``).
-
-    Why: the tile loops spend ~40% of their instructions outside the math (SASS, sm_90; docs/perf-log.md v36, v44):
-    Triton zero-fills every masked load and makes an L2 eviction policy for each, each row's address comes from its
-    index, and x is rescaled and its maximum reduced every tile. Here the survivors are packed into the slot once
-    (idx_ptr: their rows' byte offsets; xv_ptr: x times one power of two for the program, ``half_scaled``, as fp16x2
-    bit patterns, zero from the last survivor to CHUNK), then each stored row is one inline-PTX step (``row_fma``:
-    a predicated 16-byte load, no zero fill, one policy a program, fp16x2 FMAs); every BK rows the fp16 sums are
-    added into fp32, a chain as long as the tile loops' fp16 tile sums."""
-    CPT: tl.constexpr = 32 if WFMT == 2 else 16  # columns a 16-byte chunk holds
-    NA: tl.constexpr = 16 if WFMT == 2 else 8  # fp16x2 accumulators a chunk
-    BC: tl.constexpr = BN // CPT
-    offs = k_lo + tl.arange(0, CHUNK)
-    x = tl.load(x_ptr + offs, mask=offs < k_hi, other=0.0).to(tl.float32)
-    keep = tl.abs(x) > threshold
-    xs, unscale = half_scaled(x, 141)  # max|x| in [2^14, 2^15): the products stay normal halves
-    h = xs.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-    slot, n_keep = store_survivors(idx_ptr, offs * stride_wk, keep)
-    tl.store(xv_ptr + slot, (h | (h << 16)).to(tl.float32, bitcast=True), mask=keep)
-    j = tl.arange(0, CHUNK)
-    tl.store(xv_ptr + j, tl.zeros((CHUNK,), tl.float32), mask=j >= n_keep)  # the last tile's rows past them: unread
-    x_sum = tl.sum(tl.where(keep, x, 0.0), axis=0)
-    tl.debug_barrier()  # the CTA's global stores are visible to all its threads after the barrier
-
-    chunk = tl.arange(0, BC)
-    rows = w_ptr + pn * (BC * 16) + chunk * 16
-    c_ok = ((pn * BN + chunk * CPT) < N).to(tl.int32)
-    pol = l2_evict_first_policy(n_keep, ASM)
-    zero = tl.zeros((BC,), tl.int32)
-    f = ()
-    for _ in tl.static_range(2 * NA):
-        f = f + (tl.zeros((BC,), tl.float32),)
-    for j0 in range(0, n_keep, BK):
-        a = ()
-        for _ in tl.static_range(NA):
-            a = a + (zero,)
-        for r in tl.static_range(BK):
-            off = tl.load(idx_ptr + j0 + r)
-            x_pair = tl.load(xv_ptr + j0 + r).to(tl.int32, bitcast=True)
-            a = row_fma(rows + off, x_pair, pol, c_ok, a, WFMT, EVEN_N, ASM)
-        g = ()
-        for i in tl.static_range(NA):
-            lo, hi = fp16x2_as_fp32(a[i], ASM)
-            g = g + (f[2 * i] + lo, f[2 * i + 1] + hi)
-        f = g
-    # f[m] in the accumulators' order -> column c of each chunk: unscaled (the halves' subnormal weights 2^-24, or
-    # 2^-20 for int4's high nibbles, and x's power of two), the unsigned offset taken off
-    offset = 8.0 if WFMT == 2 else 128.0  # int4: Σ x (n - 8); int8: Σ x ((q + 128) - 128)
-    cols = ()
-    for c in tl.static_range(CPT):
-        if WFMT == 2:  # c = 8w + 4h + p (p: 0, 2, 1, 3 for the four masks) <- m = 8w + 2 mask + h
-            cols = cols + (f[(c // 8) * 8 + 2 * ((c % 4) // 2 + 2 * (c % 2)) + (c % 8) // 4]
-                           * (unscale * (16777216.0 if c % 2 == 0 else 1048576.0)) - offset * x_sum,)
-        else:  # c = 4w + 2h + k <- m = 4w + 2k + h
-            cols = cols + (f[(c // 4) * 4 + 2 * (c % 2) + (c % 4) // 2] * (unscale * 16777216.0) - offset * x_sum,)
-    return cols
-
-
-@triton.jit
 def in_thread_partial(x_ptr, w_ptr, idx_ptr, xv_ptr, k_lo, k_hi, threshold, offs_n, n_ok, stride_wk, stride_wn,
                        BK: tl.constexpr, BN: tl.constexpr, CHUNK: tl.constexpr, EVEN_N: tl.constexpr,
                        PACK: tl.constexpr, offs_p, p_ok, s_ptr, stride_sg, WFMT: tl.constexpr, GROUP: tl.constexpr,
-                       ASM: tl.constexpr, WMATH: tl.constexpr, pn, N):
+                       ASM: tl.constexpr, WMATH: tl.constexpr):
     """Σ_k x_k W[k, offs_n] over the inputs of [k_lo, k_hi) that survive the threshold (one row of x).
 
     With BN = 256 * num_warps every thread holds whole columns of a [BK, BN] tile (8 columns x BK rows), so the
@@ -387,36 +311,22 @@ def in_thread_partial(x_ptr, w_ptr, idx_ptr, xv_ptr, k_lo, k_hi, threshold, offs
     walks every input and masks the rows not needed. WFMT 2 (int4) scales each tile's sum by its group's scales,
     or, packed, each group's sum (a program's inputs lie in one group, or are whole groups packed in turn). Packed,
     WMATH 2 (and 4) sums each tile of survivors in fp16 as the masked loop does (``tile_sum``), on the stored rows;
-    5 a stored row at a time in inline PTX (``packed_rows_sum``); else exactly in fp32. ``pn``: the column tile, N:
-    its segment's outputs (5 addresses the rows' chunks itself).
+    else exactly in fp32.
     """
     acc = tl.zeros((BN,), dtype=tl.float32)
     if PACK:
         if WFMT == 2 and CHUNK > GROUP:
             # int4 over whole scale groups: each group packed into its own part of the slot (the other programs of
             # this K split write the same values there, whichever group they are at), summed, then scaled
-            if WMATH == 5:
-                acc = column_zeros(BN, WFMT)
             for g0 in range(k_lo, k_hi, GROUP):
-                if WMATH == 5:
-                    part = packed_rows_sum(x_ptr, w_ptr, idx_ptr + (g0 - k_lo), xv_ptr + (g0 - k_lo), g0,
-                                           tl.minimum(g0 + GROUP, k_hi), threshold, pn, N, stride_wk, BN, BK, GROUP,
-                                           EVEN_N, WFMT, ASM)
-                    acc = columns_add(acc, part, s_ptr + (g0 // GROUP) * stride_sg, pn, N, BN)
-                else:
-                    part = packed_sum(x_ptr, w_ptr, idx_ptr + (g0 - k_lo), xv_ptr + (g0 - k_lo), g0,
-                                      tl.minimum(g0 + GROUP, k_hi), threshold, offs_n, n_ok, stride_wk, stride_wn, BK,
-                                      BN, GROUP, EVEN_N, offs_p, p_ok, WFMT, ASM, WMATH)
-                    acc += part * group_scales(s_ptr, g0, offs_n, n_ok, stride_sg, GROUP)
-        elif WMATH == 5:  # int8 (its channel scales) or int4 in one group (that group's scales)
-            part = packed_rows_sum(x_ptr, w_ptr, idx_ptr, xv_ptr, k_lo, k_hi, threshold, pn, N, stride_wk, BN, BK,
-                                   CHUNK, EVEN_N, WFMT, ASM)
-            scales = s_ptr + (k_lo // GROUP) * stride_sg if WFMT == 2 else s_ptr
-            acc = columns_add(column_zeros(BN, WFMT), part, scales, pn, N, BN)
+                part = packed_sum(x_ptr, w_ptr, idx_ptr + (g0 - k_lo), xv_ptr + (g0 - k_lo), g0,
+                                  tl.minimum(g0 + GROUP, k_hi), threshold, offs_n, n_ok, stride_wk, stride_wn, BK,
+                                  BN, GROUP, EVEN_N, offs_p, p_ok, WFMT, ASM, WMATH)
+                acc += part * group_scales(s_ptr, g0, offs_n, n_ok, stride_sg, GROUP)
         else:
             acc = packed_sum(x_ptr, w_ptr, idx_ptr, xv_ptr, k_lo, k_hi, threshold, offs_n, n_ok, stride_wk,
                              stride_wn, BK, BN, CHUNK, EVEN_N, offs_p, p_ok, WFMT, ASM, WMATH)
-            if WFMT == 2 and WMATH != 5:  # int4: the program's inputs lie in one scale group
+            if WFMT == 2:  # int4: the program's inputs lie in one scale group
                 acc = acc * group_scales(s_ptr, k_lo, offs_n, n_ok, stride_sg, GROUP)
     else:
         offs_k = k_lo + tl.arange(0, BK)
@@ -510,8 +420,7 @@ def sparse_gemv_kernel(
     ASM: tl.constexpr = False,
     # how the one-row masked in-thread loop sums int8/int4 tiles (``tile_sum``): 0 exact fp32, 1 fp32 with the
     # conversion's offset subtracted per tile, 2 fp16 products and sums (also in the packed loop); 3 (int8, W8A8) x
-    # quantized to int8 per 32 inputs, int32 products (``w8a8_partial``); 4 as 2 over unsigned subnormal halves; 5
-    # the packed loop a stored row at a time in PTX (``packed_rows_sum``)
+    # quantized to int8 per 32 inputs, int32 products (``w8a8_partial``); 4 as 2 over unsigned subnormal halves
     WMATH: tl.constexpr = 0,
     # x is silu(gate) * up of the gate/up launch before this one, formed here from the sums it left in the
     # workspace (g_ptr / u_ptr [M, K], rows stride_gm) and stored to x_ptr for this program's split
@@ -668,16 +577,11 @@ def sparse_gemv_kernel(
         else:
             acc = tl.reshape(w8a8_partial(x_ptr, w_ptr, idx_ptr + slot, xv_ptr + slot, k_lo, k_hi, threshold, offs_n,
                                           n_ok, stride_wk, stride_wn, BK, BN, CHUNK, EVEN_N, ASM), (1, BN))
-    elif IN_THREAD and WMATH == 5:  # the packed loop a row at a time in PTX: columns, scaled (``packed_rows_sum``)
-        slot = (seg * SPLIT_K + pk) * CHUNK
-        acc = in_thread_partial(x_ptr, w_ptr, idx_ptr + slot, xv_ptr + slot, k_lo, k_hi, threshold, offs_n, n_ok,
-                                stride_wk, stride_wn, BK, BN, CHUNK, EVEN_N, COMPACT, offs_p, p_ok, s_ptr, stride_sg,
-                                WFMT, GROUP, ASM, WMATH, pn, N)
     elif IN_THREAD:
         slot = (seg * SPLIT_K + pk) * CHUNK
         acc = tl.reshape(in_thread_partial(x_ptr, w_ptr, idx_ptr + slot, xv_ptr + slot, k_lo, k_hi, threshold,
                                             offs_n, n_ok, stride_wk, stride_wn, BK, BN, CHUNK, EVEN_N, COMPACT,
-                                            offs_p, p_ok, s_ptr, stride_sg, WFMT, GROUP, ASM, WMATH, pn, N),
+                                            offs_p, p_ok, s_ptr, stride_sg, WFMT, GROUP, ASM, WMATH),
                          (1, BN))
     else:
         # one row: FMAs into a [BK, BN] accumulator, a single reduction over K after the loop; the next chunk
@@ -701,28 +605,22 @@ def sparse_gemv_kernel(
             x = x_next
         acc = tl.reshape(tl.sum(acc2, axis=0), (1, BN))
 
-    if WFMT == 1 and WMATH != 5:  # int8: one scale per output channel, applied once to the sums
+    if WFMT == 1:  # int8: one scale per output channel, applied once to the sums
         acc = acc * tl.load(s_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     if PDL and not USE_DOT:  # the tensor-core path ran 1.5 µs slower at 8 rows with the next grid resident early
         tl.extra.cuda.gdc_launch_dependents()
     y_offs = offs_m[:, None] * stride_ym + offs_n[None, :]
     y_mask = m_ok[:, None] & n_ok[None, :]
     if SPLIT_K == 1 and not GATED and not APART:
-        if WMATH == 5:
-            columns_store(y_ptr, b_ptr, acc, pn, N, BN, HAS_BIAS)
-        else:
-            if HAS_BIAS:
-                acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-            tl.store(y_ptr + y_offs, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + y_offs, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
     else:
         # partials meet in an fp32 workspace (zero between launches); the last program of this N tile to
         # arrive reads it back (an atomic read, at L2 where the partials landed), zeroes it for the next
         # launch, adds the bias and writes y.
         ws_offs = offs_m[:, None] * ws_width + col0 + offs_n[None, :]
-        if WMATH == 5:
-            columns_atomic_add(ws_ptr + col0, acc, pn, N, BN, ASM)
-        else:
-            tl.atomic_add(ws_ptr + ws_offs, acc, mask=y_mask, sem="relaxed")
+        tl.atomic_add(ws_ptr + ws_offs, acc, mask=y_mask, sem="relaxed")
         # APART: _finish_kernel, launched next, reads the sums back once this grid has completed
         if not APART:
             tl.debug_barrier()

@@ -1,4 +1,4 @@
-"""The benches' switches of the quantized launch rule (``--packed-rows-from``, ``--tile-math``, ``--mlp-tile-math``): they set what the rule
+"""The benches' switches of the quantized launch rule (``--tile-math``, ``--mlp-tile-math``): they set what the rule
 reads, the rule then picks the switched loop, and a value the rule does not know is refused, not ignored."""
 import argparse
 import sys
@@ -21,25 +21,22 @@ def parse(*argv: str) -> argparse.Namespace:
 @pytest.fixture
 def restored(monkeypatch):
     """The module's switches as they were after the test (apply_rule_arguments assigns them)."""
-    for name in ("PACKED_ROWS_FROM", "INT8_TILE_MATH", "INT4_TILE_MATH", "MLP_TILE_MATH"):
+    for name in ("INT8_TILE_MATH", "INT4_TILE_MATH", "MLP_TILE_MATH"):
         monkeypatch.setattr(cfg, name, getattr(cfg, name))
 
 
 def test_defaults_change_nothing(restored):
-    before = (dict(cfg.PACKED_ROWS_FROM), cfg.INT8_TILE_MATH, cfg.INT4_TILE_MATH, cfg.MLP_TILE_MATH)
+    before = (cfg.INT8_TILE_MATH, cfg.INT4_TILE_MATH, cfg.MLP_TILE_MATH)
     assert apply_rule_arguments(parse()) == ""
-    assert (cfg.PACKED_ROWS_FROM, cfg.INT8_TILE_MATH, cfg.INT4_TILE_MATH, cfg.MLP_TILE_MATH) == before
+    assert (cfg.INT8_TILE_MATH, cfg.INT4_TILE_MATH, cfg.MLP_TILE_MATH) == before
 
 
 def test_switches_reach_the_rule(restored):
-    said = apply_rule_arguments(parse("--packed-rows-from", "int4:0.3", "--tile-math", "2,4"))
-    assert cfg.PACKED_ROWS_FROM["int4"] == 0.3 and (cfg.INT8_TILE_MATH, cfg.INT4_TILE_MATH) == (2, 4)
-    assert "PACKED_ROWS_FROM" in said and "INT8_TILE_MATH=2" in said
-    assert cfg.choose_config(1, 14336, 4096, 0.5, "int4").weight_math == 5
-    assert cfg.choose_config(1, 14336, 4096, 0.2, "int4").weight_math != 5  # below the switch's sparsity
-    if cfg.PACKED_ROWS_FROM["int8"] is None:  # int8 untouched by an int4-only switch
-        assert cfg.choose_config(1, 14336, 4096, 0.5, "int8").weight_math != 5
+    said = apply_rule_arguments(parse("--tile-math", "2,4"))
+    assert (cfg.INT8_TILE_MATH, cfg.INT4_TILE_MATH) == (2, 4) and "INT8_TILE_MATH=2" in said
     assert cfg.choose_config(1, 4096, 4096, 0.5, "int8").weight_math == 2  # the attention shapes: --tile-math
+    assert cfg.choose_config(1, 4096, 4096, 0.5, "int4").weight_math == 4
+    assert cfg.choose_config(1, 28672, 4096, 0.5, "int8").weight_math == cfg.MLP_TILE_MATH  # not the MLP shapes
 
 
 def test_mlp_switch_reaches_the_mlp_shapes_only(restored):
@@ -50,9 +47,7 @@ def test_mlp_switch_reaches_the_mlp_shapes_only(restored):
     assert cfg.choose_config(1, 6144, 4096, 0.5, "int8").weight_math == cfg.INT8_TILE_MATH
 
 
-@pytest.mark.parametrize("argv", [("--packed-rows-from", "int3:0.3"), ("--packed-rows-from", "int8:1.5"),
-                                  ("--packed-rows-from", "int8"), ("--packed-rows-from", "int8:half"),
-                                  ("--tile-math", "4"), ("--tile-math", "3,4"), ("--tile-math", "x,4"),
+@pytest.mark.parametrize("argv", [("--tile-math", "4"), ("--tile-math", "3,4"), ("--tile-math", "x,4"),
                                   ("--mlp-tile-math", "3"), ("--mlp-tile-math", "4,4")])
 def test_unknown_values_are_refused(restored, argv):
     with pytest.raises(ValueError, match=argv[0]):

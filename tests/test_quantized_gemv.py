@@ -185,7 +185,7 @@ def test_cheaper_tile_sums_stay_within_the_output_precision(fmt, math, N, K, dty
     packed = packed and math in (2, 4)  # the packed loop sums exactly or in fp16 tiles
     BN, warps = 32, 4
     if math == 4:  # subnormal halves: 4 bytes of a row a thread, rows on 16-byte boundaries (the test below)
-        N, BN, warps = 256 + -(-N // 32) * 32, 256, 1
+        N, K, BN, warps = 256 + -(-N // 32) * 32, max(K, 2), 256, 1
     assume(not (packed and fmt == "int4" and INT4_GROUP % (BK * iters)))  # a packed int4 program in one group
     x, q, s, _ = operands(1, N, K, dtype, fmt, seed)
     x = (x.float() * magnitude).to(dtype)
@@ -198,13 +198,12 @@ def test_cheaper_tile_sums_stay_within_the_output_precision(fmt, math, N, K, dty
 
 
 @pytest.mark.parametrize("fmt, iters, math", [("int8", 8, 2), ("int4", 8, 2), ("int4", 16, 2), ("int8", 8, 4),
-                                               ("int4", 8, 4), ("int8", 8, 5), ("int4", 16, 5)])
+                                               ("int4", 8, 4)])
 def test_the_packed_fp16_loop_ignores_its_scratch_past_the_survivors(fmt, iters, math):
     """The packed loop with fp16 sums reads whole tiles of its scratch slot unmasked: the entries past a K split's
     survivors (the next slot's, the next scale group's part of it, the launcher's padding) hold anything and must not
     count, neither as rows nor in a tile's x scale. So the scratch is poisoned first; 90 of 128 inputs kept, not a
-    whole number of 16-row tiles. int4 with 16 tiles: a program over two scale groups, each packed in turn. 5 (rows
-    in PTX) reads whole tiles too, and zeroes x past its survivors to the slot's end: the poison must stop there."""
+    whole number of 16-row tiles. int4 with 16 tiles: a program over two scale groups, each packed in turn."""
     N, K = 256 if math == 4 else 64, 256  # (4: 4 bytes of a row a thread)
     x, q, s, _ = operands(1, N, K, torch.bfloat16, fmt, 5)
     t = float(x.float().abs().quantile(0.3))
@@ -218,100 +217,6 @@ def test_the_packed_fp16_loop_ignores_its_scratch_past_the_survivors(fmt, iters,
     assert rel_err(y.cpu(), reference(x.cpu(), q, s, None, t)) <= TOL[torch.bfloat16]
 
 
-@settings(max_examples=10, deadline=None)
-@given(fmt=st.sampled_from(["int8", "int4"]), chunks=st.integers(1, 3), K=st.integers(1, 300),
-       dtype=st.sampled_from([torch.float16, torch.bfloat16]), t=st.floats(0.0, 1.5),
-       magnitude=st.sampled_from([1e-3, 1.0, 2e3]), seed=st.integers(0, 1000), BK=st.sampled_from([8, 16, 32]),
-       iters=st.integers(1, 16), bias=st.booleans())
-def test_packed_rows_in_ptx_stay_within_the_output_precision(fmt, chunks, K, dtype, t, magnitude, seed, BK, iters,
-                                                              bias):
-    """weight_math 5, the packed loop a stored row at a time (``packed_rows_sum``): x from 1e-3 to 2e3, N a few
-    16-byte chunks (16 int8 / 32 int4 columns each) against 64-column tiles (the last partly past N), K ending
-    mid-tile, int4 programs within one scale group or over whole ones, split K or one program, a bias. The error is
-    measured against Σ |x| |W| (see the tile sums' test)."""
-    cols = 32 if fmt == "int4" else 16
-    k_per = BK * iters
-    assume(fmt == "int8" or INT4_GROUP % k_per == 0 or k_per % INT4_GROUP == 0)
-    N = chunks * cols
-    x, q, s, b = operands(1, N, K, dtype, fmt, seed, bias)
-    x = (x.float() * magnitude).to(dtype)
-    cfg = make_config(N, K, BN=64, BK=BK, iters=iters, use_dot=False, num_warps=1, num_stages=1, compact=True,
-                      weight_math=5)
-    y = sg.sparse_gemv(x, q, b, t * magnitude, config=cfg, scales=s)
-    ref = reference(x.cpu(), q, s, None if b is None else b.cpu(), t * magnitude)
-    size = sparsify(x.cpu(), t * magnitude).double().abs() @ dequantize(q.cpu(), s.cpu(), torch.float64).abs().t()
-    if b is not None:
-        size = size + b.cpu().double().abs()
-    assert float((y.cpu().double() - ref).norm() / size.norm().clamp_min(1e-30)) <= TOL[dtype]
-
-
-@pytest.mark.parametrize("fmt, apart", [("int8", False), ("int4", True)])
-def test_packed_rows_in_grouped_swiglu_and_add_rmsnorm_launches(fmt, apart):
-    """weight_math 5's column-wise atomics in the launches that share one workspace: three segments (q, k, v sizes),
-    gate and up finished by SwiGLU, o by add + RMSNorm; the split-K sums finished by the grid's last program or by a
-    second launch."""
-    K, dtype = 100, torch.bfloat16
-    cfg = replace(make_config(96, K, BN=64, BK=16, iters=4, use_dot=False, num_warps=1, num_stages=1, compact=True,
-                              weight_math=5), apart=apart)
-    parts = [operands(1, N, K, dtype, fmt, 7 + i) for i, N in enumerate((64, 32, 32))]
-    x = parts[0][0]
-    ys = sg.sparse_gemv_group(x, [p[1] for p in parts], [None] * 3, [0.2, 0.4, 0.6], config=cfg,
-                              scales=[p[2] for p in parts])
-    for (_, q, s, _), t, y in zip(parts, (0.2, 0.4, 0.6), ys):
-        assert rel_err(y.cpu(), reference(x.cpu(), q, s, None, t)) <= TOL[dtype]
-    _, qg, sg_, _ = parts[1]
-    _, qu, su, _ = operands(1, 32, K, dtype, fmt, 11)
-    h = sg.sparse_gemv_swiglu(x, qg, qu, 0.3, 0.5, config=cfg, scales_gate=sg_, scales_up=su)
-    ref = torch.nn.functional.silu(reference(x.cpu(), qg, sg_, None, 0.3)) * reference(x.cpu(), qu, su, None, 0.5)
-    assert rel_err(h.cpu(), ref) <= TOL[dtype]
-    r = torch.randn(1, 64, device=DEVICE).to(dtype)
-    nw = (torch.rand(64, device=DEVICE) + 0.5).to(dtype)
-    got_h, _ = sg.sparse_gemv_add_rmsnorm(x, parts[0][1], None, 0.3, r, nw, 1e-6, config=cfg, scales=parts[0][2])
-    assert rel_err(got_h.cpu(), r.cpu().double() + reference(x.cpu(), parts[0][1], parts[0][2], None, 0.3)) <= 2e-2
-
-
-def test_packed_rows_are_the_rule_only_where_switched_on(monkeypatch):
-    """``PACKED_ROWS_FROM`` (None until timed) switches one row's rule to weight_math 5 from a sparsity on; where a
-    segment's N is not whole 16-byte chunks the launcher falls back to the packed fp16 tile loop, same tiles."""
-    for fmt in ("int8", "int4"):
-        for N, K in ((28672, 4096), (4096, 14336), (6144, 4096), (4096, 4096)):
-            assert choose_config(1, N, K, 0.5, fmt).weight_math != 5
-    monkeypatch.setitem(sparse_gemv_config.PACKED_ROWS_FROM, "int8", 0.4)
-    monkeypatch.setitem(sparse_gemv_config.PACKED_ROWS_FROM, "int4", 0.4)
-    for fmt in ("int8", "int4"):
-        for N, K in ((28672, 4096), (4096, 14336), (6144, 4096), (4096, 4096)):
-            cfg = choose_config(1, N, K, 0.5, fmt)
-            assert cfg.weight_math == 5 and cfg.compact and cfg.block_n % (32 * cfg.num_warps) == 0
-            assert fmt == "int8" or INT4_GROUP % cfg.k_per_split == 0
-            assert choose_config(1, N, K, 0.3, fmt).weight_math != 5
-    big = choose_config(1, 2048, 256, 0.5, "int8")
-    monkeypatch.setattr(sg, "choose_config", lambda *args, **kwargs: big)
-    x, q, s, _ = operands(1, 40, 256, torch.bfloat16, "int8", 4)  # 40 columns: not whole 16-column chunks
-    with pytest.raises(ValueError, match="weight_math 5"):  # asked for explicitly: refused
-        sg.sparse_gemv(x, q, None, 0.6, config=big, scales=s)
-    y = sg.sparse_gemv(x, q, None, 0.6, sparsity=0.5, scales=s)  # the rule's: the fp16 tile loop instead
-    assert rel_err(y.cpu(), reference(x.cpu(), q, s, None, 0.6)) <= TOL[torch.bfloat16]
-
-
-def test_packed_rows_refuse_what_their_chunks_cannot_hold():
-    """weight_math 5 reads 16 bytes of a row a thread: fp16/bf16 x, a tile and every N a multiple of 16 int8 / 32
-    int4 columns, chains of at most 32 rows, the packed loop only."""
-    for fmt, dtype, N, BN, BK, compact in (("int8", torch.float32, 64, 64, 16, True), ("int8", torch.bfloat16, 40, 64,
-                                           16, True), ("int4", torch.bfloat16, 64, 16, 16, True),
-                                           ("int8", torch.bfloat16, 64, 64, 64, True)):
-        x, q, s, _ = operands(1, N, 128, dtype, fmt, 0)
-        with pytest.raises(ValueError, match="weight_math 5"):
-            sg.sparse_gemv(x, q, None, 0.1, config=make_config(N, 128, BN=BN, BK=BK, iters=2, use_dot=False,
-                                                               compact=compact, weight_math=5), scales=s)
-    x, q, s, _ = operands(1, 72, 128, torch.bfloat16, "int8", 0)
-    with pytest.raises(ValueError, match="weight_math 5"):  # 64 outputs from byte 8 on: rows off 16-byte boundaries
-        sg.sparse_gemv(x, q[8:], None, 0.1, config=make_config(64, 128, BN=64, BK=16, iters=2, use_dot=False,
-                                                                compact=True, weight_math=5), scales=s[8:])
-    with pytest.raises(ValueError, match="5 only there"):
-        sg.sparse_gemv(x, q, None, 0.1, config=make_config(64, 128, BN=64, BK=16, iters=2, use_dot=False,
-                                                           in_thread=True, weight_math=5), scales=s)
-
-
 def test_subnormal_sums_refuse_fp32_x_and_long_int8_tiles():
     for fmt, dtype, BK in (("int8", torch.float32, 16), ("int4", torch.float32, 16), ("int8", torch.bfloat16, 64)):
         x, q, s, _ = operands(1, 256, 128, dtype, fmt, 0)
@@ -320,11 +225,12 @@ def test_subnormal_sums_refuse_fp32_x_and_long_int8_tiles():
                                                                num_warps=1, in_thread=True, weight_math=4), scales=s)
 
 
-def test_subnormal_sums_only_where_each_word_holds_four_columns():
+def test_subnormal_sums_only_where_each_word_holds_four_columns(monkeypatch):
     """weight_math 4's inline PTX takes each word's four bytes as four consecutive columns, which Triton's layout
     gives only with at least 4 bytes of a row a thread and rows on 16-byte boundaries (on an H100, 32 columns a warp
-    and 2100 int8 columns a row each summed wrong: docs/perf-log.md v52). Asked for, it is refused there; the rule
-    takes the permutes' fp16 sums (weight_math 2) instead, and keeps 4 where it fits."""
+    and 2100 int8 columns a row each summed wrong: docs/perf-log.md v52; one input, a row stride of 1, on an H200:
+    v53). Asked for, it is refused there; the rule takes the permutes' fp16 sums (weight_math 2) instead, and keeps 4
+    where it fits."""
     for fmt in ("int8", "int4"):
         x, q, s, _ = operands(1, 2100, 300, torch.bfloat16, fmt, 0)
         rule = choose_config(1, 2100, 300, 0.5, fmt)
@@ -341,6 +247,22 @@ def test_subnormal_sums_only_where_each_word_holds_four_columns():
                                                          scales=s))
         with pytest.raises(ValueError, match="4 bytes of a row a thread"):  # 64 columns a warp
             sg.sparse_gemv(x, q, None, 0.6, config=replace(rule, block_n=64), scales=s)
+        x, q, s, _ = operands(1, 288, 1, torch.float16, fmt, 0)  # one input: a row stride of 1 (an H200, v53)
+        rule = make_config(288, 1, BN=256, BK=16, iters=1, use_dot=False, num_warps=1, in_thread=True, weight_math=4)
+        with pytest.raises(ValueError, match="16-byte"):
+            sg.sparse_gemv(x, q, None, 0.0, config=rule, scales=s)
+        monkeypatch.setattr(sg, "choose_config", lambda *args, rule=rule, **kwargs: rule)
+        permutes = sg.sparse_gemv(x, q, None, 0.0, config=replace(rule, weight_math=2), scales=s)
+        assert torch.equal(sg.sparse_gemv(x, q, None, 0.0, sparsity=0.5, scales=s), permutes)
+        monkeypatch.undo()
+
+
+def test_unknown_weight_math_is_refused():
+    """5 (rows in inline PTX) was removed in v53 (slower, and wrong on a GPU): a config asking for it is refused."""
+    x, q, s, _ = operands(1, 64, 128, torch.bfloat16, "int8", 0)
+    with pytest.raises(ValueError, match="weight_math is one of 0-4"):
+        sg.sparse_gemv(x, q, None, 0.1, config=make_config(64, 128, BN=64, BK=16, iters=2, use_dot=False,
+                                                           compact=True, in_thread=True, weight_math=5), scales=s)
 
 
 def test_fp16_tile_sums_refuse_fp32_x_and_other_loops():
