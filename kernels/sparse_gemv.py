@@ -19,7 +19,7 @@ from __future__ import annotations
 import enum
 import warnings
 from dataclasses import dataclass, replace
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -37,6 +37,7 @@ MAX_ROWS = 8
 MAX_SHARED_ROWS = 16  # one mask for the batch (``shared``): the union cannot grow, so larger batches still gain
 MAX_SEGMENTS = 3  # linears sharing one input in a grouped launch (q, k, v)
 MAX_NORM_WIDTH = 16384  # the add + RMSNorm finish holds a row's N columns in one program
+SUMSQ_TILE = 256  # columns of h per sum of squares that the add + sum-of-squares finish leaves (``TileNorm``)
 MAX_ROPE_HEAD_DIM = 256  # the q/k/v + RoPE finish holds one head's D columns of every row in a program
 MAX_FOLD_ROWS = 4  # the folded MLP's rows: each down program holds its rows x its K split of x at once (the
 # in-thread loops' 1-4 rows; 5-8 take tensor cores, 16 padded rows x 512 inputs a program)
@@ -207,23 +208,36 @@ def can_fold_rope(x: Tensor, weights: Sequence[Tensor], head_dim: int, cos: Tens
 
 
 # ------------------------------------------------------------------------------------------------ launchers
+@dataclass(frozen=True)
+class TileNorm:
+    """A launch's input given as the residual stream h and its norm: x = RMSNorm(h) · weight (Llama's, eager
+    rounding), mean(h²) from ``sumsq`` [rows, ceil(K / SUMSQ_TILE)] fp32, the per-tile sums of squares that
+    ``sparse_gemv_add_sumsq`` left. Each program forms its own split of x (``X_NORM``): the add + RMSNorm finish's
+    row-wide norm moved into the launch that reads it."""
+
+    sumsq: Tensor
+    weight: Tensor  # [K]
+    eps: float
+
+
 def sparse_gemv(x: Tensor, weight: Tensor, bias: Optional[Tensor], threshold: float, *,
                 config: Optional[GemvConfig] = None, out: Optional[Tensor] = None,
                 sparsity: Optional[float] = None, scales: Optional[Tensor] = None, shared: bool = False,
-                x_int8: bool = False) -> Tensor:
+                x_int8: bool = False, x_norm: Optional[TileNorm] = None) -> Tensor:
     """y = (x ⊙ 1[|x| > t]) Wᵀ + b. x: [..., K] with at most 8 rows; weight: [N, K], ideally column-major (stride
     (1, N)), or int8/int4 with its ``scales``. ``sparsity`` (expected fraction of inputs dropped, or None) only
     picks the launch config. ``x_int8``: the masked x quantized to int8 per 32 inputs first, int32 products (one row,
-    int8/int4 weights; ``reference.reference_w8a8_linear``): a different result, not a config."""
+    int8/int4 weights; ``reference.reference_w8a8_linear``): a different result, not a config. ``x_norm``: x is the
+    residual stream h and the input RMSNorm(h) (``TileNorm``)."""
     return sparse_gemv_group(x, [weight], [bias], [threshold], config=config, outs=None if out is None else [out],
-                             sparsity=sparsity, scales=[scales], shared=shared, x_int8=x_int8)[0]
+                             sparsity=sparsity, scales=[scales], shared=shared, x_int8=x_int8, x_norm=x_norm)[0]
 
 
 def sparse_gemv_group(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tensor]],
                       thresholds: Sequence[float], *, config: Optional[GemvConfig] = None,
                       outs: Optional[Sequence[Tensor]] = None, sparsity: Optional[float] = None,
                       scales: Optional[Sequence[Optional[Tensor]]] = None, shared: bool = False,
-                      x_int8: bool = False) -> list[Tensor]:
+                      x_int8: bool = False, x_norm: Optional[TileNorm] = None) -> list[Tensor]:
     """One launch for up to three linears that share the input ``x`` (q/k/v, gate/up): y_i = (x ⊙ 1[|x| > t_i]) W_iᵀ + b_i.
 
     The segments' N tiles form one grid, so the small k/v projections ride along with q instead of paying a
@@ -239,17 +253,17 @@ def sparse_gemv_group(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Opt
         # the kernel swaps only stride_wk per segment, and no swapped scalar may be 1 (see the kernel); one weight
         # format per launch: launch apart
         return [sparse_gemv(x, w, b, t, config=config, out=o, sparsity=sparsity, scales=s, shared=shared,
-                            x_int8=x_int8)
+                            x_int8=x_int8, x_norm=x_norm)
                 for w, b, t, o, s in zip(weights, biases, thresholds, outs if outs is not None else [None] * nseg,
                                          scales)]
     return _launch(x, weights, biases, thresholds, config, outs, sparsity, _Epilogue.STORE, scales=scales,
-                   shared=shared, x_int8=x_int8)
+                   shared=shared, x_int8=x_int8, x_norm=x_norm)
 
 
 def sparse_gemv_sums(x: Tensor, weights: Sequence[Tensor], thresholds: Sequence[float], *,
                      config: Optional[GemvConfig] = None, sparsity: Optional[float] = None,
                      scales: Optional[Sequence[Optional[Tensor]]] = None, shared: bool = False,
-                     x_int8: bool = False) -> list[Tensor]:
+                     x_int8: bool = False, x_norm: Optional[TileNorm] = None) -> list[Tensor]:
     """The grouped launch without its finish: each linear's fp32 sums (x ⊙ 1[|x| > t_i]) W_iᵀ, no bias, left in the
     workspace, returned as [rows, N_i] views of its rows. The next launch must read them (forming its own input from
     them) and a launch after it zero them before any other GEMV adds into the workspace: ``sparse_gemv_mlp_add_rmsnorm``
@@ -258,13 +272,14 @@ def sparse_gemv_sums(x: Tensor, weights: Sequence[Tensor], thresholds: Sequence[
             or len({w.dtype for w in weights}) > 1:
         raise ValueError(f"sparse_gemv_sums: 1 to {MAX_SEGMENTS} weights of one dtype, column-major if several")
     return _launch(x, weights, [None] * len(weights), thresholds, config, None, sparsity, _Epilogue.SUMS,
-                   scales=scales, shared=shared, x_int8=x_int8)
+                   scales=scales, shared=shared, x_int8=x_int8, x_norm=x_norm)
 
 
 def sparse_gemv_swiglu(x: Tensor, w_gate: Tensor, w_up: Tensor, t_gate: float, t_up: float, *,
                        config: Optional[GemvConfig] = None, out: Optional[Tensor] = None,
                        sparsity: Optional[float] = None, scales_gate: Optional[Tensor] = None,
-                       scales_up: Optional[Tensor] = None, shared: bool = False, x_int8: bool = False) -> Tensor:
+                       scales_up: Optional[Tensor] = None, shared: bool = False, x_int8: bool = False,
+                       x_norm: Optional[TileNorm] = None) -> Tensor:
     """silu(x_g W_gateᵀ) * (x_u W_upᵀ), x_g/x_u = x masked by t_gate/t_up, in one launch (see ``can_fuse_swiglu``).
 
     The gate/up group launch whose last program per column tile forms the product from the two fp32 sums, rounding
@@ -275,7 +290,7 @@ def sparse_gemv_swiglu(x: Tensor, w_gate: Tensor, w_up: Tensor, t_gate: float, t
         out = torch.empty((x.reshape(-1, x.shape[-1]).shape[0], logical_shape(w_gate)[0]), dtype=x.dtype,
                           device=x.device)
     return _launch(x, [w_gate, w_up], [None, None], [t_gate, t_up], config, [out, out], sparsity, _Epilogue.SWIGLU,
-                   scales=[scales_gate, scales_up], shared=shared, x_int8=x_int8)[0]
+                   scales=[scales_gate, scales_up], shared=shared, x_int8=x_int8, x_norm=x_norm)[0]
 
 
 def sparse_gemv_add_rmsnorm(x: Tensor, weight: Tensor, bias: Optional[Tensor], threshold: float, residual: Tensor,
@@ -293,6 +308,27 @@ def sparse_gemv_add_rmsnorm(x: Tensor, weight: Tensor, bias: Optional[Tensor], t
     _launch(x, [weight], [bias], [threshold], config, [h], sparsity, _Epilogue.ADD_RMSNORM, norm, scales=[scales],
             shared=shared, x_int8=x_int8)
     return h.reshape(residual.shape), norm.out.reshape(residual.shape)
+
+
+def sparse_gemv_add_sumsq(x: Tensor, weight: Tensor, bias: Optional[Tensor], threshold: float, residual: Tensor, *,
+                          config: Optional[GemvConfig] = None, sparsity: Optional[float] = None,
+                          out: Optional[Tensor] = None, scales: Optional[Tensor] = None, shared: bool = False,
+                          x_int8: bool = False, x_norm: Optional[TileNorm] = None) -> tuple[Tensor, Tensor]:
+    """h = residual + (x ⊙ 1[|x| > t]) Wᵀ (+ b) and its sums of squares per row and tile of SUMSQ_TILE columns
+    ([rows, tiles] fp32): ``sparse_gemv_add_rmsnorm`` without the norm, whose finish is one program per column tile
+    instead of one per row. The launch that reads the norm takes ``TileNorm(sumsq, norm_weight, eps)`` and forms its
+    own split of it. Returns (h in the residual's shape, sumsq)."""
+    N = logical_shape(weight)[0]
+    rows = x.numel() // x.shape[-1]
+    if residual.numel() != rows * N or residual.shape[-1] != N or residual.dtype != x.dtype:
+        raise ValueError(f"sparse_gemv_add_sumsq: a residual of the output's shape ({rows} x {N}) and the input's "
+                         f"dtype, got {tuple(residual.shape)} {residual.dtype}")
+    h = out if out is not None else torch.empty((rows, N), dtype=x.dtype, device=x.device)
+    sumsq = torch.empty((rows, -(-N // SUMSQ_TILE)), dtype=torch.float32, device=x.device)
+    _launch(x, [weight], [bias], [threshold], config, [h], sparsity, _Epilogue.ADD_SUMSQ,
+            _AddSumSq(residual.reshape(rows, N).contiguous(), sumsq), scales=[scales], shared=shared, x_int8=x_int8,
+            x_norm=x_norm)
+    return h.reshape(residual.shape), sumsq
 
 
 def sparse_gemv_mlp_add_rmsnorm(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, t_gate: float, t_up: float,
@@ -353,6 +389,7 @@ class _Epilogue(enum.Enum):
     SWIGLU = "swiglu"
     SUMS = "sums"  # left in the workspace for the next launch to read (and a later one to zero)
     ADD_RMSNORM = "add_rmsnorm"
+    ADD_SUMSQ = "add_sumsq"  # h = residual + y and its per-tile sums of squares (``sparse_gemv_add_sumsq``)
     QKV_ROPE = "qkv_rope"
 
 
@@ -376,6 +413,12 @@ class _AddRMSNorm:
     norm_weight: Tensor  # [N]
     eps: float
     out: Tensor  # [rows, N]: the normalised h
+
+
+@dataclass(frozen=True)
+class _AddSumSq:
+    residual: Tensor  # [rows, N], contiguous
+    sumsq: Tensor  # [rows, ceil(N / SUMSQ_TILE)] fp32, written
 
 
 def _add_rmsnorm_outputs(x: Tensor, N: int, residual: Tensor, norm_weight: Tensor, eps: float,
@@ -403,15 +446,18 @@ def _subnormal_halves_fit(weights: Sequence[Tensor], cfg: GemvConfig, wfmt: int)
 
 def _launch(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tensor]], thresholds: Sequence[float],
             config: Optional[GemvConfig], outs: Optional[Sequence[Tensor]], sparsity: Optional[float],
-            epilogue: _Epilogue, norm: Optional[_AddRMSNorm] = None,
+            epilogue: _Epilogue, norm: Optional[Union[_AddRMSNorm, _AddSumSq]] = None,
             scales: Optional[Sequence[Optional[Tensor]]] = None, shared: bool = False,
             x_int8: bool = False, rope: Optional[_QkvRope] = None,
-            x_sums: Optional[tuple[Tensor, Tensor]] = None, ws_offset: int = 0) -> list[Tensor]:
+            x_sums: Optional[tuple[Tensor, Tensor]] = None, ws_offset: int = 0,
+            x_norm: Optional[TileNorm] = None) -> list[Tensor]:
     """The GEMV grid over the segments' N tiles, then, where the epilogue runs apart, its finishing launch.
 
     ``x_sums`` (gate, up): fp32 [M, K] views of the sums a gate/up launch left in the workspace (SUMS); this launch
     forms x = silu(gate) * up from them into ``x`` (written, not read), keeps its own sums ``ws_offset`` floats on,
-    past them, and its finish (ADD_RMSNORM only) zeroes them. SUMS returns a [M, N] view of each segment's sums."""
+    past them, and its finish (ADD_RMSNORM only) zeroes them. ``x_norm``: x is the residual stream h; this launch
+    forms x = RMSNorm(h) · weight from it into a buffer of its own. SUMS returns a [M, N] view of each segment's
+    sums."""
     if not HAS_TRITON:
         raise RuntimeError("the Triton sparse GEMV needs triton")
     nseg = len(weights)
@@ -441,6 +487,12 @@ def _launch(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tens
     if x_sums is not None and (epilogue is not _Epilogue.ADD_RMSNORM or cfg.weight_math == 3 or x_int8
                                or any(t.shape != (M, K) or t.stride(1) != 1 for t in x_sums)):
         raise ValueError("x from gate/up sums takes [M, K] sums, a float-x config and the add + RMSNorm finish")
+    if x_norm is not None and (x_sums is not None or cfg.weight_math == 3 or x_int8
+                               or x_norm.sumsq.shape != (M, -(-K // SUMSQ_TILE))
+                               or x_norm.sumsq.dtype != torch.float32 or x_norm.sumsq.stride(1) != 1
+                               or x_norm.weight.shape != (K,) or x_norm.weight.dtype != x.dtype):
+        raise ValueError(f"x as RMSNorm(h) takes [M, ceil(K / {SUMSQ_TILE})] fp32 sums of squares, a [K] norm weight "
+                         f"in x's dtype and a float-x config (not x from gate/up sums)")
     if cfg.use_dot and cfg.compact and not (shared or M == 1):
         raise ValueError(f"packed survivors on tensor cores need one mask for all rows (a shared mask, or one row): "
                          f"{cfg}")
@@ -536,13 +588,19 @@ def _launch(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tens
     apart = use_pdl if cfg.apart is None else cfg.apart
     # the norm needs every column's sum, the rotation the other half of each head's: only a launch after the grid
     apart = (apart and (cfg.split_k > 1 or gated) and not cfg.use_dot) or \
-        epilogue in (_Epilogue.ADD_RMSNORM, _Epilogue.QKV_ROPE, _Epilogue.SUMS)
+        epilogue in (_Epilogue.ADD_RMSNORM, _Epilogue.ADD_SUMSQ, _Epilogue.QKV_ROPE, _Epilogue.SUMS)
     swiglu_x = {} if x_sums is None else dict(X_SWIGLU=True, g_ptr=x_sums[0], u_ptr=x_sums[1],
                                               stride_gm=x_sums[0].stride(0))
+    x_in = x2
+    if x_norm is not None:  # each program writes its split of x here from h (x2), then reads it back
+        x_in = torch.empty((M, K), dtype=x.dtype, device=x.device)
+        swiglu_x = dict(X_NORM=True, h_ptr=x2, stride_hm=x2.stride(0), sq_ptr=x_norm.sumsq,
+                        stride_sqm=x_norm.sumsq.stride(0), nw_ptr=x_norm.weight, norm_eps=float(x_norm.eps),
+                        SQ_TILES=x_norm.sumsq.shape[1], SQ_BLOCK=next_pow2(x_norm.sumsq.shape[1]))
     jit.sparse_gemv_kernel[(total_tiles, cfg.split_k)](
-        x2, s0["w"], s0["b"], s0["y"], ws, cnt, idx, xv,
+        x_in, s0["w"], s0["b"], s0["y"], ws, cnt, idx, xv,
         M, s0["N"], K, s0["t"],
-        x2.stride(0), s0["swn"], s0["swk"], s0["sym"],
+        x_in.stride(0), s0["swn"], s0["swk"], s0["sym"],
         cfg.k_per_split,
         SPLIT_K=cfg.split_k, BM=BM, BN=BN, BK=cfg.block_k, HAS_BIAS=has_bias,
         USE_DOT=cfg.use_dot, IEEE=x.dtype == torch.float32,
@@ -560,7 +618,13 @@ def _launch(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tens
         sums = ws[:M * total_tiles * BN].view(M, total_tiles * BN)
         cols = [sum(tiles[:i]) * BN for i in range(nseg)]
         return [sums[:, c:c + N] for c, N in zip(cols, Ns)]
-    if norm is not None:
+    if isinstance(norm, _AddSumSq):
+        jit.finish_add_sumsq_kernel[(norm.sumsq.shape[1],)](
+            ws, s0["b"], norm.residual, s0["y"], norm.sumsq, M, s0["N"], s0["N"], norm.residual.stride(0), s0["sym"],
+            norm.sumsq.stride(0), BM=next_pow2(M), BN=SUMSQ_TILE, HAS_BIAS=has_bias, PDL=use_pdl, num_warps=1,
+            **launch_pdl,
+        )
+    elif norm is not None:
         BN_ROW = next_pow2(s0["N"])
         # x's gate/up sums, rows 0..M-1 of theirs: zeroed by programs past the rows' once this grid has read them
         zero = {} if x_sums is None else dict(M=M, z_ptr=x_sums[0], Z_N=M * x_sums[0].stride(0), ZERO=True)
