@@ -12,28 +12,7 @@ from hypothesis import strategies as st
 
 triton = pytest.importorskip("triton")
 from teal_fx.kernels import sparse_gemv as sg  # noqa: E402
-from teal_fx.kernels.quantize import quantize_int4, quantize_int8  # noqa: E402
-from tests.conftest import kernel_device  # noqa: E402
-
-DEVICE = kernel_device()
-ON_GPU = DEVICE == "cuda"
-TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
-
-
-def rel_err(y, ref):
-    return float((y.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30))
-
-
-def weight(n, k, dtype, fmt, g):
-    w = (torch.randn(n, k, generator=g) / k**0.5).to(dtype)
-    if fmt is None:
-        return w.to(DEVICE).t().contiguous().t(), None
-    q, s = {"int8": quantize_int8, "int4": quantize_int4}[fmt](w)
-    return q.to(DEVICE), s.to(DEVICE)
-
-
-def workspace_is_zero() -> bool:
-    return all(not buf.any() for (dev, name), buf in sg._WORKSPACE.bufs.items() if name in ("ws", "cnt"))
+from tests.test_mlp_add_rmsnorm_kernel import DEVICE, ON_GPU, TOL, rel_err, weight, workspace_is_zero  # noqa: E402
 
 
 @settings(max_examples=30 if ON_GPU else 8, deadline=None)
