@@ -184,6 +184,18 @@ def break_even(points: list[tuple[float, float]]) -> float:
 # launches (q+k+v, o, gate+up, down)
 BLOCK_LINEARS = [(4096, 4096), (1024, 4096), (1024, 4096), (4096, 4096), (14336, 4096), (14336, 4096), (4096, 14336)]
 BLOCK_GROUPS = [[0, 1, 2], [3], [4, 5], [6]]
+
+
+def block_weights(shapes, layers: int, dtype, fmt, device: str = "cuda", generator=None) -> list:
+    """Each layer's (weight, scales) for the linears of ``shapes``: column-major floats (scales None), or int8/int4
+    (kernels/quantize.py). Random, scaled by 1/sqrt(K)."""
+    out = []
+    for _ in range(layers):
+        ws = [(torch.randn(N, K, generator=generator, device=device) / K**0.5).to(dtype) for N, K in shapes]
+        out.append([QUANTIZE[fmt](w) for w in ws] if fmt else [(w.t().contiguous().t(), None) for w in ws])
+    return out
+
+
 def bench_block(sparsity: float, dtype, bw: float, l2: int, layers: int = 4, grouped: bool = True,
                 fmt=None, x_int8: bool = False, mlp: str = "swiglu") -> dict:
     """One Llama-3-8B block at ``sparsity`` as the backend issues it: grouped, 4 launches (q+k+v, o, gate+up with
@@ -196,12 +208,9 @@ def bench_block(sparsity: float, dtype, bw: float, l2: int, layers: int = 4, gro
     threshold at that input's quantile (the same rows kept either way). µs per block, however many launches."""
     shapes = BLOCK_LINEARS
     launches = BLOCK_GROUPS if grouped else [[j] for j in range(len(shapes))]
-    layer_ws, layer_ss = [], []
-    for _ in range(layers):
-        ws = [(torch.randn(N, K, dtype=dtype, device="cuda") / K**0.5).t().contiguous().t() for N, K in shapes]
-        pairs = [QUANTIZE[fmt](w) for w in ws] if fmt else [(w, None) for w in ws]
-        layer_ws.append([q for q, _ in pairs])
-        layer_ss.append([sc for _, sc in pairs])
+    per_layer = block_weights(shapes, layers, dtype, fmt)
+    layer_ws = [[q for q, _ in pairs] for pairs in per_layer]
+    layer_ss = [[sc for _, sc in pairs] for pairs in per_layer]
     # one input per launch (members of a group share it), a threshold per linear
     x_of = {}
     for group in launches:
@@ -252,10 +261,7 @@ def bench_block_norms(sparsity: float, dtype, fmt, tiles: bool, layers: int = 4,
     the tensors the one before wrote, thresholds at the quantile of those inputs. µs per block."""
     hidden = shapes[3][0]
     g = torch.Generator(device=device).manual_seed(0)
-    layer = []
-    for _ in range(layers):
-        ws = [(torch.randn(N, K, generator=g, device=device) / K**0.5).to(dtype) for N, K in shapes]
-        layer.append([QUANTIZE[fmt](w) for w in ws] if fmt else [(w.t().contiguous().t(), None) for w in ws])
+    layer = block_weights(shapes, layers, dtype, fmt, device, g)
     nw = (torch.rand(hidden, generator=g, device=device) + 0.5).to(dtype)
     h = torch.randn(1, hidden, generator=g, device=device).to(dtype)
     act = torch.randn(1, hidden, generator=g, device=device).to(dtype)  # attention's output, o's input

@@ -589,14 +589,15 @@ def _launch(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tens
     # the norm needs every column's sum, the rotation the other half of each head's: only a launch after the grid
     apart = (apart and (cfg.split_k > 1 or gated) and not cfg.use_dot) or \
         epilogue in (_Epilogue.ADD_RMSNORM, _Epilogue.ADD_SUMSQ, _Epilogue.QKV_ROPE, _Epilogue.SUMS)
-    swiglu_x = {} if x_sums is None else dict(X_SWIGLU=True, g_ptr=x_sums[0], u_ptr=x_sums[1],
-                                              stride_gm=x_sums[0].stride(0))
+    # what the programs form x from, where not read as given: gate/up sums, or h and its norm
+    x_from = {} if x_sums is None else dict(X_SWIGLU=True, g_ptr=x_sums[0], u_ptr=x_sums[1],
+                                            stride_gm=x_sums[0].stride(0))
     x_in = x2
     if x_norm is not None:  # each program writes its split of x here from h (x2), then reads it back
         x_in = torch.empty((M, K), dtype=x.dtype, device=x.device)
-        swiglu_x = dict(X_NORM=True, h_ptr=x2, stride_hm=x2.stride(0), sq_ptr=x_norm.sumsq,
-                        stride_sqm=x_norm.sumsq.stride(0), nw_ptr=x_norm.weight, norm_eps=float(x_norm.eps),
-                        SQ_TILES=x_norm.sumsq.shape[1], SQ_BLOCK=next_pow2(x_norm.sumsq.shape[1]))
+        x_from = dict(X_NORM=True, h_ptr=x2, stride_hm=x2.stride(0), sq_ptr=x_norm.sumsq,
+                      stride_sqm=x_norm.sumsq.stride(0), nw_ptr=x_norm.weight, norm_eps=float(x_norm.eps),
+                      SQ_TILES=x_norm.sumsq.shape[1], SQ_BLOCK=next_pow2(x_norm.sumsq.shape[1]))
     jit.sparse_gemv_kernel[(total_tiles, cfg.split_k)](
         x_in, s0["w"], s0["b"], s0["y"], ws, cnt, idx, xv,
         M, s0["N"], K, s0["t"],
@@ -612,7 +613,7 @@ def _launch(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tens
         WMATH=cfg.weight_math,
         ASM=inline_ptx(x.device),
         s_ptr=s0["s"],
-        stride_sg=s0["ssg"], **extra, **swiglu_x, **launch_pdl,
+        stride_sg=s0["ssg"], **extra, **x_from, **launch_pdl,
     )
     if epilogue is _Epilogue.SUMS:  # [M, N] views, rows N_TOTAL apart (each segment's tiles in turn)
         sums = ws[:M * total_tiles * BN].view(M, total_tiles * BN)
