@@ -5,6 +5,8 @@
     sparse_gemv_swiglu(x, w_gate, w_up, ...)      silu(gate) * up formed by the gate/up launch
     sparse_gemv_add_rmsnorm(x, w, b, t, r, nw, eps)   h = r + linear, RMSNorm(h), in the finishing launch
     sparse_gemv_mlp_add_rmsnorm(x, wg, wu, wd, ...)   the two above as one op, silu(gate) * up formed by down
+    sparse_gemv_add_sumsq / sparse_gemv_mlp_add_sumsq   h and its sums of squares per column tile: the next
+                                                  launch takes x_norm=TileNorm(sumsq, nw, eps) and forms RMSNorm(h)
     sparse_gemv_sums(x, [w], [t])                 the grouped launch's sums left for the next launch to read
 
 Every launcher takes ``scales`` for int8/int4 weights (kernels/quantize.py: the format follows the weight's dtype).
@@ -38,6 +40,7 @@ MAX_SHARED_ROWS = 16  # one mask for the batch (``shared``): the union cannot gr
 MAX_SEGMENTS = 3  # linears sharing one input in a grouped launch (q, k, v)
 MAX_NORM_WIDTH = 16384  # the add + RMSNorm finish holds a row's N columns in one program
 SUMSQ_TILE = 256  # columns of h per sum of squares that the add + sum-of-squares finish leaves (``TileNorm``)
+ZERO_BLOCK = 4096  # fp32 sums a program of the add + sum-of-squares finish zeroes (the folded MLP's gate/up sums)
 MAX_ROPE_HEAD_DIM = 256  # the q/k/v + RoPE finish holds one head's D columns of every row in a program
 MAX_FOLD_ROWS = 4  # the folded MLP's rows: each down program holds its rows x its K split of x at once (the
 # in-thread loops' 1-4 rows; 5-8 take tensor cores, 16 padded rows x 512 inputs a program)
@@ -152,20 +155,22 @@ def can_fuse_swiglu(x: Tensor, w_gate: Tensor, w_up: Tensor, shared: bool = Fals
             and 1 <= x.numel() // max(1, x.shape[-1]) <= (MAX_SHARED_ROWS if shared else MAX_ROWS))
 
 
-def can_fuse_add_rmsnorm(x: Tensor, weight: Tensor, residual: Tensor, norm_weight: Tensor) -> bool:
+def can_fuse_add_rmsnorm(x: Tensor, weight: Tensor, residual: Tensor, norm_weight: Optional[Tensor]) -> bool:
     """Whether ``sparse_gemv_add_rmsnorm`` takes these: the residual has the linear's output shape, the norm weight
-    is [N], both in the input's dtype, N at most ``MAX_NORM_WIDTH`` (the device is the caller's check, ``supports``)."""
+    is [N], both in the input's dtype, N at most ``MAX_NORM_WIDTH`` (the device is the caller's check, ``supports``).
+    ``norm_weight`` None: the add + sum-of-squares finish's (no norm, so no weight)."""
     N = logical_shape(weight)[0]
     return (weight.dim() == 2 and N <= MAX_NORM_WIDTH and residual.shape == (*x.shape[:-1], N)
-            and norm_weight.shape == (N,) and residual.dtype == norm_weight.dtype == x.dtype
-            and residual.device == x.device == norm_weight.device)
+            and residual.dtype == x.dtype and residual.device == x.device
+            and (norm_weight is None or (norm_weight.shape == (N,) and norm_weight.dtype == x.dtype
+                                         and norm_weight.device == x.device)))
 
 
-def can_fold_swiglu(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, residual: Tensor, norm_weight: Tensor,
-                    shared: bool = False, x_int8: bool = False) -> bool:
-    """Whether ``sparse_gemv_mlp_add_rmsnorm`` takes these: what ``sparse_gemv_swiglu`` and
-    ``sparse_gemv_add_rmsnorm`` take, down reading gate's outputs, at most MAX_FOLD_ROWS rows of float x (x_int8
-    quantizes x in its own prologue: not folded)."""
+def can_fold_swiglu(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, residual: Tensor,
+                    norm_weight: Optional[Tensor], shared: bool = False, x_int8: bool = False) -> bool:
+    """Whether ``sparse_gemv_mlp_add_rmsnorm`` (``sparse_gemv_mlp_add_sumsq``: ``norm_weight`` None) takes these:
+    what ``sparse_gemv_swiglu`` and ``sparse_gemv_add_rmsnorm`` take, down reading gate's outputs, at most
+    MAX_FOLD_ROWS rows of float x (x_int8 quantizes x in its own prologue: not folded)."""
     rows = x.numel() // max(1, x.shape[-1])
     return (not x_int8 and 1 <= rows <= MAX_FOLD_ROWS and can_fuse_swiglu(x, w_gate, w_up, shared)
             and w_down.dim() == 2 and w_down.shape[1] == logical_shape(w_gate)[0]
@@ -335,25 +340,59 @@ def sparse_gemv_mlp_add_rmsnorm(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down:
                                 t_down: float, residual: Tensor, norm_weight: Tensor, eps: float, *,
                                 b_down: Optional[Tensor] = None, sparsities: Sequence[Optional[float]] = (None, None),
                                 scales: Sequence[Optional[Tensor]] = (None, None, None), shared: bool = False,
-                                configs: Sequence[Optional[GemvConfig]] = (None, None)) -> tuple[Tensor, Tensor]:
+                                configs: Sequence[Optional[GemvConfig]] = (None, None),
+                                x_norm: Optional[TileNorm] = None) -> tuple[Tensor, Tensor]:
     """A gated MLP and the residual add + RMSNorm after it, h = residual + down(silu(gate(x)) * up(x)) (+ b_down) and
     out = RMSNorm(h) · norm_weight, in three launches where ``sparse_gemv_swiglu`` then ``sparse_gemv_add_rmsnorm``
     take four: the gate/up grid leaves its sums in the workspace; each down program forms its K split of
     x = silu(gate) * up from them (rounded as the SwiGLU finish rounds, the finish folded in); the down finish adds,
     normalises and zeroes the gate/up sums. Same result. ``sparsities``: (gate/up, down) hints; ``scales``: gate's,
-    up's and down's (int8/int4); ``configs``: (gate/up, down) or the rule. Returns (h, out) in the residual's shape."""
+    up's and down's (int8/int4); ``configs``: (gate/up, down) or the rule; ``x_norm``: x is the residual stream and
+    the MLP's input its norm (``TileNorm``). Returns (h, out) in the residual's shape."""
     if not can_fold_swiglu(x, w_gate, w_up, w_down, residual, norm_weight, shared):
         raise ValueError(f"sparse_gemv_mlp_add_rmsnorm: needs what sparse_gemv_swiglu and sparse_gemv_add_rmsnorm "
                          f"take, down over gate's outputs, 1 to {MAX_FOLD_ROWS} rows (see can_fold_swiglu)")
+    h, norm = _add_rmsnorm_outputs(x, logical_shape(w_down)[0], residual, norm_weight, eps)
+    _mlp_launches(x, w_gate, w_up, w_down, t_gate, t_up, t_down, b_down, h, norm, sparsities, scales, shared,
+                  configs, x_norm)
+    return h.reshape(residual.shape), norm.out.reshape(residual.shape)
+
+
+def sparse_gemv_mlp_add_sumsq(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, t_gate: float, t_up: float,
+                              t_down: float, residual: Tensor, *, b_down: Optional[Tensor] = None,
+                              sparsities: Sequence[Optional[float]] = (None, None),
+                              scales: Sequence[Optional[Tensor]] = (None, None, None), shared: bool = False,
+                              configs: Sequence[Optional[GemvConfig]] = (None, None),
+                              x_norm: Optional[TileNorm] = None) -> tuple[Tensor, Tensor]:
+    """``sparse_gemv_mlp_add_rmsnorm`` whose down finish is ``sparse_gemv_add_sumsq``'s: h and its sums of squares
+    per row and SUMSQ_TILE columns ([rows, tiles] fp32), for the next launch's ``TileNorm``."""
+    N = logical_shape(w_down)[0]
+    if not can_fold_swiglu(x, w_gate, w_up, w_down, residual, None, shared):
+        raise ValueError(f"sparse_gemv_mlp_add_sumsq: needs what sparse_gemv_swiglu and sparse_gemv_add_sumsq "
+                         f"take, down over gate's outputs, 1 to {MAX_FOLD_ROWS} rows (see can_fold_swiglu)")
+    rows = x.numel() // x.shape[-1]
+    h = torch.empty((rows, N), dtype=x.dtype, device=x.device)
+    sumsq = torch.empty((rows, -(-N // SUMSQ_TILE)), dtype=torch.float32, device=x.device)
+    _mlp_launches(x, w_gate, w_up, w_down, t_gate, t_up, t_down, b_down, h,
+                  _AddSumSq(residual.reshape(rows, N).contiguous(), sumsq), sparsities, scales, shared, configs,
+                  x_norm)
+    return h.reshape(residual.shape), sumsq
+
+
+def _mlp_launches(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, t_gate: float, t_up: float, t_down: float,
+                  b_down: Optional[Tensor], h: Tensor, norm: Union[_AddRMSNorm, _AddSumSq],
+                  sparsities: Sequence[Optional[float]], scales: Sequence[Optional[Tensor]], shared: bool,
+                  configs: Sequence[Optional[GemvConfig]], x_norm: Optional[TileNorm]) -> None:
+    """The folded MLP's two grids and the down finish ``norm`` (into h): the gate/up sums, then down over
+    silu(gate) * up formed from them, its finish zeroing them."""
     rows = x.numel() // x.shape[-1]
     gate, up = sparse_gemv_sums(x, [w_gate, w_up], [t_gate, t_up], config=configs[0], sparsity=sparsities[0],
-                                scales=scales[:2], shared=shared)
+                                scales=scales[:2], shared=shared, x_norm=x_norm)
     act = torch.empty((rows, gate.shape[1]), dtype=x.dtype, device=x.device)  # each down program writes its split
-    h, norm = _add_rmsnorm_outputs(x, logical_shape(w_down)[0], residual, norm_weight, eps)
     used = -(-rows * gate.stride(0) // 64) * 64  # the down launch's sums after them, 256-byte aligned
-    _launch(act, [w_down], [b_down], [t_down], configs[1], [h], sparsities[1], _Epilogue.ADD_RMSNORM, norm,
+    _launch(act, [w_down], [b_down], [t_down], configs[1], [h], sparsities[1],
+            _Epilogue.ADD_SUMSQ if isinstance(norm, _AddSumSq) else _Epilogue.ADD_RMSNORM, norm,
             scales=[scales[2]], shared=shared, x_sums=(gate, up), ws_offset=used)
-    return h.reshape(residual.shape), norm.out.reshape(residual.shape)
 
 
 def sparse_gemv_qkv_rope(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tensor]],
@@ -455,7 +494,7 @@ def _launch(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tens
 
     ``x_sums`` (gate, up): fp32 [M, K] views of the sums a gate/up launch left in the workspace (SUMS); this launch
     forms x = silu(gate) * up from them into ``x`` (written, not read), keeps its own sums ``ws_offset`` floats on,
-    past them, and its finish (ADD_RMSNORM only) zeroes them. ``x_norm``: x is the residual stream h; this launch
+    past them, and its finish (ADD_RMSNORM or ADD_SUMSQ) zeroes them. ``x_norm``: x is the residual stream h; this launch
     forms x = RMSNorm(h) · weight from it into a buffer of its own. SUMS returns a [M, N] view of each segment's
     sums."""
     if not HAS_TRITON:
@@ -484,9 +523,10 @@ def _launch(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tens
     cfg = config or choose_config(M, sum(Ns), K, sparsity, fmt, shared, x_int8)
     if (cfg.weight_math == 3) != x_int8:  # x quantized or not is the caller's choice of result, never a config's
         raise ValueError(f"weight_math 3 is the x_int8 kernel: config {cfg} with x_int8={x_int8}")
-    if x_sums is not None and (epilogue is not _Epilogue.ADD_RMSNORM or cfg.weight_math == 3 or x_int8
-                               or any(t.shape != (M, K) or t.stride(1) != 1 for t in x_sums)):
-        raise ValueError("x from gate/up sums takes [M, K] sums, a float-x config and the add + RMSNorm finish")
+    if x_sums is not None and (epilogue not in (_Epilogue.ADD_RMSNORM, _Epilogue.ADD_SUMSQ) or cfg.weight_math == 3
+                               or x_int8 or any(t.shape != (M, K) or t.stride(1) != 1 for t in x_sums)):
+        raise ValueError("x from gate/up sums takes [M, K] sums, a float-x config and an add + RMSNorm or add + "
+                         "sum-of-squares finish")
     if x_norm is not None and (x_sums is not None or cfg.weight_math == 3 or x_int8
                                or x_norm.sumsq.shape != (M, -(-K // SUMSQ_TILE))
                                or x_norm.sumsq.dtype != torch.float32 or x_norm.sumsq.stride(1) != 1
@@ -620,10 +660,14 @@ def _launch(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tens
         cols = [sum(tiles[:i]) * BN for i in range(nseg)]
         return [sums[:, c:c + N] for c, N in zip(cols, Ns)]
     if isinstance(norm, _AddSumSq):
-        jit.finish_add_sumsq_kernel[(norm.sumsq.shape[1],)](
+        n_tiles = norm.sumsq.shape[1]
+        # x's gate/up sums (rows 0..M-1 of theirs): zeroed by programs past the tiles once this grid has read them
+        zero = {} if x_sums is None else dict(TILES=n_tiles, z_ptr=x_sums[0], Z_N=M * x_sums[0].stride(0), ZERO=True,
+                                              Z_BN=ZERO_BLOCK)
+        jit.finish_add_sumsq_kernel[(n_tiles + (-(-zero["Z_N"] // ZERO_BLOCK) if zero else 0),)](
             ws, s0["b"], norm.residual, s0["y"], norm.sumsq, M, s0["N"], s0["N"], norm.residual.stride(0), s0["sym"],
             norm.sumsq.stride(0), BM=next_pow2(M), BN=SUMSQ_TILE, HAS_BIAS=has_bias, PDL=use_pdl, num_warps=1,
-            **launch_pdl,
+            **zero, **launch_pdl,
         )
     elif norm is not None:
         BN_ROW = next_pow2(s0["N"])

@@ -764,11 +764,33 @@ def finish_add_rmsnorm_kernel(ws_ptr, b_ptr, res_ptr, nw_ptr, h_ptr, out_ptr, N,
 
 @triton.jit
 def finish_add_sumsq_kernel(ws_ptr, b_ptr, res_ptr, h_ptr, sq_ptr, M, N, ws_width, stride_res, stride_h, stride_sq,
-                            BM: tl.constexpr, BN: tl.constexpr, HAS_BIAS: tl.constexpr, PDL: tl.constexpr):
+                            BM: tl.constexpr, BN: tl.constexpr, HAS_BIAS: tl.constexpr, PDL: tl.constexpr,
+                            TILES=1, z_ptr=None, Z_N=0, ZERO: tl.constexpr = False, Z_BN: tl.constexpr = 1):
     """The split-K epilogue of a linear followed by a residual add, one program per column tile: h = residual + y
     (+ bias) rounded as ``add_rmsnorm_row`` rounds, and the tile's Σ h² (fp32) stored to sq_ptr[row, tile] for the
     next launch to normalise its own split of h (``store_normed_x``). No program holds a row, so none reduces one;
-    plain stores, every slot rewritten each launch: nothing to zero."""
+    plain stores, every slot rewritten each launch: nothing to zero.
+
+    ZERO: programs TILES and on zero z_ptr[0, Z_N) a Z_BN at a time, the gate/up sums the GEMV grid before read as
+    its x (``X_SWIGLU``), as ``finish_add_rmsnorm_kernel`` does."""
+    if ZERO:
+        if tl.program_id(0) >= TILES:
+            if PDL:
+                tl.extra.cuda.gdc_wait()
+            offs_z = (tl.program_id(0) - TILES) * Z_BN + tl.arange(0, Z_BN)
+            tl.store(z_ptr + offs_z, tl.zeros((Z_BN,), dtype=tl.float32), mask=offs_z < Z_N)
+        else:
+            add_sumsq_tile(ws_ptr, b_ptr, res_ptr, h_ptr, sq_ptr, M, N, ws_width, stride_res, stride_h, stride_sq,
+                           BM, BN, HAS_BIAS, PDL)
+    else:
+        add_sumsq_tile(ws_ptr, b_ptr, res_ptr, h_ptr, sq_ptr, M, N, ws_width, stride_res, stride_h, stride_sq,
+                       BM, BN, HAS_BIAS, PDL)
+
+
+@triton.jit
+def add_sumsq_tile(ws_ptr, b_ptr, res_ptr, h_ptr, sq_ptr, M, N, ws_width, stride_res, stride_h, stride_sq,
+                   BM: tl.constexpr, BN: tl.constexpr, HAS_BIAS: tl.constexpr, PDL: tl.constexpr):
+    """Column tile ``program_id(0)`` of ``finish_add_sumsq_kernel``."""
     pn = tl.program_id(0)
     offs_n = pn * BN + tl.arange(0, BN)
     offs_m = tl.arange(0, BM)

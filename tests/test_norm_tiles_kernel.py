@@ -1,6 +1,7 @@
 """The add + RMSNorm finish split in two (``sparse_gemv_add_sumsq``, then a launch taking ``x_norm=TileNorm(...)``)
 against the launcher it would replace (``sparse_gemv_add_rmsnorm``, whose normalised output the next launch reads),
-the same configs: h bit for bit, the per-tile sums of squares against fp64, the next launch's outputs at the
+the same configs: h bit for bit (on a GPU at the output's precision: the split-K sums meet in a varying order),
+the per-tile sums of squares against fp64, the next launch's outputs at the
 output's precision (its mean(h²) is summed in another order, so r, and so a rounding of x, may move by one).
 
 Runs on a GPU when there is one, otherwise under TRITON_INTERPRET=1 on the CPU (conftest sets it)."""
@@ -13,6 +14,11 @@ from hypothesis import strategies as st
 triton = pytest.importorskip("triton")
 from teal_fx.kernels import sparse_gemv as sg  # noqa: E402
 from tests.test_mlp_add_rmsnorm_kernel import DEVICE, ON_GPU, TOL, rel_err, weight, workspace_is_zero  # noqa: E402
+
+
+def same_h(h, h_ref, dtype) -> bool:
+    """h of the two finishes: bit for bit on the interpreter; on a GPU the split-K sums meet in a varying order."""
+    return rel_err(h.cpu(), h_ref.cpu()) <= TOL[dtype] if ON_GPU else torch.equal(h, h_ref)
 
 
 @settings(max_examples=30 if ON_GPU else 8, deadline=None)
@@ -36,7 +42,7 @@ def test_norm_from_tiles_matches_the_add_rmsnorm_finish(M, width, inner, dtype, 
 
     h_ref, normed = sg.sparse_gemv_add_rmsnorm(x, w_o, b_o, t_o, res, nw, 1e-5, scales=s_o)
     h, sumsq = sg.sparse_gemv_add_sumsq(x, w_o, b_o, t_o, res, scales=s_o)
-    assert torch.equal(h, h_ref) and workspace_is_zero()
+    assert workspace_is_zero() and same_h(h, h_ref, dtype)
     tiles = -(-width // sg.SUMSQ_TILE)
     assert sumsq.shape == (M, tiles) and sumsq.dtype == torch.float32
     hf = torch.nn.functional.pad(h.double().cpu(), (0, tiles * sg.SUMSQ_TILE - width))
@@ -50,6 +56,49 @@ def test_norm_from_tiles_matches_the_add_rmsnorm_finish(M, width, inner, dtype, 
     got = sg.sparse_gemv_swiglu(h, w_q, w_q, t_q, t_o, scales_gate=s_q, scales_up=s_q, x_norm=norm)
     want = sg.sparse_gemv_swiglu(normed, w_q, w_q, t_q, t_o, scales_gate=s_q, scales_up=s_q)
     assert rel_err(got.cpu(), want.cpu()) <= TOL[dtype] and workspace_is_zero()
+
+
+@settings(max_examples=20 if ON_GPU else 6, deadline=None)
+@given(M=st.integers(1, 4), hidden=st.integers(4, 300).map(lambda n: 2 * n), inter=st.integers(16, 40).map(lambda n: 2 * n),
+       dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]), fmt=st.sampled_from([None, "int8", "int4"]),
+       ts=st.tuples(st.floats(0.0, 1.0), st.floats(0.0, 0.5)), bias=st.booleans(), seed=st.integers(0, 1000))
+def test_folded_mlp_with_tile_norms_matches_the_add_rmsnorm_one(M, hidden, inter, dtype, fmt, ts, bias, seed):
+    """The folded MLP (gate/up sums, down over silu(gate) * up) with the sum-of-squares finish: h as the add +
+    RMSNorm one's (``same_h``), the gate/up sums zeroed by it (the workspace zero), its tile sums against fp64; then the
+    same MLP taking its input as ``TileNorm`` of the h before, at the output's precision."""
+    hidden = max(hidden, 32)  # grouped launches take weights of at least 16 stored rows (_groupable)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, hidden, generator=g).to(dtype).to(DEVICE)
+    res = torch.randn(M, hidden, generator=g).to(dtype).to(DEVICE)
+    nw = (torch.rand(hidden, generator=g) + 0.5).to(dtype).to(DEVICE)
+    (wg, sgt), (wu, su) = weight(inter, hidden, dtype, fmt, g), weight(inter, hidden, dtype, fmt, g)
+    wd, sd = weight(hidden, inter, dtype, fmt, g)
+    bd = torch.randn(hidden, generator=g).to(dtype).to(DEVICE) if bias and fmt is None else None
+    t_in, t_down = ts
+    if ON_GPU and dtype != torch.float32:
+        t_down = 0.0  # an ulp of silu(gate) * up moved by the sums' order can flip an input at down's threshold
+    scales = (sgt, su, sd)
+    h_ref, normed = sg.sparse_gemv_mlp_add_rmsnorm(x, wg, wu, wd, t_in, t_in, t_down, res, nw, 1e-5, b_down=bd,
+                                                   scales=scales)
+    h, sumsq = sg.sparse_gemv_mlp_add_sumsq(x, wg, wu, wd, t_in, t_in, t_down, res, b_down=bd, scales=scales)
+    assert workspace_is_zero() and same_h(h, h_ref, dtype)
+    tiles = -(-hidden // sg.SUMSQ_TILE)
+    hf = torch.nn.functional.pad(h.double().cpu(), (0, tiles * sg.SUMSQ_TILE - hidden))
+    assert torch.allclose(sumsq.double().cpu(), (hf**2).reshape(M, tiles, -1).sum(-1), rtol=1e-5, atol=1e-30)
+
+    # the next layer's MLP over the norm of h: formed in its gate/up launch from the tile sums, or read as given
+    norm = sg.TileNorm(sumsq, nw, 1e-5)
+    got = sg.sparse_gemv_mlp_add_sumsq(h, wg, wu, wd, t_in, t_in, t_down, res, b_down=bd, scales=scales,
+                                       x_norm=norm)
+    want = sg.sparse_gemv_mlp_add_sumsq(normed, wg, wu, wd, t_in, t_in, t_down, res, b_down=bd, scales=scales)
+    assert rel_err(got[0].cpu(), want[0].cpu()) <= TOL[dtype] and workspace_is_zero()
+    got = sg.sparse_gemv_mlp_add_rmsnorm(h, wg, wu, wd, t_in, t_in, t_down, res, nw, 1e-5, b_down=bd, scales=scales,
+                                         x_norm=norm)
+    want = sg.sparse_gemv_mlp_add_rmsnorm(normed, wg, wu, wd, t_in, t_in, t_down, res, nw, 1e-5, b_down=bd,
+                                          scales=scales)
+    for a, b in zip(got, want):
+        assert rel_err(a.cpu(), b.cpu()) <= TOL[dtype]
+    assert workspace_is_zero()
 
 
 def test_norm_from_tiles_refuses_what_it_cannot_read():
