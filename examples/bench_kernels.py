@@ -252,75 +252,6 @@ def bench_block(sparsity: float, dtype, bw: float, l2: int, layers: int = 4, gro
     return dict(us=us, roof_us=roof)
 
 
-def bench_block_norms(sparsity: float, dtype, fmt, tiles: bool, layers: int = 4, shapes=BLOCK_LINEARS,
-                      device: str = "cuda") -> float:
-    """One Llama-3-8B block at ``sparsity`` as 4 GEMV launches (q+k+v, o, gate+up with silu(gate) * up, down) whose
-    o and down carry the residual add and the next RMSNorm: with the add + RMSNorm finish (one program a row; the
-    next launch reads the normalised row), or, ``tiles``, with the add + sum-of-squares finish (one program a column
-    tile; the next launch forms its own split of the norm: ``TileNorm``, docs/perf-log.md v53). Each launch reads
-    the tensors the one before wrote, thresholds at the quantile of those inputs. µs per block."""
-    hidden = shapes[3][0]
-    g = torch.Generator(device=device).manual_seed(0)
-    layer = block_weights(shapes, layers, dtype, fmt, device, g)
-    nw = (torch.rand(hidden, generator=g, device=device) + 0.5).to(dtype)
-    h = torch.randn(1, hidden, generator=g, device=device).to(dtype)
-    act = torch.randn(1, hidden, generator=g, device=device).to(dtype)  # attention's output, o's input
-    q_of = lambda t: float(torch.quantile(t.float().abs().flatten(), sparsity))  # noqa: E731
-    # one eager pass for the thresholds: the inputs each launch will read
-    (o0, so0), (g0, sg0), (u0, su0) = layer[0][3:6]
-    normed = sg.sparse_gemv_add_rmsnorm(act, o0, None, 0.0, h, nw, 1e-5, scales=so0)[1]
-    t_attn, t_o = q_of(normed), q_of(act)
-    mlp_in = sg.sparse_gemv_swiglu(normed, g0, u0, t_attn, t_attn, scales_gate=sg0, scales_up=su0)
-    t_mlp, t_down = t_attn, q_of(mlp_in)
-    outs = {name: torch.empty(1, shapes[j][0], dtype=dtype, device=device)
-            for name, j in (("q", 0), ("k", 1), ("v", 2), ("mlp", 4))}
-    hs = [torch.empty(1, hidden, dtype=dtype, device=device) for _ in range(2)]  # o's h, down's h, in turn
-    # what each launch leaves the next, through the layers: h, and the norm's input (tiles) or the normed row
-    tiles_sq = -(-hidden // sg.SUMSQ_TILE)
-    sumsq = F.pad(h.float() ** 2, (0, tiles_sq * sg.SUMSQ_TILE - hidden)).reshape(1, tiles_sq, -1).sum(-1)
-    state = {"h": h, "norm": sg.TileNorm(sumsq, nw, 1e-5), "x": normed}
-    calls = []
-    for lw in layer:
-        (q, sq), (k, sk), (v, sv), (o, so), (gw, sgw), (uw, suw), (d, sd) = lw
-        if tiles:
-            def qkv(q=q, k=k, v=v, sq=sq, sk=sk, sv=sv):
-                sg.sparse_gemv_group(state["h"], [q, k, v], [None] * 3, [t_attn] * 3,
-                                     outs=[outs["q"], outs["k"], outs["v"]], sparsity=sparsity, scales=[sq, sk, sv],
-                                     x_norm=state["norm"])
-
-            def o_proj(o=o, so=so):
-                state["h"], sumsq = sg.sparse_gemv_add_sumsq(act, o, None, t_o, state["h"], out=hs[0],
-                                                             sparsity=sparsity, scales=so)
-                state["norm"] = sg.TileNorm(sumsq, nw, 1e-5)
-
-            def mlp(gw=gw, uw=uw, sgw=sgw, suw=suw):
-                sg.sparse_gemv_swiglu(state["h"], gw, uw, t_mlp, t_mlp, out=outs["mlp"], sparsity=sparsity,
-                                      scales_gate=sgw, scales_up=suw, x_norm=state["norm"])
-
-            def down(d=d, sd=sd):
-                state["h"], sumsq = sg.sparse_gemv_add_sumsq(outs["mlp"], d, None, t_down, state["h"], out=hs[1],
-                                                             sparsity=sparsity, scales=sd)
-                state["norm"] = sg.TileNorm(sumsq, nw, 1e-5)
-        else:
-            def qkv(q=q, k=k, v=v, sq=sq, sk=sk, sv=sv):
-                sg.sparse_gemv_group(state["x"], [q, k, v], [None] * 3, [t_attn] * 3,
-                                     outs=[outs["q"], outs["k"], outs["v"]], sparsity=sparsity, scales=[sq, sk, sv])
-
-            def o_proj(o=o, so=so):
-                state["h"], state["x"] = sg.sparse_gemv_add_rmsnorm(act, o, None, t_o, state["h"], nw, 1e-5,
-                                                                    sparsity=sparsity, scales=so)
-
-            def mlp(gw=gw, uw=uw, sgw=sgw, suw=suw):
-                sg.sparse_gemv_swiglu(state["x"], gw, uw, t_mlp, t_mlp, out=outs["mlp"], sparsity=sparsity,
-                                      scales_gate=sgw, scales_up=suw)
-
-            def down(d=d, sd=sd):
-                state["h"], state["x"] = sg.sparse_gemv_add_rmsnorm(outs["mlp"], d, None, t_down, state["h"], nw,
-                                                                    1e-5, sparsity=sparsity, scales=sd)
-        calls += [qkv, o_proj, mlp, down]
-    return graph_time_us(calls) * len(calls) / layers
-
-
 _DENSE_US: dict = {}
 
 
@@ -499,8 +430,7 @@ def registers(fmt: str, N: int, K: int, cfg, x_swiglu: bool = False) -> tuple[in
                  USE_DOT=cfg.use_dot, IEEE=False, UPCAST=False, EVEN_N=N % cfg.block_n == 0,
                  EVEN_K=K % cfg.k_per_split == 0, IN_THREAD=cfg.in_thread, COMPACT=cfg.compact, CHUNK=cfg.chunk,
                  NSEG=1, GATED=False, PDL=True, APART=True, WFMT={None: 0, "int8": 1, "int4": 2}[fmt], GROUP=INT4_GROUP,
-                 HALF_DOT=cfg.half_dot, SHARED=False, ASM=True, WMATH=cfg.weight_math, X_SWIGLU=x_swiglu,
-                 X_NORM=False, SQ_BLOCK=1)
+                 HALF_DOT=cfg.half_dot, SHARED=False, ASM=True, WMATH=cfg.weight_math, X_SWIGLU=x_swiglu)
     sig, constexprs, attrs = {}, {}, {}
     for i, prm in enumerate(fn.params):
         n = prm.name
@@ -511,9 +441,7 @@ def registers(fmt: str, N: int, K: int, cfg, x_swiglu: bool = False) -> tuple[in
             sig[n], constexprs[n] = "constexpr", 1
         elif n[-5:-4].isdigit() or n[-4:] in ("1_ptr", "2_ptr"):  # the other segments' pointers: None
             sig[n], constexprs[n] = "constexpr", None
-        elif n in ("g_ptr", "u_ptr", "stride_gm") and not x_swiglu or n in ("h_ptr", "stride_hm", "sq_ptr",
-                                                                            "stride_sqm", "nw_ptr", "norm_eps",
-                                                                            "SQ_TILES"):  # (x from h: not screened)
+        elif n in ("g_ptr", "u_ptr", "stride_gm") and not x_swiglu:
             sig[n], constexprs[n] = "constexpr", None if n.endswith("_ptr") else 0
         elif n.endswith("_ptr"):
             sig[n] = {"int8": "*i8", "int4": "*u8"}.get(fmt, "*bf16") if n == "w_ptr" else _PTR_TYPES[n]
@@ -608,9 +536,6 @@ def main() -> int:
     ap.add_argument("--block-mlp", action="store_true", help="the quantized blocks' MLP also with down's add + "
                     "RMSNorm finish, unfolded and folded (fold_swiglu: the SwiGLU finish in the down launch), side "
                     "by side")
-    ap.add_argument("--block-norm-tiles", action="store_true", help="the quantized blocks with o's and down's "
-                    "residual add and next RMSNorm: the add + RMSNorm finish against the norm taken from per-tile "
-                    "sums of squares by the next launch (TileNorm), A / B / A")
     ap.add_argument("--batches", default="", help="batch rows: comma-separated batch sizes (e.g. 1,2,4,8,16), per-row "
                     "and shared masks on the block's launch shapes, and the break-even kept fractions")
     ap.add_argument("--batch-sparsities", default="0,0.25,0.5,0.75")
@@ -742,14 +667,6 @@ def main() -> int:
                for fmt in formats for s in (0.0, 0.5)}
     for (fmt, s), b in qblocks.items():
         print(f"Llama-3-8B block @{s:.0%} {fmt}: {b['us']:.1f} us, roofline {b['roof_us']:.1f} us", flush=True)
-    norm_blocks = []  # A / B / A: the add + RMSNorm finish, the norm from tiles, the finish again
-    for fmt in [f for f in formats if not _format(f)[1]] if args.block_norm_tiles else []:
-        for s in (0.0, 0.5):
-            for tiles in (False, True, False):
-                norm_blocks.append((fmt, s, "tiles" if tiles else "add_rmsnorm",
-                                    bench_block_norms(s, torch.bfloat16, _format(fmt)[0], tiles)))
-                print(f"Llama-3-8B block @{s:.0%} {fmt}, norm {norm_blocks[-1][2]}: {norm_blocks[-1][3]:.1f} us",
-                      flush=True)
     mlp_blocks = []  # A / B / A: unfolded, folded, unfolded again (the spread of two unfolded runs is the noise)
     for fmt in [f for f in formats if not _format(f)[1]] if args.block_mlp else []:
         for s in (0.0, 0.5):
@@ -828,12 +745,6 @@ def main() -> int:
         for (fmt, s), b in qblocks.items():
             lines.append(f"| {fmt} | {s:.2f} | {b['us']:.1f} | {b['roof_us']:.1f} | {b['roof_us'] / b['us']:.2f} | "
                          f"{bf16_block[s] / b['us']:.2f}x |")
-        lines.append("")
-    if norm_blocks:
-        lines += ["The block with o's and down's residual add and next RMSNorm: the add + RMSNorm finish (one "
-                  "program a row) or the add + sum-of-squares finish with the norm formed by the next launch "
-                  "(tiles), in the order run:", "", "| weights | sparsity | norm | µs |", "| --- | --- | --- | --- |"]
-        lines += [f"| {fmt} | {s:.2f} | {kind} | {us:.1f} |" for fmt, s, kind, us in norm_blocks]
         lines.append("")
     if mlp_blocks:
         lines += ["The block with down's add + RMSNorm finish, its MLP unfolded (swiglu, then down: 4 launches) and "

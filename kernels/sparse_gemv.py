@@ -5,8 +5,6 @@
     sparse_gemv_swiglu(x, w_gate, w_up, ...)      silu(gate) * up formed by the gate/up launch
     sparse_gemv_add_rmsnorm(x, w, b, t, r, nw, eps)   h = r + linear, RMSNorm(h), in the finishing launch
     sparse_gemv_mlp_add_rmsnorm(x, wg, wu, wd, ...)   the two above as one op, silu(gate) * up formed by down
-    sparse_gemv_add_sumsq / sparse_gemv_mlp_add_sumsq   h and its sums of squares per column tile: the next
-                                                  launch takes x_norm=TileNorm(sumsq, nw, eps) and forms RMSNorm(h)
     sparse_gemv_sums(x, [w], [t])                 the grouped launch's sums left for the next launch to read
 
 Every launcher takes ``scales`` for int8/int4 weights (kernels/quantize.py: the format follows the weight's dtype).
@@ -21,7 +19,7 @@ from __future__ import annotations
 import enum
 import warnings
 from dataclasses import dataclass, replace
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -39,8 +37,6 @@ MAX_ROWS = 8
 MAX_SHARED_ROWS = 16  # one mask for the batch (``shared``): the union cannot grow, so larger batches still gain
 MAX_SEGMENTS = 3  # linears sharing one input in a grouped launch (q, k, v)
 MAX_NORM_WIDTH = 16384  # the add + RMSNorm finish holds a row's N columns in one program
-SUMSQ_TILE = 256  # columns of h per sum of squares that the add + sum-of-squares finish leaves (``TileNorm``)
-ZERO_BLOCK = 4096  # fp32 sums a program of the add + sum-of-squares finish zeroes (the folded MLP's gate/up sums)
 MAX_ROPE_HEAD_DIM = 256  # the q/k/v + RoPE finish holds one head's D columns of every row in a program
 MAX_FOLD_ROWS = 4  # the folded MLP's rows: each down program holds its rows x its K split of x at once (the
 # in-thread loops' 1-4 rows; 5-8 take tensor cores, 16 padded rows x 512 inputs a program)
@@ -155,22 +151,20 @@ def can_fuse_swiglu(x: Tensor, w_gate: Tensor, w_up: Tensor, shared: bool = Fals
             and 1 <= x.numel() // max(1, x.shape[-1]) <= (MAX_SHARED_ROWS if shared else MAX_ROWS))
 
 
-def can_fuse_add_rmsnorm(x: Tensor, weight: Tensor, residual: Tensor, norm_weight: Optional[Tensor]) -> bool:
+def can_fuse_add_rmsnorm(x: Tensor, weight: Tensor, residual: Tensor, norm_weight: Tensor) -> bool:
     """Whether ``sparse_gemv_add_rmsnorm`` takes these: the residual has the linear's output shape, the norm weight
-    is [N], both in the input's dtype, N at most ``MAX_NORM_WIDTH`` (the device is the caller's check, ``supports``).
-    ``norm_weight`` None: the add + sum-of-squares finish's (no norm, so no weight)."""
+    is [N], both in the input's dtype, N at most ``MAX_NORM_WIDTH`` (the device is the caller's check, ``supports``)."""
     N = logical_shape(weight)[0]
     return (weight.dim() == 2 and N <= MAX_NORM_WIDTH and residual.shape == (*x.shape[:-1], N)
-            and residual.dtype == x.dtype and residual.device == x.device
-            and (norm_weight is None or (norm_weight.shape == (N,) and norm_weight.dtype == x.dtype
-                                         and norm_weight.device == x.device)))
+            and norm_weight.shape == (N,) and residual.dtype == norm_weight.dtype == x.dtype
+            and residual.device == x.device == norm_weight.device)
 
 
-def can_fold_swiglu(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, residual: Tensor,
-                    norm_weight: Optional[Tensor], shared: bool = False, x_int8: bool = False) -> bool:
-    """Whether ``sparse_gemv_mlp_add_rmsnorm`` (``sparse_gemv_mlp_add_sumsq``: ``norm_weight`` None) takes these:
-    what ``sparse_gemv_swiglu`` and ``sparse_gemv_add_rmsnorm`` take, down reading gate's outputs, at most
-    MAX_FOLD_ROWS rows of float x (x_int8 quantizes x in its own prologue: not folded)."""
+def can_fold_swiglu(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, residual: Tensor, norm_weight: Tensor,
+                    shared: bool = False, x_int8: bool = False) -> bool:
+    """Whether ``sparse_gemv_mlp_add_rmsnorm`` takes these: what ``sparse_gemv_swiglu`` and
+    ``sparse_gemv_add_rmsnorm`` take, down reading gate's outputs, at most MAX_FOLD_ROWS rows of float x (x_int8
+    quantizes x in its own prologue: not folded)."""
     rows = x.numel() // max(1, x.shape[-1])
     return (not x_int8 and 1 <= rows <= MAX_FOLD_ROWS and can_fuse_swiglu(x, w_gate, w_up, shared)
             and w_down.dim() == 2 and w_down.shape[1] == logical_shape(w_gate)[0]
@@ -213,36 +207,23 @@ def can_fold_rope(x: Tensor, weights: Sequence[Tensor], head_dim: int, cos: Tens
 
 
 # ------------------------------------------------------------------------------------------------ launchers
-@dataclass(frozen=True)
-class TileNorm:
-    """A launch's input given as the residual stream h and its norm: x = RMSNorm(h) · weight (Llama's, eager
-    rounding), mean(h²) from ``sumsq`` [rows, ceil(K / SUMSQ_TILE)] fp32, the per-tile sums of squares that
-    ``sparse_gemv_add_sumsq`` left. Each program forms its own split of x (``X_NORM``): the add + RMSNorm finish's
-    row-wide norm moved into the launch that reads it."""
-
-    sumsq: Tensor
-    weight: Tensor  # [K]
-    eps: float
-
-
 def sparse_gemv(x: Tensor, weight: Tensor, bias: Optional[Tensor], threshold: float, *,
                 config: Optional[GemvConfig] = None, out: Optional[Tensor] = None,
                 sparsity: Optional[float] = None, scales: Optional[Tensor] = None, shared: bool = False,
-                x_int8: bool = False, x_norm: Optional[TileNorm] = None) -> Tensor:
+                x_int8: bool = False) -> Tensor:
     """y = (x ⊙ 1[|x| > t]) Wᵀ + b. x: [..., K] with at most 8 rows; weight: [N, K], ideally column-major (stride
     (1, N)), or int8/int4 with its ``scales``. ``sparsity`` (expected fraction of inputs dropped, or None) only
     picks the launch config. ``x_int8``: the masked x quantized to int8 per 32 inputs first, int32 products (one row,
-    int8/int4 weights; ``reference.reference_w8a8_linear``): a different result, not a config. ``x_norm``: x is the
-    residual stream h and the input RMSNorm(h) (``TileNorm``)."""
+    int8/int4 weights; ``reference.reference_w8a8_linear``): a different result, not a config."""
     return sparse_gemv_group(x, [weight], [bias], [threshold], config=config, outs=None if out is None else [out],
-                             sparsity=sparsity, scales=[scales], shared=shared, x_int8=x_int8, x_norm=x_norm)[0]
+                             sparsity=sparsity, scales=[scales], shared=shared, x_int8=x_int8)[0]
 
 
 def sparse_gemv_group(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tensor]],
                       thresholds: Sequence[float], *, config: Optional[GemvConfig] = None,
                       outs: Optional[Sequence[Tensor]] = None, sparsity: Optional[float] = None,
                       scales: Optional[Sequence[Optional[Tensor]]] = None, shared: bool = False,
-                      x_int8: bool = False, x_norm: Optional[TileNorm] = None) -> list[Tensor]:
+                      x_int8: bool = False) -> list[Tensor]:
     """One launch for up to three linears that share the input ``x`` (q/k/v, gate/up): y_i = (x ⊙ 1[|x| > t_i]) W_iᵀ + b_i.
 
     The segments' N tiles form one grid, so the small k/v projections ride along with q instead of paying a
@@ -258,17 +239,17 @@ def sparse_gemv_group(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Opt
         # the kernel swaps only stride_wk per segment, and no swapped scalar may be 1 (see the kernel); one weight
         # format per launch: launch apart
         return [sparse_gemv(x, w, b, t, config=config, out=o, sparsity=sparsity, scales=s, shared=shared,
-                            x_int8=x_int8, x_norm=x_norm)
+                            x_int8=x_int8)
                 for w, b, t, o, s in zip(weights, biases, thresholds, outs if outs is not None else [None] * nseg,
                                          scales)]
     return _launch(x, weights, biases, thresholds, config, outs, sparsity, _Epilogue.STORE, scales=scales,
-                   shared=shared, x_int8=x_int8, x_norm=x_norm)
+                   shared=shared, x_int8=x_int8)
 
 
 def sparse_gemv_sums(x: Tensor, weights: Sequence[Tensor], thresholds: Sequence[float], *,
                      config: Optional[GemvConfig] = None, sparsity: Optional[float] = None,
                      scales: Optional[Sequence[Optional[Tensor]]] = None, shared: bool = False,
-                     x_int8: bool = False, x_norm: Optional[TileNorm] = None) -> list[Tensor]:
+                     x_int8: bool = False) -> list[Tensor]:
     """The grouped launch without its finish: each linear's fp32 sums (x ⊙ 1[|x| > t_i]) W_iᵀ, no bias, left in the
     workspace, returned as [rows, N_i] views of its rows. The next launch must read them (forming its own input from
     them) and a launch after it zero them before any other GEMV adds into the workspace: ``sparse_gemv_mlp_add_rmsnorm``
@@ -277,14 +258,13 @@ def sparse_gemv_sums(x: Tensor, weights: Sequence[Tensor], thresholds: Sequence[
             or len({w.dtype for w in weights}) > 1:
         raise ValueError(f"sparse_gemv_sums: 1 to {MAX_SEGMENTS} weights of one dtype, column-major if several")
     return _launch(x, weights, [None] * len(weights), thresholds, config, None, sparsity, _Epilogue.SUMS,
-                   scales=scales, shared=shared, x_int8=x_int8, x_norm=x_norm)
+                   scales=scales, shared=shared, x_int8=x_int8)
 
 
 def sparse_gemv_swiglu(x: Tensor, w_gate: Tensor, w_up: Tensor, t_gate: float, t_up: float, *,
                        config: Optional[GemvConfig] = None, out: Optional[Tensor] = None,
                        sparsity: Optional[float] = None, scales_gate: Optional[Tensor] = None,
-                       scales_up: Optional[Tensor] = None, shared: bool = False, x_int8: bool = False,
-                       x_norm: Optional[TileNorm] = None) -> Tensor:
+                       scales_up: Optional[Tensor] = None, shared: bool = False, x_int8: bool = False) -> Tensor:
     """silu(x_g W_gateᵀ) * (x_u W_upᵀ), x_g/x_u = x masked by t_gate/t_up, in one launch (see ``can_fuse_swiglu``).
 
     The gate/up group launch whose last program per column tile forms the product from the two fp32 sums, rounding
@@ -295,7 +275,7 @@ def sparse_gemv_swiglu(x: Tensor, w_gate: Tensor, w_up: Tensor, t_gate: float, t
         out = torch.empty((x.reshape(-1, x.shape[-1]).shape[0], logical_shape(w_gate)[0]), dtype=x.dtype,
                           device=x.device)
     return _launch(x, [w_gate, w_up], [None, None], [t_gate, t_up], config, [out, out], sparsity, _Epilogue.SWIGLU,
-                   scales=[scales_gate, scales_up], shared=shared, x_int8=x_int8, x_norm=x_norm)[0]
+                   scales=[scales_gate, scales_up], shared=shared, x_int8=x_int8)[0]
 
 
 def sparse_gemv_add_rmsnorm(x: Tensor, weight: Tensor, bias: Optional[Tensor], threshold: float, residual: Tensor,
@@ -315,84 +295,29 @@ def sparse_gemv_add_rmsnorm(x: Tensor, weight: Tensor, bias: Optional[Tensor], t
     return h.reshape(residual.shape), norm.out.reshape(residual.shape)
 
 
-def sparse_gemv_add_sumsq(x: Tensor, weight: Tensor, bias: Optional[Tensor], threshold: float, residual: Tensor, *,
-                          config: Optional[GemvConfig] = None, sparsity: Optional[float] = None,
-                          out: Optional[Tensor] = None, scales: Optional[Tensor] = None, shared: bool = False,
-                          x_int8: bool = False, x_norm: Optional[TileNorm] = None) -> tuple[Tensor, Tensor]:
-    """h = residual + (x ⊙ 1[|x| > t]) Wᵀ (+ b) and its sums of squares per row and tile of SUMSQ_TILE columns
-    ([rows, tiles] fp32): ``sparse_gemv_add_rmsnorm`` without the norm, whose finish is one program per column tile
-    instead of one per row. The launch that reads the norm takes ``TileNorm(sumsq, norm_weight, eps)`` and forms its
-    own split of it. Returns (h in the residual's shape, sumsq)."""
-    N = logical_shape(weight)[0]
-    rows = x.numel() // x.shape[-1]
-    if residual.numel() != rows * N or residual.shape[-1] != N or residual.dtype != x.dtype:
-        raise ValueError(f"sparse_gemv_add_sumsq: a residual of the output's shape ({rows} x {N}) and the input's "
-                         f"dtype, got {tuple(residual.shape)} {residual.dtype}")
-    h = out if out is not None else torch.empty((rows, N), dtype=x.dtype, device=x.device)
-    sumsq = torch.empty((rows, -(-N // SUMSQ_TILE)), dtype=torch.float32, device=x.device)
-    _launch(x, [weight], [bias], [threshold], config, [h], sparsity, _Epilogue.ADD_SUMSQ,
-            _AddSumSq(residual.reshape(rows, N).contiguous(), sumsq), scales=[scales], shared=shared, x_int8=x_int8,
-            x_norm=x_norm)
-    return h.reshape(residual.shape), sumsq
-
-
 def sparse_gemv_mlp_add_rmsnorm(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, t_gate: float, t_up: float,
                                 t_down: float, residual: Tensor, norm_weight: Tensor, eps: float, *,
                                 b_down: Optional[Tensor] = None, sparsities: Sequence[Optional[float]] = (None, None),
                                 scales: Sequence[Optional[Tensor]] = (None, None, None), shared: bool = False,
-                                configs: Sequence[Optional[GemvConfig]] = (None, None),
-                                x_norm: Optional[TileNorm] = None) -> tuple[Tensor, Tensor]:
+                                configs: Sequence[Optional[GemvConfig]] = (None, None)) -> tuple[Tensor, Tensor]:
     """A gated MLP and the residual add + RMSNorm after it, h = residual + down(silu(gate(x)) * up(x)) (+ b_down) and
     out = RMSNorm(h) · norm_weight, in three launches where ``sparse_gemv_swiglu`` then ``sparse_gemv_add_rmsnorm``
     take four: the gate/up grid leaves its sums in the workspace; each down program forms its K split of
     x = silu(gate) * up from them (rounded as the SwiGLU finish rounds, the finish folded in); the down finish adds,
     normalises and zeroes the gate/up sums. Same result. ``sparsities``: (gate/up, down) hints; ``scales``: gate's,
-    up's and down's (int8/int4); ``configs``: (gate/up, down) or the rule; ``x_norm``: x is the residual stream and
-    the MLP's input its norm (``TileNorm``). Returns (h, out) in the residual's shape."""
+    up's and down's (int8/int4); ``configs``: (gate/up, down) or the rule. Returns (h, out) in the residual's shape."""
     if not can_fold_swiglu(x, w_gate, w_up, w_down, residual, norm_weight, shared):
         raise ValueError(f"sparse_gemv_mlp_add_rmsnorm: needs what sparse_gemv_swiglu and sparse_gemv_add_rmsnorm "
                          f"take, down over gate's outputs, 1 to {MAX_FOLD_ROWS} rows (see can_fold_swiglu)")
-    h, norm = _add_rmsnorm_outputs(x, logical_shape(w_down)[0], residual, norm_weight, eps)
-    _mlp_launches(x, w_gate, w_up, w_down, t_gate, t_up, t_down, b_down, h, norm, sparsities, scales, shared,
-                  configs, x_norm)
-    return h.reshape(residual.shape), norm.out.reshape(residual.shape)
-
-
-def sparse_gemv_mlp_add_sumsq(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, t_gate: float, t_up: float,
-                              t_down: float, residual: Tensor, *, b_down: Optional[Tensor] = None,
-                              sparsities: Sequence[Optional[float]] = (None, None),
-                              scales: Sequence[Optional[Tensor]] = (None, None, None), shared: bool = False,
-                              configs: Sequence[Optional[GemvConfig]] = (None, None),
-                              x_norm: Optional[TileNorm] = None) -> tuple[Tensor, Tensor]:
-    """``sparse_gemv_mlp_add_rmsnorm`` whose down finish is ``sparse_gemv_add_sumsq``'s: h and its sums of squares
-    per row and SUMSQ_TILE columns ([rows, tiles] fp32), for the next launch's ``TileNorm``."""
-    N = logical_shape(w_down)[0]
-    if not can_fold_swiglu(x, w_gate, w_up, w_down, residual, None, shared):
-        raise ValueError(f"sparse_gemv_mlp_add_sumsq: needs what sparse_gemv_swiglu and sparse_gemv_add_sumsq "
-                         f"take, down over gate's outputs, 1 to {MAX_FOLD_ROWS} rows (see can_fold_swiglu)")
-    rows = x.numel() // x.shape[-1]
-    h = torch.empty((rows, N), dtype=x.dtype, device=x.device)
-    sumsq = torch.empty((rows, -(-N // SUMSQ_TILE)), dtype=torch.float32, device=x.device)
-    _mlp_launches(x, w_gate, w_up, w_down, t_gate, t_up, t_down, b_down, h,
-                  _AddSumSq(residual.reshape(rows, N).contiguous(), sumsq), sparsities, scales, shared, configs,
-                  x_norm)
-    return h.reshape(residual.shape), sumsq
-
-
-def _mlp_launches(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, t_gate: float, t_up: float, t_down: float,
-                  b_down: Optional[Tensor], h: Tensor, norm: Union[_AddRMSNorm, _AddSumSq],
-                  sparsities: Sequence[Optional[float]], scales: Sequence[Optional[Tensor]], shared: bool,
-                  configs: Sequence[Optional[GemvConfig]], x_norm: Optional[TileNorm]) -> None:
-    """The folded MLP's two grids and the down finish ``norm`` (into h): the gate/up sums, then down over
-    silu(gate) * up formed from them, its finish zeroing them."""
     rows = x.numel() // x.shape[-1]
     gate, up = sparse_gemv_sums(x, [w_gate, w_up], [t_gate, t_up], config=configs[0], sparsity=sparsities[0],
-                                scales=scales[:2], shared=shared, x_norm=x_norm)
+                                scales=scales[:2], shared=shared)
     act = torch.empty((rows, gate.shape[1]), dtype=x.dtype, device=x.device)  # each down program writes its split
+    h, norm = _add_rmsnorm_outputs(x, logical_shape(w_down)[0], residual, norm_weight, eps)
     used = -(-rows * gate.stride(0) // 64) * 64  # the down launch's sums after them, 256-byte aligned
-    _launch(act, [w_down], [b_down], [t_down], configs[1], [h], sparsities[1],
-            _Epilogue.ADD_SUMSQ if isinstance(norm, _AddSumSq) else _Epilogue.ADD_RMSNORM, norm,
+    _launch(act, [w_down], [b_down], [t_down], configs[1], [h], sparsities[1], _Epilogue.ADD_RMSNORM, norm,
             scales=[scales[2]], shared=shared, x_sums=(gate, up), ws_offset=used)
+    return h.reshape(residual.shape), norm.out.reshape(residual.shape)
 
 
 def sparse_gemv_qkv_rope(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tensor]],
@@ -428,7 +353,6 @@ class _Epilogue(enum.Enum):
     SWIGLU = "swiglu"
     SUMS = "sums"  # left in the workspace for the next launch to read (and a later one to zero)
     ADD_RMSNORM = "add_rmsnorm"
-    ADD_SUMSQ = "add_sumsq"  # h = residual + y and its per-tile sums of squares (``sparse_gemv_add_sumsq``)
     QKV_ROPE = "qkv_rope"
 
 
@@ -452,12 +376,6 @@ class _AddRMSNorm:
     norm_weight: Tensor  # [N]
     eps: float
     out: Tensor  # [rows, N]: the normalised h
-
-
-@dataclass(frozen=True)
-class _AddSumSq:
-    residual: Tensor  # [rows, N], contiguous
-    sumsq: Tensor  # [rows, ceil(N / SUMSQ_TILE)] fp32, written
 
 
 def _add_rmsnorm_outputs(x: Tensor, N: int, residual: Tensor, norm_weight: Tensor, eps: float,
@@ -485,18 +403,15 @@ def _subnormal_halves_fit(weights: Sequence[Tensor], cfg: GemvConfig, wfmt: int)
 
 def _launch(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tensor]], thresholds: Sequence[float],
             config: Optional[GemvConfig], outs: Optional[Sequence[Tensor]], sparsity: Optional[float],
-            epilogue: _Epilogue, norm: Optional[Union[_AddRMSNorm, _AddSumSq]] = None,
+            epilogue: _Epilogue, norm: Optional[_AddRMSNorm] = None,
             scales: Optional[Sequence[Optional[Tensor]]] = None, shared: bool = False,
             x_int8: bool = False, rope: Optional[_QkvRope] = None,
-            x_sums: Optional[tuple[Tensor, Tensor]] = None, ws_offset: int = 0,
-            x_norm: Optional[TileNorm] = None) -> list[Tensor]:
+            x_sums: Optional[tuple[Tensor, Tensor]] = None, ws_offset: int = 0) -> list[Tensor]:
     """The GEMV grid over the segments' N tiles, then, where the epilogue runs apart, its finishing launch.
 
     ``x_sums`` (gate, up): fp32 [M, K] views of the sums a gate/up launch left in the workspace (SUMS); this launch
     forms x = silu(gate) * up from them into ``x`` (written, not read), keeps its own sums ``ws_offset`` floats on,
-    past them, and its finish (ADD_RMSNORM or ADD_SUMSQ) zeroes them. ``x_norm``: x is the residual stream h; this launch
-    forms x = RMSNorm(h) · weight from it into a buffer of its own. SUMS returns a [M, N] view of each segment's
-    sums."""
+    past them, and its finish (ADD_RMSNORM only) zeroes them. SUMS returns a [M, N] view of each segment's sums."""
     if not HAS_TRITON:
         raise RuntimeError("the Triton sparse GEMV needs triton")
     nseg = len(weights)
@@ -523,16 +438,9 @@ def _launch(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tens
     cfg = config or choose_config(M, sum(Ns), K, sparsity, fmt, shared, x_int8)
     if (cfg.weight_math == 3) != x_int8:  # x quantized or not is the caller's choice of result, never a config's
         raise ValueError(f"weight_math 3 is the x_int8 kernel: config {cfg} with x_int8={x_int8}")
-    if x_sums is not None and (epilogue not in (_Epilogue.ADD_RMSNORM, _Epilogue.ADD_SUMSQ) or cfg.weight_math == 3
-                               or x_int8 or any(t.shape != (M, K) or t.stride(1) != 1 for t in x_sums)):
-        raise ValueError("x from gate/up sums takes [M, K] sums, a float-x config and an add + RMSNorm or add + "
-                         "sum-of-squares finish")
-    if x_norm is not None and (x_sums is not None or cfg.weight_math == 3 or x_int8
-                               or x_norm.sumsq.shape != (M, -(-K // SUMSQ_TILE))
-                               or x_norm.sumsq.dtype != torch.float32 or x_norm.sumsq.stride(1) != 1
-                               or x_norm.weight.shape != (K,) or x_norm.weight.dtype != x.dtype):
-        raise ValueError(f"x as RMSNorm(h) takes [M, ceil(K / {SUMSQ_TILE})] fp32 sums of squares, a [K] norm weight "
-                         f"in x's dtype and a float-x config (not x from gate/up sums)")
+    if x_sums is not None and (epilogue is not _Epilogue.ADD_RMSNORM or cfg.weight_math == 3 or x_int8
+                               or any(t.shape != (M, K) or t.stride(1) != 1 for t in x_sums)):
+        raise ValueError("x from gate/up sums takes [M, K] sums, a float-x config and the add + RMSNorm finish")
     if cfg.use_dot and cfg.compact and not (shared or M == 1):
         raise ValueError(f"packed survivors on tensor cores need one mask for all rows (a shared mask, or one row): "
                          f"{cfg}")
@@ -628,20 +536,13 @@ def _launch(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tens
     apart = use_pdl if cfg.apart is None else cfg.apart
     # the norm needs every column's sum, the rotation the other half of each head's: only a launch after the grid
     apart = (apart and (cfg.split_k > 1 or gated) and not cfg.use_dot) or \
-        epilogue in (_Epilogue.ADD_RMSNORM, _Epilogue.ADD_SUMSQ, _Epilogue.QKV_ROPE, _Epilogue.SUMS)
-    # what the programs form x from, where not read as given: gate/up sums, or h and its norm
-    x_from = {} if x_sums is None else dict(X_SWIGLU=True, g_ptr=x_sums[0], u_ptr=x_sums[1],
-                                            stride_gm=x_sums[0].stride(0))
-    x_in = x2
-    if x_norm is not None:  # each program writes its split of x here from h (x2), then reads it back
-        x_in = torch.empty((M, K), dtype=x.dtype, device=x.device)
-        x_from = dict(X_NORM=True, h_ptr=x2, stride_hm=x2.stride(0), sq_ptr=x_norm.sumsq,
-                      stride_sqm=x_norm.sumsq.stride(0), nw_ptr=x_norm.weight, norm_eps=float(x_norm.eps),
-                      SQ_TILES=x_norm.sumsq.shape[1], SQ_BLOCK=next_pow2(x_norm.sumsq.shape[1]))
+        epilogue in (_Epilogue.ADD_RMSNORM, _Epilogue.QKV_ROPE, _Epilogue.SUMS)
+    swiglu_x = {} if x_sums is None else dict(X_SWIGLU=True, g_ptr=x_sums[0], u_ptr=x_sums[1],
+                                              stride_gm=x_sums[0].stride(0))
     jit.sparse_gemv_kernel[(total_tiles, cfg.split_k)](
-        x_in, s0["w"], s0["b"], s0["y"], ws, cnt, idx, xv,
+        x2, s0["w"], s0["b"], s0["y"], ws, cnt, idx, xv,
         M, s0["N"], K, s0["t"],
-        x_in.stride(0), s0["swn"], s0["swk"], s0["sym"],
+        x2.stride(0), s0["swn"], s0["swk"], s0["sym"],
         cfg.k_per_split,
         SPLIT_K=cfg.split_k, BM=BM, BN=BN, BK=cfg.block_k, HAS_BIAS=has_bias,
         USE_DOT=cfg.use_dot, IEEE=x.dtype == torch.float32,
@@ -653,23 +554,13 @@ def _launch(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tens
         WMATH=cfg.weight_math,
         ASM=inline_ptx(x.device),
         s_ptr=s0["s"],
-        stride_sg=s0["ssg"], **extra, **x_from, **launch_pdl,
+        stride_sg=s0["ssg"], **extra, **swiglu_x, **launch_pdl,
     )
     if epilogue is _Epilogue.SUMS:  # [M, N] views, rows N_TOTAL apart (each segment's tiles in turn)
         sums = ws[:M * total_tiles * BN].view(M, total_tiles * BN)
         cols = [sum(tiles[:i]) * BN for i in range(nseg)]
         return [sums[:, c:c + N] for c, N in zip(cols, Ns)]
-    if isinstance(norm, _AddSumSq):
-        n_tiles = norm.sumsq.shape[1]
-        # x's gate/up sums (rows 0..M-1 of theirs): zeroed by programs past the tiles once this grid has read them
-        zero = {} if x_sums is None else dict(TILES=n_tiles, z_ptr=x_sums[0], Z_N=M * x_sums[0].stride(0), ZERO=True,
-                                              Z_BN=ZERO_BLOCK)
-        jit.finish_add_sumsq_kernel[(n_tiles + (-(-zero["Z_N"] // ZERO_BLOCK) if zero else 0),)](
-            ws, s0["b"], norm.residual, s0["y"], norm.sumsq, M, s0["N"], s0["N"], norm.residual.stride(0), s0["sym"],
-            norm.sumsq.stride(0), BM=next_pow2(M), BN=SUMSQ_TILE, HAS_BIAS=has_bias, PDL=use_pdl, num_warps=1,
-            **zero, **launch_pdl,
-        )
-    elif norm is not None:
+    if norm is not None:
         BN_ROW = next_pow2(s0["N"])
         # x's gate/up sums, rows 0..M-1 of theirs: zeroed by programs past the rows' once this grid has read them
         zero = {} if x_sums is None else dict(M=M, z_ptr=x_sums[0], Z_N=M * x_sums[0].stride(0), ZERO=True)

@@ -251,30 +251,6 @@ def store_swiglu_x(g_ptr, u_ptr, stride_gm, x_ptr, stride_xm, offs_m, m_ok, k_lo
     tl.store(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], x.to(x_ptr.dtype.element_ty), mask=mask)
     tl.debug_barrier()  # the CTA's global stores are visible to all its threads after the barrier
 
-
-@triton.jit
-def store_normed_x(h_ptr, stride_hm, sq_ptr, stride_sqm, nw_ptr, eps, NORM_N, SQ_TILES, x_ptr, stride_xm, offs_m, m_ok,
-                   k_lo, k_hi, CHUNK: tl.constexpr, SQ_BLOCK: tl.constexpr):
-    """x[:, k_lo:k_hi] = RMSNorm(h) · norm_weight (Llama's) for this program's split (``X_NORM``): mean(h²) from the
-    per-tile sums of squares the launch before left (``finish_add_sumsq_kernel``), so a program reads its split of h
-    and SQ_TILES scalars a row, not the row. Rounded as the add + RMSNorm finish rounds (its sum of squares in
-    another order: r may differ in the last bit). Every program of a K split writes the same values and reads back
-    only its own split, after the barrier, as ``store_swiglu_x``."""
-    offs_t = tl.arange(0, SQ_BLOCK)
-    sq = tl.load(sq_ptr + offs_m[:, None] * stride_sqm + offs_t[None, :],
-                 mask=m_ok[:, None] & (offs_t < SQ_TILES)[None, :], other=0.0, cache_modifier=".cg")
-    offs_k = k_lo + tl.arange(0, CHUNK)
-    k_ok = offs_k < k_hi
-    mask = m_ok[:, None] & k_ok[None, :]
-    h = tl.load(h_ptr + offs_m[:, None] * stride_hm + offs_k[None, :], mask=mask, other=0.0, cache_modifier=".cg")
-    nw = tl.load(nw_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)
-    r = 1.0 / tl.sqrt_rn(tl.sum(sq, axis=1) / NORM_N + eps)
-    out_ty = x_ptr.dtype.element_ty
-    x = (nw[None, :] * (h.to(tl.float32) * r[:, None]).to(out_ty).to(tl.float32)).to(out_ty)
-    tl.store(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], x, mask=mask)
-    tl.debug_barrier()  # the CTA's global stores are visible to all its threads after the barrier
-
-
 @triton.jit
 def packed_sum(x_ptr, w_ptr, idx_ptr, xv_ptr, k_lo, k_hi, threshold, offs_n, n_ok, stride_wk, stride_wn,
                BK: tl.constexpr, BN: tl.constexpr, CHUNK: tl.constexpr, EVEN_N: tl.constexpr, offs_p, p_ok,
@@ -450,11 +426,6 @@ def sparse_gemv_kernel(
     # workspace (g_ptr / u_ptr [M, K], rows stride_gm) and stored to x_ptr for this program's split
     # (``store_swiglu_x``): the SwiGLU finishing launch folded into this one (``sparse_gemv_mlp_add_rmsnorm``)
     X_SWIGLU: tl.constexpr = False, g_ptr=None, u_ptr=None, stride_gm=0,
-    # x is RMSNorm(h) · nw_ptr of the residual stream h_ptr [M, K] (rows stride_hm), formed here for this program's
-    # split from the per-tile sums of squares sq_ptr [M, SQ_TILES] the add + sum-of-squares finish before this launch
-    # left (``store_normed_x``) and stored to x_ptr: that finish's row-wide norm folded into this launch
-    X_NORM: tl.constexpr = False, h_ptr=None, stride_hm=0, sq_ptr=None, stride_sqm=0, nw_ptr=None, norm_eps=0.0,
-    SQ_TILES=1, SQ_BLOCK: tl.constexpr = 1,
 ):
     """Program (N tile, K split) of y = (x ⊙ 1[|x| > t]) Wᵀ + b; segments 1 and 2 as segment 0, other pointers.
 
@@ -509,9 +480,6 @@ def sparse_gemv_kernel(
     k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
     if X_SWIGLU:
         store_swiglu_x(g_ptr, u_ptr, stride_gm, x_ptr, stride_xm, offs_m, m_ok, k_lo, k_hi, CHUNK)
-    if X_NORM:
-        store_normed_x(h_ptr, stride_hm, sq_ptr, stride_sqm, nw_ptr, norm_eps, K, SQ_TILES, x_ptr, stride_xm, offs_m,
-                       m_ok, k_lo, k_hi, CHUNK, SQ_BLOCK)
     if USE_DOT and WFMT == 2:
         acc = int4_dot_partial(x_ptr, w_ptr, idx_ptr + (seg * SPLIT_K + pk) * CHUNK, k_lo, k_hi, threshold, offs_m,
                                m_ok, stride_xm, offs_p, p_ok, stride_wk, stride_wn, M, BM, BN, BK, CHUNK, EVEN_N,
@@ -760,64 +728,6 @@ def finish_add_rmsnorm_kernel(ws_ptr, b_ptr, res_ptr, nw_ptr, h_ptr, out_ptr, N,
     else:
         add_rmsnorm_row(ws_ptr, b_ptr, res_ptr, nw_ptr, h_ptr, out_ptr, N, ws_width, stride_res, stride_h,
                         stride_out, eps, BN, HAS_BIAS, PDL)
-
-
-@triton.jit
-def finish_add_sumsq_kernel(ws_ptr, b_ptr, res_ptr, h_ptr, sq_ptr, M, N, ws_width, stride_res, stride_h, stride_sq,
-                            BM: tl.constexpr, BN: tl.constexpr, HAS_BIAS: tl.constexpr, PDL: tl.constexpr,
-                            TILES=1, z_ptr=None, Z_N=0, ZERO: tl.constexpr = False, Z_BN: tl.constexpr = 1):
-    """The split-K epilogue of a linear followed by a residual add, one program per column tile: h = residual + y
-    (+ bias) rounded as ``add_rmsnorm_row`` rounds, and the tile's Σ h² (fp32) stored to sq_ptr[row, tile] for the
-    next launch to normalise its own split of h (``store_normed_x``). No program holds a row, so none reduces one;
-    plain stores, every slot rewritten each launch: nothing to zero.
-
-    ZERO: programs TILES and on zero z_ptr[0, Z_N) a Z_BN at a time, the gate/up sums the GEMV grid before read as
-    its x (``X_SWIGLU``), as ``finish_add_rmsnorm_kernel`` does."""
-    if ZERO:
-        if tl.program_id(0) >= TILES:
-            if PDL:
-                tl.extra.cuda.gdc_wait()
-            offs_z = (tl.program_id(0) - TILES) * Z_BN + tl.arange(0, Z_BN)
-            tl.store(z_ptr + offs_z, tl.zeros((Z_BN,), dtype=tl.float32), mask=offs_z < Z_N)
-        else:
-            add_sumsq_tile(ws_ptr, b_ptr, res_ptr, h_ptr, sq_ptr, M, N, ws_width, stride_res, stride_h, stride_sq,
-                           BM, BN, HAS_BIAS, PDL)
-    else:
-        add_sumsq_tile(ws_ptr, b_ptr, res_ptr, h_ptr, sq_ptr, M, N, ws_width, stride_res, stride_h, stride_sq,
-                       BM, BN, HAS_BIAS, PDL)
-
-
-@triton.jit
-def add_sumsq_tile(ws_ptr, b_ptr, res_ptr, h_ptr, sq_ptr, M, N, ws_width, stride_res, stride_h, stride_sq,
-                   BM: tl.constexpr, BN: tl.constexpr, HAS_BIAS: tl.constexpr, PDL: tl.constexpr):
-    """Column tile ``program_id(0)`` of ``finish_add_sumsq_kernel``."""
-    pn = tl.program_id(0)
-    offs_n = pn * BN + tl.arange(0, BN)
-    offs_m = tl.arange(0, BM)
-    n_ok = offs_n < N
-    m_ok = offs_m < M
-    mask = m_ok[:, None] & n_ok[None, :]
-    out_ty = h_ptr.dtype.element_ty
-    # the op's inputs were written before its GEMV grid waited (``pdl.py``): requested before the wait
-    res = tl.load(res_ptr + offs_m[:, None] * stride_res + offs_n[None, :], mask=mask, other=0.0,
-                  cache_modifier=".cg").to(tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(b_ptr + offs_n, mask=n_ok, other=0.0, cache_modifier=".cg").to(tl.float32)
-    if PDL:
-        tl.extra.cuda.gdc_wait()
-    ws = ws_ptr + offs_m[:, None] * ws_width + offs_n[None, :]
-    y = tl.load(ws, mask=mask, other=0.0, cache_modifier=".cg")
-    tl.debug_barrier()  # every warp reads before any zeroes (``add_rmsnorm_row``)
-    tl.store(ws, tl.zeros((BM, BN), dtype=tl.float32), mask=mask)
-    if HAS_BIAS:
-        y += bias[None, :]
-    h = (res + y.to(out_ty).to(tl.float32)).to(out_ty)
-    hf = h.to(tl.float32)  # 0 past N and M
-    sq = tl.sum(hf * hf, axis=1)
-    if PDL:
-        tl.extra.cuda.gdc_launch_dependents()
-    tl.store(h_ptr + offs_m[:, None] * stride_h + offs_n[None, :], h, mask=mask)
-    tl.store(sq_ptr + offs_m * stride_sq + pn, sq, mask=m_ok)
 
 
 @triton.jit
