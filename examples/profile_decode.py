@@ -1,7 +1,7 @@
 """Where the time of one decode step goes: GPU kernel time vs wall time, top kernels, CUDA-graph skips.
 
     python examples/profile_decode.py [--layers 32] [--sparsity 0.5] [--steps 32] [--trace-dir DIR]
-                                      [--weights int8|int4 [--activations int8] [--quantize-lm-head]]
+                                      [--weights int8|int4 [--activations int8] [--quantize-lm-head [int4]]]
 
 For the lean loop (teal_fx.generate, mode="reduce-overhead") with Inductor dense and with the teal backend, on the
 Llama-3-8B-shaped model of bench_decode.py, it prints: wall ms/step; GPU ms/step, the sum of kernel durations from
@@ -108,7 +108,8 @@ def main() -> int:
     ap.add_argument("--sync-debug", action="store_true", help="print the Python stack of every host-device sync")
     ap.add_argument("--weights", choices=["int8", "int4"], default=None, help="teal on weights quantized in place")
     ap.add_argument("--activations", choices=["int8"], default=None, help="with --weights: x rounded to int8")
-    ap.add_argument("--quantize-lm-head", action="store_true", help="with --weights: the output head in int8")
+    ap.add_argument("--quantize-lm-head", nargs="?", const="int8", default=None, choices=["int8", "int4"],
+                    help="with --weights: the output head quantized too, int8 (the flag alone) or int4")
     ap.add_argument("--variant", action="append", default=[], metavar="LABEL=JSON",
                     help="profile the teal path with these backend options (Inductor config patches included), "
                          "e.g. 'combo={\"combo_kernels\": true}'; repeatable; default: one run with no options")

@@ -29,7 +29,7 @@ from teal_fx.histogram import AbsHistogram
 from teal_fx.kernels.reference import sparsify
 from teal_fx.models import model_name
 from teal_fx.passes.analysis.discovery import Discovery, parameter_names
-from teal_fx.plan import ACTIVATION_FORMATS, BATCH_MASKS, WEIGHT_FORMATS, LinearPlan, Plan
+from teal_fx.plan import ACTIVATION_FORMATS, BATCH_MASKS, WEIGHT_FORMATS, LinearPlan, Plan, lm_head_format
 from teal_fx.shared_thresholds import read_batch_histograms, spread_batches, with_batch_histograms
 from teal_fx.state import attach_plan
 from teal_fx.tensor_parallel import reduce_histograms, tp_group, whole_shape
@@ -295,7 +295,7 @@ def calibrate(
     attach: bool = True,
     progress: bool = True,
     weights: Optional[str] = None,
-    quantize_lm_head: bool = False,
+    quantize_lm_head: Union[bool, str] = False,
     batch_mask: str = "per_row",
     activations: Optional[str] = None,
 ) -> Plan:
@@ -309,7 +309,9 @@ def calibrate(
     ``torch.compile(model, backend="teal")`` uses it.
 
     ``weights="int8" | "int4"`` quantizes the block linears in place first (``quantize_lm_head``: the output head
-    to int8 too) and calibrates on the quantized model; the plan records the format (kernels/quantize.py).
+    too, True or "int8", or "int4": half the bytes of the largest single read of a quantized step, as gpt-fast's int4
+    quantizes every linear) and calibrates on the quantized model; the plan records the formats
+    (kernels/quantize.py).
     ``activations="int8"`` (with quantized weights): the decode steps' masked inputs are rounded to int8 per 32
     inputs, and the one-row GEMV multiplies integers (dp4a). It changes results a little (``Plan.activations``) and
     makes int4 decoding faster; the thresholds apply before the rounding, so calibration is the same.
@@ -331,12 +333,13 @@ def calibrate(
         raise ValueError(f"activations must be one of {ACTIVATION_FORMATS} or None, got {activations!r}")
     if activations is not None and weights is None:
         raise ValueError(f"activations={activations!r} needs weights='int8' or 'int4' (integer products)")
+    lm_head = lm_head_format(quantize_lm_head)
     device = next(model.parameters()).device
-    if weights is not None or quantize_lm_head:
+    if weights is not None or lm_head is not None:
         keys = [m.key for m in find_linears(model)]
         if not keys:
             raise ValueError(f"nothing to quantize: no block linear was recognised in {type(model).__name__}")
-        apply_weight_format(model, keys, weights, "int8" if quantize_lm_head else None)
+        apply_weight_format(model, keys, weights, lm_head)
     d = defaults_for(device)
     num_sequences = num_sequences or (d.num_sequences if data is not None else d.self_generated_sequences)
     seq_len = seq_len or d.seq_len
@@ -380,7 +383,7 @@ def calibrate(
         histograms=dict(recorder.histograms),
         notes={"calibration": {"source": source, "sequences": len(seqs), "seq_len": int(seqs.shape[1])}},
         weights=weights,
-        lm_head="int8" if quantize_lm_head else None,
+        lm_head=lm_head,
         activations=activations,
         batch_mask=batch_mask,
     )

@@ -121,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "batch, thresholds read for batches of 2-16 rows in a sparse run")
     p.add_argument("--weights", default=None, choices=["int8", "int4"],
                    help="quantize the block linears (in place) and calibrate the quantized model (None: as they are)")
-    p.add_argument("--quantize-lm-head", action="store_true", help="with --weights: the output head to int8 too")
+    p.add_argument("--quantize-lm-head", nargs="?", const="int8", default=None, choices=["int8", "int4"],
+                   help="the output head quantized too: int8 (the flag alone) or int4")
     p.add_argument("--activations", default=None, choices=["int8"],
                    help="with --weights: decode steps round each sparse linear's masked input to int8 per 32 "
                    "inputs (integer products; a small change of results, int4 decodes faster)")

@@ -27,6 +27,18 @@ READABLE_VERSIONS = (1, 2, 3)
 ACTIVATION_FORMATS = ("int8",)  # kernels/reference.py, ``masked_input``
 WEIGHT_FORMATS = ("int8", "int4")  # kernels/quantize.py
 BATCH_MASKS = ("per_row", "shared")
+
+
+def lm_head_format(quantize_lm_head: Union[bool, str, None]) -> Optional[str]:
+    """The output head's format from ``calibrate(quantize_lm_head=...)``: True is "int8" (the first format offered),
+    a format names itself, False / None keep the head as loaded."""
+    if quantize_lm_head is True:
+        return "int8"
+    if quantize_lm_head is False or quantize_lm_head is None:
+        return None
+    if quantize_lm_head not in WEIGHT_FORMATS:
+        raise ValueError(f"quantize_lm_head must be True, False or one of {WEIGHT_FORMATS}, got {quantize_lm_head!r}")
+    return quantize_lm_head
 BATCH_SIZES = (2, 4, 8, 16)  # a shared mask's thresholds are calibrated for these batch sizes
 
 ROLES = ("q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down")
@@ -67,7 +79,7 @@ class Plan:
     ``prefill_sparse_from`` is the fraction of a prefill's positions from which tokens are sparsified
     (1.0: prefill stays dense; see ``teal::sparse_linear``). ``weights``: the format the block linears' weights are
     stored in when the plan runs (None: as they are; "int8"/"int4": attaching the plan quantizes them, and the
-    thresholds were calibrated on the quantized model); ``lm_head``: "int8" to quantize the output head too;
+    thresholds were calibrated on the quantized model); ``lm_head``: "int8" or "int4" to quantize the output head too;
     ``activations``: "int8" rounds each sparse linear's masked input to int8 per 32 inputs on the sparsified tokens
     (W8A8 / W4A8: dp4a products in the one-row GEMV; int8/int4 weights only). The threshold applies before the
     rounding, so it does not change calibration.
@@ -99,8 +111,8 @@ class Plan:
             raise PlanError(f"batch_mask must be one of {BATCH_MASKS}, got {self.batch_mask!r}")
         if self.weights not in (None, *WEIGHT_FORMATS):
             raise PlanError(f"unknown weight format {self.weights!r} (one of {WEIGHT_FORMATS}, or None)")
-        if self.lm_head not in (None, "int8"):
-            raise PlanError(f"lm_head may be quantized to 'int8' only, got {self.lm_head!r}")
+        if self.lm_head not in (None, *WEIGHT_FORMATS):
+            raise PlanError(f"lm_head is one of {WEIGHT_FORMATS} or None (as loaded), got {self.lm_head!r}")
         if self.activations not in (None, *ACTIVATION_FORMATS):
             raise PlanError(f"activations may be {ACTIVATION_FORMATS} or None, got {self.activations!r}")
         if self.activations is not None and self.weights is None:

@@ -36,13 +36,13 @@ def apply_weight_format(model: nn.Module, keys: list[str], weights: Optional[str
     if have != weights and have is not None:
         raise PlanError(f"the model's block linears are {have}, but the plan runs them as {weights or 'float'}: load "
                         "the model again (unquantized) or calibrate a plan for this format")
-    if weights is None:
+    if weights is None and lm_head is None:
         return 0
     # graphs Dynamo captured of this model (find_linears, an earlier compile) hold its float weights: drop them, or
     # quantizing adds the int8/int4 copies to the float ones instead of replacing them (measured on the H200: 15.0 GiB
     # became 21.6 before this reset). They would have to recompile for the new modules anyway.
     torch._dynamo.reset()
-    done = quantize_linears_(model, keys, weights)
+    done = quantize_linears_(model, keys, weights) if weights is not None else 0
     head = output_head_key(model)
     if lm_head is not None:
         if head is None:

@@ -94,9 +94,13 @@ def test_calibrate_takes_the_batch_mask(capsys):
 
 def test_calibrate_takes_the_weight_format_and_int8_activations(capsys):
     args = build_parser().parse_args(["calibrate"])
-    assert (args.weights, args.quantize_lm_head, args.activations) == (None, False, None)
+    assert (args.weights, args.quantize_lm_head, args.activations) == (None, None, None)
     args = build_parser().parse_args(["calibrate", "--weights", "int4", "--quantize-lm-head", "--activations", "int8"])
-    assert (args.weights, args.quantize_lm_head, args.activations) == ("int4", True, "int8")
+    assert (args.weights, args.quantize_lm_head, args.activations) == ("int4", "int8", "int8")
+    args = build_parser().parse_args(["calibrate", "--weights", "int4", "--quantize-lm-head", "int4"])
+    assert args.quantize_lm_head == "int4"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["calibrate", "--quantize-lm-head", "int2"])
     with pytest.raises(SystemExit):
         build_parser().parse_args(["calibrate", "--activations", "fp8"])
     assert "invalid choice: 'fp8'" in capsys.readouterr().err

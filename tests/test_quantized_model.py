@@ -81,10 +81,13 @@ def test_int8_activations_need_quantized_weights():
     assert Plan.from_json(old).activations is None  # version 2 plans load with their inputs as they are
 
 
-def test_attaching_a_quantized_plan_quantizes_a_float_model_and_lm_head():
+@pytest.mark.parametrize("weights, head, fmt", [("int8", True, "int8"), ("int4", "int4", "int4"), (None, "int8", "int8")])
+def test_attaching_a_quantized_plan_quantizes_a_float_model_and_lm_head(weights, head, fmt):
+    """The output head in int8 (``quantize_lm_head=True``) or int4, with the block linears quantized or not."""
     donor = tiny_model("qwen2")  # q/k/v biases
-    plan = teal_fx.calibrate(donor, DATA, sparsity=0.5, weights="int8", quantize_lm_head=True, progress=False)
-    assert plan.lm_head == "int8" and isinstance(donor.lm_head, QuantizedLinear)
+    plan = teal_fx.calibrate(donor, DATA, sparsity=0.5, weights=weights, quantize_lm_head=head, progress=False)
+    assert plan.lm_head == fmt and isinstance(donor.lm_head, QuantizedLinear) and donor.lm_head.format == fmt
+    assert Plan.from_json(json.loads(json.dumps(plan.to_json()))).lm_head == fmt
     model = tiny_model("qwen2")
     teal_fx.attach_plan(model, plan)
     assert _quantized_modules(model) == _quantized_modules(donor)
@@ -118,6 +121,16 @@ def test_format_mismatches_are_errors():
         teal_fx.attach_plan(other, plan.__class__(**{**plan.__dict__, "weights": "int8"}))
     with pytest.raises(ValueError, match="weights must be"):
         teal_fx.calibrate(tiny_model("llama"), DATA, weights="int3", progress=False)
+    with pytest.raises(ValueError, match="quantize_lm_head must be"):
+        teal_fx.calibrate(tiny_model("llama"), DATA, weights="int8", quantize_lm_head="fp8", progress=False)
+    with pytest.raises(PlanError, match="lm_head"):
+        Plan.from_json({**plan.to_json(), "lm_head": "int2"})
+    head_int8 = teal_fx.calibrate(tiny_model("llama"), DATA, sparsity=0.3, weights="int8", quantize_lm_head=True,
+                                  progress=False)
+    other = tiny_model("llama")
+    teal_fx.attach_plan(other, head_int8)
+    with pytest.raises(ValueError, match="already quantized to int8, not int4"):  # a plan whose head is int4
+        teal_fx.attach_plan(other, replace(head_int8, lm_head="int4"))
     with pytest.raises(PlanError, match="weight format"):
         Plan.from_json({**plan.to_json(), "weights": "fp8"})
 
