@@ -309,8 +309,8 @@ def calibrate(
     ``torch.compile(model, backend="teal")`` uses it.
 
     ``weights="int8" | "int4"`` quantizes the block linears in place first (``quantize_lm_head``: the output head
-    too, True or "int8", or "int4": half the bytes of the largest single read of a quantized step, as gpt-fast's int4
-    quantizes every linear) and calibrates on the quantized model; the plan records the formats
+    too, True or "int8", or "int4", which halves a quantized step's largest single read but cost SmolLM2 19% more
+    perplexity: docs/perf-log.md v54) and calibrates on the quantized model; the plan records the formats
     (kernels/quantize.py).
     ``activations="int8"`` (with quantized weights): the decode steps' masked inputs are rounded to int8 per 32
     inputs, and the one-row GEMV multiplies integers (dp4a). It changes results a little (``Plan.activations``) and

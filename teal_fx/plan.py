@@ -27,6 +27,9 @@ READABLE_VERSIONS = (1, 2, 3)
 ACTIVATION_FORMATS = ("int8",)  # kernels/reference.py, ``masked_input``
 WEIGHT_FORMATS = ("int8", "int4")  # kernels/quantize.py
 BATCH_MASKS = ("per_row", "shared")
+BATCH_SIZES = (2, 4, 8, 16)  # a shared mask's thresholds are calibrated for these batch sizes
+
+ROLES = ("q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down")
 
 
 def lm_head_format(quantize_lm_head: Union[bool, str, None]) -> Optional[str]:
@@ -39,9 +42,6 @@ def lm_head_format(quantize_lm_head: Union[bool, str, None]) -> Optional[str]:
     if quantize_lm_head not in WEIGHT_FORMATS:
         raise ValueError(f"quantize_lm_head must be True, False or one of {WEIGHT_FORMATS}, got {quantize_lm_head!r}")
     return quantize_lm_head
-BATCH_SIZES = (2, 4, 8, 16)  # a shared mask's thresholds are calibrated for these batch sizes
-
-ROLES = ("q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down")
 
 
 @dataclass(frozen=True)
