@@ -125,10 +125,6 @@ def add_rule_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--mlp-tile-math", default="", metavar="N",
                     help="the fp16 tile sums one row's rule takes for int8 and int4 weights on the MLP shapes, 2 "
                          "or 4 (sparse_gemv_config.MLP_TILE_MATH)")
-    ap.add_argument("--mlp-one-grid", nargs="?", const="rule", default="", metavar="TILES:LAG",
-                    help="the folded MLP's gate/up and down as one grid of work items (sparse_gemv.MLP_ONE_GRID), "
-                         "TILES gate/up column tiles a step, LAG steps ahead of the first down items ('rule': "
-                         "sparse_gemv's)")
 
 
 def apply_rule_arguments(args: argparse.Namespace) -> str:
@@ -148,16 +144,6 @@ def apply_rule_arguments(args: argparse.Namespace) -> str:
             raise ValueError(f"--mlp-tile-math: {args.mlp_tile_math!r} is not 2 or 4")
         cfg.MLP_TILE_MATH = int(args.mlp_tile_math)
         said.append(f"MLP_TILE_MATH={args.mlp_tile_math}")
-    if getattr(args, "mlp_one_grid", ""):
-        from teal_fx.kernels import sparse_gemv
-
-        sparse_gemv.MLP_ONE_GRID = True
-        tiles, _, lag = args.mlp_one_grid.partition(":")
-        if tiles != "rule":
-            sparse_gemv.MLP_ONE_GRID_TILES = int(tiles)
-        if lag and lag != "rule":
-            sparse_gemv.MLP_ONE_GRID_LAG = int(lag)
-        said.append(f"MLP_ONE_GRID (TILES:LAG {args.mlp_one_grid})")
     return "; ".join(said)
 
 

@@ -17,7 +17,6 @@ import platform
 import shlex
 import sys
 from pathlib import Path
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -199,8 +198,7 @@ def block_weights(shapes, layers: int, dtype, fmt, device: str = "cuda", generat
 
 
 def bench_block(sparsity: float, dtype, bw: float, l2: int, layers: int = 4, grouped: bool = True,
-                fmt=None, x_int8: bool = False, mlp: str = "swiglu", lag: Optional[int] = None,
-                group_tiles: Optional[int] = None) -> dict:
+                fmt=None, x_int8: bool = False, mlp: str = "swiglu") -> dict:
     """One Llama-3-8B block at ``sparsity`` as the backend issues it: grouped, 4 launches (q+k+v, o, gate+up with
     silu(gate) * up formed in the launch, down; passes/group_shared_input.py, passes/fuse_swiglu.py), or one launch
     per linear (7). Each input has its own threshold; each launch takes the launcher's config. ``fmt``: int8/int4
@@ -208,9 +206,7 @@ def bench_block(sparsity: float, dtype, bw: float, l2: int, layers: int = 4, gro
     ``mlp`` (grouped): "swiglu" as above; "add_rmsnorm": down with the residual add + RMSNorm finish, as the backend
     issues it after fuse_add_rmsnorm; "folded": gate/up and down as one ``sparse_gemv_mlp_add_rmsnorm`` (the backend's
     fold_swiglu: the SwiGLU finish folded into down); in both, down reads the layer's silu(gate) * up with its
-    threshold at that input's quantile (the same rows kept either way); "one_grid": folded, gate/up and down as one
-    grid of work items (``sparse_mlp_kernel``, its order ``group_tiles`` and ``lag``, None: the rule's). µs per
-    block, however many launches."""
+    threshold at that input's quantile (the same rows kept either way). µs per block, however many launches."""
     shapes = BLOCK_LINEARS
     launches = BLOCK_GROUPS if grouped else [[j] for j in range(len(shapes))]
     per_layer = block_weights(shapes, layers, dtype, fmt)
@@ -232,13 +228,12 @@ def bench_block(sparsity: float, dtype, bw: float, l2: int, layers: int = 4, gro
                                         scales_up=ss[5])
             t_down = float(torch.quantile(act.float().abs().flatten(), sparsity))
         for group in launches:
-            if group == [4, 5] and mlp in ("folded", "one_grid"):  # gate, up and down: SwiGLU folded into down
+            if group == [4, 5] and mlp == "folded":  # gate, up and down: the SwiGLU finish folded into down
                 calls.append(lambda ws=ws, ss=ss, td=t_down: sg.sparse_gemv_mlp_add_rmsnorm(
                     x_of[4], ws[4], ws[5], ws[6], ts[4], ts[5], td, res, nw, 1e-5,
-                    sparsities=(sparsity, sparsity), scales=(ss[4], ss[5], ss[6]), one_grid=mlp == "one_grid",
-                    lag=lag, group_tiles=group_tiles))
+                    sparsities=(sparsity, sparsity), scales=(ss[4], ss[5], ss[6])))
                 continue
-            if group == [6] and mlp in ("folded", "one_grid"):
+            if group == [6] and mlp == "folded":
                 continue
             if group == [6] and mlp == "add_rmsnorm":  # down over the SwiGLU launch's output, as the backend runs it
                 calls.append(lambda ws=ws, ss=ss, td=t_down: sg.sparse_gemv_add_rmsnorm(
@@ -436,8 +431,7 @@ def registers(fmt: str, N: int, K: int, cfg, x_swiglu: bool = False) -> tuple[in
                  USE_DOT=cfg.use_dot, IEEE=False, UPCAST=False, EVEN_N=N % cfg.block_n == 0,
                  EVEN_K=K % cfg.k_per_split == 0, IN_THREAD=cfg.in_thread, COMPACT=cfg.compact, CHUNK=cfg.chunk,
                  NSEG=1, GATED=False, PDL=True, APART=True, WFMT={None: 0, "int8": 1, "int4": 2}[fmt], GROUP=INT4_GROUP,
-                 HALF_DOT=cfg.half_dot, SHARED=False, ASM=True, WMATH=cfg.weight_math, X_SWIGLU=x_swiglu,
-                 ITEM=False, SIGNAL=False, WAIT=False)
+                 HALF_DOT=cfg.half_dot, SHARED=False, ASM=True, WMATH=cfg.weight_math, X_SWIGLU=x_swiglu)
     sig, constexprs, attrs = {}, {}, {}
     for i, prm in enumerate(fn.params):
         n = prm.name
@@ -448,8 +442,6 @@ def registers(fmt: str, N: int, K: int, cfg, x_swiglu: bool = False) -> tuple[in
             sig[n], constexprs[n] = "constexpr", 1
         elif n[-5:-4].isdigit() or n[-4:] in ("1_ptr", "2_ptr"):  # the other segments' pointers: None
             sig[n], constexprs[n] = "constexpr", None
-        elif n in ("item_n", "item_k", "wait_ptr", "WAIT_BN", "WAIT_ARRIVALS"):  # (a launch, not a work item)
-            sig[n], constexprs[n] = "constexpr", None if n.endswith("_ptr") else 0
         elif n in ("g_ptr", "u_ptr", "stride_gm") and not x_swiglu:
             sig[n], constexprs[n] = "constexpr", None if n.endswith("_ptr") else 0
         elif n.endswith("_ptr"):
@@ -545,11 +537,6 @@ def main() -> int:
     ap.add_argument("--block-mlp", action="store_true", help="the quantized blocks' MLP also with down's add + "
                     "RMSNorm finish, unfolded and folded (fold_swiglu: the SwiGLU finish in the down launch), side "
                     "by side")
-    ap.add_argument("--block-one-grid", default="", metavar="TILES:LAG,...",
-                    help="blocks at 50%% with the folded MLP as two launches and as one grid of work items "
-                    "(sparse_mlp_kernel) in each order: gate/up column tiles a step and LAG steps ('rule': the "
-                    "launcher's), and optionally a register cap (TILES:LAG:MAXNREG), A/B.../A, per format "
-                    "of --weights and bf16 (--no-bf16: not), then stop")
     ap.add_argument("--batches", default="", help="batch rows: comma-separated batch sizes (e.g. 1,2,4,8,16), per-row "
                     "and shared masks on the block's launch shapes, and the break-even kept fractions")
     ap.add_argument("--batch-sparsities", default="0,0.25,0.5,0.75")
@@ -587,19 +574,6 @@ def main() -> int:
     l2 = props.L2_cache_size
     bw = read_bandwidth()
     print(f"{props.name}: read bandwidth {bw / 1e12:.2f} TB/s, L2 {l2 / 2**20:.0f} MiB", flush=True)
-
-    if args.block_one_grid:  # (alone: A/B/.../A rows, then stop)
-        orders = [[None if v == "rule" else int(v) for v in e.split(":")] for e in args.block_one_grid.split(",")]
-        for fmt in [f for f in args.weights.split(",") if f and not _format(f)[1]] + ([None] if args.bf16 else []):
-            for mlp, order in [("folded", [])] + [("one_grid", o) for o in orders] + [("folded", [])]:
-                tiles, lag, maxnreg = (order + [None] * 3)[:3]
-                sg.MLP_ONE_GRID_MAXNREG = maxnreg
-                us = bench_block(0.5, torch.bfloat16, bw, l2, fmt=fmt, mlp=mlp, lag=lag, group_tiles=tiles)["us"]
-                said = "" if mlp == "folded" else \
-                    f" tiles {tiles or 'rule'} LAG {lag if lag is not None else 'rule'} maxnreg {maxnreg or '-'}"
-                print(f"Llama-3-8B block @50% {fmt or 'bf16'}, MLP {mlp}{said}: {us:.1f} us", flush=True)
-            sg.MLP_ONE_GRID_MAXNREG = None
-        return 0
 
     if args.sweep and args.sweep_shared:
         for name, sp in [(n, float(v)) for v in args.sweep_sparsity.split(",") for n in args.sweep_shapes.split(",")]:

@@ -38,12 +38,6 @@ MAX_SHARED_ROWS = 16  # one mask for the batch (``shared``): the union cannot gr
 MAX_SEGMENTS = 3  # linears sharing one input in a grouped launch (q, k, v)
 MAX_NORM_WIDTH = 16384  # the add + RMSNorm finish holds a row's N columns in one program
 MAX_ROPE_HEAD_DIM = 256  # the q/k/v + RoPE finish holds one head's D columns of every row in a program
-# gate/up and down of the folded MLP as one grid of work items (``sparse_mlp_kernel``), not two launches: off until
-# timed (docs/perf-log.md v55)
-MLP_ONE_GRID = False
-MLP_ONE_GRID_LAG: Optional[int] = None  # its LAG (``sparse_mlp_kernel``), None: ``one_grid_lag``'s
-MLP_ONE_GRID_TILES = 8  # gate/up column tiles a step of its work items
-MLP_ONE_GRID_MAXNREG: Optional[int] = None  # registers a thread at most (ptxas' maxnreg), None: what it takes
 MAX_FOLD_ROWS = 4  # the folded MLP's rows: each down program holds its rows x its K split of x at once (the
 # in-thread loops' 1-4 rows; 5-8 take tensor cores, 16 padded rows x 512 inputs a program)
 
@@ -305,33 +299,24 @@ def sparse_gemv_mlp_add_rmsnorm(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down:
                                 t_down: float, residual: Tensor, norm_weight: Tensor, eps: float, *,
                                 b_down: Optional[Tensor] = None, sparsities: Sequence[Optional[float]] = (None, None),
                                 scales: Sequence[Optional[Tensor]] = (None, None, None), shared: bool = False,
-                                configs: Sequence[Optional[GemvConfig]] = (None, None),
-                                one_grid: Optional[bool] = None, lag: Optional[int] = None,
-                                group_tiles: Optional[int] = None) -> tuple[Tensor, Tensor]:
+                                configs: Sequence[Optional[GemvConfig]] = (None, None)) -> tuple[Tensor, Tensor]:
     """A gated MLP and the residual add + RMSNorm after it, h = residual + down(silu(gate(x)) * up(x)) (+ b_down) and
     out = RMSNorm(h) · norm_weight, in three launches where ``sparse_gemv_swiglu`` then ``sparse_gemv_add_rmsnorm``
     take four: the gate/up grid leaves its sums in the workspace; each down program forms its K split of
     x = silu(gate) * up from them (rounded as the SwiGLU finish rounds, the finish folded in); the down finish adds,
     normalises and zeroes the gate/up sums. Same result. ``sparsities``: (gate/up, down) hints; ``scales``: gate's,
-    up's and down's (int8/int4); ``configs``: (gate/up, down) or the rule. ``one_grid`` (None: ``MLP_ONE_GRID``):
-    gate/up and down as one grid of work items where their configs allow (``sparse_mlp_kernel``; ``lag``,
-    ``group_tiles``: its order, see ``_launch_mlp_items``), one launch fewer. Returns (h, out) in the residual's shape."""
+    up's and down's (int8/int4); ``configs``: (gate/up, down) or the rule. Returns (h, out) in the residual's shape."""
     if not can_fold_swiglu(x, w_gate, w_up, w_down, residual, norm_weight, shared):
         raise ValueError(f"sparse_gemv_mlp_add_rmsnorm: needs what sparse_gemv_swiglu and sparse_gemv_add_rmsnorm "
                          f"take, down over gate's outputs, 1 to {MAX_FOLD_ROWS} rows (see can_fold_swiglu)")
     rows = x.numel() // x.shape[-1]
-    one_grid = MLP_ONE_GRID if one_grid is None else one_grid
-    (gate, up), gate_up = _launch(x, [w_gate, w_up], [None, None], [t_gate, t_up], configs[0], None, sparsities[0],
-                                  _Epilogue.SUMS, scales=scales[:2], shared=shared, defer=True)
+    gate, up = sparse_gemv_sums(x, [w_gate, w_up], [t_gate, t_up], config=configs[0], sparsity=sparsities[0],
+                                scales=scales[:2], shared=shared)
     act = torch.empty((rows, gate.shape[1]), dtype=x.dtype, device=x.device)  # each down program writes its split
     h, norm = _add_rmsnorm_outputs(x, logical_shape(w_down)[0], residual, norm_weight, eps)
     used = -(-rows * gate.stride(0) // 64) * 64  # the down launch's sums after them, 256-byte aligned
-    if not one_grid:
-        gate_up.run()
     _launch(act, [w_down], [b_down], [t_down], configs[1], [h], sparsities[1], _Epilogue.ADD_RMSNORM, norm,
-            scales=[scales[2]], shared=shared, x_sums=(gate, up), ws_offset=used,
-            after=gate_up if one_grid else None, idx_offset=gate_up.packed if one_grid else 0, lag=lag,
-            group_tiles=group_tiles)
+            scales=[scales[2]], shared=shared, x_sums=(gate, up), ws_offset=used)
     return h.reshape(residual.shape), norm.out.reshape(residual.shape)
 
 
@@ -401,77 +386,6 @@ def _add_rmsnorm_outputs(x: Tensor, N: int, residual: Tensor, norm_weight: Tenso
     return h, _AddRMSNorm(residual.reshape(rows, -1).contiguous(), norm_weight.contiguous(), float(eps), out)
 
 
-@dataclass(frozen=True)
-class _GemvLaunch:
-    """One ``sparse_gemv_kernel`` launch, prepared: its arguments by name, launch options, N tiles per segment, and
-    the entries of packed-survivor scratch it uses from its idx_ptr / xv_ptr."""
-
-    args: dict
-    options: dict
-    tiles: list
-    packed: int
-    use_dot: bool
-
-    def run(self) -> None:
-        jit.sparse_gemv_kernel[(sum(self.tiles), self.args["SPLIT_K"])](**self.args, **self.options)
-
-
-def _one_grid_fits(gate_up: _GemvLaunch, down: _GemvLaunch, zero_width: int) -> bool:
-    """Whether ``sparse_mlp_kernel`` runs these two launches as one grid: both on CUDA cores with the same launch
-    options, rows and float math (one compiled program), each down K split inside one gate/up column tile (the tile
-    whose arrivals it waits for), and the column tiles' counters within what the finish zeroes."""
-    g, d = gate_up.args, down.args
-    return (not gate_up.use_dot and not down.use_dot and gate_up.options == down.options
-            and all(g[k] == d[k] for k in ("M", "BM", "IEEE", "UPCAST", "WFMT", "PDL", "ASM", "SHARED"))
-            and g["NSEG"] == 2 and g["BN"] % d["K_PER_SPLIT"] == 0 and gate_up.tiles[0] <= zero_width)
-
-
-_SM_COUNT: dict = {}
-
-
-def one_grid_lag(gate_up_items: int, groups: int, num_warps: int, device: torch.device) -> int:
-    """The default LAG of ``sparse_mlp_kernel``: how many groups of gate/up column tiles go ahead of the first down
-    items, about one wave of programs (16 warps an SM resident), so a down item rarely finds its tile unfinished."""
-    if device.type == "cuda":
-        if device not in _SM_COUNT:
-            _SM_COUNT[device] = torch.cuda.get_device_properties(device).multi_processor_count
-        sms = _SM_COUNT[device]
-    else:
-        sms = 132
-    wave = sms * max(1, 16 // num_warps)
-    return min(groups, -(-wave // gate_up_items))
-
-
-def _launch_mlp_items(gate_up: _GemvLaunch, down: _GemvLaunch, lag: Optional[int],
-                      group_tiles: Optional[int] = None) -> None:
-    """``sparse_mlp_kernel`` over the two prepared launches (``_one_grid_fits``): its g_ and d_ arguments are theirs.
-    ``group_tiles`` (None: ``MLP_ONE_GRID_TILES``) gate/up column tiles a step, ``lag`` steps (None:
-    ``MLP_ONE_GRID_LAG``, else ``one_grid_lag``) ahead of the first down items."""
-    g, d = gate_up.args, down.args
-    tiles = gate_up.tiles[0]
-    group_tiles = min(max(1, group_tiles or MLP_ONE_GRID_TILES), tiles)
-    groups = -(-tiles // group_tiles)
-    d_splits = g["BN"] // d["K_PER_SPLIT"]
-    gate_up_items = 2 * g["SPLIT_K"] * group_tiles
-    down_items = d_splits * group_tiles * down.tiles[0]
-    x = g["x_ptr"]
-    if lag is None:
-        lag = MLP_ONE_GRID_LAG
-    if lag is None:
-        lag = one_grid_lag(gate_up_items, groups, gate_up.options["num_warps"], x.device)
-    kwargs = dict(ws_ptr=g["ws_ptr"], cnt_ptr=g["cnt_ptr"], TILES=tiles, GROUP_TILES=group_tiles, GROUPS=groups,
-                  LAG=min(max(lag, 0), groups), D_SPLITS=d_splits, D_TILES=down.tiles[0])
-    for name in jit.sparse_mlp_kernel.arg_names:
-        if name.startswith("g_"):
-            kwargs[name] = g[name[2:]]
-        elif name.startswith("d_"):
-            kwargs[name] = d[name[2:]]
-        elif name not in kwargs:
-            kwargs[name] = g[name]
-    cap = {} if MLP_ONE_GRID_MAXNREG is None else {"maxnreg": MLP_ONE_GRID_MAXNREG}
-    jit.sparse_mlp_kernel[(groups * (gate_up_items + down_items),)](**kwargs, **gate_up.options, **cap)
-
-
 def _subnormal_halves_fit(weights: Sequence[Tensor], cfg: GemvConfig, wfmt: int) -> bool:
     """Whether weight_math 4's inline PTX gets the words it assumes: each 32-bit word four consecutive stored bytes of
     one row (its output comes back in the order 0, 2, 1, 3, put back after the tile's sum). Triton packs a thread's
@@ -492,16 +406,12 @@ def _launch(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tens
             epilogue: _Epilogue, norm: Optional[_AddRMSNorm] = None,
             scales: Optional[Sequence[Optional[Tensor]]] = None, shared: bool = False,
             x_int8: bool = False, rope: Optional[_QkvRope] = None,
-            x_sums: Optional[tuple[Tensor, Tensor]] = None, ws_offset: int = 0, idx_offset: int = 0,
-            defer: bool = False, after: Optional["_GemvLaunch"] = None, lag: Optional[int] = None,
-            group_tiles: Optional[int] = None):
+            x_sums: Optional[tuple[Tensor, Tensor]] = None, ws_offset: int = 0) -> list[Tensor]:
     """The GEMV grid over the segments' N tiles, then, where the epilogue runs apart, its finishing launch.
 
     ``x_sums`` (gate, up): fp32 [M, K] views of the sums a gate/up launch left in the workspace (SUMS); this launch
     forms x = silu(gate) * up from them into ``x`` (written, not read), keeps its own sums ``ws_offset`` floats on,
-    past them, and its finish (ADD_RMSNORM only) zeroes them. SUMS returns a [M, N] view of each segment's sums;
-    ``defer``: not launched, also returned as the ``_GemvLaunch`` that the next launch, given it as ``after``, runs
-    with its own in one grid (``_launch_mlp_items``; ``idx_offset``: its packed scratch past the first's)."""
+    past them, and its finish (ADD_RMSNORM only) zeroes them. SUMS returns a [M, N] view of each segment's sums."""
     if not HAS_TRITON:
         raise RuntimeError("the Triton sparse GEMV needs triton")
     nseg = len(weights)
@@ -591,8 +501,8 @@ def _launch(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tens
     # (the packed fp16 loop reads whole tiles of a slot, up to block_k entries past the last one)
     packed = nseg * cfg.split_k * cfg.chunk + cfg.block_k if cfg.compact or cfg.weight_math == 3 else 1
     # xv: the packed x values, one fp32 a slot entry (one row), or BM of x's dtype (the tensor-core loop's columns)
-    ws, cnt, idx, xv = _WORKSPACE.get(x.device, ws=ws_offset + BM * total_tiles * BN, cnt=total_tiles,
-                                      idx=idx_offset + packed, xv=(idx_offset + packed) * (BM if cfg.use_dot else 1))
+    ws, cnt, idx, xv = _WORKSPACE.get(x.device, ws=ws_offset + BM * total_tiles * BN, cnt=total_tiles, idx=packed,
+                                      xv=packed * (BM if cfg.use_dot else 1))
     ws = ws[ws_offset:]  # (had it grown, x_sums still hold the old buffer, which the finish zeroes before it goes)
     if cfg.use_dot and cfg.compact:
         xv = xv.view(x.dtype)
@@ -629,43 +539,31 @@ def _launch(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tens
         epilogue in (_Epilogue.ADD_RMSNORM, _Epilogue.QKV_ROPE, _Epilogue.SUMS)
     swiglu_x = {} if x_sums is None else dict(X_SWIGLU=True, g_ptr=x_sums[0], u_ptr=x_sums[1],
                                               stride_gm=x_sums[0].stride(0))
-    args = dict(
-        x_ptr=x2, w_ptr=s0["w"], b_ptr=s0["b"], y_ptr=s0["y"], ws_ptr=ws, cnt_ptr=cnt, idx_ptr=idx[idx_offset:],
-        xv_ptr=xv[idx_offset * (BM if cfg.use_dot else 1):], M=M, N=s0["N"], K=K, threshold=s0["t"],
-        stride_xm=x2.stride(0), stride_wn=s0["swn"], stride_wk=s0["swk"], stride_ym=s0["sym"],
-        K_PER_SPLIT=cfg.k_per_split,
+    jit.sparse_gemv_kernel[(total_tiles, cfg.split_k)](
+        x2, s0["w"], s0["b"], s0["y"], ws, cnt, idx, xv,
+        M, s0["N"], K, s0["t"],
+        x2.stride(0), s0["swn"], s0["swk"], s0["sym"],
+        cfg.k_per_split,
         SPLIT_K=cfg.split_k, BM=BM, BN=BN, BK=cfg.block_k, HAS_BIAS=has_bias,
         USE_DOT=cfg.use_dot, IEEE=x.dtype == torch.float32,
         UPCAST=interpreter_upcasts(x.dtype),
         EVEN_N=all(N % BN == 0 for N in Ns), EVEN_K=K % cfg.k_per_split == 0,
         IN_THREAD=cfg.in_thread, COMPACT=cfg.compact, CHUNK=cfg.chunk,
-        NSEG=nseg, GATED=gated, PDL=use_pdl, APART=apart, WFMT=wfmt, GROUP=INT4_GROUP, HALF_DOT=cfg.half_dot,
-        SHARED=shared and M > 1, WMATH=cfg.weight_math, ASM=inline_ptx(x.device), s_ptr=s0["s"],
-        stride_sg=s0["ssg"], **extra, **swiglu_x,
+        NSEG=nseg, GATED=gated, PDL=use_pdl, APART=apart, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages, WFMT=wfmt, GROUP=INT4_GROUP, HALF_DOT=cfg.half_dot, SHARED=shared and M > 1,
+        WMATH=cfg.weight_math,
+        ASM=inline_ptx(x.device),
+        s_ptr=s0["s"],
+        stride_sg=s0["ssg"], **extra, **swiglu_x, **launch_pdl,
     )
-    launch = _GemvLaunch(args, dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_pdl), tiles,
-                         packed, cfg.use_dot)
     if epilogue is _Epilogue.SUMS:  # [M, N] views, rows N_TOTAL apart (each segment's tiles in turn)
         sums = ws[:M * total_tiles * BN].view(M, total_tiles * BN)
         cols = [sum(tiles[:i]) * BN for i in range(nseg)]
-        views = [sums[:, c:c + N] for c, N in zip(cols, Ns)]
-        if defer:
-            return views, launch
-        launch.run()
-        return views
-    one_grid = after is not None and _one_grid_fits(after, launch, next_pow2(s0["N"]))
-    if one_grid:
-        _launch_mlp_items(after, launch, lag, group_tiles)
-    else:
-        if after is not None:
-            after.run()
-        launch.run()
+        return [sums[:, c:c + N] for c, N in zip(cols, Ns)]
     if norm is not None:
         BN_ROW = next_pow2(s0["N"])
         # x's gate/up sums, rows 0..M-1 of theirs: zeroed by programs past the rows' once this grid has read them
         zero = {} if x_sums is None else dict(M=M, z_ptr=x_sums[0], Z_N=M * x_sums[0].stride(0), ZERO=True)
-        if one_grid:  # and the gate/up column tiles' arrival counters
-            zero.update(c_ptr=cnt, C_N=after.tiles[0], ZERO_COUNTS=True)
         jit.finish_add_rmsnorm_kernel[(M + (-(-zero["Z_N"] // BN_ROW) if zero else 0),)](
             ws, s0["b"], norm.residual, norm.norm_weight, s0["y"], norm.out, s0["N"], s0["N"],
             norm.residual.stride(0), s0["sym"], norm.out.stride(0), norm.eps, BN=BN_ROW, HAS_BIAS=has_bias,

@@ -237,14 +237,6 @@ def silu_times_up(gate, up, out_ty: tl.constexpr):
     return act * up.to(out_ty).to(tl.float32)
 
 @triton.jit
-def wait_for_arrivals(counter_ptr, arrivals):
-    """Spin until the counter reaches ``arrivals`` (acquire: the sums counted there are visible after it), then a
-    barrier, so every thread of the program reads after the one that saw the count."""
-    while tl.atomic_add(counter_ptr, 0, sem="acquire") < arrivals:
-        pass
-    tl.debug_barrier()
-
-@triton.jit
 def store_swiglu_x(g_ptr, u_ptr, stride_gm, x_ptr, stride_xm, offs_m, m_ok, k_lo, k_hi, CHUNK: tl.constexpr):
     """x[:, k_lo:k_hi] = silu(gate) * up from the fp32 sums a gate/up launch left in the workspace (``X_SWIGLU``):
     what its finishing launch would have written, rounded as it rounds. Every program of a K split writes the same
@@ -434,12 +426,6 @@ def sparse_gemv_kernel(
     # workspace (g_ptr / u_ptr [M, K], rows stride_gm) and stored to x_ptr for this program's split
     # (``store_swiglu_x``): the SwiGLU finishing launch folded into this one (``sparse_gemv_mlp_add_rmsnorm``)
     X_SWIGLU: tl.constexpr = False, g_ptr=None, u_ptr=None, stride_gm=0,
-    # one work item of ``sparse_mlp_kernel`` (its gate/up or its down half): the (N tile, K split) are item_n /
-    # item_k, not the program's ids. SIGNAL (gate/up): count this program's arrival at its column tile's counter
-    # once its sums have landed. WAIT (down, with X_SWIGLU): wait until the gate/up column tile holding this split's
-    # inputs (WAIT_BN columns a tile) has all WAIT_ARRIVALS of its programs' sums, counted at wait_ptr
-    ITEM: tl.constexpr = False, item_n=0, item_k=0, SIGNAL: tl.constexpr = False,
-    WAIT: tl.constexpr = False, wait_ptr=None, WAIT_BN=0, WAIT_ARRIVALS=0,
 ):
     """Program (N tile, K split) of y = (x ⊙ 1[|x| > t]) Wᵀ + b; segments 1 and 2 as segment 0, other pointers.
 
@@ -459,12 +445,8 @@ def sparse_gemv_kernel(
     """
     if PDL:
         tl.extra.cuda.gdc_wait()
-    if ITEM:
-        pn_all = item_n
-        pk = item_k
-    else:
-        pn_all = tl.program_id(0)
-        pk = tl.program_id(1)
+    pn_all = tl.program_id(0)
+    pk = tl.program_id(1)
     pn = pn_all
     col0 = pn_all * 0  # this segment's first column in the shared workspace
     seg = pn_all * 0
@@ -496,8 +478,6 @@ def sparse_gemv_kernel(
     m_ok = offs_m < M
     k_lo = pk * K_PER_SPLIT
     k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
-    if WAIT:
-        wait_for_arrivals(wait_ptr + k_lo // WAIT_BN, WAIT_ARRIVALS)
     if X_SWIGLU:
         store_swiglu_x(g_ptr, u_ptr, stride_gm, x_ptr, stride_xm, offs_m, m_ok, k_lo, k_hi, CHUNK)
     if USE_DOT and WFMT == 2:
@@ -641,9 +621,6 @@ def sparse_gemv_kernel(
         # launch, adds the bias and writes y.
         ws_offs = offs_m[:, None] * ws_width + col0 + offs_n[None, :]
         tl.atomic_add(ws_ptr + ws_offs, acc, mask=y_mask, sem="relaxed")
-        if SIGNAL:  # every thread's sums added before the count that says so (gate and up share a tile's counter)
-            tl.debug_barrier()
-            tl.atomic_add(cnt_ptr + pn, 1, sem="release")
         # APART: _finish_kernel, launched next, reads the sums back once this grid has completed
         if not APART:
             tl.debug_barrier()
@@ -672,82 +649,6 @@ def sparse_gemv_kernel(
                         total += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
                 tl.store(y_ptr + y_offs, total.to(y_ptr.dtype.element_ty), mask=y_mask)
                 tl.atomic_xchg(counter, 0)
-
-@triton.jit
-def sparse_mlp_kernel(
-    ws_ptr, cnt_ptr, M,
-    # the order of work items, in steps of GROUP_TILES gate/up column tiles (GROUPS steps): a group's gate/up items
-    # (per K split, gate's tiles then up's: consecutive programs read one stretch of each weight row, as the
-    # two-launch grid's do), then, LAG steps later (after group j + LAG's gate/up items), the down items whose inputs
-    # are group j's columns (its tiles' D_SPLITS K splits each, D_TILES N tiles a split)
-    TILES, GROUP_TILES, GROUPS, LAG, D_SPLITS, D_TILES,
-    # the gate/up half: ``sparse_gemv_sums`` over [gate, up] (its sums at ws_ptr, columns N_TOTAL a row)
-    g_x_ptr, g_w_ptr, g_idx_ptr, g_xv_ptr, g_N, g_K, g_threshold, g_stride_xm, g_stride_wn, g_stride_wk,
-    g_K_PER_SPLIT, g_w1_ptr, g_N1, g_threshold1, g_stride_wk1, g_TILES1, g_N_TOTAL, g_s_ptr, g_stride_sg, g_s1_ptr,
-    g_stride_sg1,
-    # the down half: down over x = silu(gate) * up formed from those sums, its own sums at d_ws_ptr
-    d_x_ptr, d_w_ptr, d_b_ptr, d_y_ptr, d_ws_ptr, d_idx_ptr, d_xv_ptr, d_N, d_K, d_threshold, d_stride_xm,
-    d_stride_wn, d_stride_wk, d_stride_ym, d_K_PER_SPLIT, d_s_ptr, d_stride_sg, d_g_ptr, d_u_ptr, d_stride_gm,
-    g_SPLIT_K: tl.constexpr, g_BN: tl.constexpr, g_BK: tl.constexpr, g_EVEN_N: tl.constexpr,
-    g_EVEN_K: tl.constexpr, g_IN_THREAD: tl.constexpr, g_COMPACT: tl.constexpr, g_CHUNK: tl.constexpr,
-    g_WMATH: tl.constexpr,
-    d_SPLIT_K: tl.constexpr, d_BN: tl.constexpr, d_BK: tl.constexpr, d_HAS_BIAS: tl.constexpr,
-    d_EVEN_N: tl.constexpr, d_EVEN_K: tl.constexpr, d_IN_THREAD: tl.constexpr, d_COMPACT: tl.constexpr,
-    d_CHUNK: tl.constexpr, d_WMATH: tl.constexpr,
-    BM: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, WFMT: tl.constexpr, GROUP: tl.constexpr,
-    PDL: tl.constexpr, ASM: tl.constexpr, SHARED: tl.constexpr,
-):
-    """A gated MLP's gate/up and down GEMVs as one grid of work items (``sparse_gemv_mlp_add_rmsnorm``'s first two
-    launches): no grid boundary between them, so down's items start on the column tiles of gate/up already summed
-    while the rest still stream, instead of after the whole gate/up grid and its completion.
-
-    Each item is a program of ``sparse_gemv_kernel``, the same code and config as the two launches take. A gate/up
-    item counts its arrival at its column tile's counter; a down item waits for its tile's count before it forms
-    its x (``X_SWIGLU``). Deadlock-free as long as programs start in the order of their ids (what NVIDIA GPUs do
-    for a 1-D grid): every item a down item waits for has a lower id, and gate/up items wait for nothing in this
-    grid. The counters are zeroed by the finishing launch after the grid (``finish_add_rmsnorm_kernel``)."""
-    pid = tl.program_id(0)
-    G = 2 * g_SPLIT_K * GROUP_TILES
-    D = D_SPLITS * GROUP_TILES * D_TILES
-    head = LAG * G
-    middle = (GROUPS - LAG) * (G + D)
-    # (step, rank within it): the steps before LAG are gate/up alone, those from GROUPS down alone
-    if pid < head:
-        step = pid // G
-        r = pid % G
-    elif pid < head + middle:
-        step = LAG + (pid - head) // (G + D)
-        r = (pid - head) % (G + D)
-    else:
-        step = GROUPS + (pid - head - middle) // D
-        r = G + (pid - head - middle) % D
-    if step < GROUPS and r < G:
-        within = r % (2 * GROUP_TILES)  # (K split, segment, tile), the tile fastest
-        tile = step * GROUP_TILES + within % GROUP_TILES
-        if tile < TILES:  # (the last group may hold fewer tiles)
-            sparse_gemv_kernel(
-                g_x_ptr, g_w_ptr, g_x_ptr, g_x_ptr, ws_ptr, cnt_ptr, g_idx_ptr, g_xv_ptr, M, g_N, g_K, g_threshold,
-                g_stride_xm, g_stride_wn, g_stride_wk, g_stride_xm, g_K_PER_SPLIT,
-                g_SPLIT_K, BM, g_BN, g_BK, False, False, IEEE, UPCAST, g_EVEN_N, g_EVEN_K, g_IN_THREAD, g_COMPACT,
-                g_CHUNK,
-                w1_ptr=g_w1_ptr, b1_ptr=g_x_ptr, y1_ptr=g_x_ptr, N1=g_N1, threshold1=g_threshold1,
-                stride_wk1=g_stride_wk1, stride_ym1=g_stride_xm, TILES1=g_TILES1, TILES2=g_TILES1,
-                N_TOTAL=g_N_TOTAL, NSEG=2, PDL=PDL, APART=True, WFMT=WFMT, GROUP=GROUP, s_ptr=g_s_ptr,
-                stride_sg=g_stride_sg, SHARED=SHARED, s1_ptr=g_s1_ptr, stride_sg1=g_stride_sg1, ASM=ASM,
-                WMATH=g_WMATH, ITEM=True, item_n=(within // GROUP_TILES) * g_TILES1 + tile,
-                item_k=r // (2 * GROUP_TILES), SIGNAL=True)
-    else:
-        split = (step - LAG) * GROUP_TILES * D_SPLITS + (r - G) // D_TILES
-        if split < d_SPLIT_K:  # (the last group may hold fewer splits)
-            sparse_gemv_kernel(
-                d_x_ptr, d_w_ptr, d_b_ptr, d_y_ptr, d_ws_ptr, cnt_ptr, d_idx_ptr, d_xv_ptr, M, d_N, d_K, d_threshold,
-                d_stride_xm, d_stride_wn, d_stride_wk, d_stride_ym, d_K_PER_SPLIT,
-                d_SPLIT_K, BM, d_BN, d_BK, d_HAS_BIAS, False, IEEE, UPCAST, d_EVEN_N, d_EVEN_K, d_IN_THREAD,
-                d_COMPACT, d_CHUNK,
-                PDL=PDL, APART=True, WFMT=WFMT, GROUP=GROUP, s_ptr=d_s_ptr, stride_sg=d_stride_sg, SHARED=SHARED,
-                ASM=ASM, WMATH=d_WMATH, X_SWIGLU=True, g_ptr=d_g_ptr, u_ptr=d_u_ptr, stride_gm=d_stride_gm,
-                ITEM=True, item_n=(r - G) % D_TILES, item_k=split,
-                WAIT=True, wait_ptr=cnt_ptr, WAIT_BN=g_BN, WAIT_ARRIVALS=2 * g_SPLIT_K)
 
 @triton.jit
 def finish_kernel(
@@ -805,8 +706,7 @@ def finish_kernel(
 @triton.jit
 def finish_add_rmsnorm_kernel(ws_ptr, b_ptr, res_ptr, nw_ptr, h_ptr, out_ptr, N, ws_width, stride_res, stride_h,
                                stride_out, eps, BN: tl.constexpr, HAS_BIAS: tl.constexpr, PDL: tl.constexpr,
-                               M=1, z_ptr=None, Z_N=0, ZERO: tl.constexpr = False, c_ptr=None, C_N=0,
-                               ZERO_COUNTS: tl.constexpr = False):
+                               M=1, z_ptr=None, Z_N=0, ZERO: tl.constexpr = False):
     """The split-K epilogue of a linear followed by a residual add and an RMSNorm (Llama's), one program per row
     holding all N columns: y = sums (+ bias), h = residual + y, out = norm_weight * (h * rsqrt(mean(h²) + eps)).
 
@@ -815,18 +715,13 @@ def finish_add_rmsnorm_kernel(ws_ptr, b_ptr, res_ptr, nw_ptr, h_ptr, out_ptr, N,
     otherwise runs after every o and down projection (docs/design.md, "Grouped launches and fusions").
 
     ZERO: programs M and on zero z_ptr[0, Z_N) a BN at a time, the sums of a gate/up launch that the GEMV grid
-    before this one read as its x (``X_SWIGLU``): once that grid has completed, nothing reads them. ZERO_COUNTS:
-    program M also zeroes c_ptr[0, C_N) (at most BN), the column tiles' arrival counters of ``sparse_mlp_kernel``."""
+    before this one read as its x (``X_SWIGLU``): once that grid has completed, nothing reads them."""
     if ZERO:
         if tl.program_id(0) >= M:
             if PDL:
                 tl.extra.cuda.gdc_wait()
             offs_z = (tl.program_id(0) - M) * BN + tl.arange(0, BN)
             tl.store(z_ptr + offs_z, tl.zeros((BN,), dtype=tl.float32), mask=offs_z < Z_N)
-            if ZERO_COUNTS:
-                if tl.program_id(0) == M:
-                    offs_c = tl.arange(0, BN)
-                    tl.store(c_ptr + offs_c, tl.zeros((BN,), dtype=tl.int32), mask=offs_c < C_N)
         else:
             add_rmsnorm_row(ws_ptr, b_ptr, res_ptr, nw_ptr, h_ptr, out_ptr, N, ws_width, stride_res, stride_h,
                             stride_out, eps, BN, HAS_BIAS, PDL)

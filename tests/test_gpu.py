@@ -587,14 +587,12 @@ def test_other_structures_decode_in_cuda_graphs_like_their_masked_reference(name
     assert err < 1e-3, err
 
 
-@pytest.mark.parametrize("one_grid", [False, True])
 @pytest.mark.parametrize("pdl", [True, False])
-def test_folded_mlps_back_to_back_in_a_cuda_graph(pdl, one_grid, monkeypatch):
+def test_folded_mlps_back_to_back_in_a_cuda_graph(pdl, monkeypatch):
     """``sparse_gemv_mlp_add_rmsnorm`` four times in one CUDA graph, each MLP's h the next one's residual and its norm
     the next one's x: each down launch reads the gate/up sums of the launch before, and each down finish must leave
     them zero before the next gate/up launch adds into them (with PDL that launch starts early). Against the same
-    chain through the unfolded launchers (swiglu, then add + RMSNorm), replay after replay. ``one_grid``: each MLP's
-    gate/up and down as one grid of work items (``sparse_mlp_kernel``), whose tile counters its finish zeroes too."""
+    chain through the unfolded launchers (swiglu, then add + RMSNorm), replay after replay."""
     from teal_fx.kernels import sparse_gemv as sg
 
     monkeypatch.setenv("TEAL_PDL", "1" if pdl else "0")
@@ -608,8 +606,7 @@ def test_folded_mlps_back_to_back_in_a_cuda_graph(pdl, one_grid, monkeypatch):
     def chain(x, h, folded):
         for wg, wu, wd in mlps:
             if folded:
-                h, x = sg.sparse_gemv_mlp_add_rmsnorm(x, wg, wu, wd, 0.3, 0.3, 0.05, h, nw, 1e-6, sparsities=(0.4, 0.4),
-                                                      one_grid=one_grid)
+                h, x = sg.sparse_gemv_mlp_add_rmsnorm(x, wg, wu, wd, 0.3, 0.3, 0.05, h, nw, 1e-6, sparsities=(0.4, 0.4))
             else:
                 act = sg.sparse_gemv_swiglu(x, wg, wu, 0.3, 0.3, sparsity=0.4)
                 h, x = sg.sparse_gemv_add_rmsnorm(act, wd, None, 0.05, h, nw, 1e-6, sparsity=0.4)
@@ -629,15 +626,11 @@ def test_folded_mlps_back_to_back_in_a_cuda_graph(pdl, one_grid, monkeypatch):
             assert float((got - ref).norm() / ref.norm()) < 1e-4
 
 
-@pytest.mark.parametrize("one_grid", [False, True])
 @pytest.mark.parametrize("fmt", [None, "int8", "int4"])
 @pytest.mark.parametrize("sparsity", [0.3, 0.5, 0.75])
-def test_folded_mlp_on_the_8b_shapes(fmt, sparsity, one_grid):
+def test_folded_mlp_on_the_8b_shapes(fmt, sparsity):
     """The folded MLP launcher on Llama-3-8B's MLP with the rule's configs (the masked and the packed loops of every
-    format) against the unfolded launchers: the same sums, met in another order. ``one_grid``: gate/up and down as
-    one grid of work items, at the rule's LAG and at 0 (each tile's down items right behind its gate/up items)."""
-    from unittest import mock
-
+    format) against the unfolded launchers: the same sums, met in another order."""
     from teal_fx.kernels import sparse_gemv as sg
     from teal_fx.kernels.quantize import quantize_int4, quantize_int8
 
@@ -656,14 +649,10 @@ def test_folded_mlp_on_the_8b_shapes(fmt, sparsity, one_grid):
     act = sg.sparse_gemv_swiglu(x, qg, qu, t, t, sparsity=sparsity, scales_gate=s_gate, scales_up=s_up)
     td = float(act.float().abs().quantile(sparsity))
     h_ref, out_ref = sg.sparse_gemv_add_rmsnorm(act, qd, None, td, res, nw, 1e-5, sparsity=sparsity, scales=s_down)
-    with mock.patch.object(sg, "_launch_mlp_items", wraps=sg._launch_mlp_items) as items:
-        for lag in (None, 0) if one_grid else (None,):
-            h, out = sg.sparse_gemv_mlp_add_rmsnorm(x, qg, qu, qd, t, t, td, res, nw, 1e-5,
-                                                    sparsities=(sparsity, sparsity), scales=(s_gate, s_up, s_down),
-                                                    one_grid=one_grid, lag=lag)
-            for got, ref in ((h, h_ref), (out, out_ref)):
-                assert float((got.double() - ref.double()).norm() / ref.double().norm()) < 1e-2
-    assert items.call_count == (2 if one_grid else 0)  # the rule's configs take the one grid
+    h, out = sg.sparse_gemv_mlp_add_rmsnorm(x, qg, qu, qd, t, t, td, res, nw, 1e-5, sparsities=(sparsity, sparsity),
+                                            scales=(s_gate, s_up, s_down))
+    for got, ref in ((h, h_ref), (out, out_ref)):
+        assert float((got.double() - ref.double()).norm() / ref.double().norm()) < 1e-2
 
 
 BOTH_FOLDS = ("fold_swiglu", "fold_qkv_attention")

@@ -4,8 +4,6 @@ op's CPU reference; the outputs poisoned first, the workspace zero after every c
 
 Runs on a GPU when there is one, otherwise under TRITON_INTERPRET=1 on the CPU (conftest sets it)."""
 
-from unittest import mock
-
 import pytest
 import torch
 from hypothesis import given, settings
@@ -105,67 +103,3 @@ def test_refuses_what_it_cannot_fold():
     assert not sg.can_fold_swiglu(x, wg, wg, wd[:, :40], res, nw)  # down does not take gate's outputs
     with pytest.raises(ValueError, match="can_fold_swiglu"):
         sg.sparse_gemv_mlp_add_rmsnorm(x, wg, wg.contiguous(), wd, 0.1, 0.1, 0.1, res, nw, 1e-6)  # up row-major
-
-
-@settings(max_examples=20, deadline=None)
-@given(M=st.integers(1, 4), tiles=st.integers(1, 4), hidden=st.integers(4, 20).map(lambda n: 4 * n),
-       dtype=st.sampled_from([torch.float32, torch.bfloat16]), fmt=st.sampled_from([None, "int8", "int4"]),
-       ts=st.tuples(st.floats(0.0, 1.0), st.floats(0.0, 1.0), st.floats(0.0, 0.5)), bias=st.booleans(),
-       compact=st.booleans(), d_iters=st.sampled_from([1, 2]), lag=st.sampled_from([None, 0, 1, 2, 8]),
-       group_tiles=st.sampled_from([None, 1, 2, 3]), seed=st.integers(0, 1000))
-def test_one_grid_mlp_matches_the_two_launches(M, tiles, hidden, dtype, fmt, ts, bias, compact, d_iters, lag,
-                                                group_tiles, seed):
-    """gate/up and down as one grid of work items (``sparse_mlp_kernel``, down items waiting on their column tile's
-    arrivals) against the same configs' two launches: bit for bit on the interpreter, the workspace and the tile
-    counters zero after each call, in every order: LAG groups of ``group_tiles`` column tiles (0: each group's down
-    items right after its gate/up items; a last group with fewer tiles)."""
-    if compact:
-        M = 1  # the packed loop takes one row
-    inter = 32 * tiles  # gate/up tiles of 32 columns; down splits of 16 or 32 inputs, inside one tile
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(M, 1, hidden, generator=g).to(dtype).to(DEVICE)
-    (wg, sg_), (wu, su), (wd, sd) = weight(inter, hidden, dtype, fmt, g), weight(inter, hidden, dtype, fmt, g), \
-        weight(hidden, inter, dtype, fmt, g)
-    bd = torch.randn(hidden, generator=g).to(dtype).to(DEVICE) if bias else None
-    res = torch.randn(M, 1, hidden, generator=g).to(dtype).to(DEVICE)
-    nw = (1 + torch.randn(hidden, generator=g) / 4).to(dtype).to(DEVICE)
-    if ON_GPU and dtype != torch.float32:
-        ts = (ts[0], ts[1], 0.0)  # as above: an ulp of silu(gate) * up must not flip one of down's inputs
-    common = dict(use_dot=False, num_warps=1, num_stages=1, in_thread=True)
-    cfg_gu = make_config(2 * inter, hidden, BN=32, BK=16, iters=1, **common)
-    cfg_d = make_config(hidden, inter, BN=16, BK=16, iters=d_iters, compact=compact, **common)
-    kw = dict(b_down=bd, scales=(sg_, su, sd), configs=(cfg_gu, cfg_d))
-    h_ref, out_ref = sg.sparse_gemv_mlp_add_rmsnorm(x, wg, wu, wd, *ts, res, nw, 1e-5, one_grid=False, **kw)
-    with mock.patch.object(sg, "_launch_mlp_items", wraps=sg._launch_mlp_items) as one_grid:
-        for _ in range(2):  # twice: the sums and the counters must be left zero
-            h, out = sg.sparse_gemv_mlp_add_rmsnorm(x, wg, wu, wd, *ts, res, nw, 1e-5, one_grid=True, lag=lag,
-                                                    group_tiles=group_tiles, **kw)
-            assert workspace_is_zero()
-            if ON_GPU:
-                assert rel_err(h, h_ref) <= TOL[dtype] and rel_err(out, out_ref) <= TOL[dtype]
-            else:
-                assert torch.equal(h, h_ref) and torch.equal(out, out_ref)
-    assert one_grid.call_count == 2  # the one grid ran, not the two launches
-
-
-def test_one_grid_takes_only_configs_it_can_order():
-    """Where the two launches' configs differ in warps, or a down split would straddle two gate/up column tiles,
-    the launcher runs the two launches (the same result)."""
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(1, 1, 64, generator=g).to(DEVICE)
-    wg, wu, wd = (weight(*s, torch.float32, None, g)[0] for s in ((96, 64), (96, 64), (64, 96)))
-    res, nw = torch.randn(1, 1, 64, generator=g).to(DEVICE), torch.ones(64).to(DEVICE)
-    common = dict(use_dot=False, num_stages=1, in_thread=True)
-    gu = make_config(192, 64, BN=32, BK=16, iters=1, num_warps=1, **common)
-    for cfg_d in (make_config(64, 96, BN=16, BK=16, iters=1, num_warps=2, **common),  # warps differ
-                  make_config(64, 96, BN=16, BK=16, iters=3, num_warps=1, **common)):  # 48 inputs across tiles
-        with mock.patch.object(sg, "_launch_mlp_items", wraps=sg._launch_mlp_items) as one_grid:
-            h, out = sg.sparse_gemv_mlp_add_rmsnorm(x, wg, wu, wd, 0.2, 0.2, 0.1, res, nw, 1e-5, configs=(gu, cfg_d),
-                                                    one_grid=True)
-        h_ref, out_ref = sg.sparse_gemv_mlp_add_rmsnorm(x, wg, wu, wd, 0.2, 0.2, 0.1, res, nw, 1e-5,
-                                                        configs=(gu, cfg_d), one_grid=False)
-        assert not one_grid.called and workspace_is_zero()
-        if ON_GPU:  # (the split-K sums meet in a varying order)
-            assert rel_err(h, h_ref) <= TOL[torch.float32] and rel_err(out, out_ref) <= TOL[torch.float32]
-        else:
-            assert torch.equal(h, h_ref) and torch.equal(out, out_ref)
