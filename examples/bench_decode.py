@@ -545,6 +545,13 @@ def _qkv_finish_where() -> str:
     return "the q/k/v launch"
 
 
+def _merge_where() -> str:
+    """Where the backend's defaults merge the decode attention's cache splits."""
+    if teal_fx.TealOptions().fold_attention_merge:
+        return "each o program as it forms its inputs (fold_attention_merge)"
+    return "the attention launch's last program of each KV head"
+
+
 def write(out: Path, args, bw: float, roof: float, rows: list, notes: list, fastest: dict) -> None:
     lines = [
         "# End-to-end decode: Llama-3-8B shape (random weights, bf16)",
@@ -559,7 +566,8 @@ def write(out: Path, args, bw: float, roof: float, rows: list, notes: list, fast
         "- thresholds: uniform, calibrated on the model's own activations (2 x 256 random-token sequences); "
         "teal = q/k/v and gate/up grouped (4 sparse launches per block, silu(gate) * up formed by "
         f"{_swiglu_where()}, the residual add and the next RMSNorm by the o and down launches, RoPE and the cache "
-        f"writes by {_qkv_finish_where()}), the decode step's attention as "
+        f"writes by {_qkv_finish_where()}, the attention's cache splits merged by {_merge_where()}), the decode "
+        "step's attention as "
         "teal::decode_attention (rows marked 'sdpa attention' keep sdpa, as "
         "Inductor dense does), the cache counters' increments as one launch, programmatic dependent launches "
         "of teal's kernels and of Inductor's (each Inductor kernel waiting before its first access: docs/design.md, "

@@ -134,6 +134,13 @@ def decode_attention_from_qkv_sums(sums: Sequence[Tensor], biases: Sequence[Opti
     forms its G query heads (bias, Qwen3's q norm, RoPE with ``cos`` / ``sin`` [B or 1, 1, 1, D]), the program holding
     ``cache_position`` writes the new k and v row into the caches first, and the last program of each KV head zeroes
     the sums it read: the q/k/v + RoPE finishing launch (``sparse_gemv_qkv_rope``) folded in. Returns [B, H, 1, D]."""
+    return _from_qkv_sums(sums, biases, head_dim, cos, sin, cache_position, k_cache, v_cache, q_norm, k_norm,
+                          norm_eps, mask, scale, config)[0]
+
+
+def _from_qkv_sums(sums, biases, head_dim, cos, sin, cache_position, k_cache, v_cache, q_norm, k_norm, norm_eps,
+                   mask, scale, config, merge: bool = True) -> tuple[Tensor, AttentionConfig]:
+    """The QKV_SUMS launch of the two functions above: (the output, written if ``merge``; the launch's config)."""
     q_sums, k_sums, v_sums = sums
     B, D = q_sums.shape[0], head_dim
     if not can_fold_qkv(D, k_cache, mask) or q_sums.shape[1] % D or k_sums.shape != v_sums.shape \
@@ -143,6 +150,7 @@ def decode_attention_from_qkv_sums(sums: Sequence[Tensor], biases: Sequence[Opti
                          "a cache of those heads (see can_fold_qkv)")
     H = q_sums.shape[1] // D
     out = torch.empty((B, H, 1, D), dtype=k_cache.dtype, device=k_cache.device)
+    cfg = config or launch_config(B, H, k_cache.shape[1], k_cache.shape[2], D, k_cache.device)
     col = lambda t: (t.data_ptr() - q_sums.data_ptr()) // t.element_size()  # noqa: E731
     has_bias = biases[0] is not None
     fold = dict(QKV_SUMS=True, s_ptr=q_sums, stride_sum_b=q_sums.stride(0), K_COL0=col(k_sums), V_COL0=col(v_sums),
@@ -152,17 +160,57 @@ def decode_attention_from_qkv_sums(sums: Sequence[Tensor], biases: Sequence[Opti
                 stride_sin_b=sin.stride(0) if sin.shape[0] > 1 else 0, pos_ptr=cache_position.reshape(1),
                 qn_ptr=q_norm if q_norm is not None else cos, kn_ptr=k_norm if k_norm is not None else cos,
                 eps=float(norm_eps), HAS_BIAS=has_bias, HAS_NORM=q_norm is not None)
-    return _launch(out, k_cache, v_cache, mask, scale, config, out, fold)
+    return _launch(out, k_cache, v_cache, mask, scale, cfg, out, fold, merge), cfg
+
+
+@dataclass(frozen=True)
+class SplitStates:
+    """The softmax states of a decode attention's cache splits, left unmerged (``split_states_from_qkv_sums``) for
+    the next launch to merge as it reads its input (o's: ``sparse_gemv.sparse_gemv_merged_add_rmsnorm``):
+    acc [slots, GP, DP] and ml [slots, 2, GP], slot (row · kv_heads + KV head) · nsplit + split."""
+
+    acc: Tensor
+    ml: Tensor
+    rows: int
+    kv_heads: int
+    head_dim: int
+    config: AttentionConfig
+    dtype: torch.dtype  # the attention output's, which the merge rounds to
+
+
+def split_states_from_qkv_sums(sums: Sequence[Tensor], biases: Sequence[Optional[Tensor]], head_dim: int,
+                               cos: Tensor, sin: Tensor, cache_position: Tensor, k_cache: Tensor, v_cache: Tensor,
+                               q_norm: Optional[Tensor], k_norm: Optional[Tensor], norm_eps: float,
+                               mask: Optional[Tensor], scale: float,
+                               config: Optional[AttentionConfig] = None) -> SplitStates:
+    """``decode_attention_from_qkv_sums`` without its merge: each split stores its softmax state and nothing
+    counts arrivals, so the merge's tail (a barrier, the counter's round trip, the last program's reads and store:
+    2.0 of 5.4 µs a call in a chain on an H100, docs/perf-log.md v56) leaves the attention launch; the next launch
+    merges (``store_merged_x``) and zeroes the q/k/v sums, which no program here zeroes. Takes a cache of at least
+    two splits (``cache_splits``; with one the attention writes its output itself)."""
+    out, cfg = _from_qkv_sums(sums, biases, head_dim, cos, sin, cache_position, k_cache, v_cache, q_norm, k_norm,
+                              norm_eps, mask, scale, config, merge=False)
+    B, HKV = out.shape[0], k_cache.shape[1]
+    acc, ml, _ = _WORKSPACE.get(out.device, **_workspace_sizes(cfg, B, HKV))
+    return SplitStates(acc, ml, B, HKV, head_dim, cfg, out.dtype)
+
+
+def cache_splits(batch: int, heads: int, kv_heads: int, length: int, head_dim: int, device: torch.device) -> int:
+    """How many programs the launch rule splits the cache among (1: no merge)."""
+    return launch_config(batch, heads, kv_heads, length, head_dim, device).nsplit
 
 
 def _launch(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: float,
-            config: Optional[AttentionConfig], out: Tensor, fold: dict) -> Tensor:
-    """The kernel's grid; ``fold``: the QKV_SUMS arguments (``q`` is then only a shape, never read)."""
+            config: Optional[AttentionConfig], out: Tensor, fold: dict, merge: bool = True) -> Tensor:
+    """The kernel's grid; ``fold``: the QKV_SUMS arguments (``q`` is then only a shape, never read); ``merge``
+    False: the splits' states are left unmerged (``out`` unwritten), a cache of two splits or more."""
     if not HAS_TRITON:
         raise RuntimeError("the Triton decode attention needs triton")
     B, H, _, D = q.shape
     HKV, L = k.shape[1], k.shape[2]
     cfg = config or launch_config(B, H, HKV, L, D, q.device)
+    if not merge and cfg.nsplit < 2:
+        raise ValueError(f"the splits' states left unmerged take a cache of two splits or more: {cfg}")
     acc, ml, cnt = _WORKSPACE.get(q.device, **_workspace_sizes(cfg, B, HKV))
     if mask is not None:
         mask = mask.expand(B, H, 1, L)  # stride 0 along broadcast dims
@@ -183,7 +231,7 @@ def _launch(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: floa
         MASK=kind,
         MASK_ROW=m_strides[1] == 0 or H == 1, IEEE=q.dtype == torch.float32,
         UPCAST=interpreter_upcasts(q.dtype),
-        PDL=use_pdl, num_warps=4, num_stages=2, **fold, **({"launch_pdl": True} if use_pdl else {}),
+        PDL=use_pdl, MERGE=merge, num_warps=4, num_stages=2, **fold, **({"launch_pdl": True} if use_pdl else {}),
     )
     return out
 

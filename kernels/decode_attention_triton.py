@@ -13,7 +13,7 @@ its workspace (the q/k/v + RoPE finishing launch folded in: ``qkv_from_sums``).
 import triton
 import triton.language as tl
 
-from teal_fx.kernels.sparse_gemv_triton import normed_rotated
+from teal_fx.kernels.sparse_gemv_triton import merge_weights, normed_rotated
 
 
 @triton.jit
@@ -71,13 +71,9 @@ def merge_splits(acc_ptr, ml_ptr, first_slot, offs_g, offs_d, GP: tl.constexpr, 
         m_s = tl.load(ml_ptr + other * 2 * GP + offs_g, cache_modifier=".cg")
         l_s = tl.load(ml_ptr + other * 2 * GP + GP + offs_g, cache_modifier=".cg")
         a_s = tl.load(acc_ptr + other * GP * DP + offs_g[:, None] * DP + offs_d[None, :], cache_modifier=".cg")
-        m_new = tl.maximum(m_tot, m_s)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        w_old = tl.exp2(m_tot - m_safe)
-        w_s = tl.exp2(m_s - m_safe)
+        m_tot, w_old, w_s = merge_weights(m_tot, m_s)
         l_tot = l_tot * w_old + l_s * w_s
         out = out * w_old[:, None] + a_s * w_s[:, None]
-        m_tot = m_new
     return out, l_tot
 
 @triton.jit
@@ -156,6 +152,9 @@ def decode_attention_kernel(
     NSPLIT: tl.constexpr, MASK: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
     MASK_ROW: tl.constexpr = True,  # the mask is the same for every head (or there is none)
     PDL: tl.constexpr = False,  # programmatic dependent launch (kernels/pdl.py)
+    # the last program of each KV head merges the splits (and zeroes the q/k/v sums); off, each split's softmax state
+    # is left in acc_ptr / ml_ptr for the next launch to merge (o's: ``store_merged_x``), which zeroes the sums
+    MERGE: tl.constexpr = True,
     # q (and the new k/v row, written to the cache at pos_ptr[0]) formed from a q/k/v GEMV's sums (``qkv_from_sums``;
     # s_ptr [B, >= V_COL0 + HKV * D], rows stride_sum_b), its biases (HAS_BIAS), RoPE's cos / sin ([B or 1, D], rows
     # stride_cos_b / stride_sin_b, 0 when shared) and Qwen3's q/k norms (HAS_NORM); the sums zeroed by the last program
@@ -250,13 +249,14 @@ def decode_attention_kernel(
         tl.store(acc_ptr + slot * GP * DP + offs_g[:, None] * DP + offs_d[None, :], acc)
         tl.store(ml_ptr + slot * 2 * GP + offs_g, m_i)
         tl.store(ml_ptr + slot * 2 * GP + GP + offs_g, l_i)
-        tl.debug_barrier()
-        arrived = tl.atomic_add(cnt_ptr + bh, 1, sem="acq_rel")
-        if arrived == NSPLIT - 1:
-            out, l_tot = merge_splits(acc_ptr, ml_ptr, bh * NSPLIT, offs_g, offs_d, GP, DP, NSPLIT)
-            l_tot = tl.where(g_ok, l_tot, 1.0)
-            tl.store(o_ptr + o_offs, (out / l_tot[:, None]).to(o_ptr.dtype.element_ty), mask=gd_mask)
-            if QKV_SUMS:  # every program of this KV head has read them: it arrived
-                zero_qkv_sums(s_ptr, b, stride_sum_b, hk, K_COL0, V_COL0, offs_g, offs_d, gd_mask, G, D)
-            tl.atomic_xchg(cnt_ptr + bh, 0)
+        if MERGE:
+            tl.debug_barrier()
+            arrived = tl.atomic_add(cnt_ptr + bh, 1, sem="acq_rel")
+            if arrived == NSPLIT - 1:
+                out, l_tot = merge_splits(acc_ptr, ml_ptr, bh * NSPLIT, offs_g, offs_d, GP, DP, NSPLIT)
+                l_tot = tl.where(g_ok, l_tot, 1.0)
+                tl.store(o_ptr + o_offs, (out / l_tot[:, None]).to(o_ptr.dtype.element_ty), mask=gd_mask)
+                if QKV_SUMS:  # every program of this KV head has read them: it arrived
+                    zero_qkv_sums(s_ptr, b, stride_sum_b, hk, K_COL0, V_COL0, offs_g, offs_d, gd_mask, G, D)
+                tl.atomic_xchg(cnt_ptr + bh, 0)
 

@@ -11,6 +11,7 @@ dtypes and row counts) and runs ``reference.py`` everywhere else, so one graph s
     teal::sparse_linear_qkv_rope(x, [Wq, Wk, Wv], ..., cos, sin, pos, k_cache, v_cache)   RoPE(q); cache <- RoPE(k), v
     teal::decode_attention(q, k, v, mask, scale)                        one query position, GQA heads read once
     teal::sparse_qkv_rope_attention(x, [Wq, Wk, Wv], ..., mask, scale)  the two above, q formed by the attention
+    teal::sparse_attention_add_rmsnorm(x, [Wq, Wk, Wv], ..., W_o, ...)  it and o's add + RMSNorm, o merging the splits
     teal::quantized_linear(x, W_q, scales, b)                           x Wᵀ + b, W int8/int4 (kernels/quantize.py)
 
 The sparse ops take int8/int4 weights too, with their ``scales`` (None: a float weight), ``shared``: one mask for
@@ -441,3 +442,72 @@ def _(x: Tensor, weights: list[Tensor], biases: list[Optional[Tensor]], threshol
     torch._check(heads % k_cache.shape[1] == 0, lambda: "sparse_qkv_rope_attention: query heads must be a multiple "
                                                          "of the cache's kv heads")
     return x.new_empty((x.shape[0], heads, x.shape[1], head_dim))
+
+
+@torch.library.custom_op("teal::sparse_attention_add_rmsnorm", mutates_args=("k_cache", "v_cache"))
+def sparse_attention_add_rmsnorm(
+    x: Tensor, weights: list[Tensor], biases: list[Optional[Tensor]], thresholds: list[float],
+    prefill_sparse_from: float, sparsities: list[float], scales: list[Optional[Tensor]], shared: bool, x_int8: bool,
+    head_dim: int, cos: Tensor, sin: Tensor, cache_position: Tensor, k_cache: Tensor, v_cache: Tensor,
+    q_norm: Optional[Tensor], k_norm: Optional[Tensor], norm_eps: float, mask: Optional[Tensor], scale: float,
+    w_o: Tensor, b_o: Optional[Tensor], t_o: float, sparsity_o: float, scales_o: Optional[Tensor], residual: Tensor,
+    norm_weight: Tensor, eps: float,
+) -> tuple[Tensor, Tensor]:
+    """``sparse_linear_add_rmsnorm(o_input(sparse_qkv_rope_attention(x, ...)), w_o, ...)``, o_input the heads side by
+    side ([B, H, S, D] -> [B, S, H·D]): a decode step's attention half, returning (h, RMSNorm(h)).
+
+    On the decode path, where the cache is split among programs, the attention leaves its splits' softmax states
+    unmerged and each o program merges its own K split of the attention's output (``sparse_gemv_merged_add_rmsnorm``):
+    the merge's tail (a counter's round trip, the last program's reads) leaves the attention launch. Elsewhere it is
+    the two ops. No autograd: the pass that inserts it only rewrites decode graphs."""
+    if x.is_cuda and sparse_token_start(x, prefill_sparse_from) == 0:
+        hint = min(sparsities, default=-1.0)
+        hq = logical_shape(weights[0])[0] // head_dim if head_dim else 0
+        B, hkv = x.shape[0], k_cache.shape[1]
+        if _group_on_kernel(x, weights, biases, scales, hint, shared, x_int8) and \
+                sparse_gemv.can_fold_rope(x, weights, head_dim, cos, sin, cache_position, k_cache, v_cache, q_norm,
+                                          k_norm) and \
+                attention_launcher.can_fold_qkv(head_dim, k_cache, mask) and hq % hkv == 0 and \
+                attention_launcher.cache_splits(B, hq, hkv, k_cache.shape[2], head_dim, x.device) > 1 and \
+                sparse_gemv.supports(x, w_o, scales_o, shared, x_int8) and \
+                sparse_gemv.can_fold_merge(B, hq, head_dim, w_o, residual, norm_weight, k_cache.dtype, x_int8) and \
+                sparse_gemv.pays(x, w_o.shape[0], sparsity_o, shared, scales_o is not None, in_features=hq * head_dim):
+            sums = sparse_gemv.sparse_gemv_sums(x, weights, thresholds, sparsity=hint, scales=scales, shared=shared)
+            states = attention_launcher.split_states_from_qkv_sums(
+                sums, biases, head_dim, cos, sin, cache_position, k_cache, v_cache, q_norm, k_norm, norm_eps, mask,
+                scale)
+            return sparse_gemv.sparse_gemv_merged_add_rmsnorm(states, w_o, b_o, t_o, residual, norm_weight, eps, sums,
+                                                              sparsity=sparsity_o, scales=scales_o, shared=shared)
+    attn = sparse_qkv_rope_attention(x, weights, biases, thresholds, prefill_sparse_from, sparsities, scales, shared,
+                                     x_int8, head_dim, cos, sin, cache_position, k_cache, v_cache, q_norm, k_norm,
+                                     norm_eps, mask, scale)
+    return sparse_linear_add_rmsnorm(o_input(attn), w_o, b_o, t_o, prefill_sparse_from, sparsity_o, residual,
+                                     norm_weight, eps, scales_o, shared, x_int8)
+
+
+def o_input(attn: Tensor) -> Tensor:
+    """o's input from the attention's output: [B, H, S, D] -> [B, S, H·D], the heads side by side (what
+    ``fold_attention_merge_into_o`` checks the graph's own views compute)."""
+    B, H, S, D = attn.shape
+    return attn.transpose(1, 2).reshape(B, S, H * D)
+
+
+@sparse_attention_add_rmsnorm.register_fake
+def _(x: Tensor, weights: list[Tensor], biases: list[Optional[Tensor]], thresholds: list[float],
+      prefill_sparse_from: float, sparsities: list[float], scales: list[Optional[Tensor]], shared: bool,
+      x_int8: bool, head_dim: int, cos: Tensor, sin: Tensor, cache_position: Tensor, k_cache: Tensor,
+      v_cache: Tensor, q_norm: Optional[Tensor], k_norm: Optional[Tensor], norm_eps: float, mask: Optional[Tensor],
+      scale: float, w_o: Tensor, b_o: Optional[Tensor], t_o: float, sparsity_o: float, scales_o: Optional[Tensor],
+      residual: Tensor, norm_weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    torch._check(len(weights) == 3, lambda: "sparse_attention_add_rmsnorm: three weights (q, k, v)")
+    torch._check(x.dim() == 3, lambda: "sparse_attention_add_rmsnorm: x is [B, S, K]")
+    heads = logical_shape(weights[0])[0] // head_dim
+    torch._check(heads % k_cache.shape[1] == 0, lambda: "sparse_attention_add_rmsnorm: query heads must be a "
+                                                         "multiple of the cache's kv heads")
+    torch._check(w_o.shape[1] == heads * head_dim, lambda: "sparse_attention_add_rmsnorm: o does not take the heads")
+    N = logical_shape(w_o)[0]
+    torch._check(residual.shape[-1] == N, lambda: "sparse_attention_add_rmsnorm: residual and o differ")
+    shape = torch.broadcast_shapes(residual.shape, (x.shape[0], x.shape[1], N))
+    dtype = torch.promote_types(residual.dtype, x.dtype)  # o's input is the attention's output, in x's dtype
+    h = residual.new_empty(shape, dtype=dtype)
+    return h, h.new_empty(shape, dtype=torch.promote_types(dtype, norm_weight.dtype))

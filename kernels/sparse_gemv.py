@@ -6,6 +6,7 @@
     sparse_gemv_add_rmsnorm(x, w, b, t, r, nw, eps)   h = r + linear, RMSNorm(h), in the finishing launch
     sparse_gemv_mlp_add_rmsnorm(x, wg, wu, wd, ...)   the two above as one op, silu(gate) * up formed by down
     sparse_gemv_sums(x, [w], [t])                 the grouped launch's sums left for the next launch to read
+    sparse_gemv_merged_add_rmsnorm(states, w, ...)    o over the attention's unmerged splits, merged by its launch
 
 Every launcher takes ``scales`` for int8/int4 weights (kernels/quantize.py: the format follows the weight's dtype).
 The kernels are in ``sparse_gemv_triton.py``, the launch config in ``sparse_gemv_config.py``, the reference in
@@ -19,7 +20,7 @@ from __future__ import annotations
 import enum
 import warnings
 from dataclasses import dataclass, replace
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -32,6 +33,8 @@ from teal_fx.kernels.workspace import Workspace
 
 if HAS_TRITON:
     from teal_fx.kernels import sparse_gemv_triton as jit
+if TYPE_CHECKING:
+    from teal_fx.kernels.decode_attention import SplitStates
 
 MAX_ROWS = 8
 MAX_SHARED_ROWS = 16  # one mask for the batch (``shared``): the union cannot grow, so larger batches still gain
@@ -169,6 +172,18 @@ def can_fold_swiglu(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, res
     return (not x_int8 and 1 <= rows <= MAX_FOLD_ROWS and can_fuse_swiglu(x, w_gate, w_up, shared)
             and w_down.dim() == 2 and w_down.shape[1] == logical_shape(w_gate)[0]
             and can_fuse_add_rmsnorm(x, w_down, residual, norm_weight))
+
+
+def can_fold_merge(x_rows: int, heads: int, head_dim: int, weight: Tensor, residual: Tensor, norm_weight: Tensor,
+                   dtype: torch.dtype, x_int8: bool = False) -> bool:
+    """Whether ``sparse_gemv_merged_add_rmsnorm`` takes these: o over the ``heads`` x ``head_dim`` outputs of an
+    attention in ``dtype``, 1 to MAX_FOLD_ROWS rows of float x (x_int8 quantizes x in its own prologue), and a
+    residual and norm weight ``sparse_gemv_add_rmsnorm`` takes (see ``can_fuse_add_rmsnorm``)."""
+    N = logical_shape(weight)[0]
+    return (not x_int8 and 1 <= x_rows <= MAX_FOLD_ROWS and weight.dim() == 2 and weight.shape[1] == heads * head_dim
+            and N <= MAX_NORM_WIDTH and residual.shape[-1] == N and residual.numel() == x_rows * N
+            and norm_weight.shape == (N,) and residual.dtype == norm_weight.dtype == dtype
+            and residual.device == weight.device == norm_weight.device)
 
 
 def can_fold_rope(x: Tensor, weights: Sequence[Tensor], head_dim: int, cos: Tensor, sin: Tensor,
@@ -320,6 +335,28 @@ def sparse_gemv_mlp_add_rmsnorm(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down:
     return h.reshape(residual.shape), norm.out.reshape(residual.shape)
 
 
+def sparse_gemv_merged_add_rmsnorm(states: "SplitStates", weight: Tensor, bias: Optional[Tensor], threshold: float,
+                                   residual: Tensor, norm_weight: Tensor, eps: float, qkv_sums: Sequence[Tensor], *,
+                                   config: Optional[GemvConfig] = None, sparsity: Optional[float] = None,
+                                   scales: Optional[Tensor] = None, shared: bool = False) -> tuple[Tensor, Tensor]:
+    """``sparse_gemv_add_rmsnorm`` over the output of a decode attention that left its cache splits unmerged
+    (``decode_attention.split_states_from_qkv_sums``): each program merges its K split of x from the splits' states
+    (``store_merged_x``, rounded as the attention's merge rounds), so the merge's tail leaves the attention launch;
+    this launch keeps its sums past the q/k/v sums (``qkv_sums``, which the attention read) and its finish zeroes
+    those. Same result. Returns (h, out) in the residual's shape."""
+    heads = states.config.group * states.kv_heads
+    if not can_fold_merge(states.rows, heads, states.head_dim, weight, residual, norm_weight, states.dtype):
+        raise ValueError(f"sparse_gemv_merged_add_rmsnorm: needs o over the attention's heads, 1 to {MAX_FOLD_ROWS} "
+                         "rows, and what sparse_gemv_add_rmsnorm takes (see can_fold_merge)")
+    rows, K = states.rows, heads * states.head_dim
+    x = torch.empty((rows, K), dtype=states.dtype, device=weight.device)  # each program writes its split
+    h, norm = _add_rmsnorm_outputs(x, logical_shape(weight)[0], residual, norm_weight, eps)
+    used = -(-rows * qkv_sums[0].stride(0) // 64) * 64  # this launch's sums after them, 256-byte aligned
+    _launch(x, [weight], [bias], [threshold], config, [h], sparsity, _Epilogue.ADD_RMSNORM, norm, scales=[scales],
+            shared=shared, x_states=states, ws_offset=used, sums_to_zero=qkv_sums[0])
+    return h.reshape(residual.shape), norm.out.reshape(residual.shape)
+
+
 def sparse_gemv_qkv_rope(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tensor]],
                          thresholds: Sequence[float], head_dim: int, cos: Tensor, sin: Tensor, cache_position: Tensor,
                          k_cache: Tensor, v_cache: Tensor, q_norm: Optional[Tensor] = None,
@@ -406,12 +443,15 @@ def _launch(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tens
             epilogue: _Epilogue, norm: Optional[_AddRMSNorm] = None,
             scales: Optional[Sequence[Optional[Tensor]]] = None, shared: bool = False,
             x_int8: bool = False, rope: Optional[_QkvRope] = None,
-            x_sums: Optional[tuple[Tensor, Tensor]] = None, ws_offset: int = 0) -> list[Tensor]:
+            x_sums: Optional[tuple[Tensor, Tensor]] = None, ws_offset: int = 0,
+            x_states: Optional["SplitStates"] = None, sums_to_zero: Optional[Tensor] = None) -> list[Tensor]:
     """The GEMV grid over the segments' N tiles, then, where the epilogue runs apart, its finishing launch.
 
     ``x_sums`` (gate, up): fp32 [M, K] views of the sums a gate/up launch left in the workspace (SUMS); this launch
     forms x = silu(gate) * up from them into ``x`` (written, not read), keeps its own sums ``ws_offset`` floats on,
-    past them, and its finish (ADD_RMSNORM only) zeroes them. SUMS returns a [M, N] view of each segment's sums."""
+    past them, and its finish (ADD_RMSNORM only) zeroes them. ``x_states``: x is instead merged from a decode
+    attention's unmerged splits, and the finish zeroes the rows of ``sums_to_zero`` (the q/k/v sums that attention
+    read). SUMS returns a [M, N] view of each segment's sums."""
     if not HAS_TRITON:
         raise RuntimeError("the Triton sparse GEMV needs triton")
     nseg = len(weights)
@@ -441,6 +481,11 @@ def _launch(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tens
     if x_sums is not None and (epilogue is not _Epilogue.ADD_RMSNORM or cfg.weight_math == 3 or x_int8
                                or any(t.shape != (M, K) or t.stride(1) != 1 for t in x_sums)):
         raise ValueError("x from gate/up sums takes [M, K] sums, a float-x config and the add + RMSNorm finish")
+    if x_states is not None and (epilogue is not _Epilogue.ADD_RMSNORM or cfg.weight_math == 3 or x_int8
+                                 or x_sums is not None or sums_to_zero is None or x_states.rows != M
+                                 or x_states.config.group * x_states.kv_heads * x_states.head_dim != K):
+        raise ValueError("x merged from an attention's splits takes its [rows, heads x head_dim] output, a float-x "
+                         "config, the add + RMSNorm finish and the q/k/v sums to zero")
     if cfg.use_dot and cfg.compact and not (shared or M == 1):
         raise ValueError(f"packed survivors on tensor cores need one mask for all rows (a shared mask, or one row): "
                          f"{cfg}")
@@ -537,8 +582,12 @@ def _launch(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tens
     # the norm needs every column's sum, the rotation the other half of each head's: only a launch after the grid
     apart = (apart and (cfg.split_k > 1 or gated) and not cfg.use_dot) or \
         epilogue in (_Epilogue.ADD_RMSNORM, _Epilogue.QKV_ROPE, _Epilogue.SUMS)
-    swiglu_x = {} if x_sums is None else dict(X_SWIGLU=True, g_ptr=x_sums[0], u_ptr=x_sums[1],
+    x_prologue = {} if x_sums is None else dict(X_SWIGLU=True, g_ptr=x_sums[0], u_ptr=x_sums[1],
                                               stride_gm=x_sums[0].stride(0))
+    if x_states is not None:
+        a = x_states.config
+        x_prologue = dict(X_MERGE=True, acc_ptr=x_states.acc, ml_ptr=x_states.ml, HKV=x_states.kv_heads,
+                        NSPLIT=a.nsplit, G=a.group, GP=a.group_padded, D=x_states.head_dim, DP=a.head_dim_padded)
     jit.sparse_gemv_kernel[(total_tiles, cfg.split_k)](
         x2, s0["w"], s0["b"], s0["y"], ws, cnt, idx, xv,
         M, s0["N"], K, s0["t"],
@@ -554,7 +603,7 @@ def _launch(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tens
         WMATH=cfg.weight_math,
         ASM=inline_ptx(x.device),
         s_ptr=s0["s"],
-        stride_sg=s0["ssg"], **extra, **swiglu_x, **launch_pdl,
+        stride_sg=s0["ssg"], **extra, **x_prologue, **launch_pdl,
     )
     if epilogue is _Epilogue.SUMS:  # [M, N] views, rows N_TOTAL apart (each segment's tiles in turn)
         sums = ws[:M * total_tiles * BN].view(M, total_tiles * BN)
@@ -562,8 +611,10 @@ def _launch(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tens
         return [sums[:, c:c + N] for c, N in zip(cols, Ns)]
     if norm is not None:
         BN_ROW = next_pow2(s0["N"])
-        # x's gate/up sums, rows 0..M-1 of theirs: zeroed by programs past the rows' once this grid has read them
-        zero = {} if x_sums is None else dict(M=M, z_ptr=x_sums[0], Z_N=M * x_sums[0].stride(0), ZERO=True)
+        # x's gate/up sums (or the q/k/v sums of the attention x was merged from), rows 0..M-1 of theirs: zeroed by
+        # programs past the rows' once this grid has read them
+        zero_rows = x_sums[0] if x_sums is not None else sums_to_zero
+        zero = {} if zero_rows is None else dict(M=M, z_ptr=zero_rows, Z_N=M * zero_rows.stride(0), ZERO=True)
         jit.finish_add_rmsnorm_kernel[(M + (-(-zero["Z_N"] // BN_ROW) if zero else 0),)](
             ws, s0["b"], norm.residual, norm.norm_weight, s0["y"], norm.out, s0["N"], s0["N"],
             norm.residual.stride(0), s0["sym"], norm.out.stride(0), norm.eps, BN=BN_ROW, HAS_BIAS=has_bias,

@@ -252,6 +252,45 @@ def store_swiglu_x(g_ptr, u_ptr, stride_gm, x_ptr, stride_xm, offs_m, m_ok, k_lo
     tl.debug_barrier()  # the CTA's global stores are visible to all its threads after the barrier
 
 @triton.jit
+def merge_weights(m_tot, m_s):
+    """Folding a split's softmax state (max ``m_s``, base 2) into the running one (max ``m_tot``): the new max and
+    the weights of the old sums and of the split's. The decode attention's merge and ``store_merged_x`` both take
+    them from here and apply them alike (sum · w_old + split's · w_s), so the two give the same bits."""
+    m_new = tl.maximum(m_tot, m_s)
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    return m_new, tl.exp2(m_tot - m_safe), tl.exp2(m_s - m_safe)
+
+@triton.jit
+def store_merged_x(acc_ptr, ml_ptr, x_ptr, stride_xm, offs_m, m_ok, k_lo, k_hi, HKV, NSPLIT: tl.constexpr,
+                   G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, CHUNK: tl.constexpr):
+    """x[:, k_lo:k_hi] = the decode attention's output, merged here from the softmax states its NSPLIT splits left
+    (``decode_attention_kernel`` with MERGE off: acc [slot, GP, DP], ml [slot, 2, GP], slot (row · HKV + KV head) ·
+    NSPLIT + split), input k being head k // D's column k % D, as o reads the heads side by side. Rounded as the
+    attention's own merge rounds; every program of a K split writes the same values and reads back only its own
+    split, after the barrier (as ``store_swiglu_x``)."""
+    offs_k = k_lo + tl.arange(0, CHUNK)
+    mask = m_ok[:, None] & (offs_k < k_hi)[None, :]
+    head = offs_k // D
+    g = head % G
+    slot = (offs_m[:, None] * HKV + (head // G)[None, :]) * NSPLIT
+    acc_offs = slot * (GP * DP) + (g * DP + offs_k % D)[None, :]
+    ml_offs = slot * (2 * GP) + g[None, :]
+    m_tot = tl.full((offs_m.shape[0], CHUNK), float("-inf"), tl.float32)
+    l_tot = tl.zeros((offs_m.shape[0], CHUNK), tl.float32)
+    out = tl.zeros((offs_m.shape[0], CHUNK), tl.float32)
+    for s in range(0, NSPLIT):
+        # .cg: written by the attention launch before this one
+        m_s = tl.load(ml_ptr + ml_offs + s * 2 * GP, mask=mask, other=0.0, cache_modifier=".cg")
+        l_s = tl.load(ml_ptr + ml_offs + s * 2 * GP + GP, mask=mask, other=0.0, cache_modifier=".cg")
+        a_s = tl.load(acc_ptr + acc_offs + s * GP * DP, mask=mask, other=0.0, cache_modifier=".cg")
+        m_tot, w_old, w_s = merge_weights(m_tot, m_s)
+        l_tot = l_tot * w_old + l_s * w_s
+        out = out * w_old + a_s * w_s
+    x = out / tl.where(mask, l_tot, 1.0)
+    tl.store(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], x.to(x_ptr.dtype.element_ty), mask=mask)
+    tl.debug_barrier()  # the CTA's global stores are visible to all its threads after the barrier
+
+@triton.jit
 def packed_sum(x_ptr, w_ptr, idx_ptr, xv_ptr, k_lo, k_hi, threshold, offs_n, n_ok, stride_wk, stride_wn,
                BK: tl.constexpr, BN: tl.constexpr, CHUNK: tl.constexpr, EVEN_N: tl.constexpr, offs_p, p_ok,
                WFMT: tl.constexpr, ASM: tl.constexpr, WMATH: tl.constexpr):
@@ -426,6 +465,11 @@ def sparse_gemv_kernel(
     # workspace (g_ptr / u_ptr [M, K], rows stride_gm) and stored to x_ptr for this program's split
     # (``store_swiglu_x``): the SwiGLU finishing launch folded into this one (``sparse_gemv_mlp_add_rmsnorm``)
     X_SWIGLU: tl.constexpr = False, g_ptr=None, u_ptr=None, stride_gm=0,
+    # x is the output of the decode attention launch before this one, merged here from the softmax states of its
+    # cache splits (acc_ptr / ml_ptr; HKV KV heads of G query heads of D columns, padded to GP / DP) and stored to
+    # x_ptr for this program's split (``store_merged_x``): the attention's merge folded into o's launch
+    X_MERGE: tl.constexpr = False, acc_ptr=None, ml_ptr=None, HKV=1, NSPLIT: tl.constexpr = 1, G: tl.constexpr = 1,
+    GP: tl.constexpr = 1, D: tl.constexpr = 1, DP: tl.constexpr = 1,
 ):
     """Program (N tile, K split) of y = (x ⊙ 1[|x| > t]) Wᵀ + b; segments 1 and 2 as segment 0, other pointers.
 
@@ -480,6 +524,8 @@ def sparse_gemv_kernel(
     k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
     if X_SWIGLU:
         store_swiglu_x(g_ptr, u_ptr, stride_gm, x_ptr, stride_xm, offs_m, m_ok, k_lo, k_hi, CHUNK)
+    if X_MERGE:
+        store_merged_x(acc_ptr, ml_ptr, x_ptr, stride_xm, offs_m, m_ok, k_lo, k_hi, HKV, NSPLIT, G, GP, D, DP, CHUNK)
     if USE_DOT and WFMT == 2:
         acc = int4_dot_partial(x_ptr, w_ptr, idx_ptr + (seg * SPLIT_K + pk) * CHUNK, k_lo, k_hi, threshold, offs_m,
                                m_ok, stride_xm, offs_p, p_ok, stride_wk, stride_wn, M, BM, BN, BK, CHUNK, EVEN_N,

@@ -11,7 +11,8 @@ The order is the contract:
    on what those two made of an MLP, and ``fold_rope_into_qkv_finish`` on the q/k/v groups (it reads their q/k/v
    labels);
 5. ``replace_decode_attention`` is independent of the plan (it runs in dense compiles too) and comes after them, so
-   discovery sees the graph as traced; ``fold_qkv_finish_into_attention`` then joins its result to the q/k/v op;
+   discovery sees the graph as traced; ``fold_qkv_finish_into_attention`` then joins its result to the q/k/v op,
+   and ``fold_attention_merge_into_o`` that to o's add + RMSNorm op;
    ``replace_outer_product_matmul`` and ``batch_input_increments`` are independent of everything else (last, so no
    analysis sees a matmul turned into a multiply).
 """
@@ -27,6 +28,7 @@ from teal_fx.options import TealOptions
 from teal_fx.passes.batch_input_increments import batch_input_increments
 from teal_fx.passes.context import PassContext
 from teal_fx.passes.dump import write_dump
+from teal_fx.passes.fold_attention_merge_into_o import fold_attention_merge_into_o
 from teal_fx.passes.fold_qkv_finish_into_attention import fold_qkv_finish_into_attention
 from teal_fx.passes.fold_rope_into_qkv_finish import fold_rope_into_qkv_finish
 from teal_fx.passes.fold_swiglu_into_down import fold_swiglu_into_down
@@ -60,6 +62,7 @@ PASSES: list[tuple[Pass, Optional[str]]] = [
     (fold_rope_into_qkv_finish, "fold_rope"),
     (replace_decode_attention, "decode_attention"),
     (fold_qkv_finish_into_attention, "fold_qkv_attention"),
+    (fold_attention_merge_into_o, "fold_attention_merge"),
     (replace_outer_product_matmul, "outer_product_multiply"),
     (batch_input_increments, None),
 ]

@@ -34,6 +34,9 @@ class TealOptions:
     # (passes/fold_qkv_finish_into_attention.py); docs/perf-log.md v52: int4 + 50% decode +0.6 / +0.7%, int8 +0.5 /
     # +0.8% (two A/Bs, H100)
     fold_qkv_attention: bool = True
+    # o's launch merges the attention's cache splits, whose launch then ends as soon as its splits are done
+    # (passes/fold_attention_merge_into_o.py); docs/perf-log.md v56: int4 + 50% decode +3.7%, int8 +2.4% (H100)
+    fold_attention_merge: bool = True
     outer_product_multiply: bool = True  # a matmul over a dimension of 1 -> a multiply (passes/replace_outer_product_matmul.py)
     inductor_pdl: bool = True  # on Hopper+, Inductor's kernels launch early and wait first (teal_fx/inductor.py)
     inductor: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))  # any other key: Inductor config

@@ -17,6 +17,8 @@ def test_options_pick_the_passes_and_keep_their_order():
     assert passes_for(TealOptions()) == everything  # every pass is on by default
     assert [p.__name__ for p in passes_for(TealOptions(fold_qkv_attention=False))] == \
         [p.__name__ for p in everything if p.__name__ != "fold_qkv_finish_into_attention"]
+    assert [p.__name__ for p in passes_for(TealOptions(fold_attention_merge=False))] == \
+        [p.__name__ for p in everything if p.__name__ != "fold_attention_merge_into_o"]
     assert [p.__name__ for p in passes_for(TealOptions(fold_rope=False))] == \
         [p.__name__ for p in everything if p.__name__ != "fold_rope_into_qkv_finish"]
     off = TealOptions(fuse_swiglu=False, decode_attention=False)

@@ -156,9 +156,9 @@ def test_attention_from_sums_matches_finish_then_attention(B, heads, D, K, dtype
     hq, hkv = heads
     if fmt == "int4" and hkv * D < 32:
         D = 32
-    x, ws, bs, scales, cos, sin, pos, _ = operands(B, hq, hkv, D, K, dtype, fmt, bias, per_row_angles, seed)
+    L = 40  # blocks of 16 positions (a GPU's dots take 16 or more; blocks of 2 failed to compile on an H100)
+    x, ws, bs, scales, cos, sin, pos, _ = operands(B, hq, hkv, D, K, dtype, fmt, bias, per_row_angles, seed, L=L)
     g = torch.Generator().manual_seed(seed + 2)
-    L = 6
     caches = [torch.randn(B, hkv, L, D, generator=g).to(dtype).to(DEVICE) for _ in range(2)]
     attend = torch.arange(L, device=DEVICE) <= pos  # the static cache's rows up to the new one
     m = {None: None, "bool": attend.view(1, 1, 1, L),
@@ -166,7 +166,7 @@ def test_attention_from_sums_matches_finish_then_attention(B, heads, D, K, dtype
     norms = [(1 + 0.3 * torch.randn(D, generator=g)).to(dtype).to(DEVICE) for _ in range(2)] if qk_norm \
         else [None, None]
     ts = [t, t / 2, 0.0]
-    cfg = da.split_cache(da.launch_config(B, hq, hkv, L, D, x.device), L, splits, block_l=2)
+    cfg = da.split_cache(da.launch_config(B, hq, hkv, L, D, x.device), L, splits, block_l=16)
 
     kc_ref, vc_ref = (c.clone() for c in caches)
     q = sg.sparse_gemv_qkv_rope(x, ws, bs, ts, D, cos, sin, pos, kc_ref, vc_ref, *norms, 1e-6, scales=scales)
