@@ -18,7 +18,7 @@ from tests.test_fold_rope import _decode_step
 
 FOLDED = torch.ops.teal.sparse_attention_add_rmsnorm.default
 ATTENTION = torch.ops.teal.sparse_qkv_rope_attention.default
-O = torch.ops.teal.sparse_linear_add_rmsnorm.default
+O_ADD_RMSNORM = torch.ops.teal.sparse_linear_add_rmsnorm.default
 
 
 @settings(max_examples=6, deadline=None)
@@ -87,7 +87,7 @@ def test_fold_keeps_meta_and_labels():
     model = tiny_model("llama", layers=1)
     plan = teal_fx.Plan.from_thresholds(teal_fx.find_linears(model), 0.3)
     gm = _decode_graph_with_folds(model, plan)
-    o = next(n for n in gm.graph.nodes if n.target is O and _reads_attention(n))
+    o = next(n for n in gm.graph.nodes if n.target is O_ADD_RMSNORM and _reads_attention(n))
     o_val, o_label = o.meta.get("example_value", o.meta.get("val")), o.meta.get("teal")
     attn_label = next(n for n in gm.graph.nodes if n.target is ATTENTION).meta.get("teal")
     fold_attention_merge_into_o(gm)
