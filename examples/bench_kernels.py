@@ -431,7 +431,8 @@ def registers(fmt: str, N: int, K: int, cfg, x_swiglu: bool = False) -> tuple[in
                  USE_DOT=cfg.use_dot, IEEE=False, UPCAST=False, EVEN_N=N % cfg.block_n == 0,
                  EVEN_K=K % cfg.k_per_split == 0, IN_THREAD=cfg.in_thread, COMPACT=cfg.compact, CHUNK=cfg.chunk,
                  NSEG=1, GATED=False, PDL=True, APART=True, WFMT={None: 0, "int8": 1, "int4": 2}[fmt], GROUP=INT4_GROUP,
-                 HALF_DOT=cfg.half_dot, SHARED=False, ASM=True, WMATH=cfg.weight_math, X_SWIGLU=x_swiglu)
+                 HALF_DOT=cfg.half_dot, SHARED=False, ASM=True, WMATH=cfg.weight_math, X_SWIGLU=x_swiglu,
+                 X_MERGE=False, NSPLIT=1, G=1, GP=1, D=1, DP=1)
     sig, constexprs, attrs = {}, {}, {}
     for i, prm in enumerate(fn.params):
         n = prm.name
@@ -444,6 +445,8 @@ def registers(fmt: str, N: int, K: int, cfg, x_swiglu: bool = False) -> tuple[in
             sig[n], constexprs[n] = "constexpr", None
         elif n in ("g_ptr", "u_ptr", "stride_gm") and not x_swiglu:
             sig[n], constexprs[n] = "constexpr", None if n.endswith("_ptr") else 0
+        elif n in ("acc_ptr", "ml_ptr", "HKV"):  # x merged from an attention's splits: not screened here
+            sig[n], constexprs[n] = "constexpr", None if n.endswith("_ptr") else 1
         elif n.endswith("_ptr"):
             sig[n] = {"int8": "*i8", "int4": "*u8"}.get(fmt, "*bf16") if n == "w_ptr" else _PTR_TYPES[n]
             attrs[(i,)] = [["tt.divisibility", 16]]

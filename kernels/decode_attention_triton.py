@@ -8,7 +8,8 @@ split over programs (flash-decoding) and the last program of a KV head to arrive
 (an arrival counter, as the sparse GEMV's split-K): one launch. The launcher is ``decode_attention.py``.
 
 QKV_SUMS: q is not given but formed, with the new k/v cache row, from the split-K sums a q/k/v GEMV launch left in
-its workspace (the q/k/v + RoPE finishing launch folded in: ``qkv_from_sums``).
+its workspace (the q/k/v + RoPE finishing launch folded in: ``qkv_from_sums``). MERGE off: the splits' states are
+left for o's launch to merge (``sparse_gemv_triton.store_merged_x``), so the launch ends with its last split.
 """
 import triton
 import triton.language as tl

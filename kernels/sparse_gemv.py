@@ -583,11 +583,11 @@ def _launch(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tens
     apart = (apart and (cfg.split_k > 1 or gated) and not cfg.use_dot) or \
         epilogue in (_Epilogue.ADD_RMSNORM, _Epilogue.QKV_ROPE, _Epilogue.SUMS)
     x_prologue = {} if x_sums is None else dict(X_SWIGLU=True, g_ptr=x_sums[0], u_ptr=x_sums[1],
-                                              stride_gm=x_sums[0].stride(0))
+                                                stride_gm=x_sums[0].stride(0))
     if x_states is not None:
         a = x_states.config
         x_prologue = dict(X_MERGE=True, acc_ptr=x_states.acc, ml_ptr=x_states.ml, HKV=x_states.kv_heads,
-                        NSPLIT=a.nsplit, G=a.group, GP=a.group_padded, D=x_states.head_dim, DP=a.head_dim_padded)
+                          NSPLIT=a.nsplit, G=a.group, GP=a.group_padded, D=x_states.head_dim, DP=a.head_dim_padded)
     jit.sparse_gemv_kernel[(total_tiles, cfg.split_k)](
         x2, s0["w"], s0["b"], s0["y"], ws, cnt, idx, xv,
         M, s0["N"], K, s0["t"],
