@@ -9,7 +9,7 @@ from torch._dynamo.utils import counters
 
 import teal_fx
 from tests.conftest import count_calls, decode_graph_after_passes, tiny_model
-from tests.test_fold_rope import _decode_step
+from tests.test_fold_rope import _decode_step, assert_fold_keeps_the_step
 
 FOLDED = torch.ops.teal.sparse_qkv_rope_attention.default
 QKV = torch.ops.teal.sparse_linear_qkv_rope.default
@@ -25,17 +25,7 @@ def test_needs_the_rope_fold():
 @given(arch=st.sampled_from(["llama", "qwen2", "qwen3", "mistral"]), batch=st.integers(1, 3),
        prompt=st.integers(1, 6), dtype=st.sampled_from([torch.float32, torch.bfloat16]), seed=st.integers(0, 100))
 def test_folded_step_computes_what_the_graph_computed(arch, batch, prompt, dtype, seed):
-    model = tiny_model(arch, layers=2, dtype=dtype, seed=seed)
-    plan = teal_fx.Plan.from_thresholds(teal_fx.find_linears(model), 0.3)
-    g = torch.Generator().manual_seed(seed)
-    ids, prompt_ids = torch.randint(3, 128, (batch, 1), generator=g), torch.randint(3, 128, (batch, prompt), generator=g)
-    counters.clear()
-    folded = _decode_step(model, plan, ids, prompt_ids)  # on by default
-    assert counters["teal"]["qkv_finish_folded"] == 2  # every block
-    plain = _decode_step(model, plan, ids, prompt_ids, fold_qkv_attention=False)
-    assert torch.equal(folded[0], plain[0])
-    for a, b in zip(folded[1] + folded[2], plain[1] + plain[2]):
-        assert torch.equal(a, b)
+    assert_fold_keeps_the_step("fold_qkv_attention", "qkv_finish_folded", arch, batch, prompt, dtype, seed)
 
 
 def test_switched_off_the_step_keeps_its_ops():

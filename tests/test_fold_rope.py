@@ -38,13 +38,21 @@ def _decode_step(model, plan, ids, prompt, **options):
 @given(arch=st.sampled_from(["llama", "mistral", "qwen2", "qwen3", "gemma"]), batch=st.integers(1, 3),
        prompt=st.integers(1, 8), dtype=st.sampled_from([torch.float32, torch.bfloat16]), seed=st.integers(0, 100))
 def test_folded_step_computes_what_the_graph_computed(arch, batch, prompt, dtype, seed):
+    assert_fold_keeps_the_step("fold_rope", "rope_folded", arch, batch, prompt, dtype, seed)
+
+
+def assert_fold_keeps_the_step(option: str, counter: str, arch: str, batch: int, prompt: int, dtype, seed: int):
+    """One decode step of a 2-layer ``arch`` model with the fold ``option`` on, then off: ``counter`` says it folded
+    every block, then none, and the logits and both caches are the same bits (on the CPU each folded op runs the ops
+    it replaced)."""
     model = tiny_model(arch, layers=2, dtype=dtype, seed=seed)
     plan = _plan(model)
     g = torch.Generator().manual_seed(seed)
     ids, prompt_ids = torch.randint(3, 128, (batch, 1), generator=g), torch.randint(3, 128, (batch, prompt), generator=g)
-    folded = _decode_step(model, plan, ids, prompt_ids, fold_rope=True)
-    plain = _decode_step(model, plan, ids, prompt_ids, fold_rope=False)
-    assert folded[3] == 2 and plain[3] == 0  # every block's q/k/v folded
+    folded = _decode_step(model, plan, ids, prompt_ids, **{option: True})
+    assert counters["teal"][counter] == 2  # every block
+    plain = _decode_step(model, plan, ids, prompt_ids, **{option: False})
+    assert counters["teal"][counter] == 0
     assert torch.equal(folded[0], plain[0])
     for a, b in zip(folded[1] + folded[2], plain[1] + plain[2]):
         assert torch.equal(a, b)  # the cache rows written, and no other
