@@ -13,23 +13,15 @@ from hypothesis import strategies as st
 triton = pytest.importorskip("triton")
 from teal_fx.kernels import decode_attention as da  # noqa: E402
 from teal_fx.kernels import sparse_gemv as sg  # noqa: E402
-from teal_fx.kernels.quantize import quantize_int4, quantize_int8  # noqa: E402
 from teal_fx.kernels.sparse_gemv_config import make_config  # noqa: E402
 from tests.conftest import kernel_device  # noqa: E402
+from tests.test_mlp_add_rmsnorm_kernel import weight  # noqa: E402
 from tests.test_qkv_rope_kernel import operands, rel_err  # noqa: E402
 
 DEVICE = kernel_device()
 ON_GPU = DEVICE == "cuda"
 # on a GPU the split-K sums meet in a varying order: a rounding of q, of x or of h may move
 TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
-
-
-def o_weight(n, k, dtype, fmt, g):
-    w = (torch.randn(n, k, generator=g) / k**0.5).to(dtype)
-    if fmt is None:
-        return w.to(DEVICE).t().contiguous().t(), None
-    q, s = {"int8": quantize_int8, "int4": quantize_int4}[fmt](w)
-    return q.to(DEVICE), s.to(DEVICE)
 
 
 def workspaces_are_zero() -> bool:
@@ -59,7 +51,7 @@ def test_o_merging_the_splits_matches_attention_then_o(B, heads, D, K, dtype, fm
          "float": torch.where(attend, 0.0, float("-inf")).to(dtype).view(1, 1, 1, L)}[mask]
     cfg = da.split_cache(da.launch_config(B, hq, hkv, L, D, x.device), L, splits, block_l=16)
     assert cfg.nsplit == splits
-    wo, so = o_weight(K, hq * D, dtype, fmt, g)
+    wo, so = weight(K, hq * D, dtype, fmt, g)
     bo = torch.randn(K, generator=g).to(dtype).to(DEVICE) if bias else None
     res = torch.randn(B, 1, K, generator=g).to(dtype).to(DEVICE)
     nw = (1 + torch.randn(K, generator=g) / 4).to(dtype).to(DEVICE)

@@ -14,6 +14,7 @@ from torch._dynamo.utils import counters
 import teal_fx
 from teal_fx.passes.fold_attention_merge_into_o import _puts_heads_side_by_side, fold_attention_merge_into_o
 from tests.conftest import tiny_model
+from tests.test_fold_qkv_attention import attention_op_args
 from tests.test_fold_rope import assert_fold_keeps_the_step
 
 FOLDED = torch.ops.teal.sparse_attention_add_rmsnorm.default
@@ -87,15 +88,10 @@ def test_fold_keeps_meta_and_labels():
 
 
 def test_opcheck():
-    """The schema's mutations (the two caches, nothing else), the fake's shapes, and the CPU path."""
-    x = torch.randn(2, 1, 32)
-    ws = [torch.randn(n, 32) for n in (64, 32, 32)]
-    cos, sin = torch.randn(2, 1, 1, 16), torch.randn(1, 1, 1, 16)
-    caches = [torch.zeros(2, 2, 8, 16) for _ in range(2)]
-    mask = torch.arange(8).view(1, 1, 1, 8) <= 3
-    args = (x, ws, [None] * 3, [0.1, 0.1, 0.0], 1.0, [0.3] * 3, [None] * 3, False, False, 16, cos, sin,
-            torch.tensor([3]), *caches, None, None, 1e-6, mask, 0.25, torch.randn(32, 64), None, 0.05, 0.3, None,
-            torch.randn(2, 1, 32), torch.ones(32), 1e-6)
+    """The schema's mutations (the two caches, nothing else), the fake's shapes, and the CPU path: the attention's
+    arguments, then o's (a [32, 64] weight over the 4 heads of 16), the residual and the norm's."""
+    args = (*attention_op_args(), torch.randn(32, 64), None, 0.05, 0.3, None, torch.randn(2, 1, 32), torch.ones(32),
+            1e-6)
     torch.library.opcheck(FOLDED, args, test_utils=("test_schema", "test_faketensor"))
     h, out = FOLDED(*args)
     assert h.shape == out.shape == (2, 1, 32)

@@ -36,15 +36,21 @@ def test_switched_off_the_step_keeps_its_ops():
     assert counters["teal"]["qkv_finish_folded"] == 0 and counters["teal"]["rope_folded"] == 2
 
 
-def test_opcheck():
-    """The schema's mutations (the two caches, nothing else), the fake's shape, and the CPU path."""
+def attention_op_args() -> tuple:
+    """Arguments of ``teal::sparse_qkv_rope_attention`` on the CPU: 2 rows of 32 inputs, 4 query heads of 16 on 2 KV
+    heads, 8-position caches (the new one at 3)."""
     x = torch.randn(2, 1, 32)
     ws = [torch.randn(n, 32) for n in (64, 32, 32)]
     cos, sin = torch.randn(2, 1, 1, 16), torch.randn(1, 1, 1, 16)
     caches = [torch.zeros(2, 2, 8, 16) for _ in range(2)]
     mask = torch.arange(8).view(1, 1, 1, 8) <= 3
-    args = (x, ws, [None] * 3, [0.1, 0.1, 0.0], 1.0, [0.3] * 3, [None] * 3, False, False, 16, cos, sin,
+    return (x, ws, [None] * 3, [0.1, 0.1, 0.0], 1.0, [0.3] * 3, [None] * 3, False, False, 16, cos, sin,
             torch.tensor([3]), *caches, None, None, 1e-6, mask, 0.25)
+
+
+def test_opcheck():
+    """The schema's mutations (the two caches, nothing else), the fake's shape, and the CPU path."""
+    args = attention_op_args()
     torch.library.opcheck(FOLDED, args, test_utils=("test_schema", "test_faketensor"))
     out = FOLDED(*args)
     assert out.shape == (2, 4, 1, 16)
