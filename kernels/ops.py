@@ -400,6 +400,22 @@ def _(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: float) -> 
     return q.new_empty(q.shape)
 
 
+def _attention_from_sums(x: Tensor, weights: list[Tensor], biases: list[Optional[Tensor]], prefill_sparse_from: float,
+                         sparsities: list[float], scales: list[Optional[Tensor]], shared: bool, x_int8: bool,
+                         head_dim: int, cos: Tensor, sin: Tensor, cache_position: Tensor, k_cache: Tensor,
+                         v_cache: Tensor, q_norm: Optional[Tensor], k_norm: Optional[Tensor],
+                         mask: Optional[Tensor]) -> bool:
+    """Whether a decode step's q/k/v launch leaves its sums for the attention launch to form q and the new k/v row
+    from (``decode_attention_from_qkv_sums``): a decode step on the GPU, the q/k/v group on the kernel, heads the
+    RoPE fold and the attention take. Both attention ops decide so."""
+    if not (x.is_cuda and sparse_token_start(x, prefill_sparse_from) == 0):
+        return False
+    hq = logical_shape(weights[0])[0] // head_dim if head_dim else 0
+    return _group_on_kernel(x, weights, biases, scales, min(sparsities, default=-1.0), shared, x_int8) and \
+        sparse_gemv.can_fold_rope(x, weights, head_dim, cos, sin, cache_position, k_cache, v_cache, q_norm, k_norm) \
+        and attention_launcher.can_fold_qkv(head_dim, k_cache, mask) and hq % k_cache.shape[1] == 0
+
+
 @torch.library.custom_op("teal::sparse_qkv_rope_attention", mutates_args=("k_cache", "v_cache"))
 def sparse_qkv_rope_attention(
     x: Tensor, weights: list[Tensor], biases: list[Optional[Tensor]], thresholds: list[float],
@@ -413,18 +429,12 @@ def sparse_qkv_rope_attention(
     On the decode path the attention launch forms q and the new k/v row from the q/k/v launch's sums itself
     (``decode_attention_from_qkv_sums``), so the q/k/v + RoPE finishing launch between them goes away; elsewhere it
     is the two ops. No autograd: the pass that inserts it only rewrites decode graphs."""
-    if x.is_cuda and sparse_token_start(x, prefill_sparse_from) == 0:
-        hint = min(sparsities, default=-1.0)
-        hq = logical_shape(weights[0])[0] // head_dim if head_dim else 0
-        if _group_on_kernel(x, weights, biases, scales, hint, shared, x_int8) and \
-                sparse_gemv.can_fold_rope(x, weights, head_dim, cos, sin, cache_position, k_cache, v_cache, q_norm,
-                                          k_norm) and \
-                attention_launcher.can_fold_qkv(head_dim, k_cache, mask) and hq % k_cache.shape[1] == 0:
-            sums = sparse_gemv.sparse_gemv_sums(x, weights, thresholds, sparsity=hint, scales=scales, shared=shared,
-                                                x_int8=x_int8)
-            return attention_launcher.decode_attention_from_qkv_sums(
-                sums, biases, head_dim, cos, sin, cache_position, k_cache, v_cache, q_norm, k_norm, norm_eps, mask,
-                scale)
+    if _attention_from_sums(x, weights, biases, prefill_sparse_from, sparsities, scales, shared, x_int8, head_dim,
+                            cos, sin, cache_position, k_cache, v_cache, q_norm, k_norm, mask):
+        sums = sparse_gemv.sparse_gemv_sums(x, weights, thresholds, sparsity=min(sparsities, default=-1.0),
+                                            scales=scales, shared=shared, x_int8=x_int8)
+        return attention_launcher.decode_attention_from_qkv_sums(
+            sums, biases, head_dim, cos, sin, cache_position, k_cache, v_cache, q_norm, k_norm, norm_eps, mask, scale)
     q = sparse_linear_qkv_rope(x, weights, biases, thresholds, prefill_sparse_from, sparsities, scales, shared, x_int8,
                                head_dim, cos, sin, cache_position, k_cache, v_cache, q_norm, k_norm, norm_eps)
     return decode_attention(q, k_cache, v_cache, mask, scale)
@@ -460,24 +470,20 @@ def sparse_attention_add_rmsnorm(
     unmerged and each o program merges its own K split of the attention's output (``sparse_gemv_merged_add_rmsnorm``):
     the merge's tail (a counter's round trip, the last program's reads) leaves the attention launch. Elsewhere it is
     the two ops. No autograd: the pass that inserts it only rewrites decode graphs."""
-    if x.is_cuda and sparse_token_start(x, prefill_sparse_from) == 0:
-        hint = min(sparsities, default=-1.0)
-        hq = logical_shape(weights[0])[0] // head_dim if head_dim else 0
-        B, hkv = x.shape[0], k_cache.shape[1]
-        if _group_on_kernel(x, weights, biases, scales, hint, shared, x_int8) and \
-                sparse_gemv.can_fold_rope(x, weights, head_dim, cos, sin, cache_position, k_cache, v_cache, q_norm,
-                                          k_norm) and \
-                attention_launcher.can_fold_qkv(head_dim, k_cache, mask) and hq % hkv == 0 and \
-                attention_launcher.cache_splits(B, hq, hkv, k_cache.shape[2], head_dim, x.device) > 1 and \
-                sparse_gemv.supports(x, w_o, scales_o, shared, x_int8) and \
-                sparse_gemv.can_fold_merge(B, hq, head_dim, w_o, residual, norm_weight, k_cache.dtype, x_int8) and \
-                sparse_gemv.pays(x, w_o.shape[0], sparsity_o, shared, scales_o is not None, in_features=hq * head_dim):
-            sums = sparse_gemv.sparse_gemv_sums(x, weights, thresholds, sparsity=hint, scales=scales, shared=shared)
-            states = attention_launcher.split_states_from_qkv_sums(
-                sums, biases, head_dim, cos, sin, cache_position, k_cache, v_cache, q_norm, k_norm, norm_eps, mask,
-                scale)
-            return sparse_gemv.sparse_gemv_merged_add_rmsnorm(states, w_o, b_o, t_o, residual, norm_weight, eps, sums,
-                                                              sparsity=sparsity_o, scales=scales_o, shared=shared)
+    B, hkv = x.shape[0], k_cache.shape[1]
+    hq = logical_shape(weights[0])[0] // head_dim if head_dim else 0
+    if _attention_from_sums(x, weights, biases, prefill_sparse_from, sparsities, scales, shared, x_int8, head_dim,
+                            cos, sin, cache_position, k_cache, v_cache, q_norm, k_norm, mask) and \
+            attention_launcher.cache_splits(B, hq, hkv, k_cache.shape[2], head_dim, x.device) > 1 and \
+            sparse_gemv.supports(x, w_o, scales_o, shared, x_int8) and \
+            sparse_gemv.can_fold_merge(B, hq, head_dim, w_o, residual, norm_weight, k_cache.dtype, x_int8) and \
+            sparse_gemv.pays(x, w_o.shape[0], sparsity_o, shared, scales_o is not None, in_features=hq * head_dim):
+        sums = sparse_gemv.sparse_gemv_sums(x, weights, thresholds, sparsity=min(sparsities, default=-1.0),
+                                            scales=scales, shared=shared)
+        states = attention_launcher.split_states_from_qkv_sums(
+            sums, biases, head_dim, cos, sin, cache_position, k_cache, v_cache, q_norm, k_norm, norm_eps, mask, scale)
+        return sparse_gemv.sparse_gemv_merged_add_rmsnorm(states, w_o, b_o, t_o, residual, norm_weight, eps, sums,
+                                                          sparsity=sparsity_o, scales=scales_o, shared=shared)
     attn = sparse_qkv_rope_attention(x, weights, biases, thresholds, prefill_sparse_from, sparsities, scales, shared,
                                      x_int8, head_dim, cos, sin, cache_position, k_cache, v_cache, q_norm, k_norm,
                                      norm_eps, mask, scale)
