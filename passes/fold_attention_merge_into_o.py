@@ -21,6 +21,7 @@ Invariants:
 from __future__ import annotations
 
 import logging
+import math
 from typing import Optional
 
 import torch
@@ -28,6 +29,7 @@ from torch import fx
 
 import teal_fx.kernels  # noqa: F401  (registers torch.ops.teal)
 from teal_fx.kernels.ops import o_input
+from teal_fx.passes.analysis.dataflow import is_call, read_between, static_shape
 from teal_fx.passes.context import PassContext
 from teal_fx.passes.finish import finish
 
@@ -42,9 +44,7 @@ _ATTENTION_ARGS = 20  # sparse_qkv_rope_attention's: x ... mask, scale
 def fold_attention_merge_into_o(gm: fx.GraphModule, ctx: Optional[PassContext] = None) -> fx.GraphModule:
     attention_op = torch.ops.teal.sparse_qkv_rope_attention.default
     folded = 0
-    nodes = list(gm.graph.nodes)
-    order = {n: i for i, n in enumerate(nodes)}
-    for o in nodes:
+    for o in list(gm.graph.nodes):
         if o.op != "call_function" or o.target is not torch.ops.teal.sparse_linear_add_rmsnorm.default:
             continue
         found = _views_from(o.args[0], attention_op)
@@ -57,9 +57,7 @@ def fold_attention_merge_into_o(gm: fx.GraphModule, ctx: Optional[PassContext] =
         psf, shared, x_int8 = attn.args[4], attn.args[7], attn.args[8]
         if (psf, shared, x_int8) != (psf_o, shared_o, x_int8_o):
             continue
-        k_cache, v_cache = attn.args[13], attn.args[14]
-        between = nodes[order[attn] + 1:order[o]]
-        if any({k_cache, v_cache} & set(n.all_input_nodes) for n in between if n not in views):
+        if read_between(attn, o, {attn.args[13], attn.args[14]}, skip=views):  # the k and v caches
             continue
         with gm.graph.inserting_before(o):
             new = gm.graph.call_function(
@@ -87,9 +85,8 @@ def _views_from(node: object, attention_op) -> Optional[tuple[fx.Node, list[fx.N
     while isinstance(node, fx.Node) and len(node.users) == 1:
         if node.op == "call_function" and node.target is attention_op:
             return node, views[::-1]
-        is_view = (node.op == "call_method" and node.target in _VIEW_METHODS) or \
-            (node.op == "call_function" and node.target in _VIEW_FUNCTIONS)
-        if not is_view or not node.args or any(isinstance(a, fx.Node) for a in (*node.args[1:], *node.kwargs.values())):
+        if not is_call(node, _VIEW_FUNCTIONS, _VIEW_METHODS) or not node.args or \
+                any(isinstance(a, fx.Node) for a in (*node.args[1:], *node.kwargs.values())):
             return None
         views.append(node)
         node = node.args[0]
@@ -99,11 +96,10 @@ def _views_from(node: object, attention_op) -> Optional[tuple[fx.Node, list[fx.N
 def _puts_heads_side_by_side(attn: fx.Node, views: list[fx.Node]) -> bool:
     """Whether ``views`` map the attention's output as ``o_input`` does: checked by running them on an index tensor
     of its shape (from the graph's example value). Symbolic or unknown shapes are refused."""
-    val = attn.meta.get("example_value", attn.meta.get("val"))
-    if not isinstance(val, torch.Tensor) or val.dim() != 4 or \
-            not all(isinstance(d, int) for d in val.shape):
+    shape = static_shape(attn)
+    if shape is None or len(shape) != 4:
         return False
-    index = torch.arange(val.numel()).reshape(val.shape)
+    index = torch.arange(math.prod(shape)).reshape(shape)
     got = index
     try:
         for v in views:

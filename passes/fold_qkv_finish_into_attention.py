@@ -24,6 +24,7 @@ import torch
 from torch import fx
 
 import teal_fx.kernels  # noqa: F401  (registers torch.ops.teal)
+from teal_fx.passes.analysis.dataflow import read_between
 from teal_fx.passes.context import PassContext
 from teal_fx.passes.finish import finish
 
@@ -36,9 +37,7 @@ _QKV_ARGS = ("x", "weights", "biases", "thresholds", "prefill_sparse_from", "spa
 def fold_qkv_finish_into_attention(gm: fx.GraphModule, ctx: Optional[PassContext] = None) -> fx.GraphModule:
     qkv_op = torch.ops.teal.sparse_linear_qkv_rope.default
     folded = 0
-    nodes = list(gm.graph.nodes)
-    order = {n: i for i, n in enumerate(nodes)}
-    for attn in nodes:
+    for attn in list(gm.graph.nodes):
         if attn.op != "call_function" or attn.target is not torch.ops.teal.decode_attention.default:
             continue
         q, k, v, mask, scale = attn.args
@@ -47,8 +46,7 @@ def fold_qkv_finish_into_attention(gm: fx.GraphModule, ctx: Optional[PassContext
         args = dict(zip(_QKV_ARGS, q.args))
         if args["k_cache"] is not k or args["v_cache"] is not v:
             continue
-        between = nodes[order[q] + 1:order[attn]]
-        if any({k, v} & set(n.all_input_nodes) for n in between):
+        if read_between(q, attn, {k, v}):
             continue
         with gm.graph.inserting_before(attn):
             new = gm.graph.call_function(torch.ops.teal.sparse_qkv_rope_attention.default, (*q.args, mask, scale))

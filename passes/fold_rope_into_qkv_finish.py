@@ -38,6 +38,7 @@ from teal_fx.passes.analysis.dataflow import (
     is_call,
     only_user,
     other_operand,
+    read_between,
     static_shape,
 )
 from teal_fx.passes.analysis.rmsnorm import RMSNormMatch, llama_rmsnorm_of
@@ -165,9 +166,7 @@ def _match(group: fx.Node, order: dict) -> Optional[dict]:
     first, last = sorted((kw[2], vw[2]), key=order.__getitem__)
     if any(order[u] < order[first] for u in q_rot.users):
         return None
-    caches = {kw[0], vw[0]}
-    between = [n for n in first.graph.nodes if order[first] < order[n] < order[last]]
-    if any(caches & set(n.all_input_nodes) for n in between):
+    if read_between(first, last, {kw[0], vw[0]}):  # the caches read between their two writes
         return None
     norms = (q_norm.weight, k_norm.weight, q_norm.eps) if q_norm is not None else (None, None, 0.0)
     if any(isinstance(n, fx.Node) and order[n] > order[first] for n in norms):

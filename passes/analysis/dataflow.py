@@ -210,6 +210,18 @@ def _walk(start: Iterable[fx.Node], stop: Callable[[fx.Node], bool],
     return found, seen
 
 
+def read_between(first: fx.Node, last: fx.Node, values: set, skip: Iterable[fx.Node] = ()) -> bool:
+    """Whether a node after ``first`` and before ``last`` in graph order (``skip`` aside) takes one of ``values`` as an
+    input: a fold that joins the two must not move such a read (a cache written by ``first``, say) across them."""
+    skip = set(skip)
+    n = first.next
+    while n is not last and n.op != "root":
+        if n not in skip and values & set(n.all_input_nodes):
+            return True
+        n = n.next
+    return False
+
+
 def other_operand(n: fx.Node, one) -> Optional[object]:
     """The operand of a binary node ``n`` that is not ``one`` (None unless ``n`` has exactly two, one of them ``one``)."""
     if len(n.args) != 2 or n.kwargs or one not in n.args or n.args[0] is n.args[1]:
