@@ -9,6 +9,7 @@ by ``teal_fx.state`` and reused; the position is a tensor), so it compiles once 
 """
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 from typing import Any, Callable, Optional
@@ -129,7 +130,7 @@ def static_cache(model: nn.Module, batch: int, max_len: int) -> Any:
     from transformers import StaticCache
 
     cfg = model.config
-    cache = StaticCache(config=cfg, max_cache_len=max_len)
+    cache = StaticCache(config=_without_unused_windows(cfg, max_len), max_cache_len=max_len)
     if not hasattr(cache, "early_initialization"):
         return cache
     heads = getattr(cfg, "num_key_value_heads", None)
@@ -143,6 +144,25 @@ def static_cache(model: nn.Module, batch: int, max_len: int) -> Any:
     p = next(model.parameters())
     cache.early_initialization(batch, heads // tp, head_dim, p.dtype, p.device)
     return cache
+
+
+def _without_unused_windows(cfg: Any, max_len: int) -> Any:
+    """``cfg`` for the cache: a copy whose sliding-window layers are full ones when ``max_len`` fits in the window.
+
+    A window the cache never outgrows never slides, so a full static layer holds the same keys and gives the same
+    mask. transformers' sliding static layer (5.2x) counts its length in a Python int that the model reads each
+    step, so the compiled step was specialized on it: a recompile per token, and the loop's recompile limit hit
+    after 64 (Mistral, whose window is 4096)."""
+    text = cfg.get_text_config(decoder=True) if hasattr(cfg, "get_text_config") else cfg
+    window = getattr(text, "sliding_window", None)
+    if not window or max_len > window:
+        return cfg
+    cfg = copy.deepcopy(cfg)
+    text = cfg.get_text_config(decoder=True) if hasattr(cfg, "get_text_config") else cfg
+    if getattr(text, "layer_types", None) is not None:
+        text.layer_types = ["full_attention" if t == "sliding_attention" else t for t in text.layer_types]
+    text.sliding_window = None
+    return cfg
 
 
 @torch.no_grad()
@@ -187,11 +207,22 @@ class _AllStopped:
         return stopped
 
 
-def _reusable_cache(model: nn.Module, batch: int, max_len: int):
-    """A static cache of this size for ``model``: the one ``teal_fx.state`` holds (zeroed) if it has this size."""
+def _reusable_cache(model: nn.Module, batch: int, max_len: int, backend: str):
+    """A static cache of this size for ``model``: the one ``teal_fx.state`` holds (zeroed) if it has this size.
+    Refused when it would outgrow a sliding window that transformers counts in a Python int (5.2x) and the step is
+    compiled: the step would be specialized on that count, a recompile per token (``_without_unused_windows``)."""
     param = next(model.parameters())
-    return state.static_kv_cache(model, (batch, max_len, param.dtype, param.device),
-                                 lambda: static_cache(model, batch, max_len))
+    cache = state.static_kv_cache(model, (batch, max_len, param.dtype, param.device),
+                                  lambda: static_cache(model, batch, max_len))
+    if backend != "none" and any(hasattr(layer, "cumulative_length_int") for layer in getattr(cache, "layers", ())):
+        import transformers
+
+        window = model.config.get_text_config(decoder=True).sliding_window
+        raise ValueError(f"a KV cache of {max_len} positions outgrows the model's sliding window ({window}), whose "
+                         f"length transformers {transformers.__version__} counts in a Python int: the compiled "
+                         f"decode step would recompile at every token. Use max_cache_len <= {window} (prompt + new "
+                         f"tokens), or backend='none'")
+    return cache
 
 
 @torch.no_grad()
@@ -316,7 +347,7 @@ def _decode_loop(model, input_ids, max_new_tokens, max_cache_len, backend, mode,
     batch, prompt = input_ids.shape
     greedy = not sampling["do_sample"]
     run = _compiled(model, backend, mode, options, greedy_step if greedy else nn.Module.__call__)
-    cache = {cache_kwarg(model): _reusable_cache(model, batch, max_cache_len)}
+    cache = {cache_kwarg(model): _reusable_cache(model, batch, max_cache_len, backend)}
 
     def step(ids: Tensor, position: Tensor, done: Optional[Tensor], **pad: Tensor) -> tuple[Tensor, Optional[Tensor]]:
         """One compiled call: the next tokens [B] and the stop flags (None without an eos token)."""
@@ -374,7 +405,7 @@ def decode_logits(
     max_cache_len = _cache_length(total, max_cache_len, f"{total} tokens")
     with recompile_limits(64, fail=True):
         run = _compiled(model, backend, mode, options)
-        cache = {cache_kwarg(model): _reusable_cache(model, batch, max_cache_len)}
+        cache = {cache_kwarg(model): _reusable_cache(model, batch, max_cache_len, backend)}
         # each row copied at once: a CUDA graph's output is overwritten by the next replay
         prefill = _last_logits(run, model, cache, tokens[:, :prompt], torch.arange(prompt, device=device))
         rows = [prefill.to(torch.float32, copy=True)]

@@ -126,6 +126,31 @@ def test_max_cache_len_too_small_is_refused():
         teal_fx.generate(model, torch.randint(3, 128, (1, 5)), 6, backend="none", max_cache_len=8)
 
 
+def test_a_sliding_window_model_decodes_past_the_recompile_limit_compiled():
+    """Mistral's window (4096) holds the whole cache: its layers are cached as full ones, so the compiled step is not
+    specialized on a length transformers (5.2x) counts in a Python int: 80 tokens, more than the loop's limit of
+    64 recompiles, and the uncompiled loop's tokens (the sliding layers') from the same prompt."""
+    model = tiny_model("mistral")
+    assert model.config.sliding_window is not None
+    ids = torch.randint(3, 128, (2, 5))
+    compiled = teal_fx.generate(model, ids, 80, backend="aot_eager", eos_token_id=-1)
+    assert torch.equal(compiled, teal_fx.generate(model, ids, 80, backend="none", eos_token_id=-1))
+    assert model.config.sliding_window == 4096  # the model's config is left as it was
+
+
+def test_a_cache_outgrowing_an_int_counted_window_is_refused_when_compiled():
+    model = tiny_model("mistral")
+    model.config.sliding_window = 100
+    layers = static_cache(model, 1, 256).layers
+    if not any(hasattr(layer, "cumulative_length_int") for layer in layers):
+        pytest.skip("this transformers counts a sliding layer's length in a tensor")
+    ids = torch.randint(3, 128, (1, 5))
+    with pytest.raises(ValueError, match="outgrows the model's sliding window \\(100\\)"):
+        teal_fx.generate(model, ids, 4, backend="aot_eager")
+    assert teal_fx.generate(model, ids, 4, backend="none").shape == (1, 9)
+    assert teal_fx.generate(model, ids, 4, backend="aot_eager", max_cache_len=100).shape == (1, 9)
+
+
 def test_two_stage_argmax_is_argmax():
     """The greedy pick on large vocabularies (GPU): the first index of the maximum, ties and ragged widths included."""
     from teal_fx.generate import two_stage_argmax
