@@ -150,7 +150,7 @@ def _without_unused_windows(cfg: Any, max_len: int) -> Any:
     """``cfg`` for the cache: a copy whose sliding-window layers are full ones when ``max_len`` fits in the window.
 
     A window the cache never outgrows never slides, so a full static layer holds the same keys and gives the same
-    mask. transformers' sliding static layer (5.2x) counts its length in a Python int that the model reads each
+    mask. transformers' sliding static layer (5.17, 5.25) counts its length in a Python int that the model reads each
     step, so the compiled step was specialized on it: a recompile per token, and the loop's recompile limit hit
     after 64 (Mistral, whose window is 4096)."""
     text = cfg.get_text_config(decoder=True) if hasattr(cfg, "get_text_config") else cfg
@@ -209,7 +209,7 @@ class _AllStopped:
 
 def _reusable_cache(model: nn.Module, batch: int, max_len: int, backend: str):
     """A static cache of this size for ``model``: the one ``teal_fx.state`` holds (zeroed) if it has this size.
-    Refused when it would outgrow a sliding window that transformers counts in a Python int (5.2x) and the step is
+    Refused when it would outgrow a sliding window that transformers counts in a Python int (5.17, 5.25) and the step is
     compiled: the step would be specialized on that count, a recompile per token (``_without_unused_windows``)."""
     param = next(model.parameters())
     cache = state.static_kv_cache(model, (batch, max_len, param.dtype, param.device),

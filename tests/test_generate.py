@@ -128,7 +128,7 @@ def test_max_cache_len_too_small_is_refused():
 
 def test_a_sliding_window_model_decodes_past_the_recompile_limit_compiled():
     """Mistral's window (4096) holds the whole cache: its layers are cached as full ones, so the compiled step is not
-    specialized on a length transformers (5.2x) counts in a Python int: 80 tokens, more than the loop's limit of
+    specialized on a length transformers (5.17, 5.25) counts in a Python int: 80 tokens, more than the loop's limit of
     64 recompiles, and the uncompiled loop's tokens (the sliding layers') from the same prompt."""
     model = tiny_model("mistral")
     assert model.config.sliding_window is not None
