@@ -130,7 +130,7 @@ def static_cache(model: nn.Module, batch: int, max_len: int) -> Any:
     from transformers import StaticCache
 
     cfg = model.config
-    cache = StaticCache(config=_without_unused_windows(cfg, max_len), max_cache_len=max_len)
+    cache = StaticCache(config=_windows_as_full_layers(cfg), max_cache_len=max_len)
     if not hasattr(cache, "early_initialization"):
         return cache
     heads = getattr(cfg, "num_key_value_heads", None)
@@ -146,16 +146,15 @@ def static_cache(model: nn.Module, batch: int, max_len: int) -> Any:
     return cache
 
 
-def _without_unused_windows(cfg: Any, max_len: int) -> Any:
-    """``cfg`` for the cache: a copy whose sliding-window layers are full ones when ``max_len`` fits in the window.
+def _windows_as_full_layers(cfg: Any) -> Any:
+    """``cfg`` for the cache: a copy whose sliding-window layers are full ones.
 
-    A window the cache never outgrows never slides, so a full static layer holds the same keys and gives the same
-    mask. transformers' sliding static layer (5.17, 5.25) counts its length in a Python int that the model reads each
-    step, so the compiled step was specialized on it: a recompile per token, and the loop's recompile limit hit
-    after 64 (Mistral, whose window is 4096)."""
+    transformers' sliding static layer (5.17, 5.25) counts its length in a Python int that the model reads each step,
+    so a compiled step was specialized on it: a recompile per token, and the loop's recompile limit hit after 64.
+    A full layer holds every position and the model's own sliding-window mask hides those out of the window: the
+    same attention, with the cache's memory that of a full layer."""
     text = cfg.get_text_config(decoder=True) if hasattr(cfg, "get_text_config") else cfg
-    window = getattr(text, "sliding_window", None)
-    if not window or max_len > window:
+    if not getattr(text, "sliding_window", None):
         return cfg
     cfg = copy.deepcopy(cfg)
     text = cfg.get_text_config(decoder=True) if hasattr(cfg, "get_text_config") else cfg
@@ -209,19 +208,18 @@ class _AllStopped:
 
 def _reusable_cache(model: nn.Module, batch: int, max_len: int, backend: str):
     """A static cache of this size for ``model``: the one ``teal_fx.state`` holds (zeroed) if it has this size.
-    Refused when it would outgrow a sliding window that transformers counts in a Python int (5.17, 5.25) and the step is
-    compiled: the step would be specialized on that count, a recompile per token (``_without_unused_windows``)."""
+    Refused for a compiled step if a layer still counts its length in a Python int (a sliding-window layer that
+    ``_windows_as_full_layers`` did not replace): the step would be specialized on that count, a recompile per token."""
     param = next(model.parameters())
     cache = state.static_kv_cache(model, (batch, max_len, param.dtype, param.device),
                                   lambda: static_cache(model, batch, max_len))
     if backend != "none" and any(hasattr(layer, "cumulative_length_int") for layer in getattr(cache, "layers", ())):
         import transformers
 
-        window = model.config.get_text_config(decoder=True).sliding_window
-        raise ValueError(f"a KV cache of {max_len} positions outgrows the model's sliding window ({window}), whose "
-                         f"length transformers {transformers.__version__} counts in a Python int: the compiled "
-                         f"decode step would recompile at every token. Use max_cache_len <= {window} (prompt + new "
-                         f"tokens), or backend='none'")
+        kinds = sorted({type(layer).__name__ for layer in cache.layers if hasattr(layer, "cumulative_length_int")})
+        raise ValueError(f"{type(model).__name__}'s static cache has layers ({', '.join(kinds)}) whose length "
+                         f"transformers {transformers.__version__} counts in a Python int: a compiled decode step "
+                         f"would recompile at every token. Decode it with backend='none'")
     return cache
 
 

@@ -1,4 +1,6 @@
 """The lean decode loop: equals HF greedy decoding at threshold 0, follows the attached plan, samples, stops."""
+import importlib
+
 import pytest
 import torch
 
@@ -127,9 +129,9 @@ def test_max_cache_len_too_small_is_refused():
 
 
 def test_a_sliding_window_model_decodes_past_the_recompile_limit_compiled():
-    """Mistral's window (4096) holds the whole cache: its layers are cached as full ones, so the compiled step is not
-    specialized on a length transformers (5.17, 5.25) counts in a Python int: 80 tokens, more than the loop's limit of
-    64 recompiles, and the uncompiled loop's tokens (the sliding layers') from the same prompt."""
+    """Mistral (window 4096): its sliding layers are cached as full ones, so the compiled step is not specialized on
+    a length transformers (5.17, 5.25) counts in a Python int: 80 tokens, more than the loop's limit of 64
+    recompiles, and the uncompiled loop's tokens."""
     model = tiny_model("mistral")
     assert model.config.sliding_window is not None
     ids = torch.randint(3, 128, (2, 5))
@@ -138,17 +140,36 @@ def test_a_sliding_window_model_decodes_past_the_recompile_limit_compiled():
     assert model.config.sliding_window == 4096  # the model's config is left as it was
 
 
-def test_a_cache_outgrowing_an_int_counted_window_is_refused_when_compiled():
+def test_a_window_shorter_than_the_cache_is_kept_by_the_mask():
+    """A window of 16 positions over 40 decoded tokens: the cache's full layers under the model's own sliding mask
+    give HF generate()'s tokens (its cache keeps the window), compiled through teal too (the decode attention with
+    the mask); without the window the tokens differ, so the window is in force."""
+    torch.manual_seed(0)
     model = tiny_model("mistral")
-    model.config.sliding_window = 100
-    layers = static_cache(model, 1, 256).layers
-    if not any(hasattr(layer, "cumulative_length_int") for layer in layers):
+    ids = torch.randint(3, 128, (2, 5))
+    model.config.sliding_window = None
+    unwindowed = teal_fx.generate(model, ids, 40, backend="none", eos_token_id=-1)
+    model.config.sliding_window = 16
+    hf = model.generate(ids, max_new_tokens=40, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert not torch.equal(hf, unwindowed)
+    assert torch.equal(teal_fx.generate(model, ids, 40, backend="none", eos_token_id=-1), hf)
+    teal_fx.attach_plan(model, teal_fx.Plan.from_thresholds(teal_fx.find_linears(model), 0.0), check=False)
+    out = teal_fx.generate(model, ids, 40, eos_token_id=-1, options={"compiler": "eager"})
+    assert torch.equal(out, hf)
+
+
+def test_a_layer_counted_in_a_python_int_is_refused_when_compiled(monkeypatch):
+    """Were a sliding layer left in the cache (here: the replacement switched off), a compiled step would recompile
+    per token; it is refused with a message, and the uncompiled loop still runs."""
+    gen = importlib.import_module("teal_fx.generate")  # the module (teal_fx.generate is also the function)
+    monkeypatch.setattr(gen, "_windows_as_full_layers", lambda cfg: cfg)
+    model = tiny_model("mistral")
+    if not any(hasattr(layer, "cumulative_length_int") for layer in static_cache(model, 1, 256).layers):
         pytest.skip("this transformers counts a sliding layer's length in a tensor")
     ids = torch.randint(3, 128, (1, 5))
-    with pytest.raises(ValueError, match="outgrows the model's sliding window \\(100\\)"):
+    with pytest.raises(ValueError, match="counts in a Python int"):
         teal_fx.generate(model, ids, 4, backend="aot_eager")
     assert teal_fx.generate(model, ids, 4, backend="none").shape == (1, 9)
-    assert teal_fx.generate(model, ids, 4, backend="aot_eager", max_cache_len=100).shape == (1, 9)
 
 
 def test_two_stage_argmax_is_argmax():
