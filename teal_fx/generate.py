@@ -153,11 +153,13 @@ def _windows_as_full_layers(cfg: Any) -> Any:
     so a compiled step was specialized on it: a recompile per token, and the loop's recompile limit hit after 64.
     A full layer holds every position and the model's own sliding-window mask hides those out of the window: the
     same attention, with the cache's memory that of a full layer."""
-    text = cfg.get_text_config(decoder=True) if hasattr(cfg, "get_text_config") else cfg
-    if not getattr(text, "sliding_window", None):
+    def text_config(c: Any) -> Any:
+        return c.get_text_config(decoder=True) if hasattr(c, "get_text_config") else c
+
+    if not getattr(text_config(cfg), "sliding_window", None):
         return cfg
     cfg = copy.deepcopy(cfg)
-    text = cfg.get_text_config(decoder=True) if hasattr(cfg, "get_text_config") else cfg
+    text = text_config(cfg)
     if getattr(text, "layer_types", None) is not None:
         text.layer_types = ["full_attention" if t == "sliding_attention" else t for t in text.layer_types]
     text.sliding_window = None
@@ -213,11 +215,12 @@ def _reusable_cache(model: nn.Module, batch: int, max_len: int, backend: str):
     param = next(model.parameters())
     cache = state.static_kv_cache(model, (batch, max_len, param.dtype, param.device),
                                   lambda: static_cache(model, batch, max_len))
-    if backend != "none" and any(hasattr(layer, "cumulative_length_int") for layer in getattr(cache, "layers", ())):
+    int_counted = sorted({type(layer).__name__ for layer in getattr(cache, "layers", ())
+                          if hasattr(layer, "cumulative_length_int")})
+    if backend != "none" and int_counted:
         import transformers
 
-        kinds = sorted({type(layer).__name__ for layer in cache.layers if hasattr(layer, "cumulative_length_int")})
-        raise ValueError(f"{type(model).__name__}'s static cache has layers ({', '.join(kinds)}) whose length "
+        raise ValueError(f"{type(model).__name__}'s static cache has layers ({', '.join(int_counted)}) whose length "
                          f"transformers {transformers.__version__} counts in a Python int: a compiled decode step "
                          f"would recompile at every token. Decode it with backend='none'")
     return cache
