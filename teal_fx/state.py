@@ -3,7 +3,8 @@
 * the plan attached to a model (``attach_plan`` / ``detach_plan`` / ``attached_plan``), and which plan each of its
   weights belongs to: Dynamo hands the backend the parameters themselves as example inputs, which is how a bare
   ``torch.compile(model, backend="teal")`` finds its plan (``plan_for_weights``);
-* the lean decode loop's compiled wrappers and static KV caches (``compiled_wrapper``, ``static_kv_cache``).
+* the lean decode loop's compiled wrappers, static KV caches and greedy-step buffers (``compiled_wrapper``,
+  ``static_kv_cache``, ``decode_step_buffers``).
 
 Everything is keyed weakly by the model (or weight): nothing is written onto the user's model, and nothing here keeps
 a deleted model alive (the values never refer to their model: a wrapper is compiled around ``nn.Module.__call__`` and
@@ -29,6 +30,7 @@ _PLAN_OF_MODEL: "weakref.WeakKeyDictionary[nn.Module, Plan]" = weakref.WeakKeyDi
 _PLANNED_WEIGHT: WeakIdKeyDictionary = WeakIdKeyDictionary()
 _WRAPPERS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()  # key -> (plan, wrapper)
 _KV_CACHES: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()  # (key, cache)
+_STEP_BUFFERS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()  # (key, buffers)
 
 
 def attach_plan(model: nn.Module, plan: PlanLike, *, check: bool = True) -> Plan:
@@ -134,6 +136,16 @@ def static_kv_cache(model: nn.Module, key: Hashable, make: Callable[[], Any]) ->
     cache = make()
     _KV_CACHES[model] = (key, cache)
     return cache
+
+
+def decode_step_buffers(model: nn.Module, key: Hashable, make: Callable[[], Any]) -> Any:
+    """The lean loop's greedy-step buffers for ``model`` if made for ``key``, else ``make()``'s, which replace them.
+    Kept for the reason ``static_kv_cache`` keeps caches: the compiled step guards on them and its CUDA graph holds
+    their addresses."""
+    held = _STEP_BUFFERS.get(model)
+    if held is None or held[0] != key:
+        _STEP_BUFFERS[model] = held = (key, make())
+    return held[1]
 
 
 def held_kv_cache(model: nn.Module) -> Optional[Any]:

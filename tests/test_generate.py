@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import teal_fx
-from teal_fx.generate import greedy_step, sample_next, static_cache
+from teal_fx.generate import greedy_step, greedy_step_in_place, sample_next, static_cache
 from teal_fx.state import held_kv_cache
 from tests.conftest import masked_inputs, tiny_model
 
@@ -98,6 +98,33 @@ def test_reuses_one_static_cache_per_size():
     assert held_kv_cache(model) is not cache
     with torch.no_grad():
         assert torch.equal(teal_fx.generate(model, ids, 6, backend="none", eos_token_id=-1), a)
+
+
+def test_greedy_step_buffers_are_reused_and_never_handed_out():
+    """The in-place step's buffers (token, position, stops, sequence) are one set per (batch, cache length, stops or none),
+    like the cache, so a CUDA graph's addresses hold across calls; what a call returns or streams is a copy, so the
+    next call (another prompt, fewer tokens, a stop) neither changes it nor sees what it left."""
+    from teal_fx import state
+
+    model = tiny_model("llama")
+    p, q = torch.randint(3, 128, (2, 1, 5))
+    long_p = teal_fx.generate(model, p, 12, backend="none", eos_token_id=-1)
+    held = state._STEP_BUFFERS[model]
+    streamed = []
+    short_q = teal_fx.generate(model, q, 4, backend="none", eos_token_id=-1, streamer=streamed.append)
+    assert state._STEP_BUFFERS[model] is held  # same batch, cache length and eos use: the same buffers
+    assert torch.equal(teal_fx.generate(model, p, 12, backend="none", eos_token_id=-1), long_p)
+    assert torch.equal(torch.cat(streamed, 0)[None], short_q[:, 5:])  # streamed copies, not views of the buffer
+    assert torch.equal(short_q, teal_fx.generate(model, q, 12, backend="none", eos_token_id=-1)[:, :9])
+    assert not any(short_q.untyped_storage().data_ptr() == t.untyped_storage().data_ptr()
+                   for t in (held[1].tokens, held[1].ids))
+    stop = int(long_p[0, 7])  # a call that stops leaves its stop flags set: the next call starts from its own
+    stopped = teal_fx.generate(model, p, 12, backend="none", eos_token_id=stop)
+    assert (stopped[0, 7:] == stop).all() and torch.equal(stopped[:, :8], long_p[:, :8])
+    assert state._STEP_BUFFERS[model] is held
+    assert torch.equal(teal_fx.generate(model, p, 12, backend="none", eos_token_id=-1), long_p)
+    teal_fx.generate(model, torch.randint(3, 128, (2, 5)), 3, backend="none", eos_token_id=-1)
+    assert state._STEP_BUFFERS[model] is not held  # another batch: buffers of its own
 
 
 def test_a_cache_whose_heads_the_config_does_not_give_is_sized_by_the_model():
@@ -247,8 +274,9 @@ def test_a_mode_and_inductor_options_reach_torch_compile_together(monkeypatch):
 
 @pytest.mark.parametrize("eos", ["none", "row 1 stops"])
 def test_greedy_pick_and_stop_flags_compile_with_the_step(monkeypatch, eos):
-    """Greedy decoding compiles ``greedy_step`` (the model call, the argmax and the stop flags in one frame), sampling
-    the model call alone; the compiled greedy loop gives the uncompiled loop's tokens, stops and stream."""
+    """Greedy decoding compiles ``greedy_step`` for the prefill (the model call, the argmax and the stop flags in one
+    frame) and ``greedy_step_in_place`` for the steps, sampling the model call alone; the compiled greedy loop gives
+    the uncompiled loop's tokens, stops and stream."""
     frames = []
     compile_ = torch.compile
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: frames.append(fn) or compile_(fn, **kw))
@@ -260,8 +288,8 @@ def test_greedy_pick_and_stop_flags_compile_with_the_step(monkeypatch, eos):
     streamed = []
     out = teal_fx.generate(model, ids, 6, backend="aot_eager", eos_token_id=stop, streamer=streamed.append)
     assert torch.equal(out, ref) and torch.equal(torch.stack(streamed, 1), out[:, 4:])
-    assert frames == [greedy_step]
+    assert frames == [greedy_step, greedy_step_in_place]
     if stop is not None:
         assert (out[1, 5:] == stop).all() and not (out[0, 4:] == stop).all()
     teal_fx.generate(model, ids, 3, backend="aot_eager", do_sample=True, generator=torch.Generator().manual_seed(0))
-    assert frames == [greedy_step, torch.nn.Module.__call__]
+    assert frames == [greedy_step, greedy_step_in_place, torch.nn.Module.__call__]
