@@ -78,9 +78,9 @@ def greedy_step_in_place(model: nn.Module, eos_token_id: Optional[int], step: "_
 
 
 class _StepBuffers:
-    """The greedy decode step's inputs and outputs, one set per (model, batch, cache length) kept by ``teal_fx.state``
-    (their addresses are part of the compiled step's guards and CUDA graph): the token fed [B, 1], its cache position
-    [1], the stop flags [B] (None without an eos id) and the sequence so far [B, max_cache_len]."""
+    """The greedy decode step's inputs and outputs, one set per (model, batch, cache length, stops or not, device)
+    kept by ``teal_fx.state`` (their addresses are part of the compiled step's guards and CUDA graph): the token fed
+    [B, 1], its cache position [1], the stop flags [B] (None without an eos id) and the sequence [B, max_cache_len]."""
 
     def __init__(self, batch: int, max_cache_len: int, stops: bool, device: torch.device) -> None:
         self.ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
