@@ -381,23 +381,31 @@ class _LeftPadding:
 
 def _decode_loop(model, input_ids, max_new_tokens, max_cache_len, backend, mode, options, eos_token_id, streamer,
                  sampling, padding: Optional[_LeftPadding] = None) -> Tensor:
-    device = input_ids.device
-    batch, prompt = input_ids.shape
+    """The lean loop's prefill and steps on a static cache: greedy steps that advance their own buffers, or the
+    sampling loop."""
+    batch = input_ids.shape[0]
     cache = {cache_kwarg(model): _reusable_cache(model, batch, max_cache_len, backend)}
-    done = torch.zeros(batch, dtype=torch.bool, device=device) if eos_token_id is not None else None
-    all_stopped = _AllStopped(device)
-    prefill_inputs = _step_inputs(cache, input_ids, torch.arange(prompt, device=device),
-                                  **(padding.prefill() if padding else {}))
+    done = torch.zeros(batch, dtype=torch.bool, device=input_ids.device) if eos_token_id is not None else None
+    compiled = functools.partial(_compiled, model, backend, mode, options)  # compiled(frame)
     if sampling["do_sample"]:
-        return _sampling_loop(model, input_ids, max_new_tokens, backend, mode, options, eos_token_id, streamer,
-                              sampling, padding, cache, done, all_stopped, prefill_inputs)
+        return _sampling_loop(model, input_ids, max_new_tokens, compiled, eos_token_id, streamer, sampling, padding,
+                              cache, done)
+    return _greedy_loop(model, input_ids, max_new_tokens, max_cache_len, compiled, eos_token_id, streamer, padding,
+                        cache, done)
 
-    # greedy: the prefill through greedy_step, then steps that advance their own buffers (greedy_step_in_place)
-    nxt, done = _compiled(model, backend, mode, options, greedy_step)(model, done, eos_token_id, **prefill_inputs)
-    step = state.decode_step_buffers(model, (batch, max_cache_len, done is not None, device),
-                                     lambda: _StepBuffers(batch, max_cache_len, done is not None, device))
+
+def _greedy_loop(model, input_ids, max_new_tokens, max_cache_len, compiled, eos_token_id, streamer, padding, cache,
+                 done) -> Tensor:
+    """The prefill through ``greedy_step``, then steps that advance their own buffers (``greedy_step_in_place``)."""
+    batch, prompt = input_ids.shape
+    all_stopped = _AllStopped(input_ids.device)
+    prefill = _step_inputs(cache, input_ids, torch.arange(prompt, device=input_ids.device),
+                           **(padding.prefill() if padding else {}))
+    nxt, done = compiled(greedy_step)(model, done, eos_token_id, **prefill)
+    step = state.decode_step_buffers(model, (batch, max_cache_len, done is not None, input_ids.device),
+                                     lambda: _StepBuffers(batch, max_cache_len, done is not None, input_ids.device))
     step.start(input_ids, nxt, done)  # copied before the next replay overwrites the prefill's outputs
-    decode = _compiled(model, backend, mode, options, greedy_step_in_place)
+    decode = compiled(greedy_step_in_place)
     for i in range(max_new_tokens):  # tokens[:, prompt + i] is the last one picked
         if streamer is not None:
             streamer(step.tokens[:, prompt + i].clone())  # the buffer is the next call's too
@@ -411,19 +419,20 @@ def _decode_loop(model, input_ids, max_new_tokens, max_cache_len, backend, mode,
     return step.tokens[:, : prompt + i + 1].clone()  # the buffers are reused by the next call
 
 
-def _sampling_loop(model, input_ids, max_new_tokens, backend, mode, options, eos_token_id, streamer, sampling,
-                   padding, cache, done, all_stopped, prefill_inputs) -> Tensor:
+def _sampling_loop(model, input_ids, max_new_tokens, compiled, eos_token_id, streamer, sampling, padding, cache,
+                   done) -> Tensor:
     """The decode loop when sampling: the compiled model gives the logits, the pick runs eagerly."""
-    run = _compiled(model, backend, mode, options)
+    run = compiled(nn.Module.__call__)
+    all_stopped = _AllStopped(input_ids.device)
 
-    def pick(inputs: dict) -> tuple[Tensor, Optional[Tensor]]:
-        logits = run(model, **inputs).logits[:, -1]
-        if mode == "reduce-overhead":  # a CUDA graph's outputs are overwritten by its next replay
-            logits = logits.clone()
+    def pick(ids: Tensor, position: Tensor, **padding_inputs) -> tuple[Tensor, Optional[Tensor]]:
+        # copied: under CUDA graphs the next replay overwrites the logits (one small copy, beside eager sampling)
+        logits = _last_logits(run, model, cache, ids, position, **padding_inputs).clone()
         return _with_stops(sample_next(logits, **sampling), done, eos_token_id)
 
-    nxt, done = pick(prefill_inputs)
-    position = torch.tensor([input_ids.shape[1]], device=input_ids.device)
+    prompt = input_ids.shape[1]
+    nxt, done = pick(input_ids, torch.arange(prompt, device=input_ids.device), **(padding.prefill() if padding else {}))
+    position = torch.tensor([prompt], device=input_ids.device)
     out = [input_ids]
     for i in range(max_new_tokens):
         out.append(nxt[:, None])
@@ -433,7 +442,7 @@ def _sampling_loop(model, input_ids, max_new_tokens, backend, mode, options, eos
             break
         if done is not None and (i + 1) % STOP_CHECK_EVERY == 0 and all_stopped.check(done):
             break
-        nxt, done = pick(_step_inputs(cache, nxt[:, None], position, **(padding.step() if padding else {})))
+        nxt, done = pick(nxt[:, None], position, **(padding.step() if padding else {}))
         position.add_(1)
         if padding is not None:
             padding.next_position.add_(1)

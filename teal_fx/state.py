@@ -128,13 +128,9 @@ def static_kv_cache(model: nn.Module, key: Hashable, make: Callable[[], Any]) ->
 
     Reusing the tensors keeps their addresses, which the CUDA graphs of the decode step baked in: a new cache per
     call would make cudagraph trees record the step again on every call."""
-    held = _KV_CACHES.get(model)
-    if held is not None and held[0] == key:
-        held[1].reset()
-        return held[1]
-    _KV_CACHES.pop(model, None)  # free the old one before allocating
-    cache = make()
-    _KV_CACHES[model] = (key, cache)
+    cache, reused = _one_per_model(_KV_CACHES, model, key, make)
+    if reused:
+        cache.reset()
     return cache
 
 
@@ -142,10 +138,19 @@ def decode_step_buffers(model: nn.Module, key: Hashable, make: Callable[[], Any]
     """The lean loop's greedy-step buffers for ``model`` if made for ``key``, else ``make()``'s, which replace them.
     Kept for the reason ``static_kv_cache`` keeps caches: the compiled step guards on them and its CUDA graph holds
     their addresses."""
-    held = _STEP_BUFFERS.get(model)
-    if held is None or held[0] != key:
-        _STEP_BUFFERS[model] = held = (key, make())
-    return held[1]
+    return _one_per_model(_STEP_BUFFERS, model, key, make)[0]
+
+
+def _one_per_model(table: "weakref.WeakKeyDictionary[nn.Module, tuple]", model: nn.Module, key: Hashable,
+                   make: Callable[[], Any]) -> tuple[Any, bool]:
+    """``table``'s value for ``model`` if it was made for ``key`` (and True), else ``make()``'s (and False), which
+    replaces it; the old one is dropped before ``make()`` allocates."""
+    held = table.get(model)
+    if held is not None and held[0] == key:
+        return held[1], True
+    table.pop(model, None)
+    table[model] = held = (key, make())
+    return held[1], False
 
 
 def held_kv_cache(model: nn.Module) -> Optional[Any]:
