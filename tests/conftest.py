@@ -12,8 +12,8 @@ import torch
 if not torch.cuda.is_available():  # run the Triton kernels on the CPU (must be set before triton is imported)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-# pytest-xdist workers share the machine's cores: one intra-op thread pool each as wide as the machine oversubscribes
-# it (the README's two workers on 2 cores: 286 -> 206 s on four test files)
+# pytest-xdist workers share the machine's cores: each takes its share for torch's intra-op threads, where by default
+# each would take them all (the README's two workers on 2 cores: 286 -> 206 s on four test files)
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _WORKERS > 1:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // _WORKERS))
