@@ -372,11 +372,14 @@ class _LeftPadding:
                              "batches, or equal-length prompts")
         return _LeftPadding(mask, max_cache_len)
 
-    def prefill(self) -> dict:
-        return dict(attention_mask=self.full, position_ids=self.prefill_positions)
-
-    def step(self) -> dict:
-        return dict(attention_mask=self.full, position_ids=self.next_position)
+    @staticmethod
+    def inputs(padding: Optional["_LeftPadding"]) -> tuple[dict, dict]:
+        """The prefill's and every step's extra model inputs ({} for an unpadded batch); the steps' dict holds
+        the same tensors throughout, ``next_position`` advanced in place."""
+        if padding is None:
+            return {}, {}
+        return (dict(attention_mask=padding.full, position_ids=padding.prefill_positions),
+                dict(attention_mask=padding.full, position_ids=padding.next_position))
 
 
 def _decode_loop(model, input_ids, max_new_tokens, max_cache_len, backend, mode, options, eos_token_id, streamer,
@@ -399,8 +402,8 @@ def _greedy_loop(model, input_ids, max_new_tokens, max_cache_len, compiled, eos_
     """The prefill through ``greedy_step``, then steps that advance their own buffers (``greedy_step_in_place``)."""
     batch, prompt = input_ids.shape
     all_stopped = _AllStopped(input_ids.device)
-    prefill = _step_inputs(cache, input_ids, torch.arange(prompt, device=input_ids.device),
-                           **(padding.prefill() if padding else {}))
+    prefill_padding, step_padding = _LeftPadding.inputs(padding)
+    prefill = _step_inputs(cache, input_ids, torch.arange(prompt, device=input_ids.device), **prefill_padding)
     nxt, done = compiled(greedy_step)(model, done, eos_token_id, **prefill)
     step = state.decode_step_buffers(model, (batch, max_cache_len, done is not None, input_ids.device),
                                      lambda: _StepBuffers(batch, max_cache_len, done is not None, input_ids.device))
@@ -413,7 +416,7 @@ def _greedy_loop(model, input_ids, max_new_tokens, max_cache_len, compiled, eos_
             break
         if step.done is not None and (i + 1) % STOP_CHECK_EVERY == 0 and all_stopped.check(step.done):
             break
-        decode(model, eos_token_id, step, **cache, use_cache=True, **(padding.step() if padding else {}))
+        decode(model, eos_token_id, step, **cache, use_cache=True, **step_padding)
         if padding is not None:
             padding.next_position.add_(1)
     return step.tokens[:, : prompt + i + 1].clone()  # the buffers are reused by the next call
@@ -431,7 +434,8 @@ def _sampling_loop(model, input_ids, max_new_tokens, compiled, eos_token_id, str
         return _with_stops(sample_next(logits, **sampling), done, eos_token_id)
 
     prompt = input_ids.shape[1]
-    nxt, done = pick(input_ids, torch.arange(prompt, device=input_ids.device), **(padding.prefill() if padding else {}))
+    prefill_padding, step_padding = _LeftPadding.inputs(padding)
+    nxt, done = pick(input_ids, torch.arange(prompt, device=input_ids.device), **prefill_padding)
     position = torch.tensor([prompt], device=input_ids.device)
     out = [input_ids]
     for i in range(max_new_tokens):
@@ -442,7 +446,7 @@ def _sampling_loop(model, input_ids, max_new_tokens, compiled, eos_token_id, str
             break
         if done is not None and (i + 1) % STOP_CHECK_EVERY == 0 and all_stopped.check(done):
             break
-        nxt, done = pick(nxt[:, None], position, **(padding.step() if padding else {}))
+        nxt, done = pick(nxt[:, None], position, **step_padding)
         position.add_(1)
         if padding is not None:
             padding.next_position.add_(1)
