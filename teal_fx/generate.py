@@ -66,33 +66,44 @@ def greedy_step(model: nn.Module, done: Optional[Tensor], eos_token_id: Optional
 
 def greedy_step_in_place(model: nn.Module, eos_token_id: Optional[int], step: "_StepBuffers", **inputs: Any) -> None:
     """``greedy_step`` on the decode step's own buffers, which it advances: the fed token becomes the picked one, the
-    position moves on, the stop flags update and the pick is written into the sequence. Under CUDA graphs the
-    buffers are static inputs (their addresses baked into the graph), so a step is one replay: no copy into the
-    graph's inputs, no clone of its outputs and no eager increment between replays (-17 µs a step, perf-log v59)."""
-    nxt, done = greedy_step(model, step.done, eos_token_id, input_ids=step.ids, cache_position=step.position, **inputs)
+    position (and a padded batch's position ids) moves on, the stop flags update and the pick is written into the
+    sequence. Under CUDA graphs the buffers are static inputs (their addresses baked into the graph), so a step is one
+    replay: no copy into the graph's inputs, no clone of its outputs and no eager increment between replays (-17 µs a
+    step, perf-log v59)."""
+    padded = {} if step.mask is None else dict(attention_mask=step.mask, position_ids=step.position_ids)
+    nxt, done = greedy_step(model, step.done, eos_token_id, input_ids=step.ids, cache_position=step.position,
+                            **padded, **inputs)
     step.tokens.index_copy_(1, step.position + 1, nxt[:, None])
     step.ids.copy_(nxt[:, None])
     step.position.add_(1)
+    if step.position_ids is not None:
+        step.position_ids.add_(1)
     if done is not None:
         step.done.copy_(done)
 
 
 class _StepBuffers:
-    """The greedy decode step's inputs and outputs, one set per (model, batch, cache length, stops or not, device)
-    kept by ``teal_fx.state`` (their addresses are part of the compiled step's guards and CUDA graph): the token fed
-    [B, 1], its cache position [1], the stop flags [B] (None without an eos id) and the sequence [B, max_cache_len]."""
+    """The greedy decode step's inputs and outputs, one set per (model, batch, cache length, stops or not, padded or
+    not, device) kept by ``teal_fx.state`` (their addresses are part of the compiled step's guards and CUDA graph):
+    the token fed [B, 1], its cache position [1], the stop flags [B] (None without an eos id), the sequence
+    [B, max_cache_len] and, for a left-padded batch (None otherwise), the attention mask over the cache
+    [B, max_cache_len] and each row's position id [B, 1]."""
 
-    def __init__(self, batch: int, max_cache_len: int, stops: bool, device: torch.device) -> None:
+    def __init__(self, batch: int, max_cache_len: int, stops: bool, padded: bool, device: torch.device) -> None:
         self.ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.position = torch.zeros(1, dtype=torch.long, device=device)
         self.done = torch.zeros(batch, dtype=torch.bool, device=device) if stops else None
         self.tokens = torch.zeros(batch, max_cache_len, dtype=torch.long, device=device)
-        for t in (self.ids, self.position, self.done, self.tokens):
+        self.mask = torch.ones(batch, max_cache_len, dtype=torch.long, device=device) if padded else None
+        self.position_ids = torch.zeros(batch, 1, dtype=torch.long, device=device) if padded else None
+        for t in (self.ids, self.position, self.done, self.tokens, self.mask, self.position_ids):
             if t is not None:
                 torch._dynamo.mark_static_address(t)
 
-    def start(self, prompt_ids: Tensor, nxt: Tensor, done: Optional[Tensor]) -> None:
-        """After the prefill: the prompt and its pick in the sequence, the pick fed next."""
+    def start(self, prompt_ids: Tensor, nxt: Tensor, done: Optional[Tensor],
+              padding: Optional["_LeftPadding"]) -> None:
+        """After the prefill: the prompt and its pick in the sequence, the pick fed next (and a padded batch's mask
+        and first decode positions)."""
         prompt = prompt_ids.shape[1]
         self.tokens[:, :prompt] = prompt_ids
         self.tokens[:, prompt] = nxt
@@ -100,6 +111,9 @@ class _StepBuffers:
         self.position.fill_(prompt)
         if done is not None:
             self.done.copy_(done)
+        if padding is not None:
+            self.mask.copy_(padding.full)
+            self.position_ids.copy_(padding.next_position)
 
 
 def _with_stops(nxt: Tensor, done: Optional[Tensor], eos_token_id: Optional[int]) -> tuple[Tensor, Optional[Tensor]]:
@@ -346,7 +360,7 @@ class _LeftPadding:
         self.full = torch.ones(batch, max_cache_len, dtype=mask.dtype, device=mask.device)
         self.full[:, :prompt] = mask
         self.prefill_positions = (mask.cumsum(-1) - 1).clamp_min(0)
-        self.next_position = mask.sum(-1, keepdim=True)  # [B, 1], advanced in place after each step
+        self.next_position = mask.sum(-1, keepdim=True)  # [B, 1]: the first step's (sampling advances it in place)
 
     @staticmethod
     def of(model: nn.Module, mask: Optional[Tensor], input_ids: Tensor, max_cache_len: int,
@@ -374,8 +388,9 @@ class _LeftPadding:
 
     @staticmethod
     def inputs(padding: Optional["_LeftPadding"]) -> tuple[dict, dict]:
-        """The prefill's and every step's extra model inputs ({} for an unpadded batch); the steps' dict holds
-        the same tensors throughout, ``next_position`` advanced in place."""
+        """The prefill's and every step's extra model inputs ({} for an unpadded batch); the steps' dict (the
+        sampling loop's: greedy steps keep theirs in ``_StepBuffers``) holds the same tensors throughout,
+        ``next_position`` advanced in place."""
         if padding is None:
             return {}, {}
         return (dict(attention_mask=padding.full, position_ids=padding.prefill_positions),
@@ -402,12 +417,12 @@ def _greedy_loop(model, input_ids, max_new_tokens, max_cache_len, compiled, eos_
     """The prefill through ``greedy_step``, then steps that advance their own buffers (``greedy_step_in_place``)."""
     batch, prompt = input_ids.shape
     all_stopped = _AllStopped(input_ids.device)
-    prefill_padding, step_padding = _LeftPadding.inputs(padding)
+    prefill_padding, _ = _LeftPadding.inputs(padding)
     prefill = _step_inputs(cache, input_ids, torch.arange(prompt, device=input_ids.device), **prefill_padding)
     nxt, done = compiled(greedy_step)(model, done, eos_token_id, **prefill)
-    step = state.decode_step_buffers(model, (batch, max_cache_len, done is not None, input_ids.device),
-                                     lambda: _StepBuffers(batch, max_cache_len, done is not None, input_ids.device))
-    step.start(input_ids, nxt, done)  # copied before the next replay overwrites the prefill's outputs
+    shape = (batch, max_cache_len, done is not None, padding is not None, input_ids.device)
+    step = state.decode_step_buffers(model, shape, lambda: _StepBuffers(*shape))
+    step.start(input_ids, nxt, done, padding)  # copied before the next replay overwrites the prefill's outputs
     decode = compiled(greedy_step_in_place)
     for i in range(max_new_tokens):  # tokens[:, prompt + i] is the last one picked
         if streamer is not None:
@@ -416,9 +431,7 @@ def _greedy_loop(model, input_ids, max_new_tokens, max_cache_len, compiled, eos_
             break
         if step.done is not None and (i + 1) % STOP_CHECK_EVERY == 0 and all_stopped.check(step.done):
             break
-        decode(model, eos_token_id, step, **cache, use_cache=True, **step_padding)
-        if padding is not None:
-            padding.next_position.add_(1)
+        decode(model, eos_token_id, step, **cache, use_cache=True)
     return step.tokens[:, : prompt + i + 1].clone()  # the buffers are reused by the next call
 
 
