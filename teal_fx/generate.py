@@ -420,8 +420,8 @@ def _greedy_loop(model, input_ids, max_new_tokens, max_cache_len, compiled, eos_
     prefill_padding, _ = _LeftPadding.inputs(padding)
     prefill = _step_inputs(cache, input_ids, torch.arange(prompt, device=input_ids.device), **prefill_padding)
     nxt, done = compiled(greedy_step)(model, done, eos_token_id, **prefill)
-    shape = (batch, max_cache_len, done is not None, padding is not None, input_ids.device)
-    step = state.decode_step_buffers(model, shape, lambda: _StepBuffers(*shape))
+    key = (batch, max_cache_len, done is not None, padding is not None, input_ids.device)
+    step = state.decode_step_buffers(model, key, lambda: _StepBuffers(*key))
     step.start(input_ids, nxt, done, padding)  # copied before the next replay overwrites the prefill's outputs
     decode = compiled(greedy_step_in_place)
     for i in range(max_new_tokens):  # tokens[:, prompt + i] is the last one picked
