@@ -218,6 +218,24 @@ def test_generate_stops_on_gpu_without_waiting_each_check():
     assert torch.equal(out, greedy[:, : first + 1])
 
 
+def test_padded_batch_decodes_in_cuda_graphs_like_its_masked_reference():
+    """A left-padded batch's greedy step under CUDA graphs: its attention mask and position ids are the step's own
+    buffers, copied in once a call and advanced inside the graph (generate.py, ``_StepBuffers``). Two calls with
+    different padding reuse the same buffers and graph; each equals the eager model with masked inputs."""
+    from tests.test_padded_batches import left_pad
+
+    model = tiny_model("llama", hidden=128, inter=256).cuda()
+    plan = _plan(model, 0.3)
+    teal_fx.attach_plan(model, plan)
+    for prompts in ([[5, 17, 33, 9, 41, 7], [22, 8, 61], [90, 14, 3, 77]],
+                    [[7, 8], [9, 10, 11, 12, 13, 14], [15, 16, 17]]):
+        ids, mask = (t.cuda() for t in left_pad(prompts, 6))
+        out = teal_fx.generate(model, ids, 12, mode="reduce-overhead", eos_token_id=-1, attention_mask=mask)
+        with masked_inputs(model, plan, sparse_from=1.0):
+            ref = teal_fx.generate(model, ids, 12, backend="none", eos_token_id=-1, attention_mask=mask)
+        assert torch.equal(out, ref), prompts
+
+
 @pytest.mark.parametrize("rows", [1, 3, 6])
 def test_swiglu_op_runs_the_fused_launch_and_matches_its_expression(rows):
     from teal_fx.kernels import sparse_gemv as sg
