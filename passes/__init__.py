@@ -17,6 +17,7 @@ from teal_fx.passes.label_block_linears import label_block_linears
 from teal_fx.passes.pass_manager import PASSES, passes_for, prepare_for_discovery, run_passes
 from teal_fx.passes.replace_decode_attention import replace_decode_attention
 from teal_fx.passes.replace_outer_product_matmul import replace_outer_product_matmul
+from teal_fx.passes.replace_position_arange import replace_position_arange
 from teal_fx.passes.rewrite_matmul_as_linear import rewrite_matmul_as_linear
 from teal_fx.passes.select_plan import select_plan
 
@@ -38,6 +39,7 @@ __all__ = [
     "fold_qkv_finish_into_attention",
     "replace_outer_product_matmul",
     "batch_input_increments",
+    "replace_position_arange",
     "discover",
     "Discovery",
     "MatchedLinear",

@@ -23,9 +23,8 @@ from typing import Optional
 
 import torch
 from torch import fx
-from torch.multiprocessing.reductions import StorageWeakRef
 
-from teal_fx.passes.analysis.dataflow import fake_value
+from teal_fx.passes.analysis.dataflow import fake_value, storage_of
 from teal_fx.passes.context import PassContext
 from teal_fx.passes.finish import finish
 
@@ -41,16 +40,6 @@ def _is_number_increment(n: fx.Node) -> bool:
     )
 
 
-def _storage(n: fx.Node):
-    v = fake_value(n)
-    if not isinstance(v, torch.Tensor):
-        return None
-    try:
-        return StorageWeakRef(v.untyped_storage())
-    except (NotImplementedError, RuntimeError):  # tensors without a storage (sparse, some subclasses)
-        return None
-
-
 def batch_input_increments(gm: fx.GraphModule, ctx: Optional[PassContext] = None) -> fx.GraphModule:
     graph = gm.graph
     order = {n: i for i, n in enumerate(graph.nodes)}
@@ -59,14 +48,14 @@ def batch_input_increments(gm: fx.GraphModule, ctx: Optional[PassContext] = None
         return gm
     by_storage = defaultdict(list)
     for n in graph.nodes:
-        s = _storage(n)
+        s = storage_of(n)
         if s is not None:
             by_storage[s].append(n)
 
     groups: dict[tuple, list[fx.Node]] = defaultdict(list)
     for inc in candidates:
         x = inc.args[0]
-        s = _storage(x)
+        s = storage_of(x)
         if s is None:
             continue
         aliases = by_storage[s]

@@ -14,7 +14,8 @@ The order is the contract:
    discovery sees the graph as traced; ``fold_qkv_finish_into_attention`` then joins its result to the q/k/v op,
    and ``fold_attention_merge_into_o`` that to o's add + RMSNorm op;
    ``replace_outer_product_matmul`` and ``batch_input_increments`` are independent of everything else (last, so no
-   analysis sees a matmul turned into a multiply).
+   analysis sees a matmul turned into a multiply); ``replace_position_arange`` after the increments, which it needs
+   at the end of the graph.
 """
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ from teal_fx.passes.insert_sparse_linear import insert_sparse_linear
 from teal_fx.passes.label_block_linears import label_block_linears
 from teal_fx.passes.replace_decode_attention import replace_decode_attention
 from teal_fx.passes.replace_outer_product_matmul import replace_outer_product_matmul
+from teal_fx.passes.replace_position_arange import replace_position_arange
 from teal_fx.passes.rewrite_matmul_as_linear import rewrite_matmul_as_linear
 from teal_fx.passes.select_plan import select_plan
 
@@ -65,6 +67,7 @@ PASSES: list[tuple[Pass, Optional[str]]] = [
     (fold_attention_merge_into_o, "fold_attention_merge"),
     (replace_outer_product_matmul, "outer_product_multiply"),
     (batch_input_increments, None),
+    (replace_position_arange, None),
 ]
 
 

@@ -12,6 +12,7 @@ import networkx as nx
 import torch
 import torch.nn.functional as F
 from torch import fx
+from torch.multiprocessing.reductions import StorageWeakRef
 
 import teal_fx.kernels  # noqa: F401  (registers torch.ops.teal)
 
@@ -237,6 +238,17 @@ def only_user(n: fx.Node) -> Optional[fx.Node]:
 def fake_value(n: fx.Node) -> Any:
     """The fake tensor a node carries: Dynamo graphs keep it in ``example_value``, AOT graphs in ``val``."""
     return n.meta.get("val", n.meta.get("example_value"))
+
+
+def storage_of(n: fx.Node) -> Any:
+    """A weak reference to the storage of ``n``'s fake tensor (equal for every node that aliases it), or None."""
+    v = fake_value(n)
+    if not isinstance(v, torch.Tensor):
+        return None
+    try:
+        return StorageWeakRef(v.untyped_storage())
+    except (NotImplementedError, RuntimeError):  # tensors without a storage (sparse, some subclasses)
+        return None
 
 
 def carry_fake_value(dst: fx.Node, src: fx.Node) -> None:
