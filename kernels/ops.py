@@ -53,6 +53,13 @@ from teal_fx.kernels.reference import (
     sparse_token_start,
 )
 
+# The ops that take the inputs every layer shares (the mask; cos and sin) and whose launchers take any strides: they
+# check the layouts their kernels need and copy or run the reference otherwise. For them Inductor passes its buffers
+# as they are; without the tag it gives each call its own copy of an input that is not yet a buffer (torch 2.11 on
+# the H100: cos, sin and the mask formed again for each of 32 layers, in small launches inside the decode step's
+# chain of launches; docs/perf-log.md v62).
+ANY_STRIDES = (torch.Tag.flexible_layout,)
+
 
 def _not_decoded(x: Tensor, weight: Tensor, bias: Optional[Tensor], threshold: float, prefill_sparse_from: float,
                  scales: Optional[Tensor], shared: bool = False, x_int8: bool = False) -> Tensor:
@@ -325,7 +332,7 @@ def _(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, b_down: Optional[
     return h, h.new_empty(shape, dtype=torch.promote_types(dtype, norm_weight.dtype))
 
 
-@torch.library.custom_op("teal::sparse_linear_qkv_rope", mutates_args=("k_cache", "v_cache"))
+@torch.library.custom_op("teal::sparse_linear_qkv_rope", mutates_args=("k_cache", "v_cache"), tags=ANY_STRIDES)
 def sparse_linear_qkv_rope(
     x: Tensor, weights: list[Tensor], biases: list[Optional[Tensor]], thresholds: list[float],
     prefill_sparse_from: float, sparsities: list[float], scales: list[Optional[Tensor]], shared: bool, x_int8: bool,
@@ -379,9 +386,7 @@ def _(x: Tensor, weight: Tensor, scales: Tensor, bias: Optional[Tensor]) -> Tens
     return x.new_empty((*x.shape[:-1], logical_shape(weight)[0]))
 
 
-# flexible_layout: the launcher takes any strides. Without the tag Inductor gives each call its own copy of an input
-# that is not yet a buffer, so the mask every layer shares was recomputed by one kernel per layer.
-@torch.library.custom_op("teal::decode_attention", mutates_args=(), tags=(torch.Tag.flexible_layout,))
+@torch.library.custom_op("teal::decode_attention", mutates_args=(), tags=ANY_STRIDES)
 def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: float) -> Tensor:
     """softmax(q Kᵀ · scale + mask) V for one query position, K/V with ``H / Hkv`` query heads per KV head.
 
@@ -416,7 +421,7 @@ def _attention_from_sums(x: Tensor, weights: list[Tensor], biases: list[Optional
         and attention_launcher.can_fold_qkv(head_dim, k_cache, mask) and hq % k_cache.shape[1] == 0
 
 
-@torch.library.custom_op("teal::sparse_qkv_rope_attention", mutates_args=("k_cache", "v_cache"))
+@torch.library.custom_op("teal::sparse_qkv_rope_attention", mutates_args=("k_cache", "v_cache"), tags=ANY_STRIDES)
 def sparse_qkv_rope_attention(
     x: Tensor, weights: list[Tensor], biases: list[Optional[Tensor]], thresholds: list[float],
     prefill_sparse_from: float, sparsities: list[float], scales: list[Optional[Tensor]], shared: bool, x_int8: bool,
@@ -454,7 +459,7 @@ def _(x: Tensor, weights: list[Tensor], biases: list[Optional[Tensor]], threshol
     return x.new_empty((x.shape[0], heads, x.shape[1], head_dim))
 
 
-@torch.library.custom_op("teal::sparse_attention_add_rmsnorm", mutates_args=("k_cache", "v_cache"))
+@torch.library.custom_op("teal::sparse_attention_add_rmsnorm", mutates_args=("k_cache", "v_cache"), tags=ANY_STRIDES)
 def sparse_attention_add_rmsnorm(
     x: Tensor, weights: list[Tensor], biases: list[Optional[Tensor]], thresholds: list[float],
     prefill_sparse_from: float, sparsities: list[float], scales: list[Optional[Tensor]], shared: bool, x_int8: bool,

@@ -2,11 +2,11 @@
 decode step's one token read from the counter it is made of, not computed into a new tensor.
 
 Why: transformers' static cache (5.x) writes each layer's new key/value row at ``arange(S) + cumulative_length``, the
-layer's own counter. In a decode step S is 1, and each of 32 layers' ``arange(1) + counter`` is a tensor that
-Inductor forms with a kernel of its own before that layer's attention op reads it, and fuses with it copies of the
-cos, sin and mask every layer shares: on the GPU 8-9 small launches a step inside the chain of dependent launches
-(13 µs a step on an H100, docs/perf-log.md v62). As a view of the counter there is nothing to form, and every layer
-reads the one cos, sin and mask.
+layer's own counter. In a decode step S is 1, and each of 32 layers' ``arange(1) + counter`` is a tensor Inductor
+forms with a kernel before that layer's attention op reads it: on the GPU, small launches inside the step's chain
+of dependent launches (with the per-layer copies of cos, sin and the mask that kernels/ops.py's ``ANY_STRIDES``
+removes; together 8-9 launches, 13 µs of a step on an H100, docs/perf-log.md v62). As a view of the counter there
+is nothing to form.
 
 Matches ``add`` (``operator.add`` or ``torch.add`` without ``alpha``/``out``) of ``torch.arange(1)`` (no start, step
 or dtype other than int64) and a node whose fake value is a 0-d or one-element int64 tensor on the same device.

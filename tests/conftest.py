@@ -184,6 +184,18 @@ def smollm2():
     return real_model("smollm2")
 
 
+def assert_pass_keeps_outputs_and_inputs(graph_pass, fn, make_inputs) -> None:
+    """``fn`` compiled through ``graph_pass`` returns what eager ``fn`` returns and leaves its inputs (fresh from
+    ``make_inputs()`` for each run; some are written in place) with the same values."""
+    eager_inputs = make_inputs()
+    want = fn(*eager_inputs)
+    compiled, _ = compiled_through(graph_pass, fn)
+    inputs = make_inputs()
+    got = compiled(*inputs)
+    assert torch.equal(got, want)
+    assert all(torch.equal(a, b) for a, b in zip(inputs, eager_inputs))
+
+
 def compiled_through(graph_pass, fn, **compile_kwargs):
     """``fn`` compiled whole (fullgraph) by a backend that runs the one graph pass ``graph_pass`` and then the graph as
     rewritten: (the compiled function, the list its rewritten graphs are appended to as they are compiled)."""

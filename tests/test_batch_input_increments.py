@@ -5,7 +5,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from teal_fx.passes import batch_input_increments
-from tests.conftest import compiled_through
+from tests.conftest import assert_pass_keeps_outputs_and_inputs, compiled_through
 
 COUNTERS = 3
 
@@ -38,15 +38,7 @@ op = st.tuples(st.sampled_from(["read", "inc", "alias", "read_alias"]), st.integ
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(ops=st.lists(op, min_size=1, max_size=10))
 def test_same_outputs_and_final_inputs(ops):
-    fn = _program(ops)
-    x = torch.tensor([1])
-    eager_cs = _counters()
-    want = fn(x, *eager_cs)
-    compiled, _ = compiled_through(batch_input_increments, fn)
-    cs = _counters()
-    got = compiled(x, *cs)
-    assert torch.equal(got, want)
-    assert all(torch.equal(a, b) for a, b in zip(cs, eager_cs))
+    assert_pass_keeps_outputs_and_inputs(batch_input_increments, _program(ops), lambda: [torch.tensor([1]), *_counters()])
 
 
 def _foreach_and_adds(gm):

@@ -354,6 +354,24 @@ def test_inductor_kernels_wait_before_their_first_access_next_to_the_teal_ops():
     assert any("teal.sparse" in code or "teal::sparse" in code or "sparse_linear" in code for code in codes)
 
 
+def test_decode_step_on_gpu_forms_cos_sin_mask_and_positions_once():
+    """On the GPU's torch too (2.11 on the lent machines, where without the ops' ANY_STRIDES tag Inductor gave each
+    layer's attention op its own copies of cos, sin and the mask, in small launches inside the step's chain):
+    every layer takes the one cos, sin and mask and a view of its cache counter, and the step's Inductor kernels do
+    not grow with the layers (docs/perf-log.md v62)."""
+    from tests.test_replace_position_arange import assert_shared_inputs, decode_step_attention_inputs
+
+    kernels = {}
+    for layers in (2, 4):
+        model = tiny_model("llama", layers=layers, hidden=256, heads=4, kv_heads=2, inter=512, vocab=256).cuda()
+        teal_fx.attach_plan(model, _plan(model, 0.4))
+        ids = torch.randint(3, 256, (1, 8), device="cuda")
+        per_layer, kernels[layers] = decode_step_attention_inputs(model, ids)
+        assert len(per_layer) == layers
+        assert_shared_inputs(per_layer)
+    assert kernels[2] == kernels[4], kernels
+
+
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
 def test_quantized_model_decodes_in_cuda_graphs_like_its_masked_reference(fmt):
     """calibrate(weights=fmt) on the GPU: the memory falls, the lean loop (CUDA graphs, the quantized sparse ops and

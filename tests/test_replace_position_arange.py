@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 import teal_fx
 from teal_fx.passes import replace_position_arange
-from tests.conftest import compiled_through, tiny_model
+from tests.conftest import assert_pass_keeps_outputs_and_inputs, compiled_through, tiny_model
 
 COUNTERS = 3
 
@@ -54,15 +54,7 @@ op = st.tuples(st.sampled_from(["pos", "late", "inc", "alias", "inc_alias"]), st
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(ops=st.lists(op, min_size=1, max_size=10))
 def test_same_outputs_and_final_inputs(ops):
-    fn = _program(ops)
-    x = torch.tensor([1])
-    eager_cs = _counters()
-    want = fn(x, *eager_cs)
-    compiled, _ = compiled_through(replace_position_arange, fn)
-    cs = _counters()
-    got = compiled(x, *cs)
-    assert torch.equal(got, want)
-    assert all(torch.equal(a, b) for a, b in zip(cs, eager_cs))
+    assert_pass_keeps_outputs_and_inputs(replace_position_arange, _program(ops), lambda: [torch.tensor([1]), *_counters()])
 
 
 def test_positions_read_before_any_write_become_views():
@@ -101,32 +93,40 @@ def test_other_sums_are_left_alone(fn):
     assert not _views(graphs[0])
 
 
-def test_decode_step_shares_cos_sin_and_mask_and_reads_each_layers_counter():
-    """The lean loop's decode step through Inductor (CPU): every layer's attention op takes the same cos, sin and mask
-    buffers and a view of its own layer's cache counter, so the step's Inductor kernels do not grow with the layers:
-    before, each layer's position had a kernel, and cos, sin and the mask were formed again with it."""
+def decode_step_attention_inputs(model, ids) -> tuple[list[list[str]], int]:
+    """The lean loop's decode step through Inductor: per layer, the buffers its attention op takes as cos, sin, cache
+    position and mask (the 11th to 13th and the 19th arguments of Inductor's call), and the step's Inductor kernels."""
     from torch._inductor.utils import run_and_get_code
 
-    args = {}
+    torch._dynamo.reset()
+    _, codes = run_and_get_code(teal_fx.generate, model, ids, 3, eos_token_id=-1)
+    step = [c for c in codes if "sparse_attention_add_rmsnorm.default(" in c and "argmax" in c]
+    assert len(step) == 1, "one decode step graph"
+    calls = re.findall(r"torch\.ops\.teal\.sparse_attention_add_rmsnorm\.default\((.*)\)\n", step[0])
+    args = [[_buffer(a) for a in _top_level_args(c)] for c in calls]
+    kernels = len(re.findall(r"^\s+(?:cpp_fused_\w+\(|triton_\w+\.run\()", step[0], re.M))
+    return [[a[i] for i in (10, 11, 12, 18)] for a in args], kernels
+
+
+def assert_shared_inputs(per_layer: list[list[str]]) -> None:
+    """One cos, one sin and one mask for every layer; each layer's position a view of a graph input (its counter)."""
+    cos, sin, pos, mask = ({a[i] for a in per_layer} for i in range(4))
+    assert len(cos) == len(sin) == len(mask) == 1 and len(cos | sin | mask) == 3, (cos, sin, mask)
+    assert len(pos) == len(per_layer) and all(p.startswith("arg") for p in pos), pos
+
+
+def test_decode_step_shares_cos_sin_and_mask_and_reads_each_layers_counter():
+    """The decode step through Inductor (CPU): every layer's attention op takes the same cos, sin and mask buffers and
+    a view of its own layer's cache counter, so the step's Inductor kernels do not grow with the layers: before, each
+    layer's position had a kernel, and cos, sin and the mask were formed again with it."""
     kernels = {}
     for layers in (2, 3):
-        torch._dynamo.reset()
         model = tiny_model("llama", layers=layers, hidden=128, inter=256)
         teal_fx.attach_plan(model, teal_fx.Plan.from_thresholds(teal_fx.find_linears(model), 0.3))
         ids = torch.randint(3, 128, (1, 5), generator=torch.Generator().manual_seed(0))
-        _, codes = run_and_get_code(teal_fx.generate, model, ids, 3, eos_token_id=-1)
-        step = [c for c in codes if "sparse_attention_add_rmsnorm.default(" in c and "argmax" in c]
-        assert len(step) == 1, "one decode step graph"
-        calls = re.findall(r"torch\.ops\.teal\.sparse_attention_add_rmsnorm\.default\((.*)\)\n", step[0])
-        assert len(calls) == layers
-        # the buffers of cos, sin, the cache position and the mask: the 11th to 13th and the 19th arguments
-        args[layers] = [[_buffer(a) for a in _top_level_args(c)] for c in calls]
-        kernels[layers] = len(re.findall(r"^        cpp_fused_\w+\(", step[0], re.M))
-        teal_fx.detach_plan(model)
-    for layers, per_layer in args.items():
-        cos, sin, pos, mask = ({a[i] for a in per_layer} for i in (10, 11, 12, 18))
-        assert len(cos) == len(sin) == len(mask) == 1 and len(cos | sin | mask) == 3, (cos, sin, mask)
-        assert len(pos) == layers and all(p.startswith("arg") for p in pos), pos  # graph inputs: the counters
+        per_layer, kernels[layers] = decode_step_attention_inputs(model, ids)
+        assert len(per_layer) == layers
+        assert_shared_inputs(per_layer)
     assert kernels[2] == kernels[3], kernels
 
 
