@@ -15,8 +15,9 @@ Invariants:
 * ``arange(1)`` is ``[0]``, so the sum equals ``p`` as a one-element tensor: same value, shape [1], dtype int64.
 * The view aliases ``p`` where the sum did not: the rewrite is refused unless nothing that may write ``p``'s storage
   (an in-place method or function, a mutable op, a module call) lies after the sum and before its last reader, and
-  the sum is not a graph output. ``batch_input_increments`` runs first, so the counters' increments already sit at
-  the end of the graph, after every reader.
+  every reader of the sum only reads it (an op whose schema neither writes nor aliases that argument, or plain
+  arithmetic: no view, no in-place method, no graph output). ``batch_input_increments`` runs first, so the
+  counters' increments already sit at the end of the graph, after every reader.
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ from teal_fx.passes.finish import finish
 log = logging.getLogger("teal_fx.passes")
 
 _ADD = {operator.add, torch.add}
+_ARITHMETIC = {operator.add, operator.sub, operator.mul, torch.add, torch.sub, torch.mul}
 
 
 def _is_arange_1(n: object) -> bool:
@@ -67,6 +69,24 @@ def _may_write(n: fx.Node) -> bool:
     return False
 
 
+def _only_reads(user: fx.Node, value: fx.Node) -> bool:
+    """Whether ``user`` only reads ``value`` and returns nothing that aliases it: an op whose schema neither writes nor
+    aliases the argument ``value`` is passed as (a custom op's cache position), or plain arithmetic. Anything else
+    (a view, an in-place method, a module) might let the counter be written through the sum once it is a view."""
+    if user.op != "call_function":
+        return False
+    if user.target in _ARITHMETIC:
+        return not user.kwargs
+    schema = getattr(user.target, "_schema", None)
+    if schema is None:
+        return False
+    for i, arg in enumerate(schema.arguments):
+        given = user.args[i] if i < len(user.args) else user.kwargs.get(arg.name)
+        if (given is value or (isinstance(given, (list, tuple)) and value in given)) and arg.alias_info is not None:
+            return False
+    return True
+
+
 def replace_position_arange(gm: fx.GraphModule, ctx: Optional[PassContext] = None) -> fx.GraphModule:
     graph = gm.graph
     order = {n: i for i, n in enumerate(graph.nodes)}
@@ -83,7 +103,7 @@ def replace_position_arange(gm: fx.GraphModule, ctx: Optional[PassContext] = Non
         arange, p = (a, b) if _is_arange_1(a) else (b, a)
         out = fake_value(add)
         if not _is_arange_1(arange) or not isinstance(out, torch.Tensor) or tuple(out.shape) != (1,) \
-                or not _one_int64(p, out.device) or any(u.op == "output" for u in add.users) or not add.users:
+                or not _one_int64(p, out.device) or not add.users or not all(_only_reads(u, add) for u in add.users):
             continue
         s = storage_of(p)
         last = max(order[u] for u in add.users)

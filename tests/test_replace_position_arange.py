@@ -85,11 +85,14 @@ def test_a_write_before_the_last_read_keeps_the_sum(ops):
     lambda c: (torch.arange(1, dtype=torch.int32) + c) * 1,  # another dtype
     lambda c: (torch.arange(1) + c.float()) * 1,  # a float offset
     lambda c: (torch.arange(1) + c.expand(3)) * 1,  # three elements
+    lambda c: (torch.arange(1) + c).add_(1) * 1,  # written in place: as a view it would write the counter
+    lambda c: (torch.arange(1) + c).view(1, 1) * 1,  # a view of it, which a later write could go through
 ])
 def test_other_sums_are_left_alone(fn):
     compiled, graphs = compiled_through(replace_position_arange, fn)
     c = torch.tensor(7)
     assert torch.equal(compiled(c), fn(torch.tensor(7)))
+    assert int(c) == 7
     assert not _views(graphs[0])
 
 
