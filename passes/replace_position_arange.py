@@ -21,7 +21,6 @@ Invariants:
 """
 from __future__ import annotations
 
-import logging
 import operator
 from collections import defaultdict
 from typing import Optional
@@ -29,11 +28,9 @@ from typing import Optional
 import torch
 from torch import fx
 
-from teal_fx.passes.analysis.dataflow import carry_fake_value, fake_value, storage_of
+from teal_fx.passes.analysis.dataflow import fake_value, storage_of
 from teal_fx.passes.context import PassContext
 from teal_fx.passes.finish import finish
-
-log = logging.getLogger("teal_fx.passes")
 
 _ADD = {operator.add, torch.add}
 _ARITHMETIC = {operator.add, operator.sub, operator.mul, torch.add, torch.sub, torch.mul}
@@ -111,10 +108,7 @@ def replace_position_arange(gm: fx.GraphModule, ctx: Optional[PassContext] = Non
             continue
         with graph.inserting_before(add):
             view = graph.call_method("reshape", (p, 1))
-        try:
-            view.meta["val"] = view.meta["example_value"] = fake_value(p).reshape(1)
-        except Exception:  # noqa: BLE001  (a fake value from another mode: the sum's shape and dtype are the view's)
-            carry_fake_value(view, add)
+        view.meta["val"] = view.meta["example_value"] = fake_value(p).reshape(1)  # a view of p's, as the node is
         add.replace_all_uses_with(view)
         graph.erase_node(add)
         if not arange.users:
