@@ -38,6 +38,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, opts: TealOptions) -
         if cuda:
             patches.update(CUDA_INDUCTOR_DEFAULTS)
         patches.update(opts.inductor)
+        register_fallbacks()
         with inductor_pdl(patches, cuda[0] if cuda and opts.inductor_pdl else None):
             return compile_fx(gm, example_inputs, config_patches=patches)
     if opts.mode == "reduce-overhead" and any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs):
@@ -45,6 +46,30 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, opts: TealOptions) -
     if opts.compiler == "aot_eager":
         return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
     return gm.forward
+
+
+def register_fallbacks() -> None:
+    """Give every ``teal::`` op Inductor's fallback lowering before Inductor lowers a graph, with the layout constraint
+    its implicit fallback would choose (the op's tag, else ``custom_op_default_layout_constraint``).
+
+    Why: Inductor creates an implicit fallback when it first lowers a call of an op it has no lowering for, and before
+    torch 2.13 (pytorch PR 185951) it formats that call's IR arguments for an INFO log even with the log off. An IR
+    node's text holds its inputs' texts, and each layer's op takes two outputs of the op before it, so for an op first
+    met deep in a decode graph the text doubles with every layer: with an int8 lm_head, whose ``quantized_linear``
+    first appears at the end of the decode graph when the prefill graph comes from Inductor's cache, compiling the
+    32-layer step hung (torch 2.11, H100; docs/perf-log.md v63). Registered here, no teal op takes that path."""
+    try:
+        from torch._inductor.lowering import lowerings, make_fallback, tag_to_layout_constraint
+        from torch._library.utils import get_layout_constraint_tag
+    except ImportError:  # pragma: no cover - a torch without them keeps the implicit path
+        return
+    for name in torch._C._dispatch_get_all_op_names():
+        namespace, _, op_name = name.partition("::")
+        if namespace != "teal" or "." in op_name:
+            continue
+        op = getattr(torch.ops.teal, op_name).default
+        if op not in lowerings:
+            make_fallback(op, layout_constraint=tag_to_layout_constraint(get_layout_constraint_tag(op)), warn=False)
 
 
 @contextlib.contextmanager

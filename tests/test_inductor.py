@@ -120,3 +120,63 @@ def test_a_torch_without_the_hook_keeps_inductors_pdl_off_or_refuses_it(monkeypa
     with pytest.raises(ValueError, match="wait before reading"):  # asked for by the caller: refused, not racy
         with inductor_pdl({"triton.enable_pdl": True}, None):
             pass
+
+
+_FALLBACKS = """
+import json, logging, sys, torch, teal_fx
+from teal_fx import inductor
+from tests.conftest import tiny_model
+from torch._inductor.lowering import maybe_layout_constraints
+
+if sys.argv[1] == "implicit":
+    inductor.register_fallbacks = lambda: None
+implicit = []
+
+class Record(logging.Handler):
+    def emit(self, record):
+        if record.msg.startswith("Creating implicit fallback"):
+            implicit.append(record.getMessage().split("target: ")[1].split()[0])
+
+log = logging.getLogger("torch._inductor.graph")
+log.setLevel(logging.INFO)
+log.addHandler(Record())
+model = tiny_model("llama", layers=2, hidden=128, inter=256)
+teal_fx.attach_plan(model, teal_fx.Plan.from_thresholds(teal_fx.find_linears(model), 0.3))
+teal_fx.generate(model, torch.randint(3, 128, (1, 5), generator=torch.Generator().manual_seed(0)), 3, eos_token_id=-1)
+ops = [getattr(torch.ops.teal, n.split("::")[1]).default for n in torch._C._dispatch_get_all_op_names()
+       if n.startswith("teal::") and "." not in n]
+constraints = {str(op): getattr(maybe_layout_constraints(op), "__name__", None) for op in ops}
+print(json.dumps({"implicit": sorted(set(implicit)), "constraints": constraints}))
+"""
+
+
+def _lower_decode_graphs(fallbacks: str) -> dict:
+    """A tiny model's prefill and decode graphs through the backend and Inductor in a fresh process (fallbacks are
+    process-wide), with Inductor's INFO log of implicit fallbacks recorded: which teal ops went that way, and the
+    layout constraint each teal op ended with."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "TORCHINDUCTOR_FORCE_DISABLE_CACHES": "1"}  # a cached graph is not lowered
+    run = subprocess.run([sys.executable, "-c", _FALLBACKS, fallbacks], capture_output=True, text=True, timeout=600,
+                         cwd=Path(__file__).parents[1], env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def test_teal_ops_never_take_inductors_implicit_fallback_and_keep_its_layout_constraints():
+    """Before torch 2.13 Inductor formats the IR arguments of an op's first lowered call for its implicit-fallback log,
+    log off or not, and that text doubles per layer (a 32-layer compile hung: docs/perf-log.md v63). The backend
+    registers the fallbacks first, with the constraints the implicit path picks: the control run (registration off)
+    shows the implicit path taken and the constraints it chose."""
+    implicit, registered = _lower_decode_graphs("implicit"), _lower_decode_graphs("registered")
+    met = set(implicit["implicit"])
+    assert {"teal.sparse_attention_add_rmsnorm.default", "teal.sparse_mlp_add_rmsnorm.default"} <= met
+    assert not any(op.startswith("teal.") for op in registered["implicit"]), registered["implicit"]
+    assert {op: c for op, c in registered["constraints"].items() if op in met} == \
+        {op: c for op, c in implicit["constraints"].items() if op in met}
+    assert registered["constraints"]["teal.decode_attention.default"] is None  # the ANY_STRIDES tag
+    assert registered["constraints"]["teal.sparse_linear.default"] is not None
