@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -208,3 +209,48 @@ def compiled_through(graph_pass, fn, **compile_kwargs):
 
     torch._dynamo.reset()
     return torch.compile(fn, backend=backend, fullgraph=True, **compile_kwargs), graphs
+
+
+def decode_step_attention_inputs(model, ids) -> tuple[list[list[str]], int]:
+    """The lean loop's decode step through Inductor: per layer, the buffers its attention op takes as cos, sin, cache
+    position and mask (the 11th to 13th and the 19th arguments of Inductor's call), and the step's Inductor kernels."""
+    from torch._inductor.utils import run_and_get_code
+
+    import teal_fx
+
+    torch._dynamo.reset()
+    _, codes = run_and_get_code(teal_fx.generate, model, ids, 3, eos_token_id=-1)
+    step = [c for c in codes if "sparse_attention_add_rmsnorm.default(" in c and "argmax" in c]
+    assert len(step) == 1, "one decode step graph"
+    calls = re.findall(r"torch\.ops\.teal\.sparse_attention_add_rmsnorm\.default\((.*)\)\n", step[0])
+    args = [[_buffer(a) for a in _top_level_args(c)] for c in calls]
+    kernels = len(re.findall(r"^\s+(?:cpp_fused_\w+\(|triton_\w+\.run\()", step[0], re.M))
+    return [[a[i] for i in (10, 11, 12, 18)] for a in args], kernels
+
+
+def assert_shared_inputs(per_layer: list[list[str]]) -> None:
+    """One cos, one sin and one mask for every layer; each layer's position a view of a graph input (its counter)."""
+    cos, sin, pos, mask = ({a[i] for a in per_layer} for i in range(4))
+    assert len(cos) == len(sin) == len(mask) == 1 and len(cos | sin | mask) == 3, (cos, sin, mask)
+    assert len(pos) == len(per_layer) and all(p.startswith("arg") for p in pos), pos
+
+
+def _buffer(arg: str) -> str:
+    """The buffer an argument of Inductor's generated call names (``reinterpret_tensor(buf3, ...)``: buf3)."""
+    m = re.match(r"reinterpret_tensor\((\w+),", arg)
+    return m.group(1) if m else arg
+
+
+def _top_level_args(call: str) -> list[str]:
+    out, depth, cur = [], 0, ""
+    for ch in call:
+        if ch == "," and depth == 0:
+            out.append(cur.strip())
+            cur = ""
+            continue
+        if ch in "([":
+            depth += 1
+        elif ch in ")]":
+            depth -= 1
+        cur += ch
+    return out + [cur.strip()]

@@ -359,7 +359,7 @@ def test_decode_step_on_gpu_forms_cos_sin_mask_and_positions_once():
     layer's attention op its own copies of cos, sin and the mask, in small launches inside the step's chain):
     every layer takes the one cos, sin and mask and a view of its cache counter, and the step's Inductor kernels do
     not grow with the layers (docs/perf-log.md v62)."""
-    from tests.test_replace_position_arange import assert_shared_inputs, decode_step_attention_inputs
+    from tests.conftest import assert_shared_inputs, decode_step_attention_inputs
 
     kernels = {}
     for layers in (2, 4):
