@@ -57,7 +57,8 @@ def register_fallbacks() -> None:
     node's text holds its inputs' texts, and each layer's op takes two outputs of the op before it, so for an op first
     met deep in a decode graph the text doubles with every layer: with an int8 lm_head, whose ``quantized_linear``
     first appears at the end of the decode graph when the prefill graph comes from Inductor's cache, compiling the
-    32-layer step hung (torch 2.11, H100; docs/perf-log.md v63). Registered here, no teal op takes that path."""
+    32-layer step hung (torch 2.11 on an H100; on the CPU with the log on, 8 layers; docs/perf-log.md v63).
+    Registered here, no teal op takes that path."""
     try:
         from torch._inductor.lowering import lowerings, make_fallback, tag_to_layout_constraint
         from torch._library.utils import get_layout_constraint_tag
