@@ -28,7 +28,7 @@ from typing import Optional
 import torch
 from torch import fx
 
-from teal_fx.passes.analysis.dataflow import fake_value, storage_of
+from teal_fx.passes.analysis.dataflow import fake_value, is_call, mutated_arg, storage_of
 from teal_fx.passes.context import PassContext
 from teal_fx.passes.finish import finish
 
@@ -51,9 +51,10 @@ def _one_int64(n: object, device: torch.device) -> bool:
 
 
 def _may_write(n: fx.Node) -> bool:
-    """Whether ``n`` may write any of its inputs (conservative: an in-place name, a mutable schema, a module call;
-    ``dataflow.mutated_arg`` names only a first argument, not a foreach op's list or a custom op's cache)."""
-    if n.op == "call_module":
+    """Whether ``n`` may write any of its inputs: what ``dataflow.mutated_arg`` finds (``x += y`` too), and beyond
+    its first tensor argument, conservatively, any in-place name, mutable schema or module call (a foreach op's list,
+    a custom op's cache)."""
+    if n.op == "call_module" or mutated_arg(n) is not None:
         return True
     if n.op == "call_method":
         return n.target.endswith("_") or n.target == "__setitem__"
@@ -94,7 +95,7 @@ def replace_position_arange(gm: fx.GraphModule, ctx: Optional[PassContext] = Non
             readers[s].extend(n.users)
     replaced = 0
     for add in list(graph.nodes):
-        if add.op != "call_function" or add.target not in _ADD or len(add.args) != 2 or add.kwargs:
+        if not is_call(add, _ADD) or len(add.args) != 2 or add.kwargs:
             continue
         a, b = add.args
         arange, p = (a, b) if _is_arange_1(a) else (b, a)

@@ -21,7 +21,7 @@ COUNTERS = 3
 
 def _program(ops):
     """Per op: ``pos`` forms ``arange(1) + c_i`` and reads it at once, ``late`` forms it and reads it at the end,
-    ``inc`` adds to c_i in place, ``alias`` makes a view of c_i, ``inc_alias`` adds through that view; the result
+    ``inc`` adds to c_i in place (``iadd``: by ``+=``), ``alias`` makes a view of c_i, ``inc_alias`` adds through that view; the result
     sums every position formed, each times 2."""
     def f(x, c0, c1, c2):
         cs, views, positions, acc = (c0, c1, c2), {}, [], x
@@ -32,6 +32,9 @@ def _program(ops):
                 positions.append(torch.arange(1) + cs[i])
             elif op == "inc":
                 cs[i].add_(amount)
+            elif op == "iadd":  # operator.iadd in the graph, not an ``add_``
+                c = cs[i]
+                c += amount
             elif op == "alias":
                 views[i] = cs[i].view(1)
             elif op == "inc_alias" and i in views:
@@ -51,7 +54,7 @@ def _views(gm):
     return [n for n in gm.graph.nodes if n.op == "call_method" and n.target == "reshape"]
 
 
-op = st.tuples(st.sampled_from(["pos", "late", "inc", "alias", "inc_alias"]), st.integers(0, COUNTERS - 1),
+op = st.tuples(st.sampled_from(["pos", "late", "inc", "iadd", "alias", "inc_alias"]), st.integers(0, COUNTERS - 1),
                st.integers(1, 3))
 
 
@@ -74,6 +77,7 @@ def test_positions_read_before_any_write_become_views():
 
 @pytest.mark.parametrize("ops", [
     [("late", 0, 1), ("inc", 0, 1)],  # the position is read (by the sum at the end) after its counter's increment
+    [("late", 0, 1), ("iadd", 0, 1)],  # ... an increment by ``+=``
     [("alias", 0, 1), ("late", 0, 1), ("inc_alias", 0, 2)],  # ... after a write through a view of it
 ])
 def test_a_write_before_the_last_read_keeps_the_sum(ops):
