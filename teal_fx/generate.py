@@ -387,14 +387,19 @@ class _LeftPadding:
         return _LeftPadding(mask, max_cache_len)
 
     @staticmethod
-    def inputs(padding: Optional["_LeftPadding"]) -> tuple[dict, dict]:
-        """The prefill's and every step's extra model inputs ({} for an unpadded batch); the steps' dict (the
-        sampling loop's: greedy steps keep theirs in ``_StepBuffers``) holds the same tensors throughout,
-        ``next_position`` advanced in place."""
+    def prefill_inputs(padding: Optional["_LeftPadding"]) -> dict:
+        """The prefill's extra model inputs ({} for an unpadded batch)."""
         if padding is None:
-            return {}, {}
-        return (dict(attention_mask=padding.full, position_ids=padding.prefill_positions),
-                dict(attention_mask=padding.full, position_ids=padding.next_position))
+            return {}
+        return dict(attention_mask=padding.full, position_ids=padding.prefill_positions)
+
+    @staticmethod
+    def step_inputs(padding: Optional["_LeftPadding"]) -> dict:
+        """The sampling loop's extra inputs of every step ({} for an unpadded batch; greedy steps keep theirs in
+        ``_StepBuffers``): the same tensors throughout, ``next_position`` advanced in place."""
+        if padding is None:
+            return {}
+        return dict(attention_mask=padding.full, position_ids=padding.next_position)
 
 
 def _decode_loop(model, input_ids, max_new_tokens, max_cache_len, backend, mode, options, eos_token_id, streamer,
@@ -417,7 +422,7 @@ def _greedy_loop(model, input_ids, max_new_tokens, max_cache_len, compiled, eos_
     """The prefill through ``greedy_step``, then steps that advance their own buffers (``greedy_step_in_place``)."""
     batch, prompt = input_ids.shape
     all_stopped = _AllStopped(input_ids.device)
-    prefill_padding, _ = _LeftPadding.inputs(padding)
+    prefill_padding = _LeftPadding.prefill_inputs(padding)
     prefill = _step_inputs(cache, input_ids, torch.arange(prompt, device=input_ids.device), **prefill_padding)
     nxt, done = compiled(greedy_step)(model, done, eos_token_id, **prefill)
     key = (batch, max_cache_len, done is not None, padding is not None, input_ids.device)
@@ -447,7 +452,7 @@ def _sampling_loop(model, input_ids, max_new_tokens, compiled, eos_token_id, str
         return _with_stops(sample_next(logits, **sampling), done, eos_token_id)
 
     prompt = input_ids.shape[1]
-    prefill_padding, step_padding = _LeftPadding.inputs(padding)
+    prefill_padding, step_padding = _LeftPadding.prefill_inputs(padding), _LeftPadding.step_inputs(padding)
     nxt, done = pick(input_ids, torch.arange(prompt, device=input_ids.device), **prefill_padding)
     position = torch.tensor([prompt], device=input_ids.device)
     out = [input_ids]
