@@ -61,6 +61,13 @@ from teal_fx.kernels.reference import (
 ANY_STRIDES = (torch.Tag.flexible_layout,)
 
 
+def registered_ops() -> list[torch._ops.OpOverload]:
+    """Every ``teal::`` op's default overload the dispatcher knows (those below and any a user adds to the namespace):
+    what the backend gives Inductor's fallback lowering (``teal_fx.inductor.register_fallbacks``)."""
+    names = (n.partition("::")[2] for n in torch._C._dispatch_get_all_op_names() if n.startswith("teal::"))
+    return [getattr(torch.ops.teal, n).default for n in names if "." not in n]
+
+
 def _not_decoded(x: Tensor, weight: Tensor, bias: Optional[Tensor], threshold: float, prefill_sparse_from: float,
                  scales: Optional[Tensor], shared: bool = False, x_int8: bool = False) -> Tensor:
     """A sparse linear off the GEMV's path (CPU, prefill, shapes it does not take): the reference, except that a

@@ -18,6 +18,7 @@ import torch
 from torch import fx
 
 from teal_fx.kernels import pdl
+from teal_fx.kernels.ops import registered_ops
 from teal_fx.options import TealOptions
 
 # Inductor settings the backend turns on for graphs on CUDA (an option of the same name overrides). combo_kernels: one
@@ -64,11 +65,7 @@ def register_fallbacks() -> None:
         from torch._library.utils import get_layout_constraint_tag
     except ImportError:  # pragma: no cover - a torch without them keeps the implicit path
         return
-    for name in torch._C._dispatch_get_all_op_names():
-        namespace, _, op_name = name.partition("::")
-        if namespace != "teal" or "." in op_name:
-            continue
-        op = getattr(torch.ops.teal, op_name).default
+    for op in registered_ops():
         if op not in lowerings:
             make_fallback(op, layout_constraint=tag_to_layout_constraint(get_layout_constraint_tag(op)), warn=False)
 

@@ -242,6 +242,7 @@ def _buffer(arg: str) -> str:
 
 
 def _top_level_args(call: str) -> list[str]:
+    """A generated call's arguments, split at the commas outside brackets."""
     out, depth, cur = [], 0, ""
     for ch in call:
         if ch == "," and depth == 0:

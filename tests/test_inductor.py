@@ -125,6 +125,7 @@ def test_a_torch_without_the_hook_keeps_inductors_pdl_off_or_refuses_it(monkeypa
 _FALLBACKS = """
 import json, logging, sys, torch, teal_fx
 from teal_fx import inductor
+from teal_fx.kernels.ops import registered_ops
 from tests.conftest import tiny_model
 from torch._inductor.lowering import maybe_layout_constraints
 
@@ -143,9 +144,7 @@ log.addHandler(Record())
 model = tiny_model("llama", layers=2, hidden=128, inter=256)
 teal_fx.attach_plan(model, teal_fx.Plan.from_thresholds(teal_fx.find_linears(model), 0.3))
 teal_fx.generate(model, torch.randint(3, 128, (1, 5), generator=torch.Generator().manual_seed(0)), 3, eos_token_id=-1)
-ops = [getattr(torch.ops.teal, n.split("::")[1]).default for n in torch._C._dispatch_get_all_op_names()
-       if n.startswith("teal::") and "." not in n]
-constraints = {str(op): getattr(maybe_layout_constraints(op), "__name__", None) for op in ops}
+constraints = {str(op): getattr(maybe_layout_constraints(op), "__name__", None) for op in registered_ops()}
 print(json.dumps({"implicit": sorted(set(implicit)), "constraints": constraints}))
 """
 
